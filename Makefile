@@ -1,0 +1,60 @@
+# pyqmail: the two commands are `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+DEMO   := $(CURDIR)/var/qmail
+# Debian packages the tests use as real peers (tcprules/tcpserver, swaks, Postfix's
+# smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback).
+DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base
+
+.PHONY: run test lint typecheck pytest deps venv compat bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip setuptools
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Install the Debian packages the tests need when they are missing (CI runs as root).
+deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make deps: need root to apt-get install$$missing" >&2; exit 1; fi; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  echo "postfix postfix/mailname string localhost.localdomain" | debconf-set-selections; \
+	  apt-get update -q >/dev/null 2>&1 || true; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || exit 1; \
+	fi
+	@# Postfix is only a peer for the tests and benches: never leave the packaged one running on :25.
+	@if command -v postfix >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then postfix stop >/dev/null 2>&1 || true; fi
+
+lint: venv
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv deps
+	$(VENV)/bin/pytest --cov --cov-report=term:skip-covered -q -p no:cacheprovider
+
+test: lint typecheck pytest
+
+# Run pyqmail on a demo home under ./var/qmail, SMTP on 127.0.0.1:2525.
+run: venv
+	@[ -d $(DEMO)/control ] || PYQMAIL_SINGLE_USER=1 $(VENV)/bin/pyqmail init $(DEMO) --me demo.pyqmail.test -q
+	@$(VENV)/bin/python -m pyqmail.demo $(DEMO)
+	PYQMAIL_SINGLE_USER=1 $(VENV)/bin/pyqmail run --home $(DEMO) --smtp 127.0.0.1:2525 --single-user
+
+# Compare with the real qmail when ../shared/reference is present (not part of make test).
+compat: venv
+	$(VENV)/bin/pytest -q tests/compat
+
+bench: venv deps
+	$(PY) bench/queue.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,1 @@
+"""Command-line programs: one thin ``main(argv) -> int`` per qmail command name."""

@@ -1,0 +1,44 @@
+"""What every command shares: finding the home, and qmail-style fatal messages."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pyqmail.home import Home, resolve_home
+
+
+def split_home_args(argv: Sequence[str]) -> tuple[Home, list[str]]:
+    """Strip leading ``--home DIR`` / ``--home=DIR`` / ``--single-user`` from ``argv``.
+
+    qmail's programs have fixed argument lists; pyqmail lets each take these two options
+    first, before its own arguments, and otherwise reads PYQMAIL_HOME and
+    PYQMAIL_SINGLE_USER.
+    """
+    args = list(argv)
+    home_arg: str | None = None
+    single = False
+    while args:
+        a = args[0]
+        if a == "--home" and len(args) > 1:
+            home_arg = args[1]
+            del args[:2]
+        elif a.startswith("--home="):
+            home_arg = a[len("--home=") :]
+            del args[0]
+        elif a == "--single-user":
+            single = True
+            del args[0]
+        else:
+            break
+    return resolve_home(home_arg, single), args
+
+
+def fatal(prog: str, message: str, code: int = 111) -> int:
+    """Print ``prog: fatal: message`` on stderr and return ``code`` (qmail's style)."""
+    print(f"{prog}: fatal: {message}", file=sys.stderr)
+    return code
+
+
+def warn(prog: str, message: str) -> None:
+    print(f"{prog}: warning: {message}", file=sys.stderr)

@@ -1,0 +1,49 @@
+"""``pyqmail init DIR [--me FQDN] [--create-users] [--single-user]``: make a home."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from pyqmail.home import HomeError, resolve_home
+from pyqmail.layout import create_home, create_users, default_fqdn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pyqmail init", description=__doc__)
+    p.add_argument("dir", nargs="?", help="the home to create (default: --home, PYQMAIL_HOME)")
+    p.add_argument("--home", help="same as DIR")
+    p.add_argument("--me", help="this host's fully qualified name (default: the system's)")
+    p.add_argument("--create-users", action="store_true", help="create missing qmail accounts")
+    p.add_argument("--single-user", action="store_true", help="everything as the invoking user")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    home = resolve_home(a.dir or a.home, a.single_user)
+    me = a.me or default_fqdn()
+    if not me or "." not in me:
+        print(f"pyqmail init: fatal: {me!r} is not a fully qualified name; give --me", file=sys.stderr)
+        return 100
+    made_users: list[str] = []
+    if a.create_users:
+        if os.geteuid() != 0:
+            print("pyqmail init: fatal: --create-users needs root", file=sys.stderr)
+            return 100
+        made_users = create_users()
+    try:
+        ids = home.ids() if (os.geteuid() == 0 and not home.single_user) else None
+    except HomeError as e:
+        print(f"pyqmail init: fatal: {e}", file=sys.stderr)
+        return 111
+    try:
+        report = create_home(home, me, ids)
+    except OSError as e:
+        print(f"pyqmail init: fatal: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 111
+    if not a.quiet:
+        for line in made_users + report.created:
+            print(f"created {line}")
+        if not made_users and not report.created:
+            print(f"{home.root}: complete; nothing to do")
+    return 0

@@ -1,0 +1,64 @@
+"""``pyqmail SUBCOMMAND``: the one command that fronts all the others.
+
+``pyqmail init|check|run|smtpd|qmqpd|qmtpd|showctl|...``: each subcommand is a module in
+``pyqmail.cli`` with a ``main(argv) -> int``. The qmail command names (``qmail-qread``)
+are also accepted as subcommands (``pyqmail qmail-qread``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("init", "create a home (control/, alias/, users/, queue/) as qmail's install does"),
+    "check": ("check", "lint a home's configuration; exit 1 on errors"),
+    "run": ("run", "run the whole MTA in the foreground"),
+    "smtpd": ("smtpd", "the SMTP server: on stdin/stdout, or --listen ADDR:PORT"),
+    "qmqpd": ("qmqpd", "the QMQP server: on stdin/stdout, or --listen ADDR:PORT"),
+    "qmtpd": ("qmtpd", "the QMTP server: on stdin/stdout, or --listen ADDR:PORT"),
+    "showctl": ("showctl", "print every control file's effective value"),
+    "queue": ("queue", "qmail-queue: message on fd 0, envelope on fd 1"),
+    "qread": ("qread", "list the queue's messages"),
+    "qstat": ("qstat", "count the queue's messages"),
+    "newu": ("newu", "compile users/assign into users/cdb"),
+    "newmrh": ("newmrh", "compile control/morercpthosts into morercpthosts.cdb"),
+    "inject": ("inject", "qmail-inject"),
+    "remote": ("remote", "qmail-remote"),
+    "local": ("local", "qmail-local"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: pyqmail SUBCOMMAND [ARGS...]", "", "subcommands:"]
+    lines += [f"  {name:10s} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "Every subcommand takes --home DIR (else PYQMAIL_HOME, else /var/qmail)."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 100
+    if args[0] == "--version":
+        from pyqmail import __version__
+
+        print(f"pyqmail {__version__}")
+        return 0
+    name = args[0]
+    if name in SUBCOMMANDS:
+        module = SUBCOMMANDS[name][0]
+    elif name.startswith("qmail-") and name[6:] in SUBCOMMANDS:
+        module = SUBCOMMANDS[name[6:]][0]
+    else:
+        print(f"pyqmail: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 100
+    mod = importlib.import_module(f"pyqmail.cli.{module}")
+    result: int = mod.main(args[1:])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

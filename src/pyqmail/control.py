@@ -1,0 +1,369 @@
+"""Every file in control/, read with qmail's rules into one immutable snapshot.
+
+qmail has three readers (control.md section 1): *line* files use only the first line with
+trailing spaces, tabs and newlines removed (an empty file is the empty string); *int*
+files are a line parsed as an unsigned decimal from the first character (a first
+character that is not a digit makes the file count as absent); *list* files keep every
+line that is not empty and does not start with ``#``. A missing file is its default,
+often the value of ``me``. A file that exists but cannot be read is a temporary failure
+(:class:`ControlError`), never an empty value.
+
+Where qmail silently ignores a bad value (``abc`` in concurrencyremote) we keep qmail's
+behaviour but record a :class:`Finding`, so the log and ``pyqmail check`` name it.
+
+:class:`ControlCache` re-reads the snapshot only when a file in control/ changed, so a
+per-connection or per-delivery read costs one ``stat`` per file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from pyqmail.home import Home
+
+# Upper bound for concurrencylocal/concurrencyremote (qmail's conf-spawn, 120 and at most
+# 255 by recompiling). A value in control/spawnlimit replaces it; no compile-time cap.
+DEFAULT_SPAWN_LIMIT = 1000
+
+
+class ControlError(Exception):
+    """A control file exists but could not be read: a temporary failure, as in qmail."""
+
+    def __init__(self, name: str, err: OSError) -> None:
+        super().__init__(f"unable to read control/{name}: {err.strerror or err}")
+        self.name = name
+        self.err = err
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A problem in a control file that qmail would silently ignore."""
+
+    file: str
+    line: int
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"control/{self.file}:{self.line}: {self.message}"
+        return f"{text} ({self.fix})" if self.fix else text
+
+
+def _read_bytes(path: Path, name: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except OSError as e:
+        raise ControlError(name, e) from e
+
+
+def _strip(line: bytes) -> bytes:
+    return line.rstrip(b" \t\n")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def parse_line(raw: bytes) -> str:
+    """qmail's line reader on a file's bytes: the first line, trailing white space gone."""
+    return _decode(_strip(raw.split(b"\n", 1)[0]))
+
+
+def parse_int(raw: bytes) -> tuple[int | None, str | None]:
+    """qmail's int reader. Returns (value or None for 'treat as absent', problem text)."""
+    line = parse_line(raw)
+    digits = ""
+    for ch in line:
+        if "0" <= ch <= "9":
+            digits += ch
+        else:
+            break
+    if not digits:
+        return None, f"{line!r} is not a number; qmail ignores it and uses the default"
+    if len(digits) != len(line):
+        return int(digits), f"{line!r} has text after the number; qmail uses {int(digits)}"
+    return int(digits), None
+
+
+def parse_list(raw: bytes) -> tuple[tuple[str, int], ...]:
+    """qmail's list reader: (line, line number) for every non-empty, non-comment line."""
+    out = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        line = _strip(line)
+        if line and not line.startswith(b"#"):
+            out.append((_decode(line), n))
+    return tuple(out)
+
+
+def colon_map(lines: tuple[tuple[str, int], ...]) -> dict[str, str]:
+    """A ``key:value`` list file as qmail's constmap: key lowercased, last line wins."""
+    out: dict[str, str] = {}
+    for line, _ in lines:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            out[key.lower()] = value
+    return out
+
+
+def domain_keys(domain: str) -> list[str]:
+    """The lookup keys for a domain: itself, then each ``.suffix``, longest first."""
+    domain = domain.lower()
+    keys = [domain]
+    i = domain.find(".")
+    while i != -1:
+        keys.append(domain[i:])
+        i = domain.find(".", i + 1)
+    return keys
+
+
+def host_listed(domain: str, hosts: frozenset[str]) -> bool:
+    """rcpthosts matching: exact domain, or a ``.suffix`` line for a subdomain."""
+    return any(k in hosts for k in domain_keys(domain))
+
+
+@dataclass(frozen=True)
+class Control:
+    """The effective value of every control file. Build with :func:`load`."""
+
+    me: str | None
+    badmailfrom: frozenset[str]
+    bouncefrom: str
+    bouncehost: str
+    concurrencylocal: int
+    concurrencyremote: int
+    databytes: int
+    defaultdomain: str
+    defaulthost: str
+    doublebouncehost: str
+    doublebounceto: str
+    envnoathost: str
+    helohost: str | None
+    idhost: str
+    localiphost: str | None
+    locals: frozenset[str]
+    morercpthosts: tuple[str, ...]
+    percenthack: frozenset[str]
+    plusdomain: str
+    qmqpservers: tuple[str, ...]
+    queuelifetime: int
+    rcpthosts: frozenset[str] | None  # None: the file is missing (qmail relays for anyone)
+    smtpgreeting: str | None
+    smtproutes: Mapping[str, str]
+    timeoutconnect: int
+    timeoutremote: int
+    timeoutsmtpd: int
+    virtualdomains: Mapping[str, str]
+    defaultdelivery: str
+    # pyqmail additions (documented in docs/control.md)
+    spawnlimit: int
+    qmtproutes: Mapping[str, str]
+    tlsdestinations: frozenset[str]
+    # where each value came from: "file", "default", or "me"; and what looked wrong
+    sources: Mapping[str, str] = field(default_factory=dict)
+    findings: tuple[Finding, ...] = ()
+    raw_lists: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+
+    def is_local(self, domain: str) -> bool:
+        return domain.lower() in self.locals
+
+    def rcpthost_allowed(self, domain: str) -> bool | None:
+        """True/False by rcpthosts (exact or .suffix); None if rcpthosts is missing."""
+        if self.rcpthosts is None:
+            return None
+        return host_listed(domain, self.rcpthosts)
+
+    def virtual_prepend(self, address: str) -> str | None:
+        """virtualdomains for ``address``: its prepend, ``""`` for an exception, None if none."""
+        vd = self.virtualdomains
+        if not vd:
+            return None
+        at = address.rfind("@")
+        domain = address[at + 1 :] if at >= 0 else ""
+        for key in [address.lower(), *domain_keys(domain), ""] if domain else [address.lower(), ""]:
+            if key in vd:
+                return vd[key]
+        return None
+
+
+_LINE_ME = ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",
+            "idhost", "plusdomain")  # fmt: skip
+_INTS = {
+    "concurrencylocal": 10,
+    "concurrencyremote": 20,
+    "databytes": 0,
+    "queuelifetime": 604800,
+    "timeoutconnect": 60,
+    "timeoutremote": 1200,
+    "timeoutsmtpd": 1200,
+    "spawnlimit": DEFAULT_SPAWN_LIMIT,
+}
+_LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers", "rcpthosts",
+          "smtproutes", "virtualdomains", "qmtproutes", "tlsdestinations")  # fmt: skip
+
+# Every file qmail or pyqmail reads from control/ (qmail-showctl reports the others).
+KNOWN_FILES = frozenset(
+    {"me", "bouncefrom", "doublebounceto", "helohost", "localiphost", "smtpgreeting",
+     "defaultdelivery", "morercpthosts.cdb", "morercpthosts.tmp", "tcp.smtp", "tcp.smtp.cdb",
+     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", *_LINE_ME, *_INTS, *_LISTS}
+)  # fmt: skip
+
+
+def load(home: Home) -> Control:
+    """Read every control file of ``home``. Raises ControlError for an unreadable file."""
+    cdir = home.control
+    sources: dict[str, str] = {}
+    findings: list[Finding] = []
+    raw: dict[str, bytes | None] = {}
+
+    def get(name: str) -> bytes | None:
+        if name not in raw:
+            raw[name] = _read_bytes(cdir / name, name)
+        return raw[name]
+
+    me_raw = get("me")
+    me = parse_line(me_raw) if me_raw is not None else None
+    sources["me"] = "file" if me is not None else "default"
+
+    def line(name: str, default: str | None, me_fallback: bool) -> str | None:
+        data = get(name)
+        if data is not None:
+            sources[name] = "file"
+            return parse_line(data)
+        if me_fallback and me is not None:
+            sources[name] = "me"
+            return me
+        sources[name] = "default"
+        return default
+
+    values: dict[str, Any] = {}
+    for name in _LINE_ME:
+        values[name] = line(name, name, True)
+    values["bouncefrom"] = line("bouncefrom", "MAILER-DAEMON", False)
+    values["doublebounceto"] = line("doublebounceto", "postmaster", False)
+    values["helohost"] = line("helohost", None, True)
+    values["localiphost"] = line("localiphost", None, True)
+    values["smtpgreeting"] = line("smtpgreeting", None, True)
+
+    dd = get("defaultdelivery")
+    if dd is not None:
+        sources["defaultdelivery"] = "file"
+        text = _decode(dd)
+        values["defaultdelivery"] = text if text.endswith("\n") or not text else text + "\n"
+        if not text.strip():
+            values["defaultdelivery"] = "./Mailbox\n"
+    else:
+        sources["defaultdelivery"] = "default"
+        values["defaultdelivery"] = "./Mailbox\n"
+
+    for name, default in _INTS.items():
+        data = get(name)
+        value: int | None = None
+        if data is not None:
+            value, problem = parse_int(data)
+            if problem:
+                findings.append(Finding(name, 1, problem, f"write a decimal number into {name}"))
+        sources[name] = "file" if value is not None else "default"
+        values[name] = default if value is None else value
+    if values["timeoutsmtpd"] <= 0:
+        values["timeoutsmtpd"] = 1
+    limit = max(1, values["spawnlimit"])
+    values["spawnlimit"] = limit
+    for name in ("concurrencylocal", "concurrencyremote"):
+        if values[name] > limit:
+            findings.append(
+                Finding(
+                    name,
+                    1,
+                    f"{values[name]} is over the spawn limit {limit}; using {limit}",
+                    "raise control/spawnlimit to allow more",
+                )
+            )
+            values[name] = limit
+
+    lists: dict[str, tuple[tuple[str, int], ...]] = {}
+    for name in _LISTS:
+        data = get(name)
+        lists[name] = parse_list(data) if data is not None else ()
+        sources[name] = "file" if data is not None else "default"
+        if data is not None and b"\r" in data:
+            n = data[: data.index(b"\r")].count(b"\n") + 1
+            findings.append(Finding(name, n, "line ends in a carriage return (CR LF file)",
+                                    "convert the file to Unix line ends"))  # fmt: skip
+        for entry, n in lists[name]:
+            if name in ("smtproutes", "virtualdomains", "qmtproutes") and ":" not in entry:
+                findings.append(Finding(name, n, f"line {entry!r} has no ':'; qmail ignores it",
+                                        "write domain:value"))  # fmt: skip
+
+    def lower_set(name: str) -> frozenset[str]:
+        return frozenset(entry.lower() for entry, _ in lists[name])
+
+    if get("locals") is not None:
+        locals_ = lower_set("locals")
+    else:
+        locals_ = frozenset({me.lower()}) if me else frozenset()
+        sources["locals"] = "me" if me else "default"
+
+    return Control(
+        me=me,
+        badmailfrom=lower_set("badmailfrom"),
+        locals=locals_,
+        morercpthosts=tuple(e for e, _ in lists["morercpthosts"]),
+        percenthack=lower_set("percenthack"),
+        qmqpservers=tuple(e for e, _ in lists["qmqpservers"]),
+        rcpthosts=lower_set("rcpthosts") if get("rcpthosts") is not None else None,
+        smtproutes=MappingProxyType(colon_map(lists["smtproutes"])),
+        virtualdomains=MappingProxyType(colon_map(lists["virtualdomains"])),
+        qmtproutes=MappingProxyType(colon_map(lists["qmtproutes"])),
+        tlsdestinations=lower_set("tlsdestinations"),
+        sources=MappingProxyType(sources),
+        findings=tuple(findings),
+        raw_lists=MappingProxyType(lists),
+        **values,
+    )
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        return (-1, -1, -1)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class ControlCache:
+    """Hands out the current :class:`Control`, re-reading only after a change.
+
+    A change is seen through the control directory's mtime (files added or removed) and
+    each known file's (inode, mtime, size); editors that rewrite in place are caught by
+    the per-file check.
+    """
+
+    def __init__(self, home: Home, loader: Callable[[Home], Control] = load) -> None:
+        self.home = home
+        self._loader = loader
+        self._key: tuple[object, ...] | None = None
+        self._value: Control | None = None
+
+    def _current_key(self) -> tuple[object, ...]:
+        cdir = self.home.control
+        return (_stat_key(cdir), *(_stat_key(cdir / n) for n in sorted(KNOWN_FILES)))
+
+    def get(self) -> Control:
+        key = self._current_key()
+        if self._value is None or key != self._key:
+            self._value = self._loader(self.home)
+            self._key = key
+        return self._value
