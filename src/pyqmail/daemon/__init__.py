@@ -1,0 +1,1 @@
+"""``pyqmail run``: the supervisor that starts listeners, scheduler and agents."""

@@ -1,0 +1,1 @@
+"""Mail from programs and other hosts: qmail-inject, sendmail, QMQP and QMTP."""

@@ -1,0 +1,1 @@
+"""Local delivery: users/assign, qmail-getpw, qmail-local, and the delivery spawner."""

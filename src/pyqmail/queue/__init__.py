@@ -1,0 +1,1 @@
+"""qmail's on-disk queue: layout, envelopes, the crash-safe writer, readers and cleaning."""

@@ -1,0 +1,1 @@
+"""Remote delivery: smtproutes, MX lookup, tcpto, and the asyncio SMTP delivery agent."""

@@ -1,0 +1,1 @@
+"""qmail-send: preprocessing, scheduling, retries, bounces and its log."""

@@ -1,0 +1,1 @@
+"""SMTP: the server conversation (qmail-smtpd) and the client conversation (qmail-remote)."""
