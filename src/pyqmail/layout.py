@@ -43,9 +43,12 @@ def default_fqdn() -> str:
     name = socket.getfqdn()
     if "." not in name:
         try:
-            name = subprocess.run(
-                ["hostname", "-f"], capture_output=True, text=True, timeout=5
-            ).stdout.strip() or name
+            name = (
+                subprocess.run(
+                    ["hostname", "-f"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or name
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return name

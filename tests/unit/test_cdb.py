@@ -69,7 +69,9 @@ def test_truncated_file_raises(tmp_path: Path) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=40)), max_size=60))
-def test_round_trip(tmp_path_factory: pytest.TempPathFactory, items: list[tuple[bytes, bytes]]) -> None:
+def test_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, items: list[tuple[bytes, bytes]]
+) -> None:
     path = tmp_path_factory.mktemp("rt") / "r.cdb"
     build(path, items)
     with cdb.Reader.open(path) as r:

@@ -23,7 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = resolve_home(a.dir or a.home, a.single_user)
     me = a.me or default_fqdn()
     if not me or "." not in me:
-        print(f"pyqmail init: fatal: {me!r} is not a fully qualified name; give --me", file=sys.stderr)
+        print(
+            f"pyqmail init: fatal: {me!r} is not a fully qualified name; give --me", file=sys.stderr
+        )
         return 100
     made_users: list[str] = []
     if a.create_users:

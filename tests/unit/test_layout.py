@@ -1,0 +1,126 @@
+"""pyqmail init: a complete home as qmail's install plus config-fast, idempotent."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import SPLIT, Home, HomeError, resolve_home
+from pyqmail.layout import create_home, defaultdomain_of, plusdomain_of
+
+
+def run_init(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, PYQMAIL_SINGLE_USER="1")
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pyqmail.cli.main", "init", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "ddom", "pdom"),
+    [
+        ("mx.test.example", "test.example", "test.example"),
+        ("a.b.c.example", "b.c.example", "c.example"),
+        ("example.com", "example.com", "example.com"),
+    ],
+)
+def test_config_fast_domains(fqdn: str, ddom: str, pdom: str) -> None:
+    assert defaultdomain_of(fqdn) == ddom
+    assert plusdomain_of(fqdn) == pdom
+
+
+def test_init_makes_every_part(tmp_path: Path) -> None:
+    r = run_init(str(tmp_path / "q"), "--me", "mx.test.example")
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / "q"
+    c = root / "control"
+    assert (c / "me").read_text() == "mx.test.example\n"
+    assert (c / "defaultdomain").read_text() == "test.example\n"
+    assert (c / "plusdomain").read_text() == "test.example\n"
+    assert (c / "locals").read_text() == "mx.test.example\n"
+    assert (c / "rcpthosts").read_text() == "mx.test.example\n"
+    assert (c / "defaultdelivery").read_text() == "./Maildir/\n"
+    for name in ("postmaster", "mailer-daemon", "root"):
+        assert (root / "alias" / f".qmail-{name}").read_text() == "./Maildir/\n"
+    for sub in ("cur", "new", "tmp"):
+        assert (root / "alias" / "Maildir" / sub).is_dir()
+    q = root / "queue"
+    for d in ("mess", "info", "local", "remote"):
+        subs = sorted(int(p.name) for p in (q / d).iterdir())
+        assert subs == list(range(SPLIT))
+    for d in ("pid", "intd", "todo", "bounce", "lock"):
+        assert (q / d).is_dir()
+    assert (q / "lock" / "tcpto").read_bytes() == b"\0" * 1024
+    assert stat.S_ISFIFO((q / "lock" / "trigger").stat().st_mode)
+    assert stat.S_IMODE((q / "pid").stat().st_mode) == 0o700
+
+
+def test_init_twice_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "q"
+    assert run_init(str(root), "--me", "mx.test.example").returncode == 0
+    (root / "control" / "locals").write_text("mine.example\n")
+    r = run_init(str(root), "--me", "other.example.net")
+    assert r.returncode == 0
+    assert "nothing to do" in r.stdout
+    assert (root / "control" / "locals").read_text() == "mine.example\n"
+    assert (root / "control" / "me").read_text() == "mx.test.example\n"
+
+
+def test_init_refuses_a_name_without_dot(tmp_path: Path) -> None:
+    r = run_init(str(tmp_path / "q"), "--me", "localhost")
+    assert r.returncode == 100
+    assert "fully qualified" in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_home_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PYQMAIL_HOME", raising=False)
+    monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
+    assert resolve_home().root == Path("/var/qmail")
+    monkeypatch.setenv("PYQMAIL_HOME", str(tmp_path))
+    assert resolve_home().root == tmp_path
+    assert resolve_home(tmp_path / "x").root == tmp_path / "x"
+    assert not resolve_home().single_user
+    monkeypatch.setenv("PYQMAIL_SINGLE_USER", "1")
+    assert resolve_home().single_user
+    monkeypatch.setenv("PYQMAIL_SINGLE_USER", "0")
+    assert not resolve_home().single_user
+    assert resolve_home(single_user=True).single_user
+
+
+def test_single_user_ids_are_the_caller(tmp_path: Path) -> None:
+    ids = Home(tmp_path, single_user=True).ids()
+    assert ids.uid("queue") == os.getuid()
+    assert ids.uid("alias") == os.getuid()
+    assert ids.gid("qmail") == os.getgid()
+
+
+def test_missing_accounts_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import pwd
+
+    real = pwd.getpwnam
+
+    def fake(name: str) -> pwd.struct_passwd:
+        if name == "qmailq":
+            raise KeyError(name)
+        return real(name) if name == "root" else real("root")
+
+    monkeypatch.setattr(pwd, "getpwnam", fake)
+    with pytest.raises(HomeError, match="user qmailq"):
+        Home(tmp_path).ids()
+
+
+def test_create_home_single_user_owns_nothing_special(tmp_path: Path) -> None:
+    h = Home(tmp_path / "q", single_user=True)
+    report = create_home(h, "mx.test.example", None)
+    assert str(h.root / "control" / "me") in report.created
+    assert (h.root / "queue" / "mess" / "0").stat().st_uid == os.getuid()
