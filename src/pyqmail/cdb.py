@@ -160,7 +160,23 @@ class Writer:
         self._buffered = 0
 
     def commit(self) -> None:
-        """Write the hash tables and header, fsync, and rename over the final path."""
+        """Write the hash tables and header, fsync, and rename over the final path.
+
+        On any failure the temporary file is removed, the final path is untouched, and
+        the error propagates (an OSError from the rename has ``filename2`` set).
+        """
+        if self._done:
+            raise CdbError("cdb writer already committed or aborted")
+        try:
+            self._finish()
+            os.rename(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def _finish(self) -> None:
         buckets: list[list[tuple[int, int]]] = [[] for _ in range(256)]
         for h, p in self._entries:
             buckets[h & 255].append((h, p))
@@ -186,16 +202,19 @@ class Writer:
         os.lseek(self._fd, 0, os.SEEK_SET)
         write_all(self._fd, bytes(header))
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._done = True
-        os.rename(self.tmp, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fd, self._fd = self._fd, -1
+        os.close(fd)
 
     def abort(self) -> None:
         """Give up: close and remove the temporary file; the final path is untouched."""
         if not self._done:
             self._done = True
-            os.close(self._fd)
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             try:
                 os.unlink(self.tmp)
             except OSError:
