@@ -1,0 +1,379 @@
+"""RemoteAgent: qmail-remote's whole job as one asyncio coroutine per message and host.
+
+It reads the control snapshot, picks the relay (remote/routes.py) or the MX addresses
+(remote/mx.py, with the self-MX rule), skips addresses tcpto marks as down, connects with
+``timeoutconnect`` (from control/outgoingip / outgoingip6 when set), and drives the sans-IO
+:class:`~pyqmail.smtp.client.ClientSession` with ``timeoutremote`` on every read and write.
+All recipients of a message for one host go over one connection; the result is
+qmail-remote's reports (:class:`SessionResult`), and :func:`fold` turns them into one
+:class:`Outcome` per recipient exactly the way qmail-rspawn folds them (send.md section 7).
+
+Invariants: every connection opened is closed (or aborted) before ``deliver`` returns,
+whatever happens; no exception leaves ``deliver`` (an unexpected one is a temporary
+failure); a message counts as delivered only on a 2xx reply after the final dot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import dns.asyncresolver
+
+from pyqmail.control import Control, ControlCache, ControlError
+from pyqmail.home import Home
+from pyqmail.outcome import Outcome, Status
+from pyqmail.remote import mx, routes, tls
+from pyqmail.remote.tcpto import Tcpto
+from pyqmail.remote.transmit import DataEncoder, has_8bit
+from pyqmail.smtp.client import (
+    Action,
+    ClientSession,
+    Done,
+    Reply,
+    ReplyParser,
+    Send,
+    SendBody,
+    SessionResult,
+    StartTls,
+    TlsMode,
+)
+
+CHUNK = 65536
+
+NO_CONNECTION = b"Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+CONTROL_FAILED = b"Unable to read control files. (#4.3.0)\n"
+READ_FAILED = b"Unable to read message. (#4.3.0)\n"
+INTERNAL = b"Internal error in remote delivery; will try again. (#4.3.0)\n"
+
+
+def _only(letter: str, text: bytes) -> SessionResult:
+    return SessionResult((), (letter, text), quit=False)
+
+
+def fold(result: SessionResult, count: int) -> list[Outcome]:
+    """One Outcome per recipient from qmail-remote's reports, as qmail-rspawn does it.
+
+    The message report gives K=1, Z=0, D=-1; a recipient's ``s`` makes it 0, ``h`` -1,
+    ``r`` keeps the message's value. The text is the recipient report's, followed by the
+    message report's when the message result is not better than the recipient's.
+    """
+    mletter, mtext = result.message
+    value = {"K": 1, "Z": 0}.get(mletter, -1)
+    out = []
+    for i in range(count):
+        if i < len(result.recipients):
+            letter, text = result.recipients[i]
+            own = {"s": 0, "h": -1}.get(letter, value)
+            full = text + mtext if value <= own else text
+        else:
+            own, full = value, mtext
+        status = Status.OK if own == 1 else Status.TEMP if own == 0 else Status.PERM
+        out.append(Outcome(status, full.decode("utf-8", "replace")))
+    return out
+
+
+class _Dropped(Exception):
+    """The connection closed or a read/write timed out."""
+
+
+def _read_line_file(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            line = f.readline().rstrip(b" \t\r\n")
+    except OSError:
+        return None
+    return line.decode("ascii", "replace") or None
+
+
+class RemoteAgent:
+    """Delivers messages to remote SMTP servers; many ``deliver`` calls may run at once.
+
+    ``port`` is the port for MX / address-record delivery (25; tests use another);
+    ``resolver`` defaults to :func:`pyqmail.remote.mx.make_resolver` (PYQMAIL_RESOLVER or
+    resolv.conf); ``own_ips`` defaults to this host's interface addresses.
+    """
+
+    def __init__(
+        self,
+        home: Home,
+        ctl: ControlCache,
+        *,
+        port: int = routes.SMTP_PORT,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        own_ips: Iterable[str] | None = None,
+        ipv6: bool = True,
+        rng: random.Random | None = None,
+        tls_cafile: str | None = None,
+        tcpto: Tcpto | None = None,
+    ) -> None:
+        self.home = home
+        self.ctl = ctl
+        self.port = port
+        self._resolver = resolver
+        self._own_ips = frozenset(own_ips) if own_ips is not None else None
+        self.ipv6 = ipv6
+        self._rng = rng or random.Random()
+        self._cafile = tls_cafile
+        self.tcpto = tcpto or Tcpto(home.queue / "lock" / "tcpto")
+        self._plain_ctx: ssl.SSLContext | None = None
+        self._verify_ctx: ssl.SSLContext | None = None
+
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            self._resolver = mx.make_resolver()
+        return self._resolver
+
+    @property
+    def own_ips(self) -> frozenset[str]:
+        if self._own_ips is None:
+            self._own_ips = mx.own_addresses()
+        return self._own_ips
+
+    def reset_tcpto(self) -> None:
+        """Zero lock/tcpto, as qmail-rspawn does when qmail starts."""
+        try:
+            self.tcpto.clear()
+        except OSError:
+            pass
+
+    async def deliver(self, mess: Path, sender: str, recipients: list[str]) -> list[Outcome]:
+        """Deliver ``mess`` to ``recipients`` (all at one host). One Outcome per recipient."""
+        if not recipients:
+            return []
+        host = recipients[0].rpartition("@")[2]
+        enc = [r.encode("utf-8", "surrogateescape") for r in recipients]
+        try:
+            f = open(mess, "rb")  # noqa: SIM115 (closed by the with below)
+        except OSError:
+            return fold(_only("Z", READ_FAILED), len(recipients))
+        with f:
+            result = await self.transmit(f, host, sender.encode("utf-8", "surrogateescape"), enc)
+        return fold(result, len(recipients))
+
+    async def transmit(
+        self, message: BinaryIO, host: str, sender: bytes, recipients: list[bytes]
+    ) -> SessionResult:
+        """qmail-remote HOST SENDER RECIP...: the reports qmail-remote would print."""
+        try:
+            return await self._transmit(message, host, sender, recipients)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # translated once, here: an unexpected error is temporary
+            return _only("Z", INTERNAL)
+
+    async def _transmit(
+        self, message: BinaryIO, host: str, sender: bytes, recipients: list[bytes]
+    ) -> SessionResult:
+        try:
+            ctl = self.ctl.get()
+        except ControlError:
+            return _only("Z", CONTROL_FAILED)
+        helo = ctl.helohost
+        if helo is None:
+            return _only("Z", CONTROL_FAILED)
+        try:
+            route = routes.lookup(ctl.smtproutes, host)
+        except routes.RouteError:
+            return _only("Z", CONTROL_FAILED)
+        try:
+            if route is not None:
+                addrs = await mx.relay_addresses(self.resolver, route.relay, ipv6=self.ipv6)
+                port = route.port
+            else:
+                found = await mx.mx_addresses(self.resolver, host, ipv6=self.ipv6, rng=self._rng)
+                names = [n for n in (ctl.me, ctl.localiphost) if n] + sorted(ctl.locals)
+                addrs = mx.eligible(found, self.own_ips, names)
+                port = self.port
+        except mx.DnsFailure as e:
+            o = e.outcome
+            return _only(o.status.value, o.text.encode())
+        required = tls.tls_required(ctl, host)
+        mode = TlsMode.REQUIRED if required else TlsMode.OPPORTUNISTIC
+        for addr in addrs:
+            if self.tcpto.is_down(addr.ip):
+                continue
+            conn = await self._connect(ctl, addr.ip, port)
+            if conn is None:
+                continue
+            result = await self._dialogue(
+                conn, ctl, addr, helo, sender, recipients, message, mode, host
+            )
+            if result.tls_fallback:
+                # The handshake broke the connection; policy allows plaintext: once more.
+                conn = await self._connect(ctl, addr.ip, port)
+                if conn is None:
+                    return result
+                result = await self._dialogue(
+                    conn, ctl, addr, helo, sender, recipients, message, TlsMode.OFF, host
+                )
+            return result
+        return _only("Z", NO_CONNECTION)
+
+    async def _connect(
+        self, ctl: Control, ip: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+        src = source_address(self.home, family)
+        local = (src, 0) if src else None
+        timed_out = False
+        try:
+            async with asyncio.timeout(max(ctl.timeoutconnect, 1)):
+                conn = await asyncio.open_connection(ip, port, local_addr=local, limit=CHUNK)
+        except TimeoutError:
+            timed_out = True
+        except OSError as e:
+            timed_out = e.errno == errno.ETIMEDOUT
+        else:
+            self.tcpto.record(ip, False)
+            return conn
+        self.tcpto.record(ip, timed_out)
+        return None
+
+    async def _dialogue(
+        self,
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        ctl: Control,
+        addr: mx.Address,
+        helo: str,
+        sender: bytes,
+        recipients: list[bytes],
+        message: BinaryIO,
+        mode: TlsMode,
+        domain: str,
+    ) -> SessionResult:
+        reader, writer = conn
+        timeout = max(ctl.timeoutremote, 1)
+        session = ClientSession(
+            addr.ip,
+            helo.encode("utf-8", "surrogateescape"),
+            sender,
+            list(recipients),
+            tls=mode,
+            tls_required_for=domain,
+            is_8bit=lambda: _scan_8bit(message),
+        )
+        parser = ReplyParser()
+        replies: deque[Reply] = deque()
+        tls_on = False
+
+        async def next_reply() -> Reply:
+            while not replies:
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(CHUNK)
+                if not data:
+                    raise _Dropped
+                replies.extend(parser.feed(data))
+            return replies.popleft()
+
+        async def write(data: bytes) -> None:
+            writer.write(data)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+
+        try:
+            actions: deque[Action] = deque(session.reply(await next_reply()))
+            while True:
+                if not actions:
+                    actions.extend(session.reply(await next_reply()))
+                    continue
+                act = actions.popleft()
+                if isinstance(act, Send):
+                    await write(act.data)
+                elif isinstance(act, StartTls):
+                    # Anything the server sent before the handshake is discarded (no
+                    # plaintext injected into the TLS session, CVE-2011-0411 style).
+                    replies.clear()
+                    parser = ReplyParser()
+                    ok, err = await self._start_tls(writer, addr, act.verify, timeout)
+                    tls_on = ok
+                    actions.extend(session.tls_done(ok, err))
+                elif isinstance(act, SendBody):
+                    if not await self._send_body(message, write):
+                        return _only("Z", READ_FAILED)
+                elif isinstance(act, Done):
+                    if act.result.quit:
+                        writer.write(b"QUIT\r\n")  # its reply is never awaited (qmail)
+                    return act.result
+        except (_Dropped, TimeoutError, OSError, EOFError, ssl.SSLError):
+            return session.connection_lost()
+        finally:
+            self._close(writer, tls_on)
+
+    async def _start_tls(
+        self, writer: asyncio.StreamWriter, addr: mx.Address, verify: bool, timeout: int
+    ) -> tuple[bool, str]:
+        if verify:
+            if self._verify_ctx is None:
+                self._verify_ctx = tls.verified_context(self._cafile)
+            ctx, name = self._verify_ctx, addr.name
+        else:
+            if self._plain_ctx is None:
+                self._plain_ctx = tls.opportunistic_context()
+            ctx, name = self._plain_ctx, None
+        try:
+            await writer.start_tls(ctx, server_hostname=name, ssl_handshake_timeout=timeout)
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            return False, getattr(e, "reason", None) or str(e)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            return False, type(e).__name__
+        return True, ""
+
+    @staticmethod
+    async def _send_body(message: BinaryIO, write: Callable[[bytes], Awaitable[None]]) -> bool:
+        enc = DataEncoder()
+        try:
+            message.seek(0)
+        except OSError:
+            return False
+        buf = bytearray()
+        while True:
+            try:
+                chunk = message.read(CHUNK)
+            except OSError:
+                return False
+            if not chunk:
+                break
+            buf += enc.feed(chunk)
+            if len(buf) >= CHUNK:
+                await write(bytes(buf))
+                buf.clear()
+        await write(bytes(buf + enc.finish()))
+        return True
+
+    @staticmethod
+    def _close(writer: asyncio.StreamWriter, tls_on: bool) -> None:
+        transport = writer.transport
+        if transport.is_closing():
+            return
+        if tls_on or transport.get_write_buffer_size():
+            # A TLS close waits for the peer's close_notify; we never wait for the peer.
+            transport.abort()
+        else:
+            transport.close()
+
+
+def _scan_8bit(message: BinaryIO) -> bool:
+    try:
+        message.seek(0)
+        while chunk := message.read(CHUNK):
+            if has_8bit(chunk):
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def source_address(home: Home, family: int) -> str | None:
+    """The configured outgoing address for ``family`` (control/outgoingip[6])."""
+    name = "outgoingip6" if family == socket.AF_INET6 else "outgoingip"
+    return _read_line_file(home.control_file(name))

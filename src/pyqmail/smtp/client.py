@@ -1,0 +1,394 @@
+"""The SMTP client conversation of remote delivery, without I/O (remote.md section 3).
+
+:class:`ReplyParser` turns the bytes a server sends into :class:`Reply` values the way
+qmail-remote reads them: the code is the last line's three digits, ``-`` after them marks a
+continuation, CRs are dropped, the kept text is capped at 5000 bytes (the rest is read and
+thrown away, so a 10 MB reply line costs no memory).
+
+:class:`ClientSession` is the dialogue as a state machine. The driver (remote/deliver.py)
+feeds it replies and carries out the :data:`Action` values it returns: bytes to send, a TLS
+handshake, the message body, and finally a :class:`SessionResult` with qmail-remote's
+recipient reports (``r``/``h``/``s``) and one message report (``K``/``Z``/``D``), each with
+qmail's exact text. Where pyqmail goes beyond qmail-remote (EHLO, PIPELINING, 8BITMIME,
+STARTTLS, several recipients on one connection) it keeps qmail's texts and adds only new
+texts for new failure points.
+
+Stricter than qmail, on purpose: a reply whose code is not three digits is a temporary
+failure of that step, and the message counts as delivered only on a 2xx reply to the end of
+data (qmail takes anything below 400).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TEXT_CAP = 5000  # qmail-remote's HUGESMTPTEXT
+
+# quote.c's atom characters: printable ASCII without "(),:;<>@[\]
+_ATOM = frozenset(
+    c for c in range(33, 127) if chr(c) not in '"(),:;<>@[\\]'
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One complete server reply. ``code`` is None when it was not three digits."""
+
+    code: int | None
+    text: bytes  # every line, CRs dropped, LFs kept, at most TEXT_CAP bytes
+
+    @property
+    def kind(self) -> int:
+        """The first digit (2..5), or 4 for a malformed reply (treated as temporary)."""
+        if self.code is None or not 200 <= self.code <= 599:
+            return 4
+        return self.code // 100
+
+
+class ReplyParser:
+    """Incremental reply reader: ``feed(bytes) -> [Reply, ...]``."""
+
+    def __init__(self) -> None:
+        self._head = b""  # first bytes of the current line (code + continuation mark)
+        self._text = bytearray()
+        self._line_len = 0
+
+    def feed(self, data: bytes) -> list[Reply]:
+        out: list[Reply] = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            end = n if nl < 0 else nl + 1
+            seg = data[pos:end]
+            if len(self._head) < 4:
+                self._head += seg[: 4 - len(self._head)]
+            room = TEXT_CAP - len(self._text)
+            if room > 0:
+                self._text += seg.replace(b"\r", b"")[:room]
+            pos = end
+            if nl >= 0:
+                head = self._head
+                self._head = b""
+                if head[3:4] == b"-":
+                    continue
+                digits = head[:3]
+                code = int(digits) if len(digits) == 3 and digits.isdigit() else None
+                out.append(Reply(code, bytes(self._text)))
+                self._text.clear()
+        return out
+
+
+def needs_quote(local: bytes) -> bool:
+    """quote.c's quote_need: empty, a non-atom byte, or a dot at an end or doubled."""
+    if not local:
+        return True
+    if any(c not in _ATOM for c in local):
+        return True
+    return local.startswith(b".") or local.endswith(b".") or b".." in local
+
+
+def quote_address(addr: bytes) -> bytes:
+    """An envelope address as qmail-remote sends it (quote2): local part quoted if needed."""
+    if not addr:
+        return b""
+    at = addr.rfind(b"@")
+    local, domain = (addr, b"") if at < 0 else (addr[:at], addr[at:])
+    if needs_quote(local):
+        esc = bytearray(b'"')
+        for c in local:
+            if c in b'\r\n"\\':
+                esc += b"\\"
+            esc.append(c)
+        local = bytes(esc + b'"')
+    return local + domain
+
+
+class TlsMode(enum.Enum):
+    """What the session does about STARTTLS."""
+
+    OFF = "off"  # never (a fallback connection after a failed handshake)
+    OPPORTUNISTIC = "opportunistic"  # when offered, unverified; failure -> plaintext retry
+    REQUIRED = "required"  # must be offered and verify; failure -> temporary
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Run the TLS handshake now, then call :meth:`ClientSession.tls_done`."""
+
+    verify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendBody:
+    """Stream the message (remote/transmit.py) and the final ``.``; then feed the reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """qmail-remote's output: recipient reports in RCPT order, then the message report.
+
+    ``recipients`` may be shorter than the recipient list when the message failed early.
+    Each report is (letter, text) with qmail's text including its final newline.
+    """
+
+    recipients: tuple[tuple[str, bytes], ...]
+    message: tuple[str, bytes]
+    tls_fallback: bool = False  # the handshake failed and the policy allows plaintext
+    quit: bool = True  # send QUIT before closing
+
+    def reports(self) -> bytes:
+        """The bytes qmail-remote writes on stdout (remote.md section 6)."""
+        out = bytearray()
+        for letter, text in (*self.recipients, self.message):
+            out += letter.encode() + text + b"\0"
+        return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    result: SessionResult
+
+
+Action = Send | StartTls | SendBody | Done
+
+
+class _St(enum.Enum):
+    GREETING = 1
+    EHLO = 2
+    HELO = 3
+    STARTTLS = 4
+    TLS = 5
+    MAIL = 6
+    RCPT = 7
+    DATA = 8
+    BODY = 9
+    DONE = 10
+
+
+def said(reply: Reply | None) -> bytes:
+    """``Remote host said: <reply>`` as qmail appends it (NULs shown as ``?``)."""
+    if reply is None or not reply.text:
+        return b""
+    return b"Remote host said: " + reply.text.replace(b"\0", b"?")
+
+
+def _has_bad_bytes(addr: bytes) -> bool:
+    return b"\r" in addr or b"\n" in addr or b"\0" in addr
+
+
+@dataclass
+class ClientSession:
+    """One SMTP transaction for one message to one server address."""
+
+    ip: str
+    helohost: bytes
+    sender: bytes
+    recipients: list[bytes]
+    tls: TlsMode = TlsMode.OPPORTUNISTIC
+    tls_required_for: str = ""  # the domain, for the text when TLS is required
+    is_8bit: Callable[[], bool] = lambda: False
+    _state: _St = _St.GREETING
+    _caps: set[bytes] = field(default_factory=set)
+    _tls_active: bool = False
+    _pending: deque[tuple[_St, int]] = field(default_factory=deque)
+    _reports: list[tuple[str, bytes] | None] = field(default_factory=list)
+    _accepted: int = 0
+    _last: Reply | None = None
+    _body_sent: bool = False
+    _pipelined: bool = False
+    _queued: deque[bytes] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self._reports = [None] * len(self.recipients)
+        self._ipb = self.ip.encode()
+
+    # -- results ---------------------------------------------------------------------
+    def _rcpt_reports(self) -> tuple[tuple[str, bytes], ...]:
+        out: list[tuple[str, bytes]] = []
+        for r in self._reports:
+            if r is None:
+                break
+            out.append(r)
+        return tuple(out)
+
+    def _finish(self, letter: str, text: bytes, reply: Reply | None, **kw: bool) -> list[Action]:
+        self._state = _St.DONE
+        return [Done(SessionResult(self._rcpt_reports(), (letter, text + said(reply)), **kw))]
+
+    def _quit(self, letter: str, prefix: str, suffix: str, reply: Reply | None) -> list[Action]:
+        # qmail's quit(): "<prefix><IP><suffix>.\n" then the server's text.
+        text = prefix.encode() + self._ipb + suffix.encode() + b".\n"
+        return self._finish(letter, text, reply)
+
+    def connection_lost(self) -> SessionResult:
+        """The peer closed or a read/write timed out (remote.md section 3)."""
+        dup = "Possible duplicate! " if self._body_sent else ""
+        text = f"Connected to {self.ip} but connection died. {dup}(#4.4.2)\n".encode()
+        self._state = _St.DONE
+        return SessionResult(self._rcpt_reports(), ("Z", text), quit=False)
+
+    @property
+    def done(self) -> bool:
+        return self._state is _St.DONE
+
+    @property
+    def in_critical(self) -> bool:
+        return self._body_sent
+
+    # -- the dialogue ----------------------------------------------------------------
+    def reply(self, reply: Reply) -> list[Action]:
+        """Feed one server reply; returns what to do next."""
+        self._last = reply
+        st = self._state
+        if st is _St.GREETING:
+            if reply.code != 220:
+                return self._quit("Z", "Connected to ", " but greeting failed", reply)
+            return self._ehlo()
+        if st is _St.EHLO:
+            if reply.kind != 2:
+                self._state = _St.HELO
+                return [Send(b"HELO " + self.helohost + b"\r\n")]
+            self._caps = _parse_ehlo(reply.text)
+            return self._after_hello(esmtp=True)
+        if st is _St.HELO:
+            if reply.code != 250:
+                return self._quit("Z", "Connected to ", " but my name was rejected", reply)
+            self._caps = set()
+            return self._after_hello(esmtp=False)
+        if st is _St.STARTTLS:
+            if reply.code != 220:
+                if self.tls is TlsMode.REQUIRED:
+                    return self._tls_required_fail("STARTTLS was refused", reply)
+                return self._mail()  # RFC 3207: carry on in plaintext
+            self._state = _St.TLS
+            return [StartTls(verify=self.tls is TlsMode.REQUIRED)]
+        if st in (_St.MAIL, _St.RCPT, _St.DATA):
+            return self._transaction_reply(reply)
+        if st is _St.BODY:
+            self._state = _St.DONE
+            if reply.kind == 5:
+                return self._quit("D", "", " failed after I sent the message", reply)
+            if reply.kind != 2:
+                return self._quit("Z", "", " failed after I sent the message", reply)
+            return self._quit("K", "", " accepted message", reply)
+        return []
+
+    def tls_done(self, ok: bool, error: str = "") -> list[Action]:
+        """The handshake finished (``ok``) or failed (the connection is then unusable)."""
+        if ok:
+            self._tls_active = True
+            return self._ehlo()
+        if self.tls is TlsMode.REQUIRED:
+            text = (
+                f"Connected to {self.ip} but the TLS handshake failed"
+                f" ({error or 'no detail'}); TLS is required for {self.tls_required_for}."
+                " (#4.7.5)\n"
+            ).encode()
+            self._state = _St.DONE
+            return [Done(SessionResult((), ("Z", text), quit=False))]
+        text = f"Connected to {self.ip} but the TLS handshake failed. (#4.7.5)\n".encode()
+        self._state = _St.DONE
+        return [Done(SessionResult((), ("Z", text), tls_fallback=True, quit=False))]
+
+    def _ehlo(self) -> list[Action]:
+        self._state = _St.EHLO
+        return [Send(b"EHLO " + self.helohost + b"\r\n")]
+
+    def _tls_required_fail(self, what: str, reply: Reply | None) -> list[Action]:
+        text = (
+            f"Connected to {self.ip} but {what}; TLS is required for"
+            f" {self.tls_required_for}. (#4.7.5)\n"
+        ).encode()
+        return self._finish("Z", text, reply)
+
+    def _after_hello(self, *, esmtp: bool) -> list[Action]:
+        if not self._tls_active and self.tls is not TlsMode.OFF:
+            if b"STARTTLS" in self._caps:
+                self._state = _St.STARTTLS
+                return [Send(b"STARTTLS\r\n")]
+            if self.tls is TlsMode.REQUIRED:
+                return self._tls_required_fail("it does not offer STARTTLS", None)
+        return self._mail()
+
+    def _mail(self) -> list[Action]:
+        if _has_bad_bytes(self.sender):
+            text = b"Sorry, the sender address contains a line break or NUL. (#5.1.7)\n"
+            return self._finish("D", text, None)
+        params = b""
+        if b"8BITMIME" in self._caps and self.is_8bit():
+            params = b" BODY=8BITMIME"
+        cmds = [(_St.MAIL, -1, b"MAIL FROM:<" + quote_address(self.sender) + b">" + params)]
+        for i, rcpt in enumerate(self.recipients):
+            if _has_bad_bytes(rcpt):
+                text = b"Sorry, the address contains a line break or NUL; not sent. (#5.1.3)\n"
+                self._reports[i] = ("h", text)
+                continue
+            cmds.append((_St.RCPT, i, b"RCPT TO:<" + quote_address(rcpt) + b">"))
+        if len(cmds) == 1:
+            return self._finish("D", b"Sorry, no recipient address can be sent. (#5.1.3)\n", None)
+        cmds.append((_St.DATA, -1, b"DATA"))
+        self._pending = deque((st, i) for st, i, _ in cmds)
+        self._state = _St.MAIL
+        if b"PIPELINING" in self._caps:
+            # RFC 2920: MAIL, every RCPT and DATA in one write, replies read in order.
+            self._pipelined = True
+            return [Send(b"".join(c + b"\r\n" for _, _, c in cmds))]
+        self._pipelined = False
+        self._queued = deque(c + b"\r\n" for _, _, c in cmds)
+        return [Send(self._queued.popleft())]
+
+    def _next_unpipelined(self) -> list[Action]:
+        if self._pipelined:
+            return []
+        return [Send(self._queued.popleft())]
+
+    def _transaction_reply(self, reply: Reply) -> list[Action]:
+        st, i = self._pending.popleft()
+        if st is _St.MAIL:
+            if reply.kind == 5:
+                return self._quit("D", "Connected to ", " but sender was rejected", reply)
+            if reply.kind != 2:
+                return self._quit("Z", "Connected to ", " but sender was rejected", reply)
+            self._state = _St.RCPT
+            return self._next_unpipelined()
+        if st is _St.RCPT:
+            if reply.kind == 2:
+                self._reports[i] = ("r", b"")
+                self._accepted += 1
+            else:
+                letter = "h" if reply.kind == 5 else "s"
+                text = self._ipb + b" does not like recipient.\n" + said(reply)
+                self._reports[i] = (letter, text)
+            if self._pending[0][0] is _St.DATA:
+                self._state = _St.DATA
+                if not self._accepted:
+                    # qmail: no recipient accepted -> give up (with pipelining DATA was
+                    # already sent; its reply is not awaited).
+                    return self._quit("D", "Giving up on ", "", reply)
+            return self._next_unpipelined()
+        # DATA
+        if reply.kind == 5:
+            return self._quit("D", "", " failed on DATA command", reply)
+        if reply.code != 354:
+            return self._quit("Z", "", " failed on DATA command", reply)
+        self._state = _St.BODY
+        self._body_sent = True
+        return [SendBody()]
+
+
+def _parse_ehlo(text: bytes) -> set[bytes]:
+    caps: set[bytes] = set()
+    for line in text.split(b"\n")[1:]:
+        word = line[4:].split(b" ", 1)[0].upper().strip()
+        if word:
+            caps.add(word)
+    return caps
