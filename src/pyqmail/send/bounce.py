@@ -1,0 +1,150 @@
+"""Bounces in QSBMF (qmail-send Bounce Message Format), byte for byte (send.md 4 and 6).
+
+Owns: the paragraph appended to ``bounce/N`` for each permanent failure, the final
+"too long in the queue" sentence of a dying deferral, RFC 822 quoting of the From/To
+addresses as qmail's ``quote``/``quote2`` do, who a bounce goes to (sender; for a bounce
+that bounced, doublebounceto@doublebouncehost with sender ``#@[]``; for a double bounce,
+nobody: triple bounce), and the bounce message itself, produced as chunks so the original
+message is streamed, never held. The fixed sentences are qmail-send's own, since bounce
+parsers key on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqmail.qdate import date822
+from pyqmail.send.todo import bounce_address, encode
+
+TOO_LONG = "I'm not going to try again; this message has been in the queue too long.\n"
+DOUBLE_BOUNCE_SENDER = "#@[]"
+_INTRO = (
+    ".\nI'm afraid I wasn't able to deliver your message to the following addresses.\n"
+    "This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+)
+_INTRO_DOUBLE = (
+    ".\nI tried to deliver a bounce message to this address, but the bounce bounced!\n\n"
+)
+_BELOW = b"--- Below this line is a copy of the message.\n\n"
+_BELOW_DOUBLE = b"--- Below this line is the original bounce.\n\n"
+_CHUNK = 65536
+
+# RFC 821/822 characters that need no quoting in a local part (qmail's quote.c table).
+_OK = frozenset(
+    b"!#$%&'*+-/0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~."
+)
+
+
+def dying_text(text: str) -> str:
+    """A deferral's text turned into the final failure's (qmail-send ``del_dochan``)."""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + TOO_LONG
+
+
+def paragraph(shown_recipient: str, text: str) -> bytes:
+    """One ``<rcpt>:`` paragraph for bounce/N: no empty line inside, one after."""
+    head = "<" + shown_recipient.replace("\n", "_") + ">:\n"
+    body = text if not text or text.endswith("\n") else text + "\n"
+    buf = bytearray(encode(head + body))
+    # each \n directly following another \n becomes '/', scanning back from the end
+    for pos in range(len(buf) - 2, 0, -1):
+        if buf[pos] == 0x0A and buf[pos - 1] == 0x0A:
+            buf[pos] = 0x2F
+    return bytes(buf) + b"\n"
+
+
+def _quote_needed(local: bytes) -> bool:
+    if not local:
+        return True
+    if any(b >= 128 or b not in _OK for b in local):
+        return True
+    return local.startswith(b".") or local.endswith(b".") or b".." in local
+
+
+def quote(local: bytes) -> bytes:
+    """qmail's ``quote``: a local part, in double quotes only if RFC 822 needs it."""
+    if not _quote_needed(local):
+        return local
+    out = bytearray(b'"')
+    for b in local:
+        if b in b'\r\n"\\':
+            out.append(0x5C)
+        out.append(b)
+    return bytes(out + b'"')
+
+
+def quote2(address: bytes) -> bytes:
+    """qmail's ``quote2``: quote the part before the last ``@``; empty stays empty."""
+    if not address:
+        return b""
+    at = address.rfind(b"@")
+    if at < 0:
+        return quote(address)
+    return quote(address[:at]) + address[at:]
+
+
+@dataclass(frozen=True, slots=True)
+class BounceEnvelope:
+    """Who gets a bounce: ``sender`` (the bounce's own envelope sender) and ``recipient``."""
+
+    sender: str
+    recipient: str
+    double: bool
+
+
+def bounce_envelope(original_sender: str, doublebounce_address: str) -> BounceEnvelope | None:
+    """The bounce's envelope for a message from ``original_sender``; None = triple bounce."""
+    s = bounce_address(original_sender)
+    if s == DOUBLE_BOUNCE_SENDER:
+        return None
+    if s:
+        return BounceEnvelope("", s, False)
+    return BounceEnvelope(DOUBLE_BOUNCE_SENDER, doublebounce_address, True)
+
+
+def bounce_head(
+    env: BounceEnvelope, bouncefrom: str, bouncehost: str, date: str | None = None
+) -> bytes:
+    """Date, From, To, Subject, the blank line and the ``Hi. This is ...`` paragraph."""
+    return b"".join(
+        (
+            b"Date: ",
+            (date if date is not None else date822()).encode(),
+            b"\nFrom: ",
+            quote(encode(bouncefrom)),
+            b"@",
+            encode(bouncehost),
+            b"\nTo: ",
+            quote2(encode(env.recipient)),
+            b"\nSubject: failure notice\n\nHi. This is the qmail-send program at ",
+            encode(bouncehost),
+            (_INTRO_DOUBLE if env.double else _INTRO).encode(),
+        )
+    )
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+def bounce_chunks(
+    env: BounceEnvelope,
+    original_sender: str,
+    bounce_file: Path,
+    mess_file: Path,
+    *,
+    bouncefrom: str,
+    bouncehost: str,
+    date: str | None = None,
+) -> Iterator[bytes]:
+    """The whole bounce message as chunks: head, bounce/N's paragraphs, the copy."""
+    yield bounce_head(env, bouncefrom, bouncehost, date)
+    yield from _file_chunks(bounce_file)
+    yield _BELOW_DOUBLE if env.double else _BELOW
+    yield b"Return-Path: <" + quote2(encode(bounce_address(original_sender))) + b">\n"
+    yield from _file_chunks(mess_file)

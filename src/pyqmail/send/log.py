@@ -1,0 +1,82 @@
+"""qmail-send's log lines (qmail-log(5), send.md 8), byte for byte.
+
+Owns the line formats and the ``safe`` transformation of variable parts (``\\n`` becomes
+``/``; a byte below 33, above 126, or ``%`` becomes ``_``), so qmailanalog-style tools read
+pyqmail's log as qmail's. Lines go to a binary stream (stderr by default), one write each,
+so concurrent writers never interleave inside a line.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import BinaryIO
+
+_SAFE = bytes(
+    (0x2F if b == 0x0A else 0x5F if b < 33 or b > 126 or b == 0x25 else b) for b in range(256)
+)
+
+
+def safe(text: str | bytes) -> bytes:
+    """A variable part as qmail-send writes it (``logsafe``)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+    return raw.translate(_SAFE)
+
+
+class SendLog:
+    """Writes qmail-send's lines to ``stream`` (a binary file; stderr's buffer by default)."""
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self.stream: BinaryIO = stream if stream is not None else sys.stderr.buffer
+
+    def line(self, data: bytes) -> None:
+        try:
+            self.stream.write(data + b"\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a log that cannot be written never stops deliveries
+
+    def status(self, used: tuple[int, int], limit: tuple[int, int], exiting: bool) -> None:
+        self.line(
+            b"status: local %d/%d remote %d/%d%s"
+            % (used[0], limit[0], used[1], limit[1], b" exitasap" if exiting else b"")
+        )
+
+    def new_msg(self, num: int) -> None:
+        self.line(b"new msg %d" % num)
+
+    def info_msg(self, num: int, size: int, sender: str, qp: int | None, uid: int | None) -> None:
+        self.line(
+            b"info msg %d: bytes %d from <%s> qp %d uid %d"
+            % (num, size, safe(sender), qp or 0, uid or 0)
+        )
+
+    def starting(self, delivery: int, num: int, channel: str, recipient: str) -> None:
+        self.line(
+            b"starting delivery %d: msg %d to %s %s"
+            % (delivery, num, channel.encode(), safe(recipient))
+        )
+
+    def result(self, delivery: int, letter: str, text: str) -> None:
+        word = {"K": b"success", "Z": b"deferral", "D": b"failure"}.get(letter)
+        if word is None:
+            self.line(b"delivery %d: report mangled, will defer" % delivery)
+        else:
+            self.line(b"delivery %d: %s: %s" % (delivery, word, safe(text)))
+
+    def bounce_msg(self, num: int, qp: int) -> None:
+        self.line(b"bounce msg %d qp %d" % (num, qp))
+
+    def end_msg(self, num: int) -> None:
+        self.line(b"end msg %d" % num)
+
+    def triple_bounce(self, num: int) -> None:
+        self.line(b"triple bounce: discarding bounce/%d" % num)
+
+    def alert(self, text: str) -> None:
+        self.line(b"alert: " + text.encode("utf-8", "surrogateescape"))
+
+    def warning(self, text: str) -> None:
+        self.line(b"warning: " + text.encode("utf-8", "surrogateescape"))
+
+    def exiting(self) -> None:
+        self.line(b"status: exiting")

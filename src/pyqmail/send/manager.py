@@ -1,0 +1,839 @@
+"""qmail-send as an asyncio scheduler: todo -> info/local/remote -> deliveries -> done.
+
+Owns the life of a queued message after ``todo/N`` exists (queue.md 4-6, send.md):
+
+- preprocessing: woken in-process by the queue writer's ``notify`` (thread-safe), by a
+  byte in ``lock/trigger`` and by a scan at start and every 1500 s; recipients are routed
+  (todo.py), ``info``, ``local`` and ``remote`` are written O_EXCL and fsynced with their
+  directories, and only then are ``intd/N`` and ``todo/N`` removed. Entries are handled in
+  batches in a worker thread so the fsyncs of many messages share a journal commit.
+- delivery: one min-heap per channel (schedule.py), concurrencylocal/remote delivery slots
+  (0 holds the channel), one job per message and channel, each ``T`` record one delivery
+  (remote recipients of one host with the same sender share one SMTP transaction, each
+  still logged and numbered as its own delivery), results marked by overwriting ``T`` with
+  ``D`` in place, deferrals retried at ``nextretry``; a dying job's deferrals fail.
+- completion: a QSBMF bounce queued through the submitter with origin "bounce", double
+  and triple bounces, ``end msg``, then info, mess and intd removed.
+- start-up: exclusive flock on ``lock/sendmutex``; the schedule rebuilt from info/local/remote
+  (the channel file's mtime is its next try), O(n log n) once; O(log n) per event after.
+- signals (wired by the daemon): ``reload`` (HUP: routing, concurrency, lifetime, bounce
+  settings), ``alarm`` (ALRM: everything due now), ``stop`` (TERM: no new deliveries,
+  in-flight ones awaited up to a bound, next-try times written as mtimes).
+
+Agents are plain async callables so the daemon passes the real LocalSpawner/RemoteAgent
+and unit tests pass small functions; an agent that raises counts as a temporary failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pyqmail.control import Control
+from pyqmail.durable import fsync_dir, write_all
+from pyqmail.home import Home
+from pyqmail.outcome import Outcome, Status
+from pyqmail.queue.layout import QueuePaths, msgnum
+from pyqmail.send.bounce import bounce_chunks, bounce_envelope, dying_text, paragraph
+from pyqmail.send.log import SendLog
+from pyqmail.send.schedule import (
+    CHANNEL_NAMES,
+    CHANNELS,
+    LOCAL,
+    REMOTE,
+    Entry,
+    PrioQueue,
+    dying,
+    nextretry,
+)
+from pyqmail.send.todo import Routing, TodoError, decode, encode, parse_todo, verp_sender
+
+LocalDeliver = Callable[[Path, str, str], Awaitable[Outcome]]
+RemoteDeliver = Callable[[Path, str, list[str]], Awaitable[list[Outcome]]]
+
+TODO_SCAN_INTERVAL = 1500.0  # qmail-send: todo scanned at least this often
+SYSERR_RETRY = 123.0  # qmail-send: an item that hit a system error is retried this much later
+TODO_BATCH = 256
+REMOTE_BATCH = 50  # recipients of one host in one SMTP transaction
+REPORTMAX = 10000  # qmail-send truncates a delivery report to this many bytes
+_TEXT_INTERNAL = "Sorry, an internal error occurred while delivering. (#4.3.0)\n"
+
+
+class StartError(Exception):
+    """qmail-send cannot start; the text is qmail's ``alert: cannot start: ...`` reason."""
+
+
+class PendingLike(Protocol):
+    qp: int
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int: ...
+    def abort(self) -> None: ...
+
+
+class SubmitterLike(Protocol):
+    def begin(self, *, origin: str = ..., received: bytes = ...) -> PendingLike: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The control values the scheduler reads, snapshotted at start and on HUP."""
+
+    routing: Routing
+    concurrency: tuple[int, int]
+    queuelifetime: int
+    bouncefrom: str
+    bouncehost: str
+    doublebounce: str
+
+    @classmethod
+    def from_control(cls, ctl: Control) -> Settings:
+        return cls(
+            Routing.from_control(ctl),
+            (max(0, ctl.concurrencylocal), max(0, ctl.concurrencyremote)),
+            ctl.queuelifetime,
+            ctl.bouncefrom,
+            ctl.bouncehost,
+            ctl.doublebounceto + "@" + ctl.doublebouncehost,
+        )
+
+
+@dataclass(slots=True)
+class _Pre:
+    """The outcome of preprocessing one todo entry (worker thread -> loop)."""
+
+    num: int
+    size: int = 0
+    sender: str = ""
+    qp: int | None = None
+    uid: int | None = None
+    channels: int = 0  # bit mask of channels with a file
+    warning: str = ""
+
+
+@dataclass(slots=True)
+class _Record:
+    offset: int
+    recipient: str
+
+
+@dataclass
+class _Job:
+    """One message on one channel, for one pass through its file."""
+
+    channel: int
+    num: int
+    sender: str
+    retry: int
+    dying: bool
+    fd: int
+    records: list[_Record]
+    left: int = 0  # T records still T after this pass
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Scheduler:
+    """qmail-send's job, in-process. Construct, ``await start()``, and ``await stop()``."""
+
+    def __init__(
+        self,
+        home: Home,
+        control: Callable[[], Control],
+        *,
+        local: LocalDeliver,
+        remote: RemoteDeliver,
+        submitter: SubmitterLike | None = None,
+        log: SendLog | None = None,
+        clock: Callable[[], float] = time.time,
+        term_timeout: float = 60.0,
+        scan_interval: float = TODO_SCAN_INTERVAL,
+        use_trigger: bool = True,
+    ) -> None:
+        self.home = home
+        self.paths = QueuePaths(home.queue)
+        self._control = control
+        self._local = local
+        self._remote = remote
+        self.submitter = submitter
+        self.log = log if log is not None else SendLog()
+        self._clock = clock
+        self._term_timeout = term_timeout
+        self._scan_interval = scan_interval
+        self._use_trigger = use_trigger
+        self.settings = Settings.from_control(control())
+        self._heaps = [PrioQueue(), PrioQueue()]
+        self._used = [0, 0]  # deliveries in flight per channel
+        self._active = [0, 0]  # jobs open per channel
+        self._wake = [asyncio.Event(), asyncio.Event()]
+        self._pending_chan: dict[int, int] = {}  # num -> bit mask of channels not finished
+        self._todo: set[int] = set()
+        self._todo_event = asyncio.Event()
+        self._todo_scan_wanted = True
+        self._preprocessing = False
+        self._delivery_id = 0
+        self._exiting = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._done_retry: set[asyncio.TimerHandle] = set()
+        self._lock_fd: int | None = None
+        self._trigger_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.idle = asyncio.Event()  # set whenever no todo, job or delivery is outstanding
+        self.stats = {"delivered": 0, "deferred": 0, "failed": 0, "bounced": 0}
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        """Take the mutex, rebuild the schedule from the queue, and start working."""
+        self._loop = asyncio.get_running_loop()
+        self._lock()
+        loop = self._loop
+        entries, done = await loop.run_in_executor(None, self._scan_info)
+        for c in CHANNELS:
+            self._heaps[c] = PrioQueue.from_entries(entries[c])
+        self._tasks = [
+            asyncio.create_task(self._todo_loop(), name="send-todo"),
+            *(asyncio.create_task(self._channel_loop(c), name=f"send-{c}") for c in CHANNELS),
+        ]
+        if self._use_trigger:
+            self._open_trigger()
+        for num in done:
+            self._messdone(num)
+        self._update_idle()
+
+    def _lock(self) -> None:
+        try:
+            fd = os.open(self.paths.sendmutex, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StartError("unable to open mutex") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise StartError("qmail-send is already running") from e
+        self._lock_fd = fd
+
+    def _open_trigger(self) -> None:
+        # O_RDWR keeps a writer open, so the FIFO never reports EOF between pokes.
+        try:
+            fd = os.open(self.paths.trigger, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            self.log.warning(f"unable to open lock/trigger: {e.strerror}")
+            return
+        self._trigger_fd = fd
+        assert self._loop is not None
+        self._loop.add_reader(fd, self._on_trigger)
+
+    def _on_trigger(self) -> None:
+        assert self._trigger_fd is not None
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._trigger_fd, 4096):
+                pass
+        self._todo_scan_wanted = True
+        self._todo_event.set()
+
+    async def stop(self) -> None:
+        """TERM: start nothing new, await in-flight deliveries (bounded), persist next tries."""
+        if self._exiting:
+            return
+        self._exiting = True
+        self._log_status()
+        for c in CHANNELS:
+            self._wake[c].set()
+        self._todo_event.set()
+        if self._jobs:
+            _, pending = await asyncio.wait(set(self._jobs), timeout=self._term_timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for h in self._done_retry:
+            h.cancel()
+        if self._trigger_fd is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._trigger_fd)
+            os.close(self._trigger_fd)
+            self._trigger_fd = None
+        assert self._loop is not None
+        await self._loop.run_in_executor(None, self._persist_schedule)
+        self.log.exiting()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _persist_schedule(self) -> None:
+        """Each pending channel file's atime/mtime := its next try (read back at start)."""
+        for c in CHANNELS:
+            path = self.paths.local if c == LOCAL else self.paths.remote
+            for e in self._heaps[c]:
+                with contextlib.suppress(OSError):
+                    os.utime(path(e.num), (e.when, e.when))
+
+    # ---------------------------------------------------------------- signals
+
+    def notify(self, num: int) -> None:
+        """A new todo/N exists (queue writer callback; safe from any thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._add_todo(num)
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed: the scan finds it later
+                loop.call_soon_threadsafe(self._add_todo, num)
+
+    def _add_todo(self, num: int) -> None:
+        self._todo.add(num)
+        self.idle.clear()
+        self._todo_event.set()
+
+    def alarm(self) -> None:
+        """ALRM: every queued message is due now."""
+        now = self._clock()
+        for c in CHANNELS:
+            self._heaps[c].reschedule_all(now)
+            self._wake[c].set()
+
+    def reload(self) -> bool:
+        """HUP: re-read the controls; False (and the old ones kept) if they cannot be read."""
+        try:
+            self.settings = Settings.from_control(self._control())
+        except Exception as e:  # ControlError or a broken file: keep working with the old
+            self.log.alert(f"unable to reread controls: {e}")
+            return False
+        for c in CHANNELS:
+            self._wake[c].set()
+        return True
+
+    # ---------------------------------------------------------------- start-up scan
+
+    def _scan_info(self) -> tuple[list[list[Entry]], list[int]]:
+        """(per-channel entries at their files' mtimes, messages with no channel file left)."""
+        entries: list[list[Entry]] = [[], []]
+        done: list[int] = []
+        todo = set()
+        with contextlib.suppress(FileNotFoundError):
+            todo = {n for n in map(msgnum, os.listdir(self.paths.dir("todo"))) if n is not None}
+        for d in self.paths.split_dirs("info"):
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                num = msgnum(name)
+                if num is None or num in todo:
+                    continue
+                mask = 0
+                for c, path in ((LOCAL, self.paths.local(num)), (REMOTE, self.paths.remote(num))):
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        continue
+                    entries[c].append(Entry(st.st_mtime, num))
+                    mask |= 1 << c
+                if mask:
+                    self._pending_chan[num] = mask
+                else:
+                    done.append(num)
+        return entries, done
+
+    # ---------------------------------------------------------------- todo
+
+    async def _todo_loop(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        next_scan = 0.0
+        while not self._exiting:
+            now = time.monotonic()
+            if self._todo_scan_wanted or now >= next_scan:
+                self._todo_scan_wanted = False
+                next_scan = now + self._scan_interval
+                self._preprocessing = True
+                try:
+                    names = await loop.run_in_executor(None, os.listdir, self.paths.dir("todo"))
+                except OSError as e:
+                    self.log.alert(f"unable to opendir todo: {e.strerror}")
+                    names = []
+                finally:
+                    self._preprocessing = False
+                for name in names:
+                    n = msgnum(name)
+                    if n is not None:
+                        self._todo.add(n)
+            if not self._todo:
+                self._update_idle()
+                self._todo_event.clear()
+                if self._todo or self._todo_scan_wanted:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._todo_event.wait(), max(0.0, next_scan - time.monotonic())
+                    )
+                continue
+            batch = sorted(self._todo)[:TODO_BATCH]
+            self._todo.difference_update(batch)
+            routing = self.settings.routing
+            self._preprocessing = True
+            try:
+                results = await loop.run_in_executor(None, self._preprocess_batch, batch, routing)
+            finally:
+                self._preprocessing = False
+            now_s = self._clock()
+            for pre in results:
+                if pre.warning:
+                    self.log.warning(pre.warning)
+                    continue
+                self.log.new_msg(pre.num)
+                self.log.info_msg(pre.num, pre.size, pre.sender, pre.qp, pre.uid)
+                if pre.channels:
+                    self._pending_chan[pre.num] = pre.channels
+                    for c in CHANNELS:
+                        if pre.channels & (1 << c):
+                            self._heaps[c].push(now_s, pre.num)
+                            self._wake[c].set()
+                else:
+                    self._messdone(pre.num)
+
+    def _preprocess_batch(self, nums: list[int], routing: Routing) -> list[_Pre]:
+        """Worker thread: write info/local/remote for each, fsync, then remove the todos."""
+        results = [self._preprocess(n, routing) for n in nums]
+        ok = [p for p in results if not p.warning]
+        dirs: set[Path] = set()
+        for p in ok:
+            dirs.add(self.paths.info(p.num).parent)
+            if p.channels & 1:
+                dirs.add(self.paths.local(p.num).parent)
+            if p.channels & 2:
+                dirs.add(self.paths.remote(p.num).parent)
+        try:
+            for d in dirs:
+                fsync_dir(d)
+        except OSError as e:
+            for p in ok:
+                p.warning = f"trouble fsyncing message {p.num}: {e.strerror}; will retry"
+            return results
+        for p in ok:
+            # qmail-clean's "todo/N": intd first, then todo (the message is now in info/).
+            for path in (self.paths.intd(p.num), self.paths.todo(p.num)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    self.log.warning(f"unable to unlink {path}: {e.strerror}")
+        return [p for p in results if p.warning != "gone"]
+
+    def _preprocess(self, num: int, routing: Routing) -> _Pre:
+        pre = _Pre(num)
+        paths = self.paths
+        try:
+            with open(paths.todo(num), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            pre.warning = "gone"  # already handled (a scan raced a notify)
+            return pre
+        except OSError as e:
+            pre.warning = f"unable to open todo/{num}: {e.strerror}"
+            return pre
+        try:
+            env = parse_todo(data)
+        except TodoError as e:
+            pre.warning = f"{e} in todo/{num}"
+            return pre
+        try:
+            pre.size = os.stat(paths.mess(num)).st_size
+        except OSError as e:
+            pre.warning = f"unable to stat mess/{paths.split(num)}/{num}: {e.strerror}"
+            return pre
+        pre.sender, pre.qp, pre.uid = env.sender, env.qp, env.uid
+        chans: list[list[bytes]] = [[], []]
+        for rcpt in env.recipients:
+            c, addr = routing.route(rcpt)
+            chans[c].append(b"T" + encode(addr) + b"\0")
+        targets = [
+            (paths.info(num), [b"F" + encode(env.sender) + b"\0"]),
+            (paths.local(num), chans[LOCAL]),
+            (paths.remote(num), chans[REMOTE]),
+        ]
+        try:
+            for path, _ in targets:  # leftovers of an earlier, interrupted attempt
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            for i, (path, recs) in enumerate(targets):
+                if i and not recs:
+                    continue
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    write_all(fd, b"".join(recs))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if i:
+                    pre.channels |= 1 << (i - 1)
+        except OSError as e:
+            pre.warning = f"trouble writing info/local/remote for {num}: {e.strerror}"
+        return pre
+
+    # ---------------------------------------------------------------- channels
+
+    async def _channel_loop(self, c: int) -> None:
+        heap = self._heaps[c]
+        wake = self._wake[c]
+        while not self._exiting:
+            wake.clear()
+            head = heap.peek()
+            limit = self.settings.concurrency[c]
+            if head is None or self._used[c] >= limit or self._active[c] >= limit:
+                self._update_idle()
+                await wake.wait()
+                continue
+            delay = head.when - self._clock()
+            if delay > 0:
+                self._update_idle()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(delay, 86400.0))
+                continue
+            heap.pop()
+            self._start_job(c, head.num)
+
+    def _start_job(self, c: int, num: int) -> None:
+        self._active[c] += 1
+        task = asyncio.create_task(self._job(c, num))
+        self._jobs.add(task)
+        task.add_done_callback(self._job_finished)
+
+    def _job_finished(self, task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning(f"internal error in a delivery job: {task.exception()!r}")
+        self._update_idle()
+
+    def _retry_later(self, c: int, num: int, delay: float = SYSERR_RETRY) -> None:
+        self._heaps[c].push(self._clock() + delay, num)
+        self._wake[c].set()
+
+    def _open_job(self, c: int, num: int) -> _Job | None:
+        recent = int(self._clock())
+        info = self.paths.info(num)
+        try:
+            with open(info, "rb") as f:
+                birth = int(os.fstat(f.fileno()).st_mtime)
+                raw = f.read()
+        except OSError as e:
+            self.log.warning(f"unable to open {info}: {e.strerror}")
+            return None
+        sender = decode(raw[1:].split(b"\0", 1)[0]) if raw.startswith(b"F") else ""
+        path = self.paths.local(num) if c == LOCAL else self.paths.remote(num)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            self.log.warning(f"unable to open {path}: {e.strerror}")
+            return None
+        try:
+            data = _read_fd(fd)
+        except OSError as e:
+            os.close(fd)
+            self.log.warning(f"trouble reading {path}: {e.strerror}")
+            return None
+        records: list[_Record] = []
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\0", pos)
+            if end < 0:
+                break
+            if data[pos : pos + 1] == b"T":
+                records.append(_Record(pos, decode(data[pos + 1 : end])))
+            elif data[pos : pos + 1] != b"D":
+                self.log.warning(f"unknown record type in {path}")
+            pos = end + 1
+        s = self.settings
+        return _Job(
+            c,
+            num,
+            sender,
+            nextretry(birth, recent, c),
+            dying(birth, recent, s.queuelifetime),
+            fd,
+            records,
+        )
+
+    async def _job(self, c: int, num: int) -> None:
+        try:
+            await self._job_body(c, num)
+        finally:
+            self._active[c] -= 1
+            self._wake[c].set()
+
+    async def _job_body(self, c: int, num: int) -> None:
+        job = self._open_job(c, num)
+        if job is None:
+            self._retry_later(c, num)
+            return
+        try:
+            groups = self._groups(job)
+            for group in groups:
+                await self._acquire(c)
+                if self._exiting:
+                    self._release(c)
+                    job.left += sum(1 for _ in group)
+                    continue
+                job.tasks.append(asyncio.create_task(self._deliver(job, group)))
+            if job.tasks:
+                await asyncio.gather(*job.tasks)
+        finally:
+            os.close(job.fd)
+        self._job_done(job)
+
+    def _groups(self, job: _Job) -> Iterable[list[_Record]]:
+        if job.channel == LOCAL or job.sender.endswith("-@[]"):
+            return [[r] for r in job.records]
+        by_host: dict[str, list[list[_Record]]] = {}
+        for r in job.records:
+            host = r.recipient[r.recipient.rfind("@") + 1 :].lower()
+            lists = by_host.setdefault(host, [[]])
+            if len(lists[-1]) >= REMOTE_BATCH:
+                lists.append([])
+            lists[-1].append(r)
+        return [g for lists in by_host.values() for g in lists]
+
+    async def _acquire(self, c: int) -> None:
+        while self._used[c] >= self.settings.concurrency[c] and not self._exiting:
+            self._wake[c].clear()
+            await self._wake[c].wait()
+        self._used[c] += 1
+        self._log_status()
+
+    def _release(self, c: int) -> None:
+        self._used[c] -= 1
+        self._wake[c].set()
+
+    def _log_status(self) -> None:
+        conc = self.settings.concurrency
+        self.log.status((self._used[0], self._used[1]), conc, self._exiting)
+
+    async def _deliver(self, job: _Job, group: list[_Record]) -> None:
+        c = job.channel
+        mess = self.paths.mess(job.num)
+        ids = []
+        for r in group:
+            self._delivery_id += 1
+            ids.append(self._delivery_id)
+            self.log.starting(self._delivery_id, job.num, CHANNEL_NAMES[c], r.recipient)
+        try:
+            if c == LOCAL:
+                r = group[0]
+                outcomes = [
+                    await self._local(mess, verp_sender(job.sender, r.recipient), r.recipient)
+                ]
+            else:
+                sender = verp_sender(job.sender, group[0].recipient)
+                outcomes = await self._remote(mess, sender, [r.recipient for r in group])
+                if len(outcomes) != len(group):
+                    outcomes = [Outcome.temp(_TEXT_INTERNAL)] * len(group)
+        except asyncio.CancelledError:
+            job.left += len(group)
+            self._release(c)
+            raise
+        except Exception:
+            outcomes = [Outcome.temp(_TEXT_INTERNAL)] * len(group)
+        for did, r, out in zip(ids, group, outcomes, strict=True):
+            self._record(job, did, r, out)
+        self._release(c)
+        self._log_status()
+
+    def _record(self, job: _Job, did: int, rec: _Record, out: Outcome) -> None:
+        status, text = out.status, out.text[:REPORTMAX]
+        if status is Status.TEMP and job.dying:
+            status, text = Status.PERM, dying_text(text)
+        self.log.result(did, status.value, text)
+        if status is Status.TEMP:
+            self.stats["deferred"] += 1
+            job.left += 1
+            return
+        if status is Status.PERM:
+            self.stats["failed"] += 1
+            shown = self.settings.routing.strip_virtual(rec.recipient)
+            if not self._add_bounce(job.num, paragraph(shown, text)):
+                job.left += 1  # not recorded: try the recipient again rather than lose it
+                return
+        else:
+            self.stats["delivered"] += 1
+        try:
+            os.pwrite(job.fd, b"D", rec.offset)
+        except OSError as e:
+            self.log.warning(
+                f"trouble marking {CHANNEL_NAMES[job.channel]}/{job.num}: {e.strerror}; "
+                "message will be delivered twice!"
+            )
+
+    def _add_bounce(self, num: int, para: bytes) -> bool:
+        """Append a failure paragraph to bounce/N durably (it must not be lost)."""
+        try:
+            fd = os.open(self.paths.bounce(num), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                write_all(fd, para)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.log.alert("unable to append to bounce message; HELP! sleeping...")
+            return False
+        return True
+
+    def _job_done(self, job: _Job) -> None:
+        c, num = job.channel, job.num
+        if job.left:
+            self._heaps[c].push(job.retry if not self._exiting else self._clock(), num)
+            self._wake[c].set()
+            return
+        path = self.paths.local(num) if c == LOCAL else self.paths.remote(num)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.log.warning(f"unable to unlink {path}: {e.strerror}")
+            self._retry_later(c, num)
+            return
+        mask = self._pending_chan.get(num, 0) & ~(1 << c)
+        if mask:
+            self._pending_chan[num] = mask
+        else:
+            self._pending_chan.pop(num, None)
+            self._messdone(num)
+
+    # ---------------------------------------------------------------- completion
+
+    def _messdone(self, num: int) -> None:
+        """No channel file left: bounce if needed, log end msg, remove the message."""
+        task = asyncio.create_task(self._messdone_async(num))
+        self._jobs.add(task)
+        task.add_done_callback(self._job_finished)
+
+    async def _messdone_async(self, num: int) -> None:
+        bounce = self.paths.bounce(num)
+        if bounce.exists():
+            assert self._loop is not None
+            ok = await self._loop.run_in_executor(None, self._inject_bounce, num)
+            if not ok:
+                self._schedule_messdone(num, SYSERR_RETRY)
+                return
+        self.log.end_msg(num)
+        for path in (self.paths.info(num), self.paths.mess(num), self.paths.intd(num)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warning(f"unable to unlink {path}: {e.strerror}")
+
+    def _schedule_messdone(self, num: int, delay: float) -> None:
+        assert self._loop is not None
+        if self._exiting:
+            return
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            if handle is not None:
+                self._done_retry.discard(handle)
+            self._messdone(num)
+
+        handle = self._loop.call_later(delay, fire)
+        self._done_retry.add(handle)
+
+    def _inject_bounce(self, num: int) -> bool:
+        """Worker thread: queue the bounce of ``num`` (or drop a triple bounce); unlink bounce/N."""
+        s = self.settings
+        info = self.paths.info(num)
+        bounce = self.paths.bounce(num)
+        try:
+            raw = info.read_bytes()
+        except OSError as e:
+            self.log.warning(f"unable to read {info}: {e.strerror}")
+            return False
+        sender = decode(raw[1:].split(b"\0", 1)[0]) if raw.startswith(b"F") else ""
+        env = bounce_envelope(sender, s.doublebounce)
+        if env is None:
+            self.log.triple_bounce(num)
+        else:
+            if self.submitter is None:
+                self.log.warning("unable to start qmail-queue, will try later")
+                return False
+            try:
+                pending = self.submitter.begin(origin="bounce")
+            except Exception:
+                self.log.warning("unable to start qmail-queue, will try later")
+                return False
+            try:
+                for chunk in bounce_chunks(
+                    env,
+                    sender,
+                    bounce,
+                    self.paths.mess(num),
+                    bouncefrom=s.bouncefrom,
+                    bouncehost=s.bouncehost,
+                ):
+                    pending.write(chunk)
+                pending.commit(encode(env.sender), [encode(env.recipient)])
+            except Exception:
+                with contextlib.suppress(Exception):
+                    pending.abort()
+                self.log.warning("trouble injecting bounce message, will try later")
+                return False
+            self.stats["bounced"] += 1
+            self.log.bounce_msg(num, pending.qp)
+        try:
+            os.unlink(bounce)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                self.log.warning(f"unable to unlink {bounce}: {e.strerror}")
+                return False
+        return True
+
+    # ---------------------------------------------------------------- idleness
+
+    def _update_idle(self) -> None:
+        busy = (
+            bool(self._todo)
+            or self._preprocessing
+            or self._todo_scan_wanted
+            or bool(self._jobs)
+            or any(self._used)
+            or any(self._due(c) for c in CHANNELS)
+        )
+        if busy:
+            self.idle.clear()
+        else:
+            self.idle.set()
+
+    def _due(self, c: int) -> bool:
+        head = self._heaps[c].peek()
+        return head is not None and head.when <= self._clock() and self.settings.concurrency[c] > 0
+
+    def queued(self) -> int:
+        """Messages with a channel file still pending (for status and tests)."""
+        return len(self._pending_chan)

@@ -1,0 +1,101 @@
+"""send/bounce.py: QSBMF bounces (send.md 4 and 6), byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyqmail.send.bounce import (
+    BounceEnvelope,
+    bounce_chunks,
+    bounce_envelope,
+    dying_text,
+    paragraph,
+    quote,
+    quote2,
+)
+
+
+def test_paragraph_no_empty_line_inside() -> None:
+    p = paragraph("joe@x.example", "1.2.3.4 does not like recipient.\n\nRemote host said: 550\n")
+    assert p == b"<joe@x.example>:\n1.2.3.4 does not like recipient.\n/Remote host said: 550\n\n"
+    assert paragraph("a\nb@x", "text") == b"<a_b@x>:\ntext\n\n"
+    assert paragraph("a@x", "") == b"<a@x>:\n\n"
+
+
+def test_dying_text() -> None:
+    assert dying_text("Sorry.\n").endswith(
+        "Sorry.\nI'm not going to try again; this message has been in the queue too long.\n"
+    )
+    assert dying_text("no newline") == (
+        "no newline\nI'm not going to try again; this message has been in the queue too long.\n"
+    )
+
+
+def test_quote_as_qmail() -> None:
+    assert quote(b"MAILER-DAEMON") == b"MAILER-DAEMON"
+    assert quote(b"a b") == b'"a b"'
+    assert quote(b".a") == b'".a"'
+    assert quote(b"a..b") == b'"a..b"'
+    assert quote(b'a"b') == b'"a\\"b"'
+    assert quote(b"") == b'""'
+    assert quote2(b"a b@x.example") == b'"a b"@x.example'
+    assert quote2(b"") == b""
+    assert quote2(b"joe@x") == b"joe@x"
+
+
+def test_envelopes() -> None:
+    assert bounce_envelope("joe@x", "postmaster@dbh") == BounceEnvelope("", "joe@x", False)
+    assert bounce_envelope("o-@l-@[]", "pm@h") == BounceEnvelope("", "o-@l", False)
+    assert bounce_envelope("", "postmaster@dbh") == BounceEnvelope("#@[]", "postmaster@dbh", True)
+    assert bounce_envelope("#@[]", "postmaster@dbh") is None
+
+
+def test_whole_bounce_bytes(tmp_path: Path) -> None:
+    b = tmp_path / "bounce"
+    m = tmp_path / "mess"
+    b.write_bytes(
+        paragraph("nobody@test.example", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    )
+    m.write_bytes(b"Received: (qmail 1 invoked by uid 0); x\nSubject: hi\n\nbody\n")
+    env = bounce_envelope("alice@test.example", "postmaster@mx")
+    assert env is not None
+    out = b"".join(
+        bounce_chunks(env, "alice@test.example", b, m, bouncefrom="MAILER-DAEMON",
+                      bouncehost="mx.test.example", date="26 Sep 1995 04:46:54 -0000")
+    )  # fmt: skip
+    assert out == (
+        b"Date: 26 Sep 1995 04:46:54 -0000\n"
+        b"From: MAILER-DAEMON@mx.test.example\n"
+        b"To: alice@test.example\n"
+        b"Subject: failure notice\n"
+        b"\n"
+        b"Hi. This is the qmail-send program at mx.test.example.\n"
+        b"I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+        b"This is a permanent error; I've given up. Sorry it didn't work out.\n"
+        b"\n"
+        b"<nobody@test.example>:\n"
+        b"Sorry, no mailbox here by that name. (#5.1.1)\n"
+        b"\n"
+        b"--- Below this line is a copy of the message.\n"
+        b"\n"
+        b"Return-Path: <alice@test.example>\n"
+        b"Received: (qmail 1 invoked by uid 0); x\nSubject: hi\n\nbody\n"
+    )
+
+
+def test_double_bounce_bytes(tmp_path: Path) -> None:
+    b = tmp_path / "bounce"
+    m = tmp_path / "mess"
+    b.write_bytes(paragraph("joe@gone.example", "no.\n"))
+    m.write_bytes(b"X: y\n\nz\n")
+    env = bounce_envelope("", "postmaster@mx.test.example")
+    assert env is not None
+    out = b"".join(bounce_chunks(env, "", b, m, bouncefrom="MAILER-DAEMON",
+                                 bouncehost="mx.test.example", date="D"))  # fmt: skip
+    assert out == (
+        b"Date: D\nFrom: MAILER-DAEMON@mx.test.example\nTo: postmaster@mx.test.example\n"
+        b"Subject: failure notice\n\nHi. This is the qmail-send program at mx.test.example.\n"
+        b"I tried to deliver a bounce message to this address, but the bounce bounced!\n\n"
+        b"<joe@gone.example>:\nno.\n\n"
+        b"--- Below this line is the original bounce.\n\nReturn-Path: <>\nX: y\n\nz\n"
+    )
