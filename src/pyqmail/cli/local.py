@@ -1,0 +1,55 @@
+"""qmail-local [-nN] user home local dash ext domain sender defaultdelivery (local.md 3).
+
+The message is on fd 0 (copied to a temporary file first if fd 0 cannot seek); the
+report goes to stdout/stderr; the exit code is 0, 100 or 111. ``PYQMAIL_PROGRAM_TIMEOUT``
+(seconds) bounds each ``|program``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+
+from pyqmail.cli.common import split_home_args
+from pyqmail.local.qlocal import parse_args, run
+
+USAGE = (
+    "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
+)
+
+
+def _seekable_stdin() -> int:
+    try:
+        os.lseek(0, 0, os.SEEK_CUR)
+        return 0
+    except OSError:
+        with tempfile.TemporaryFile() as tmp:
+            while chunk := os.read(0, 65536):
+                tmp.write(chunk)
+            tmp.flush()
+            return os.dup(tmp.fileno())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    home, args = split_home_args(sys.argv[1:] if argv is None else argv)
+    req = parse_args(args)
+    if req is None:
+        print(USAGE, file=sys.stderr)
+        return 112
+    timeout = os.environ.get("PYQMAIL_PROGRAM_TIMEOUT")
+    if timeout:
+        try:
+            req = replace(req, program_timeout=float(timeout))
+        except ValueError:
+            print("qmail-local: bad PYQMAIL_PROGRAM_TIMEOUT", file=sys.stderr)
+            return 111
+    os.umask(0o077)
+    sys.stdout.flush()
+    return run(req, _seekable_stdin(), home)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

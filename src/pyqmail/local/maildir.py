@@ -1,0 +1,149 @@
+"""Maildir delivery (local.md 3.7): a message is never partially visible in new/.
+
+The sequence: open the maildir relative to the home, create ``tmp/NAME`` with O_EXCL,
+write Return-Path + Delivered-To + the message verbatim, fsync, close, ``link`` into
+``new/NAME``, fsync ``new/`` (Linux needs it for the entry to survive a crash; qmail
+relied on BSD semantics), unlink the tmp name. Any failure removes the tmp file and is a
+temporary failure. ``cur/`` is never touched.
+
+Names follow the modern maildir spec: ``SECONDS.MusecPpidQseq.HOST`` (unique even for
+several deliveries by one process in one second).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from pyqmail.durable import write_all
+from pyqmail.local.failure import temp
+
+_seq = itertools.count(1)
+
+
+@functools.cache
+def _hostname() -> str:
+    host = socket.gethostname()[:64] or "localhost"
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+def unique_name(now: float | None = None) -> str:
+    """``SECONDS.MusecPpidQseq.HOST``: unique per host, process and delivery."""
+    t = time.time() if now is None else now
+    sec = int(t)
+    usec = int((t - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{_hostname()}"
+
+
+def copy_fd(src: int, dst: int, offset: int = 0) -> int:
+    """Copy ``src`` from ``offset`` to its end onto ``dst``; returns bytes copied.
+
+    Uses sendfile (no copy through Python) and reads at explicit offsets, so the shared
+    message descriptor's position does not matter.
+    """
+    total = 0
+    while True:
+        try:
+            n = os.sendfile(dst, src, offset + total, 1 << 20)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS) and total == 0:
+                return _copy_by_read(src, dst, offset)
+            raise
+        if n == 0:
+            return total
+        total += n
+
+
+def _copy_by_read(src: int, dst: int, offset: int) -> int:
+    total = 0
+    while True:
+        chunk = os.pread(src, 65536, offset + total)
+        if not chunk:
+            return total
+        write_all(dst, chunk)
+        total += len(chunk)
+
+
+def deliver(
+    path: str,
+    msg_fd: int,
+    header: bytes,
+    *,
+    dir_fd: int | None = None,
+    name: Callable[[], str] = unique_name,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Deliver the message on ``msg_fd`` into the maildir ``path`` (relative to ``dir_fd``).
+
+    ``header`` is Return-Path + Delivered-To. Raises DeliveryFailure (111) on any error.
+    """
+    try:
+        dfd = os.open(
+            path.encode("utf-8", "surrogateescape"), os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd
+        )
+    except OSError as e:
+        raise temp("Unable to chdir to maildir. (#4.2.1)") from e
+    try:
+        _deliver_in(dfd, msg_fd, header, name, sleep)
+    finally:
+        os.close(dfd)
+
+
+def _deliver_in(
+    dfd: int, msg_fd: int, header: bytes, name: Callable[[], str], sleep: Callable[[float], None]
+) -> None:
+    fail = "Temporary error on maildir delivery. (#4.3.0)"
+    for attempt in range(3):
+        fname = name()
+        tmpname = "tmp/" + fname
+        try:
+            fd = os.open(tmpname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+            break
+        except FileExistsError:
+            if attempt == 2:
+                raise temp(fail) from None
+            sleep(2)
+        except OSError as e:
+            raise temp(fail) from e
+    try:
+        try:
+            write_all(fd, header)
+            copy_fd(msg_fd, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmpname, "new/" + fname, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as e:
+        _unlink(tmpname, dfd)
+        raise temp(fail) from e
+    try:
+        newfd = os.open("new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+        try:
+            os.fsync(newfd)
+        finally:
+            os.close(newfd)
+    except OSError as e:
+        # The link is there but not known to be durable: report a temporary failure so
+        # the message is delivered again (at least once beats lost).
+        _unlink(tmpname, dfd)
+        raise temp(fail) from e
+    _unlink(tmpname, dfd)
+
+
+def _unlink(name: str, dfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def make(path: str, mode: int = 0o700) -> None:
+    """maildirmake: DIR, DIR/tmp, DIR/new, DIR/cur. Raises OSError (DIR may not exist)."""
+    os.mkdir(path, mode)
+    for sub in ("tmp", "new", "cur"):
+        os.mkdir(os.path.join(path, sub), mode)

@@ -1,0 +1,83 @@
+"""Program delivery (local.md 3.8): ``|command`` run by /bin/sh in the home directory.
+
+The program gets the message (rewound) on fd 0, the delivery report on fd 1 and 2, and
+qmail's environment (built by :mod:`pyqmail.local.qlocal`; every value arrives through
+the environment, never spliced into the command, so a hostile address is never
+interpreted by a shell). It runs in its own process group; if it is still running after
+``timeout`` seconds the whole group is killed and the delivery is deferred. qmail has no
+such limit; a program that never ends would otherwise hold its delivery slot forever.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+
+from pyqmail.local.failure import PERM, TEMP, DeliveryFailure, strerror, temp
+
+DEFAULT_TIMEOUT = 86400.0  # qmail's 24-hour limit for a maildir write, used for programs too
+
+PERMANENT_EXITS = frozenset({100, 64, 65, 70, 76, 77, 78, 112})
+
+
+def run(
+    command: str,
+    msg_fd: int,
+    env: Mapping[bytes, bytes],
+    *,
+    cwd: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    stdout: int = 1,
+    stderr: int = 2,
+) -> bool:
+    """Run ``command``; True when it exited 99 (ignore the following lines).
+
+    Raises DeliveryFailure: 100 for qmail's permanent exit codes, 111 otherwise; the text
+    is empty (the program's own output is the report) except for a crash or a timeout.
+    """
+    try:
+        os.lseek(msg_fd, 0, os.SEEK_SET)
+    except OSError as e:
+        raise temp("Unable to rewind message. (#4.3.0)") from e
+    try:
+        proc = subprocess.Popen(
+            [b"/bin/sh", b"-c", command.encode("utf-8", "surrogateescape")],
+            stdin=msg_fd,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env),
+            cwd=None if cwd is None else cwd.encode("utf-8", "surrogateescape"),
+            close_fds=True,
+            process_group=0,
+        )
+    except OSError as e:
+        raise temp(f"Unable to run /bin/sh: {strerror(e)}. (#4.3.0)") from e
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        proc.wait()
+        raise temp(f"Timeout on program delivery after {timeout:g} seconds. (#4.3.0)") from None
+    except BaseException:
+        kill_group(proc.pid)
+        proc.wait()
+        raise
+    if code < 0:
+        raise temp("Aack, child crashed. (#4.3.0)")
+    if code == 0:
+        return False
+    if code == 99:
+        return True
+    if code in PERMANENT_EXITS:
+        raise DeliveryFailure(PERM, "")
+    raise DeliveryFailure(TEMP, "")
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process in the group (the program and anything it started)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass

@@ -1,0 +1,401 @@
+"""qmail-local's whole job (local.md section 3): one recipient, one message, one exit code.
+
+:func:`run` is the algorithm: safety checks on the home, the loop check, the .qmail
+lookup, the instructions in order (mbox, maildir and programs at once, forwards collected
+and queued together at the end), and the ``did F+W+P`` / ``qp N`` report. It writes the
+report to ``out`` and errors to ``err`` (the spawner points both at one pipe) and returns
+qmail-local's exit code: 0, 100 (permanent) or 111 (temporary).
+
+It never changes the process's cwd: the home is held as a directory descriptor and every
+user path is opened relative to it, so it can run inside a test process as well as in
+the spawner's per-delivery child, which has already dropped to the user's ids.
+
+:func:`outcome_of` maps an exit status and a report to an Outcome exactly as
+qmail-lspawn does (send.md 7); :func:`deliver` runs :func:`run` and applies it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyqmail.home import Home
+from pyqmail.local import dotqmail, maildir, mbox, program
+from pyqmail.local.dotqmail import DotQmailError, Kind
+from pyqmail.local.failure import PERM, TEMP, DeliveryFailure, strerror
+from pyqmail.outcome import Outcome
+from pyqmail.qdate import mbox_date
+
+TRUNCREPORT = 3000  # qmail-lspawn keeps this much of qmail-local's output
+TRUNCMESS = b"\nError report too long, sorry.\n"
+
+
+def _b(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class Request:
+    """qmail-local's arguments: ``user home local dash ext domain sender defaultdelivery``."""
+
+    user: str
+    home: str
+    local: str
+    dash: str
+    ext: str
+    host: str
+    sender: str
+    defaultdelivery: str
+    dry_run: bool = False
+    program_timeout: float = program.DEFAULT_TIMEOUT
+    lock_timeout: float = 30.0
+
+
+# --- header lines (local.md 3.5) ---------------------------------------------------------
+
+_QUOTE_OK = frozenset(
+    b"!#$%&'*+-./0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~"
+)
+
+
+def _quote_need(box: bytes) -> bool:
+    if not box or any(ch not in _QUOTE_OK for ch in box):
+        return True
+    return box.startswith(b".") or box.endswith(b".") or b".." in box
+
+
+def quote_address(addr: bytes) -> bytes:
+    """qmail's quote2: RFC 821-quote the box part (before the last ``@``) when needed."""
+    if not addr:
+        return addr
+    at = addr.rfind(b"@")
+    box, rest = (addr, b"") if at < 0 else (addr[:at], addr[at:])
+    if _quote_need(box):
+        out = bytearray(b'"')
+        for ch in box:
+            if ch in b'\r\n"\\':
+                out += b"\\"
+            out.append(ch)
+        box = bytes(out + b'"')
+    return box + rest
+
+
+def dtline(local: str, host: str) -> bytes:
+    return b"Delivered-To: " + _b(f"{local}@{host}").replace(b"\n", b"_") + b"\n"
+
+
+def rpline(sender: str) -> bytes:
+    return b"Return-Path: <" + quote_address(_b(sender)).replace(b"\n", b"_") + b">\n"
+
+
+def ufline(sender: str, when: float | None = None) -> bytes:
+    raw = _b(sender)
+    who = raw.translate(bytes.maketrans(b" \t\n", b"---")) if raw else b"MAILER-DAEMON"
+    return b"From " + who + b" " + mbox_date(when).encode() + b"\n"
+
+
+def _host_prefix(host: str, dots: int) -> str:
+    """HOST2..4: HOST without its last ``dots`` dot-separated parts (whole if too few)."""
+    end = len(host)
+    for _ in range(dots):
+        cut = host.rfind(".", 0, end)
+        if cut < 0:
+            break
+        end = cut
+    return host[:end]
+
+
+def _ext_from(ext: str, n: int) -> str:
+    x = ext
+    for _ in range(n):
+        i = x.find("-")
+        x = "" if i < 0 else x[i + 1 :]
+    return x
+
+
+def _loops(msg_fd: int, line: bytes) -> bool:
+    """bouncexf: is ``line`` one of the header lines (before the first empty line)?"""
+    offset = 0
+    pending = b""
+    while True:
+        chunk = os.pread(msg_fd, 65536, offset)
+        offset += len(chunk)
+        data = pending + chunk
+        lines = data.split(b"\n")
+        pending = lines.pop()
+        for ln in lines:
+            if not ln:
+                return False
+            if ln + b"\n" == line:
+                return True
+        if not chunk:
+            return False
+        if len(pending) > len(line) + 65536:
+            pending = pending[-1:]  # a header line this long cannot equal ours
+
+
+# --- the algorithm ----------------------------------------------------------------------
+
+
+class _Report:
+    def __init__(self, out: int, err: int) -> None:
+        self.out = out
+        self.err = err
+
+    def say(self, text: bytes) -> None:
+        _write(self.out, text)
+
+    def error(self, text: str) -> None:
+        if text:
+            _write(self.err, _b(text) + b"\n")
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError:
+            return  # the report pipe is gone; the exit code still tells the story
+        view = view[n:]
+
+
+def run(
+    req: Request,
+    msg_fd: int,
+    qhome: Home,
+    *,
+    out: int = 1,
+    err: int = 2,
+    now: float | None = None,
+) -> int:
+    """Deliver the message on ``msg_fd`` (seekable) as qmail-local would; the exit code."""
+    rep = _Report(out, err)
+    try:
+        return _run(req, msg_fd, qhome, rep, time.time() if now is None else now)
+    except DeliveryFailure as f:
+        rep.error(f.text)
+        return f.code
+    except DotQmailError as e:
+        rep.error(str(e))
+        return TEMP
+
+
+def _run(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float) -> int:
+    try:
+        hfd = os.open(_b(req.home), os.O_PATH | os.O_DIRECTORY)
+    except OSError as e:
+        raise DeliveryFailure(
+            TEMP, f"Unable to switch to {req.home}: {strerror(e)}. (#4.3.0)"
+        ) from e
+    try:
+        return _run_in(req, msg_fd, qhome, rep, now, hfd)
+    finally:
+        os.close(hfd)
+
+
+def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hfd: int) -> int:
+    st = os.fstat(hfd)
+    if st.st_mode & 0o002:
+        raise DeliveryFailure(TEMP, "Uh-oh: home directory is writable. (#4.7.0)")
+    if st.st_mode & 0o1000:
+        if not req.dry_run:
+            raise DeliveryFailure(
+                TEMP, "Home directory is sticky: user is editing his .qmail file. (#4.2.1)"
+            )
+        rep.error("Warning: home directory is sticky.")
+
+    dt = dtline(req.local, req.host)
+    if not req.dry_run:
+        try:
+            if _loops(msg_fd, dt):
+                raise DeliveryFailure(
+                    PERM, "This message is looping: it already has my Delivered-To line. (#5.4.6)"
+                )
+        except OSError as e:
+            raise DeliveryFailure(TEMP, f"Unable to read message: {strerror(e)}. (#4.3.0)") from e
+    rp = rpline(req.sender)
+    uf = ufline(req.sender, now)
+
+    chosen = dotqmail.choose(req.dash, req.ext, hfd)
+    if chosen.name is None and req.dash:
+        raise DeliveryFailure(PERM, "Sorry, no mailbox here by that name. (#5.1.1)")
+
+    newsender = req.sender
+    if req.sender and req.sender != "#@[]":
+        base = ".qmail" + req.dash + dotqmail.safe_ext(req.ext)
+        if dotqmail.exists(base + "-owner", hfd):
+            if dotqmail.exists(base + "-owner-default", hfd):
+                newsender = f"{req.local}-owner-@{req.host}-@[]"
+            else:
+                newsender = f"{req.local}-owner@{req.host}"
+
+    env = _environment(req, dt, rp, uf, newsender, chosen.default)
+
+    content = chosen.content
+    forward_only = chosen.forward_only
+    if not content:
+        content = _b(req.defaultdelivery)
+        forward_only = False
+    instructions = dotqmail.parse(content)
+
+    files = forwards = programs = 0
+    recipients: list[str] = []
+    for ins in instructions:
+        if ins.kind is Kind.LIST:
+            forward_only = True
+            continue
+        if ins.kind in (Kind.MBOX, Kind.MAILDIR):
+            files += 1
+            if forward_only:
+                raise DeliveryFailure(
+                    TEMP, "Uh-oh: .qmail has file delivery but has x bit set. (#4.7.0)"
+                )
+            if req.dry_run:
+                rep.say(_b(f"{ins.kind.value} {ins.arg}\n"))
+            elif ins.kind is Kind.MAILDIR:
+                maildir.deliver(ins.arg, msg_fd, rp + dt, dir_fd=hfd)
+            else:
+                mbox.deliver(
+                    ins.arg, msg_fd, uf, rp + dt, dir_fd=hfd, lock_timeout=req.lock_timeout
+                )
+        elif ins.kind is Kind.PROGRAM:
+            programs += 1
+            if forward_only:
+                raise DeliveryFailure(
+                    TEMP, "Uh-oh: .qmail has prog delivery but has x bit set. (#4.7.0)"
+                )
+            if req.dry_run:
+                rep.say(_b(f"program {ins.arg}\n"))
+            elif program.run(
+                ins.arg,
+                msg_fd,
+                env,
+                cwd=req.home,
+                timeout=req.program_timeout,
+                stdout=rep.out,
+                stderr=rep.err,
+            ):
+                break
+        else:
+            forwards += 1
+            if req.dry_run:
+                rep.say(_b(f"forward {ins.arg}\n"))
+            else:
+                recipients.append(ins.arg)
+
+    qp = 0
+    if recipients:
+        from pyqmail.local.forward import forward
+
+        qp = forward(qhome, msg_fd, dt, newsender, recipients)
+    rep.say(_b(f"did {files}+{forwards}+{programs}\n"))
+    if qp:
+        rep.say(_b(f"qp {qp}\n"))
+    return 0
+
+
+def _environment(
+    req: Request, dt: bytes, rp: bytes, uf: bytes, newsender: str, default: str | None
+) -> dict[bytes, bytes]:
+    env = dict(os.environb)
+    env.pop(b"DEFAULT", None)
+    values = {
+        "HOST": req.host,
+        "HOME": req.home,
+        "USER": req.user,
+        "LOCAL": req.local,
+        "RECIPIENT": f"{req.local}@{req.host}",
+        "SENDER": req.sender,
+        "NEWSENDER": newsender,
+        "EXT": req.ext,
+        "EXT2": _ext_from(req.ext, 1),
+        "EXT3": _ext_from(req.ext, 2),
+        "EXT4": _ext_from(req.ext, 3),
+        "HOST2": _host_prefix(req.host, 1),
+        "HOST3": _host_prefix(req.host, 2),
+        "HOST4": _host_prefix(req.host, 3),
+    }
+    if default is not None:
+        values["DEFAULT"] = default
+    for key, value in values.items():
+        env[key.encode()] = _b(value).split(b"\0")[0]
+    env[b"DTLINE"] = dt
+    env[b"RPLINE"] = rp
+    env[b"UFLINE"] = uf
+    return env
+
+
+# --- qmail-lspawn's view of the result ----------------------------------------------------
+
+_FIXED: dict[int, Outcome] = {
+    112: Outcome.temp("Internal qmail-lspawn bug.\n"),
+    113: Outcome.temp("Not allowed to perform deliveries as root.\n"),
+    115: Outcome.temp("NFS failure in qmail-local.\n"),
+    116: Outcome.temp("Unable to find alias user!\n"),
+    117: Outcome.temp("Trouble reading users/cdb in qmail-lspawn.\n"),
+    118: Outcome.temp("Temporary failure in qmail-lspawn.\n"),
+    119: Outcome.temp("Out of memory in qmail-lspawn.\n"),
+    120: Outcome.temp("Unable to run qmail-local.\n"),
+    121: Outcome.temp("Unable to run qmail-getpw.\n"),
+    126: Outcome.perm("Unable to run qmail-local.\n"),
+}
+
+
+def truncate_report(report: bytes) -> bytes:
+    """qmail-lspawn's cut: more than 3000 bytes keep the first 2966 and a note."""
+    if len(report) > TRUNCREPORT:
+        return report[: TRUNCREPORT - len(TRUNCMESS) - 3] + TRUNCMESS
+    return report
+
+
+def outcome_of(code: int | None, report: bytes) -> Outcome:
+    """qmail-lspawn's mapping; ``code`` None means qmail-local was killed by a signal."""
+    if code is None:
+        return Outcome.temp("qmail-local crashed.\n")
+    if code in _FIXED:
+        return _FIXED[code]
+    text = truncate_report(report).split(b"\0")[0].decode("utf-8", "replace")
+    if code == 0:
+        return Outcome.ok(text)
+    if code in (111, 71, 74, 75):
+        return Outcome.temp(text)
+    return Outcome.perm(text)
+
+
+def deliver(req: Request, msg_fd: int, qhome: Home) -> Outcome:
+    """Run qmail-local in this process and map its result as qmail-lspawn would.
+
+    The report (including programs' output) is spooled to a temporary file, so a
+    program writing without end costs disk, not memory; only the first 3000 bytes are
+    kept.
+    """
+    with tempfile.TemporaryFile() as report:
+        fd = report.fileno()
+        code = run(req, msg_fd, qhome, out=fd, err=fd)
+        text = os.pread(fd, TRUNCREPORT + 1, 0)
+    return outcome_of(code, text)
+
+
+def parse_args(argv: Sequence[str]) -> Request | None:
+    """``[-nN] user home local dash ext domain sender defaultdelivery``; None = usage."""
+    args = list(argv)
+    dry = False
+    while args and args[0].startswith("-") and args[0] != "-":
+        opt = args.pop(0)
+        if opt == "--":
+            break
+        for ch in opt[1:]:
+            if ch == "n":
+                dry = True
+            elif ch == "N":
+                dry = False
+            else:
+                return None
+    if len(args) != 8 or not args[1].startswith("/"):
+        return None
+    user, home, local, dash, ext, host, sender, dd = args
+    return Request(user, home, local, dash, ext, host, sender, dd, dry_run=dry)
