@@ -1,0 +1,37 @@
+"""qmail-qread: list the preprocessed messages in the queue with their recipients."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from pyqmail.cli.common import split_home_args
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.reader import format_message, messages
+
+PROG = "qmail-qread"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    home, _ = split_home_args(sys.argv[1:] if argv is None else argv)
+    paths = QueuePaths(home.queue)
+    if not os.access(paths.root, os.X_OK) or not paths.root.is_dir():
+        print(f"{PROG}: fatal: unable to chdir to {paths.root}", file=sys.stderr)
+        return 111
+    out = sys.stdout
+    try:
+        for m in messages(paths):
+            if isinstance(m, tuple):
+                out.write(f"warning: trouble with #{m[0]}: {m[1]}\n")
+            else:
+                out.write(format_message(m))
+    except OSError as e:
+        print(f"{PROG}: fatal: unable to read queue: {e.strerror}", file=sys.stderr)
+        return 111
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

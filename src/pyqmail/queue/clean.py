@@ -1,0 +1,84 @@
+"""qmail-clean's job: removing queue files in the order that keeps the queue consistent.
+
+qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md section 5):
+
+- after preprocessing todo/N: remove ``intd/N`` then ``todo/N`` (clean_todo);
+- when a message is done: qmail-send removes ``info/S/N`` first, then qmail-clean removes
+  ``intd/N`` and ``mess/S/N`` (finish_message does all three in that order), so a crash
+  in between leaves a mess file with no info and no todo: unreferenced, reaped later.
+
+``handle_request`` speaks qmail-clean's wire protocol for a drop-in qmail-clean:
+``foop/N\\0`` or ``todo/N\\0`` -> ``+`` done, ``!`` an unlink failed, ``x`` malformed.
+A missing file is not a failure (ENOENT is ignored, as qmail-clean does).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pyqmail.queue.layout import QueuePaths, msgnum
+from pyqmail.queue.recover import OSSIFIED
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def clean_todo(paths: QueuePaths, n: int) -> None:
+    """After todo/N is preprocessed into info/local/remote: unlink intd/N, then todo/N."""
+    _unlink(paths.intd(n))
+    _unlink(paths.todo(n))
+
+
+def clean_mess(paths: QueuePaths, n: int) -> None:
+    """qmail-clean's ``foop/N``: unlink intd/N and mess/S/N."""
+    _unlink(paths.intd(n))
+    _unlink(paths.mess(n))
+
+
+def finish_message(paths: QueuePaths, n: int) -> None:
+    """A message is done: unlink info/S/N, then intd/N and mess/S/N (OSError on failure).
+
+    Channel files (local/remote) and bounce/N must already be gone; the scheduler
+    removes those as part of finishing the recipients and the bounce.
+    """
+    _unlink(paths.info(n))
+    clean_mess(paths, n)
+
+
+def reap_pid(paths: QueuePaths, *, now: float | None = None, age: float = OSSIFIED) -> int:
+    """qmail-clean's periodic sweep: remove pid/ files whose atime is older than ``age``."""
+    now = time.time() if now is None else now
+    removed = 0
+    for name in os.listdir(paths.pid):
+        p = paths.pid / name
+        try:
+            if now - os.stat(p).st_atime > age:
+                os.unlink(p)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def handle_request(paths: QueuePaths, request: bytes) -> bytes:
+    """One qmail-clean request (without its NUL) -> its one-byte reply."""
+    if len(request) + 1 < 7 or len(request) + 1 > 100:
+        return b"x"
+    kind, _, num = request.partition(b"/")
+    n = msgnum(num.decode("ascii", "replace"))
+    if n is None or kind not in (b"foop", b"todo"):
+        return b"x"
+    try:
+        if kind == b"todo":
+            clean_todo(paths, n)
+        else:
+            clean_mess(paths, n)
+    except OSError:
+        return b"!"
+    return b"+"

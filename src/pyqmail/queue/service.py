@@ -1,0 +1,332 @@
+"""The queue service: qmail-queue for callers that cannot write the queue themselves.
+
+Python programs cannot be setuid, so in multi-user mode one process running as the
+queue user (qmailq) owns the writing of queue/. Everyone else (the SMTP server as
+qmaild, bounces as qmails, any local user's ``qmail-queue``/``sendmail``) connects to
+its Unix socket. The service reads the caller's uid and pid from the socket
+(SO_PEERCRED) and writes qmail-queue's Received line from them, exactly as qmail-queue
+uses the real uid: ``invoked from network`` for qmaild, ``invoked for bounce`` for
+qmails, ``invoked by alias`` for alias, else ``invoked by uid N``. The qp is the
+caller's pid, as qmail's qp is the pid of the qmail-queue process.
+
+Socket: ``HOME/run/qmail-queue.sock`` (``PYQMAIL_QUEUE_SOCKET`` overrides), mode 0666 in
+a 0755 directory owned by the queue user: every local user can reach it (queue/ itself
+is 0750), and who they are is known from the kernel, not from what they send.
+
+Wire format (qmail-queue's bytes, framed with netstrings ``LEN:BYTES,``):
+
+    client: message chunks as netstrings (each at most 1 MiB), then the empty
+            netstring ``0:,``, then ONE netstring holding the envelope exactly as
+            qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``).
+    service: ONE netstring ``CODE QP MSGNUM[ TEXT]`` in ASCII, CODE being qmail-queue's
+            exit code (0 = queued), MSGNUM the message's inode number (0 on failure).
+
+A connection closed before the envelope is complete queues nothing (54).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pyqmail.home import Home, HomeError, Ids, resolve_home
+from pyqmail.queue import codes
+from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.recover import clean_stale
+from pyqmail.queue.writer import QueueError, QueueWriter
+
+MAX_CHUNK = 1 << 20
+MAX_ENVELOPE = 1 << 28
+SOCKET_NAME = "qmail-queue.sock"
+_TIMEOUT = 3600.0
+
+
+def socket_path(home: Home) -> Path:
+    env = os.environ.get("PYQMAIL_QUEUE_SOCKET")
+    return Path(env) if env else home.root / "run" / SOCKET_NAME
+
+
+class FrameError(Exception):
+    """The peer broke the framing or went away."""
+
+
+def netstring(data: bytes) -> bytes:
+    return b"%d:%s," % (len(data), data)
+
+
+def read_netstring(f: IO[bytes], limit: int) -> bytes:
+    """Read one netstring from a buffered binary stream; FrameError on anything else."""
+    digits = b""
+    while True:
+        c = f.read(1)
+        if not c:
+            raise FrameError("connection closed")
+        if c == b":":
+            break
+        if not c.isdigit() or len(digits) >= 10:
+            raise FrameError("bad netstring length")
+        digits += c
+    if not digits:
+        raise FrameError("bad netstring length")
+    n = int(digits)
+    if n > limit:
+        raise FrameError("netstring too long")
+    data = f.read(n)
+    if len(data) != n or f.read(1) != b",":
+        raise FrameError("truncated netstring")
+    return data
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    qp: int
+    msgnum: int
+    text: str = ""
+
+
+def _encode_reply(r: Reply) -> bytes:
+    s = f"{r.code} {r.qp} {r.msgnum}"
+    if r.text:
+        s += " " + r.text.replace("\n", " ")
+    return netstring(s.encode("utf-8", "replace"))
+
+
+def _decode_reply(data: bytes) -> Reply:
+    parts = data.decode("utf-8", "replace").split(" ", 3)
+    if len(parts) < 3:
+        raise FrameError("bad reply")
+    try:
+        return Reply(
+            int(parts[0]), int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else ""
+        )
+    except ValueError as e:
+        raise FrameError("bad reply") from e
+
+
+class ServiceClient:
+    """Submits messages to a queue service (blocking)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def submit(self, chunks: Iterable[bytes], envelope: bytes | Callable[[], bytes]) -> Reply:
+        """Send message chunks and the fd-1 envelope; the service's Reply.
+
+        ``envelope`` may be a callable, called once the chunks are sent (qmail-queue
+        reads fd 0 to its end before fd 1); what it raises propagates, and the service,
+        seeing the connection close early, queues nothing. Cannot connect: 62 (the
+        queue is unreachable). Connection lost: 54.
+        """
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(_TIMEOUT)
+            try:
+                s.connect(str(self.path))
+            except OSError as e:
+                return Reply(
+                    codes.QUEUE_TROUBLE, 0, 0, f"cannot reach queue service {self.path}: {e}"
+                )
+            try:
+                for chunk in chunks:
+                    for i in range(0, len(chunk), MAX_CHUNK):
+                        s.sendall(netstring(chunk[i : i + MAX_CHUNK]))
+                env = envelope() if callable(envelope) else envelope
+                s.sendall(b"0:," + netstring(env))
+                with s.makefile("rb") as f:
+                    return _decode_reply(read_netstring(f, 65536))
+            except TimeoutError:
+                return Reply(codes.TIMEOUT, 0, 0, "queue service timed out")
+            except (OSError, FrameError) as e:
+                return Reply(codes.READ_ERROR, 0, 0, f"queue service connection failed: {e}")
+        finally:
+            s.close()
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (Linux)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def origin_of(uid: int, ids: Ids | None) -> str:
+    """qmail-queue's choice of Received wording from the caller's real uid."""
+    if ids is None or ids.single_user:
+        return "uid"
+    if uid == ids.uid("alias"):
+        return "alias"
+    if uid == ids.uid("daemon"):
+        return "network"
+    if uid == ids.uid("send"):
+        return "bounce"
+    return "uid"
+
+
+class QueueService:
+    """Accepts connections on the socket and writes each message with a QueueWriter.
+
+    One thread per connection (bounded), so commits overlap their fsyncs.
+    """
+
+    def __init__(
+        self,
+        home: Home,
+        *,
+        path: Path | None = None,
+        writer: QueueWriter | None = None,
+        notify: Callable[[int], None] | None = None,
+        ids: Ids | None = None,
+        max_clients: int = 256,
+    ) -> None:
+        self.home = home
+        self.path = path or socket_path(home)
+        self.writer = writer or QueueWriter(home, notify=notify)
+        self.ids = ids
+        self._slots = threading.BoundedSemaphore(max_clients)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def bind(self, owner: tuple[int, int] | None = None) -> None:
+        """Create the socket (mode 0666); ``owner`` = (uid, gid) for its directory."""
+        d = self.path.parent
+        d.mkdir(parents=True, exist_ok=True)
+        if owner is not None:
+            os.chown(d, *owner)
+            os.chmod(d, 0o755)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(self.path))
+        os.chmod(self.path, 0o666)
+        if owner is not None:
+            os.chown(self.path, *owner)
+        s.listen(128)
+        self._sock = s
+
+    def start(self) -> None:
+        """Serve in a background thread (bind first)."""
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="queue-service", daemon=True
+        )
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        assert self._sock is not None, "bind() first"
+        while not self._closing:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closing:
+                    return
+                raise
+            self._slots.acquire()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(_TIMEOUT)
+                reply = self._serve_one(conn)
+                try:
+                    conn.sendall(_encode_reply(reply))
+                except OSError:
+                    pass
+        finally:
+            self._slots.release()
+
+    def _serve_one(self, conn: socket.socket) -> Reply:
+        pid, uid, _ = peer_credentials(conn)
+        try:
+            p = self.writer.begin(uid=uid, origin=origin_of(uid, self.ids), qp=pid)
+        except QueueError as e:
+            return Reply(e.code, pid, 0, str(e))
+        try:
+            with conn.makefile("rb") as f:
+                while chunk := read_netstring(f, MAX_CHUNK):
+                    p.write(chunk)
+                env = read_netstring(f, MAX_ENVELOPE)
+            parser = EnvelopeParser()
+            parser.feed(env)
+            sender, rcpts = parser.finish()
+            n = p.commit(sender, rcpts)
+            return Reply(0, pid, n)
+        except EnvelopeError as e:
+            p.abort()
+            return Reply(e.code, pid, 0, str(e))
+        except QueueError as e:
+            return Reply(e.code, pid, 0, str(e))
+        except TimeoutError:
+            p.abort()
+            return Reply(codes.TIMEOUT, pid, 0, "timeout")
+        except (FrameError, OSError) as e:
+            p.abort()
+            return Reply(codes.READ_ERROR, pid, 0, f"read error: {e}")
+        except BaseException:
+            p.abort()
+            raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pyqmail.queue.service [--home H] [--single-user] [--socket P]``.
+
+    As root in multi-user mode: binds the socket, drops to qmailq:qmail, cleans stale
+    leftovers, then serves until killed.
+    """
+    ap = argparse.ArgumentParser(prog="pyqmail-queue-service")
+    ap.add_argument("--home")
+    ap.add_argument("--single-user", action="store_true")
+    ap.add_argument("--socket")
+    a = ap.parse_args(argv)
+    home = resolve_home(a.home, a.single_user)
+    try:
+        ids = home.ids()
+    except HomeError as e:
+        print(f"pyqmail-queue-service: fatal: {e}", file=sys.stderr)
+        return 111
+    svc = QueueService(home, path=Path(a.socket) if a.socket else None, ids=ids)
+    drop = os.geteuid() == 0 and not ids.single_user
+    svc.bind((ids.uid("queue"), ids.gid("qmail")) if drop else None)
+    if drop:
+        os.setgroups([])
+        os.setgid(ids.gid("qmail"))
+        os.setuid(ids.uid("queue"))
+    os.umask(0o033)
+    clean_stale(QueuePaths(home.queue))
+    print(f"pyqmail-queue-service: listening on {svc.path}", file=sys.stderr, flush=True)
+    try:
+        svc.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

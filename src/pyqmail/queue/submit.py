@@ -1,0 +1,206 @@
+"""How every part of pyqmail puts a message in the queue (what qmail.c does for qmail).
+
+``submitter(home)`` picks one of three ways, the same choice for every caller (smtpd,
+inject, QMQP/QMTP servers, local forwards, bounces):
+
+1. ``QMAILQUEUE`` is set: run that program from the home directory with the message on
+   fd 0 and the envelope on fd 1, and map its exit code (a filter in front of the queue);
+2. this process may write the queue itself (single-user mode, or it runs as the queue's
+   owner): the in-process QueueWriter;
+3. otherwise: the queue service over its Unix socket (service.py), which learns our uid
+   from the socket.
+
+Each returns a Pending-like object: ``write(bytes)`` (cheap: buffered, or spooled to an
+unlinked temporary file), ``commit(sender, recipients) -> msgnum`` (blocking; run it in
+a worker thread from asyncio; raises QueueError with qmail's code), ``abort()``, and
+``qp``. For the program and the service, ``qp`` and ``msgnum`` are known only after the
+commit (qp = the program's pid, or the service's; msgnum = 0 when a program queued it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Protocol
+
+from pyqmail.home import Home
+from pyqmail.queue import codes
+from pyqmail.queue.envelope import EnvelopeError, check_address, format_input
+from pyqmail.queue.service import ServiceClient, socket_path
+from pyqmail.queue.writer import QueueError, QueueWriter
+
+
+class PendingLike(Protocol):
+    msgnum: int
+    qp: int
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int: ...
+    def abort(self) -> None: ...
+
+
+class Submitter(Protocol):
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike: ...
+
+
+class InProcessSubmitter:
+    """Writes the queue directly with a shared QueueWriter."""
+
+    kind = "in-process"
+
+    def __init__(self, home: Home, *, notify: Callable[[int], None] | None = None) -> None:
+        self.writer = QueueWriter(home, notify=notify)
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        return self.writer.begin(origin=origin, received=received)
+
+
+class _Spooled:
+    """Message bytes spooled to an unlinked temporary file until commit."""
+
+    msgnum: int
+    qp: int
+
+    def __init__(self, received: bytes) -> None:
+        self.msgnum = 0
+        self.qp = 0
+        self._tmp: IO[bytes] | None = tempfile.TemporaryFile(buffering=65536)  # noqa: SIM115
+        if received:
+            self._tmp.write(received)
+
+    def write(self, data: bytes) -> None:
+        if self._tmp is None:
+            raise RuntimeError("write after commit or abort")
+        self._tmp.write(data)
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+
+    def _take(self, sender: bytes, recipients: Sequence[bytes]) -> IO[bytes]:
+        if self._tmp is None:
+            raise RuntimeError("commit after commit or abort")
+        tmp = self._tmp
+        self._tmp = None
+        try:
+            check_address(sender)
+            for r in recipients:
+                check_address(r)
+            tmp.flush()
+            tmp.seek(0)
+        except EnvelopeError as e:
+            tmp.close()
+            raise QueueError(e.code, str(e)) from e
+        except OSError as e:
+            tmp.close()
+            raise QueueError(codes.WRITE_ERROR, f"unable to spool message: {e}") from e
+        return tmp
+
+
+class _ProgramPending(_Spooled):
+    def __init__(self, program: str, cwd: Path, received: bytes) -> None:
+        super().__init__(received)
+        self._program = program
+        self._cwd = cwd
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+        msg = self._take(sender, recipients)
+        try:
+            with tempfile.TemporaryFile() as env:
+                env.write(format_input(sender, recipients))
+                env.flush()
+                env.seek(0)
+                try:
+                    proc = subprocess.Popen(
+                        [self._program], stdin=msg, stdout=env, cwd=self._cwd, close_fds=True
+                    )
+                except OSError as e:
+                    raise QueueError(
+                        codes.EXEC_FAILED, f"unable to run {self._program}: {e}"
+                    ) from e
+                self.qp = proc.pid
+                rc = proc.wait()
+        finally:
+            msg.close()
+        if rc < 0:
+            raise QueueError(codes.CRASHED, f"{self._program} killed by signal {-rc}")
+        if rc != 0:
+            raise QueueError(rc)
+        return 0
+
+
+class ProgramSubmitter:
+    """QMAILQUEUE: run a qmail-queue-compatible program per message (qmail.c)."""
+
+    kind = "program"
+
+    def __init__(self, home: Home, program: str) -> None:
+        self.home = home
+        self.program = program
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        return _ProgramPending(self.program, self.home.root, received)
+
+
+class _ServicePending(_Spooled):
+    def __init__(self, client: ServiceClient, received: bytes) -> None:
+        super().__init__(received)
+        self._client = client
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+        msg = self._take(sender, recipients)
+        try:
+            reply = self._client.submit(
+                iter(lambda: msg.read(65536), b""), format_input(sender, recipients)
+            )
+        finally:
+            msg.close()
+        self.qp = reply.qp
+        if reply.code != 0:
+            raise QueueError(reply.code, reply.text)
+        self.msgnum = reply.msgnum
+        return reply.msgnum
+
+
+class ServiceSubmitter:
+    """The queue service's socket: the service writes the queue as its owner."""
+
+    kind = "service"
+
+    def __init__(self, home: Home, path: Path | None = None) -> None:
+        self.client = ServiceClient(path or socket_path(home))
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        # origin is decided by the service from our uid (SO_PEERCRED), as qmail-queue
+        # decides it from the real uid: a caller cannot claim to be the network.
+        return _ServicePending(self.client, received)
+
+
+def can_write_queue(home: Home) -> bool:
+    """True if this process may write the queue in-process (see the module docstring)."""
+    if home.single_user:
+        return True
+    try:
+        st = os.stat(home.queue / "pid")
+    except OSError:
+        return os.geteuid() != 0
+    return st.st_uid == os.geteuid()
+
+
+def submitter(
+    home: Home,
+    *,
+    notify: Callable[[int], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Submitter:
+    """The Submitter this process should use (module docstring); ``env`` for tests."""
+    program = (os.environ if env is None else env).get("QMAILQUEUE", "")
+    if program:
+        return ProgramSubmitter(home, program)
+    if can_write_queue(home):
+        return InProcessSubmitter(home, notify=notify)
+    return ServiceSubmitter(home)

@@ -1,0 +1,150 @@
+"""queue/submit.py: the three ways into the queue (in-process, QMAILQUEUE, service)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import Home
+from pyqmail.queue import codes
+from pyqmail.queue.envelope import parse_todo
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.service import QueueService
+from pyqmail.queue.submit import (
+    InProcessSubmitter,
+    ProgramSubmitter,
+    ServiceSubmitter,
+    submitter,
+)
+from pyqmail.queue.writer import QueueError
+
+QQ = str(Path(sys.executable).with_name("qmail-queue"))
+
+
+def _todo(home: Home) -> list[str]:
+    return sorted(os.listdir(home.queue / "todo"))
+
+
+def _mess_files(home: Home) -> int:
+    return sum(len(os.listdir(d)) for d in QueuePaths(home.queue).split_dirs("mess"))
+
+
+def test_choice(home: Home) -> None:
+    assert isinstance(submitter(home, env={}), InProcessSubmitter)
+    assert isinstance(submitter(home, env={"QMAILQUEUE": "/bin/false"}), ProgramSubmitter)
+
+
+def test_in_process(home: Home) -> None:
+    p = submitter(home, env={}).begin(origin="network")
+    p.write(b"hi\n")
+    n = p.commit(b"s@x", [b"r@y"])
+    assert n == p.msgnum and p.qp == os.getpid()
+    assert _todo(home) == [str(n)]
+    assert b"invoked from network" in QueuePaths(home.queue).mess(n).read_bytes()
+
+
+def _script(tmp_path: Path, body: str) -> str:
+    p = tmp_path / "qq"
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return str(p)
+
+
+def test_program_runs_real_qmail_queue(home: Home, tmp_path: Path) -> None:
+    prog = _script(tmp_path, f'[ "$(pwd)" = "{home.root}" ] || exit 61\nexec {QQ}\n')
+    p = submitter(home, env={"QMAILQUEUE": prog}).begin(received=b"X-Extra: 1\n")
+    p.write(b"Subject: via program\n\nbody\n")
+    assert p.commit(b"s@x", [b"r1@y", b"r2@y"]) == 0
+    assert p.qp > 0
+    (name,) = _todo(home)
+    n = int(name)
+    t = parse_todo(QueuePaths(home.queue).todo(n).read_bytes())
+    assert (t.sender, t.recipients) == (b"s@x", (b"r1@y", b"r2@y"))
+    mess = QueuePaths(home.queue).mess(n).read_bytes()
+    assert mess.split(b"\n", 1)[1] == b"X-Extra: 1\nSubject: via program\n\nbody\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "code"), [("exit 31", 31), ("exit 71", 71), ("kill -9 $$", codes.CRASHED)]
+)
+def test_program_exit_codes(home: Home, tmp_path: Path, script: str, code: int) -> None:
+    prog = _script(tmp_path, "cat >/dev/null\n" + script + "\n")
+    p = ProgramSubmitter(home, prog).begin()
+    p.write(b"x\n")
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"s", [b"r"])
+    assert ei.value.code == code
+    if code == codes.CRASHED:
+        assert ei.value.result() == ("Z", "qq crashed (#4.3.0)")
+
+
+def test_program_missing(home: Home, tmp_path: Path) -> None:
+    p = ProgramSubmitter(home, str(tmp_path / "nope")).begin()
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"s", [b"r"])
+    assert ei.value.code == 120
+
+
+def test_program_sees_envelope_on_fd1(home: Home, tmp_path: Path) -> None:
+    out = tmp_path / "env"
+    prog = _script(tmp_path, f"cat >/dev/null; cat <&1 >{out}\n")
+    p = ProgramSubmitter(home, prog).begin()
+    p.commit(b"", [b"a@b"])
+    assert out.read_bytes() == b"F\0Ta@b\0\0"
+
+
+def test_long_address_refused_before_program_runs(home: Home, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    prog = _script(tmp_path, f"touch {marker}\n")
+    p = ProgramSubmitter(home, prog).begin()
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"a" * 2000, [b"r"])
+    assert ei.value.code == 11 and not marker.exists()
+
+
+@pytest.fixture
+def service(home: Home, tmp_path: Path):  # type: ignore[no-untyped-def]
+    svc = QueueService(home, path=tmp_path / "run" / "qq.sock")
+    svc.bind()
+    svc.start()
+    yield svc
+    svc.close()
+
+
+def test_service_queues_with_peer_uid(home: Home, service: QueueService) -> None:
+    sub = ServiceSubmitter(home, service.path)
+    p = sub.begin()
+    p.write(b"Subject: s\n\n" + b"x" * 3_000_000)
+    n = p.commit(b"s@x", [b"r@y"])
+    assert p.qp == os.getpid() and n == p.msgnum > 0
+    mess = QueuePaths(home.queue).mess(n).read_bytes()
+    assert mess.startswith(
+        f"Received: (qmail {os.getpid()} invoked by uid {os.getuid()}); ".encode()
+    )
+    assert mess.endswith(b"x" * 3_000_000)
+    assert parse_todo(QueuePaths(home.queue).todo(n).read_bytes()).uid == os.getuid()
+
+
+def test_service_refusals_leave_nothing(home: Home, service: QueueService) -> None:
+    sub = ServiceSubmitter(home, service.path)
+    p = sub.begin()
+    p.write(b"x\n")
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"s", [b"r" * 1500])
+    assert ei.value.code == 11
+    # raw protocol: envelope with bad format and a connection dropped mid-message
+    r = sub.client.submit([b"x\n"], b"Tr\0\0")
+    assert r.code == 91
+    r = sub.client.submit([b"x\n"], b"Fs\0Tr\0")
+    assert r.code == 54
+    assert _todo(home) == [] and _mess_files(home) == 0
+
+
+def test_service_unreachable(home: Home, tmp_path: Path) -> None:
+    p = ServiceSubmitter(home, tmp_path / "none.sock").begin()
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"s", [b"r"])
+    assert ei.value.code == 62

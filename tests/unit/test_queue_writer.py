@@ -1,0 +1,217 @@
+"""queue/writer.py: the in-process qmail-queue sequence, its files and its failures."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import Home
+from pyqmail.queue.envelope import MAX_ADDRESS, parse_todo
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.writer import QueueError, QueueWriter, received_line
+
+
+def _files(home: Home) -> list[str]:
+    """Every regular file in the queue except lock/ (relative paths)."""
+    out = []
+    for dirpath, _, names in os.walk(home.queue):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), home.queue)
+            if not rel.startswith("lock"):
+                out.append(rel)
+    return sorted(out)
+
+
+def test_commit_lays_down_qmail_format(home: Home) -> None:
+    w = QueueWriter(home, clock=lambda: 812090814.0)
+    p = w.begin(uid=1234, origin="uid")
+    p.write(b"Subject: x\n\nbody\n")
+    n = p.commit(b"a@b", [b"c@d", b"e@f"])
+    paths = QueuePaths(home.queue)
+    assert n == p.msgnum
+    mess = paths.mess(n)
+    assert os.stat(mess).st_ino == n
+    assert mess.parent.name == str(n % 23)
+    assert (
+        mess.read_bytes()
+        == (
+            f"Received: (qmail {os.getpid()} invoked by uid 1234); 26 Sep 1995 04:46:54 -0000\n"
+            "Subject: x\n\nbody\n"
+        ).encode()
+    )
+    todo = paths.todo(n).read_bytes()
+    assert todo == b"u1234\0p%d\0Fa@b\0Tc@d\0Te@f\0" % os.getpid()
+    assert os.stat(paths.todo(n)).st_ino == os.stat(paths.intd(n)).st_ino
+    assert stat.S_IMODE(os.stat(mess).st_mode) & 0o022 == 0
+    assert _files(home) == sorted([f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"])
+
+
+@pytest.mark.parametrize(
+    ("origin", "text"),
+    [
+        ("network", "invoked from network"),
+        ("bounce", "invoked for bounce"),
+        ("alias", "invoked by alias"),
+        ("uid", "invoked by uid 77"),
+    ],
+)
+def test_received_line(origin: str, text: str) -> None:
+    assert received_line(9, origin, 77, 0) == (
+        f"Received: (qmail 9 {text}); 1 Jan 1970 00:00:00 -0000\n".encode()
+    )
+
+
+def test_received_extra_and_large_message(home: Home) -> None:
+    w = QueueWriter(home)
+    p = w.begin(origin="network", received=b"Received: from x\n")
+    body = os.urandom(300_000)
+    for i in range(0, len(body), 1000):
+        p.write(body[i : i + 1000])
+    n = p.commit(b"", [b"r@x"])
+    data = QueuePaths(home.queue).mess(n).read_bytes()
+    first, rest = data.split(b"\n", 1)
+    assert re.fullmatch(rb"Received: \(qmail \d+ invoked from network\); .* -0000", first)
+    assert rest == b"Received: from x\n" + body
+
+
+def test_zero_byte_message_and_no_recipients(home: Home) -> None:
+    w = QueueWriter(home)
+    p = w.begin()
+    n = p.commit(b"a@b", [])
+    paths = QueuePaths(home.queue)
+    assert paths.mess(n).read_bytes().startswith(b"Received: (qmail ")
+    assert parse_todo(paths.todo(n).read_bytes()).recipients == ()
+
+
+def test_ten_thousand_recipients(home: Home) -> None:
+    rcpts = [b"user%d@example.com" % i for i in range(10_000)]
+    p = QueueWriter(home).begin()
+    n = p.commit(b"a@b", rcpts)
+    assert parse_todo(QueuePaths(home.queue).todo(n).read_bytes()).recipients == tuple(rcpts)
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpts", "code"),
+    [
+        (b"a" * (MAX_ADDRESS + 1), [b"x@y"], 11),
+        (b"a@b", [b"x@y", b"z" * (MAX_ADDRESS + 1)], 11),
+        (b"a\0b", [b"x@y"], 91),
+        (b"a@b", [b"x\0@y"], 91),
+    ],
+)
+def test_bad_envelope_leaves_nothing(
+    home: Home, sender: bytes, rcpts: list[bytes], code: int
+) -> None:
+    p = QueueWriter(home).begin()
+    p.write(b"hello\n")
+    with pytest.raises(QueueError) as ei:
+        p.commit(sender, rcpts)
+    assert ei.value.code == code
+    assert _files(home) == []
+
+
+def test_abort_removes_everything(home: Home) -> None:
+    p = QueueWriter(home).begin()
+    p.write(b"x" * 100_000)
+    assert _files(home) != []
+    p.abort()
+    p.abort()
+    assert _files(home) == []
+
+
+def test_notify_replaces_trigger(home: Home) -> None:
+    seen: list[int] = []
+    p = QueueWriter(home, notify=seen.append).begin()
+    n = p.commit(b"a", [b"b"])
+    assert seen == [n]
+
+
+def test_trigger_is_poked(home: Home) -> None:
+    trig = QueuePaths(home.queue).trigger
+    fd = os.open(trig, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        QueueWriter(home).begin().commit(b"a", [b"b"])
+        assert os.read(fd, 10) == b"\0"
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_commits(home: Home) -> None:
+    w = QueueWriter(home)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        p = w.begin()
+        p.write(b"msg %d\n" % i)
+        n = p.commit(b"s", [b"r%d" % i])
+        with lock:
+            got.append(n)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 40
+    paths = QueuePaths(home.queue)
+    for n in got:
+        body = paths.mess(n).read_bytes().split(b"\n", 1)[1]
+        i = int(body.split()[1])
+        assert parse_todo(paths.todo(n).read_bytes()).recipients == (b"r%d" % i,)
+    assert os.listdir(paths.pid) == []
+
+
+def test_missing_queue_dirs(home: Home) -> None:
+    paths = QueuePaths(home.queue)
+    os.rmdir(paths.pid)
+    with pytest.raises(QueueError) as ei:
+        QueueWriter(home).begin()
+    assert ei.value.code == 63
+    os.mkdir(paths.pid)
+    for i in range(23):
+        os.rmdir(paths.root / "mess" / str(i))
+    with pytest.raises(QueueError) as ei:
+        QueueWriter(home).begin()
+    assert ei.value.code == 64
+    assert _files(home) == []
+
+
+def test_missing_queue_and_home(tmp_path: Path) -> None:
+    with pytest.raises(QueueError) as ei:
+        QueueWriter(Home(tmp_path / "nohome", True)).begin()
+    assert ei.value.code == 61
+    (tmp_path / "h").mkdir()
+    with pytest.raises(QueueError) as ei:
+        QueueWriter(Home(tmp_path / "h", True)).begin()
+    assert ei.value.code == 62
+
+
+def test_missing_intd_and_todo(home: Home) -> None:
+    paths = QueuePaths(home.queue)
+    os.rmdir(paths.dir("intd"))
+    p = QueueWriter(home).begin()
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"a", [b"b"])
+    assert ei.value.code == 65
+    assert _files(home) == []
+    os.mkdir(paths.dir("intd"))
+    os.rmdir(paths.dir("todo"))
+    p = QueueWriter(home).begin()
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"a", [b"b"])
+    assert ei.value.code == 66
+    assert _files(home) == []
+
+
+def test_stale_intd_with_our_inode_is_replaced(home: Home) -> None:
+    p = QueueWriter(home).begin()
+    paths = QueuePaths(home.queue)
+    paths.intd(p.msgnum).write_bytes(b"u1\0p1\0Fold\0")
+    n = p.commit(b"new", [b"r"])
+    assert parse_todo(paths.todo(n).read_bytes()).sender == b"new"
