@@ -67,6 +67,11 @@ def _read_bytes(path: Path, name: str) -> bytes | None:
         raise ControlError(name, e) from e
 
 
+def read_file(home: Home, name: str) -> bytes | None:
+    """The bytes of control/NAME; None if it is missing; ControlError if unreadable."""
+    return _read_bytes(home.control / name, name)
+
+
 def _strip(line: bytes) -> bytes:
     return line.rstrip(b" \t\n")
 
@@ -104,6 +109,16 @@ def parse_list(raw: bytes) -> tuple[tuple[str, int], ...]:
         if line and not line.startswith(b"#"):
             out.append((_decode(line), n))
     return tuple(out)
+
+
+def morercpthosts_keys(raw: bytes) -> list[bytes]:
+    """qmail-newmrh's keys: every list line, ASCII-lowercased, duplicates kept, in order."""
+    out = []
+    for line in raw.split(b"\n"):
+        line = _strip(line)
+        if line and not line.startswith(b"#"):
+            out.append(line.lower())
+    return out
 
 
 def colon_map(lines: tuple[tuple[str, int], ...]) -> dict[str, str]:

@@ -1,0 +1,359 @@
+"""``pyqmail check``: lint a home's configuration, the mistakes qmail lets pass silently.
+
+Each :class:`Problem` names the file (relative to the home), the line when there is
+one, what is wrong and how to fix it. Errors make ``pyqmail check`` exit non-zero;
+warnings are printed but do not. What is an error:
+
+- a control file that cannot be read (qmail then fails every connection or delivery);
+- every :class:`pyqmail.control.Finding` (a value qmail silently ignores or caps);
+- no ``me`` (qmail-send refuses to start, qmail-smtpd answers 421);
+- no ``rcpthosts``: qmail-smtpd then accepts mail for any domain, an open relay;
+- a ``locals`` or ``virtualdomains`` domain that neither rcpthosts nor
+  morercpthosts.cdb lists (SMTP refuses mail for it);
+- morercpthosts newer than morercpthosts.cdb, or no cdb at all (run qmail-newmrh);
+- control/tcp.smtp (and tcp.qmtp) rules that set RELAYCLIENT for every client (the
+  default rule ``:allow,RELAYCLIENT=...``, or ``=:`` which any client with a PTR name
+  matches), a rules line tcprules refuses, a rules file newer than its cdb;
+- users/assign newer than users/cdb (run qmail-newu);
+- a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
+  number.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from pyqmail import cdb, tcprules
+from pyqmail.control import KNOWN_FILES, Control, ControlError, domain_keys, load, read_file
+from pyqmail.home import Home
+
+
+class Severity(Enum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding: where (file relative to the home, line or 0), what, and the fix."""
+
+    severity: Severity
+    file: str
+    line: int
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        text = f"{self.severity.value}: {where}: {self.message}"
+        return f"{text}; fix: {self.fix}" if self.fix else text
+
+
+_RULES_FILES = ("tcp.smtp", "tcp.qmtp", "tcp.qmqp")
+# QMQP has no recipient check at all (every client it allows may relay); SMTP and
+# QMTP consult rcpthosts unless RELAYCLIENT is set.
+_RELAY_RULES = ("tcp.smtp", "tcp.qmtp")
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+class _Checker:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.problems: list[Problem] = []
+
+    def error(self, file: str, line: int, message: str, fix: str = "") -> None:
+        self.problems.append(Problem(Severity.ERROR, file, line, message, fix))
+
+    def warning(self, file: str, line: int, message: str, fix: str = "") -> None:
+        self.problems.append(Problem(Severity.WARNING, file, line, message, fix))
+
+    # -- control/ -------------------------------------------------------------------
+
+    def readable(self) -> None:
+        """Every known file that exists must be readable (qmail fails temporarily)."""
+        for name in sorted(KNOWN_FILES):
+            if name.endswith((".cdb", ".tmp")):
+                continue
+            try:
+                read_file(self.home, name)
+            except ControlError as e:
+                self.error(
+                    f"control/{name}",
+                    0,
+                    f"cannot be read ({e.err.strerror or e.err}); qmail then fails every "
+                    "connection or delivery that reads it",
+                    f"make control/{name} a readable file (chmod 644)",
+                )
+
+    def unknown_files(self) -> None:
+        try:
+            names = sorted(os.listdir(self.home.control))
+        except OSError:
+            return
+        for name in names:
+            if name in KNOWN_FILES or name.endswith((".tmp", ".cdb")) or name.startswith("."):
+                continue
+            near = difflib.get_close_matches(name, sorted(KNOWN_FILES), n=1, cutoff=0.8)
+            hint = f"did you mean control/{near[0]}?" if near else "remove it if it is unused"
+            self.warning(f"control/{name}", 0, "no part of qmail or pyqmail reads this file",
+                         hint)  # fmt: skip
+
+    def findings(self, ctl: Control) -> None:
+        for f in ctl.findings:
+            self.error(f"control/{f.file}", f.line, f.message, f.fix)
+
+    def me(self, ctl: Control) -> None:
+        if ctl.me is None:
+            self.error(
+                "control/me",
+                0,
+                "missing: qmail-send refuses to start and qmail-smtpd answers 421",
+                "write this host's fully qualified name into control/me",
+            )
+        elif not ctl.me:
+            self.error("control/me", 1, "empty: this host has no name",
+                       "write this host's fully qualified name into control/me")  # fmt: skip
+
+    def _morercpthosts(self) -> cdb.Reader | None:
+        path = self.home.control / "morercpthosts.cdb"
+        try:
+            return cdb.Reader.open(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, cdb.CdbError) as e:
+            self.error("control/morercpthosts.cdb", 0,
+                       f"cannot be read ({e}); qmail-smtpd answers 421 to every client",
+                       "run qmail-newmrh")  # fmt: skip
+            return None
+
+    def relay(self, ctl: Control) -> None:
+        if ctl.rcpthosts is None:
+            self.error(
+                "control/rcpthosts",
+                0,
+                "missing: qmail-smtpd accepts mail for every domain and relays it "
+                "anywhere (an open relay)",
+                "list every domain this host receives mail for in control/rcpthosts "
+                "(at least the lines of control/locals and control/virtualdomains)",
+            )
+        mrh = self._morercpthosts()
+        try:
+            self._domains_listed(ctl, mrh)
+        finally:
+            if mrh is not None:
+                mrh.close()
+        self._newmrh_fresh()
+
+    def _listed(self, ctl: Control, mrh: cdb.Reader | None, domain: str) -> bool:
+        keys = domain_keys(domain)
+        if ctl.rcpthosts is not None and any(k in ctl.rcpthosts for k in keys):
+            return True
+        return mrh is not None and any(mrh.get(k.encode()) is not None for k in keys)
+
+    def _domains_listed(self, ctl: Control, mrh: cdb.Reader | None) -> None:
+        if ctl.rcpthosts is None:
+            return
+        if not ctl.rcpthosts and mrh is None:
+            self.warning("control/rcpthosts", 0, "empty: SMTP accepts mail for no domain",
+                         "list the domains this host receives mail for")  # fmt: skip
+        locals_lines = ctl.raw_lists.get("locals", ())
+        if ctl.sources.get("locals") == "me" and ctl.me:
+            locals_lines = ((ctl.me, 0),)
+        for domain, n in locals_lines:
+            if not self._listed(ctl, mrh, domain):
+                self.error(
+                    "control/locals",
+                    n,
+                    f"local domain {domain} is not in rcpthosts: SMTP refuses mail for it",
+                    f"add {domain.lower()} to control/rcpthosts",
+                )
+        for line, n in ctl.raw_lists.get("virtualdomains", ()):
+            key, sep, value = line.partition(":")
+            if not sep or not key or not value:
+                continue  # no colon (a Finding), the catch-all, or an exception
+            domain = key[key.rfind("@") + 1 :]
+            probe = "x" + domain if domain.startswith(".") else domain
+            if not self._listed(ctl, mrh, probe):
+                self.error(
+                    "control/virtualdomains",
+                    n,
+                    f"virtual domain {domain} is not in rcpthosts: SMTP refuses mail for it",
+                    f"add {domain.lower()} to control/rcpthosts",
+                )
+
+    def _newmrh_fresh(self) -> None:
+        src = _mtime(self.home.control / "morercpthosts")
+        dst = _mtime(self.home.control / "morercpthosts.cdb")
+        if src is not None and dst is None:
+            self.error("control/morercpthosts", 0,
+                       "is not compiled: qmail-smtpd reads only morercpthosts.cdb",
+                       "run qmail-newmrh")  # fmt: skip
+        elif src is not None and dst is not None and dst < src:
+            self.error("control/morercpthosts", 0,
+                       "is newer than morercpthosts.cdb: the change is not in effect",
+                       "run qmail-newmrh")  # fmt: skip
+
+    def qmqpservers(self, ctl: Control) -> None:
+        for line, n in ctl.raw_lists.get("qmqpservers", ()):
+            try:
+                ipaddress.IPv4Address(line)
+            except ValueError:
+                self.error("control/qmqpservers", n,
+                           f"{line!r} is not an IPv4 address; qmail-qmqpc skips it",
+                           "write one dotted-quad IPv4 address per line")  # fmt: skip
+
+    def smtproutes(self, ctl: Control) -> None:
+        for name in ("smtproutes", "qmtproutes"):
+            for line, n in ctl.raw_lists.get(name, ()):
+                parts = line.split(":")
+                if len(parts) >= 3 and not parts[2].isdigit():
+                    self.error(f"control/{name}", n,
+                               f"port {parts[2]!r} in {line!r} is not a number",
+                               "write domain:relay:port with a decimal port")  # fmt: skip
+
+    # -- tcprules -------------------------------------------------------------------
+
+    def rules(self) -> None:
+        for name in _RULES_FILES:
+            self._rules_file(name)
+
+    def _rules_file(self, name: str) -> None:
+        c = self.home.control
+        src, dst = c / name, c / f"{name}.cdb"
+        rel = f"control/{name}"
+        compile_cmd = f"run: tcprules {dst} {c / name}.tmp < {src}"
+        try:
+            text = src.read_bytes()
+        except FileNotFoundError:
+            text = None
+        except OSError as e:
+            self.error(rel, 0, f"cannot be read ({e.strerror})", f"make {rel} readable")
+            text = None
+        flagged = False
+        if text is not None:
+            rules: list[tcprules.Rule] = []
+            for n, line in tcprules.iter_lines(text):
+                try:
+                    rule = tcprules.parse_line(line, n) if line else None
+                except tcprules.RulesError as e:
+                    self.error(rel, n, "tcprules cannot parse this line: "
+                               + e.line.decode("utf-8", "backslashreplace"),
+                               'write address:allow or address:deny[,VAR="value"...]')  # fmt: skip
+                    continue
+                if rule is not None:
+                    rules.append(rule)
+            if name in _RELAY_RULES:
+                seen: set[bytes] = set()
+                for rule in rules:
+                    if rule.address in seen:
+                        continue  # tcpserver uses the first rule for a key
+                    seen.add(rule.address)
+                    flagged = self._relay_rule(rel, rule) or flagged
+            s, d = _mtime(src), _mtime(dst)
+            if d is None:
+                self.error(rel, 0, f"is not compiled: {name}.cdb does not exist", compile_cmd)
+            elif s is not None and d < s:
+                self.error(rel, 0, f"is newer than {name}.cdb: the change is not in effect",
+                           compile_cmd)  # fmt: skip
+        if name in _RELAY_RULES:
+            self._relay_cdb(f"control/{name}.cdb", dst, flagged)
+
+    def _relay_rule(self, rel: str, rule: tcprules.Rule) -> bool:
+        """Report a rule that lets everyone relay; True if it did."""
+        if rule.address not in (b"", b"="):
+            return False
+        d = tcprules.decide(rule.address, rule.value)
+        if not (d.allow and "RELAYCLIENT" in d.env):
+            return False
+        who = "every client" if rule.address == b"" else "every client with a PTR name"
+        self.error(
+            rel,
+            rule.lineno,
+            f"{'the default rule' if rule.address == b'' else 'the rule ='} sets "
+            f"RELAYCLIENT for {who}: an open relay",
+            "set RELAYCLIENT only on rules for your own addresses "
+            '(127.0.0.1:allow,RELAYCLIENT=""), and :allow without it',
+        )
+        return True
+
+    def _relay_cdb(self, rel: str, path: Path, source_flagged: bool) -> None:
+        try:
+            reader = cdb.Reader.open(path)
+        except FileNotFoundError:
+            return
+        except (OSError, cdb.CdbError) as e:
+            self.error(rel, 0, f"cannot be read ({e}); tcpserver drops every connection",
+                       "recompile it with tcprules")  # fmt: skip
+            return
+        with reader:
+            for key in (b"", b"="):
+                value = reader.get(key)
+                if value is None:
+                    continue
+                d = tcprules.decide(key, value)
+                if d.allow and "RELAYCLIENT" in d.env and not source_flagged:
+                    self.error(rel, 0, f"the compiled rule {key.decode()!r} sets RELAYCLIENT "
+                               "for every client: an open relay",
+                               "recompile it from rules without that default")  # fmt: skip
+
+    # -- users/ and the rest --------------------------------------------------------
+
+    def users(self) -> None:
+        src = _mtime(self.home.users / "assign")
+        dst = _mtime(self.home.users / "cdb")
+        if src is not None and dst is None:
+            self.error("users/assign", 0, "is not compiled: users/cdb does not exist",
+                       "run qmail-newu")  # fmt: skip
+        elif src is not None and dst is not None and dst < src:
+            self.error("users/assign", 0, "is newer than users/cdb: the change is not in effect",
+                       "run qmail-newu")  # fmt: skip
+
+    def aliases(self) -> None:
+        if not (self.home.alias / ".qmail-postmaster").exists():
+            self.warning(
+                "alias/.qmail-postmaster",
+                0,
+                "missing: mail to postmaster (RFC 5321 requires it) bounces",
+                "create it, e.g. with the line ./Maildir/ or &admin@example.com",
+            )
+
+
+def check(home: Home) -> list[Problem]:
+    """Every problem found in ``home``, errors and warnings, in a stable order."""
+    ch = _Checker(home)
+    if not home.control.is_dir():
+        ch.error("control", 0, "no control directory: this is not a qmail home",
+                 f"create one with: pyqmail init {home.root}")  # fmt: skip
+        return ch.problems
+    ch.readable()
+    try:
+        ctl = load(home)
+    except ControlError:
+        ctl = None  # already reported by readable()
+    if ctl is not None:
+        ch.findings(ctl)
+        ch.me(ctl)
+        ch.relay(ctl)
+        ch.qmqpservers(ctl)
+        ch.smtproutes(ctl)
+    ch.rules()
+    ch.users()
+    ch.aliases()
+    ch.unknown_files()
+    return ch.problems
+
+
+def errors(problems: Iterable[Problem]) -> list[Problem]:
+    return [p for p in problems if p.severity is Severity.ERROR]
