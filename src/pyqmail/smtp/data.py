@@ -1,0 +1,187 @@
+"""The streaming DATA decoder: SMTP's dot-terminated text in, queue-format bytes out.
+
+It owns every rule about the bytes between ``354`` and the final dot (smtpd.md section 5
+and the strict rules at its end):
+
+* Only ``CRLF . CRLF`` ends the data; the start of the data counts as a line start, so an
+  empty message (``.`` CRLF right after 354) is legal.
+* CRLF is stored as LF; a line that starts with ``.`` loses that dot (dot-unstuffing).
+* A bare LF anywhere is fatal (qmail's 451 smtplf reply, then the connection closes).
+  A bare CR is fatal too: qmail stores it, and a stored ``\\r.`` is what becomes a smuggled
+  end of data on the next hop (gaps.md 3.3). So LF.LF, CR.CR, LF.CRLF, CRLF.LF, CR.LF and
+  every other smuggling sequence fail the whole connection before any of it is queued.
+* A text line longer than ``max_line`` octets (without its CRLF) fails the message;
+  the line is never held whole: once too long, only a marker of it is kept.
+* Hop counting over the header (lines starting ``Received`` / ``Delivered``) and the
+  databytes cap over the stored bytes; both let the data run on to its end, then fail it.
+
+The decoder works a chunk at a time with ``bytes`` methods (find, count, replace, split),
+never a Python loop per byte: this is the server's hot path. It holds at most one
+incomplete line (bounded by ``max_line``) between chunks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+MAX_TEXT_LINE = 1000
+MAX_HOPS = 100
+
+
+class DataError(enum.Enum):
+    """Why a message failed. BARE_* are fatal for the connection; the others for the message."""
+
+    BARE_LF = "bare LF"
+    BARE_CR = "bare CR"
+    LINE_TOO_LONG = "line too long"
+    TOO_BIG = "too big"
+    TOO_MANY_HOPS = "too many hops"
+
+
+@dataclass(slots=True)
+class DataResult:
+    """What one :meth:`DataDecoder.feed` produced.
+
+    ``chunks`` are stored bytes to append to the message. ``done`` is True when the final
+    dot was seen, and then ``rest`` holds the bytes that followed it (pipelined commands).
+    ``fatal`` is set for a bare LF/CR: stop, reply, close; nothing may be queued.
+    """
+
+    chunks: list[bytes] = field(default_factory=list)
+    done: bool = False
+    rest: bytes = b""
+    fatal: DataError | None = None
+
+
+class DataDecoder:
+    """One message's DATA section. Feed raw bytes; read :attr:`failure` at the end."""
+
+    __slots__ = ("_buf", "_in_header", "_max_line", "_mid_line", "databytes", "failure",
+                 "hops", "max_hops", "size")  # fmt: skip
+
+    def __init__(
+        self, databytes: int = 0, *, max_line: int = MAX_TEXT_LINE, max_hops: int = MAX_HOPS
+    ) -> None:
+        self.databytes = databytes
+        self._max_line = max_line
+        self.max_hops = max_hops
+        self._buf = b""  # an incomplete line, always starting at a line start
+        self._mid_line = False  # True after a too-long line's head was thrown away
+        self._in_header = True
+        self.hops = 0
+        self.size = 0
+        self.failure: DataError | None = None
+
+    @property
+    def partial(self) -> bool:
+        """True while an incomplete line is held."""
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> DataResult:
+        """Decode the next bytes of DATA."""
+        res = DataResult()
+        buf = self._buf + data if self._buf else data
+        if not buf:
+            return res
+        end = -1  # index of the CRLF that precedes the final dot, or -2 for a dot at 0
+        if not self._mid_line and buf.startswith(b".\r\n"):
+            end = -2
+        else:
+            e = buf.find(b"\r\n.\r\n")
+            if e >= 0:
+                end = e
+        if end == -2:
+            region, tail = b"", b""
+            res.rest = buf[3:]
+        elif end >= 0:
+            region, tail = buf[: end + 2], b""
+            res.rest = buf[end + 5 :]
+        else:
+            last = buf.rfind(b"\r\n")
+            region, tail = (buf[: last + 2], buf[last + 2 :]) if last >= 0 else (b"", buf)
+        # Bare LF / bare CR, in order of appearance (the end marker itself is CRLF-clean).
+        fatal = self._bare(region, tail)
+        if fatal is not None:
+            res.fatal = fatal
+            self.failure = fatal
+            self._buf = b""
+            return res
+        if region:
+            self._take(region, res)
+        if end != -1:
+            res.done = True
+            self._buf = b""
+            return res
+        if len(tail) > self._max_line + 1:  # the line can no longer be short enough
+            self._fail(DataError.LINE_TOO_LONG)
+            tail = b"X\r" if tail.endswith(b"\r") else b"X"
+            self._mid_line = True
+        self._buf = tail
+        return res
+
+    @staticmethod
+    def _bare(region: bytes, tail: bytes) -> DataError | None:
+        crlf = region.count(b"\r\n")
+        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+            return _first_bare(region)
+        if b"\n" in tail:
+            return _first_bare(tail)
+        cr = tail.find(b"\r")
+        if 0 <= cr < len(tail) - 1:
+            return DataError.BARE_CR
+        return None
+
+    def _fail(self, why: DataError) -> None:
+        if self.failure is None:
+            self.failure = why
+
+    def _take(self, region: bytes, res: DataResult) -> None:
+        """Complete lines (region ends with CRLF and starts at a line start)."""
+        lines = region.split(b"\r\n")
+        lines.pop()  # the empty string after the final CRLF
+        if self._mid_line:
+            self._mid_line = False
+            lines[0] = b"X"  # the rest of a line already failed as too long
+        if self.failure is None and max(map(len, lines)) > self._max_line:
+            self._fail(DataError.LINE_TOO_LONG)
+        if self._in_header:
+            for line in lines:
+                if not line:
+                    self._in_header = False
+                    break
+                head = line[:9].lower()
+                if head.startswith(b"received") or head == b"delivered":
+                    self.hops += 1
+            if self.hops >= self.max_hops:
+                self._fail(DataError.TOO_MANY_HOPS)
+        if self.failure is not None:
+            return
+        if region[:1] == b".":
+            region = region[1:]
+        out = region.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
+        self.size += len(out)
+        if self.databytes and self.size > self.databytes:
+            self._fail(DataError.TOO_BIG)
+            return
+        res.chunks.append(out)
+
+
+def _first_bare(data: bytes) -> DataError:
+    """Which comes first in ``data``: a LF without CR before it, or a CR without LF after."""
+    i = 0
+    n = len(data)
+    while i < n:
+        cr = data.find(b"\r", i)
+        lf = data.find(b"\n", i)
+        if lf >= 0 and (cr < 0 or lf < cr):
+            return DataError.BARE_LF
+        if cr < 0:
+            break
+        if cr + 1 < n and data[cr + 1] == 0x0A:
+            i = cr + 2
+            continue
+        if cr + 1 >= n:
+            break  # a CR at the very end may still be followed by LF
+        return DataError.BARE_CR
+    return DataError.BARE_CR

@@ -1,0 +1,437 @@
+"""The SMTP server conversation as a state machine with no I/O (in the style of h11).
+
+An adapter (the asyncio listener, or qmail-smtpd on stdin/stdout) owns the socket and
+the queue; this module owns everything said on the wire. The adapter calls:
+
+* :meth:`SmtpServerConnection.greet` once (or :meth:`receive_data` first: an early
+  talker, refused with 554),
+* :meth:`receive_data` with whatever it read (``b""`` = end of file),
+* :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
+* :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
+* :meth:`timeout` when a read timed out.
+
+Each returns a list of events: :class:`Send` (bytes for the client, in order),
+:class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`, :class:`MessageAbort`,
+:class:`Close`. After a MessageStart or MessageEnd the connection waits (no further
+events in that list) until the adapter reports the result; input that arrives meanwhile
+is held, so pipelined commands are answered in order with none lost.
+
+The adapter writes the Sends of one call together, before its next read: that is how
+qmail-smtpd answers a pipelined batch in one write (smtpd.md section 2).
+
+qmail's commands and replies are in smtpd.md section 3; the stricter rules (line limits,
+control bytes, empty recipients, parameters, HTTP and TLS probes, BDAT/AUTH, stuffing
+after a refused DATA, recipient and error floods, early talkers) are in its last section.
+Each rule is a few lines in :meth:`SmtpServerConnection._command` and its helpers.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from pyqmail.smtp import replies
+from pyqmail.smtp.address import (
+    check_address,
+    check_rcpt_params,
+    parse_mail_params,
+    parse_path,
+)
+from pyqmail.smtp.data import DataDecoder, DataError
+from pyqmail.smtp.session import Session
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """pyqmail's caps (qmail has none). Octet counts exclude the line's CRLF."""
+
+    max_command: int = 512  # a longer command line gets 500 and is discarded
+    max_text_line: int = 1000  # a longer line in DATA fails the message (554)
+    max_rcpts: int = 100  # further RCPTs in the transaction get 452
+    max_errors: int = 20  # the 20th error reply is followed by 421 and close
+    max_discard: int = 65536  # an over-long line still without LF after this: 421, close
+    max_held: int = 1 << 20  # input held while waiting for the queue before we stop reading
+
+
+class State(enum.Enum):
+    GREETING = "greeting"  # nothing sent yet
+    COMMAND = "command"
+    DATA = "data"
+    WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
+    WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStart:
+    """Open a queue entry: ``received`` is our Received line (LF-terminated)."""
+
+    sender: bytes
+    recipients: tuple[bytes, ...]
+    received: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The data is complete and valid: commit it, then call ``message_result``."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAbort:
+    """Throw the open queue entry away (nothing may be queued)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection after writing what was sent."""
+
+
+Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
+
+_BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
+_END_MESSAGE = MessageEnd()
+_CLOSE = Close()
+
+
+class SmtpServerConnection:
+    """One SMTP conversation. See the module docstring for how an adapter drives it."""
+
+    def __init__(self, session: Session, limits: Limits | None = None) -> None:
+        self.session = session
+        self.limits = limits or Limits()
+        self.state = State.GREETING
+        self._buf = b""
+        self._discarding = 0  # >0: inside an over-long command line, bytes thrown away
+        self._first = True  # no command seen yet (for HTTP/TLS probes)
+        self._helo: bytes | None = None
+        self._sender: bytes | None = None
+        self._barf = False
+        self._rcpts: list[bytes] = []
+        self._errors = 0
+        self._decoder: DataDecoder | None = None
+
+    # ----------------------------------------------------------------- adapter calls
+
+    @property
+    def partial(self) -> bool:
+        """True while an incomplete line is held (the adapter's slowloris deadline runs)."""
+        if self.state is State.DATA and self._decoder is not None:
+            return self._decoder.partial
+        return bool(self._buf) or self._discarding > 0
+
+    def greet(self) -> list[Event]:
+        """The 220 greeting; call once, when the connection is up."""
+        if self.state is not State.GREETING:
+            return []
+        self.state = State.COMMAND
+        return [Send(replies.greeting(self.session.greeting))]
+
+    def timeout(self) -> list[Event]:
+        """A read timed out: ``451 timeout`` and close, dropping any message in progress."""
+        if self.state is State.CLOSED:
+            return []
+        events: list[Event] = []
+        if self.state in (State.DATA, State.WAIT_START):
+            events.append(MessageAbort("timeout"))
+        self.state = State.CLOSED
+        events += [Send(replies.TIMEOUT), _CLOSE]
+        return events
+
+    def fail(self) -> list[Event]:
+        """An unexpected local error: a temporary 451 and close (never a traceback)."""
+        if self.state is State.CLOSED:
+            return []
+        events: list[Event] = []
+        if self.state in (State.DATA, State.WAIT_START, State.WAIT_END):
+            events.append(MessageAbort("local error"))
+        self.state = State.CLOSED
+        return [*events, Send(replies.TEMP_ERROR), _CLOSE]
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Bytes from the client; ``b""`` means the client closed its side."""
+        state = self.state
+        if state is State.CLOSED:
+            return []
+        if not data:
+            self.state = State.CLOSED
+            if state in (State.DATA, State.WAIT_START, State.WAIT_END):
+                return [MessageAbort("connection closed in DATA"), _CLOSE]
+            return [_CLOSE]
+        if state is State.GREETING:
+            self.state = State.CLOSED
+            return [Send(replies.EARLY_TALKER), _CLOSE]
+        if self._first and not self._buf and (data[0] == 0x16 or data[0] >= 0x80):
+            # A TLS ClientHello (or SSLv2 hello) on the plain port.
+            self.state = State.CLOSED
+            return [Send(replies.TLS_HELLO), _CLOSE]
+        self._buf = self._buf + data if self._buf else data
+        if state is State.WAIT_START or state is State.WAIT_END:
+            return []
+        return self._run()
+
+    @property
+    def wants_input(self) -> bool:
+        """False while waiting for the queue, or once the held input is over the bound."""
+        if self.state in (State.WAIT_START, State.WAIT_END):
+            return len(self._buf) < self.limits.max_held
+        return self.state is not State.CLOSED
+
+    def start_result(self, ok: bool) -> list[Event]:
+        """After MessageStart: did the queue entry open? (qmail: ``451 qqt failure``)."""
+        if self.state is not State.WAIT_START:
+            return []
+        events: list[Event] = []
+        if ok:
+            self.state = State.DATA
+            self._decoder = DataDecoder(self.session.databytes, max_line=self.limits.max_text_line)
+            events.append(Send(replies.GO_AHEAD))
+        else:
+            self.state = State.COMMAND
+            self._error(events, replies.QQT_FAILURE)
+            self._buf = b""  # what was pipelined after a refused DATA is not run
+        if self.state is not State.CLOSED:
+            events += self._run()
+        return events
+
+    def message_result(self, reply: bytes) -> list[Event]:
+        """After MessageEnd: the queue's answer (``250 ok T qp N`` or a 451/554 line)."""
+        if self.state is not State.WAIT_END:
+            return []
+        self.state = State.COMMAND
+        events: list[Event] = []
+        if reply[:1] in (b"4", b"5"):
+            self._error(events, reply)
+        else:
+            events.append(Send(reply))
+        if self.state is not State.CLOSED:
+            events += self._run()
+        return events
+
+    # ----------------------------------------------------------------- the machine
+
+    def _run(self) -> list[Event]:
+        events: list[Event] = []
+        buf = self._buf
+        pos = 0
+        limits = self.limits
+        while self.state is State.COMMAND or self.state is State.DATA:
+            if self.state is State.DATA:
+                buf, pos = self._data(buf[pos:] if pos else buf, events), 0
+                if self.state is State.DATA:  # needs more input
+                    break
+                continue
+            if self._discarding:
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    self._discarding += len(buf) - pos
+                    pos = len(buf)
+                    if self._discarding > limits.max_discard:
+                        self.state = State.CLOSED
+                        events += [Send(replies.LONG_LINE_CLOSE), _CLOSE]
+                    break
+                self._discarding = 0
+                pos = nl + 1
+                continue
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) - pos > limits.max_command + 1:
+                    self._discarding = len(buf) - pos
+                    pos = len(buf)
+                    self._error(events, replies.LINE_TOO_LONG)
+                break
+            end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
+            line = buf[pos:end]
+            pos = nl + 1
+            if len(line) > limits.max_command:
+                self._error(events, replies.LINE_TOO_LONG)
+                continue
+            discard = self._command(line, events)
+            if discard:
+                pos = len(buf)
+        self._buf = buf[pos:] if pos else buf
+        if self.state is State.CLOSED:
+            self._buf = b""
+        return events
+
+    def _error(self, events: list[Event], reply: bytes) -> None:
+        events.append(Send(reply))
+        self._errors += 1
+        if self._errors >= self.limits.max_errors and self.state is not State.CLOSED:
+            if self.state in (State.DATA, State.WAIT_START, State.WAIT_END):
+                events.append(MessageAbort("too many errors"))
+            self.state = State.CLOSED
+            events += [Send(replies.TOO_MANY_ERRORS), _CLOSE]
+
+    def _reset(self) -> None:
+        self._sender = None
+        self._barf = False
+        self._rcpts = []
+
+    def _data(self, buf: bytes, events: list[Event]) -> bytes:
+        """Feed DATA bytes; returns what follows the final dot (pipelined commands)."""
+        dec = self._decoder
+        assert dec is not None
+        res = dec.feed(buf)
+        for chunk in res.chunks:
+            events.append(DataChunk(chunk))
+        if res.fatal is not None:
+            self.state = State.CLOSED
+            reply = replies.BARE_LF if res.fatal is DataError.BARE_LF else replies.BARE_CR
+            events += [MessageAbort(res.fatal.value), Send(reply), _CLOSE]
+            return b""
+        if not res.done:
+            return b""
+        self._decoder = None
+        failure = dec.failure
+        if failure is None:
+            self.state = State.WAIT_END
+            events.append(_END_MESSAGE)
+            return res.rest
+        self.state = State.COMMAND
+        events.append(MessageAbort(failure.value))
+        if failure is DataError.TOO_MANY_HOPS:
+            self._error(events, replies.TOO_MANY_HOPS)
+        elif failure is DataError.TOO_BIG:
+            self._error(events, replies.TOO_BIG)
+        else:
+            self._error(events, replies.TEXT_TOO_LONG)
+        return res.rest
+
+    def _command(self, line: bytes, events: list[Event]) -> bool:
+        """Run one command line; True means: discard the rest of the input read so far."""
+        first = self._first
+        self._first = False
+        sp = line.find(b" ")
+        verb = (line if sp < 0 else line[:sp]).lower()
+        if verb in _HTTP and (first or sp >= 0):
+            self.state = State.CLOSED
+            events += [Send(replies.NOT_SMTP), _CLOSE]
+            return True
+        if _BAD_BYTES.search(line) is not None:
+            self._error(events, replies.BAD_BYTES)
+            return False
+        arg = line[sp + 1 :].lstrip(b" ") if sp >= 0 else b""
+        if verb == b"rcpt":
+            self._rcpt(arg, events)
+        elif verb == b"mail":
+            self._mail(arg, events)
+        elif verb == b"data":
+            return self._data_command(events)
+        elif verb == b"quit":
+            self.state = State.CLOSED
+            events += [Send(replies.quit_(self.session.greeting)), _CLOSE]
+            return True
+        elif verb == b"helo" or verb == b"ehlo":
+            self._helo = arg
+            self._reset()
+            if verb == b"helo":
+                events.append(Send(replies.helo(self.session.greeting)))
+            else:
+                events.append(Send(replies.ehlo(self.session.greeting, self.session.databytes)))
+        elif verb == b"rset":
+            self._reset()
+            events.append(Send(replies.FLUSHED))
+        elif verb == b"noop":
+            events.append(Send(replies.OK))
+        elif verb == b"vrfy":
+            events.append(Send(replies.VRFY))
+        elif verb == b"help":
+            events.append(Send(replies.HELP))
+        elif verb == b"bdat":
+            # CHUNKING is not offered: the chunk that follows must never run as commands,
+            # and its length cannot be trusted, so the connection ends here.
+            self.state = State.CLOSED
+            events += [Send(replies.NO_CHUNKING), _CLOSE]
+            return True
+        elif verb == b"auth":
+            self._error(events, replies.NO_AUTH)
+            return True
+        elif verb == b"starttls":
+            # Not offered: whatever was sent behind it (a handshake, injected commands) is dropped.
+            self._error(events, replies.UNIMPLEMENTED)
+            return True
+        else:
+            self._error(events, replies.UNIMPLEMENTED)
+        return False
+
+    def _path(self, arg: bytes, events: list[Event]) -> tuple[bytes, bytes] | None:
+        if not arg.isascii():
+            self._error(events, replies.EIGHTBIT_ADDRESS)
+            return None
+        address, params = parse_path(arg)
+        bad = check_address(address)
+        if bad is not None:
+            self._error(events, bad)
+            return None
+        return self.session.rewrite_literal(address), params
+
+    def _mail(self, arg: bytes, events: list[Event]) -> None:
+        parsed = self._path(arg, events)
+        if parsed is None:
+            return
+        address, params = parsed
+        checked = parse_mail_params(params, self.session.databytes)
+        if isinstance(checked, bytes):
+            self._error(events, checked)
+            return
+        self._sender = address
+        self._rcpts = []
+        self._barf = self.session.badmailfrom(address)
+        events.append(Send(replies.OK))
+
+    def _rcpt(self, arg: bytes, events: list[Event]) -> None:
+        if self._sender is None:
+            self._error(events, replies.MAIL_FIRST)
+            return
+        parsed = self._path(arg, events)
+        if parsed is None:
+            return
+        address, params = parsed
+        bad = check_rcpt_params(params)
+        if bad is not None:
+            self._error(events, bad)
+            return
+        if not address:
+            self._error(events, replies.EMPTY_RCPT)
+            return
+        if len(self._rcpts) >= self.limits.max_rcpts:
+            events.append(Send(replies.TOO_MANY_RCPTS))  # not counted as an error
+            return
+        if self._barf:
+            self._error(events, replies.BMF)
+            return
+        session = self.session
+        if session.relayclient is not None:
+            address += session.relayclient
+        elif not session.rcpt_allowed(address):
+            self._error(events, replies.NOT_RCPTHOSTS)
+            return
+        self._rcpts.append(address)
+        events.append(Send(replies.OK))
+
+    def _data_command(self, events: list[Event]) -> bool:
+        if self._sender is None:
+            self._error(events, replies.MAIL_FIRST)
+            return True
+        if not self._rcpts:
+            self._error(events, replies.RCPT_FIRST)
+            return True
+        sender, rcpts = self._sender, tuple(self._rcpts)
+        self._reset()
+        self.state = State.WAIT_START
+        events.append(MessageStart(sender, rcpts, self.session.received(self._helo)))
+        return False

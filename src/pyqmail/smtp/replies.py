@@ -1,0 +1,92 @@
+"""Every reply the SMTP server sends, in one table.
+
+The texts are qmail-smtpd's (smtpd.md sections 3 and 5) byte for byte wherever qmail has
+the reply; the replies for pyqmail's stricter rules (smtpd.md, last section) follow qmail's
+style: a short lower-case sentence and an enhanced status code in ``(#x.y.z)``. Each
+constant is a whole reply line including CRLF, so the protocol core only concatenates.
+Replies that carry a variable part are built by the small functions at the end.
+"""
+
+from __future__ import annotations
+
+CRLF = b"\r\n"
+
+# qmail-smtpd's own replies (smtpd.md section 3).
+OK = b"250 ok\r\n"
+FLUSHED = b"250 flushed\r\n"
+MAIL_FIRST = b"503 MAIL first (#5.5.1)\r\n"
+RCPT_FIRST = b"503 RCPT first (#5.5.1)\r\n"
+SYNTAX = b"555 syntax error (#5.5.4)\r\n"
+BMF = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+NOT_RCPTHOSTS = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
+GO_AHEAD = b"354 go ahead\r\n"
+QQT_FAILURE = b"451 qqt failure (#4.3.0)\r\n"
+VRFY = b"252 send some mail, i'll try my best\r\n"
+HELP = b"214 notqmail home page: https://notqmail.org\r\n"
+UNIMPLEMENTED = b"502 unimplemented (#5.5.1)\r\n"
+TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
+NOMEM = b"421 out of memory (#4.3.0)\r\n"
+BARE_LF = b"451 See https://cr.yp.to/docs/smtplf.html.\r\n"
+TOO_MANY_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
+TOO_BIG = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+
+# pyqmail's stricter rules (smtpd.md, "Where pyqmail is stricter than qmail").
+BARE_CR = b"451 See https://cr.yp.to/docs/smtplf.html. (bare CR in data) (#5.6.2)\r\n"
+LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
+TEXT_TOO_LONG = b"554 sorry, a line in your message is longer than 1000 octets (#5.6.0)\r\n"
+LONG_LINE_CLOSE = b"421 sorry, that line is far too long, closing connection (#4.7.0)\r\n"
+BAD_BYTES = b"501 sorry, control characters are not allowed in commands (#5.5.2)\r\n"
+EIGHTBIT_ADDRESS = b"553 sorry, 8-bit addresses need SMTPUTF8, which is not offered (#5.6.7)\r\n"
+EMPTY_RCPT = b"553 sorry, an empty recipient address is not allowed (#5.1.3)\r\n"
+BAD_PARAM = b"555 sorry, unsupported MAIL/RCPT parameter (#5.5.4)\r\n"
+BAD_SIZE = b"501 sorry, the SIZE parameter is not a number (#5.5.4)\r\n"
+BINARYMIME = b"555 sorry, BODY=BINARYMIME needs CHUNKING, which is not offered (#5.6.1)\r\n"
+SIZE_TOO_BIG = TOO_BIG
+TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"
+TOO_MANY_ERRORS = b"421 sorry, too many errors, closing connection (#4.7.0)\r\n"
+EARLY_TALKER = b"554 sorry, you talked before my greeting (#5.5.1)\r\n"
+NOT_SMTP = b"554 sorry, this is an SMTP server, not HTTP (#5.5.1)\r\n"
+TLS_HELLO = b"554 sorry, TLS without STARTTLS is not offered here (#5.5.1)\r\n"
+NO_CHUNKING = b"554 sorry, BDAT is not offered here, closing connection (#5.5.1)\r\n"
+NO_AUTH = b"503 sorry, AUTH is not offered here (#5.7.0)\r\n"
+TEMP_ERROR = b"451 sorry, an unexpected local error occurred, closing connection (#4.3.0)\r\n"
+TOO_MANY_CONNS = b"421 sorry, too many connections, try again later (#4.3.2)\r\n"
+
+
+def greeting(smtpgreeting: str) -> bytes:
+    """``220 <smtpgreeting> ESMTP``."""
+    return b"220 " + _text(smtpgreeting) + b" ESMTP\r\n"
+
+
+def helo(smtpgreeting: str) -> bytes:
+    """``250 <smtpgreeting>``."""
+    return b"250 " + _text(smtpgreeting) + CRLF
+
+
+def ehlo(smtpgreeting: str, databytes: int) -> bytes:
+    """qmail's EHLO lines plus SIZE (``SIZE`` alone when there is no limit)."""
+    size = b"250 SIZE " + str(databytes).encode() if databytes > 0 else b"250 SIZE"
+    return b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + size + CRLF
+
+
+def quit_(smtpgreeting: str) -> bytes:
+    """``221 <smtpgreeting>``."""
+    return b"221 " + _text(smtpgreeting) + CRLF
+
+
+def accepted(when: int, qp: int) -> bytes:
+    """``250 ok <unixtime> qp <qp>``: log analysers parse this exact shape."""
+    return b"250 ok %d qp %d\r\n" % (when, qp)
+
+
+def queue_failure(kind: str, text: str) -> bytes:
+    """A qmail-queue failure as qmail-smtpd reports it: ``D`` -> 554, else 451."""
+    code = b"554 " if kind == "D" else b"451 "
+    return code + _text(text) + CRLF
+
+
+def _text(s: str) -> bytes:
+    # Control files are decoded with surrogateescape; put their bytes back as they were,
+    # but never let a CR or LF from a control file split a reply.
+    return s.encode("utf-8", "surrogateescape").replace(b"\r", b" ").replace(b"\n", b" ")

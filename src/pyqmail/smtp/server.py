@@ -1,0 +1,621 @@
+"""The adapters that put the SMTP conversation on a socket: asyncio listener and stdio.
+
+Both drive :class:`~pyqmail.smtp.protocol.SmtpServerConnection` and hand the message to a
+queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about SMTP.
+
+* :class:`SmtpServer` is the listener ``pyqmail run`` and ``pyqmail smtpd --listen`` use:
+  asyncio (uvloop when installed), IPv4 and IPv6, one tcprules lookup per connection in
+  tcpserver's order (default ``control/tcp.smtp.cdb``; a missing file allows everyone, as
+  tcpserver without ``-x``; an unreadable one drops the connection), the environment
+  tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
+  The commit (the fsyncs) runs in a worker thread, so concurrent sessions' syncs overlap;
+  ``250 ok`` is written only after it returned.
+* :func:`run_stdio` is ``qmail-smtpd`` under tcpserver: the socket on fd 0/1 and the
+  environment tcpserver set.
+
+An unexpected exception never reaches the client: it is logged and the client gets a 451
+and the connection is closed; any message in progress is aborted (nothing queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import cast
+
+from pyqmail import cdb, tcprules
+from pyqmail.control import ControlCache, ControlError, load
+from pyqmail.home import Home
+from pyqmail.queue import codes
+from pyqmail.queue import submit as qsubmit
+from pyqmail.queue.writer import QueueError
+from pyqmail.smtp import replies
+from pyqmail.smtp.protocol import (
+    Close,
+    DataChunk,
+    Event,
+    Limits,
+    MessageAbort,
+    MessageEnd,
+    MessageStart,
+    Send,
+    SmtpServerConnection,
+)
+from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
+
+log = logging.getLogger("pyqmail.smtpd")
+
+LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
+
+
+class _Message:
+    """The queue side of one session: at most one message open at a time."""
+
+    __slots__ = ("_error", "_pending", "_rcpts", "_sender", "submitter")
+
+    def __init__(self, submitter: qsubmit.Submitter) -> None:
+        self.submitter = submitter
+        self._pending: qsubmit.PendingLike | None = None
+        self._sender = b""
+        self._rcpts: tuple[bytes, ...] = ()
+        self._error: bytes | None = None
+
+    def start(self, ev: MessageStart) -> bool:
+        self.abort()
+        try:
+            self._pending = self.submitter.begin(origin="network", received=ev.received)
+        except QueueError as e:
+            log.warning("queue refused a new message: %s", e)
+            return False
+        except Exception:
+            log.exception("unable to start a queue entry")
+            return False
+        self._sender, self._rcpts, self._error = ev.sender, ev.recipients, None
+        return True
+
+    def write(self, data: bytes) -> None:
+        p = self._pending
+        if p is None or self._error is not None:
+            return
+        try:
+            p.write(data)
+        except QueueError as e:
+            self._error = codes.smtp_reply(e.code, e.custom)
+        except Exception:
+            log.exception("queue write failed")
+            self._error = codes.smtp_reply(codes.WRITE_ERROR)
+
+    def commit(self) -> bytes:
+        """Blocking: make the message durable; the reply line for the client."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return codes.smtp_reply(codes.INTERNAL_BUG)
+        if self._error is not None:
+            with contextlib.suppress(Exception):
+                p.abort()
+            return self._error
+        try:
+            p.commit(self._sender, self._rcpts)
+        except QueueError as e:
+            return codes.smtp_reply(e.code, e.custom)
+        except Exception:
+            log.exception("queue commit failed")
+            with contextlib.suppress(Exception):
+                p.abort()
+            return codes.smtp_reply(codes.INTERNAL_BUG)
+        return replies.accepted(int(time.time()), p.qp)
+
+    def abort(self) -> None:
+        p, self._pending = self._pending, None
+        if p is not None:
+            try:
+                p.abort()
+            except Exception:
+                log.exception("queue abort failed")
+
+
+def _peer_ip(addr: object) -> tuple[str, str]:
+    """(ip, port) as tcpserver writes them; IPv4-mapped IPv6 becomes plain IPv4."""
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return "unknown", "0"
+    ip = str(addr[0])
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ip, str(addr[1])
+
+
+class SmtpServer:
+    """The SMTP listener (see the module docstring). ``start`` binds and returns the server."""
+
+    def __init__(
+        self,
+        home: Home,
+        ctl: ControlCache,
+        submitter: qsubmit.Submitter,
+        *,
+        rules: Path | None = None,
+        max_conns: int = 100,
+        max_per_ip: int = 20,
+        limits: Limits | None = None,
+        greet_delay: float = 0.0,
+        linger: float = LINGER,
+        local_ips: frozenset[IPAddress] | None = None,
+        executor: ThreadPoolExecutor | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.home = home
+        self.ctl = ctl
+        self.submitter = submitter
+        self.rules_path = rules if rules is not None else home.control / "tcp.smtp.cdb"
+        self.max_conns = max_conns
+        self.max_per_ip = max_per_ip
+        self.limits = limits or Limits()
+        self.greet_delay = greet_delay
+        self.linger = linger
+        self.local_ips = local_ips if local_ips is not None else local_addresses()
+        self.executor = executor or ThreadPoolExecutor(max_workers=64, thread_name_prefix="smtpq")
+        self.reuse_port = reuse_port
+        self.conns = 0
+        self.per_ip: dict[str, int] = {}
+        self._rules = CdbCache(self.rules_path)
+        self._more = CdbCache(home.control / "morercpthosts.cdb")
+        self._servers: list[asyncio.AbstractServer] = []
+        self.base_env: dict[str, str] = {}
+        if "DATABYTES" in os.environ:
+            self.base_env["DATABYTES"] = os.environ["DATABYTES"]
+        self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
+
+    async def start(self, host: str, port: int) -> asyncio.AbstractServer:
+        """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _SmtpProtocol(self),
+            host,
+            port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+        )
+        self._servers.append(server)
+        return server
+
+    # -- per connection ---------------------------------------------------------------
+
+    def decide(self, ip: str) -> tcprules.Decision | None:
+        """The tcprules decision; None when the rules file cannot be read (drop)."""
+        try:
+            reader = self._rules.get()
+            if reader is None:
+                return tcprules.Decision(True, {}, None)
+            return tcprules.lookup(reader, ip)
+        except (OSError, cdb.CdbError) as e:
+            log.warning("dropping connection from %s, unable to read %s: %s",
+                        ip, self.rules_path, e)  # fmt: skip
+            return None
+
+    def session(self, env: Mapping[str, str]) -> Session:
+        ctl = self.ctl.get()
+        try:
+            more = self._more.get()
+        except (OSError, cdb.CdbError) as e:
+            raise SessionError(f"unable to read morercpthosts.cdb: {e}") from e
+        return Session(ctl, env, morercpthosts=more, local_ips=self.local_ips)
+
+    def submitter_for(self, env: Mapping[str, str]) -> qsubmit.Submitter:
+        """A rule may set QMAILQUEUE for its clients (a per-client filter), as with tcpserver."""
+        program = env.get("QMAILQUEUE")
+        if program:
+            return qsubmit.ProgramSubmitter(self.home, program)
+        return self.submitter
+
+
+class _SmtpProtocol(asyncio.Protocol):
+    """One connection: bytes to the core, events to the transport and the queue."""
+
+    __slots__ = ("closing", "conn", "ip", "last", "loop", "msg", "partial_since", "server",
+                 "timer", "transport")  # fmt: skip
+
+    def __init__(self, server: SmtpServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: SmtpServerConnection | None = None
+        self.msg: _Message | None = None
+        self.ip = ""
+        self.last = 0.0
+        self.partial_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        srv = self.server
+        ip, port = _peer_ip(transport.get_extra_info("peername"))
+        lip, lport = _peer_ip(transport.get_extra_info("sockname"))
+        self.ip = ip
+        if srv.conns >= srv.max_conns or srv.per_ip.get(ip, 0) >= srv.max_per_ip:
+            transport.write(replies.TOO_MANY_CONNS)
+            self.ip = ""
+            self._close_now()
+            return
+        srv.conns += 1
+        srv.per_ip[ip] = srv.per_ip.get(ip, 0) + 1
+        try:
+            decision = srv.decide(ip)
+            if decision is None or not decision.allow:
+                self._close_now()  # tcpserver: closed, nothing written
+                return
+            env = dict(srv.base_env)
+            ctl_me = srv.ctl.get().me
+            env.update(PROTO="TCP", TCPLOCALIP=lip, TCPLOCALPORT=lport, TCPREMOTEIP=ip,
+                       TCPREMOTEPORT=port)  # fmt: skip
+            if ctl_me:
+                env["TCPLOCALHOST"] = ctl_me
+            env.update(decision.env)
+            try:
+                session = srv.session(env)
+            except (SessionError, ControlError) as e:
+                log.warning("%s: %s", ip, e)
+                transport.write(replies.CONTROLS)
+                self._close_now()
+                return
+            self.msg = _Message(srv.submitter_for(env))
+            self.conn = SmtpServerConnection(session, srv.limits)
+            self.last = self.loop.time()
+            if srv.greet_delay > 0:
+                self.timer = self.loop.call_later(srv.greet_delay, self._greet)
+            else:
+                self._greet()
+        except Exception:
+            log.exception("connection setup failed for %s", ip)
+            transport.write(replies.TEMP_ERROR)
+            self._close_now()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.closing:
+            return  # lingering after our last reply: input is discarded
+        self.last = now = self.loop.time()
+        was_partial = conn.partial
+        try:
+            events = conn.receive_data(data)
+        except Exception:
+            log.exception("protocol error with %s", self.ip)
+            events = conn.fail()
+        if conn.partial and not was_partial:
+            self.partial_since = now
+        self._handle(events)
+
+    def eof_received(self) -> bool | None:
+        if self.conn is not None and not self.closing:
+            self._handle(self.conn.receive_data(b""))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.msg is not None:
+            self.msg.abort()
+        if self.ip:
+            srv = self.server
+            srv.conns -= 1
+            n = srv.per_ip.get(self.ip, 1) - 1
+            if n <= 0:
+                srv.per_ip.pop(self.ip, None)
+            else:
+                srv.per_ip[self.ip] = n
+            self.ip = ""
+        self.conn = None
+        self.closing = True
+
+    # -- helpers
+
+    def _greet(self) -> None:
+        if self.conn is None or self.closing:
+            return
+        self._handle(self.conn.greet())
+        self._arm(self.server.ctl.get().timeoutsmtpd)
+
+    def _arm(self, delay: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(max(delay, 0.01), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        if self.msg is not None and conn.state.value == "wait-end":
+            self._arm(1.0)  # the queue is committing; its own reply ends the wait
+            return
+        timeout = float(self.server.ctl.get().timeoutsmtpd)
+        due = self.last + timeout
+        if conn.partial:
+            due = min(due, self.partial_since + min(timeout, 120.0))
+        now = self.loop.time()
+        if now >= due:
+            self._handle(conn.timeout())
+        else:
+            self._arm(due - now)
+
+    def _handle(self, events: list[Event]) -> None:
+        """Carry out the core's events, in order; one write for all replies."""
+        transport = self.transport
+        conn = self.conn
+        msg = self.msg
+        if transport is None or conn is None or msg is None:
+            return
+        out: list[bytes] = []
+        while events:
+            nxt: list[Event] = []
+            for ev in events:
+                kind = type(ev)
+                if kind is Send:
+                    out.append(ev.data)  # type: ignore[union-attr]
+                elif kind is DataChunk:
+                    msg.write(ev.data)  # type: ignore[union-attr]
+                elif kind is MessageStart:
+                    ok = msg.start(ev)  # type: ignore[arg-type]
+                    nxt = conn.start_result(ok)
+                    break
+                elif kind is MessageEnd:
+                    if out:
+                        transport.write(b"".join(out))
+                        out = []
+                    transport.pause_reading()
+                    self.loop.create_task(self._commit())
+                    return
+                elif kind is MessageAbort:
+                    msg.abort()
+                elif kind is Close:
+                    if out:
+                        transport.write(b"".join(out))
+                    self._linger()
+                    return
+            events = nxt
+        if out:
+            transport.write(b"".join(out))
+        if not conn.wants_input:
+            transport.pause_reading()
+
+    async def _commit(self) -> None:
+        msg, conn = self.msg, self.conn
+        assert msg is not None and conn is not None
+        try:
+            reply = await self.loop.run_in_executor(self.server.executor, msg.commit)
+        except Exception:
+            log.exception("commit crashed")
+            reply = codes.smtp_reply(codes.INTERNAL_BUG)
+        if reply[:3] == b"250":
+            self.server.accepted += 1
+        if self.conn is None or self.transport is None or self.closing:
+            return
+        self.last = self.loop.time()
+        try:
+            events = conn.message_result(reply)
+        except Exception:
+            log.exception("protocol error with %s", self.ip)
+            events = conn.fail()
+        self._handle(events)
+        if self.conn is not None and not self.closing and conn.wants_input:
+            self.transport.resume_reading()
+
+    def _linger(self) -> None:
+        """Our last reply is written: send FIN, discard input for a moment, then close."""
+        self.closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+                transport.resume_reading()
+                self.timer = self.loop.call_later(self.server.linger, transport.close)
+                return
+        except (OSError, RuntimeError):
+            pass
+        transport.close()
+
+    def _close_now(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def install_uvloop() -> bool:
+    """Use uvloop for new event loops when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT``, ``[v6]:PORT`` or ``v6-address:PORT`` -> (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"bad listen address {text!r}")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad listen address {text!r}")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad port in {text!r}")
+    if host in ("", "0", "*"):
+        host = "0.0.0.0"
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+    return host, int(port)
+
+
+# ------------------------------------------------------------------------- stdin/stdout
+
+
+def run_stdio(
+    home: Home,
+    env: Mapping[str, str] | None = None,
+    *,
+    infd: int = 0,
+    outfd: int = 1,
+    limits: Limits | None = None,
+    submitter: qsubmit.Submitter | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns the exit code."""
+    env = os.environ if env is None else env
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    out = _Writer(outfd)
+    try:
+        ctl = load(home)
+        more = CdbCache(home.control / "morercpthosts.cdb").get()
+        session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
+    except (ControlError, SessionError, OSError, cdb.CdbError) as e:
+        print(f"qmail-smtpd: {e}", file=sys.stderr)
+        out.write(replies.CONTROLS)
+        return 1
+    try:
+        msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)))
+    except Exception as e:
+        print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
+        out.write(replies.CONTROLS)
+        return 1
+    conn = SmtpServerConnection(session, limits)
+    timeout = float(ctl.timeoutsmtpd)
+    events = conn.greet()
+    partial_since = 0.0
+    try:
+        while True:
+            for ev in events:
+                kind = type(ev)
+                if kind is Send:
+                    out.buffer(ev.data)  # type: ignore[union-attr]
+                elif kind is DataChunk:
+                    msg.write(ev.data)  # type: ignore[union-attr]
+                elif kind is MessageStart:
+                    events = conn.start_result(msg.start(ev))  # type: ignore[arg-type]
+                    break
+                elif kind is MessageEnd:
+                    out.flush()
+                    events = conn.message_result(msg.commit())
+                    break
+                elif kind is MessageAbort:
+                    msg.abort()
+                elif kind is Close:
+                    out.flush()
+                    _drain(infd, outfd)
+                    return 0
+            else:
+                events = []
+            if events:
+                continue
+            out.flush()
+            wait = timeout
+            if conn.partial:
+                wait = min(wait, partial_since + min(timeout, 120.0) - clock())
+            if wait <= 0 or not select.select([infd], [], [], wait)[0]:
+                events = conn.timeout()
+                continue
+            try:
+                data = os.read(infd, 65536)
+            except OSError:
+                data = b""
+            was_partial = conn.partial
+            events = conn.receive_data(data)
+            if conn.partial and not was_partial:
+                partial_since = clock()
+    except _WriteFailed:
+        msg.abort()
+        return 0
+    except Exception:
+        log.exception("qmail-smtpd: unexpected error")
+        msg.abort()
+        with contextlib.suppress(_WriteFailed):
+            out.write(replies.TEMP_ERROR)
+        return 1
+
+
+class _WriteFailed(Exception):
+    pass
+
+
+class _Writer:
+    """Output buffered until the next read (qmail's substdio), then written whole."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._out: list[bytes] = []
+
+    def buffer(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out = []
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise _WriteFailed(str(e)) from e
+            view = view[n:]
+
+
+def _drain(infd: int, outfd: int, limit: float = LINGER) -> None:
+    """Half-close a socket and discard what the client still sends, for a moment.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy our
+    last reply before the client reads it.
+    """
+    try:
+        s = socket.socket(fileno=os.dup(outfd))
+    except OSError:
+        return
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        s.close()
+        return
+    s.close()
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            if not select.select([infd], [], [], left)[0]:
+                return
+            if not os.read(infd, 65536):
+                return
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                return

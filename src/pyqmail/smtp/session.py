@@ -1,0 +1,226 @@
+"""qmail-smtpd's per-connection policy: who may relay, whose mail is refused, what we say.
+
+A :class:`Session` is built once per connection from the control snapshot and the
+connection's environment (what tcpserver or our listener set, plus the tcprules
+variables). It owns the decisions qmail-smtpd makes from them (smtpd.md sections 1, 3,
+6, 7 and 8):
+
+* ``smtpgreeting`` (falls back to ``me``; neither present = cannot run: 421),
+* databytes: ``control/databytes``, overridden by ``$DATABYTES``,
+* badmailfrom: the whole address or ``@domain``, case-insensitive,
+* relay control: ``$RELAYCLIENT`` set (even empty) skips it and is appended to every
+  recipient; else a recipient without ``@`` passes, and one with a domain must be in
+  rcpthosts (exact or ``.suffix``) or morercpthosts.cdb; no rcpthosts = open relay,
+* ``[ip]`` literals naming one of our addresses become localiphost,
+* the Received line with qmail's ``?`` substitution.
+
+No I/O happens here except what the caller hands in (the control snapshot, an open cdb
+reader, the set of local addresses); :func:`local_addresses` and :class:`CdbCache` are
+the small helpers the adapters use to get those.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from pyqmail import cdb
+from pyqmail.control import Control, domain_keys
+from pyqmail.qdate import date822
+from pyqmail.smtp.address import domain_of, ip_literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# notqmail's safe characters for the fields of the Received line (received.c).
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.@%+/=:-[]")
+_SAFE_TABLE = bytes(c if c in _SAFE else 0x3F for c in range(256))
+
+
+class SessionError(Exception):
+    """The session cannot start (qmail's 421 at start-up); the message is for the log."""
+
+
+def safe(text: bytes) -> bytes:
+    """qmail's Received-line substitution: every unsafe byte becomes ``?``."""
+    return text.translate(_SAFE_TABLE)
+
+
+def _scan_ulong(text: str) -> int:
+    digits = ""
+    for ch in text:
+        if not "0" <= ch <= "9":
+            break
+        digits += ch
+    return int(digits) if digits else 0
+
+
+class Session:
+    """The policy of one SMTP connection. See the module docstring."""
+
+    __slots__ = (
+        "_bmf",
+        "_local_ips",
+        "_localiphost",
+        "_more",
+        "_rcpthosts",
+        "_when",
+        "databytes",
+        "greeting",
+        "local_host",
+        "relayclient",
+        "remote_host",
+        "remote_info",
+        "remote_ip",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        ctl: Control,
+        env: Mapping[str, str],
+        *,
+        morercpthosts: cdb.Reader | None = None,
+        local_ips: frozenset[IPAddress] = frozenset(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        greeting = ctl.smtpgreeting
+        if greeting is None:
+            raise SessionError("neither control/smtpgreeting nor control/me exists")
+        self.greeting = greeting
+        databytes = ctl.databytes
+        if "DATABYTES" in env:
+            databytes = _scan_ulong(env["DATABYTES"])
+        self.databytes = databytes
+        self.remote_ip = env.get("TCPREMOTEIP") or "unknown"
+        self.remote_host = env.get("TCPREMOTEHOST") or "unknown"
+        self.remote_info = env.get("TCPREMOTEINFO")
+        self.local_host = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
+        rc = env.get("RELAYCLIENT")
+        self.relayclient = None if rc is None else _b(rc)
+        self._bmf = frozenset(_b(x) for x in ctl.badmailfrom)
+        self._rcpthosts = None if ctl.rcpthosts is None else frozenset(_b(x) for x in ctl.rcpthosts)
+        self._more = morercpthosts
+        self._localiphost = None if ctl.localiphost is None else _b(ctl.localiphost)
+        ips = set(local_ips)
+        ips.add(ipaddress.IPv4Address("0.0.0.0"))
+        for name in ("TCPLOCALIP",):
+            try:
+                ips.add(ipaddress.ip_address(env.get(name, "")))
+            except ValueError:
+                pass
+        self._local_ips = frozenset(ips)
+        self._when = clock
+
+    def badmailfrom(self, sender: bytes) -> bool:
+        """qmail's bmfcheck: the address, or ``@domain``, listed (case-insensitive)."""
+        if not self._bmf:
+            return False
+        low = sender.lower()
+        if low in self._bmf:
+            return True
+        at = low.rfind(b"@")
+        return at >= 0 and low[at:] in self._bmf
+
+    def rcpt_allowed(self, rcpt: bytes) -> bool:
+        """Relay control for one recipient (RELAYCLIENT is the caller's first check)."""
+        if self.relayclient is not None or self._rcpthosts is None:
+            return True
+        at = rcpt.rfind(b"@")
+        if at < 0:
+            return True
+        domain = rcpt[at + 1 :].decode("ascii", "replace")
+        keys = [k.encode("ascii", "replace") for k in domain_keys(domain)]
+        if any(k in self._rcpthosts for k in keys):
+            return True
+        more = self._more
+        return more is not None and any(more.get(k) is not None for k in keys)
+
+    def rewrite_literal(self, address: bytes) -> bytes:
+        """``user@[one of our IPs]`` -> ``user@localiphost`` (qmail-smtpd's addrparse)."""
+        if self._localiphost is None or not address.endswith(b"]"):
+            return address
+        ip = ip_literal(domain_of(address))
+        if ip is None:
+            return address
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip not in self._local_ips:
+            return address
+        return address[: address.rfind(b"@") + 1] + self._localiphost
+
+    def received(self, helo: bytes | None) -> bytes:
+        """The Received line qmail-smtpd puts above the message (smtpd.md section 6)."""
+        host = _b(self.remote_host)
+        out = [b"Received: from ", safe(host)]
+        if helo is not None and helo.lower() != host.lower():
+            out += [b" (HELO ", safe(helo), b")"]
+        out.append(b" (")
+        if self.remote_info is not None:
+            out += [safe(_b(self.remote_info)), b"@"]
+        out += [safe(_b(self.remote_ip)), b")\n  by ", safe(_b(self.local_host))]
+        out += [b" with SMTP; ", date822(self._when()).encode(), b"\n"]
+        return b"".join(out)
+
+
+def _b(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def local_addresses() -> frozenset[IPAddress]:
+    """This host's interface addresses (IPv4 by SIOCGIFADDR, IPv6 from /proc), for localiphost."""
+    out: set[IPAddress] = set()
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                res = fcntl.ioctl(s.fileno(), siocgifaddr, req)
+                out.add(ipaddress.IPv4Address(res[20:24]))
+            except OSError:
+                continue
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                out.add(ipaddress.IPv6Address(bytes.fromhex(hexaddr)))
+    except (OSError, ValueError, IndexError):
+        pass
+    out.add(ipaddress.IPv4Address("127.0.0.1"))
+    return frozenset(out)
+
+
+class CdbCache:
+    """An open cdb that is reopened when its file changes (one stat per use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple[int, int, int] | None = None
+        self._reader: cdb.Reader | None = None
+
+    def get(self) -> cdb.Reader | None:
+        """The current reader, or None if the file does not exist. OSError if unreadable."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._close()
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._reader is None or key != self._key:
+            self._close()
+            self._reader = cdb.Reader.open(self.path)
+            self._key = key
+        return self._reader
+
+    def _close(self) -> None:
+        # Sessions may still hold the old reader: let it go with its last user.
+        self._reader = None
+        self._key = None
