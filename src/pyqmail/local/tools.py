@@ -1,0 +1,92 @@
+"""The .qmail helper programs' shared parts (tools.md): run a child, requeue stdin.
+
+``forward``, ``condredirect``, ``bouncesaying``, ``except`` and ``preline`` are small
+filters used from ``|`` lines in .qmail files. Their command modules parse arguments;
+the behaviour lives here so it is tested without a shell.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from pyqmail.home import Home
+from pyqmail.local.failure import DeliveryFailure
+from pyqmail.local.forward import forward
+from pyqmail.local.users import is_temp_errno
+
+
+class ToolExit(Exception):
+    """Exit with ``code`` after printing ``message`` (if any) on stderr."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def run_child(argv: Sequence[str], *, stdin: int | None = None) -> int | None:
+    """Run ``argv`` (PATH search) with our stdin; its exit code, None if it crashed.
+
+    An exec failure is exit 111 when temporary, else 100, as qmail's tools' children do.
+    """
+    try:
+        proc = subprocess.Popen(list(argv), stdin=stdin, close_fds=False)
+    except OSError as e:
+        code = e.errno or 0
+        return 111 if is_temp_errno(code) or code == errno.ENOMEM else 100
+    rc = proc.wait()
+    return None if rc < 0 else rc
+
+
+def child_verdict(prog: str, argv: Sequence[str]) -> int:
+    """Run the child and return its exit code; crash and 111 become ToolExit(111)."""
+    code = run_child(argv)
+    if code is None:
+        raise ToolExit(111, f"{prog}: fatal: child crashed")
+    if code == 111:
+        raise ToolExit(111, f"{prog}: fatal: temporary child error")
+    return code
+
+
+def requeue(prog: str, home: Home, sender_var: str, recipients: Sequence[str]) -> int:
+    """Queue $DTLINE + stdin from the env var's sender to ``recipients``; the qp."""
+    sender = os.environ.get(sender_var)
+    if sender is None:
+        raise ToolExit(100, f"{prog}: fatal: {sender_var} not set")
+    dtline = os.environb.get(b"DTLINE")
+    if dtline is None:
+        raise ToolExit(100, f"{prog}: fatal: DTLINE not set")
+    fd = seekable_stdin()
+    try:
+        return forward(home, fd, dtline, sender, recipients)
+    except DeliveryFailure as f:
+        text = f.text.removeprefix("Unable to forward message: ").removesuffix(".")
+        raise ToolExit(f.code, f"{prog}: fatal: {text}") from f
+
+
+def seekable_stdin() -> int:
+    """fd 0 if it can seek (rewound to 0), else a copy of it in an unlinked temp file."""
+    try:
+        os.lseek(0, 0, os.SEEK_SET)
+        return 0
+    except OSError:
+        pass
+    import tempfile
+
+    with tempfile.TemporaryFile() as tmp:
+        while chunk := os.read(0, 65536):
+            tmp.write(chunk)
+        tmp.flush()
+        return os.dup(tmp.fileno())
+
+
+def finish(fn_result: int | ToolExit) -> int:
+    if isinstance(fn_result, ToolExit):
+        if fn_result.message:
+            print(fn_result.message, file=sys.stderr)
+        return fn_result.code
+    return fn_result
