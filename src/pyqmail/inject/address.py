@@ -1,0 +1,349 @@
+"""RFC 822 address lists as qmail-inject reads, rewrites and writes them back.
+
+Owns: the tokenizer (atoms, quoted strings, domain literals, nested comments, specials),
+the split of a field into address items (``phrase <route-addr>``, plain addr-specs with
+comments, groups ``name: a, b;``), qmail's address completion (inject.md 1.3) and the
+re-serialisation of a rewritten field, folded before column 79 the way qmail-inject folds.
+
+Behaviour follows notqmail 1.09 as observed: comments after a plain address move behind
+it (``u@h(c)`` -> ``u@h.dom (c)``), words with no ``.`` or ``@`` between them are separate
+addresses (``fred barney`` -> ``fred@.., barney@..``), a route is dropped inside angle
+brackets, and recipients of one field are reported last-first (qmail pushes them on a
+stack; the envelope order is observable). Text is ``str`` decoded with surrogateescape,
+so 8-bit bytes pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# RFC 822 specials that end an atom; '.' is listed separately because it is a token.
+_SPECIALS = frozenset('()<>@,;:\\".[]')
+_SPACE = frozenset(" \t\r\n")
+LINE_LIMIT = 78  # qmail-inject keeps a folded line (with its trailing comma) within this
+
+
+class ParseError(ValueError):
+    """The field cannot be tokenized or is not an address list."""
+
+
+class Kind(enum.Enum):
+    ATOM = "atom"
+    QUOTED = "quoted"  # text includes the quotes and escapes
+    LITERAL = "literal"  # text includes the brackets
+    COMMENT = "comment"  # text includes the parentheses
+    SPECIAL = "special"  # one of < > @ , ; : .
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: Kind
+    text: str
+
+    def is_word(self) -> bool:
+        return self.kind in (Kind.ATOM, Kind.QUOTED, Kind.LITERAL)
+
+    def is_special(self, ch: str) -> bool:
+        return self.kind is Kind.SPECIAL and self.text == ch
+
+
+def tokenize(text: str) -> list[Token]:
+    """Split a header field body into tokens. Raises ParseError on an unclosed quote,
+    literal or comment."""
+    out: list[Token] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in _SPACE:
+            i += 1
+        elif c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                raise ParseError("unterminated quoted string")
+            out.append(Token(Kind.QUOTED, text[i : j + 1]))
+            i = j + 1
+        elif c == "[":
+            j = i + 1
+            while j < n and text[j] != "]":
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                raise ParseError("unterminated domain literal")
+            out.append(Token(Kind.LITERAL, text[i : j + 1]))
+            i = j + 1
+        elif c == "(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                if text[j] == "\\":
+                    j += 1
+                elif text[j] == "(":
+                    depth += 1
+                elif text[j] == ")":
+                    depth -= 1
+                j += 1
+            if depth:
+                raise ParseError("unterminated comment")
+            out.append(Token(Kind.COMMENT, text[i:j]))
+            i = j
+        elif c in "<>@,;:.":
+            out.append(Token(Kind.SPECIAL, c))
+            i += 1
+        elif c in ")]\\":
+            raise ParseError(f"unexpected {c!r}")
+        else:
+            j = i
+            while j < n and text[j] not in _SPECIALS and text[j] not in _SPACE:
+                j += 1
+            atom = text[i:j]
+            if any(ch >= "\x80" for ch in atom):  # qmail writes 8-bit atoms quoted
+                out.append(Token(Kind.QUOTED, '"' + atom + '"'))
+            else:
+                out.append(Token(Kind.ATOM, atom))
+            i = j
+    return out
+
+
+def _unquote(tok: Token) -> str:
+    if tok.kind is not Kind.QUOTED:
+        return tok.text
+    body, out, i = tok.text[1:-1], [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            i += 1
+        out.append(body[i])
+        i += 1
+    return "".join(out)
+
+
+def _join(tokens: Sequence[Token]) -> str:
+    """Serialise tokens: one space between words and comments, none around . and @."""
+    parts: list[str] = []
+    prev: Token | None = None
+    for t in tokens:
+        if (
+            prev is not None
+            and (prev.is_word() or prev.kind is Kind.COMMENT)
+            and (t.is_word() or t.kind is Kind.COMMENT or t.is_special("<"))
+        ):
+            parts.append(" ")
+        parts.append(t.text)
+        prev = t
+    return "".join(parts)
+
+
+def needs_quoting(local: str) -> bool:
+    """True if ``local`` is not a dot-atom qmail would write bare."""
+    return not local or any((c in _SPECIALS and c != ".") or c in _SPACE or c < " " for c in local)
+
+
+def quote(text: str, specials: str = '"\\()') -> str:
+    """Backslash-escape ``specials`` in ``text`` (for quoted strings and comments)."""
+    return "".join("\\" + c if c in specials else c for c in text)
+
+
+def local_text(local: str, specials: str = '"\\()') -> str:
+    """The local part as written in a header: quoted if it needs quoting."""
+    return f'"{quote(local, specials)}"' if needs_quoting(local) else local
+
+
+@dataclass(frozen=True)
+class Rewriter:
+    """qmail-inject's address completion (inject.md 1.3) with its three host names."""
+
+    defaulthost: str
+    defaultdomain: str
+    plusdomain: str
+
+    def host(self, host: str) -> str:
+        """Steps 4-5: ``h+`` -> ``h.plusdomain``; no dot -> ``.defaultdomain``."""
+        if host.startswith("["):
+            return host
+        host = host.rstrip(".")
+        if host.endswith("+"):
+            return host[:-1] + "." + self.plusdomain
+        if "." not in host:
+            return host + "." + self.defaultdomain
+        return host
+
+    def default_host(self) -> str:
+        return self.host(self.defaulthost)
+
+    def raw(self, addr: str) -> str:
+        """Complete an address given as a plain string (arguments, -f, environment)."""
+        if not addr or addr.endswith("@[]"):
+            return addr
+        at = addr.rfind("@")
+        if at < 0:
+            return addr + "@" + self.default_host()
+        host = addr[at + 1 :]
+        return addr[: at + 1] + (self.host(host) if host else self.default_host())
+
+    def tokens(self, addr: list[Token]) -> list[Token]:
+        """Complete an addr-spec given as tokens (route already removed)."""
+        if not addr:
+            return addr
+        at = max((i for i, t in enumerate(addr) if t.is_special("@")), default=-1)
+        if at < 0:
+            return [*addr, Token(Kind.SPECIAL, "@"), Token(Kind.ATOM, self.default_host())]
+        host = addr[at + 1 :]
+        if len(host) == 1 and host[0].kind is Kind.LITERAL:
+            return addr
+        host_text = "".join(t.text for t in host)
+        new = self.host(host_text) if host_text else self.default_host()
+        return [*addr[: at + 1], Token(Kind.ATOM, new)]
+
+
+def _strip_route(addr: list[Token]) -> list[Token]:
+    """Remove a source route ``@a,@b:`` and a leading ``@`` token (inject.md 1.3 step 2)."""
+    if addr and addr[0].is_special("@"):
+        for i, t in enumerate(addr):
+            if t.is_special(":"):
+                return addr[i + 1 :]
+        return addr[1:]
+    return addr
+
+
+def envelope_form(addr: list[Token]) -> str:
+    """The address as it goes into the envelope: quotes removed, no spaces."""
+    return "".join(_unquote(t) for t in addr)
+
+
+@dataclass
+class FieldResult:
+    """A rewritten address field: its items (to be folded) and the addresses it names."""
+
+    items: list[str]
+    addresses: list[str]  # envelope form, in field order
+    trailer: str = ""  # ';' closing a group is written after the last item
+
+
+def _split_plain(tokens: list[Token]) -> list[tuple[list[Token], list[Token]]]:
+    """A plain item -> [(addr tokens, comments)], split where two words touch."""
+    out: list[tuple[list[Token], list[Token]]] = []
+    addr: list[Token] = []
+    comments: list[Token] = []
+    prev: Token | None = None
+    for t in tokens:
+        if t.kind is Kind.COMMENT:
+            comments.append(t)
+            continue
+        if prev is not None and prev.is_word() and t.is_word():
+            out.append((addr, comments))
+            addr, comments = [], []
+        addr.append(t)
+        prev = t
+    if addr or comments:
+        out.append((addr, comments))
+    return out
+
+
+def _rewrite_item(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> list[str]:
+    """One comma-separated item -> its output strings (several if words touched)."""
+    lt = next((i for i, t in enumerate(tokens) if t.is_special("<")), -1)
+    if lt >= 0:
+        gt = next((i for i in range(lt + 1, len(tokens)) if tokens[i].is_special(">")), -1)
+        inner = tokens[lt + 1 : gt if gt >= 0 else len(tokens)]
+        addr = [t for t in inner if t.kind is not Kind.COMMENT]
+        if any(t.is_special("<") for t in addr):
+            raise ParseError("nested <")
+        addr = rw.tokens(_strip_route(addr))
+        addrs.append(envelope_form(addr))
+        text = _join(tokens[:lt])
+        text = (text + " " if text else "") + "<" + "".join(t.text for t in addr)
+        if gt >= 0:
+            text += ">" + _join(tokens[gt + 1 :])
+        return [text]
+    if any(t.is_special(">") or t.is_special(":") for t in tokens):
+        raise ParseError("unexpected > or :")
+    out: list[str] = []
+    for addr, comments in _split_plain(tokens):
+        addr = rw.tokens(_strip_route(addr))
+        if addr:
+            addrs.append(envelope_form(addr))
+        text = "".join(t.text for t in addr)
+        if comments:
+            text = (text + " " if text else "") + " ".join(c.text for c in comments)
+        out.append(text)
+    return out
+
+
+def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
+    """Rewrite every address in an address-list field body. Raises ParseError."""
+    tokens = tokenize(text)
+    items: list[list[Token]] = [[]]
+    angle = closed = False
+    for t in tokens:
+        if angle:
+            items[-1].append(t)
+            angle = not t.is_special(">")
+            closed = not angle
+        elif t.is_special(","):
+            items.append([])
+            closed = False
+        else:
+            if closed and (t.is_word() or t.is_special("<")):
+                items.append([])  # words after '>' are another address: qmail adds a comma
+                closed = False
+            items[-1].append(t)
+            angle = t.is_special("<")
+    result = FieldResult([], [])
+    in_group = False
+    for item in items:
+        colon = next((i for i, t in enumerate(item) if t.is_special(":")), -1)
+        prefix = ""
+        if colon >= 0 and not any(t.is_special("<") for t in item[:colon]):
+            head = item[:colon]
+            if in_group or not all(t.is_word() or t.kind is Kind.COMMENT for t in head):
+                raise ParseError("bad group")
+            in_group = True
+            prefix = _join(head) + ": "
+            item = item[colon + 1 :]
+        semi = next((i for i, t in enumerate(item) if t.is_special(";")), -1)
+        suffix = ""
+        if semi >= 0:
+            if not in_group or any(t.kind is not Kind.COMMENT for t in item[semi + 1 :]):
+                raise ParseError("bad ;")
+            in_group = False
+            suffix = ";" + _join(item[semi + 1 :])
+            item = item[:semi]
+        parts = _rewrite_item(item, rw, result.addresses) if item else [""]
+        parts[0] = prefix + parts[0]
+        if suffix:
+            parts[-1] = (parts[-1] + suffix) if parts[-1].strip() else parts[-1].rstrip() + suffix
+        result.items.extend(parts)
+    return result
+
+
+def fold(name: str, items: Sequence[str], limit: int = LINE_LIMIT) -> str:
+    """``Name: a, b,\\n  c`` — break before an item that would pass ``limit`` columns
+    (counting the comma that follows it)."""
+    line = name + ":"
+    fresh = True  # nothing placed on this line yet
+    lines: list[str] = []
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if not fresh and item and len(line) + 1 + len(piece) > limit:
+            lines.append(line)
+            line = "  " + piece
+        else:
+            line += " " + piece
+        fresh = False
+    lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def first_address(text: str, rw: Rewriter) -> str | None:
+    """The first address of a field body (for Return-Path), rewritten; None if none."""
+    res = rewrite_list(text, rw)
+    return res.addresses[0] if res.addresses else None
+
+
+def parse_return_path(text: str, rw: Rewriter) -> str:
+    """Return-Path's envelope sender: ``<>`` is empty, else the first address."""
+    tokens = [t for t in tokenize(text) if t.kind is not Kind.COMMENT]
+    if len(tokens) >= 2 and tokens[0].is_special("<") and tokens[1].is_special(">"):
+        return ""
+    return first_address(text, rw) or ""

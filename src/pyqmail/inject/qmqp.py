@@ -1,0 +1,588 @@
+"""QMQP (inject.md section 3): the mini-qmail client and the server.
+
+One request per connection::
+
+    netstring( netstring(message) netstring(sender) netstring(recip1) ... )
+    -> netstring( "K" text | "Z" text | "D" text )
+
+Owns:
+
+* :class:`QmqpReceiver` — the sans-IO server core: bytes in, events out (message chunks,
+  then the envelope). The outer length is the budget for everything inside it; a length
+  prefix that is not digits, an inner netstring that runs past the budget, or a missing
+  comma is a protocol error (exit 100, no reply, as notqmail 1.09's qmail-qmqpd); a length
+  over the size limit (qmail: 200000000) is refused with a ``D`` reply before any of the
+  body is read, and the connection closed.
+* :func:`serve_stdio` — qmail-qmqpd on stdin/stdout under tcpserver.
+* :class:`QmqpServer` — the asyncio listener ``pyqmail run --qmqp`` starts, with access by
+  ``control/tcp.qmqp.cdb`` (tcpserver's rules) when present.
+* :class:`QmqpSubmitter` — qmail-qmqpc as a Submitter: the message is spooled to an
+  unlinked temporary file (its length must be known before sending), then offered to
+  each server of control/qmqpservers in turn; the reply maps to qmail-queue's codes
+  (K 0, D 31, Z 71; 72 connect timeout, 73 refused, 74 broken conversation; 55 when no
+  server is configured).
+
+QMQP servers accept mail for any recipient: they are for trusted clients only, so the
+listener should always be behind rules that allow only those clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from pyqmail import cdb, tcprules
+from pyqmail.control import ControlCache
+from pyqmail.home import Home
+from pyqmail.inject import netstring
+from pyqmail.inject.netstring import NetstringError
+from pyqmail.qdate import date822
+from pyqmail.queue import codes
+from pyqmail.queue.codes import qq_result
+from pyqmail.queue.submit import PendingLike, Submitter
+from pyqmail.queue.writer import QueueError
+from pyqmail.smtp.session import safe
+
+PORT = 628
+MAX_LENGTH = 200_000_000  # qmail-qmqpd's limit on any length
+CONNECT_TIMEOUT = 10.0
+SESSION_TIMEOUT = 3600.0  # qmail-qmqpd's alarm
+ADDRESS_LIMIT = 1000
+CHUNK = 65536
+
+BAD_ADDRESS = b"Dsorry, I can't accept addresses like that (#5.1.3)"
+NO_RECIPIENTS = b"Dsorry, a message needs at least one recipient (#5.1.3)"
+TOO_BIG = b"Dsorry, that message size exceeds my databytes limit (#5.3.4)"
+
+
+# -- the sans-IO server core ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    """Message bytes, in order (the body of the first inner netstring)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The whole request has arrived. ``bad`` = some address was >= 1000 bytes or had NUL."""
+
+    sender: bytes
+    recipients: list[bytes]
+    bad: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The request cannot be served. ``reply`` is None for a protocol error (close only)."""
+
+    code: int
+    reply: bytes | None
+    reason: str
+
+
+Event = MessageData | Request | Refused
+
+
+class QmqpReceiver:
+    """The server side of one QMQP request, fed bytes in any pieces."""
+
+    def __init__(self, limit: int = MAX_LENGTH) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._state = "outer"
+        self._budget = 0
+        self._left = 0  # bytes of the current inner netstring still to come
+        self._item = 0  # 0 = message, 1 = sender, 2.. = recipients
+        self._addr = bytearray()
+        self._addr_bad = False
+        self._sender = b""
+        self._recipients: list[bytes] = []
+        self._bad = False
+        self.finished = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume ``data``; returns the events it completes. After a Request or
+        Refused event the receiver is finished and ignores further input."""
+        if self.finished:
+            return []
+        self._buf += data
+        out: list[Event] = []
+        try:
+            self._run(out)
+        except NetstringError as e:
+            self.finished = True
+            reply = TOO_BIG if e.code == 111 else None
+            out.append(Refused(e.code, reply, str(e)))
+        return out
+
+    def eof(self) -> list[Event]:
+        if self.finished:
+            return []
+        self.finished = True
+        return [Refused(100, None, "connection closed in the middle of the request")]
+
+    def _run(self, out: list[Event]) -> None:
+        buf = self._buf
+        while True:
+            st = self._state
+            if st == "outer":
+                got = netstring.parse_length(buf, 0, self.limit)
+                if got is None:
+                    return
+                self._budget, used = got
+                del buf[:used]
+                self._state = "len"
+            elif st == "len":
+                if self._budget == 0:
+                    self._state = "outer_comma"
+                    continue
+                view = bytes(buf[: self._budget])
+                limit = self.limit if self._item == 0 else self._budget
+                got = netstring.parse_length(view, 0, limit)
+                if got is None:
+                    if len(buf) >= self._budget:
+                        raise NetstringError("netstring runs past the request's length")
+                    return
+                n, used = got
+                if used + n + 1 > self._budget:
+                    raise NetstringError("netstring runs past the request's length")
+                self._budget -= used + n + 1
+                del buf[:used]
+                self._left = n
+                self._state = "body"
+                self._addr.clear()
+                self._addr_bad = n >= ADDRESS_LIMIT
+            elif st == "body":
+                if self._left and not buf:
+                    return
+                take = min(self._left, len(buf))
+                piece = bytes(buf[:take])
+                del buf[:take]
+                self._left -= take
+                if self._item == 0:
+                    if piece:
+                        out.append(MessageData(piece))
+                elif not self._addr_bad:
+                    self._addr += piece
+                if self._left == 0:
+                    self._state = "comma"
+            elif st == "comma":
+                if not buf:
+                    return
+                if buf[0] != 44:
+                    raise NetstringError("netstring not terminated by a comma")
+                del buf[:1]
+                if self._item > 0:
+                    addr = bytes(self._addr)
+                    if self._addr_bad or b"\0" in addr:
+                        self._bad = True
+                    if self._item == 1:
+                        self._sender = addr
+                    else:
+                        self._recipients.append(addr)
+                self._item += 1
+                self._state = "len"
+            elif st == "outer_comma":
+                if not buf:
+                    return
+                if buf[0] != 44 or self._item < 2:
+                    raise NetstringError("bad end of request")
+                self.finished = True
+                out.append(Request(self._sender, self._recipients, self._bad))
+                return
+
+
+def received_line(proto: str, env: Mapping[str, str], when: float | None = None) -> bytes:
+    """``Received: from HOST (INFO@IP)\\n  by LOCAL with PROTO; DATE`` (smtpd.md 6)."""
+
+    def b(s: str) -> bytes:
+        return safe(s.encode("utf-8", "surrogateescape"))
+
+    host = env.get("TCPREMOTEHOST") or "unknown"
+    info = env.get("TCPREMOTEINFO")
+    ip = env.get("TCPREMOTEIP") or "unknown"
+    local = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
+    who = (b(info) + b"@" if info is not None else b"") + b(ip)
+    return (
+        b"Received: from " + b(host) + b" (" + who + b")\n  by " + b(local)
+        + b" with " + proto.encode() + b"; " + date822(when).encode() + b"\n"
+    )  # fmt: skip
+
+
+def reply_for(code: int, qp: int, when: float | None = None, custom: str | None = None) -> bytes:
+    """The K/Z/D text for a queue result."""
+    if code == 0:
+        return b"Kok %d qp %d" % (int(time.time() if when is None else when), qp)
+    letter, text = qq_result(code, custom)
+    return letter.encode() + text.encode()
+
+
+def _finish(pending: PendingLike, req: Request) -> bytes:
+    """Commit or refuse a complete request (blocking: the queue's fsyncs)."""
+    if req.bad:
+        pending.abort()
+        return BAD_ADDRESS
+    if not req.recipients:
+        pending.abort()
+        return NO_RECIPIENTS
+    try:
+        pending.commit(req.sender, req.recipients)
+    except QueueError as e:
+        return reply_for(e.code, pending.qp, custom=e.custom)
+    except Exception:  # never a traceback to the peer: an unexpected error is temporary
+        pending.abort()
+        return reply_for(codes.INTERNAL_BUG, 0)
+    return reply_for(0, pending.qp)
+
+
+# -- qmail-qmqpd on stdin/stdout ---------------------------------------------------
+
+
+def serve_stdio(
+    rfile: BinaryIO,
+    wfile: BinaryIO,
+    submitter: Submitter,
+    env: Mapping[str, str],
+    *,
+    limit: int = MAX_LENGTH,
+) -> int:
+    """One QMQP request on ``rfile``/``wfile``; returns qmail-qmqpd's exit code."""
+    rx = QmqpReceiver(limit)
+    pending: PendingLike | None = None
+    try:
+        while True:
+            data = rfile.read1(CHUNK) if hasattr(rfile, "read1") else rfile.read(CHUNK)
+            events = rx.feed(data) if data else rx.eof()
+            for ev in events:
+                if isinstance(ev, MessageData):
+                    if pending is None:
+                        pending = submitter.begin(
+                            origin="network", received=received_line("QMQP", env)
+                        )
+                    pending.write(ev.data)
+                elif isinstance(ev, Refused):
+                    if ev.reply is not None:
+                        wfile.write(netstring.encode(ev.reply))
+                        wfile.flush()
+                    return ev.code
+                else:
+                    if pending is None:
+                        pending = submitter.begin(
+                            origin="network", received=received_line("QMQP", env)
+                        )
+                    reply = _finish(pending, ev)
+                    pending = None
+                    wfile.write(netstring.encode(reply))
+                    wfile.flush()
+                    return 0
+    except QueueError as e:
+        with contextlib.suppress(OSError):
+            wfile.write(netstring.encode(reply_for(e.code, 0, custom=e.custom)))
+            wfile.flush()
+        return 0
+    except OSError:
+        return 111
+    finally:
+        if pending is not None:
+            pending.abort()
+
+
+# -- the asyncio listener ------------------------------------------------------------
+
+
+def _peer_env(writer: asyncio.StreamWriter, me: str | None) -> dict[str, str]:
+    peer = writer.get_extra_info("peername") or ("unknown", 0)
+    sock = writer.get_extra_info("sockname") or ("unknown", 0)
+    env = {"TCPREMOTEIP": str(peer[0]), "TCPLOCALIP": str(sock[0]),
+           "TCPREMOTEPORT": str(peer[1]), "TCPLOCALPORT": str(sock[1]), "PROTO": "TCP"}  # fmt: skip
+    if me:
+        env["TCPLOCALHOST"] = me
+    return env
+
+
+def rules_decision(rules: Path | None, env: dict[str, str]) -> tcprules.Decision:
+    """tcpserver's access decision for this client; a missing rules file allows."""
+    if rules is None:
+        return tcprules.Decision(True, {}, None)
+    try:
+        return tcprules.lookup_file(rules, env["TCPREMOTEIP"], None, None)
+    except FileNotFoundError:
+        return tcprules.Decision(True, {}, None)
+    except (OSError, cdb.CdbError):
+        return tcprules.Decision(False, {}, None)  # tcpserver drops the client
+
+
+class QmqpServer:
+    """The QMQP listener of ``pyqmail run --qmqp``: one asyncio task per connection."""
+
+    def __init__(
+        self,
+        home: Home,
+        ctl: ControlCache,
+        submitter: Submitter,
+        *,
+        rules: Path | None = None,
+        limit: int = MAX_LENGTH,
+        max_conns: int = 100,
+        timeout: float = SESSION_TIMEOUT,
+    ) -> None:
+        self.home = home
+        self.ctl = ctl
+        self.submitter = submitter
+        self.rules = rules if rules is not None else home.control / "tcp.qmqp.cdb"
+        self.limit = limit
+        self.timeout = timeout
+        self._sem = asyncio.Semaphore(max_conns)
+        self.served = 0
+
+    async def start(self, host: str, port: int) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._client, host, port, reuse_address=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with self._sem:
+                try:
+                    me = self.ctl.get().me
+                except Exception:
+                    me = None
+                env = _peer_env(writer, me)
+                decision = rules_decision(self.rules, env)
+                if not decision.allow:
+                    return
+                env.update(decision.env)
+                async with asyncio.timeout(self.timeout):
+                    await self._serve(reader, writer, env)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: dict[str, str]
+    ) -> None:
+        rx = QmqpReceiver(self.limit)
+        pending: PendingLike | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while not rx.finished:
+                data = await reader.read(CHUNK)
+                events = rx.feed(data) if data else rx.eof()
+                for ev in events:
+                    if isinstance(ev, Refused):
+                        if ev.reply is not None:
+                            writer.write(netstring.encode(ev.reply))
+                            await writer.drain()
+                        return
+                    if pending is None:
+                        pending = await loop.run_in_executor(None, self._begin, env)
+                    if isinstance(ev, MessageData):
+                        pending.write(ev.data)
+                    else:
+                        p, pending = pending, None
+                        reply = await loop.run_in_executor(None, _finish, p, ev)
+                        self.served += 1
+                        writer.write(netstring.encode(reply))
+                        await writer.drain()
+                        return
+        except QueueError as e:
+            writer.write(netstring.encode(reply_for(e.code, 0, custom=e.custom)))
+            await writer.drain()
+        finally:
+            if pending is not None:
+                pending.abort()
+
+    def _begin(self, env: Mapping[str, str]) -> PendingLike:
+        return self.submitter.begin(origin="network", received=received_line("QMQP", env))
+
+
+# -- the client: qmail-qmqpc -----------------------------------------------------------
+
+
+def server_list(lines: Sequence[str], default_port: int = PORT) -> list[tuple[str, int]]:
+    """qmqpservers lines -> (ip, port); lines that are not an IP address are skipped.
+
+    pyqmail extension: ``IP:PORT`` (IPv4) or ``[IPv6]:PORT`` names another port."""
+    out: list[tuple[str, int]] = []
+    for line in lines:
+        host, port = line.strip(), default_port
+        if host.startswith("[") and "]" in host:
+            host, _, rest = host[1:].partition("]")
+            if rest.startswith(":") and rest[1:].isdigit():
+                port = int(rest[1:])
+        elif host.count(":") == 1:
+            host, _, p = host.partition(":")
+            if not p.isdigit():
+                continue
+            port = int(p)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        out.append((host, port))
+    return out
+
+
+def _iter_file(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK):
+        yield chunk
+
+
+def send_request(
+    servers: Sequence[tuple[str, int]],
+    message: IO[bytes],
+    length: int,
+    sender: bytes,
+    recipients: Sequence[bytes],
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    timeout: float = SESSION_TIMEOUT,
+) -> tuple[int, str]:
+    """Offer the request to each server in turn. Returns (qmail-queue code, reply text)."""
+    if not servers:
+        return codes.CONFIG_ERROR, "no QMQP servers in control/qmqpservers"
+    envelope = netstring.encode(sender) + netstring.encode_all(recipients)
+    body_len = len(b"%d:" % length) + length + 1 + len(envelope)
+    head = b"%d:%d:" % (body_len, length)
+    result = (codes.CONFIG_ERROR, "no usable QMQP server")
+    for host, port in servers:
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except TimeoutError:
+            result = (codes.CONN_TIMEOUT, f"connection to {host} timed out")
+            continue
+        except OSError as e:
+            result = (codes.CONN_REJECTED, f"connection to {host} failed: {e.strerror}")
+            continue
+        with sock:
+            try:
+                sock.settimeout(timeout)
+                message.seek(0)
+                sock.sendall(head)
+                for chunk in _iter_file(message):
+                    sock.sendall(chunk)
+                sock.sendall(b"," + envelope + b",")
+                reply = _read_reply(sock)
+            except (OSError, NetstringError) as e:
+                result = (codes.COMM_FAILED, f"communication with {host} failed: {e}")
+                continue
+        if reply[:1] == b"K":
+            return 0, reply[1:].decode("utf-8", "replace")
+        text = reply[1:].decode("utf-8", "replace")
+        if reply[:1] == b"D":
+            return codes.PERM_REFUSED, text
+        if reply[:1] == b"Z":
+            result = (codes.TEMP_REFUSED, text)
+            continue
+        result = (codes.COMM_FAILED, f"bad reply from {host}")
+    return result
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    buf = bytearray()
+    while True:
+        got = netstring.decode_one(buf, 0, 1 << 20)
+        if got is not None:
+            return got[0]
+        data = sock.recv(4096)
+        if not data:
+            raise NetstringError("connection closed before the reply")
+        buf += data
+
+
+@dataclass
+class _QmqpPending:
+    """A message spooled for QMQP; commit sends it (blocking)."""
+
+    servers: list[tuple[str, int]]
+    connect_timeout: float
+    received: bytes
+    msgnum: int = 0
+    qp: int = 0
+    reply: str = ""
+    _tmp: IO[bytes] | None = field(default=None, repr=False)
+    _length: int = 0
+
+    def __post_init__(self) -> None:
+        self._tmp = tempfile.TemporaryFile(buffering=CHUNK)  # noqa: SIM115
+        if self.received:
+            self.write(self.received)
+
+    def write(self, data: bytes) -> None:
+        if self._tmp is None:
+            raise RuntimeError("write after commit or abort")
+        self._tmp.write(data)
+        self._length += len(data)
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+        if self._tmp is None:
+            raise RuntimeError("commit after commit or abort")
+        tmp, self._tmp = self._tmp, None
+        with tmp:
+            try:
+                tmp.flush()
+            except OSError as e:
+                raise QueueError(codes.WRITE_ERROR) from e
+            code, text = send_request(
+                self.servers, tmp, self._length, sender, recipients,
+                connect_timeout=self.connect_timeout,
+            )  # fmt: skip
+        self.reply = text
+        if code != 0:
+            raise QueueError(code)
+        return 0
+
+
+class QmqpSubmitter:
+    """mini-qmail: a Submitter that hands every message to control/qmqpservers."""
+
+    kind = "qmqp"
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        port: int = PORT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.servers = server_list(servers, port)
+        self.connect_timeout = connect_timeout
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        return _QmqpPending(self.servers, self.connect_timeout, received)
+
+
+def queue_for(
+    home: Home,
+    ctl_servers: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    submitter_factory: Callable[[Home], Submitter] | None = None,
+) -> Submitter:
+    """What inject and sendmail queue through: QMAILQUEUE if set, else QMQP when
+    control/qmqpservers lists servers (mini-qmail mode), else the local queue."""
+    from pyqmail.queue.submit import submitter
+
+    environ = os.environ if env is None else env
+    if not environ.get("QMAILQUEUE") and ctl_servers:
+        return QmqpSubmitter(ctl_servers)
+    if submitter_factory is not None:
+        return submitter_factory(home)
+    return submitter(home, env=dict(environ))
