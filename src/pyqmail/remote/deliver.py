@@ -300,6 +300,7 @@ class RemoteAgent:
                 elif isinstance(act, SendBody):
                     if not await self._send_body(message, write):
                         return _only("Z", READ_FAILED)
+                    session.body_sent()
                 elif isinstance(act, Done):
                     if act.result.quit:
                         writer.write(b"QUIT\r\n")  # its reply is never awaited (qmail)

@@ -129,7 +129,8 @@ class StartTls:
 
 @dataclass(frozen=True, slots=True)
 class SendBody:
-    """Stream the message (remote/transmit.py) and the final ``.``; then feed the reply."""
+    """Stream the message (remote/transmit.py) and the final ``.``, call
+    :meth:`ClientSession.body_sent`, then feed the reply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,8 +382,11 @@ class ClientSession:
         if reply.code != 354:
             return self._quit("Z", "", " failed on DATA command", reply)
         self._state = _St.BODY
-        self._body_sent = True
         return [SendBody()]
+
+    def body_sent(self) -> None:
+        """The final ``.`` was written: from now on a lost connection may mean a duplicate."""
+        self._body_sent = True
 
 
 def _parse_ehlo(text: bytes) -> set[bytes]:
