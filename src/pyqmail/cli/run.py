@@ -1,0 +1,35 @@
+"""``pyqmail run [--home DIR] [--smtp ADDR:PORT ...] [--qmqp ADDR:PORT ...] [--single-user]``.
+
+Parses the arguments and hands them to :mod:`pyqmail.daemon.run`. Addresses are
+``HOST:PORT`` or ``[IPv6]:PORT``; without ``--smtp`` the MTA delivers the queue but listens
+nowhere (as qmail-send alone does).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from pyqmail.cli.common import fatal
+from pyqmail.daemon.run import main_args, run
+from pyqmail.home import resolve_home
+
+PROG = "pyqmail run"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description="run the whole MTA in the foreground")
+    p.add_argument("--home", help="the qmail home (else PYQMAIL_HOME, else /var/qmail)")
+    p.add_argument("--smtp", action="append", default=[], metavar="ADDR:PORT",
+                   help="an SMTP listener (repeatable; [::1]:25 for IPv6)")  # fmt: skip
+    p.add_argument("--qmqp", action="append", default=[], metavar="ADDR:PORT",
+                   help="a QMQP listener (repeatable)")  # fmt: skip
+    p.add_argument("--single-user", action="store_true",
+                   help="everything as the invoking user (or PYQMAIL_SINGLE_USER=1)")  # fmt: skip
+    a = p.parse_args(argv)
+    home = resolve_home(a.home, a.single_user)
+    try:
+        cfg = main_args(home, a.smtp, a.qmqp)
+    except ValueError as e:
+        return fatal(PROG, str(e), 100)
+    return run(cfg)

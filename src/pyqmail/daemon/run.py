@@ -1,0 +1,275 @@
+"""``pyqmail run``: the whole MTA in the foreground (qmail-start + its daemons, as asyncio).
+
+Owns the wiring and the order of start-up and shutdown:
+
+1. resolve the home, read the controls once (``alert: cannot start: unable to read
+   controls`` otherwise), remove what a crash left in the queue (queue/recover.py);
+2. start the local spawner: it forks, so this happens before any thread exists;
+3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
+   schedule; the submitter wakes it in-process; the SMTP (and QMQP/QMTP) listeners bind;
+4. signals: TERM/INT stop (listeners close first, then deliveries in flight finish, bounded),
+   HUP re-reads the controls, ALRM retries everything now, PIPE is ignored.
+
+Identities (design.md): in single-user mode, or when started by an ordinary user, every part
+runs as the invoking user (a warning once if that is root). Started as root in multi-user
+mode, the spawner keeps root (it drops to each recipient per delivery), and this process
+drops to the queue user with qmail's group once its ports are bound, so nothing that
+parses network input runs as root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from pyqmail.control import ControlCache, ControlError, load
+from pyqmail.home import Home, HomeError, warn_if_root_single_user
+from pyqmail.local.spawn import LocalSpawner
+from pyqmail.queue import submit as qsubmit
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.recover import clean_stale
+from pyqmail.remote.deliver import RemoteAgent
+from pyqmail.send.log import SendLog
+from pyqmail.send.manager import Scheduler, StartError
+from pyqmail.smtp.server import SmtpServer
+from pyqmail.tcprules import Decision
+
+PROG = "pyqmail run"
+CLEAN_INTERVAL = 76431.0  # qmail-send's mess cleanup period
+STOP_TIMEOUT = 60.0
+
+
+class RunError(Exception):
+    """The daemon cannot start; the text says why."""
+
+
+def parse_listen(text: str, default_port: int) -> tuple[str, int]:
+    """``ADDR:PORT``, ``[V6]:PORT``, ``ADDR`` or ``:PORT`` -> (host, port)."""
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad address {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port in {text!r}")
+    return host or "0.0.0.0", int(port)
+
+
+@dataclass
+class RunConfig:
+    """What ``pyqmail run`` was asked to start."""
+
+    home: Home
+    smtp: list[tuple[str, int]] = field(default_factory=list)
+    qmqp: list[tuple[str, int]] = field(default_factory=list)
+    log: BinaryIO | None = None
+    stop_timeout: float = STOP_TIMEOUT
+
+
+def _drop_to(uid: int, gid: int) -> None:
+    """Drop this process to ``uid``:``gid`` for good (no supplementary groups)."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+class Daemon:
+    """The running MTA: spawner, scheduler, remote agent and listeners in one event loop."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.home = cfg.home
+        self.ctl = ControlCache(self.home)
+        self.log = SendLog(cfg.log)
+        self.spawner = LocalSpawner(self.home, self.ctl)
+        self.scheduler: Scheduler | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.bound: list[tuple[str, str, int]] = []  # (kind, host, port) actually bound
+        self._stop = asyncio.Event()
+        self._drop: tuple[int, int] | None = None
+
+    def prepare(self) -> None:
+        """Everything that must happen before threads exist (controls, recovery, fork)."""
+        home = self.home
+        if not (home.root / "control").is_dir():
+            raise RunError(f"unable to switch to home directory {home.root}")
+        if not home.queue.is_dir():
+            raise RunError(f"unable to switch to queue directory {home.queue}")
+        try:
+            load(home)
+        except ControlError as e:
+            raise RunError(f"unable to read controls: {e}") from e
+        if os.geteuid() == 0 and not home.single_user:
+            try:
+                ids = home.ids()
+            except HomeError as e:
+                raise RunError(str(e)) from e
+            self._drop = (ids.uid("queue"), ids.gid("qmail"))
+        else:
+            warn_if_root_single_user(home, PROG)
+        clean_stale(QueuePaths(home.queue))
+        self.spawner.start()
+
+    async def serve(self) -> None:
+        """Start every part, run until ``stop()``, then shut down in order."""
+        loop = asyncio.get_running_loop()
+        agent = RemoteAgent(self.home, self.ctl)
+        sched = Scheduler(
+            self.home,
+            lambda: load(self.home),
+            local=self.spawner.deliver,
+            remote=agent.deliver,
+            log=self.log,
+            term_timeout=self.cfg.stop_timeout,
+        )
+        self.scheduler = sched
+        submitter = qsubmit.submitter(self.home, notify=sched.notify)
+        sched.submitter = submitter
+        await self._listen(submitter)
+        if self._drop is not None:
+            _drop_to(*self._drop)
+        for sig, handler in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, sched.reload),
+            (signal.SIGALRM, sched.alarm),
+        ):
+            loop.add_signal_handler(sig, handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        try:
+            await sched.start()
+        except StartError as e:
+            self.log.alert(f"cannot start: {e}")
+            await self._close_listeners()
+            raise RunError(str(e)) from e
+        cleaner = asyncio.create_task(self._cleaner())
+        try:
+            await self._stop.wait()
+        finally:
+            cleaner.cancel()
+            await self._close_listeners()
+            await sched.stop()
+            await self.spawner.close()
+
+    async def _listen(self, submitter: qsubmit.Submitter) -> None:
+        smtp = _server_class()(self.home, self.ctl, submitter)
+        for host, port in self.cfg.smtp:
+            server = await smtp.start(host, port)
+            self._record(server, "smtp")
+        if self.cfg.qmqp:
+            from pyqmail.inject.qmqp import QmqpServer
+
+            qmqp = QmqpServer(self.home, self.ctl, submitter)
+            for host, port in self.cfg.qmqp:
+                self._record(await qmqp.start(host, port), "qmqp")
+
+    def _record(self, server: asyncio.AbstractServer, kind: str) -> None:
+        self.servers.append(server)
+        for sock in getattr(server, "sockets", ()):
+            name = sock.getsockname()
+            self.bound.append((kind, str(name[0]), int(name[1])))
+
+    async def _close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self.servers.clear()
+
+    async def _cleaner(self) -> None:
+        """qmail-clean's periodic sweep of what crashed writers left."""
+        loop = asyncio.get_running_loop()
+        paths = QueuePaths(self.home.queue)
+        while True:
+            await asyncio.sleep(CLEAN_INTERVAL)
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, clean_stale, paths)
+
+    def stop(self) -> None:
+        """TERM/INT: begin an orderly shutdown (safe to call more than once)."""
+        self._stop.set()
+
+
+def _server_class() -> type[SmtpServer]:
+    return _DaemonSmtpServer
+
+
+class _DaemonSmtpServer(SmtpServer):
+    """The daemon's SMTP listener: with no tcp.smtp.cdb, loopback clients may relay.
+
+    That is qmail's documented starting rule set (``127.:allow,RELAYCLIENT=""``), so local
+    programs and tests on 127.0.0.1/::1 can send anywhere out of the box, while every other
+    client is held to rcpthosts. Once a tcp.smtp.cdb exists, it alone decides.
+    """
+
+    def decide(self, ip: str) -> Decision | None:
+        if not self.rules_path.exists() and _is_loopback(ip):
+            return Decision(True, {"RELAYCLIENT": ""}, None)
+        return super().decide(ip)
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(cfg: RunConfig) -> int:
+    """Run the MTA until TERM/INT; 0 after a clean stop, 111 if it cannot start."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
+    daemon = Daemon(cfg)
+    try:
+        daemon.prepare()
+    except RunError as e:
+        print(f"alert: cannot start: {e}", file=sys.stderr)
+        return 111
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(daemon.serve())
+    except RunError:
+        return 111
+    except OSError as e:
+        print(f"alert: cannot start: {e}", file=sys.stderr)
+        return 111
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+    return 0
+
+
+def main_args(home: Home, smtp: Sequence[str], qmqp: Sequence[str]) -> RunConfig:
+    """A RunConfig from command-line strings (raises ValueError for a bad address)."""
+    return RunConfig(
+        home,
+        smtp=[parse_listen(a, 25) for a in smtp],
+        qmqp=[parse_listen(a, 628) for a in qmqp],
+    )
