@@ -6,6 +6,7 @@ running scheduler, as qmail's is.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,25 @@ from pathlib import Path
 from pyqmail.qdate import date822_gmt
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.queue.records import Recipient, read_channel, read_info
+
+# qmail's own wording for the errors a queue reader meets (its error_str), which
+# qmail-qread prints in "warning: trouble with #N: ..." lines.
+_QMAIL_ERRORS = {
+    errno.ENOENT: "file does not exist",
+    errno.EACCES: "access denied",
+    errno.EPERM: "permission denied",
+    errno.EIO: "input/output error",
+    errno.ENOMEM: "out of memory",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "not a directory",
+}
+
+
+def qmail_strerror(e: OSError) -> str:
+    """An OSError in qmail's words (falls back to the C library's text, lower case)."""
+    if e.errno is not None and e.errno in _QMAIL_ERRORS:
+        return _QMAIL_ERRORS[e.errno]
+    return (e.strerror or str(e)).lower()
 
 
 @dataclass(frozen=True)
@@ -82,8 +102,8 @@ def messages(paths: QueuePaths) -> Iterator[QueuedMessage | tuple[int, str]]:
                     _channel(paths.local(n)),
                     _channel(paths.remote(n)),
                 )
-            except (OSError, ValueError) as e:
-                yield (n, getattr(e, "strerror", None) or str(e))
+            except OSError as e:
+                yield (n, qmail_strerror(e))
 
 
 def format_message(m: QueuedMessage) -> str:

@@ -52,10 +52,11 @@ def write_info(path: Path, sender: bytes, *, sync_dir: bool = True) -> None:
 
 
 def read_info(path: Path) -> bytes:
-    """The sender recorded in info/S/N. ValueError if the file is not ``F...\\0``."""
+    """The sender recorded in info/S/N: the bytes after the first, up to a NUL.
+
+    Lenient as qmail-qread is (it shows ``Fx`` and even ``Zx\\0`` as sender ``x``).
+    """
     data = path.read_bytes()
-    if not data.startswith(b"F"):
-        raise ValueError(f"{path}: not an info file")
     end = data.find(b"\0")
     return data[1:] if end < 0 else data[1:end]
 

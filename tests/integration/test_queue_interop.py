@@ -1,0 +1,208 @@
+"""Interop: pyqmail reads a queue laid down by hand from queue.md (not by our writer),
+and, when the real notqmail is built in /var/qmail-ref, reads what its qmail-queue wrote
+and refuses the same envelopes with the same exit codes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import Home
+from pyqmail.queue import clean
+from pyqmail.queue.envelope import parse_todo
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.reader import count, format_message, messages
+from pyqmail.queue.records import read_channel
+from pyqmail.queue.recover import clean_stale
+from pyqmail.queue.writer import QueueWriter
+
+REF = Path("/var/qmail-ref")
+BIN = Path(sys.executable).parent
+
+
+def lay_down(root: Path) -> dict[str, int]:
+    """Write a qmail queue with plain file operations, following queue.md section 1.
+
+    Two messages: ``new`` only queued (intd + todo), ``old`` preprocessed by qmail-send
+    (info + local + remote with one recipient done, and a bounce in progress).
+    """
+    for d in ("pid", "intd", "todo", "bounce", "lock"):
+        os.makedirs(root / d)
+    for d in ("mess", "info", "local", "remote"):
+        for i in range(23):
+            os.makedirs(root / d / str(i))
+
+    def new_mess(body: bytes) -> int:
+        tmp = root / "pid" / "4242.812090814.1"
+        tmp.write_bytes(body)
+        n = os.stat(tmp).st_ino
+        os.link(tmp, root / "mess" / str(n % 23) / str(n))
+        os.unlink(tmp)
+        return n
+
+    a = new_mess(
+        b"Received: (qmail 4242 invoked by uid 1000); 26 Sep 1995 04:46:54 -0000\nSubject: a\n\nA\n"
+    )
+    (root / "intd" / str(a)).write_bytes(b"u1000\x00p4242\x00Fjoe@example.com\x00Tx@y.example\x00")
+    os.link(root / "intd" / str(a), root / "todo" / str(a))
+    b = new_mess(b"Received: (qmail 4243 invoked from network); 26 Sep 1995 04:46:54 -0000\n\nB\n")
+    s = str(b % 23)
+    (root / "info" / s / str(b)).write_bytes(b"F\x00")
+    os.utime(root / "info" / s / str(b), (812090814, 812090814))
+    (root / "local" / s / str(b)).write_bytes(b"Dpostmaster@mx.example\x00Tjoe@mx.example\x00")
+    (root / "remote" / s / str(b)).write_bytes(b"Tfriend@far.example\x00")
+    (root / "bounce" / str(b)).write_bytes(
+        b"<nobody@mx.example>:\nSorry, no mailbox here by that name.\n\n"
+    )
+    return {"new": a, "old": b}
+
+
+def test_read_hand_written_queue(tmp_path: Path) -> None:
+    root = tmp_path / "queue"
+    ns = lay_down(root)
+    paths = QueuePaths(root)
+    c = count(paths)
+    assert (c.messages, c.unprocessed) == (2, 1)
+    t = parse_todo(paths.todo(ns["new"]).read_bytes())
+    assert (t.uid, t.pid, t.sender, t.recipients) == (
+        1000,
+        4242,
+        b"joe@example.com",
+        (b"x@y.example",),
+    )
+    (m,) = [m for m in messages(paths) if not isinstance(m, tuple)]
+    b = ns["old"]
+    size = paths.mess(b).stat().st_size
+    assert format_message(m) == (
+        f"26 Sep 1995 04:46:54 GMT  #{b}  {size}  <>  bouncing\n"
+        "  done\tlocal\tpostmaster@mx.example\n\tlocal\tjoe@mx.example\n"
+        "\tremote\tfriend@far.example\n"
+    )
+    assert [r.offset for r in read_channel(paths.local(b))] == [0, 23]
+    # the start-up clean leaves a consistent foreign queue alone
+    before = sorted(p for p in root.rglob("*") if p.is_file())
+    assert clean_stale(paths).removed == []
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == before
+    # qmail-clean's jobs on it
+    clean.clean_todo(paths, ns["new"])
+    assert not paths.todo(ns["new"]).exists() and not paths.intd(ns["new"]).exists()
+    os.unlink(paths.local(b))
+    os.unlink(paths.remote(b))
+    os.unlink(paths.bounce(b))
+    clean.finish_message(paths, b)
+    assert not paths.info(b).exists() and not paths.mess(b).exists()
+
+
+def test_our_writer_extends_hand_written_queue(tmp_path: Path) -> None:
+    root = tmp_path / "qmail" / "queue"
+    lay_down(root)
+    home = Home(tmp_path / "qmail", True)
+    n = QueueWriter(home, notify=lambda n: None).begin().commit(b"a", [b"b"])
+    assert count(QueuePaths(root)).messages == 3
+    assert parse_todo(QueuePaths(root).todo(n).read_bytes()).sender == b"a"
+
+
+def _ref_available() -> bool:
+    if not (REF / "bin" / "qmail-queue").exists() or os.geteuid() != 0:
+        return False
+    try:
+        fd = os.open(REF / "queue" / "lock" / "sendmutex", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # qmail-send holds it exclusively
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+needs_ref = pytest.mark.skipif(not _ref_available(), reason="no idle /var/qmail-ref (notqmail)")
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and "lock" not in p.parts}
+
+
+@pytest.fixture
+def ref_queue() -> Iterator[Path]:
+    """The reference queue; every file a test adds is removed afterwards."""
+    root = REF / "queue"
+    before = _files(root)
+    yield root
+    for p in _files(root) - before:
+        p.unlink(missing_ok=True)
+
+
+def _ref_qq(message: bytes, envelope: bytes, tmp: Path) -> int:
+    (tmp / "env").write_bytes(envelope)
+    with open(tmp / "env", "rb") as env:
+        return subprocess.run(
+            [str(REF / "bin" / "qmail-queue")], input=message, stdout=env, timeout=30
+        ).returncode
+
+
+@needs_ref
+def test_read_queue_written_by_notqmail(ref_queue: Path, tmp_path: Path) -> None:
+    before = set(os.listdir(ref_queue / "todo"))
+    body = b"Subject: from notqmail\n\n" + b"z" * 70000 + b"\n"
+    assert _ref_qq(body, b"Fref@example.com\0Ta@example.org\0Tb@example.org\0\0", tmp_path) == 0
+    (name,) = set(os.listdir(ref_queue / "todo")) - before
+    paths = QueuePaths(ref_queue)
+    n = int(name)
+    t = parse_todo(paths.todo(n).read_bytes())
+    assert (t.uid, t.sender, t.recipients) == (
+        0,
+        b"ref@example.com",
+        (b"a@example.org", b"b@example.org"),
+    )
+    mess = paths.mess(n).read_bytes()
+    assert os.stat(paths.mess(n)).st_ino == n
+    first, rest = mess.split(b"\n", 1)
+    assert re.fullmatch(
+        rb"Received: \(qmail %d invoked by uid 0\); \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d -0000"
+        % t.pid,
+        first,
+    )
+    assert rest == body
+
+
+@needs_ref
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        b"Tbob@x\0\0",
+        b"X\0\0",
+        b"Falice@x\0Tbob@x",
+        b"Falice@x\0Tbob@x\0",
+        b"",
+        b"\0",
+        b"Fa\0Qx\0\0",
+        b"F" + b"a" * 1002 + b"\0Tb\0\0",
+        b"F" + b"a" * 1003 + b"\0Tb\0\0",
+        b"Fa\0T" + b"b" * 1003,
+        b"F\0\0",
+    ],
+)
+def test_same_exit_codes_as_notqmail(
+    ref_queue: Path, home: Home, tmp_path: Path, envelope: bytes
+) -> None:
+    ref = _ref_qq(b"x\n", envelope, tmp_path)
+    (tmp_path / "env").write_bytes(envelope)
+    with open(tmp_path / "env", "rb") as env:
+        ours = subprocess.run(
+            [str(BIN / "qmail-queue")],
+            input=b"x\n",
+            stdout=env,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+    assert ours.returncode == ref
