@@ -1,0 +1,189 @@
+"""pyqmail check: each finding names the file, the line and a fix; errors fail the check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyqmail import tcprules
+from pyqmail.check import Problem, Severity, check, errors
+from pyqmail.home import Home
+from tests.conftest import write_control
+
+
+def only_errors(home: Home) -> list[Problem]:
+    return errors(check(home))
+
+
+def one_error(home: Home, file: str) -> Problem:
+    found = [p for p in only_errors(home) if p.file == file]
+    assert len(found) == 1, found
+    assert found[0].fix
+    return found[0]
+
+
+def compile_rules_file(home: Home, name: str) -> None:
+    src = home.control / name
+    tcprules.write_cdb(
+        tcprules.compile_rules(src.read_bytes()),
+        home.control / f"{name}.cdb",
+        src.with_suffix(".t"),
+    )
+
+
+def test_fresh_home_passes(home: Home) -> None:
+    assert check(home) == []
+
+
+def test_missing_rcpthosts_is_an_open_relay(home: Home) -> None:
+    (home.control / "rcpthosts").unlink()
+    p = one_error(home, "control/rcpthosts")
+    assert "relay" in p.message
+    assert "control/rcpthosts" in str(p)
+
+
+def test_empty_rcpthosts_is_a_warning(home: Home) -> None:
+    write_control(home, "rcpthosts", "")
+    write_control(home, "locals", "")
+    problems = check(home)
+    assert [(p.severity, p.file) for p in problems] == [(Severity.WARNING, "control/rcpthosts")]
+
+
+def test_local_and_virtual_domains_missing_from_rcpthosts(home: Home) -> None:
+    write_control(home, "locals", "mx.test.example\nOther.Example\n")
+    write_control(home, "virtualdomains", "v.example:joe\nu@w.example:bob\n.sub.example:s\n"
+                  ":catchall\nexcept.example:\nlisted.example:x\n")  # fmt: skip
+    write_control(home, "rcpthosts", "mx.test.example\n.sub.example\nlisted.example\n")
+    found = {(p.file, p.line, p.fix) for p in only_errors(home)}
+    assert found == {
+        ("control/locals", 2, "add other.example to control/rcpthosts"),
+        ("control/virtualdomains", 1, "add v.example to control/rcpthosts"),
+        ("control/virtualdomains", 2, "add w.example to control/rcpthosts"),
+    }
+
+
+def test_morercpthosts_cdb_counts_and_must_be_fresh(home: Home) -> None:
+    write_control(home, "locals", "mx.test.example\nmore.example\n")
+    write_control(home, "morercpthosts", "more.example\n")
+    p = one_error(home, "control/locals")
+    assert "more.example" in p.message
+    code = "import sys; from pyqmail.cli.newmrh import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "--home", str(home.root)])
+    assert r.returncode == 0
+    assert only_errors(home) == []
+    os.utime(home.control / "morercpthosts.cdb", (1_500_000_000, 1_500_000_000))
+    p = one_error(home, "control/morercpthosts")
+    assert "newer than morercpthosts.cdb" in p.message and p.fix == "run qmail-newmrh"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line"),
+    [("concurrencyremote", "abc\n", 1), ("databytes", "10k\n", 1),
+     ("rcpthosts", "mx.test.example\r\n", 1), ("smtproutes", "ok:relay\nnocolon\n", 2),
+     ("smtproutes", "x.example:relay:port\n", 1), ("qmqpservers", "1.2.3.4\nmx.example\n", 2)],
+)  # fmt: skip
+def test_malformed_files_name_file_and_line(home: Home, name: str, text: str, line: int) -> None:
+    write_control(home, name, text)
+    p = one_error(home, f"control/{name}")
+    assert p.line == line
+    assert str(p).startswith(f"error: control/{name}:{line}: ")
+
+
+def test_unreadable_file(home: Home) -> None:
+    (home.control / "badmailfrom").mkdir()
+    p = one_error(home, "control/badmailfrom")
+    assert "cannot be read" in p.message
+
+
+def test_missing_me(home: Home) -> None:
+    (home.control / "me").unlink()
+    assert "missing" in one_error(home, "control/me").message
+
+
+@pytest.mark.parametrize(
+    ("rules", "line"),
+    [(':allow,RELAYCLIENT=""\n', 1),
+     ('127.0.0.1:allow,RELAYCLIENT=""\n=:allow,RELAYCLIENT=""\n', 2),
+     ('# ok\n:allow,A="1",RELAYCLIENT="@x"\n', 2)],
+)  # fmt: skip
+def test_relayclient_for_everyone(home: Home, rules: str, line: int) -> None:
+    write_control(home, "tcp.smtp", rules)
+    compile_rules_file(home, "tcp.smtp")
+    p = one_error(home, "control/tcp.smtp")
+    assert p.line == line and "relay" in p.message
+
+
+@pytest.mark.parametrize(
+    "rules",
+    ['127.0.0.1:allow,RELAYCLIENT=""\n:allow\n', ':deny,RELAYCLIENT=""\n',
+     ':allow\n:allow,RELAYCLIENT=""\n'],  # tcpserver uses the first rule for a key
+)  # fmt: skip
+def test_safe_rules_pass(home: Home, rules: str) -> None:
+    write_control(home, "tcp.smtp", rules)
+    compile_rules_file(home, "tcp.smtp")
+    assert check(home) == []
+
+
+def test_compiled_relay_rule_without_source(home: Home) -> None:
+    write_control(home, "tcp.smtp", ':allow,RELAYCLIENT=""\n')
+    compile_rules_file(home, "tcp.smtp")
+    (home.control / "tcp.smtp").unlink()
+    p = one_error(home, "control/tcp.smtp.cdb")
+    assert "relay" in p.message
+
+
+def test_rules_syntax_error_and_freshness(home: Home) -> None:
+    write_control(home, "tcp.smtp", ":allow\n1.2.3.4:allo\n")
+    found = {(p.file, p.line) for p in only_errors(home)}
+    assert found == {("control/tcp.smtp", 2), ("control/tcp.smtp", 0)}  # bad line; no cdb
+    write_control(home, "tcp.smtp", ":allow\n")
+    compile_rules_file(home, "tcp.smtp")
+    assert only_errors(home) == []
+    os.utime(home.control / "tcp.smtp.cdb", (1_500_000_000, 1_500_000_000))
+    p = one_error(home, "control/tcp.smtp")
+    assert "newer than tcp.smtp.cdb" in p.message and "tcprules" in p.fix
+
+
+def test_users_assign_newer_than_cdb(home: Home) -> None:
+    (home.users / "assign").write_text("=joe:joe:1000:1000:/home/joe:::\n.\n")
+    assert "users/cdb does not exist" in one_error(home, "users/assign").message
+    (home.users / "cdb").write_bytes(b"\0" * 2048)
+    os.utime(home.users / "cdb", (1_500_000_000, 1_500_000_000))
+    p = one_error(home, "users/assign")
+    assert "newer" in p.message and p.fix == "run qmail-newu"
+
+
+def test_unknown_file_is_a_warning_with_suggestion(home: Home) -> None:
+    write_control(home, "rcpthost", "x\n")
+    (p,) = check(home)
+    assert p.severity is Severity.WARNING and "control/rcpthosts" in p.fix
+
+
+def test_not_a_home(tmp_path: Path) -> None:
+    (p,) = check(Home(tmp_path / "nothing"))
+    assert p.severity is Severity.ERROR and "pyqmail init" in p.fix
+
+
+def run_check(home: Home, *extra: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from pyqmail.cli.check import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "--home", str(home.root), *extra],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_command_exit_codes(home: Home) -> None:
+    p = run_check(home)
+    assert p.returncode == 0 and "0 error(s), 0 warning(s)" in p.stdout
+    write_control(home, "concurrencyremote", "abc\n")
+    p = run_check(home)
+    assert p.returncode == 1 and "control/concurrencyremote:1" in p.stdout
+    write_control(home, "concurrencyremote", "30\n")
+    write_control(home, "rcpthost", "x\n")
+    p = run_check(home, "-q")
+    assert (p.returncode, p.stdout) == (0, "")
