@@ -1,0 +1,56 @@
+"""Many deliveries at once in one event loop, and nothing leaks after 1,000 failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from pyqmail.control import ControlCache
+from pyqmail.home import Home
+from pyqmail.outcome import Status
+from pyqmail.remote.deliver import RemoteAgent
+from tests.conftest import free_port, write_control
+from tests.integration.remote_peers import Peer, Script
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_thousand_failed_deliveries_leave_no_fd_or_task(home: Home, tmp_path: Path) -> None:
+    mess = tmp_path / "mess"
+    mess.write_bytes(b"Subject: x\n\nbody\n")
+    dead = free_port()
+
+    async def go() -> None:
+        async with (
+            Peer(Script(greeting=b"421 busy\r\n")) as busy,
+            Peer(Script(rcpt=lambda a: b"451 later\r\n")) as later,
+            Peer(Script(after=None)) as dropper,
+        ):
+            write_control(
+                home,
+                "smtproutes",
+                f"dead.example:127.0.0.1:{dead}\nbusy.example:127.0.0.1:{busy.port}\n"
+                f"later.example:127.0.0.1:{later.port}\ndrop.example:127.0.0.1:{dropper.port}\n",
+            )
+            agent = RemoteAgent(home, ControlCache(home))
+            await agent.deliver(mess, "a@x", ["warm@busy.example"])  # lazy parts built once
+            fds, tasks = open_fds(), len(asyncio.all_tasks())
+            domains = ["dead", "busy", "later", "drop"]
+            jobs = [
+                agent.deliver(mess, "a@x", [f"u{i}@{domains[i % 4]}.example"]) for i in range(1000)
+            ]
+            results = await asyncio.gather(*jobs)
+            assert all(o.status is Status.TEMP for (o,) in results)
+            assert sum("Possible duplicate" in o.text for (o,) in results) == 250
+            # our side closed everything before deliver() returned
+            await asyncio.sleep(0)
+            assert len(asyncio.all_tasks()) <= tasks + len(busy._tasks) + len(later._tasks) + len(
+                dropper._tasks
+            )
+        assert open_fds() <= fds - 3  # the three listeners are gone too
+        assert len(asyncio.all_tasks()) == 1
+
+    asyncio.run(go())
