@@ -131,7 +131,8 @@ class QmqpReceiver:
         if self.finished:
             return []
         self.finished = True
-        return [Refused(100, None, "connection closed in the middle of the request")]
+        # qmail-qmqpd exits 0 without a reply when the client goes away mid-request
+        return [Refused(0, None, "connection closed in the middle of the request")]
 
     def _run(self, out: list[Event]) -> None:
         buf = self._buf

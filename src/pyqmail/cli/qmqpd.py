@@ -1,0 +1,75 @@
+"""qmail-qmqpd on stdin/stdout (under tcpserver), or ``--listen ADDR:PORT`` for the
+asyncio listener alone (what ``pyqmail run --qmqp`` embeds), with ``--rules CDB``
+(default HOME/control/tcp.qmqp.cdb; a missing file allows everyone).
+
+QMQP relays for anyone who can connect: allow only trusted clients in the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyqmail.cli.common import fatal, split_home_args
+from pyqmail.control import ControlCache
+from pyqmail.home import resolve_home
+from pyqmail.inject.qmqp import QmqpServer, serve_stdio
+from pyqmail.queue.submit import submitter
+
+PROG = "qmail-qmqpd"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` or ``[v6]:PORT`` -> (host, port). Raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected ADDR:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def serve_forever(server: asyncio.AbstractServer) -> None:
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--listen" or a.startswith("--listen=") for a in args):
+        if "--help" in args or "-h" in args:
+            print(__doc__)
+            return 0
+        home, _rest = split_home_args(args)
+        stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
+        stdout = os.fdopen(1, "wb", buffering=0, closefd=False)
+        return serve_stdio(stdin, stdout, submitter(home), os.environ)
+    p = argparse.ArgumentParser(prog="pyqmail qmqpd", description="the QMQP listener")
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT")
+    p.add_argument("--rules", type=Path, default=None, metavar="CDB")
+    p.add_argument("--home", default=None)
+    p.add_argument("--single-user", action="store_true")
+    ns = p.parse_args(args)
+    home = resolve_home(ns.home, ns.single_user)
+    try:
+        host, port = parse_listen(ns.listen)
+    except ValueError as e:
+        return fatal(PROG, str(e), 100)
+
+    async def run() -> None:
+        srv = QmqpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
+        await serve_forever(await srv.start(host, port))
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        return fatal(PROG, f"unable to listen on {ns.listen}: {e.strerror}", 111)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""qmail-qmtpd on stdin/stdout (under tcpserver), or ``--listen ADDR:PORT`` for the
+asyncio listener alone (what ``pyqmail run --qmtp`` embeds), with ``--rules CDB``
+(default HOME/control/tcp.qmtp.cdb; a missing file allows everyone).
+
+Like qmail-smtpd it honours rcpthosts/morercpthosts.cdb, RELAYCLIENT and
+databytes/DATABYTES from the environment tcpserver (or the rules) set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyqmail.cli.common import fatal, split_home_args
+from pyqmail.cli.qmqpd import parse_listen, serve_forever
+from pyqmail.control import ControlCache, ControlError, load
+from pyqmail.home import resolve_home
+from pyqmail.inject.qmtp import QmtpPolicy, QmtpServer, open_more, serve_stdio
+from pyqmail.queue.submit import submitter
+
+PROG = "qmail-qmtpd"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--listen" or a.startswith("--listen=") for a in args):
+        if "--help" in args or "-h" in args:
+            print(__doc__)
+            return 0
+        home, _rest = split_home_args(args)
+        try:
+            policy = QmtpPolicy(load(home), os.environ, open_more(home))
+        except (ControlError, OSError):
+            return 111
+        stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
+        stdout = os.fdopen(1, "wb", buffering=0, closefd=False)
+        return serve_stdio(stdin, stdout, submitter(home), policy, os.environ)
+    p = argparse.ArgumentParser(prog="pyqmail qmtpd", description="the QMTP listener")
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT")
+    p.add_argument("--rules", type=Path, default=None, metavar="CDB")
+    p.add_argument("--home", default=None)
+    p.add_argument("--single-user", action="store_true")
+    ns = p.parse_args(args)
+    home = resolve_home(ns.home, ns.single_user)
+    try:
+        host, port = parse_listen(ns.listen)
+    except ValueError as e:
+        return fatal(PROG, str(e), 100)
+
+    async def run() -> None:
+        srv = QmtpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
+        await serve_forever(await srv.start(host, port))
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        return fatal(PROG, f"unable to listen on {ns.listen}: {e.strerror}", 111)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

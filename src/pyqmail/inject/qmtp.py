@@ -1,0 +1,557 @@
+"""QMTP (inject.md section 4): the server (qmail-qmtpd and the listener) and the client
+used for remote delivery where control/qmtproutes says so.
+
+Several messages per connection, each::
+
+    netstring( "\\n" message-with-LF | "\\r" message-with-CRLF )
+    netstring( sender )
+    netstring( netstring(recip1) ... netstring(recipN) )
+    -> one netstring per recipient, in order: "K" | "Z" | "D" + text
+
+Owns:
+
+* :class:`QmtpReceiver` — sans-IO: bytes in, events out (message bytes already turned
+  from CR LF to LF in ``\\r`` mode, a lone CR kept; then the envelope). A zero-length
+  message, a first byte other than LF/CR, a bad length or a missing comma is a protocol
+  error (qmail-qmtpd exits 100, no reply).
+* :class:`QmtpPolicy` — what qmail-qmtpd shares with qmail-smtpd: rcpthosts and
+  morercpthosts.cdb, RELAYCLIENT appended to each recipient, databytes/DATABYTES.
+* :func:`serve_stdio` (qmail-qmtpd) and :class:`QmtpServer` (``pyqmail run --qmtp``).
+* :func:`deliver_qmtp` — the client: one message to one host, one Outcome per
+  recipient, with qmail-remote's kind of texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pyqmail import cdb
+from pyqmail.control import Control, ControlCache, domain_keys
+from pyqmail.home import Home
+from pyqmail.inject import netstring
+from pyqmail.inject.netstring import NetstringError
+from pyqmail.inject.qmqp import (
+    CHUNK,
+    SESSION_TIMEOUT,
+    _peer_env,
+    received_line,
+    reply_for,
+    rules_decision,
+)
+from pyqmail.outcome import Outcome
+from pyqmail.queue import codes
+from pyqmail.queue.submit import PendingLike, Submitter
+from pyqmail.queue.writer import QueueError
+
+PORT = 209
+MAX_LENGTH = 2_000_000_000
+ADDRESS_LIMIT = 1000
+
+BAD_RECIPIENT = b"Dsorry, I can't handle that recipient (#5.1.3)"
+NOT_RCPTHOST = b"Dsorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+BAD_SENDER = b"Dunacceptable sender (#5.1.7)"
+TOO_BIG = b"Dsorry, that message size exceeds my databytes limit (#5.3.4)"
+
+
+# -- sans-IO core ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The end of one message. A None address was >= 1000 bytes (not kept)."""
+
+    sender: bytes | None
+    recipients: list[bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    code: int
+    reason: str
+
+
+Event = MessageData | Envelope | ProtocolError
+
+
+class QmtpReceiver:
+    """The server side of a QMTP connection, fed bytes in any pieces."""
+
+    def __init__(self, limit: int = MAX_LENGTH) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._state = "msg_len"
+        self._left = 0
+        self._crlf = False
+        self._cr = False  # a CR held back at a chunk's end (CR mode)
+        self._addr = bytearray()
+        self._addr_bad = False
+        self._sender: bytes | None = None
+        self._rcpts: list[bytes | None] = []
+        self._budget = 0
+        self.failed = False
+
+    @property
+    def idle(self) -> bool:
+        """True between messages (EOF here is a clean end of the session)."""
+        return self._state == "msg_len" and not self._buf
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.failed:
+            return []
+        self._buf += data
+        out: list[Event] = []
+        try:
+            self._run(out)
+        except NetstringError as e:
+            self.failed = True
+            out.append(ProtocolError(e.code, str(e)))
+        return out
+
+    def _addr_start(self, n: int) -> None:
+        self._left = n
+        self._addr.clear()
+        self._addr_bad = n >= ADDRESS_LIMIT
+
+    def _addr_take(self) -> bool:
+        """Move address bytes from the buffer; True when the address is complete."""
+        take = min(self._left, len(self._buf))
+        if not self._addr_bad:
+            self._addr += self._buf[:take]
+        del self._buf[:take]
+        self._left -= take
+        return self._left == 0
+
+    def _comma(self) -> bool:
+        if not self._buf:
+            return False
+        if self._buf[0] != 44:
+            raise NetstringError("netstring not terminated by a comma")
+        del self._buf[:1]
+        return True
+
+    def _run(self, out: list[Event]) -> None:
+        buf = self._buf
+        while True:
+            st = self._state
+            if st == "msg_len":
+                got = netstring.parse_length(buf, 0, self.limit)
+                if got is None:
+                    return
+                n, used = got
+                if n == 0:
+                    raise NetstringError("empty message netstring")
+                del buf[:used]
+                self._left = n
+                self._state = "msg_first"
+            elif st == "msg_first":
+                if not buf:
+                    return
+                first = buf[0]
+                if first not in (10, 13):
+                    raise NetstringError("message does not start with LF or CR")
+                self._crlf = first == 13
+                self._cr = False
+                del buf[:1]
+                self._left -= 1
+                self._state = "msg_body"
+            elif st == "msg_body":
+                if self._left and not buf:
+                    return
+                take = min(self._left, len(buf))
+                piece = bytes(buf[:take])
+                del buf[:take]
+                self._left -= take
+                if self._crlf:
+                    piece = self._convert(piece, final=self._left == 0)
+                if piece:
+                    out.append(MessageData(piece))
+                if self._left == 0:
+                    self._state = "msg_comma"
+            elif st == "msg_comma":
+                if not self._comma():
+                    return
+                self._state = "sender_len"
+            elif st == "sender_len":
+                got = netstring.parse_length(buf, 0, self.limit)
+                if got is None:
+                    return
+                n, used = got
+                del buf[:used]
+                self._addr_start(n)
+                self._state = "sender"
+            elif st == "sender":
+                if not self._addr_take():
+                    return
+                self._state = "sender_comma"
+            elif st == "sender_comma":
+                if not self._comma():
+                    return
+                self._sender = None if self._addr_bad else bytes(self._addr)
+                self._rcpts = []
+                self._state = "rcpts_len"
+            elif st == "rcpts_len":
+                got = netstring.parse_length(buf, 0, self.limit)
+                if got is None:
+                    return
+                self._budget, used = got
+                del buf[:used]
+                self._state = "rcpt_len"
+            elif st == "rcpt_len":
+                if self._budget == 0:
+                    self._state = "rcpts_comma"
+                    continue
+                view = bytes(buf[: self._budget])
+                got = netstring.parse_length(view, 0, self._budget)
+                if got is None:
+                    if len(buf) >= self._budget:
+                        raise NetstringError("recipient runs past its list")
+                    return
+                n, used = got
+                if used + n + 1 > self._budget:
+                    raise NetstringError("recipient runs past its list")
+                self._budget -= used + n + 1
+                del buf[:used]
+                self._addr_start(n)
+                self._state = "rcpt"
+            elif st == "rcpt":
+                if not self._addr_take():
+                    return
+                self._state = "rcpt_comma"
+            elif st == "rcpt_comma":
+                if not self._comma():
+                    return
+                self._rcpts.append(None if self._addr_bad else bytes(self._addr))
+                self._state = "rcpt_len"
+            elif st == "rcpts_comma":
+                if not self._comma():
+                    return
+                out.append(Envelope(self._sender, self._rcpts))
+                self._state = "msg_len"
+
+    def _convert(self, piece: bytes, *, final: bool) -> bytes:
+        """CR LF -> LF; a lone CR stays. A CR at the end of a piece waits for the next."""
+        if self._cr:
+            piece = b"\r" + piece
+            self._cr = False
+        if piece.endswith(b"\r") and not final:
+            piece = piece[:-1]
+            self._cr = True
+        return piece.replace(b"\r\n", b"\n")
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+def _scan_ulong(text: str) -> int:
+    digits = ""
+    for ch in text:
+        if not "0" <= ch <= "9":
+            break
+        digits += ch
+    return int(digits) if digits else 0
+
+
+class QmtpPolicy:
+    """rcpthosts, morercpthosts.cdb, RELAYCLIENT and databytes, as qmail-qmtpd uses them."""
+
+    def __init__(self, ctl: Control, env: Mapping[str, str], more: cdb.Reader | None) -> None:
+        self.rcpthosts = ctl.rcpthosts
+        self.more = more
+        rc = env.get("RELAYCLIENT")
+        self.relayclient = None if rc is None else rc.encode("utf-8", "surrogateescape")
+        self.databytes = _scan_ulong(env["DATABYTES"]) if "DATABYTES" in env else ctl.databytes
+
+    def allowed(self, rcpt: bytes) -> bool:
+        if self.relayclient is not None or self.rcpthosts is None:
+            return True
+        at = rcpt.rfind(b"@")
+        if at < 0:
+            return True
+        keys = domain_keys(rcpt[at + 1 :].decode("utf-8", "surrogateescape"))
+        if any(k in self.rcpthosts for k in keys):
+            return True
+        more = self.more
+        return more is not None and any(
+            more.get(k.encode("utf-8", "surrogateescape")) is not None for k in keys
+        )
+
+    def check(self, rcpt: bytes | None) -> tuple[bytes | None, bytes | None]:
+        """(the recipient to queue, None) or (None, the D reply)."""
+        if rcpt is None:
+            return None, BAD_RECIPIENT
+        if self.relayclient is not None:
+            rcpt += self.relayclient
+        if len(rcpt) >= ADDRESS_LIMIT or b"\0" in rcpt:
+            return None, BAD_RECIPIENT
+        if not self.allowed(rcpt):
+            return None, NOT_RCPTHOST
+        return rcpt, None
+
+
+def open_more(home: Home) -> cdb.Reader | None:
+    try:
+        return cdb.Reader.open(home.control / "morercpthosts.cdb")
+    except FileNotFoundError:
+        return None
+
+
+class _Message:
+    """One message being received: its Pending and its size against databytes."""
+
+    def __init__(self, pending: PendingLike, databytes: int) -> None:
+        self.pending = pending
+        self.size = 0
+        self.databytes = databytes
+        self.too_big = False
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.databytes and self.size > self.databytes:
+            self.too_big = True
+        if not self.too_big:
+            self.pending.write(data)
+
+
+def _finish(msg: _Message, env: Envelope, policy: QmtpPolicy) -> list[bytes]:
+    """Commit (blocking) or refuse one message; one reply per recipient."""
+    replies: list[bytes | None] = []
+    accepted: list[bytes] = []
+    for r in env.recipients:
+        ok, refusal = policy.check(r)
+        replies.append(refusal)
+        if ok is not None:
+            accepted.append(ok)
+    final: bytes
+    sender = env.sender
+    if not accepted:
+        msg.pending.abort()
+        final = b""
+    elif sender is None or b"\0" in sender:
+        msg.pending.abort()
+        final = BAD_SENDER
+    elif msg.too_big:
+        msg.pending.abort()
+        final = TOO_BIG
+    else:
+        try:
+            msg.pending.commit(sender, accepted)
+            final = reply_for(0, msg.pending.qp)
+        except QueueError as e:
+            final = reply_for(e.code, msg.pending.qp, custom=e.custom)
+        except Exception:
+            msg.pending.abort()
+            final = reply_for(codes.INTERNAL_BUG, 0)
+    return [final if r is None else r for r in replies]
+
+
+# -- qmail-qmtpd on stdin/stdout -----------------------------------------------------
+
+
+def serve_stdio(
+    rfile: BinaryIO,
+    wfile: BinaryIO,
+    submitter: Submitter,
+    policy: QmtpPolicy,
+    env: Mapping[str, str],
+) -> int:
+    """A QMTP session on ``rfile``/``wfile``; returns qmail-qmtpd's exit code."""
+    rx = QmtpReceiver()
+    msg: _Message | None = None
+    try:
+        while True:
+            data = rfile.read(CHUNK)
+            if not data:
+                return 0  # EOF, even mid-message: qmail-qmtpd exits quietly
+            for ev in rx.feed(data):
+                if isinstance(ev, ProtocolError):
+                    return ev.code
+                if msg is None:
+                    p = submitter.begin(origin="network", received=received_line("QMTP", env))
+                    msg = _Message(p, policy.databytes)
+                if isinstance(ev, MessageData):
+                    msg.write(ev.data)
+                else:
+                    replies = _finish(msg, ev, policy)
+                    msg = None
+                    wfile.write(b"".join(netstring.encode(r) for r in replies))
+                    wfile.flush()
+    except QueueError:
+        return 111
+    except OSError:
+        return 0  # qmail-qmtpd: a write error ends the session quietly
+    finally:
+        if msg is not None:
+            msg.pending.abort()
+
+
+# -- the asyncio listener ---------------------------------------------------------------
+
+
+class QmtpServer:
+    """The QMTP listener of ``pyqmail run --qmtp``."""
+
+    def __init__(
+        self,
+        home: Home,
+        ctl: ControlCache,
+        submitter: Submitter,
+        *,
+        rules: Path | None = None,
+        max_conns: int = 100,
+        timeout: float = SESSION_TIMEOUT,
+    ) -> None:
+        self.home = home
+        self.ctl = ctl
+        self.submitter = submitter
+        self.rules = rules if rules is not None else home.control / "tcp.qmtp.cdb"
+        self.timeout = timeout
+        self._sem = asyncio.Semaphore(max_conns)
+
+    async def start(self, host: str, port: int) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._client, host, port, reuse_address=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with self._sem:
+                ctl = self.ctl.get()
+                env = _peer_env(writer, ctl.me)
+                decision = rules_decision(self.rules, env)
+                if not decision.allow:
+                    return
+                env.update(decision.env)
+                policy = QmtpPolicy(ctl, env, open_more(self.home))
+                async with asyncio.timeout(self.timeout):
+                    await self._serve(reader, writer, env, policy)
+        except Exception:  # a peer never sees a traceback; the connection just ends
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        env: dict[str, str],
+        policy: QmtpPolicy,
+    ) -> None:
+        rx = QmtpReceiver()
+        msg: _Message | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    return
+                for ev in rx.feed(data):
+                    if isinstance(ev, ProtocolError):
+                        return
+                    if msg is None:
+                        p = await loop.run_in_executor(None, self._begin, env)
+                        msg = _Message(p, policy.databytes)
+                    if isinstance(ev, MessageData):
+                        msg.write(ev.data)
+                    else:
+                        m, msg = msg, None
+                        replies = await loop.run_in_executor(None, _finish, m, ev, policy)
+                        writer.write(b"".join(netstring.encode(r) for r in replies))
+                        await writer.drain()
+        finally:
+            if msg is not None:
+                msg.pending.abort()
+
+    def _begin(self, env: Mapping[str, str]) -> PendingLike:
+        return self.submitter.begin(origin="network", received=received_line("QMTP", env))
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+def _b(s: str | bytes) -> bytes:
+    return s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
+
+
+async def deliver_qmtp(
+    host_ip: str,
+    port: int,
+    mess_path: Path | str,
+    sender: str | bytes,
+    recipients: Sequence[str | bytes],
+    timeouts: tuple[float, float] = (60.0, 1200.0),
+) -> list[Outcome]:
+    """Send the queued message at ``mess_path`` (LF lines) to one QMTP server.
+
+    ``timeouts`` = (connect, each read or write) in seconds, as control/timeoutconnect and
+    control/timeoutremote. Returns one Outcome per recipient, in order; a connection that
+    fails or dies makes every unanswered recipient a temporary failure."""
+    connect_timeout, data_timeout = timeouts
+    try:
+        size = os.path.getsize(mess_path)
+        f = open(mess_path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        return [Outcome.temp(f"Unable to read message file: {e.strerror}. (#4.3.0)")] * len(
+            recipients
+        )
+    try:
+        try:
+            async with asyncio.timeout(connect_timeout):
+                reader, writer = await asyncio.open_connection(host_ip, port)
+        except (OSError, TimeoutError):
+            text = f"Sorry, I wasn't able to establish a QMTP connection to {host_ip}. (#4.4.1)"
+            return [Outcome.temp(text)] * len(recipients)
+        got: list[bytes] = []
+        try:
+            async with asyncio.timeout(data_timeout):
+                writer.write(b"%d:\n" % (size + 1))
+                while chunk := f.read(CHUNK):
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write(b"," + netstring.encode(_b(sender)))
+                writer.write(netstring.encode(netstring.encode_all(_b(r) for r in recipients)))
+                await writer.drain()
+                buf = bytearray()
+                while len(got) < len(recipients):
+                    item = netstring.decode_one(buf, 0, 1 << 16)
+                    if item is None:
+                        data = await reader.read(4096)
+                        if not data:
+                            break
+                        buf += data
+                        continue
+                    got.append(item[0])
+                    del buf[: item[1]]
+        except (OSError, TimeoutError, NetstringError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    finally:
+        f.close()
+    out: list[Outcome] = []
+    for i in range(len(recipients)):
+        if i >= len(got):
+            out.append(Outcome.temp(f"Connected to {host_ip} but connection died. (#4.4.2)"))
+            continue
+        reply = got[i]
+        text = reply[1:].decode("utf-8", "replace")
+        said = f"{host_ip} said: {text}"
+        if reply[:1] == b"K":
+            out.append(Outcome.ok(f"{host_ip} accepted message./Remote host said: {text}"))
+        elif reply[:1] == b"D":
+            out.append(Outcome.perm(f"{said}"))
+        else:
+            out.append(Outcome.temp(f"{said}"))
+    return out
