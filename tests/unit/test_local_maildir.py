@@ -1,0 +1,121 @@
+"""Maildir delivery: never a partial file in new/, unique names, failures are temporary."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pyqmail.local import maildir
+from pyqmail.local.failure import DeliveryFailure
+from tests.conftest import is_root
+
+HEAD = b"Return-Path: <s@x>\nDelivered-To: u@h\n"
+
+
+def _msg(data: bytes) -> int:
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return os.dup(f.fileno())
+
+
+def _md(path: Path) -> Path:
+    maildir.make(str(path))
+    return path
+
+
+def test_make(tmp_path: Path) -> None:
+    maildir.make(str(tmp_path / "M"))
+    assert sorted(os.listdir(tmp_path / "M")) == ["cur", "new", "tmp"]
+    with pytest.raises(FileExistsError):
+        maildir.make(str(tmp_path / "M"))
+
+
+def test_delivers_verbatim(tmp_path: Path) -> None:
+    md = _md(tmp_path / "M")
+    fd = _msg(b"From x\nbody\nno newline")
+    os.lseek(fd, 3, os.SEEK_SET)  # the shared descriptor's position must not matter
+    try:
+        maildir.deliver(str(md) + "/", fd, HEAD)
+    finally:
+        os.close(fd)
+    (name,) = os.listdir(md / "new")
+    assert (md / "new" / name).read_bytes() == HEAD + b"From x\nbody\nno newline"
+    assert os.listdir(md / "tmp") == []
+    assert os.listdir(md / "cur") == []
+
+
+def test_names_are_unique_and_well_formed() -> None:
+    names = {maildir.unique_name(1234.5) for _ in range(1000)}
+    assert len(names) == 1000
+    n = next(iter(names))
+    assert n.startswith("1234.M500000P") and "/" not in n and ":" not in n
+
+
+def test_name_collision_retries_then_fails(tmp_path: Path) -> None:
+    md = _md(tmp_path / "M")
+    (md / "tmp" / "same").write_bytes(b"someone else's")
+    sleeps: list[float] = []
+    fd = _msg(b"x\n")
+    try:
+        with pytest.raises(DeliveryFailure) as e:
+            maildir.deliver(str(md), fd, HEAD, name=lambda: "same", sleep=sleeps.append)
+        names = iter(["same", "other"])
+        maildir.deliver(str(md), fd, HEAD, name=lambda: next(names), sleep=sleeps.append)
+    finally:
+        os.close(fd)
+    assert (e.value.code, e.value.text) == (111, "Temporary error on maildir delivery. (#4.3.0)")
+    assert sleeps == [2, 2, 2]
+    assert (md / "tmp" / "same").read_bytes() == b"someone else's"
+    assert os.listdir(md / "new") == ["other"]
+
+
+def test_missing_maildir(tmp_path: Path) -> None:
+    fd = _msg(b"x\n")
+    try:
+        with pytest.raises(DeliveryFailure, match=r"Unable to chdir to maildir. \(#4.2.1\)"):
+            maildir.deliver(str(tmp_path / "nope") + "/", fd, HEAD)
+    finally:
+        os.close(fd)
+
+
+def test_missing_new_leaves_nothing(tmp_path: Path) -> None:
+    md = _md(tmp_path / "M")
+    os.rmdir(md / "new")
+    fd = _msg(b"x\n")
+    try:
+        with pytest.raises(DeliveryFailure, match="Temporary error on maildir delivery"):
+            maildir.deliver(str(md), fd, HEAD)
+    finally:
+        os.close(fd)
+    assert os.listdir(md / "tmp") == []
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to mount a small tmpfs")
+def test_full_disk_no_partial_file_in_new(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        md = _md(mnt / "Maildir")
+        fd = _msg(b"x" * (1 << 20))
+        try:
+            with pytest.raises(DeliveryFailure) as e:
+                maildir.deliver(str(md) + "/", fd, HEAD)
+            assert e.value.text == "Temporary error on maildir delivery. (#4.3.0)"
+            assert os.listdir(md / "new") == []
+            assert os.listdir(md / "tmp") == []  # the partial tmp file was removed
+            small = _msg(b"small\n")
+            maildir.deliver(str(md) + "/", small, HEAD)  # space is back: it works
+            os.close(small)
+        finally:
+            os.close(fd)
+        (name,) = os.listdir(md / "new")
+        assert (md / "new" / name).read_bytes() == HEAD + b"small\n"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
