@@ -30,12 +30,10 @@ sys.stdin.read()
 
 
 def _msg(data: bytes) -> int:
-    f = tempfile.TemporaryFile()
-    f.write(data)
-    f.flush()
-    fd = os.dup(f.fileno())
-    f.close()
-    return fd
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return os.dup(f.fileno())
 
 
 @pytest.mark.parametrize(
@@ -122,7 +120,7 @@ def test_waits_for_the_lock_then_delivers(holder, kind: str) -> None:  # type: i
     def run() -> None:
         try:
             mbox.deliver(str(path), fd, UF, HEAD, lock_timeout=60.0)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
         done.set()
 
