@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from pyqmail.cli.common import split_home_args
 from pyqmail.control import ControlCache
@@ -20,6 +23,19 @@ from pyqmail.smtp.client import SessionResult
 
 USAGE = b"DI (qmail-remote) was invoked improperly. (#5.3.5)\n\0"
 CHDIR = b"ZUnable to switch to home directory. (#4.3.0)\n\0"
+
+
+def _message() -> BinaryIO:
+    """fd 0 if it is seekable (qmail gives the queue file), else a spooled copy of it."""
+    try:
+        os.lseek(0, 0, os.SEEK_CUR)
+        return os.fdopen(os.dup(0), "rb", buffering=0)
+    except OSError:
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 (returned, closed by the caller)
+        with os.fdopen(os.dup(0), "rb") as f:
+            shutil.copyfileobj(f, spool)
+        spool.seek(0)
+        return spool
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,8 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     host, sender, *recipients = (os.fsencode(a) for a in rest)
     agent = RemoteAgent(home, ControlCache(home))
-    stdin = os.fdopen(os.dup(0), "rb", buffering=0)
-    with stdin:
+    with _message() as stdin:
         result: SessionResult = asyncio.run(
             agent.transmit(stdin, host.decode("utf-8", "surrogateescape"), sender, recipients)
         )
