@@ -1,0 +1,295 @@
+"""The LocalSpawner: a forked spawner process, one child per delivery, uid drops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail.control import ControlCache
+from pyqmail.home import Home
+from pyqmail.local import users
+from pyqmail.local.spawn import LocalSpawner
+from pyqmail.outcome import Outcome, Status
+from tests.conftest import is_root
+
+MSG = b"Subject: hi\n\nbody\n"
+
+
+def _run(sp: LocalSpawner, coro_fn):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        try:
+            return await coro_fn()
+        finally:
+            await sp.close()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def mess(tmp_path: Path) -> Path:
+    p = tmp_path / "mess"
+    p.write_bytes(MSG)
+    return p
+
+
+@pytest.fixture
+def pub() -> Iterator[Path]:
+    """A directory every uid can traverse (tmp_path's parents are root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="pyqmail-local-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _user_home(base: Path, name: str, uid: int | None = None) -> Path:
+    h = base / name
+    for sub in ("", "Maildir", "Maildir/tmp", "Maildir/new", "Maildir/cur"):
+        (h / sub).mkdir(mode=0o700 if sub else 0o755)
+    if uid is not None:
+        for root, _dirs, files in os.walk(h):
+            os.chown(root, uid, uid)
+            for f in files:
+                os.chown(os.path.join(root, f), uid, uid)
+    return h
+
+
+def _assign(home: Home, lines: list[str]) -> None:
+    (home.users / "assign").write_text("".join(line + "\n" for line in lines) + ".\n")
+    users.newu(home)
+
+
+def test_single_user_deliveries(home: Home, mess: Path, pub: Path) -> None:
+    joe = _user_home(pub, "joe")
+    (joe / ".qmail-ext").write_text("./Maildir/\n")
+    _assign(home, [f"+joe-:joe:{os.getuid()}:{os.getgid()}:{joe}:-::"])
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return [
+            await sp.deliver(mess, "s@x", "postmaster@mx.test.example"),
+            await sp.deliver(mess, "s@x", "joe-ext@mx.test.example"),
+            await sp.deliver(mess, "s@x", "joe-nothing@mx.test.example"),
+            await sp.deliver(mess, "s@x", "nosuchuser@mx.test.example"),
+            await sp.deliver(mess, "s@x", "@mx.test.example"),
+            await sp.deliver(mess, "s@x", "no-at-sign"),
+        ]
+
+    got = _run(sp, go)
+    assert got == [
+        Outcome.ok("did 1+0+0\n"),
+        Outcome.ok("did 1+0+0\n"),
+        Outcome.perm("Sorry, no mailbox here by that name. (#5.1.1)\n"),
+        Outcome.perm("Sorry, no mailbox here by that name. (#5.1.1)\n"),
+        Outcome.ok(""),  # the trash address
+        Outcome.perm("Sorry, address must include host name. (#5.1.3)\n"),
+    ]
+    (f,) = os.listdir(home.alias / "Maildir" / "new")
+    assert (home.alias / "Maildir" / "new" / f).read_bytes() == (
+        b"Return-Path: <s@x>\nDelivered-To: postmaster@mx.test.example\n" + MSG
+    )
+    (f,) = os.listdir(joe / "Maildir" / "new")
+    assert (
+        (joe / "Maildir" / "new" / f)
+        .read_bytes()
+        .startswith(b"Return-Path: <s@x>\nDelivered-To: joe-ext@mx.test.example\n")
+    )
+
+
+def test_defaultdelivery_from_control(home: Home, mess: Path, pub: Path) -> None:
+    joe = _user_home(pub, "joe")
+    _assign(home, [f"=joe:joe:{os.getuid()}:{os.getgid()}:{joe}:::"])
+    (home.control / "defaultdelivery").write_text("./Mailbox\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "", "joe@h")) == Outcome.ok("did 1+0+0\n")
+    assert (joe / "Mailbox").read_bytes().startswith(b"From MAILER-DAEMON ")
+
+
+def test_message_checks(home: Home, mess: Path, tmp_path: Path) -> None:
+    sp = LocalSpawner(home, ControlCache(home), message_owner=os.getuid() + 1)
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return [
+            await sp.deliver(mess, "s@x", "postmaster@h"),
+            await sp.deliver(tmp_path / "missing", "s@x", "postmaster@h"),
+        ]
+
+    assert _run(sp, go) == [
+        Outcome.temp("Sorry, message has wrong owner. (#4.3.5)\n"),
+        Outcome.temp("qmail-spawn unable to open message. (#4.3.0)\n"),
+    ]
+    sp2 = LocalSpawner(home, ControlCache(home))
+    sp2.start()
+    assert _run(sp2, lambda: sp2.deliver(tmp_path, "s@x", "postmaster@h")) == Outcome.temp(
+        "Sorry, message has wrong type. (#4.3.5)\n"
+    )
+
+
+def test_many_in_flight(home: Home, mess: Path) -> None:
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return await asyncio.gather(*[sp.deliver(mess, "s@x", "root@h") for _ in range(60)])
+
+    got = _run(sp, go)
+    assert got == [Outcome.ok("did 1+0+0\n")] * 60
+    assert len(os.listdir(home.alias / "Maildir" / "new")) == 60
+
+
+def test_hanging_program_is_killed(home: Home, mess: Path) -> None:
+    (home.alias / ".qmail-hang").write_text(
+        "|sleep 300 & echo $! > bg.pid; echo $$ > fg.pid; sleep 300\n"
+    )
+    sp = LocalSpawner(home, ControlCache(home), program_timeout=1.0)
+    sp.start()
+    start = time.monotonic()
+    got = _run(sp, lambda: sp.deliver(mess, "s@x", "hang@h"))
+    assert time.monotonic() - start < 30
+    assert got == Outcome.temp("Timeout on program delivery after 1 seconds. (#4.3.0)\n")
+    for name in ("bg.pid", "fg.pid"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((home.alias / name).read_text()), 0)
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_100mb_of_program_output(home: Home, mess: Path) -> None:
+    (home.alias / ".qmail-chatty").write_text("|head -c 100000000 /dev/zero | tr '\\0' x\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+    assert sp.pid is not None
+    before = _vm_hwm_kb(sp.pid)
+
+    async def go() -> tuple[Outcome, int]:
+        out = await sp.deliver(mess, "s@x", "chatty@h")
+        assert sp.pid is not None
+        return out, _vm_hwm_kb(sp.pid)
+
+    out, after = _run(sp, go)
+    assert out.status is Status.OK
+    assert out.text == "x" * 2966 + "\nError report too long, sorry.\n"
+    assert after - before < 20_000  # the spawner did not hold 100 MB
+
+
+def test_background_process_holding_the_report_pipe(home: Home, mess: Path) -> None:
+    (home.alias / ".qmail-bg").write_text("|sleep 60 & echo $! > bg.pid; echo started\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+    start = time.monotonic()
+    try:
+        got = _run(sp, lambda: sp.deliver(mess, "s@x", "bg@h"))
+        assert time.monotonic() - start < 30
+        assert got == Outcome.ok("started\ndid 0+0+1\n")
+    finally:
+        os.kill(int((home.alias / "bg.pid").read_text()), 9)
+
+
+def test_deliver_after_close(home: Home, mess: Path) -> None:
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+
+    async def go() -> Outcome:
+        await sp.close()
+        return await sp.deliver(mess, "s@x", "root@h")
+
+    assert asyncio.run(go()).status is Status.TEMP
+
+
+# --- as root, in multi-user mode: real uid drops -----------------------------------------
+
+A_UID, B_UID = 40001, 40002
+
+
+@pytest.fixture
+def multi(home: Home) -> Home:
+    return Home(home.root, single_user=False)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+def test_delivery_runs_as_the_recipient(multi: Home, mess: Path, pub: Path) -> None:
+    a = _user_home(pub, "a", A_UID)
+    (a / ".qmail-ext").write_text(
+        "./Maildir/\n|id -u > uid.out; id -g >> uid.out; id -G >> uid.out\n"
+    )
+    os.chown(a / ".qmail-ext", A_UID, A_UID)
+    _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-ext@h")) == Outcome.ok("did 1+0+1\n")
+    (f,) = os.listdir(a / "Maildir" / "new")
+    st = os.stat(a / "Maildir" / "new" / f)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (A_UID, A_UID, 0o600)
+    assert (a / "uid.out").read_text().split() == [str(A_UID), str(A_UID), str(A_UID)]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+def test_user_a_cannot_write_where_only_b_may(multi: Home, mess: Path, pub: Path) -> None:
+    a = _user_home(pub, "a", A_UID)
+    b = _user_home(pub, "b", B_UID)
+    (b / "Maildir").chmod(0o700)
+    (a / ".qmail-maildir").write_text(f"{b}/Maildir/\n")
+    (a / ".qmail-mbox").write_text(f"{b}/mbox\n")
+    (a / ".qmail-prog").write_text(f"|touch {b}/owned\n")
+    _assign(
+        multi,
+        [f"+a-:a:{A_UID}:{A_UID}:{a}:-::", f"+b-:b:{B_UID}:{B_UID}:{b}:-::"],
+    )
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return [
+            await sp.deliver(mess, "s@x", "a-maildir@h"),
+            await sp.deliver(mess, "s@x", "a-mbox@h"),
+            await sp.deliver(mess, "s@x", "a-prog@h"),
+        ]
+
+    got = _run(sp, go)
+    assert got[0] == Outcome.temp("Unable to chdir to maildir. (#4.2.1)\n")
+    assert got[1] == Outcome.temp(f"Unable to open {b}/mbox: Permission denied. (#4.2.1)\n")
+    assert got[2].status is Status.TEMP and "Permission denied" in got[2].text
+    assert os.listdir(b / "Maildir" / "new") == []
+    assert not (b / "mbox").exists() and not (b / "owned").exists()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+def test_never_delivers_as_root(multi: Home, mess: Path, pub: Path) -> None:
+    r = _user_home(pub, "r")
+    _assign(multi, [f"=r:root:0:0:{r}:::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "r@h")) == Outcome.temp(
+        "Not allowed to perform deliveries as root.\n"
+    )
+    assert os.listdir(r / "Maildir" / "new") == []
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+def test_spawner_socket_is_not_reachable_from_user_code(multi: Home, mess: Path, pub: Path) -> None:
+    a = _user_home(pub, "a", A_UID)
+    (a / ".qmail-fds").write_text("|ls /proc/self/fd > fds.out\n")
+    _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-fds@h")).status is Status.OK
+    fds = sorted(int(x) for x in (a / "fds.out").read_text().split())
+    assert fds[:3] == [0, 1, 2] and len(fds) <= 4  # 0 1 2 and ls's own directory fd
