@@ -203,6 +203,8 @@ def _entry_lines(entry: _Entry, rd: _Reader) -> list[str]:
         return [head + "Oops! Trouble reading this file."]
     if entry.kind == "list":
         if data is None:
+            if entry.name == "morercpthosts" and not rd.exists("rcpthosts"):
+                return [head + "(Default.) No rcpthosts; morercpthosts is irrelevant."]
             return [head + f"(Default.) {entry.default}"]
         prefix = entry.prefix
         if entry.name == "morercpthosts":

@@ -131,6 +131,9 @@ def test_without_me_shows_literal_defaults(home: Home) -> None:
     assert entry(text, "rcpthosts") == [
         "rcpthosts: (Default.) SMTP clients may send messages to any recipient."
     ]
+    assert entry(text, "morercpthosts") == [
+        "morercpthosts: (Default.) No rcpthosts; morercpthosts is irrelevant."
+    ]
 
 
 def test_unreadable_and_unknown_files(home: Home) -> None:
