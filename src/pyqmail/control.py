@@ -366,9 +366,19 @@ class ControlCache:
     the per-file check.
     """
 
-    def __init__(self, home: Home, loader: Callable[[Home], Control] = load) -> None:
+    def __init__(
+        self,
+        home: Home,
+        loader: Callable[[Home], Control] = load,
+        *,
+        on_findings: Callable[[tuple[Finding, ...]], None] | None = None,
+    ) -> None:
+        """``on_findings`` is called after a (re)load whose findings differ from the last
+        ones (and are not empty), so a daemon logs each problem once per change, e.g.
+        ``on_findings=lambda fs: [log(f"warning: {f}") for f in fs]``."""
         self.home = home
         self._loader = loader
+        self._on_findings = on_findings
         self._key: tuple[object, ...] | None = None
         self._value: Control | None = None
 
@@ -379,6 +389,10 @@ class ControlCache:
     def get(self) -> Control:
         key = self._current_key()
         if self._value is None or key != self._key:
+            before = self._value.findings if self._value is not None else ()
             self._value = self._loader(self.home)
             self._key = key
+            found = self._value.findings
+            if self._on_findings is not None and found and found != before:
+                self._on_findings(found)
         return self._value

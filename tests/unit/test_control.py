@@ -4,13 +4,15 @@ unreadable files, matching helpers, and ControlCache's re-read on change."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyqmail import control
+from pyqmail import cdb, control
 from pyqmail.control import ControlCache, ControlError, load, parse_int, parse_line, parse_list
 from pyqmail.home import Home
 from tests.conftest import write_control
@@ -287,3 +289,57 @@ def test_cache_propagates_control_error(home: Home) -> None:
     (home.control / "rcpthosts").mkdir()
     with pytest.raises(ControlError):
         cache.get()
+
+
+def test_cache_reports_new_findings_once(home: Home) -> None:
+    seen: list[tuple[control.Finding, ...]] = []
+    cache = ControlCache(home, on_findings=seen.append)
+    cache.get()
+    assert seen == []
+    write_control(home, "concurrencyremote", "abc\n")
+    cache.get()
+    cache.get()
+    assert [[str(f) for f in fs] for fs in seen] == [
+        ["control/concurrencyremote:1: 'abc' is not a number; qmail ignores it and uses the "
+         "default (write a decimal number into concurrencyremote)"]
+    ]  # fmt: skip
+    write_control(home, "databytes", "5\n")  # a reload with the same findings: no repeat
+    cache.get()
+    assert len(seen) == 1
+
+
+# -- qmail-newmrh ------------------------------------------------------------------------
+
+
+def newmrh(home: Home) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from pyqmail.cli.newmrh import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "--home", str(home.root)],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_newmrh_compiles_lowercased_keys(home: Home) -> None:
+    write_control(home, "morercpthosts", "A.Example\n# no\n\nb.example \n")
+    p = newmrh(home)
+    assert (p.returncode, p.stderr) == (0, "")
+    with cdb.Reader.open(home.control / "morercpthosts.cdb") as r:
+        assert list(r.items()) == [(b"a.example", b""), (b"b.example", b"")]
+    assert not (home.control / "morercpthosts.tmp").exists()
+
+
+def test_newmrh_failures_leave_old_cdb_and_no_tmp(home: Home) -> None:
+    p = newmrh(home)
+    assert p.returncode == 111
+    assert p.stderr == (
+        "qmail-newmrh: fatal: unable to read control/morercpthosts: file does not exist\n"
+    )
+    (home.control / "morercpthosts").mkdir()
+    p = newmrh(home)
+    assert p.returncode == 111 and "is a directory" in p.stderr
+    (home.control / "morercpthosts").rmdir()
+    write_control(home, "morercpthosts", "a.example\n")
+    (home.control / "morercpthosts.cdb").mkdir()  # rename over a directory fails
+    p = newmrh(home)
+    assert p.returncode == 111
+    assert p.stderr.startswith("qmail-newmrh: fatal: unable to move control/morercpthosts.tmp")
+    assert (home.control / "morercpthosts.cdb").is_dir()
+    assert not (home.control / "morercpthosts.tmp").exists()
