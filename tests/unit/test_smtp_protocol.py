@@ -136,8 +136,9 @@ def test_data_needs_mail_and_rcpt(home: Home) -> None:
         ({"TCPLOCALHOST": "mx.here", "TCPLOCALIP": "10.0.0.1"}, None, b"  by mx.here with SMTP;"),
     ],
 )
-def test_received_line(home: Home, received_env: dict[str, str], helo: bytes | None,
-                       expect: bytes) -> None:  # fmt: skip
+def test_received_line(
+    home: Home, received_env: dict[str, str], helo: bytes | None, expect: bytes
+) -> None:
     d = session(home, env={"TCPREMOTEIP": "192.0.2.7", **received_env})
     if helo is not None:
         d.feed(b"HELO " + helo + b"\r\n")
@@ -478,8 +479,10 @@ def test_tls_client_hello_is_refused_and_closed(home: Home) -> None:
 
 def test_bdat_closes_and_its_payload_never_runs(home: Home) -> None:
     d = session(home)
-    out = d.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@test.example>\r\nBDAT 60 LAST\r\n"
-                 b"MAIL FROM:<e@x>\r\nRCPT TO:<y@test.example>\r\nDATA\r\n")  # fmt: skip
+    out = d.feed(
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<x@test.example>\r\nBDAT 60 LAST\r\n"
+        b"MAIL FROM:<e@x>\r\nRCPT TO:<y@test.example>\r\nDATA\r\n"
+    )
     assert out == replies.OK * 2 + replies.NO_CHUNKING and d.closed
 
 
@@ -626,9 +629,28 @@ def test_any_clean_body_round_trips(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([b"HELO x", b"EHLO y", b"MAIL FROM:<a@b>", b"RCPT TO:<c@t>",
-                                 b"RSET", b"NOOP", b"VRFY z", b"DATA", b"FOO", b"", b"HELP",
-                                 b"MAIL", b"RCPT TO:<>"]), max_size=30))  # fmt: skip
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"HELO x",
+                b"EHLO y",
+                b"MAIL FROM:<a@b>",
+                b"RCPT TO:<c@t>",
+                b"RSET",
+                b"NOOP",
+                b"VRFY z",
+                b"DATA",
+                b"FOO",
+                b"",
+                b"HELP",
+                b"MAIL",
+                b"RCPT TO:<>",
+            ]
+        ),
+        max_size=30,
+    )
+)
 def test_command_sequences_get_one_reply_each(
     tmp_path_factory: pytest.TempPathFactory, cmds: list[bytes]
 ) -> None:

@@ -493,13 +493,17 @@ def run_stdio(
         session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
     except (ControlError, SessionError, OSError, cdb.CdbError) as e:
         print(f"qmail-smtpd: {e}", file=sys.stderr)
-        out.write(replies.CONTROLS)
+        with contextlib.suppress(_WriteFailed):
+            out.write(replies.CONTROLS)
+        _drain(infd, outfd)
         return 1
     try:
         msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)))
     except Exception as e:
         print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
-        out.write(replies.CONTROLS)
+        with contextlib.suppress(_WriteFailed):
+            out.write(replies.CONTROLS)
+        _drain(infd, outfd)
         return 1
     conn = SmtpServerConnection(session, limits)
     timeout = float(ctl.timeoutsmtpd)
@@ -553,6 +557,7 @@ def run_stdio(
         msg.abort()
         with contextlib.suppress(_WriteFailed):
             out.write(replies.TEMP_ERROR)
+        _drain(infd, outfd)
         return 1
 
 

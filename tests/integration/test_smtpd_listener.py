@@ -1,0 +1,499 @@
+"""`pyqmail smtpd --listen` on loopback, driven by smtplib and raw sockets.
+
+One listener process per test module (control files are re-read per connection, so each
+test sets what it needs); every bad input is checked for its reply, for the server
+staying up, and for nothing reaching the queue that should not.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail import tcprules
+from pyqmail.home import Home
+from pyqmail.layout import create_home
+from pyqmail.queue.envelope import parse_todo
+from pyqmail.smtp import replies
+
+
+class Server:
+    def __init__(self, home: Home, port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.home = home
+        self.port = port
+        self.proc = proc
+
+    def control(self, name: str, text: str | None) -> None:
+        path = self.home.control / name
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(text)
+
+    def queued(self) -> list[tuple[bytes, list[bytes]]]:
+        out = []
+        for f in sorted((self.home.queue / "todo").rglob("*")):
+            if f.is_file():
+                t = parse_todo(f.read_bytes())
+                out.append((t.sender, list(t.recipients)))
+        return out
+
+    def alive(self) -> bool:
+        c = Raw(self.port)
+        ok = c.reply()[0] == 220 and c.cmd(b"NOOP")[0] == 250
+        c.close()
+        return ok
+
+
+class Raw:
+    """Exact bytes to the server, replies back."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", *, source: str | None = None) -> None:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.s = socket.socket(fam, socket.SOCK_STREAM)
+        self.s.settimeout(10)
+        if source:
+            self.s.bind((source, 0))
+        self.s.connect((host, port))
+        self.buf = b""
+
+    def reply(self) -> tuple[int | None, bytes]:
+        lines = b""
+        while True:
+            while b"\n" not in self.buf:
+                try:
+                    d = self.s.recv(65536)
+                except (ConnectionResetError, TimeoutError):
+                    d = b""
+                if not d:
+                    return None, lines
+                self.buf += d
+            line, self.buf = self.buf.split(b"\n", 1)
+            lines += line + b"\n"
+            if line[3:4] == b" " or len(line) < 4:
+                return (int(line[:3]) if line[:3].isdigit() else None), lines
+
+    def send(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def cmd(self, line: bytes) -> tuple[int | None, bytes]:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def closed(self, wait: float = 5) -> bool:
+        self.s.settimeout(wait)
+        try:
+            while True:
+                if not self.s.recv(65536):
+                    return True
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def start_listener(home: Home, *args: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYQMAIL_HOME=str(home.root), PYQMAIL_SINGLE_USER="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyqmail.cli.main", "smtpd", "--home", str(home.root), *args],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def wait_listening(proc: subprocess.Popen[bytes]) -> list[int]:
+    """Read the listener's 'listening on ADDR:PORT' lines (its readiness signal)."""
+    assert proc.stderr is not None
+    ports = []
+    line = proc.stderr.readline().decode()
+    while "listening on" in line or "warning" in line:
+        if "listening on" in line:
+            ports.append(int(line.rsplit(":", 1)[1]))
+            return ports
+        line = proc.stderr.readline().decode()
+    raise AssertionError(f"listener did not start: {line!r}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = Home(tmp_path_factory.mktemp("smtpd") / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    rules = home.root / "tcp.smtp.cdb"
+    refuse = home.root / "refuse-queue"
+    refuse.write_text("#!/bin/sh\ncat >/dev/null\nexit 31\n")
+    refuse.chmod(0o755)
+    tcprules.write_cdb(
+        tcprules.compile_rules(
+            '127.0.0.2:allow,RELAYCLIENT=""\n127.0.0.3:deny\n'
+            f'127.0.0.4:allow,QMAILQUEUE="{refuse}"\n:allow\n'
+        ),
+        rules,
+        home.root / "tcp.smtp.tmp",
+    )
+    proc = start_listener(
+        home, "--listen", "127.0.0.1:0", "--rules", str(rules), "--max-per-ip", "40"
+    )
+    port = wait_listening(proc)[0]
+    yield Server(home, port, proc)
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def _defaults(server: Server) -> Iterator[None]:
+    server.control("rcpthosts", "test.example\n.sub.test.example\n")
+    server.control("badmailfrom", "spammer@evil.example\n@worse.example\n")
+    server.control("databytes", "20000\n")
+    server.control("timeoutsmtpd", None)
+    for f in (server.home.queue / "todo").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    yield
+    assert server.proc.poll() is None, "the listener died"
+
+
+def session(server: Server, source: str | None = None) -> Raw:
+    c = Raw(server.port, source=source)
+    assert c.reply()[0] == 220
+    assert c.cmd(b"HELO x")[0] == 250
+    return c
+
+
+# ----------------------------------------------------------------- smtplib
+
+
+def test_smtplib_sends_and_the_queue_has_it(server: Server) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        code, ehlo = s.ehlo("client.example")
+        assert code == 250
+        assert ehlo.split(b"\n") == [b"mx.test.example", b"PIPELINING", b"8BITMIME", b"SIZE 20000"]
+        s.sendmail(
+            "a@b.example",
+            ["x@test.example", "y@a.sub.test.example"],
+            b"Subject: hi\r\n\r\n.leading dot\r\n",
+        )
+    assert server.queued() == [(b"a@b.example", [b"x@test.example", b"y@a.sub.test.example"])]
+    mess = [f for f in (server.home.queue / "mess").rglob("*") if f.is_file()]
+    text = max(mess, key=lambda f: f.stat().st_mtime).read_bytes()
+    assert b"Received: from unknown (HELO client.example) (127.0.0.1)\n  by mx.test.example" in text
+    assert text.endswith(b"Subject: hi\n\n.leading dot\n")
+
+
+def test_the_250_carries_time_and_qp(server: Server) -> None:
+    c = session(server)
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    c.cmd(b"RCPT TO:<x@test.example>")
+    assert c.cmd(b"DATA")[0] == 354
+    c.send(b"x\r\n.\r\n")
+    code, text = c.reply()
+    words = text.split()
+    assert code == 250 and words[1] == b"ok" and words[3] == b"qp"
+    assert abs(int(words[2]) - time.time()) < 60 and int(words[4]) > 0
+
+
+def test_relay_control_and_badmailfrom(server: Server) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+            s.sendmail("a@b.example", ["victim@elsewhere.example"], b"x\r\n")
+        assert e.value.recipients["victim@elsewhere.example"][0] == 553
+        for bad in ("spammer@evil.example", "anyone@worse.example"):
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                s.sendmail(bad, ["x@test.example"], b"x\r\n")
+    assert server.queued() == []
+
+
+def test_tcprules_relayclient_grant(server: Server) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.2", 0)) as s:
+        s.sendmail("a@b.example", ["victim@elsewhere.example"], b"x\r\n")
+    assert server.queued() == [(b"a@b.example", [b"victim@elsewhere.example"])]
+
+
+def test_tcprules_deny_closes_without_a_word(server: Server) -> None:
+    c = Raw(server.port, source="127.0.0.3")
+    assert c.reply() == (None, b"")
+
+
+def test_tcprules_qmailqueue_variable_runs_that_program(server: Server) -> None:
+    c = session(server, source="127.0.0.4")
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    c.cmd(b"RCPT TO:<x@test.example>")
+    assert c.cmd(b"DATA")[0] == 354
+    c.send(b"x\r\n.\r\n")
+    code, text = c.reply()
+    assert (code, text) == (554, b"554 mail server permanently rejected message (#5.3.0)\r\n")
+    assert server.queued() == []
+
+
+def test_databytes_552_and_size_at_mail(server: Server) -> None:
+    c = session(server)
+    assert c.cmd(b"MAIL FROM:<a@b.example> SIZE=20001")[1] == replies.SIZE_TOO_BIG
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    c.cmd(b"RCPT TO:<x@test.example>")
+    assert c.cmd(b"DATA")[0] == 354
+    c.send((b"a" * 70 + b"\r\n") * 400 + b".\r\n")
+    assert c.reply()[1] == replies.TOO_BIG
+    assert c.cmd(b"NOOP")[0] == 250
+    assert server.queued() == []
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_bare_lf_451_close_nothing_queued(server: Server) -> None:
+    c = session(server)
+    for line in (b"MAIL FROM:<a@b.example>", b"RCPT TO:<lf@test.example>", b"DATA"):
+        c.cmd(line)
+    c.send(b"Subject: x\r\n\r\nline with bare\nlf\r\n.\r\n")
+    assert c.reply()[1] == replies.BARE_LF
+    assert c.closed()
+    assert server.queued() == [] and server.alive()
+
+
+@pytest.mark.parametrize(
+    "seq", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\r\r\n"]
+)
+def test_smuggling(server: Server, seq: bytes) -> None:
+    c = session(server)
+    for line in (b"MAIL FROM:<a@b.example>", b"RCPT TO:<s@test.example>", b"DATA"):
+        c.cmd(line)
+    c.send(
+        b"Subject: outer\r\n\r\nhello" + seq + b"MAIL FROM:<evil@x.example>\r\n"
+        b"RCPT TO:<smuggled@test.example>\r\nDATA\r\nSubject: smuggled\r\n\r\nbad\r\n.\r\n"
+    )
+    code, _ = c.reply()
+    assert code == 451
+    assert c.closed()
+    assert server.queued() == []
+
+
+def test_bare_cr_in_data(server: Server) -> None:
+    c = session(server)
+    for line in (b"MAIL FROM:<a@b.example>", b"RCPT TO:<x@test.example>", b"DATA"):
+        c.cmd(line)
+    c.send(b"Subject: x\r\n\r\nX\r.\r\n.\r\n")
+    assert c.reply()[1] == replies.BARE_CR
+    assert c.closed() and server.queued() == []
+
+
+def test_eof_inside_data_queues_nothing(server: Server) -> None:
+    c = session(server)
+    for line in (b"MAIL FROM:<a@b.example>", b"RCPT TO:<x@test.example>", b"DATA"):
+        c.cmd(line)
+    c.send(b"Subject: x\r\n\r\nhalf")
+    c.s.shutdown(socket.SHUT_WR)
+    assert c.closed()
+    assert server.queued() == [] and server.alive()
+
+
+def test_long_command_and_endless_line(server: Server) -> None:
+    c = session(server)
+    assert c.cmd(b"MAIL FROM:<" + b"a" * 5000 + b"@b.example>")[1] == replies.LINE_TOO_LONG
+    assert c.cmd(b"NOOP")[0] == 250
+    c.send(b"x" * 200000)
+    assert c.reply()[1] == replies.LINE_TOO_LONG
+    assert c.reply()[1] == replies.LONG_LINE_CLOSE
+    assert c.closed() and server.alive()
+
+
+def test_long_text_line_rejects_the_message(server: Server) -> None:
+    c = session(server)
+    for line in (b"MAIL FROM:<a@b.example>", b"RCPT TO:<x@test.example>", b"DATA"):
+        c.cmd(line)
+    c.send(b"Subject: x\r\n\r\n" + b"y" * 3000 + b"\r\n.\r\n")
+    assert c.reply()[1] == replies.TEXT_TOO_LONG
+    assert c.cmd(b"NOOP")[0] == 250 and server.queued() == []
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"MAIL FROM:<nul\x00x@b.example>", replies.BAD_BYTES),
+        (b"MAIL FROM:<j\xc3\xb6rg@b.example>", replies.EIGHTBIT_ADDRESS),
+        (b"MAIL FROM:<a@b.example> FOO=BAR", replies.BAD_PARAM),
+        (b"MAIL FROM:<a@b.example> BODY=BINARYMIME", replies.BINARYMIME),
+    ],
+)
+def test_bad_mail_arguments(server: Server, line: bytes, reply: bytes) -> None:
+    c = session(server)
+    assert c.cmd(line)[1] == reply
+    assert c.cmd(b"RCPT TO:<x@test.example>")[1] == replies.MAIL_FIRST
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"RCPT TO:<>", replies.EMPTY_RCPT),
+        (b"RCPT TO:<@>", replies.EMPTY_RCPT),
+        (b"RCPT TO:<x@test.example\x00>", replies.BAD_BYTES),
+    ],
+)
+def test_bad_rcpt_arguments(server: Server, line: bytes, reply: bytes) -> None:
+    c = session(server)
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    assert c.cmd(line)[1] == reply
+    assert c.cmd(b"DATA")[1] == replies.RCPT_FIRST
+
+
+@pytest.mark.parametrize(
+    ("probe", "reply"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", replies.NOT_SMTP),
+        (b"POST / HTTP/1.1\r\nContent-Length: 30\r\n\r\nMAIL FROM:<a@b>\r\n", replies.NOT_SMTP),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", replies.TLS_HELLO),
+    ],
+)
+def test_http_and_tls_probes(server: Server, probe: bytes, reply: bytes) -> None:
+    c = Raw(server.port)
+    assert c.reply()[0] == 220
+    c.send(probe)
+    assert c.reply()[1] == reply
+    assert c.closed() and server.alive()
+
+
+def test_bdat_payload_never_runs(server: Server) -> None:
+    c = session(server)
+    c.send(
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\nBDAT 70 LAST\r\n"
+        b"MAIL FROM:<e@x>\r\nRCPT TO:<smuggled@test.example>\r\nDATA\r\nx\r\n.\r\n"
+    )
+    assert c.reply()[0] == 250 and c.reply()[0] == 250
+    assert c.reply()[1] == replies.NO_CHUNKING
+    assert c.closed() and server.queued() == []
+
+
+def test_nothing_after_quit_runs(server: Server) -> None:
+    c = session(server)
+    c.send(b"QUIT\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\nx\r\n.\r\n")
+    assert c.reply()[0] == 221
+    assert c.closed() and server.queued() == []
+
+
+def test_stuffing_after_a_refused_data(server: Server) -> None:
+    c = session(server)
+    c.send(
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<v@elsewhere.example>\r\nDATA\r\n"
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n.\r\n"
+    )
+    assert [c.reply()[0] for _ in range(3)] == [250, 553, 503]
+    assert c.cmd(b"NOOP")[0] == 250
+    assert server.queued() == []
+
+
+def test_pipelined_batch_in_order(server: Server) -> None:
+    c = session(server)
+    c.send(
+        b"".join(
+            b"MAIL FROM:<a%d@b.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n"
+            b"Subject: %d\r\n\r\nbody\r\n.\r\n" % (i, i)
+            for i in range(5)
+        )
+        + b"QUIT\r\n"
+    )
+    codes = [c.reply()[0] for _ in range(21)]
+    assert codes == [250, 250, 354, 250] * 5 + [221]
+    assert sorted(s for s, _ in server.queued()) == [b"a%d@b.example" % i for i in range(5)]
+
+
+def test_ten_thousand_recipients(server: Server) -> None:
+    c = session(server)
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    c.send(b"".join(b"RCPT TO:<r%d@test.example>\r\n" % i for i in range(10000)))
+    codes = [c.reply()[0] for _ in range(10000)]
+    assert codes.count(250) == 100 and codes.count(452) == 9900
+    assert c.cmd(b"DATA")[0] == 354
+    c.send(b"x\r\n.\r\n")
+    assert c.reply()[0] == 250
+    ((_, rcpts),) = server.queued()
+    assert len(rcpts) == 100
+
+
+def test_too_many_errors(server: Server) -> None:
+    c = session(server)
+    c.send(b"FOO\r\n" * 25)
+    codes = [c.reply()[0] for _ in range(21)]
+    assert codes == [502] * 20 + [421]
+    assert c.closed() and server.alive()
+
+
+def test_timeout_and_slowloris(server: Server) -> None:
+    server.control("timeoutsmtpd", "1\n")
+    c = session(server)
+    t = time.monotonic()
+    assert c.reply()[1] == replies.TIMEOUT
+    assert c.closed() and time.monotonic() - t < 5
+    c = session(server)
+    t = time.monotonic()
+    for ch in b"NOOP and more and more and more\r\n":
+        try:
+            c.send(bytes([ch]))
+        except OSError:
+            break
+        time.sleep(0.2)
+        if time.monotonic() - t > 3:
+            break
+    _code, text = c.reply()
+    assert text == replies.TIMEOUT and time.monotonic() - t < 6
+
+
+def test_per_ip_limit_frees_its_slot(server: Server) -> None:
+    conns = [Raw(server.port) for _ in range(40)]
+    for c in conns:
+        assert c.reply()[0] == 220
+    extra = Raw(server.port)
+    assert extra.reply()[1] == replies.TOO_MANY_CONNS
+    for c in conns:
+        c.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        c = Raw(server.port)
+        code, _ = c.reply()
+        c.close()
+        if code == 220:
+            break
+    assert code == 220
+
+
+def test_no_rcpthosts_relays_for_anyone(server: Server) -> None:
+    server.control("rcpthosts", None)
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("a@b.example", ["x@anywhere.example"], b"x\r\n")
+    assert server.queued() == [(b"a@b.example", [b"x@anywhere.example"])]
+
+
+def test_ipv6_and_greet_delay_early_talker(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    proc = start_listener(home, "--listen", "[::1]:0", "--greet-delay", "0.5")
+    try:
+        port = wait_listening(proc)[0]
+        c = Raw(port, "::1")
+        c.send(b"EHLO early\r\n")
+        assert c.reply()[1] == replies.EARLY_TALKER
+        c = Raw(port, "::1")
+        assert c.reply()[0] == 220
+        c.cmd(b"HELO x")
+        c.cmd(b"MAIL FROM:<a@b>")
+        assert c.cmd(b"RCPT TO:<u@mx.test.example>")[0] == 250
+        assert c.cmd(b"DATA")[0] == 354
+        c.send(b"x\r\n.\r\n")
+        assert c.reply()[0] == 250
+        todo = [f for f in (home.queue / "todo").rglob("*") if f.is_file()]
+        assert len(todo) == 1
+        mess = [f for f in (home.queue / "mess").rglob("*") if f.is_file()]
+        assert b"(::1)" in mess[0].read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(10)
