@@ -1,0 +1,234 @@
+"""QMQP on loopback: the QmqpServer listener with a real queue, a mini-qmail null client
+(a home whose only configuration is qmqpservers) injecting through it, qmail-qmqpc's exit
+codes, tcprules access, and every malformed request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail import tcprules
+from pyqmail.control import ControlCache
+from pyqmail.home import Home
+from pyqmail.inject.netstring import decode_one, encode
+from pyqmail.inject.qmqp import QmqpServer, QmqpSubmitter
+from pyqmail.layout import create_home
+from pyqmail.queue.envelope import format_input, parse_todo
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.submit import InProcessSubmitter
+from pyqmail.queue.writer import QueueError
+
+BIN = Path(sys.executable).parent
+
+
+class Listener:
+    """An asyncio server in a thread of its own; ``port`` is known once it listens."""
+
+    def __init__(self, make: object) -> None:
+        self._make = make
+        self._ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            srv = await self._make.start("127.0.0.1", 0)  # type: ignore[attr-defined]
+            self.server = srv
+            self.port = srv.sockets[0].getsockname()[1]
+            self._ready.set()
+
+        self.loop.run_until_complete(main())
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop)
+        self.thread.join(10)
+
+
+def queued(home: Home) -> list[tuple[bytes, tuple[bytes, ...], bytes]]:
+    paths = QueuePaths(home.queue)
+    out = []
+    for todo in sorted((home.queue / "todo").iterdir()):
+        t = parse_todo(todo.read_bytes())
+        out.append((t.sender, t.recipients, paths.mess(int(todo.name)).read_bytes()))
+    return out
+
+
+@pytest.fixture
+def central(home: Home) -> Iterator[tuple[Home, Listener]]:
+    srv = QmqpServer(home, ControlCache(home), InProcessSubmitter(home), limit=10_000_000)
+    lst = Listener(srv)
+    yield home, lst
+    lst.close()
+
+
+@pytest.fixture
+def null_client(tmp_path: Path) -> Home:
+    h = Home(tmp_path / "null", single_user=True)
+    create_home(h, "null.test.example", None)
+    return h
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, close our side, return all the server said (b"" if it hung up)."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, BrokenPipeError, OSError):
+            pass
+    return out
+
+
+def request(message: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:
+    return encode(encode(message) + encode(sender) + b"".join(encode(r) for r in rcpts))
+
+
+def test_request_is_queued_with_received_line(central: tuple[Home, Listener]) -> None:
+    home, lst = central
+    reply = exchange(lst.port, request(b"Subject: q\n\nhi\n", b"s@x.example", [b"a@b.example"]))
+    text, end = decode_one(reply) or (b"", 0)
+    assert text.startswith(b"Kok ") and b" qp " in text and end == len(reply)
+    [(sender, rcpts, mess)] = queued(home)
+    assert (sender, rcpts) == (b"s@x.example", (b"a@b.example",))
+    lines = mess.split(b"\n")
+    assert lines[0].startswith(b"Received: (qmail ") and b"invoked from network" in lines[0]
+    assert lines[1] == b"Received: from unknown (127.0.0.1)"
+    assert lines[2].startswith(b"  by mx.test.example with QMQP; ")
+    assert mess.endswith(b"\nSubject: q\n\nhi\n")
+
+
+def test_null_client_injects_through_qmqp(
+    central: tuple[Home, Listener], null_client: Home
+) -> None:
+    home, lst = central
+    (null_client.control / "qmqpservers").write_text(f"127.0.0.1:{lst.port}\n")
+    env = {"PATH": os.environ["PATH"], "PYQMAIL_HOME": str(null_client.root),
+           "PYQMAIL_SINGLE_USER": "1", "USER": "robot"}  # fmt: skip
+    r = subprocess.run([str(BIN / "qmail-inject")], input=b"To: alice@test.example\n\nhi\n",
+                       env=env, capture_output=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert list((null_client.queue / "todo").iterdir()) == []
+    [(sender, rcpts, mess)] = queued(home)
+    assert sender == b"robot@null.test.example"
+    assert rcpts == (b"alice@test.example",)
+    assert b"\nFrom: robot@null.test.example\n" in mess
+
+
+def test_submitter_maps_replies_to_queue_codes(
+    central: tuple[Home, Listener], null_client: Home
+) -> None:
+    _, lst = central
+    sub = QmqpSubmitter([f"127.0.0.1:{lst.port}"])
+    p = sub.begin()
+    p.write(b"Subject: x\n\n")
+    with pytest.raises(QueueError) as e:
+        p.commit(b"s", [])  # pyqmail's QMQP server refuses a message without recipients
+    assert e.value.code == 31
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    p = QmqpSubmitter([f"127.0.0.1:{dead}", f"127.0.0.1:{lst.port}"]).begin()
+    p.write(b"x\n")
+    assert p.commit(b"s", [b"r@x.example"]) == 0  # the second server took it
+
+
+def _qmqpc(home: Home, message: bytes, envelope: bytes) -> int:
+    env = {"PATH": os.environ["PATH"], "PYQMAIL_HOME": str(home.root), "PYQMAIL_SINGLE_USER": "1"}
+    rfd, wfd = os.pipe()
+    os.write(wfd, envelope)
+    os.close(wfd)
+    try:
+        r = subprocess.run([str(BIN / "qmail-qmqpc")], input=message, stdout=rfd, env=env,
+                           timeout=60)  # fmt: skip
+    finally:
+        os.close(rfd)
+    return r.returncode
+
+
+def test_qmqpc_exit_codes(central: tuple[Home, Listener], null_client: Home) -> None:
+    home, lst = central
+    servers = null_client.control / "qmqpservers"
+    envelope = format_input(b"s@x.example", [b"a@b.example"])
+    assert _qmqpc(null_client, b"x\n", envelope) == 55  # no qmqpservers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    servers.write_text(f"127.0.0.1:{dead}\n")
+    assert _qmqpc(null_client, b"x\n", envelope) == 73  # refused
+    servers.write_text(f"not-an-ip\n127.0.0.1:{lst.port}\n")
+    assert _qmqpc(null_client, b"x\n", envelope) == 0
+    assert _qmqpc(null_client, b"x\n", format_input(b"s", [])) == 31  # D: no recipients
+    assert _qmqpc(null_client, b"x\n", b"Xbad\0\0") == 91
+    assert len(queued(home)) == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"x:", b"10:" + encode(b"abcdefgh") + b",", b"8:100:abc,,", b"5:1:a,;",
+     request(b"A\n", b"s", [b"a"])[:-1] + b";", request(b"A\n", b"s", [b"a"])[:-5]],
+)  # fmt: skip
+def test_malformed_requests_get_no_reply_and_leave_nothing(
+    central: tuple[Home, Listener], data: bytes
+) -> None:
+    home, lst = central
+    assert exchange(lst.port, data) == b""
+    assert queued(home) == []
+    assert list((home.queue / "pid").iterdir()) == []
+    ok = exchange(lst.port, request(b"A\n", b"s", [b"a"]))
+    assert b":Kok " in ok  # the server is still up
+
+
+def test_oversized_body_refused_before_it_is_read(central: tuple[Home, Listener]) -> None:
+    home, lst = central
+    size = 100 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", lst.port), timeout=10) as s:
+        s.sendall(b"%d:%d:" % (size + 100, size))
+        s.sendall(b"x" * 65536)  # the start of a 100 MB body the server will not read
+        reply = s.recv(1000)
+    assert reply == encode(b"Dsorry, that message size exceeds my databytes limit (#5.3.4)")
+    assert queued(home) == []
+    assert list((home.queue / "pid").iterdir()) == []
+
+
+def test_bad_addresses(central: tuple[Home, Listener]) -> None:
+    home, lst = central
+    reply = exchange(lst.port, request(b"A\n", b"s", [b"x" * 1000]))
+    assert reply == encode(b"Dsorry, I can't accept addresses like that (#5.1.3)")
+    reply = exchange(lst.port, request(b"A\n", b"s\0t", [b"a"]))
+    assert reply == encode(b"Dsorry, I can't accept addresses like that (#5.1.3)")
+    assert queued(home) == []
+
+
+def test_tcprules_deny(central: tuple[Home, Listener]) -> None:
+    home, lst = central
+    records = tcprules.compile_rules("127.0.0.1:deny\n")
+    tcprules.write_cdb(records, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
+    assert exchange(lst.port, request(b"A\n", b"s", [b"a"])) == b""
+    assert queued(home) == []
+    (home.control / "tcp.qmqp.cdb").unlink()
+    assert b":Kok " in exchange(lst.port, request(b"A\n", b"s", [b"a"]))

@@ -1,0 +1,93 @@
+"""The QMTP server core: LF and CR LF modes, pipelining, errors; and the policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyqmail.control import load
+from pyqmail.home import Home
+from pyqmail.inject.netstring import encode
+from pyqmail.inject.qmtp import (
+    BAD_RECIPIENT,
+    NOT_RCPTHOST,
+    Envelope,
+    MessageData,
+    ProtocolError,
+    QmtpPolicy,
+    QmtpReceiver,
+)
+
+
+def msg(body: bytes, sender: bytes, rcpts: list[bytes], mode: bytes = b"\n") -> bytes:
+    return encode(mode + body) + encode(sender) + encode(b"".join(encode(r) for r in rcpts))
+
+
+def run(data: bytes, step: int = 1) -> list[tuple[bytes, object]]:
+    rx = QmtpReceiver()
+    out: list[tuple[bytes, object]] = []
+    cur = b""
+    for i in range(0, len(data), step):
+        for ev in rx.feed(data[i : i + step]):
+            if isinstance(ev, MessageData):
+                cur += ev.data
+            else:
+                out.append((cur, ev))
+                cur = b""
+    return out
+
+
+def test_lf_message_byte_by_byte() -> None:
+    assert run(msg(b"A\nB\n", b"s", [b"a", b"b"])) == [(b"A\nB\n", Envelope(b"s", [b"a", b"b"]))]
+
+
+@given(st.binary(max_size=200), st.integers(min_value=1, max_value=50))
+def test_crlf_mode_converts_across_any_split(body: bytes, step: int) -> None:
+    got = run(msg(body, b"s", [b"r"], b"\r"), step)
+    assert got == [(body.replace(b"\r\n", b"\n"), Envelope(b"s", [b"r"]))]
+
+
+def test_lone_cr_is_kept() -> None:
+    assert run(msg(b"a\rb\r\n", b"", [b"r"], b"\r"))[0][0] == b"a\rb\n"
+
+
+def test_pipelined_messages() -> None:
+    data = msg(b"one\n", b"s1", [b"a"]) + msg(b"two\n", b"s2", [b"b", b"c"])
+    assert run(data, 7) == [(b"one\n", Envelope(b"s1", [b"a"])),
+                            (b"two\n", Envelope(b"s2", [b"b", b"c"]))]  # fmt: skip
+
+
+def test_long_addresses_become_none() -> None:
+    ((_, env),) = run(msg(b"x\n", b"s" * 1000, [b"r" * 1000, b"ok"]))
+    assert env == Envelope(None, [None, b"ok"])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [encode(b"") + encode(b"s") + encode(encode(b"a")),  # empty message
+     encode(b"Xbody") + encode(b"s") + encode(encode(b"a")),  # neither LF nor CR
+     b"1x:", b"3:\nab;",
+     encode(b"\nA") + encode(b"s") + b"5:3:abcd,,"],  # recipient runs past its list
+)  # fmt: skip
+def test_protocol_errors(data: bytes) -> None:
+    ((_, ev),) = run(data)
+    assert isinstance(ev, ProtocolError) and ev.code == 100
+
+
+def test_policy(home: Home, tmp_path: Path) -> None:
+    (home.control / "rcpthosts").write_text("mx.test.example\n.sub.example\n")
+    ctl = load(home)
+    p = QmtpPolicy(ctl, {}, None)
+    assert p.check(b"a@mx.test.example") == (b"a@mx.test.example", None)
+    assert p.check(b"a@x.sub.example")[0] == b"a@x.sub.example"
+    assert p.check(b"a@other.example") == (None, NOT_RCPTHOST)
+    assert p.check(b"local") == (b"local", None)
+    assert p.check(None) == (None, BAD_RECIPIENT)
+    assert p.check(b"a\0b@mx.test.example") == (None, BAD_RECIPIENT)
+    relay = QmtpPolicy(ctl, {"RELAYCLIENT": "@fix.example", "DATABYTES": "12x"}, None)
+    assert relay.check(b"joe") == (b"joe@fix.example", None)
+    assert relay.check(b"a" * 990) == (None, BAD_RECIPIENT)  # with RELAYCLIENT it is 1002
+    assert relay.databytes == 12

@@ -1,0 +1,54 @@
+"""Netstrings: encoding, incremental length parsing, errors."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyqmail.inject import netstring
+from pyqmail.inject.netstring import NetstringError
+
+
+def test_encode() -> None:
+    assert netstring.encode(b"hello") == b"5:hello,"
+    assert netstring.encode(b"") == b"0:,"
+    assert netstring.encode_all([b"a", b"bc"]) == b"1:a,2:bc,"
+
+
+@given(st.lists(st.binary(max_size=50), max_size=8))
+def test_roundtrip(items: list[bytes]) -> None:
+    assert netstring.decode_all(netstring.encode_all(items)) == items
+
+
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=210))
+def test_decode_one_incomplete_prefix_asks_for_more(data: bytes, cut: int) -> None:
+    full = netstring.encode(data)
+    got = netstring.decode_one(full[:cut])
+    if cut >= len(full):
+        assert got == (data, len(full))
+    else:
+        assert got is None
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(b"x:", 100), (b"1a:", 100), (b":", 100), (b"-1:", 100), (b" 1:", 100),
+     (b"999999999999999:", 111), (b"1:ab", 100)],
+)  # fmt: skip
+def test_bad_input(data: bytes, code: int) -> None:
+    with pytest.raises(NetstringError) as e:
+        netstring.decode_one(data, 0, 10**9)
+    assert e.value.code == code
+
+
+def test_length_over_limit_is_111() -> None:
+    with pytest.raises(NetstringError) as e:
+        netstring.parse_length(b"201:", 0, 200)
+    assert e.value.code == 111
+    assert netstring.parse_length(b"200:", 0, 200) == (200, 4)
+
+
+def test_truncated_decode_all() -> None:
+    with pytest.raises(NetstringError):
+        netstring.decode_all(b"3:ab")
