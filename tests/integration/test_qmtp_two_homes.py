@@ -130,3 +130,37 @@ def test_qmail_qmtpd_on_stdio(hosts: tuple[Home, Home, Listener]) -> None:
     assert stored.endswith(b"\nSubject: s\n\nbody\n")
     bad = subprocess.run([str(BIN / "qmail-qmtpd")], input=b"1x:", env=env, timeout=60)
     assert bad.returncode == 100
+
+
+def test_qmtproutes_syntax(home: Home) -> None:
+    from pyqmail.control import load
+    from pyqmail.inject.qmtp import qmtp_route
+
+    (home.control / "qmtproutes").write_text(
+        "b.example:10.0.0.2\n.sub.example:relay.example:2209\nno.sub.example:\n"
+        "v6.example:[::1]\n:10.9.9.9\n"
+    )
+    ctl = load(home)
+    got = {h: qmtp_route(ctl, h) for h in ("b.example", "x.sub.example", "no.sub.example",
+                                           "v6.example", "other.example")}  # fmt: skip
+    assert (got["b.example"].relay, got["b.example"].port) == ("10.0.0.2", 209)
+    assert (got["x.sub.example"].relay, got["x.sub.example"].port) == ("relay.example", 2209)
+    assert got["no.sub.example"] is None  # "domain:" = no QMTP route: SMTP as usual
+    assert (got["v6.example"].relay, got["v6.example"].port) == ("::1", 209)
+    assert got["other.example"].relay == "10.9.9.9"  # the default route
+    (home.control / "qmtproutes").unlink()
+    assert qmtp_route(load(home), "b.example") is None
+
+
+def test_deliver_route_tries_each_address(hosts: tuple[Home, Home, Listener]) -> None:
+    from pyqmail.inject.qmtp import deliver_route
+    from pyqmail.remote.routes import Route
+
+    a, b, lst = hosts
+    mess = queue_on_a(a, b"Subject: routed\n\nx\n")
+    dead_ip = "127.0.0.2"  # the listener is bound to 127.0.0.1 only: refused here
+    route = Route("b.test.example", lst.port)
+    out = asyncio.run(deliver_route(route, [dead_ip, "127.0.0.1"], mess, "s@a.test.example",
+                                    ["u@b.test.example"], (5, 5)))  # fmt: skip
+    assert [o.status for o in out] == [Status.OK]
+    assert len(queued(b)) == 1
