@@ -187,3 +187,9 @@ def test_command_exit_codes(home: Home) -> None:
     write_control(home, "rcpthost", "x\n")
     p = run_check(home, "-q")
     assert (p.returncode, p.stdout) == (0, "")
+
+
+def test_unreadable_rules_file_reported_once(home: Home) -> None:
+    (home.control / "tcp.smtp").mkdir()
+    p = one_error(home, "control/tcp.smtp")
+    assert "cannot be read" in p.message
