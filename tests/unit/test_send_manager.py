@@ -65,7 +65,13 @@ class Agents:
 
 
 class Harness:
-    def __init__(self, home: Home, agents: Agents, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        home: Home,
+        agents: Agents,
+        clock: Callable[[], float] = time.time,
+        direct: bool = True,
+    ) -> None:
         self.home = home
         self.agents = agents
         self.logbuf = io.BytesIO()
@@ -77,6 +83,7 @@ class Harness:
             log=SendLog(self.logbuf),
             clock=clock,
             term_timeout=5,
+            direct=direct,
         )
         self.writer = QueueWriter(home, notify=self.sched.notify)
         self.sched.submitter = self.writer
@@ -103,11 +110,11 @@ class Harness:
 
 
 def run(home: Home, body: Callable[[Harness], Awaitable[None]], agents: Agents | None = None,
-        clock: Callable[[], float] = time.time) -> Harness:  # fmt: skip
+        clock: Callable[[], float] = time.time, direct: bool = True) -> Harness:  # fmt: skip
     holder: list[Harness] = []
 
     async def main() -> None:
-        h = Harness(home, agents or Agents(), clock)
+        h = Harness(home, agents or Agents(), clock, direct)
         holder.append(h)
         await h.sched.start()
         try:
@@ -134,25 +141,28 @@ def home2(home: Home) -> Home:
     return home
 
 
-def test_local_and_remote_delivered_then_queue_empty(home2: Home) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_local_and_remote_delivered_then_queue_empty(home2: Home, direct: bool) -> None:
     async def body(h: Harness) -> None:
         await h.queue(
             b"joe@test.example", [b"alice@test.example", b"bob@remote.example", b"x@virt.example"]
         )
+        await h.queue(b"joe@test.example", [b"alice@test.example"])
         await h.settle()
 
-    h = run(home2, body)
+    h = run(home2, body, direct=direct)
     got = sorted((c, r) for c, _, r, _ in h.agents.calls)
     assert got == [("local", "alice-x@virt.example"), ("local", "alice@test.example"),
-                   ("remote", "bob@remote.example")]  # fmt: skip
+                   ("local", "alice@test.example"), ("remote", "bob@remote.example")]  # fmt: skip
     assert queue_files(home2) == []
     log = h.log
     assert any(line.startswith(b"new msg ") for line in log)
     assert any(
         line.startswith(b"info msg ") and b"from <joe@test.example> qp " in line for line in log
     )
-    assert sum(line.startswith(b"starting delivery ") for line in log) == 3
-    assert sum(b": success: did_1+0+0/" in line for line in log) == 3
+    assert sum(line.startswith(b"starting delivery ") for line in log) == 4
+    assert sum(b": success: did_1+0+0/" in line for line in log) == 4
+    assert sum(line.startswith(b"end msg ") for line in log) == 2
     assert any(line.startswith(b"end msg ") for line in log)
     assert log[-1] == b"status: exiting"
 
@@ -438,3 +448,53 @@ def test_agent_exception_is_a_deferral(home2: Home) -> None:
 
     h = run(home2, body, agents)
     assert any(b": deferral: Sorry,_an_internal_error" in line for line in h.log)
+
+
+def test_direct_delivery_writes_no_info_and_keeps_todo_until_done(home2: Home) -> None:
+    paths = QueuePaths(home2.queue)
+    seen: list[tuple[bool, bool]] = []
+    agents = Agents()
+    plain = agents.local
+
+    async def watching(mess: Path, sender: str, rcpt: str) -> Outcome:
+        n = int(mess.name)
+        seen.append((paths.todo(n).exists(), paths.info(n).exists()))
+        return await plain(mess, sender, rcpt)
+
+    agents.local = watching  # type: ignore[method-assign]
+
+    async def body(h: Harness) -> None:
+        await h.queue(b"joe@test.example", [b"alice@test.example", b"bob@test.example"])
+        await h.settle()
+
+    h = run(home2, body, agents)
+    assert seen == [(True, False), (True, False)]
+    assert queue_files(home2) == []
+    assert sum(line.startswith(b"end msg ") for line in h.log) == 1
+
+
+def test_direct_delivery_deferral_falls_back_to_info_and_local(home2: Home) -> None:
+    agents = Agents()
+    agents.script["later@test.example"] = [Outcome.temp("mailbox busy\n")]
+    paths = QueuePaths(home2.queue)
+
+    async def body(h: Harness) -> None:
+        n = await h.queue(b"joe@test.example", [b"alice@test.example", b"later@test.example"])
+        await h.settle()
+        assert not paths.todo(n).exists() and not paths.intd(n).exists()
+        assert paths.info(n).read_bytes() == b"Fjoe@test.example\0"
+        assert paths.local(n).read_bytes() == b"Dalice@test.example\0Tlater@test.example\0"
+        (entry,) = list(h.sched._heaps[LOCAL])
+        birth = int(paths.info(n).stat().st_mtime)
+        assert entry.num == n and birth + 90 <= entry.when <= birth + 110
+        agents.script["later@test.example"] = [Outcome.ok("ok\n")]
+        h.sched.alarm()
+        await h.settle()
+
+    h = run(home2, body, agents)
+    assert [c[2] for c in h.agents.calls] == [
+        "alice@test.example",
+        "later@test.example",
+        "later@test.example",
+    ]
+    assert queue_files(home2) == []

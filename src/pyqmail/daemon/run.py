@@ -4,7 +4,8 @@ Owns the wiring and the order of start-up and shutdown:
 
 1. resolve the home, read the controls once (``alert: cannot start: unable to read
    controls`` otherwise), remove what a crash left in the queue (queue/recover.py);
-2. start the local spawner: it forks, so this happens before any thread exists;
+2. start the local agent: as root, the spawner, which forks, so before any thread exists;
+   otherwise deliveries run in worker threads of this process (daemon/local.py);
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
    schedule; the submitter wakes it in-process; the SMTP (and QMQP/QMTP) listeners bind;
 4. signals: TERM/INT stop (listeners close first, then deliveries in flight finish, bounded),
@@ -26,11 +27,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from pyqmail.control import ControlCache, ControlError, load
+from pyqmail.control import Control, ControlCache, ControlError, load
+from pyqmail.daemon.local import InProcessLocal
 from pyqmail.home import Home, HomeError, warn_if_root_single_user
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.queue import submit as qsubmit
@@ -45,6 +48,31 @@ from pyqmail.tcprules import Decision
 PROG = "pyqmail run"
 CLEAN_INTERVAL = 76431.0  # qmail-send's mess cleanup period
 STOP_TIMEOUT = 60.0
+
+
+class SteadyControl(ControlCache):
+    """A ControlCache that looks at the files at most every ``interval`` seconds.
+
+    ControlCache stats every control file on each ``get`` (some fifty calls to stat); the
+    daemon asks for the controls several times per message, so it sees edits within
+    ``interval`` instead, and at once after ``refresh()`` (HUP).
+    """
+
+    def __init__(self, home: Home, interval: float = 1.0) -> None:
+        super().__init__(home)
+        self.interval = interval
+        self._checked = -1e18
+        self._steady: Control | None = None
+
+    def get(self) -> Control:
+        now = time.monotonic()
+        if self._steady is None or now - self._checked >= self.interval:
+            self._steady = super().get()
+            self._checked = now
+        return self._steady
+
+    def refresh(self) -> None:
+        self._checked = -1e18
 
 
 class RunError(Exception):
@@ -94,9 +122,13 @@ class Daemon:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.home = cfg.home
-        self.ctl = ControlCache(self.home)
+        self.ctl = SteadyControl(self.home)
         self.log = SendLog(cfg.log)
-        self.spawner = LocalSpawner(self.home, self.ctl)
+        self.spawner: LocalSpawner | InProcessLocal
+        if self.home.single_user or os.geteuid() != 0:
+            self.spawner = InProcessLocal(self.home, self.ctl)
+        else:
+            self.spawner = LocalSpawner(self.home, self.ctl)
         self.scheduler: Scheduler | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: list[tuple[str, str, int]] = []  # (kind, host, port) actually bound
@@ -146,7 +178,7 @@ class Daemon:
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
-            (signal.SIGHUP, sched.reload),
+            (signal.SIGHUP, self.hup),
             (signal.SIGALRM, sched.alarm),
         ):
             loop.add_signal_handler(sig, handler)
@@ -200,6 +232,12 @@ class Daemon:
             await asyncio.sleep(CLEAN_INTERVAL)
             with contextlib.suppress(OSError):
                 await loop.run_in_executor(None, clean_stale, paths)
+
+    def hup(self) -> None:
+        """HUP: every part sees the control files as they are now."""
+        self.ctl.refresh()
+        if self.scheduler is not None:
+            self.scheduler.reload()
 
     def stop(self) -> None:
         """TERM/INT: begin an orderly shutdown (safe to call more than once)."""

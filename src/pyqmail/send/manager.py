@@ -63,6 +63,8 @@ TODO_SCAN_INTERVAL = 1500.0  # qmail-send: todo scanned at least this often
 SYSERR_RETRY = 123.0  # qmail-send: an item that hit a system error is retried this much later
 TODO_BATCH = 256
 REMOTE_BATCH = 50  # recipients of one host in one SMTP transaction
+FAST_PER_SLOT = 4  # messages delivered straight from todo, per concurrencylocal slot
+FAST_MAX_RCPTS = 16  # more local recipients than this always go through info/local
 REPORTMAX = 10000  # qmail-send truncates a delivery report to this many bytes
 _TEXT_INTERNAL = "Sorry, an internal error occurred while delivering. (#4.3.0)\n"
 
@@ -117,12 +119,14 @@ class _Pre:
     uid: int | None = None
     channels: int = 0  # bit mask of channels with a file
     warning: str = ""
+    fast: list[str] | None = None  # local recipients to deliver straight from todo
 
 
 @dataclass(slots=True)
 class _Record:
-    offset: int
+    offset: int  # of the T byte in the channel file; -1 for a direct delivery
     recipient: str
+    done: bool = False
 
 
 @dataclass
@@ -138,6 +142,48 @@ class _Job:
     records: list[_Record]
     left: int = 0  # T records still T after this pass
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class _Paths:
+    """QueuePaths as plain strings: the scheduler builds several per message."""
+
+    def __init__(self, qp: QueuePaths) -> None:
+        self.root = str(qp.root)
+        self.n = qp.nsplit
+
+    def info(self, n: int) -> str:
+        return f"{self.root}/info/{n % self.n}/{n}"
+
+    def local(self, n: int) -> str:
+        return f"{self.root}/local/{n % self.n}/{n}"
+
+    def remote(self, n: int) -> str:
+        return f"{self.root}/remote/{n % self.n}/{n}"
+
+    def chan(self, c: int, n: int) -> str:
+        return self.local(n) if c == LOCAL else self.remote(n)
+
+    def mess(self, n: int) -> str:
+        return f"{self.root}/mess/{n % self.n}/{n}"
+
+    def todo(self, n: int) -> str:
+        return f"{self.root}/todo/{n}"
+
+    def intd(self, n: int) -> str:
+        return f"{self.root}/intd/{n}"
+
+    def bounce(self, n: int) -> str:
+        return f"{self.root}/bounce/{n}"
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Create ``path`` (O_EXCL), write ``data``, fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_fd(fd: int) -> bytes:
@@ -163,9 +209,11 @@ class Scheduler:
         term_timeout: float = 60.0,
         scan_interval: float = TODO_SCAN_INTERVAL,
         use_trigger: bool = True,
+        direct: bool = True,
     ) -> None:
         self.home = home
         self.paths = QueuePaths(home.queue)
+        self._p = _Paths(self.paths)
         self._control = control
         self._local = local
         self._remote = remote
@@ -175,6 +223,8 @@ class Scheduler:
         self._term_timeout = term_timeout
         self._scan_interval = scan_interval
         self._use_trigger = use_trigger
+        self._direct = direct
+        self._fast: dict[int, _Job] = {}  # messages being delivered straight from todo
         self.settings = Settings.from_control(control())
         self._heaps = [PrioQueue(), PrioQueue()]
         self._used = [0, 0]  # deliveries in flight per channel
@@ -307,6 +357,8 @@ class Scheduler:
                 loop.call_soon_threadsafe(self._add_todo, num)
 
     def _add_todo(self, num: int) -> None:
+        if num in self._fast:
+            return
         self._todo.add(num)
         self.idle.clear()
         self._todo_event.set()
@@ -374,7 +426,7 @@ class Scheduler:
                 next_scan = now + self._scan_interval
                 self._preprocessing = True
                 try:
-                    names = await loop.run_in_executor(None, os.listdir, self.paths.dir("todo"))
+                    names = await loop.run_in_executor(None, os.listdir, self._p.root + "/todo")
                 except OSError as e:
                     self.log.alert(f"unable to opendir todo: {e.strerror}")
                     names = []
@@ -382,7 +434,7 @@ class Scheduler:
                     self._preprocessing = False
                 for name in names:
                     n = msgnum(name)
-                    if n is not None:
+                    if n is not None and n not in self._fast:
                         self._todo.add(n)
             if not self._todo:
                 self._update_idle()
@@ -397,9 +449,12 @@ class Scheduler:
             batch = sorted(self._todo)[:TODO_BATCH]
             self._todo.difference_update(batch)
             routing = self.settings.routing
+            fast_budget = self._fast_limit() - len(self._fast)
             self._preprocessing = True
             try:
-                results = await loop.run_in_executor(None, self._preprocess_batch, batch, routing)
+                results = await loop.run_in_executor(
+                    None, self._preprocess_batch, batch, routing, fast_budget
+                )
             finally:
                 self._preprocessing = False
             now_s = self._clock()
@@ -409,7 +464,9 @@ class Scheduler:
                     continue
                 self.log.new_msg(pre.num)
                 self.log.info_msg(pre.num, pre.size, pre.sender, pre.qp, pre.uid)
-                if pre.channels:
+                if pre.fast is not None:
+                    self._start_fast(pre)
+                elif pre.channels:
                     self._pending_chan[pre.num] = pre.channels
                     for c in CHANNELS:
                         if pre.channels & (1 << c):
@@ -418,17 +475,32 @@ class Scheduler:
                 else:
                     self._messdone(pre.num)
 
-    def _preprocess_batch(self, nums: list[int], routing: Routing) -> list[_Pre]:
-        """Worker thread: write info/local/remote for each, fsync, then remove the todos."""
-        results = [self._preprocess(n, routing) for n in nums]
-        ok = [p for p in results if not p.warning]
-        dirs: set[Path] = set()
+    def _fast_limit(self) -> int:
+        """How many messages may be delivered straight from todo at once (0: never)."""
+        if not self._direct:
+            return 0
+        return FAST_PER_SLOT * self.settings.concurrency[LOCAL]
+
+    def _preprocess_batch(self, nums: list[int], routing: Routing, fast_budget: int) -> list[_Pre]:
+        """Worker thread: write info/local/remote for each, fsync, then remove the todos.
+
+        Up to ``fast_budget`` messages whose recipients are all local get no files at all:
+        they are delivered straight from todo (see ``_start_fast``).
+        """
+        results = []
+        for n in nums:
+            pre = self._preprocess(n, routing, fast_budget > 0)
+            if pre.fast is not None:
+                fast_budget -= 1
+            results.append(pre)
+        ok = [p for p in results if not p.warning and p.fast is None]
+        dirs: set[str] = set()
         for p in ok:
-            dirs.add(self.paths.info(p.num).parent)
+            dirs.add(os.path.dirname(self._p.info(p.num)))
             if p.channels & 1:
-                dirs.add(self.paths.local(p.num).parent)
+                dirs.add(os.path.dirname(self._p.local(p.num)))
             if p.channels & 2:
-                dirs.add(self.paths.remote(p.num).parent)
+                dirs.add(os.path.dirname(self._p.remote(p.num)))
         try:
             for d in dirs:
                 fsync_dir(d)
@@ -437,21 +509,24 @@ class Scheduler:
                 p.warning = f"trouble fsyncing message {p.num}: {e.strerror}; will retry"
             return results
         for p in ok:
-            # qmail-clean's "todo/N": intd first, then todo (the message is now in info/).
-            for path in (self.paths.intd(p.num), self.paths.todo(p.num)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    self.log.warning(f"unable to unlink {path}: {e.strerror}")
+            self._clean_todo(p.num)
         return [p for p in results if p.warning != "gone"]
 
-    def _preprocess(self, num: int, routing: Routing) -> _Pre:
+    def _clean_todo(self, num: int) -> None:
+        # qmail-clean's "todo/N": intd first, then todo (the message is now in info/).
+        for path in (self._p.intd(num), self._p.todo(num)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warning(f"unable to unlink {path}: {e.strerror}")
+
+    def _preprocess(self, num: int, routing: Routing, fast_ok: bool) -> _Pre:
         pre = _Pre(num)
-        paths = self.paths
+        p = self._p
         try:
-            with open(paths.todo(num), "rb") as f:
+            with open(p.todo(num), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             pre.warning = "gone"  # already handled (a scan raced a notify)
@@ -465,38 +540,125 @@ class Scheduler:
             pre.warning = f"{e} in todo/{num}"
             return pre
         try:
-            pre.size = os.stat(paths.mess(num)).st_size
+            pre.size = os.stat(p.mess(num)).st_size
         except OSError as e:
-            pre.warning = f"unable to stat mess/{paths.split(num)}/{num}: {e.strerror}"
+            pre.warning = f"unable to stat mess/{num % p.n}/{num}: {e.strerror}"
             return pre
         pre.sender, pre.qp, pre.uid = env.sender, env.qp, env.uid
-        chans: list[list[bytes]] = [[], []]
-        for rcpt in env.recipients:
-            c, addr = routing.route(rcpt)
-            chans[c].append(b"T" + encode(addr) + b"\0")
-        targets = [
-            (paths.info(num), [b"F" + encode(env.sender) + b"\0"]),
-            (paths.local(num), chans[LOCAL]),
-            (paths.remote(num), chans[REMOTE]),
-        ]
+        routed = [routing.route(rcpt) for rcpt in env.recipients]
+        targets = (p.info(num), p.local(num), p.remote(num))
         try:
-            for path, _ in targets:  # leftovers of an earlier, interrupted attempt
+            for path in targets:  # leftovers of an earlier, interrupted attempt
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            for i, (path, recs) in enumerate(targets):
-                if i and not recs:
+        except OSError as e:
+            pre.warning = f"unable to unlink leftovers of {num}: {e.strerror}"
+            return pre
+        if (
+            fast_ok
+            and routed
+            and len(routed) <= FAST_MAX_RCPTS
+            and all(c == LOCAL for c, _ in routed)
+        ):
+            pre.fast = [a for _, a in routed]
+            return pre
+        chans: list[list[bytes]] = [[], []]
+        for c, addr in routed:
+            chans[c].append(b"T" + encode(addr) + b"\0")
+        recs = ([b"F" + encode(env.sender) + b"\0"], chans[LOCAL], chans[REMOTE])
+        try:
+            for i, path in enumerate(targets):
+                if i and not recs[i]:
                     continue
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    write_all(fd, b"".join(recs))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _write_new(path, b"".join(recs[i]))
                 if i:
                     pre.channels |= 1 << (i - 1)
         except OSError as e:
             pre.warning = f"trouble writing info/local/remote for {num}: {e.strerror}"
         return pre
+
+    # ---------------------------------------------------------------- direct delivery
+
+    def _start_fast(self, pre: _Pre) -> None:
+        """Deliver a new all-local message straight from todo, without info/local files.
+
+        todo/N stays until every recipient has a result, so a crash meanwhile only means
+        the message is preprocessed again at start (delivered twice at worst, the window
+        qmail has between a delivery and its mark). If every delivery succeeds, the message
+        is finished at once; otherwise info and local are written with the results so far
+        (``D`` marks), fsynced, todo removed, and the rest goes the normal way.
+        """
+        assert pre.fast is not None
+        now = int(self._clock())
+        job = _Job(
+            LOCAL,
+            pre.num,
+            pre.sender,
+            nextretry(now, now, LOCAL),
+            False,
+            -1,
+            [_Record(-1, r) for r in pre.fast],
+        )
+        self._fast[pre.num] = job
+        task = asyncio.create_task(self._fast_job(job))
+        self._jobs.add(task)
+        task.add_done_callback(self._job_finished)
+
+    async def _fast_job(self, job: _Job) -> None:
+        self._active[LOCAL] += 1
+        try:
+            await self._run_deliveries(job)
+        except asyncio.CancelledError:
+            self._fast.pop(job.num, None)  # todo/N remains: handled again at the next start
+            raise
+        finally:
+            self._active[LOCAL] -= 1
+            self._wake[LOCAL].set()
+        assert self._loop is not None
+        num = job.num
+        if not job.left and not os.path.exists(self._p.bounce(num)):
+            self._fast.pop(num, None)
+            self.log.end_msg(num)
+            # todo first: once it is gone nothing delivers the message again
+            for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    self.log.warning(f"unable to unlink {path}: {e.strerror}")
+            return
+        ok = await self._loop.run_in_executor(None, self._fast_fallback, job)
+        self._fast.pop(num, None)
+        if not ok:
+            return  # todo/N remains; the next todo scan starts it again
+        if job.left:
+            self._pending_chan[num] = 1 << LOCAL
+            self._heaps[LOCAL].push(job.retry, num)
+            self._wake[LOCAL].set()
+        else:
+            self._messdone(num)
+
+    def _fast_fallback(self, job: _Job) -> bool:
+        """Worker thread: write info and local (with D marks) durably, then clean todo."""
+        num = job.num
+        recs = b"".join(
+            (b"D" if r.done else b"T") + encode(r.recipient) + b"\0" for r in job.records
+        )
+        try:
+            _write_new(self._p.info(num), b"F" + encode(job.sender) + b"\0")
+            if job.left:
+                _write_new(self._p.local(num), recs)
+            fsync_dir(os.path.dirname(self._p.info(num)))
+            fsync_dir(os.path.dirname(self._p.local(num)))
+        except OSError as e:
+            self.log.warning(f"trouble writing info/local for {num}: {e.strerror}; will retry")
+            for path in (self._p.info(num), self._p.local(num)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return False
+        self._clean_todo(num)
+        return True
 
     # ---------------------------------------------------------------- channels
 
@@ -538,7 +700,7 @@ class Scheduler:
 
     def _open_job(self, c: int, num: int) -> _Job | None:
         recent = int(self._clock())
-        info = self.paths.info(num)
+        info = self._p.info(num)
         try:
             with open(info, "rb") as f:
                 birth = int(os.fstat(f.fileno()).st_mtime)
@@ -547,7 +709,7 @@ class Scheduler:
             self.log.warning(f"unable to open {info}: {e.strerror}")
             return None
         sender = decode(raw[1:].split(b"\0", 1)[0]) if raw.startswith(b"F") else ""
-        path = self.paths.local(num) if c == LOCAL else self.paths.remote(num)
+        path = self._p.chan(c, num)
         try:
             fd = os.open(path, os.O_RDWR)
         except OSError as e:
@@ -594,19 +756,22 @@ class Scheduler:
             self._retry_later(c, num)
             return
         try:
-            groups = self._groups(job)
-            for group in groups:
-                await self._acquire(c)
-                if self._exiting:
-                    self._release(c)
-                    job.left += sum(1 for _ in group)
-                    continue
-                job.tasks.append(asyncio.create_task(self._deliver(job, group)))
-            if job.tasks:
-                await asyncio.gather(*job.tasks)
+            await self._run_deliveries(job)
         finally:
             os.close(job.fd)
         self._job_done(job)
+
+    async def _run_deliveries(self, job: _Job) -> None:
+        c = job.channel
+        for group in self._groups(job):
+            await self._acquire(c)
+            if self._exiting:
+                self._release(c)
+                job.left += len(group)
+                continue
+            job.tasks.append(asyncio.create_task(self._deliver(job, group)))
+        if job.tasks:
+            await asyncio.gather(*job.tasks)
 
     def _groups(self, job: _Job) -> Iterable[list[_Record]]:
         if job.channel == LOCAL or job.sender.endswith("-@[]"):
@@ -637,7 +802,7 @@ class Scheduler:
 
     async def _deliver(self, job: _Job, group: list[_Record]) -> None:
         c = job.channel
-        mess = self.paths.mess(job.num)
+        mess = Path(self._p.mess(job.num))
         ids = []
         for r in group:
             self._delivery_id += 1
@@ -646,9 +811,8 @@ class Scheduler:
         try:
             if c == LOCAL:
                 r = group[0]
-                outcomes = [
-                    await self._local(mess, verp_sender(job.sender, r.recipient), r.recipient)
-                ]
+                sender = verp_sender(job.sender, r.recipient)
+                outcomes = [await self._local(mess, sender, r.recipient)]
             else:
                 sender = verp_sender(job.sender, group[0].recipient)
                 outcomes = await self._remote(mess, sender, [r.recipient for r in group])
@@ -682,6 +846,9 @@ class Scheduler:
                 return
         else:
             self.stats["delivered"] += 1
+        rec.done = True
+        if job.fd < 0:
+            return  # a direct delivery: the mark is kept in memory
         try:
             os.pwrite(job.fd, b"D", rec.offset)
         except OSError as e:
@@ -693,7 +860,7 @@ class Scheduler:
     def _add_bounce(self, num: int, para: bytes) -> bool:
         """Append a failure paragraph to bounce/N durably (it must not be lost)."""
         try:
-            fd = os.open(self.paths.bounce(num), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self._p.bounce(num), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 write_all(fd, para)
                 os.fsync(fd)
@@ -710,7 +877,7 @@ class Scheduler:
             self._heaps[c].push(job.retry if not self._exiting else self._clock(), num)
             self._wake[c].set()
             return
-        path = self.paths.local(num) if c == LOCAL else self.paths.remote(num)
+        path = self._p.chan(c, num)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -735,15 +902,15 @@ class Scheduler:
         task.add_done_callback(self._job_finished)
 
     async def _messdone_async(self, num: int) -> None:
-        bounce = self.paths.bounce(num)
-        if bounce.exists():
+        if os.path.exists(self._p.bounce(num)):
             assert self._loop is not None
             ok = await self._loop.run_in_executor(None, self._inject_bounce, num)
             if not ok:
                 self._schedule_messdone(num, SYSERR_RETRY)
                 return
         self.log.end_msg(num)
-        for path in (self.paths.info(num), self.paths.mess(num), self.paths.intd(num)):
+        # info first: a crash after it leaves an unreferenced mess that recovery removes
+        for path in (self._p.info(num), self._p.intd(num), self._p.mess(num)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -768,10 +935,11 @@ class Scheduler:
     def _inject_bounce(self, num: int) -> bool:
         """Worker thread: queue the bounce of ``num`` (or drop a triple bounce); unlink bounce/N."""
         s = self.settings
-        info = self.paths.info(num)
-        bounce = self.paths.bounce(num)
+        info = self._p.info(num)
+        bounce = self._p.bounce(num)
         try:
-            raw = info.read_bytes()
+            with open(info, "rb") as f:
+                raw = f.read()
         except OSError as e:
             self.log.warning(f"unable to read {info}: {e.strerror}")
             return False
@@ -792,8 +960,8 @@ class Scheduler:
                 for chunk in bounce_chunks(
                     env,
                     sender,
-                    bounce,
-                    self.paths.mess(num),
+                    Path(bounce),
+                    Path(self._p.mess(num)),
                     bouncefrom=s.bouncefrom,
                     bouncehost=s.bouncehost,
                 ):
