@@ -78,3 +78,17 @@ def test_round_trip(
         for k, _ in items:
             assert r.get(k) == next(v for kk, v in items if kk == k)
         assert list(r.items()) == items
+
+
+def test_failed_commit_removes_tmp_and_keeps_target(tmp_path: Path) -> None:
+    target = tmp_path / "dir.cdb"
+    target.mkdir()  # renaming a file over a directory fails
+    w = cdb.Writer(target, tmp_path / "t.tmp")
+    w.add(b"k", b"v")
+    with pytest.raises(OSError) as e:
+        w.commit()
+    assert e.value.filename2 is not None  # the rename failed, not the write
+    assert target.is_dir()
+    assert not (tmp_path / "t.tmp").exists()
+    with pytest.raises(cdb.CdbError):
+        w.commit()  # a writer is used once
