@@ -148,3 +148,16 @@ def test_service_unreachable(home: Home, tmp_path: Path) -> None:
     with pytest.raises(QueueError) as ei:
         p.commit(b"s", [b"r"])
     assert ei.value.code == 62
+
+
+def test_service_client_gone_mid_envelope(home: Home, service: QueueService) -> None:
+    """The client's envelope fails after the message was sent: once submit returns,
+    the service has already removed the message's files."""
+    sub = ServiceSubmitter(home, service.path)
+
+    def bad_envelope() -> bytes:
+        raise OSError("fd 1 went away")
+
+    with pytest.raises(OSError):
+        sub.client.submit([b"x" * 100_000], bad_envelope)
+    assert _mess_files(home) == 0 and _todo(home) == []

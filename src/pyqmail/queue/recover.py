@@ -9,8 +9,8 @@ What each state leaves behind, and who removes it:
 
 - PID_CREATED: ``pid/PID.TIME.SEQ`` only.
 - MESS_LINKED: the pid file and ``mess/S/N`` (the same inode).
-- PID_UNLINKED .. MESS_SYNCED: ``mess/S/N`` (partial until MESS_SYNCED).
-- INTD_CREATED .. INTD_SYNCED: ``mess/S/N`` and ``intd/N`` (partial until INTD_SYNCED).
+- PID_UNLINKED, MESS_WRITTEN: ``mess/S/N`` (possibly partial).
+- INTD_CREATED .. INTD_SYNCED: ``mess/S/N`` and ``intd/N`` (durable only at INTD_SYNCED).
 - TODO_LINKED, TODO_SYNCED: a queued message. Nothing to clean.
 
 ``clean_stale`` removes leftovers. pyqmail writers hold an exclusive flock on the
@@ -44,10 +44,10 @@ class CrashState(enum.Enum):
     MESS_LINKED = "mess linked"
     PID_UNLINKED = "pid unlinked"
     MESS_WRITTEN = "mess written"
-    MESS_SYNCED = "mess synced"
     INTD_CREATED = "intd created"
     INTD_WRITTEN = "intd written"
-    INTD_SYNCED = "intd synced"
+    MESS_SYNCED = "mess synced"
+    INTD_SYNCED = "intd and mess dir synced"
     TODO_LINKED = "todo linked"
     TODO_SYNCED = "todo synced"
 

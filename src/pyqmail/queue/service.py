@@ -123,8 +123,8 @@ class ServiceClient:
         """Send message chunks and the fd-1 envelope; the service's Reply.
 
         ``envelope`` may be a callable, called once the chunks are sent (qmail-queue
-        reads fd 0 to its end before fd 1); what it raises propagates, and the service,
-        seeing the connection close early, queues nothing. Cannot connect: 62 (the
+        reads fd 0 to its end before fd 1); what it raises propagates once the service,
+        seeing the input end early, has removed the message's files. Cannot connect: 62 (the
         queue is unreachable). Connection lost: 54.
         """
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,18 +136,38 @@ class ServiceClient:
                 return Reply(
                     codes.QUEUE_TROUBLE, 0, 0, f"cannot reach queue service {self.path}: {e}"
                 )
+            caller_error: BaseException | None = None
             try:
-                for chunk in chunks:
+                it = iter(chunks)
+                env = b""
+                while True:
+                    try:
+                        chunk = next(it, None)
+                        if chunk is None:
+                            env = envelope() if callable(envelope) else envelope
+                    except BaseException as e:  # the caller's input failed
+                        caller_error = e
+                        break
+                    if chunk is None:
+                        break
                     for i in range(0, len(chunk), MAX_CHUNK):
                         s.sendall(netstring(chunk[i : i + MAX_CHUNK]))
-                env = envelope() if callable(envelope) else envelope
-                s.sendall(b"0:," + netstring(env))
-                with s.makefile("rb") as f:
-                    return _decode_reply(read_netstring(f, 65536))
+                if caller_error is not None:
+                    # Let the service see the input end early and abort before we go:
+                    # when the caller gives up, nothing of this message is left.
+                    s.shutdown(socket.SHUT_WR)
+                    with s.makefile("rb") as f:
+                        read_netstring(f, 65536)
+                else:
+                    s.sendall(b"0:," + netstring(env))
+                    with s.makefile("rb") as f:
+                        return _decode_reply(read_netstring(f, 65536))
             except TimeoutError:
                 return Reply(codes.TIMEOUT, 0, 0, "queue service timed out")
             except (OSError, FrameError) as e:
-                return Reply(codes.READ_ERROR, 0, 0, f"queue service connection failed: {e}")
+                if caller_error is None:
+                    return Reply(codes.READ_ERROR, 0, 0, f"queue service connection failed: {e}")
+            raise caller_error
         finally:
             s.close()
 
