@@ -93,9 +93,31 @@ def _writer_gone(path: str) -> bool | None:
     return True
 
 
-def _old(path: str, now: float, age: float) -> bool:
+_PID_GRACE = 60.0
+
+
+def _pid_dead(name: str) -> bool:
+    """True if the process named by a pid/ file (``PID.TIME.SEQ``) does not exist."""
     try:
-        return now - os.stat(path).st_atime > age
+        pid = int(name.split(".", 1)[0])
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _old(path: str, now: float, age: float) -> bool:
+    """True if ``path`` was last used (atime or mtime, the later) over ``age`` s ago."""
+    try:
+        st = os.stat(path)
+        return now - max(st.st_atime, st.st_mtime) > age
     except FileNotFoundError:
         return False
 
@@ -124,6 +146,10 @@ def clean_stale(
         gone = _writer_gone(p)
         if gone is None:
             continue
+        # A writer creates its pid file and then locks it: in between, only a dead
+        # process named in the file (PID.TIME.SEQ) or some age proves it is gone.
+        if gone and not _pid_dead(name) and not _old(p, now, _PID_GRACE):
+            gone = False
         if not gone and not _old(p, now, ossified):
             report.kept_locked += 1
             continue

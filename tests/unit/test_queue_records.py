@@ -1,0 +1,163 @@
+"""queue/records.py (info/local/remote), queue/clean.py (qmail-clean's job) and
+queue/reader.py (qstat/qread formatting)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import Home
+from pyqmail.queue import clean
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.reader import (
+    QueueCounts,
+    QueuedMessage,
+    format_message,
+    qmail_strerror,
+    qstat_text,
+)
+from pyqmail.queue.records import (
+    Recipient,
+    format_channel,
+    mark_done,
+    parse_channel,
+    read_channel,
+    read_info,
+    set_next_try,
+    write_channel,
+    write_info,
+)
+
+
+def test_info_roundtrip(tmp_path: Path) -> None:
+    p = tmp_path / "info"
+    write_info(p, b"joe@example.com")
+    assert p.read_bytes() == b"Fjoe@example.com\0"
+    assert read_info(p) == b"joe@example.com"
+    assert os.stat(p).st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        write_info(p, b"x")
+    write_info(tmp_path / "empty", b"")
+    assert read_info(tmp_path / "empty") == b""
+
+
+def test_channel_and_marking(tmp_path: Path) -> None:
+    p = tmp_path / "local"
+    write_channel(p, [b"a@x", b"bb@x", b"ccc@x"])
+    assert p.read_bytes() == b"Ta@x\0Tbb@x\0Tccc@x\0"
+    recs = read_channel(p)
+    assert recs == [
+        Recipient(0, False, b"a@x"),
+        Recipient(5, False, b"bb@x"),
+        Recipient(11, False, b"ccc@x"),
+    ]
+    mark_done(p, recs[1].offset)
+    assert p.read_bytes() == b"Ta@x\0Dbb@x\0Tccc@x\0"
+    assert [r.done for r in read_channel(p)] == [False, True, False]
+    when = time.time() + 3600
+    set_next_try(p, when)
+    assert abs(os.stat(p).st_mtime - when) < 1
+
+
+def test_parse_channel_torn_and_unknown() -> None:
+    assert parse_channel(b"Ta\0Xjunk\0Db\0Tc") == [
+        Recipient(0, False, b"a"),
+        Recipient(9, True, b"b"),
+    ]
+    assert format_channel([b"a", b"b"]) == b"Ta\0Tb\0"
+
+
+def test_write_failure_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        write_channel(tmp_path / "nodir" / "x", [b"a"])
+    assert not (tmp_path / "nodir").exists()
+
+
+def _msg(home: Home, n: int) -> QueuePaths:
+    paths = QueuePaths(home.queue)
+    paths.mess(n).write_bytes(b"m")
+    paths.intd(n).write_bytes(b"e")
+    os.link(paths.intd(n), paths.todo(n))
+    return paths
+
+
+def test_clean_todo_order(home: Home) -> None:
+    paths = _msg(home, 100)
+    clean.clean_todo(paths, 100)
+    assert not paths.intd(100).exists() and not paths.todo(100).exists()
+    assert paths.mess(100).exists()
+    clean.clean_todo(paths, 100)  # missing files are not an error
+
+
+def test_finish_message(home: Home) -> None:
+    paths = _msg(home, 101)
+    write_info(paths.info(101), b"s")
+    clean.finish_message(paths, 101)
+    assert not paths.info(101).exists() and not paths.mess(101).exists()
+    assert not paths.intd(101).exists()
+
+
+@pytest.mark.parametrize(
+    ("req", "reply"),
+    [
+        (b"todo/102", b"+"),
+        (b"foop/102", b"+"),
+        (b"foop/999", b"+"),  # nothing to remove is fine
+        (b"todo/", b"x"),
+        (b"bar/102", b"x"),
+        (b"todo/12a", b"x"),
+        (b"foop/" + b"1" * 100, b"x"),
+        (b"x", b"x"),
+    ],
+)
+def test_clean_protocol(home: Home, req: bytes, reply: bytes) -> None:
+    paths = _msg(home, 102)
+    assert clean.handle_request(paths, req) == reply
+
+
+def test_clean_protocol_failure(home: Home) -> None:
+    paths = _msg(home, 103)
+    os.unlink(paths.intd(103))
+    os.mkdir(paths.intd(103))  # unlink of a directory fails: "!"
+    assert clean.handle_request(paths, b"foop/103") == b"!"
+
+
+def test_reap_pid(home: Home) -> None:
+    paths = QueuePaths(home.queue)
+    old = paths.pid / "1.1.1"
+    old.write_bytes(b"")
+    os.utime(old, (time.time() - 40 * 3600, time.time() - 40 * 3600))
+    (paths.pid / "2.2.2").write_bytes(b"")
+    assert clean.reap_pid(paths) == 1
+    assert os.listdir(paths.pid) == ["2.2.2"]
+
+
+def test_qstat_text() -> None:
+    assert qstat_text(QueueCounts(12, 0)) == (
+        "messages in queue: 12\nmessages in queue but not yet preprocessed: 0\n"
+    )
+
+
+def test_format_message() -> None:
+    m = QueuedMessage(
+        7,
+        812090814.0,
+        1234,
+        b"a\tb\xff@x",
+        False,
+        (Recipient(0, True, b"l@x"),),
+        (Recipient(0, False, b"r\n@y"),),
+    )
+    assert format_message(m) == (
+        "26 Sep 1995 04:46:54 GMT  #7  1234  <a_b_@x> \n  done\tlocal\tl@x\n\tremote\tr_@y\n"
+    )
+
+
+def test_qmail_strerror() -> None:
+    assert qmail_strerror(FileNotFoundError(errno.ENOENT, "x")) == "file does not exist"
+    assert qmail_strerror(PermissionError(errno.EACCES, "x")) == "access denied"
+    assert qmail_strerror(OSError(errno.ELOOP, "Too many levels")) == "too many levels"

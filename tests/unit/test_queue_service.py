@@ -1,0 +1,95 @@
+"""queue/service.py: framing, the reply, and the origin wording from the caller's uid."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import Home, Ids
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.service import (
+    FrameError,
+    QueueService,
+    netstring,
+    origin_of,
+    peer_credentials,
+    read_netstring,
+)
+
+
+def test_netstrings() -> None:
+    f = io.BytesIO(netstring(b"hello") + netstring(b"") + b"3:abc,")
+    assert read_netstring(f, 10) == b"hello"
+    assert read_netstring(f, 10) == b""
+    assert read_netstring(f, 10) == b"abc"
+    with pytest.raises(FrameError):
+        read_netstring(f, 10)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"5:abc", b"3:abc;", b"x:", b":", b"99999999999:", b"20:" + b"a" * 20 + b","]
+)
+def test_bad_netstrings(raw: bytes) -> None:
+    with pytest.raises(FrameError):
+        read_netstring(io.BytesIO(raw), 10)
+
+
+def test_origin_of() -> None:
+    ids = Ids(
+        {
+            "alias": 1,
+            "daemon": 2,
+            "log": 3,
+            "owner": 0,
+            "passwd": 4,
+            "queue": 5,
+            "remote": 6,
+            "send": 7,
+        },
+        {"nofiles": 10, "qmail": 11},
+        False,
+    )
+    assert [origin_of(u, ids) for u in (1, 2, 7, 5, 1000)] == [
+        "alias",
+        "network",
+        "bounce",
+        "uid",
+        "uid",
+    ]
+    assert origin_of(2, None) == "uid"
+
+
+def test_peer_credentials() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert peer_credentials(a) == (os.getpid(), os.getuid(), os.getgid())
+
+
+def test_raw_protocol(home: Home, tmp_path: Path) -> None:
+    svc = QueueService(home, path=tmp_path / "s")
+    svc.bind()
+    svc.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(svc.path))
+            s.sendall(b"6:hello\n,0:," + netstring(b"Fa\0Tb\0\0"))
+            with s.makefile("rb") as f:
+                code, qp, n = read_netstring(f, 100).split()
+        assert (code, int(qp)) == (b"0", os.getpid())
+        data = QueuePaths(home.queue).mess(int(n)).read_bytes()
+        assert data.endswith(b"\nhello\n")
+        # broken framing: nothing queued, 54
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(svc.path))
+            s.sendall(b"6:hello\n;")
+            s.shutdown(socket.SHUT_WR)
+            with s.makefile("rb") as f:
+                assert read_netstring(f, 100).split()[0] == b"54"
+        assert os.listdir(home.queue / "todo") == [n.decode()]
+    finally:
+        svc.close()
+    assert not svc.path.exists()
