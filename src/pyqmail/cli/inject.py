@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pyqmail.cli.common import fatal, split_home_args
 from pyqmail.control import ControlError, load
 from pyqmail.inject.inject import InjectError, Options, Settings, Sink, inject, parse_args
-from pyqmail.inject.qmqp import queue_for
+from pyqmail.inject.qmqpc import queue_for
 from pyqmail.queue.codes import qq_result
 from pyqmail.queue.writer import QueueError
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from pyqmail.cli.common import split_home_args
 from pyqmail.control import ControlError, load
-from pyqmail.inject.qmqp import CHUNK, send_request, server_list
+from pyqmail.inject.qmqpc import CHUNK, send_request, server_list
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, parse_envelope
 
