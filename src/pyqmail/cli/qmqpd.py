@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__doc__)
             return 0
         home, _rest = split_home_args(args)
+        signal.alarm(3600)  # qmail's one-hour limit per connection (SIGALRM ends us)
         stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
         stdout = os.fdopen(1, "wb", buffering=0, closefd=False)
         return serve_stdio(stdin, stdout, submitter(home), os.environ)

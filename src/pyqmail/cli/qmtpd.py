@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy = QmtpPolicy(load(home), os.environ, open_more(home))
         except (ControlError, OSError):
             return 111
+        signal.alarm(3600)  # qmail's one-hour limit per connection (SIGALRM ends us)
         stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
         stdout = os.fdopen(1, "wb", buffering=0, closefd=False)
         return serve_stdio(stdin, stdout, submitter(home), policy, os.environ)
