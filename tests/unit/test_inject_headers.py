@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyqmail.control import load
 from pyqmail.home import Home
+from pyqmail.inject.address import Rewriter
 from pyqmail.inject.headers import read_header
-from pyqmail.inject.inject import CHUNK, Options, Settings, inject, prepare
+from pyqmail.inject.inject import CHUNK, InjectError, Options, Settings, inject, prepare
 
 ENV = {"USER": "robot", "QMAILDEFAULTHOST": "dh", "QMAILDEFAULTDOMAIN": "dd.example",
        "QMAILPLUSDOMAIN": "pd.example", "QMAILIDHOST": "id.example"}  # fmt: skip
@@ -136,3 +139,29 @@ def test_50mb_message_is_streamed(home: Home) -> None:
     assert sink.committed == (b"robot@dh.dd.example", [b"a@dh.dd.example"])
     assert sink.total > size
     assert sink.biggest <= CHUNK + 8192  # copied in chunks, never as one piece
+
+
+_header_bytes = st.lists(
+    st.one_of(
+        st.sampled_from([b"To: ", b"From: ", b"Cc: ", b"Bcc: ", b"Resent-To: ", b"Return-Path: ",
+                         b"Subject: ", b" ", b"\t", b"\n", b"\r\n", b"<", b">", b"@", b",", b";",
+                         b":", b'"', b"(", b")", b"[", b"]", b"\\", b".", b"+", b"\xff", b"From "]),
+        st.binary(max_size=8),
+    ),
+    max_size=40,
+).map(b"".join)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_header_bytes, st.sampled_from(["", "fis", "crm"]))
+def test_any_header_bytes_give_a_message_or_a_clean_error(data: bytes, flags: str) -> None:
+    s = Settings(Rewriter("dh", "dd.example", "pd.example"), "id.example", "robot", None,
+                 "A Name", None, None, flags, None)  # fmt: skip
+    stream = io.BytesIO(data + b"\n\nbody\n")
+    try:
+        p = prepare(read_header(stream), Options(mode="h"), s, now=0, pid=1)
+    except InjectError as e:
+        assert e.code == 100 and str(e).startswith("unable to parse this line:")
+        return
+    assert p.header.endswith(b"\n")
+    assert b"\nBcc:" not in b"\n" + p.header and b"\nReturn-Path:" not in b"\n" + p.header
