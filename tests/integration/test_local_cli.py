@@ -210,7 +210,7 @@ def test_preline(opts: list[str], head: str) -> None:
 
 def test_preline_errors() -> None:
     assert run(["preline", "cat"], MSG).returncode == 100  # env missing
-    assert run(["preline", "sh", "-c", "exit 7"], MSG, env=QENV).returncode == 7
+    assert run(["preline", "sh", "-c", "cat >/dev/null; exit 7"], MSG, env=QENV).returncode == 7
     r = run(["preline", "true"], MSG * 100_000, env=QENV)
     assert r.returncode == 111 and b"unable to copy input" in r.stderr
     assert run(["preline", "/nonexistent/prog"], MSG, env=QENV).returncode == 100

@@ -306,3 +306,49 @@ def _gone(pid: int) -> bool:
             return True
         time.sleep(0.05)  # SIGKILL was sent; wait for the kernel to finish it
     return False
+
+
+def test_single_user_worker_crash_is_temporary(home: Home, mess: Path) -> None:
+    """A delivery whose process dies reports "qmail-local crashed." and the next works."""
+    (home.alias / ".qmail-crash").write_text("|kill -9 $PPID; sleep 5\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return [
+            await sp.deliver(mess, "s@x", "crash@h"),
+            await sp.deliver(mess, "s@x", "root@h"),
+        ]
+
+    assert _run(sp, go) == [Outcome.temp("qmail-local crashed.\n"), Outcome.ok("did 1+0+0\n")]
+
+
+def test_single_user_workers_are_retired(home: Home, mess: Path) -> None:
+    (home.alias / ".qmail-who").write_text("|echo $PPID\n")
+    sp = LocalSpawner(home, ControlCache(home), worker_deliveries=2)
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return [await sp.deliver(mess, "s@x", "who@h") for _ in range(6)]
+
+    got = _run(sp, go)
+    assert all(o.status is Status.OK for o in got)
+    pids = [o.text.split("\n")[0] for o in got]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[4] == pids[5]
+    assert len(set(pids)) == 3
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+def test_multi_user_forks_per_delivery(multi: Home, mess: Path, pub: Path) -> None:
+    a = _user_home(pub, "a", A_UID)
+    (a / ".qmail-who").write_text("|echo $PPID\n")
+    _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        return [await sp.deliver(mess, "s@x", "a-who@h") for _ in range(3)]
+
+    got = _run(sp, go)
+    assert len({o.text for o in got}) == 3

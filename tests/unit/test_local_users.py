@@ -52,10 +52,10 @@ def test_compile_assign_records() -> None:
         b".\nanything after\n"
     )
     assert recs == [
-        (b"!joe\0", b"joe\0507\0100\0/home/joe\0\0"),
-        (b"!joe-", b"joe\0507\0100\0/home/joe\0-\0"),
-        (b"!ab.", b"x\01\02\0/x\0-\0pre"),
-        (b"!xy-", b"x\01\02\0/x\0-\0"),
+        (b"!joe\x00", b"joe\x00507\x00100\x00/home/joe\x00\x00"),
+        (b"!joe-", b"joe\x00507\x00100\x00/home/joe\x00-\x00"),
+        (b"!ab.", b"x\x001\x002\x00/x\x00-\x00pre"),
+        (b"!xy-", b"x\x001\x002\x00/x\x00-\x00"),
         (b"", b"-."),  # wildchars: distinct last characters, in order of appearance
     ]
 
@@ -68,7 +68,7 @@ def test_compile_assign_records() -> None:
         b"joe\n.\n",  # no colon
         b":joe:1:2:/h:::\n.\n",  # colon first
         b"=joe:joe:1:2:/h::\n.\n",  # only five colons after the first field
-        b"=jo\0e:joe:1:2:/h:::\n.\n",  # NUL
+        b"=jo\x00e:joe:1:2:/h:::\n.\n",  # NUL
         b"=joe:joe:1:2:/h:::",  # last line without newline and no terminator
     ],
 )
@@ -133,7 +133,7 @@ def test_catch_all_plus_colon(home: Home) -> None:
 
 def test_cdb_without_wildchars_key_is_temporary(home: Home) -> None:
     with cdb.Writer(home.users / "cdb") as w:
-        w.add(b"!joe\0", b"joe\01\01\0/h\0\0")
+        w.add(b"!joe\x00", b"joe\x001\x001\x00/h\x00\x00")
     with pytest.raises(UserError) as e:
         users.lookup_cdb(home.users / "cdb", "joe")
     assert e.value.code == users.QLX_CDB
@@ -213,7 +213,7 @@ def test_resolve_prefers_cdb(home: Home, tmp_path: Path) -> None:
 def test_short_record_is_lspawn_bug(home: Home) -> None:
     with cdb.Writer(home.users / "cdb") as w:
         w.add(b"", b"")
-        w.add(b"!joe\0", b"joe\01")
+        w.add(b"!joe\x00", b"joe\x001")
     with pytest.raises(UserError) as e:
         users.lookup_cdb(home.users / "cdb", "joe")
     assert e.value.code == users.QLX_USAGE

@@ -174,30 +174,75 @@ def _parse_record(value: bytes, remainder: bytes) -> UserInfo:
 
 def lookup_cdb(path: Path, local: str) -> UserInfo | None:
     """qmail-lspawn's users/cdb probe; None when the file is absent or nothing matches."""
-    raw = enc(local)
-    low = lower_ascii(raw)
     try:
         reader = cdb.Reader.open(path)
     except FileNotFoundError:
         return None
     except (OSError, cdb.CdbError) as e:
         raise UserError(QLX_CDB, "Trouble reading users/cdb in qmail-lspawn.") from e
+    with reader:
+        return lookup_reader(reader, local)
+
+
+def lookup_reader(reader: cdb.Reader, local: str) -> UserInfo | None:
+    """The users/cdb probe against an open reader (exact key, then wildcards)."""
+    raw = enc(local)
+    low = lower_ascii(raw)
     try:
-        with reader:
-            wild = reader.get(b"")
-            if wild is None:
-                raise UserError(QLX_CDB, "Trouble reading users/cdb in qmail-lspawn.")
-            value = reader.get(b"!" + low + b"\0")
-            if value is not None:
-                return _parse_record(value, b"")
-            for i in range(len(low), -1, -1):
-                if i == 0 or low[i - 1] in wild:
-                    value = reader.get(b"!" + low[:i])
-                    if value is not None:
-                        return _parse_record(value, raw[i:])
+        wild = reader.get(b"")
+        if wild is None:
+            raise UserError(QLX_CDB, "Trouble reading users/cdb in qmail-lspawn.")
+        value = reader.get(b"!" + low + b"\0")
+        if value is not None:
+            return _parse_record(value, b"")
+        for i in range(len(low), -1, -1):
+            if i == 0 or low[i - 1] in wild:
+                value = reader.get(b"!" + low[:i])
+                if value is not None:
+                    return _parse_record(value, raw[i:])
     except (OSError, cdb.CdbError) as e:
         raise UserError(QLX_CDB, "Trouble reading users/cdb in qmail-lspawn.") from e
     return None
+
+
+class CdbCache:
+    """Keeps users/cdb open between lookups while the file is unchanged.
+
+    A long-lived process (the spawner, its workers) re-stats the file per lookup and
+    reopens it only after qmail-newu replaced it, instead of mapping it per delivery.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple[int, int, int] | None = None
+        self._reader: cdb.Reader | None = None
+
+    def reader(self) -> cdb.Reader | None:
+        """The current reader, None if users/cdb does not exist. Raises UserError."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._drop()
+            return None
+        except OSError as e:
+            raise UserError(QLX_CDB, "Trouble reading users/cdb in qmail-lspawn.") from e
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._reader is None or key != self._key:
+            self._drop()
+            try:
+                self._reader = cdb.Reader.open(self.path)
+            except FileNotFoundError:
+                return None
+            except (OSError, cdb.CdbError) as e:
+                raise UserError(QLX_CDB, "Trouble reading users/cdb in qmail-lspawn.") from e
+            self._key = key
+        return self._reader
+
+    def _drop(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader = None
+        self._key = None
 
 
 # --- qmail-getpw ------------------------------------------------------------------------
@@ -269,6 +314,16 @@ def alias_user(local: str, home: Home, lookup: PasswdLookup = _getpwnam) -> User
 def resolve(home: Home, local: str, lookup: PasswdLookup = _getpwnam) -> UserInfo:
     """users/cdb first, then qmail-getpw (local.md 1.1-1.2). Raises UserError."""
     found = lookup_cdb(home.users / "cdb", local)
+    if found is not None:
+        return found
+    return getpw(local, home, lookup)
+
+
+def resolve_with(
+    home: Home, local: str, reader: cdb.Reader | None, lookup: PasswdLookup = _getpwnam
+) -> UserInfo:
+    """:func:`resolve` with users/cdb already open (None: there is no users/cdb)."""
+    found = lookup_reader(reader, local) if reader is not None else None
     if found is not None:
         return found
     return getpw(local, home, lookup)
