@@ -169,15 +169,15 @@ def test_getpw_longest_prefix_and_checks(tmp_path: Path, home: Home) -> None:
         "alias": _pw("alias", 9999, "/var/qmail/alias"),
     }
     look = table.get
-    assert users.getpw("joe-list-x", home.__class__(home.root), look) == UserInfo(
+    assert users.getpw("joe-list-x", Home(home.root), look) == UserInfo(
         "joe-list", mine, 100, str(good), "-", "x"
     )
-    assert users.getpw("JOE", home.__class__(home.root), look) == UserInfo(
+    assert users.getpw("JOE", Home(home.root), look) == UserInfo(
         "joe", mine, 100, str(good), "", ""
     )
-    assert users.getpw("joe-a-b", home.__class__(home.root), look).ext == "a-b"
+    assert users.getpw("joe-a-b", Home(home.root), look).ext == "a-b"
     for local in ("rooty", "gone", "other", "nobody-x", "joex"):
-        info = users.getpw(local, home.__class__(home.root), look)
+        info = users.getpw(local, Home(home.root), look)
         assert (info.user, info.uid, info.dash, info.ext) == ("alias", 9999, "-", local)
 
 
@@ -206,8 +206,20 @@ def test_resolve_prefers_cdb(home: Home, tmp_path: Path) -> None:
     _cdb_home(home, b"=joe:assigned:5:6:/x:::\n.\n")
     uid = _owned_dir(tmp_path / "h")
     table = {"joe": _pw("joe", uid, str(tmp_path / "h"))}
-    assert users.resolve(home, "joe", table.get).user == "assigned"
-    assert users.resolve(home, "joe-x", table.get).user == "joe"
+    multi = Home(home.root)
+    assert users.resolve(multi, "joe", table.get).user == "assigned"
+    assert users.resolve(multi, "joe-x", table.get).user == "joe"
+
+
+def test_single_user_getpw_only_matches_the_callers_account(home: Home, tmp_path: Path) -> None:
+    uid = _owned_dir(tmp_path / "bob")  # an account that is not the caller's (unless we are
+    table = {"bob": _pw("bob", uid, str(tmp_path / "bob"))}  # an ordinary user: then it is)
+    assert users.getpw("bob-x", Home(home.root), table.get).user == "bob"  # multi-user
+    info = users.getpw("bob-x", home, table.get)  # single-user
+    if os.getuid() == uid:
+        assert info.user == "bob"
+    else:
+        assert (info.user, info.home, info.ext) == ("alias", str(home.alias), "bob-x")
 
 
 def test_short_record_is_lspawn_bug(home: Home) -> None:

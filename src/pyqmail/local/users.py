@@ -272,7 +272,14 @@ def is_temp_errno(code: int | None) -> bool:
 
 
 def getpw(local: str, home: Home, lookup: PasswdLookup = _getpwnam) -> UserInfo:
-    """qmail-getpw: the system account owning ``local``, else the alias user."""
+    """qmail-getpw: the system account owning ``local``, else the alias user.
+
+    In single-user mode only the invoking user's own account can match: every delivery
+    runs with the caller's ids, and writing into another account's home as someone else
+    (root, in a container) would leave files its owner cannot read. Everything else goes
+    to the home's alias/ directory.
+    """
+    only_uid = os.getuid() if home.single_user else None
     raw = enc(local)
     brk = enc(BREAK)[0]
     for end in range(len(raw), -1, -1):
@@ -282,7 +289,7 @@ def getpw(local: str, home: Home, lookup: PasswdLookup = _getpwnam) -> UserInfo:
         if not name:
             continue
         pw = lookup(name)
-        if pw is None or pw.pw_uid == 0:
+        if pw is None or pw.pw_uid == 0 or (only_uid is not None and pw.pw_uid != only_uid):
             continue
         try:
             st = os.stat(pw.pw_dir)
