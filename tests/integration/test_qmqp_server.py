@@ -232,3 +232,26 @@ def test_tcprules_deny(central: tuple[Home, Listener]) -> None:
     assert queued(home) == []
     (home.control / "tcp.qmqp.cdb").unlink()
     assert b":Kok " in exchange(lst.port, request(b"A\n", b"s", [b"a"]))
+
+
+def test_null_client_sendmail_t_and_bs_go_over_qmqp(
+    central: tuple[Home, Listener], null_client: Home
+) -> None:
+    home, lst = central
+    (null_client.control / "qmqpservers").write_text(f"127.0.0.1:{lst.port}\n")
+    env = {"PATH": os.environ["PATH"], "PYQMAIL_HOME": str(null_client.root),
+           "PYQMAIL_SINGLE_USER": "1", "USER": "robot"}  # fmt: skip
+    r = subprocess.run([str(BIN / "sendmail"), "-t", "-i"],
+                       input=b"To: a@test.example\nBcc: b@test.example\n\nhi\n", env=env,
+                       capture_output=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pytest.importorskip("pyqmail.smtp.server")
+    smtp = (b"HELO me\r\nMAIL FROM:<s@null.test.example>\r\nRCPT TO:<c@test.example>\r\n"
+            b"DATA\r\nSubject: bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")  # fmt: skip
+    r = subprocess.run([str(BIN / "sendmail"), "-bs"], input=smtp, env=env,
+                       capture_output=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert b"\r\n250 ok " in r.stdout
+    assert list((null_client.queue / "todo").iterdir()) == []
+    got = sorted(rcpts for _, rcpts, _ in queued(home))
+    assert got == [(b"a@test.example", b"b@test.example"), (b"c@test.example",)]
