@@ -39,7 +39,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 pytest: venv deps
-	$(VENV)/bin/pytest --cov --cov-report=term:skip-covered -q -p no:cacheprovider
+	$(VENV)/bin/pytest --cov --cov-report=term:skip-covered -q -p no:cacheprovider --ignore=tests/compat
 
 test: lint typecheck pytest
 
@@ -50,8 +50,8 @@ run: venv
 	PYQMAIL_SINGLE_USER=1 $(VENV)/bin/pyqmail run --home $(DEMO) --smtp 127.0.0.1:2525 --single-user
 
 # Compare with the real qmail when ../shared/reference is present (not part of make test).
-compat: venv
-	$(VENV)/bin/pytest -q tests/compat
+compat: venv deps
+	PYQMAIL_COMPAT=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/compat
 
 bench: venv deps
 	$(PY) bench/queue.py
