@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env = b""
             while chunk := os.read(1, CHUNK):
                 env += chunk
-                if env.endswith(b"\0\0") or env == b"F\0":
+                if env.endswith(b"\0\0"):  # the final NUL; "\0\0" occurs nowhere else
                     break
         except OSError:
             return codes.READ_ERROR
