@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
 import stat
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +28,17 @@ from pyqmail.local.spawn import split_recipient
 from pyqmail.outcome import Outcome
 
 _CONTROL_TTL = 1.0  # seconds a defaultdelivery value is reused before the cache is asked again
+
+
+def _deliver_memfd(req: qlocal.Request, mfd: int, home: Home) -> Outcome:
+    """qlocal.deliver with the report in a memfd (no file created and removed per delivery)."""
+    fd = os.memfd_create("qmail-local-report", os.MFD_CLOEXEC)
+    try:
+        code = qlocal.run(req, mfd, home, out=fd, err=fd)
+        text = os.pread(fd, qlocal.TRUNCREPORT + 1, 0)
+    finally:
+        os.close(fd)
+    return qlocal.outcome_of(code, text)
 
 
 class InProcessLocal:
@@ -97,7 +111,7 @@ class InProcessLocal:
                 lock_timeout=self.lock_timeout,
             )
             try:
-                return qlocal.deliver(req, mfd, self.home)
+                return _deliver_memfd(req, mfd, self.home)
             except Exception:
                 return Outcome.temp("Unexpected error in local delivery. (#4.3.0)\n")
         finally:
@@ -106,3 +120,132 @@ class InProcessLocal:
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._pool.shutdown, True)
+
+
+_LEN = struct.Struct("!I")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class WorkerPoolLocal:
+    """Local deliveries in ``workers`` pre-forked single-threaded processes (single-user mode).
+
+    Same answers as :class:`InProcessLocal` (each worker runs its ``deliver_sync``), but the
+    deliveries' many small system calls no longer compete with the daemon's event loop for
+    the interpreter lock, and no process is forked per delivery. ``start()`` must run before
+    the daemon has threads. Requests and replies are length-prefixed frames on one socket
+    pair per worker (``mess\\0sender\\0recipient`` / letter + text); a worker serves one
+    delivery at a time and exits when its socket closes.
+    """
+
+    def __init__(self, home: Home, ctl: ControlCache, *, workers: int = 10) -> None:
+        self.home = home
+        self.ctl = ctl
+        self.workers = max(1, workers)
+        self._agent = InProcessLocal(home, ctl, workers=1)
+        self._socks: list[socket.socket] = []
+        self._pids: list[int] = []
+        self._idle: asyncio.Queue[int] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._streams: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+
+    def start(self) -> None:
+        for _ in range(self.workers):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    ours.close()
+                    for other in self._socks:
+                        other.close()
+                    self._serve(theirs)
+                except BaseException:  # never return into the daemon's code
+                    code = 111
+                finally:
+                    os._exit(code)
+            theirs.close()
+            self._socks.append(ours)
+            self._pids.append(pid)
+
+    def _serve(self, sock: socket.socket) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_IGN)  # the daemon decides; EOF ends the worker
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        while True:
+            head = _recv_exact(sock, _LEN.size)
+            if head is None:
+                return
+            body = _recv_exact(sock, _LEN.unpack(head)[0])
+            if body is None:
+                return
+            parts = body.split(b"\0")
+            if len(parts) != 3:
+                out = Outcome.temp("Internal error: bad request to the local worker. (#4.3.0)\n")
+            else:
+                out = self._agent.deliver_sync(
+                    Path(os.fsdecode(parts[0])), users.dec(parts[1]), users.dec(parts[2])
+                )
+            reply = out.status.value.encode() + out.text.encode("utf-8", "surrogateescape")
+            sock.sendall(_LEN.pack(len(reply)) + reply)
+
+    async def _setup(self) -> None:
+        idle: asyncio.Queue[int] = asyncio.Queue()
+        for i, sock in enumerate(self._socks):
+            sock.setblocking(False)
+            self._streams[i] = await asyncio.open_connection(sock=sock)
+            idle.put_nowait(i)
+        self._idle = idle
+
+    async def deliver(self, mess: Path, sender: str, recipient: str) -> Outcome:
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._setup())
+        await self._ready
+        assert self._idle is not None
+        if not self._streams:
+            return Outcome.temp("Unable to talk to the local delivery workers. (#4.3.0)\n")
+        i = await self._idle.get()
+        reader, writer = self._streams[i]
+        payload = b"\0".join((os.fsencode(mess), users.enc(sender), users.enc(recipient)))
+        try:
+            writer.write(_LEN.pack(len(payload)) + payload)
+            await writer.drain()
+            head = await reader.readexactly(_LEN.size)
+            body = await reader.readexactly(_LEN.unpack(head)[0])
+        except (OSError, asyncio.IncompleteReadError):
+            self._streams.pop(i, None)  # the worker is gone; the others carry on
+            return Outcome.temp("qmail-local crashed.\n")
+        self._idle.put_nowait(i)
+        text = body[1:].decode("utf-8", "surrogateescape")
+        letter = body[:1]
+        if letter == b"K":
+            return Outcome.ok(text)
+        if letter == b"D":
+            return Outcome.perm(text)
+        return Outcome.temp(text)
+
+    async def close(self) -> None:
+        for _, writer in self._streams.values():
+            writer.close()
+        self._streams.clear()
+        for sock in self._socks:
+            sock.close()
+        loop = asyncio.get_running_loop()
+        for pid in self._pids:
+            await loop.run_in_executor(None, _reap, pid)
+        self._pids.clear()
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

@@ -5,7 +5,7 @@ Owns the wiring and the order of start-up and shutdown:
 1. resolve the home, read the controls once (``alert: cannot start: unable to read
    controls`` otherwise), remove what a crash left in the queue (queue/recover.py);
 2. start the local agent: as root, the spawner, which forks, so before any thread exists;
-   otherwise deliveries run in worker threads of this process (daemon/local.py);
+   otherwise pre-forked local workers that deliver without a fork each (daemon/local.py);
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
    schedule; the submitter wakes it in-process; the SMTP (and QMQP/QMTP) listeners bind;
 4. signals: TERM/INT stop (listeners close first, then deliveries in flight finish, bounded),
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from pyqmail.control import Control, ControlCache, ControlError, load
-from pyqmail.daemon.local import InProcessLocal
+from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home, HomeError, warn_if_root_single_user
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.queue import submit as qsubmit
@@ -124,9 +124,10 @@ class Daemon:
         self.home = cfg.home
         self.ctl = SteadyControl(self.home)
         self.log = SendLog(cfg.log)
-        self.spawner: LocalSpawner | InProcessLocal
+        self.spawner: LocalSpawner | WorkerPoolLocal
         if self.home.single_user or os.geteuid() != 0:
-            self.spawner = InProcessLocal(self.home, self.ctl)
+            workers = min(64, max(1, ControlCache(self.home).get().concurrencylocal))
+            self.spawner = WorkerPoolLocal(self.home, self.ctl, workers=workers)
         else:
             self.spawner = LocalSpawner(self.home, self.ctl)
         self.scheduler: Scheduler | None = None

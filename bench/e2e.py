@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""End to end: smtp-source -> MTA -> local Maildir, pyqmail beside Postfix in one run.
+
+For each MTA, every run: empty the Maildir, start smtp-source (N messages of SIZE bytes,
+S sessions, a new connection per message) and time from its start until the N-th file is
+in Maildir/new. Also: the CPU of the whole machine during that time minus smtp-source's own
+(CPU-ms per message), as the acceptance driver measures it.
+
+* pyqmail: ``pyqmail run --single-user`` on a fresh home, the recipient's Maildir under it.
+* postfix: a private Debian Postfix instance (``postfix -c DIR``, its own queue and port,
+  the system one untouched) delivering x@vbench.local through its virtual agent into a
+  Maildir (fsynced), as the acceptance check's Postfix does.
+
+Usage: bench/e2e.py [--n 2000] [--sessions 10] [--size 1024] [--runs 3] [--no-postfix]
+Prints one line per MTA (median [min-max]) and the ratio pyqmail/postfix. Needs root for
+Postfix. Both MTAs guarantee a message acknowledged with 250 is on disk (fsync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HZ = os.sysconf("SC_CLK_TCK")
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:8]) - v[3] - v[4]
+
+
+def count(d: Path) -> int:
+    try:
+        return len(os.listdir(d))
+    except FileNotFoundError:
+        return 0
+
+
+def clean(maildir: Path) -> None:
+    for sub in ("new", "cur", "tmp"):
+        for e in os.scandir(maildir / sub):
+            os.unlink(e.path)
+
+
+def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]:
+    clean(maildir)
+    os.sync()
+    new = maildir / "new"
+    cmd = ["smtp-source", "-m", str(a.n), "-s", str(a.sessions), "-l", str(a.size),
+           "-f", "sender@bench.local", "-t", "x@vbench.local", "-M", "client.bench.local",
+           f"127.0.0.1:{port}"]  # fmt: skip
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me0 = resource.getrusage(resource.RUSAGE_SELF)
+    b0 = busy_jiffies()
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    t_acc = time.perf_counter() - t0
+    if p.returncode != 0:
+        print("smtp-source failed:", p.returncode, p.stderr[-300:], file=sys.stderr)
+    deadline = t0 + a.timeout
+    t_del = None
+    while time.perf_counter() < deadline:
+        if count(new) >= a.n:
+            t_del = time.perf_counter() - t0
+            break
+        time.sleep(0.01)
+    b1 = busy_jiffies()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me1 = resource.getrusage(resource.RUSAGE_SELF)
+    cli = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    me = (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime)
+    busy = (b1 - b0) / HZ - cli - me
+    return {
+        "accept": a.n / t_acc,
+        "e2e": a.n / t_del if t_del else 0.0,
+        "delivered": count(new),
+        "cpu_ms": 1000 * busy / a.n,
+    }
+
+
+def runs(port: int, maildir: Path, a: argparse.Namespace) -> list[dict[str, float]]:
+    out = []
+    for _ in range(a.runs):
+        out.append(one_run(port, maildir, a))
+        time.sleep(a.settle)
+    return out
+
+
+# -- pyqmail ------------------------------------------------------------------------------
+def run_pyqmail(a: argparse.Namespace) -> list[dict[str, float]]:
+    d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-e2e-"))
+    env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
+    home = d / "q"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run([str(VENV_BIN / "pyqmail"), "init", str(home), "--me", "mx.test.example"],
+                       check=True, capture_output=True, env=env)  # fmt: skip
+        for name in ("locals", "rcpthosts"):
+            with open(home / "control" / name, "a") as f:
+                f.write("vbench.local\n")
+        user = d / "x"
+        for sub in ("cur", "new", "tmp"):
+            (user / "Maildir" / sub).mkdir(parents=True)
+        (home / "users" / "assign").write_text(f"=x:x:{os.getuid()}:{os.getgid()}:{user}:::\n.\n")
+        subprocess.run(
+            [str(VENV_BIN / "qmail-newu")], check=True, env=dict(env, PYQMAIL_HOME=str(home))
+        )
+        port = free_port()
+        log = open(d / "log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "pyqmail"), "run", "--home", str(home), "--single-user",
+             "--smtp", f"127.0.0.1:{port}"],
+            stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+        wait_port(port)
+        return runs(port, user / "Maildir", a)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- Postfix ------------------------------------------------------------------------------
+def postfix_config(d: Path, port: int) -> Path:
+    for sub in ("queue", "data", "mail/vbench/Maildir/new", "mail/vbench/Maildir/cur",
+                "mail/vbench/Maildir/tmp"):  # fmt: skip
+        (d / sub).mkdir(parents=True)
+    shutil.chown(d / "data", "postfix")
+    nobody = pwd.getpwnam("nobody")
+    for root, dirs, _ in os.walk(d / "mail"):
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        for x in dirs:
+            os.chown(os.path.join(root, x), nobody.pw_uid, nobody.pw_gid)
+    lines = []
+    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+        f = line.split()
+        if line[:1] in ("#", " ", "\t") or len(f) < 8:
+            lines.append(line)
+            continue
+        if f[0] == "smtp" and f[1] == "inet":
+            f[0] = f"127.0.0.1:{port}"
+        f[4] = "n"  # not chrooted: the private queue is not under /var/spool/postfix
+        lines.append(" ".join(f))
+    (d / "master.cf").write_text("\n".join(lines) + "\n")
+    (d / "vmailbox.re").write_text("/@vbench\\.local$/ vbench/Maildir/\n")
+    (d / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+myhostname = mx.bench.local
+mydestination = bench.local, localhost
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+disable_dns_lookups = yes
+smtp_dns_support_level = disabled
+maillog_file_prefixes = /var, /dev/stdout, /tmp, {d}
+maillog_file = {d}/maillog
+virtual_mailbox_domains = vbench.local
+virtual_mailbox_base = {d}/mail
+virtual_mailbox_maps = regexp:{d}/vmailbox.re
+virtual_uid_maps = static:{nobody.pw_uid}
+virtual_gid_maps = static:{nobody.pw_gid}
+default_transport = error
+relay_transport = error
+smtpd_client_connection_count_limit = 1000
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+"""
+    )
+    return d / "mail" / "vbench" / "Maildir"
+
+
+def run_postfix(a: argparse.Namespace) -> list[dict[str, float]]:
+    d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-e2e-postfix-"))
+    d.chmod(0o755)
+    port = free_port()
+    maildir = postfix_config(d, port)
+    try:
+        subprocess.run(["postfix", "-c", str(d), "start"], check=True, capture_output=True)
+        wait_port(port)
+        return runs(port, maildir, a)
+    finally:
+        subprocess.run(["postfix", "-c", str(d), "stop"], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def summary(label: str, rs: list[dict[str, float]], a: argparse.Namespace) -> float:
+    def st(k: str, fmt: str) -> str:
+        v = [r[k] for r in rs]
+        return f"{statistics.median(v):{fmt}} [{min(v):{fmt}}-{max(v):{fmt}}]"
+
+    print(f"{label:9s} n={a.n} s={a.sessions} size={a.size} | e2e {st('e2e', '.1f')} msg/s | "
+          f"accept {st('accept', '.1f')} msg/s | CPU {st('cpu_ms', '.2f')} ms/msg | "
+          f"delivered {min(int(r['delivered']) for r in rs)}", flush=True)  # fmt: skip
+    return statistics.median(r["e2e"] for r in rs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--no-postfix", action="store_true")
+    a = ap.parse_args()
+    if not shutil.which("smtp-source"):
+        raise SystemExit("smtp-source (Debian package postfix) is needed")
+    mtas: list[tuple[str, Callable[[argparse.Namespace], list[dict[str, float]]]]] = []
+    if not a.no_postfix and shutil.which("postfix") and os.geteuid() == 0:
+        mtas.append(("postfix", run_postfix))
+    mtas.append(("pyqmail", run_pyqmail))
+    rates = {label: summary(label, fn(a), a) for label, fn in mtas}
+    if rates.get("postfix"):
+        print(f"ratio pyqmail/postfix (e2e) = {rates['pyqmail'] / rates['postfix']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
