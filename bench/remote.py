@@ -1,0 +1,314 @@
+"""Remote delivery throughput: RemoteAgent vs Debian Postfix relaying to the same smtp-sink.
+
+All in one run, on loopback, with 1 KiB messages:
+
+* pyqmail: N message files (the queue's mess/ files) delivered by RemoteAgent.deliver()
+  through smtproutes to Postfix's smtp-sink, at concurrency 20, 200 and 1,000 (one asyncio
+  loop, uvloop as the daemon uses it when installed). Each level runs in a fresh process:
+  deliveries/s, CPU ms per delivery (the process's user+sys), peak RSS.
+* deferral: the same against smtp-sink answering 4xx to RCPT (``-r rcpt``): the cost of a
+  temporary failure (connect, greeting, EHLO, MAIL, RCPT, QUIT).
+* postfix: a private Debian Postfix instance (``postfix -c DIR``) whose smtpd puts every
+  message on hold; N messages are submitted with smtp-source, then ``postsuper -H ALL``
+  releases them and we time until its queue is empty. Postfix relays with its default
+  per-destination concurrency of 20 and its connection cache; CPU is the whole machine's
+  master process tree's CPU during the drain (its reaped daemons included).
+
+Usage: python bench/remote.py [--n 5000] [--levels 20,200,1000] [--runs 1] [--no-uvloop]
+       [--no-postfix]
+Prints a table and the ratio pyqmail/postfix at concurrency 20. Needs root for Postfix.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# bench/ holds other benchmarks named like stdlib modules (queue.py): do not shadow them.
+if sys.path and sys.path[0].endswith("bench"):
+    sys.path.pop(0)
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from pyqmail.control import ControlCache
+from pyqmail.home import Home
+from pyqmail.layout import create_home
+from pyqmail.outcome import Status
+from pyqmail.remote.deliver import RemoteAgent
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, secs: float = 20) -> None:
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def tree_jiffies(root: int) -> int:
+    """CPU of ``root`` and every live descendant, with the reaped children of each
+    (utime + stime + cutime + cstime): Postfix's master reaps its exiting daemons."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        cpu[int(name)] = sum(int(x) for x in fields[11:15])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo.extend(c for c, p in parent.items() if p == pid)
+    return total
+
+
+def message(i: int, size: int) -> bytes:
+    head = f"From: bench@test.example\nTo: u{i}@sink.test\nSubject: bench {i}\n\n".encode()
+    line = b"x" * 71 + b"\n"
+    body = (line * (size // len(line) + 1))[: max(0, size - len(head) - 1)] + b"\n"
+    return head + body
+
+
+def start_sink(port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    user = ["-u", "root"] if os.geteuid() == 0 else []
+    p = subprocess.Popen(
+        ["smtp-sink", *user, *extra, f"127.0.0.1:{port}", "4096"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return p
+
+
+# -- one pyqmail run, in its own process -------------------------------------------------
+def child(args: argparse.Namespace) -> None:
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+    home = Home(Path(args.home), single_user=True)
+    files = sorted(Path(args.msgdir).iterdir())
+    agent = RemoteAgent(home, ControlCache(home))
+
+    async def run() -> dict[str, object]:
+        sem = asyncio.Semaphore(args.concurrency)
+        counts = {s.value: 0 for s in Status}
+
+        async def one(i: int, f: Path) -> None:
+            async with sem:
+                (o,) = await agent.deliver(f, "bench@test.example", [f"u{i}@sink.test"])
+            counts[o.status.value] += 1
+
+        await agent.deliver(files[0], "bench@test.example", ["warm@sink.test"])
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        return {"wall": wall, "cpu": cpu, "counts": counts,
+                "rss_mb": r1.ru_maxrss / 1024}  # fmt: skip
+
+    print(json.dumps(asyncio.run(run())))
+
+
+def run_child(args: argparse.Namespace, home: Path, msgdir: Path, conc: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", "--home", str(home), "--msgdir", str(msgdir),
+           "--concurrency", str(conc)] + (["--no-uvloop"] if args.no_uvloop else [])  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    res = json.loads(out)
+    n = sum(res["counts"].values())
+    return {
+        "rate": n / res["wall"],
+        "cpu_ms": 1000 * res["cpu"] / n,
+        "rss_mb": res["rss_mb"],
+        "ok": res["counts"]["K"],
+        "temp": res["counts"]["Z"],
+        "perm": res["counts"]["D"],
+    }
+
+
+# -- Postfix relaying the same messages ---------------------------------------------------
+def postfix_config(d: Path, smtpd_port: int, sink_port: int) -> None:
+    for sub in ("queue", "data"):
+        (d / sub).mkdir(parents=True)
+    shutil.chown(d / "data", "postfix")
+    lines = []
+    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+        f = line.split()
+        if line[:1] in ("#", " ", "\t") or len(f) < 8:
+            lines.append(line)
+            continue
+        if f[0] == "smtp" and f[1] == "inet":
+            f[0] = f"127.0.0.1:{smtpd_port}"
+        f[4] = "n"
+        lines.append(" ".join(f))
+    (d / "master.cf").write_text("\n".join(lines) + "\n")
+    (d / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+myhostname = relay.bench.example
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+disable_dns_lookups = yes
+smtp_dns_support_level = disabled
+maillog_file_prefixes = /var, /dev/stdout, /tmp, {d}
+maillog_file = {d}/maillog
+relayhost = [127.0.0.1]:{sink_port}
+smtpd_client_restrictions = check_client_access static:HOLD
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_client_connection_count_limit = 1000
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+queue_run_delay = 1s
+"""
+    )
+
+
+def queue_count(q: Path) -> int:
+    n = 0
+    for sub in ("incoming", "active", "deferred", "hold", "maildrop"):
+        for _, _, files in os.walk(q / sub):
+            n += len(files)
+    return n
+
+
+def run_postfix(args: argparse.Namespace, sink_port: int) -> dict[str, float]:
+    d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-postfix-"))
+    d.chmod(0o755)
+    port = free_port()
+    postfix_config(d, port, sink_port)
+    try:
+        subprocess.run(["postfix", "-c", str(d), "start"], check=True, capture_output=True)
+        wait_port(port)
+        subprocess.run(
+            ["smtp-source", "-s", "20", "-m", str(args.n), "-l", str(args.size),
+             "-f", "bench@test.example", "-t", "u@sink.test", f"127.0.0.1:{port}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        q = d / "queue"
+        deadline = time.monotonic() + 120
+        while queue_count(q) < args.n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = queue_count(q)
+        master = int((q / "pid" / "master.pid").read_text().split()[0])
+        c0 = tree_jiffies(master)
+        t0 = time.perf_counter()
+        # hold -> deferred, then flush the deferred queue now (not at the next queue run)
+        subprocess.run(["postsuper", "-c", str(d), "-H", "ALL"], check=True, capture_output=True)
+        subprocess.run(["postqueue", "-c", str(d), "-f"], capture_output=True)
+        deadline = time.monotonic() + 600
+        while queue_count(q) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        left = queue_count(q)
+        busy = tree_jiffies(master) - c0
+        return {"rate": held / wall, "cpu_ms": 1000 * busy / HZ / max(held, 1),
+                "held": held, "left": left}  # fmt: skip
+    finally:
+        subprocess.run(["postfix", "-c", str(d), "stop"], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--levels", default="20,200,1000")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--no-postfix", action="store_true")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--home")
+    ap.add_argument("--msgdir")
+    ap.add_argument("--concurrency", type=int, default=20)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="pyqmail-bench-remote-"))
+    sinks: list[subprocess.Popen[bytes]] = []
+    try:
+        home = Home(tmp / "qmail", single_user=True)
+        create_home(home, "bench.test.example", None)
+        msgdir = tmp / "mess"
+        msgdir.mkdir()
+        for i in range(args.n):
+            (msgdir / str(i)).write_bytes(message(i, args.size))
+        ok_port, defer_port = free_port(), free_port()
+        sinks.append(start_sink(ok_port, []))
+        sinks.append(start_sink(defer_port, ["-r", "rcpt"]))
+        rows: list[tuple[str, dict[str, float]]] = []
+
+        def median_run(conc: int) -> dict[str, float]:
+            runs = [run_child(args, home.root, msgdir, conc) for _ in range(args.runs)]
+            return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+        (home.control / "smtproutes").write_text(f"sink.test:127.0.0.1:{ok_port}\n")
+        levels = [int(x) for x in args.levels.split(",")]
+        for conc in levels:
+            rows.append((f"pyqmail c={conc}", median_run(conc)))
+        (home.control / "smtproutes").write_text(f"sink.test:127.0.0.1:{defer_port}\n")
+        for conc in (levels[0], levels[-1]):
+            rows.append((f"pyqmail 4xx c={conc}", median_run(conc)))
+        pf: dict[str, float] | None = None
+        if not args.no_postfix and shutil.which("postfix") and os.geteuid() == 0:
+            pfs = [run_postfix(args, ok_port) for _ in range(args.runs)]
+            pf = {k: statistics.median(r[k] for r in pfs) for k in pfs[0]}
+
+        loop = "asyncio" if args.no_uvloop else "uvloop"
+        print(f"remote delivery, {args.n} x {args.size} B to smtp-sink on loopback, "
+              f"{os.cpu_count()} cores, loop={loop}, median of {args.runs} run(s)")  # fmt: skip
+        print(f"{'row':24s} {'deliv/s':>9s} {'CPU ms/dlv':>11s} {'RSS MB':>8s}  result")
+        for name, r in rows:
+            res = f"K={r['ok']:.0f} Z={r['temp']:.0f} D={r['perm']:.0f}"
+            print(f"{name:24s} {r['rate']:9.0f} {r['cpu_ms']:11.2f} {r['rss_mb']:8.1f}  {res}")
+        if pf is not None:
+            print(f"{'postfix (relay, c=20)':24s} {pf['rate']:9.0f} {pf['cpu_ms']:11.2f} "
+                  f"{'-':>8s}  held={pf['held']:.0f} left={pf['left']:.0f}")  # fmt: skip
+            ours = rows[0][1]["rate"]
+            print(f"ratio pyqmail c={levels[0]} / postfix: {ours / pf['rate']:.2f}")
+    finally:
+        for p in sinks:
+            p.terminate()
+            p.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
