@@ -142,7 +142,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         home.root / "tcp.smtp.tmp",
     )
     proc = start_listener(
-        home, "--listen", "127.0.0.1:0", "--rules", str(rules), "--max-per-ip", "40"
+        home,
+        "--listen",
+        "127.0.0.1:0",
+        "--rules",
+        str(rules),
+        "--max-per-ip",
+        "40",
+        "--control-ttl",
+        "0",
     )
     port = wait_listening(proc)[0]
     yield Server(home, port, proc)

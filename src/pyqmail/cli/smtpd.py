@@ -44,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-per-ip", type=int, default=20)
     p.add_argument("--greet-delay", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--control-ttl",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="re-check control/ at most this often (0: every connection)",
+    )
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)
     from pyqmail.smtp.server import parse_listen
@@ -111,6 +118,7 @@ def _serve(
         max_per_ip=ns.max_per_ip,
         greet_delay=ns.greet_delay,
         reuse_port=reuse,
+        control_ttl=ns.control_ttl,
     )
 
     async def run() -> int:

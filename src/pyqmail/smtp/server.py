@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import cast
 
 from pyqmail import cdb, tcprules
-from pyqmail.control import ControlCache, ControlError, load
+from pyqmail.control import Control, ControlCache, ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
@@ -154,6 +154,7 @@ class SmtpServer:
         local_ips: frozenset[IPAddress] | None = None,
         executor: ThreadPoolExecutor | None = None,
         reuse_port: bool = False,
+        control_ttl: float = 1.0,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -165,8 +166,14 @@ class SmtpServer:
         self.greet_delay = greet_delay
         self.linger = linger
         self.local_ips = local_ips if local_ips is not None else local_addresses()
-        self.executor = executor or ThreadPoolExecutor(max_workers=64, thread_name_prefix="smtpq")
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=int(os.environ.get("PYQMAIL_SMTP_THREADS", "64")),
+            thread_name_prefix="smtpq",
+        )
         self.reuse_port = reuse_port
+        self.control_ttl = control_ttl
+        self._ctl: Control | None = None
+        self._ctl_at = 0.0
         self.conns = 0
         self.per_ip: dict[str, int] = {}
         self._rules = CdbCache(self.rules_path)
@@ -205,8 +212,19 @@ class SmtpServer:
                         ip, self.rules_path, e)  # fmt: skip
             return None
 
-    def session(self, env: Mapping[str, str]) -> Session:
-        ctl = self.ctl.get()
+    def control(self) -> Control:
+        """The control snapshot, re-checked at most every ``control_ttl`` seconds.
+
+        ControlCache stats every control file; once per connection would cost more than
+        the rest of the connection set-up, so a change is seen within ``control_ttl``.
+        """
+        now = time.monotonic()
+        if self._ctl is None or now - self._ctl_at >= self.control_ttl:
+            self._ctl = self.ctl.get()
+            self._ctl_at = now
+        return self._ctl
+
+    def session(self, env: Mapping[str, str], ctl: Control) -> Session:
         try:
             more = self._more.get()
         except (OSError, cdb.CdbError) as e:
@@ -225,7 +243,7 @@ class _SmtpProtocol(asyncio.Protocol):
     """One connection: bytes to the core, events to the transport and the queue."""
 
     __slots__ = ("closing", "conn", "ip", "last", "loop", "msg", "partial_since", "server",
-                 "timer", "transport")  # fmt: skip
+                 "timeout_s", "timer", "transport")  # fmt: skip
 
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
@@ -238,6 +256,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.partial_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
+        self.timeout_s = 1200.0
 
     # -- asyncio callbacks
 
@@ -260,14 +279,22 @@ class _SmtpProtocol(asyncio.Protocol):
                 self._close_now()  # tcpserver: closed, nothing written
                 return
             env = dict(srv.base_env)
-            ctl_me = srv.ctl.get().me
+            try:
+                ctl = srv.control()
+            except ControlError as e:
+                log.warning("%s: %s", ip, e)
+                transport.write(replies.CONTROLS)
+                self._close_now()
+                return
+            ctl_me = ctl.me
+            self.timeout_s = float(ctl.timeoutsmtpd)
             env.update(PROTO="TCP", TCPLOCALIP=lip, TCPLOCALPORT=lport, TCPREMOTEIP=ip,
                        TCPREMOTEPORT=port)  # fmt: skip
             if ctl_me:
                 env["TCPLOCALHOST"] = ctl_me
             env.update(decision.env)
             try:
-                session = srv.session(env)
+                session = srv.session(env, ctl)
             except (SessionError, ControlError) as e:
                 log.warning("%s: %s", ip, e)
                 transport.write(replies.CONTROLS)
@@ -329,7 +356,7 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.conn is None or self.closing:
             return
         self._handle(self.conn.greet())
-        self._arm(self.server.ctl.get().timeoutsmtpd)
+        self._arm(self.timeout_s)
 
     def _arm(self, delay: float) -> None:
         if self.timer is not None:
@@ -344,7 +371,7 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None and conn.state.value == "wait-end":
             self._arm(1.0)  # the queue is committing; its own reply ends the wait
             return
-        timeout = float(self.server.ctl.get().timeoutsmtpd)
+        timeout = self.timeout_s
         due = self.last + timeout
         if conn.partial:
             due = min(due, self.partial_since + min(timeout, 120.0))

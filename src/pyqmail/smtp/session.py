@@ -69,6 +69,7 @@ class Session:
         "_localiphost",
         "_more",
         "_rcpthosts",
+        "_tcplocalip",
         "_when",
         "databytes",
         "greeting",
@@ -102,18 +103,11 @@ class Session:
         self.local_host = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
         rc = env.get("RELAYCLIENT")
         self.relayclient = None if rc is None else _b(rc)
-        self._bmf = frozenset(_b(x) for x in ctl.badmailfrom)
-        self._rcpthosts = None if ctl.rcpthosts is None else frozenset(_b(x) for x in ctl.rcpthosts)
+        self._bmf, self._rcpthosts = _encoded(ctl)
         self._more = morercpthosts
         self._localiphost = None if ctl.localiphost is None else _b(ctl.localiphost)
-        ips = set(local_ips)
-        ips.add(ipaddress.IPv4Address("0.0.0.0"))
-        for name in ("TCPLOCALIP",):
-            try:
-                ips.add(ipaddress.ip_address(env.get(name, "")))
-            except ValueError:
-                pass
-        self._local_ips = frozenset(ips)
+        self._local_ips = local_ips
+        self._tcplocalip = env.get("TCPLOCALIP", "")
         self._when = clock
 
     def badmailfrom(self, sender: bytes) -> bool:
@@ -149,7 +143,7 @@ class Session:
             return address
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if ip not in self._local_ips:
+        if ip not in self._local_ips and ip != _ANY and str(ip) != self._tcplocalip:
             return address
         return address[: address.rfind(b"@") + 1] + self._localiphost
 
@@ -169,6 +163,23 @@ class Session:
 
 def _b(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
+
+
+_ANY = ipaddress.IPv4Address("0.0.0.0")
+_ENCODED: dict[int, tuple[Control, frozenset[bytes], frozenset[bytes] | None]] = {}
+
+
+def _encoded(ctl: Control) -> tuple[frozenset[bytes], frozenset[bytes] | None]:
+    """badmailfrom and rcpthosts as byte sets, computed once per control snapshot."""
+    hit = _ENCODED.get(id(ctl))
+    if hit is not None and hit[0] is ctl:
+        return hit[1], hit[2]
+    bmf = frozenset(_b(x) for x in ctl.badmailfrom)
+    rcpthosts = None if ctl.rcpthosts is None else frozenset(_b(x) for x in ctl.rcpthosts)
+    if len(_ENCODED) > 8:
+        _ENCODED.clear()
+    _ENCODED[id(ctl)] = (ctl, bmf, rcpthosts)
+    return bmf, rcpthosts
 
 
 def local_addresses() -> frozenset[IPAddress]:

@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""SMTP accept rate: pyqmail's listener against Postfix, with Postfix's smtp-source, same run.
+
+    .venv/bin/python bench/smtp.py [--runs 3] [--workers 1] [--quick] [--idle 10000]
+
+What it does (issue 4):
+
+* starts ``pyqmail smtpd --listen`` on a fresh single-user home in a temporary directory,
+  and a private Debian Postfix instance (its own config and queue directories, another
+  loopback port, ``smtpd_client_restrictions = static:HOLD`` so every message is accepted,
+  fsynced into its queue and put on hold, never delivered; no DNS, no peer-name lookup,
+  as pyqmail does none either). The system Postfix is not touched.
+* drives each with ``smtp-source`` (a new connection per message): 3,000 messages of
+  1 KiB and 1,000 of 100 KiB over 1, 10 and 50 sessions, and reports messages durably
+  accepted per second (each counted in the queue afterwards), server CPU per message
+  (user+system of the server's process tree, from /proc), and the ratio pyqmail/Postfix;
+* holds ``--idle`` connections open to pyqmail's listener and reports its resident
+  memory, then checks that a real client is still served while they are open.
+
+The machine is shared and has 2 cores: every figure is the median of ``--runs`` runs, and
+pyqmail and Postfix alternate run by run so both see the same noise. The table is printed
+in Markdown for docs/benchmarks/smtp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HZ = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as s:
+                if s.recv(100).startswith(b"220"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+# ----------------------------------------------------------------- /proc accounting
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2 :].split()
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and every live descendant."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                children.setdefault(int(st[1]), []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of the tree: each process's own and its reaped children's."""
+    total = 0
+    for pid in tree(root):
+        st = _stat(pid)
+        if st is not None:
+            total += sum(int(x) for x in st[11:15])  # utime stime cutime cstime
+    return total / HZ
+
+
+def tree_rss(root: int) -> int:
+    """Resident memory of the tree in bytes."""
+    total = 0
+    for pid in tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+# ----------------------------------------------------------------- the two servers
+
+
+class Pyqmail:
+    name = "pyqmail"
+
+    def __init__(self, tmp: Path, workers: int, max_conns: int) -> None:
+        self.home = tmp / "qmail"
+        env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
+        subprocess.run(
+            [str(VENV_BIN / "pyqmail"), "init", str(self.home), "--me", "mx.bench.local"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        (self.home / "control" / "rcpthosts").write_text("bench.local\n")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "pyqmail"),
+                "smtpd",
+                "--home",
+                str(self.home),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--max-conns",
+                str(max_conns),
+                "--max-per-ip",
+                str(max_conns),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        self.pid = self.proc.pid
+
+    def queued(self) -> int:
+        return sum(1 for e in os.scandir(self.home / "queue" / "todo") if e.is_file())
+
+    def clear(self) -> None:
+        q = self.home / "queue"
+        for sub in ("todo", "intd", "mess", "info", "local", "remote"):
+            for dirpath, _, files in os.walk(q / sub):
+                for f in files:
+                    os.unlink(os.path.join(dirpath, f))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+class Postfix:
+    """A private Postfix instance: own config, queue and data directories, own port."""
+
+    name = "postfix"
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "postfix"
+        etc, self.spool, data = self.dir / "etc", self.dir / "spool", self.dir / "data"
+        for d in (etc, self.spool, data):
+            d.mkdir(parents=True)
+        shutil.chown(data, "postfix")
+        self.port = free_port()
+        (etc / "main.cf").write_text(f"""\
+compatibility_level = 3.6
+queue_directory = {self.spool}
+data_directory = {data}
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+syslog_name = postfix-pyqmail-bench
+myhostname = mx.bench.local
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_client_restrictions = static:HOLD
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_peername_lookup = no
+disable_dns_lookups = yes
+smtp_dns_support_level = disabled
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = 200
+message_size_limit = 0
+""")
+        lines = []
+        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+            f = line.split()
+            if line[:1].isalpha() and len(f) >= 8:
+                if f[0] == "smtp" and f[1] == "inet":
+                    f[0] = f"127.0.0.1:{self.port}"
+                f[4] = "n"  # no chroot: the private queue has no chroot files
+                line = "  ".join(f)
+            lines.append(line)
+        (etc / "master.cf").write_text("\n".join(lines) + "\n")
+        self.etc = etc
+        subprocess.run(["postfix", "-c", str(etc), "start"], check=True, capture_output=True)
+        wait_port(self.port)
+        self.pid = int((self.spool / "pid" / "master.pid").read_text().split()[0])
+
+    def queued(self) -> int:
+        return sum(len(files) for _, _, files in os.walk(self.spool / "hold"))
+
+    def clear(self) -> None:
+        subprocess.run(["postsuper", "-c", str(self.etc), "-d", "ALL"], capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.etc), "stop"], capture_output=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _stat(self.pid) is not None:
+            time.sleep(0.1)
+
+
+# ----------------------------------------------------------------- one measurement
+
+
+@dataclass
+class Result:
+    rate: float  # messages durably accepted per second
+    cpu_ms: float  # server CPU per message
+    accepted: int
+
+
+def drive(server: Pyqmail | Postfix, n: int, sessions: int, size: int) -> Result:
+    server.clear()
+    os.sync()
+    cpu0 = tree_cpu(server.pid)
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [
+            "smtp-source",
+            "-m",
+            str(n),
+            "-s",
+            str(sessions),
+            "-l",
+            str(size),
+            "-f",
+            "sender@client.bench.local",
+            "-t",
+            "rcpt@bench.local",
+            "-M",
+            "client.bench.local",
+            f"127.0.0.1:{server.port}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    cpu = tree_cpu(server.pid) - cpu0
+    if p.returncode != 0:
+        print(
+            f"  smtp-source against {server.name}: rc {p.returncode} {p.stderr[-300:]}",
+            file=sys.stderr,
+        )
+    deadline = time.monotonic() + 30
+    got = server.queued()
+    while got < n and time.monotonic() < deadline:  # Postfix's cleanup may lag a moment
+        time.sleep(0.1)
+        got = server.queued()
+    return Result(got / wall, 1000 * cpu / max(n, 1), got)
+
+
+# ----------------------------------------------------------------- idle connections
+
+
+def idle(server: Pyqmail, count: int) -> tuple[float, float, float, bool]:
+    """(RSS MB before, RSS MB with ``count`` idle connections, KB each, still serving)."""
+    before = tree_rss(server.pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", server.port))
+            socks.append(s)
+        greeted = 0
+        for s in socks:
+            s.settimeout(30)
+            if s.recv(100).startswith(b"220"):
+                greeted += 1
+        time.sleep(1)
+        during = tree_rss(server.pid)
+        server.clear()
+        p = subprocess.run(
+            [
+                "smtp-source",
+                "-m",
+                "50",
+                "-s",
+                "5",
+                "-l",
+                "1024",
+                "-f",
+                "a@client.bench.local",
+                "-t",
+                "rcpt@bench.local",
+                f"127.0.0.1:{server.port}",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        serving = p.returncode == 0 and server.queued() == 50 and greeted == count
+    finally:
+        for s in socks:
+            s.close()
+    mb = 1024 * 1024
+    return before / mb, during / mb, (during - before) / 1024 / max(count, 1), serving
+
+
+# ----------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs per cell; the median is shown")
+    ap.add_argument("--workers", type=int, default=1, help="pyqmail listener processes")
+    ap.add_argument("--quick", action="store_true", help="a tenth of the messages")
+    ap.add_argument("--idle", type=int, default=10000, help="idle connections (0: skip)")
+    ap.add_argument("--sessions", default="1,10,50")
+    ap.add_argument("--no-postfix", action="store_true")
+    a = ap.parse_args()
+    for tool in ("smtp-source",) + (() if a.no_postfix else ("postfix", "postsuper")):
+        if shutil.which(tool) is None:
+            print(f"bench/smtp.py: {tool} not found (apt-get install postfix)", file=sys.stderr)
+            return 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * a.idle + 1000))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    sessions = [int(x) for x in a.sessions.split(",")]
+    loads = [(3000, 1024, "1 KiB"), (1000, 102400, "100 KiB")]
+    if a.quick:
+        loads = [(n // 10, size, label) for n, size, label in loads]
+    tmp = Path(tempfile.mkdtemp(prefix="pyqmail-bench-smtp-"))
+    tmp.chmod(0o755)  # Postfix (user postfix) must reach its data directory
+    ours: Pyqmail | None = None
+    theirs: Postfix | None = None
+    try:
+        ours = Pyqmail(tmp, a.workers, max(1000, a.idle + 200))
+        theirs = None if a.no_postfix else Postfix(tmp)
+        print(
+            f"pyqmail smtpd --workers {a.workers} on :{ours.port}"
+            + ("" if theirs is None else f", Postfix (hold) on :{theirs.port}")
+        )
+        print(
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
+            f"median of {a.runs} run(s)\n"
+        )
+        print(
+            "| messages | sessions | pyqmail msg/s | pyqmail CPU ms/msg | Postfix msg/s "
+            "| Postfix CPU ms/msg | ratio msg/s | ratio CPU |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for n, size, label in loads:
+            for s in sessions:
+                mine: list[Result] = []
+                peer: list[Result] = []
+                for _ in range(a.runs):
+                    mine.append(drive(ours, n, s, size))
+                    if theirs is not None:
+                        peer.append(drive(theirs, n, s, size))
+                m_rate = statistics.median(r.rate for r in mine)
+                m_cpu = statistics.median(r.cpu_ms for r in mine)
+                lost = [r.accepted for r in mine if r.accepted != n]
+                if peer:
+                    p_rate = statistics.median(r.rate for r in peer)
+                    p_cpu = statistics.median(r.cpu_ms for r in peer)
+                    cells = (
+                        f"{p_rate:.0f} | {p_cpu:.2f} | **{m_rate / p_rate:.2f}** | "
+                        f"{p_cpu / m_cpu:.2f}"
+                    )
+                else:
+                    cells = "- | - | - | -"
+                note = f" (only {lost} queued!)" if lost else ""
+                print(
+                    f"| {n} x {label} | {s} | {m_rate:.0f}{note} | {m_cpu:.2f} | {cells} |",
+                    flush=True,
+                )
+        if theirs is not None:
+            theirs.stop()
+            theirs = None
+        if a.idle:
+            before, during, per, serving = idle(ours, a.idle)
+            print(
+                f"\nidle connections: {a.idle}; pyqmail RSS {before:.1f} MB before, "
+                f"{during:.1f} MB with them open ({per:.1f} KB each); "
+                f"a client was {'still' if serving else 'NOT'} served meanwhile"
+            )
+    finally:
+        if theirs is not None:
+            theirs.stop()
+        if ours is not None:
+            ours.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
