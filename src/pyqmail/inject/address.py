@@ -250,7 +250,8 @@ def _rewrite_item(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> list[s
         if any(t.is_special("<") for t in addr):
             raise ParseError("nested <")
         addr = rw.tokens(_strip_route(addr))
-        addrs.append(envelope_form(addr))
+        # an unclosed '<' stays part of the address, as notqmail has it
+        addrs.append(envelope_form(addr) if gt >= 0 else "<" + envelope_form(addr))
         text = _join(tokens[:lt])
         text = (text + " " if text else "") + "<" + "".join(t.text for t in addr)
         if gt >= 0:
@@ -260,8 +261,9 @@ def _rewrite_item(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> list[s
         raise ParseError("unexpected > or :")
     out: list[str] = []
     for addr, comments in _split_plain(tokens):
+        given = bool(addr)
         addr = rw.tokens(_strip_route(addr))
-        if addr:
+        if given:  # a lone "@" still names a (empty) recipient, as in notqmail
             addrs.append(envelope_form(addr))
         text = "".join(t.text for t in addr)
         if comments:
