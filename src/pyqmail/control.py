@@ -102,12 +102,16 @@ def parse_int(raw: bytes) -> tuple[int | None, str | None]:
 
 
 def parse_list(raw: bytes) -> tuple[tuple[str, int], ...]:
-    """qmail's list reader: (line, line number) for every non-empty, non-comment line."""
+    """qmail's list reader: (line, line number) for every non-empty, non-comment line.
+
+    qmail keeps the lines NUL-separated in memory, so a NUL inside a line splits it into
+    two entries (empty pieces vanish); we do the same.
+    """
     out = []
     for n, line in enumerate(raw.split(b"\n"), 1):
         line = _strip(line)
         if line and not line.startswith(b"#"):
-            out.append((_decode(line), n))
+            out.extend((_decode(piece), n) for piece in line.split(b"\0") if piece)
     return tuple(out)
 
 

@@ -223,7 +223,8 @@ def _entry_lines(entry: _Entry, rd: _Reader) -> list[str]:
         return [head + safe(entry.prefix + parse_line(data) + entry.suffix)]
     default = entry.default
     if entry.me_default:
-        default = rd.me() or entry.name
+        me = rd.me()
+        default = me if me is not None else entry.name  # an empty me counts as present
     return [head + "(Default.) " + safe(f"{entry.prefix}{default}{entry.suffix}")]
 
 

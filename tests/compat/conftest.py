@@ -52,11 +52,35 @@ class Reference:
     def __init__(self, home: Path) -> None:
         self.home = home
 
-    def run(self, program: str, control: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-        script = 'mount --bind "$1" "$2/control" && cd "$2" && shift 2 && exec "$@"'
-        cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(control), str(self.home),
-               str(self.home / "bin" / program), *args]  # fmt: skip
-        return subprocess.run(cmd, capture_output=True, timeout=60)
+    def run(
+        self,
+        program: str,
+        control: Path | None,
+        *args: str,
+        mounts: dict[str, Path] | None = None,
+        stdin: bytes = b"",
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run bin/PROGRAM in HOME with ``control`` (and each of ``mounts``, a home
+        subdirectory -> a test directory) bind-mounted over the shared home's."""
+        binds = {"control": control} if control is not None else {}
+        binds.update(mounts or {})
+        script = "".join(
+            f'mount --bind "{src}" "{self.home / sub}" && ' for sub, src in binds.items()
+        )
+        script += f'cd "{self.home}" && exec "$@"'
+        cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(self.home / "bin" / program), *args]
+        return subprocess.run(cmd, input=stdin, capture_output=True, timeout=60, env=env)
+
+
+def ours(program: str) -> Path:
+    """Our console script of that name (installed next to the running interpreter)."""
+    import sys
+
+    path = Path(sys.executable).parent / program
+    if not path.exists():
+        pytest.skip(f"our {program} is not installed")
+    return path
 
 
 @pytest.fixture(scope="session")

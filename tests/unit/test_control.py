@@ -343,3 +343,8 @@ def test_newmrh_failures_leave_old_cdb_and_no_tmp(home: Home) -> None:
     assert p.stderr.startswith("qmail-newmrh: fatal: unable to move control/morercpthosts.tmp")
     assert (home.control / "morercpthosts.cdb").is_dir()
     assert not (home.control / "morercpthosts.tmp").exists()
+
+
+def test_list_reader_nul_splits_like_qmail() -> None:
+    # qmail keeps list lines NUL-separated: a NUL inside a line makes two entries
+    assert parse_list(b"a \0b\nc\n\0\n#x\0y\n") == (("a ", 1), ("b", 1), ("c", 2))

@@ -215,3 +215,10 @@ def test_command(home: Home, tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code, "--home", str(tmp_path / "none")],
                        capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 111 and p.stderr.startswith("qmail-showctl: fatal: ")
+
+
+def test_empty_me_counts_as_present(home: Home) -> None:
+    fill(home, {"me": b""})
+    text = report(home)
+    assert entry(text, "bouncehost") == ["bouncehost: (Default.) Bounce host name is ."]
+    assert entry(text, "me") == ["me: My name is ."]
