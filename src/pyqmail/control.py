@@ -107,7 +107,7 @@ def parse_list(raw: bytes) -> tuple[tuple[str, int], ...]:
     qmail keeps the lines NUL-separated in memory, so a NUL inside a line splits it into
     two entries (empty pieces vanish); we do the same.
     """
-    out = []
+    out: list[tuple[str, int]] = []
     for n, line in enumerate(raw.split(b"\n"), 1):
         line = _strip(line)
         if line and not line.startswith(b"#"):
