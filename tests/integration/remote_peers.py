@@ -32,6 +32,7 @@ class Peer:
     messages: list[tuple[bytes, list[bytes], bytes]] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
     tls_used: list[bool] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)  # the client address of each connection
     port: int = 0
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -64,6 +65,7 @@ class Peer:
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
         self.connections += 1
+        self.clients.append(w.get_extra_info("peername")[0])
         first = self.connections == 1
         try:
             await self._talk(r, w, first)

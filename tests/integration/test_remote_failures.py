@@ -244,3 +244,17 @@ def test_no_me_no_helohost_is_temporary(home: Home, mess: Path) -> None:
     os.unlink(home.control / "me")
     (o,), _ = deliver(home, Script(), mess)
     assert o == Outcome.temp("Unable to read control files. (#4.3.0)\n")
+
+
+def test_outgoing_source_address(home: Home, mess: Path) -> None:
+    write_control(home, "outgoingip", "127.0.0.2\n")
+    (o,), peer = deliver(home, Script(), mess)
+    assert o.status is Status.OK
+    assert peer.clients == ["127.0.0.2"]
+
+
+def test_unusable_source_address_is_no_connection(home: Home, mess: Path) -> None:
+    write_control(home, "outgoingip", "192.0.2.200\n")  # not ours: bind fails, nothing sent
+    (o,), peer = deliver(home, Script(), mess)
+    assert o == Outcome.temp("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
+    assert peer.connections == 0

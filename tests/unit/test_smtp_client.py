@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyqmail.smtp.client import (
     TEXT_CAP,
@@ -41,6 +43,19 @@ def feed_bytewise(data: bytes) -> list[Reply]:
 def test_reply_parsing_whole_and_bytewise(wire: bytes, code: int | None, text: bytes) -> None:
     for replies in (ReplyParser().feed(wire), feed_bytewise(wire)):
         assert replies == [Reply(code, text)]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=60), max_size=8))
+def test_any_split_gives_the_same_replies(cuts: list[int]) -> None:
+    wire = b"220-a\r\n220 b\r\n250 ok\r\n354 go\r\n550-x\r\n550 5.1.1 y\r\n"
+    p = ReplyParser()
+    got: list[Reply] = []
+    prev = 0
+    for c in [*sorted(cuts), len(wire)]:
+        got += p.feed(wire[prev:c])
+        prev = max(prev, c)
+    assert got == ReplyParser().feed(wire)
+    assert [r.code for r in got] == [220, 250, 354, 550]
 
 
 def test_several_replies_in_one_read() -> None:
@@ -155,28 +170,86 @@ def test_ehlo_rejected_falls_back_to_helo() -> None:
     ("steps", "letter", "text"),
     [
         ([b"421 busy\r\n"], "Z", b"Connected to 192.0.2.1 but greeting failed.\n"),
-        ([b"220 x\r\n", b"500 no\r\n", b"550 no\r\n"], "Z",
-         b"Connected to 192.0.2.1 but my name was rejected.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"553 bad sender\r\n"], "D",
-         b"Connected to 192.0.2.1 but sender was rejected.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"451 later\r\n"], "Z",
-         b"Connected to 192.0.2.1 but sender was rejected.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"550 no\r\n"], "D",
-         b"Giving up on 192.0.2.1.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"554 no data\r\n"], "D",
-         b"192.0.2.1 failed on DATA command.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"451 later\r\n"], "Z",
-         b"192.0.2.1 failed on DATA command.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n",
-          b"552 too big\r\n"], "D", b"192.0.2.1 failed after I sent the message.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n",
-          b"452 full\r\n"], "Z", b"192.0.2.1 failed after I sent the message.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n",
-          b"garbage\r\n"], "Z", b"192.0.2.1 failed after I sent the message.\n"),
-        ([b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n",
-          b"354 what\r\n"], "Z", b"192.0.2.1 failed after I sent the message.\n"),
+        (
+            [b"220 x\r\n", b"500 no\r\n", b"550 no\r\n"],
+            "Z",
+            b"Connected to 192.0.2.1 but my name was rejected.\n",
+        ),
+        (
+            [b"220 x\r\n", b"250 x\r\n", b"553 bad sender\r\n"],
+            "D",
+            b"Connected to 192.0.2.1 but sender was rejected.\n",
+        ),
+        (
+            [b"220 x\r\n", b"250 x\r\n", b"451 later\r\n"],
+            "Z",
+            b"Connected to 192.0.2.1 but sender was rejected.\n",
+        ),
+        (
+            [b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"550 no\r\n"],
+            "D",
+            b"Giving up on 192.0.2.1.\n",
+        ),
+        (
+            [b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"554 no data\r\n"],
+            "D",
+            b"192.0.2.1 failed on DATA command.\n",
+        ),
+        (
+            [b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"451 later\r\n"],
+            "Z",
+            b"192.0.2.1 failed on DATA command.\n",
+        ),
+        (
+            [
+                b"220 x\r\n",
+                b"250 x\r\n",
+                b"250 ok\r\n",
+                b"250 ok\r\n",
+                b"354 go\r\n",
+                b"552 too big\r\n",
+            ],
+            "D",
+            b"192.0.2.1 failed after I sent the message.\n",
+        ),
+        (
+            [
+                b"220 x\r\n",
+                b"250 x\r\n",
+                b"250 ok\r\n",
+                b"250 ok\r\n",
+                b"354 go\r\n",
+                b"452 full\r\n",
+            ],
+            "Z",
+            b"192.0.2.1 failed after I sent the message.\n",
+        ),
+        (
+            [
+                b"220 x\r\n",
+                b"250 x\r\n",
+                b"250 ok\r\n",
+                b"250 ok\r\n",
+                b"354 go\r\n",
+                b"garbage\r\n",
+            ],
+            "Z",
+            b"192.0.2.1 failed after I sent the message.\n",
+        ),
+        (
+            [
+                b"220 x\r\n",
+                b"250 x\r\n",
+                b"250 ok\r\n",
+                b"250 ok\r\n",
+                b"354 go\r\n",
+                b"354 what\r\n",
+            ],
+            "Z",
+            b"192.0.2.1 failed after I sent the message.\n",
+        ),
     ],
-)  # fmt: skip
+)
 def test_each_failure_point_has_qmails_text(steps: list[bytes], letter: str, text: bytes) -> None:
     s = session()
     actions: list[object] = []
