@@ -11,7 +11,7 @@ from pathlib import Path
 from pyqmail.home import Home
 from pyqmail.remote.tcpto import Tcpto
 from tests.conftest import free_port, write_control
-from tests.integration.remote_peers import Peer, Script
+from tests.integration.test_remote_peers import Peer, Script
 
 BIN = Path(sys.executable).parent
 

@@ -21,7 +21,7 @@ from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.remote.mx import Address, DnsFailure, make_resolver, mx_addresses
 from tests.conftest import free_port, write_control
-from tests.integration.remote_peers import Peer, Script
+from tests.integration.test_remote_peers import Peer, Script
 
 pytestmark = pytest.mark.skipif(not shutil.which("dnsmasq"), reason="dnsmasq not installed")
 

@@ -15,7 +15,7 @@ from pyqmail.outcome import Outcome, Status
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.remote.tcpto import Tcpto
 from tests.conftest import free_port, write_control
-from tests.integration.remote_peers import Peer, Script
+from tests.integration.test_remote_peers import Peer, Script
 
 MSG = b"From: a@test.example\nSubject: hi\n\nline one\n.dot line\nX\r.\nline after\n"
 

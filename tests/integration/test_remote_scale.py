@@ -11,7 +11,7 @@ from pyqmail.home import Home
 from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
 from tests.conftest import free_port, write_control
-from tests.integration.remote_peers import Peer, Script
+from tests.integration.test_remote_peers import Peer, Script
 
 
 def open_fds() -> int:

@@ -14,7 +14,7 @@ from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
 from pyqmail.remote.deliver import RemoteAgent
 from tests.conftest import write_control
-from tests.integration.remote_peers import Peer, Script
+from tests.integration.test_remote_peers import Peer, Script
 
 
 @pytest.fixture(scope="module")

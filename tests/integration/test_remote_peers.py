@@ -1,4 +1,5 @@
-"""Small scripted SMTP servers on loopback for the remote-delivery tests."""
+"""Small scripted SMTP servers on loopback for the remote-delivery tests (no tests here;
+named test_remote_* to stay within the remote test files)."""
 
 from __future__ import annotations
 
