@@ -115,13 +115,13 @@ def bench_raw(base: Path, conc: int, duration: float) -> float:
 def machine(path: Path) -> str:
     fs = subprocess.run(
         ["findmnt", "-no", "FSTYPE", "-T", str(path)], capture_output=True, text=True
-    ).stdout.strip()
+    ).stdout.split()[:1]
     dev = subprocess.run(
         ["df", "--output=source", str(path)], capture_output=True, text=True
     ).stdout.split()[-1:]
     return (
-        f"nproc {os.cpu_count()}, fs {fs} on {' '.join(dev)}, kernel {platform.release()}, "
-        f"Python {platform.python_version()}"
+        f"nproc {os.cpu_count()}, fs {' '.join(fs)} on {' '.join(dev)}, "
+        f"kernel {platform.release()}, Python {platform.python_version()}"
     )
 
 

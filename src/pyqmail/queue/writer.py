@@ -30,7 +30,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from pyqmail import qdate
 from pyqmail.durable import fsync_dir, write_all
@@ -84,7 +83,7 @@ class _GroupSync:
     """fsync one directory on behalf of many threads: a sync started after a caller's
     request covers it, so N concurrent callers cost about 2 fsyncs, not N."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self._cond = threading.Condition()
         self._requested = 0
@@ -155,19 +154,17 @@ class QueueWriter:
         self.hook = hook
         self.clock = clock
         self._seq = itertools.count(1)
-        self._syncs: dict[Path, _GroupSync] = {}
-        self._syncs_lock = threading.Lock()
+        # Paths as strings, computed once: pathlib costs more than the syscalls here.
+        root = str(self.paths.root)
+        self._pid_dir = root + "/pid/"
+        self._intd_dir = root + "/intd/"
+        self._todo_dir = root + "/todo"
+        self._mess_dirs = [str(d) for d in self.paths.split_dirs("mess")]
+        self._syncs = {d: _GroupSync(d) for d in [*self._mess_dirs, self._todo_dir]}
 
-    def _group(self, path: Path) -> _GroupSync:
-        with self._syncs_lock:
-            g = self._syncs.get(path)
-            if g is None:
-                g = self._syncs[path] = _GroupSync(path)
-            return g
-
-    def _dirsync(self, path: Path) -> None:
+    def _dirsync(self, path: str) -> None:
         if self.share_dir_syncs:
-            self._group(path).sync()
+            self._syncs[path].sync()
         else:
             fsync_dir(path)
 
@@ -193,7 +190,7 @@ class QueueWriter:
         fd = -1
         pidpath = ""
         for _ in range(_PID_SEQ_TRIES):
-            pidpath = str(paths.pid / f"{os.getpid()}.{int(now)}.{next(self._seq)}")
+            pidpath = f"{self._pid_dir}{os.getpid()}.{int(now)}.{next(self._seq)}"
             try:
                 fd = os.open(pidpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 break
@@ -211,7 +208,7 @@ class QueueWriter:
             self._step(CrashState.PID_CREATED)
             n = os.fstat(fd).st_ino
             p.msgnum = n
-            mess = str(paths.mess(n))
+            mess = f"{self._mess_dirs[n % paths.nsplit]}/{n}"
             try:
                 os.link(pidpath, mess)
             except OSError as e:
@@ -304,7 +301,7 @@ class Pending:
                 raise self._error
             w._step(CrashState.MESS_WRITTEN)
             envelope = format_todo(self._uid, self.qp, sender, recipients)
-            intd = str(paths.intd(n))
+            intd = f"{w._intd_dir}{n}"
             ifd = self._create_intd(intd, n)
             self._intd = intd
             try:
@@ -329,11 +326,11 @@ class Pending:
             finally:
                 os.close(ifd)
             try:
-                w._dirsync(paths.mess(n).parent)
+                w._dirsync(w._mess_dirs[n % paths.nsplit])
             except OSError as e:
                 raise QueueError(codes.WRITE_ERROR, f"unable to fsync mess dir: {e}") from e
             w._step(CrashState.INTD_SYNCED)
-            todo = str(paths.todo(n))
+            todo = f"{w._todo_dir}/{n}"
             try:
                 os.link(intd, todo)
             except OSError as e:
@@ -345,7 +342,7 @@ class Pending:
         # The commit point: the message is whole on disk and named in todo/.
         w._step(CrashState.TODO_LINKED)
         try:
-            w._dirsync(paths.dir("todo"))
+            w._dirsync(w._todo_dir)
         except OSError as e:
             self._undo_link(todo)
             raise QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {e}") from e
