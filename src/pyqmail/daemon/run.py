@@ -124,12 +124,7 @@ class Daemon:
         self.home = cfg.home
         self.ctl = SteadyControl(self.home)
         self.log = SendLog(cfg.log)
-        self.spawner: LocalSpawner | WorkerPoolLocal
-        if self.home.single_user or os.geteuid() != 0:
-            workers = min(64, max(1, ControlCache(self.home).get().concurrencylocal))
-            self.spawner = WorkerPoolLocal(self.home, self.ctl, workers=workers)
-        else:
-            self.spawner = LocalSpawner(self.home, self.ctl)
+        self.spawner: LocalSpawner | WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: list[tuple[str, str, int]] = []  # (kind, host, port) actually bound
@@ -144,7 +139,7 @@ class Daemon:
         if not home.queue.is_dir():
             raise RunError(f"unable to switch to queue directory {home.queue}")
         try:
-            load(home)
+            ctl = load(home)
         except ControlError as e:
             raise RunError(f"unable to read controls: {e}") from e
         if os.geteuid() == 0 and not home.single_user:
@@ -156,16 +151,24 @@ class Daemon:
         else:
             warn_if_root_single_user(home, PROG)
         clean_stale(QueuePaths(home.queue))
+        if home.single_user or os.geteuid() != 0:
+            # enough for concurrencylocal (a HUP that raises it beyond this queues deliveries)
+            workers = min(64, max(10, ctl.concurrencylocal))
+            self.spawner = WorkerPoolLocal(home, self.ctl, workers=workers)
+        else:
+            self.spawner = LocalSpawner(home, self.ctl)
         self.spawner.start()
 
     async def serve(self) -> None:
         """Start every part, run until ``stop()``, then shut down in order."""
         loop = asyncio.get_running_loop()
+        spawner = self.spawner
+        assert spawner is not None, "prepare() first"
         agent = RemoteAgent(self.home, self.ctl)
         sched = Scheduler(
             self.home,
             lambda: load(self.home),
-            local=self.spawner.deliver,
+            local=spawner.deliver,
             remote=agent.deliver,
             log=self.log,
             term_timeout=self.cfg.stop_timeout,
@@ -197,7 +200,7 @@ class Daemon:
             cleaner.cancel()
             await self._close_listeners()
             await sched.stop()
-            await self.spawner.close()
+            await spawner.close()
 
     async def _listen(self, submitter: qsubmit.Submitter) -> None:
         smtp = _server_class()(self.home, self.ctl, submitter)

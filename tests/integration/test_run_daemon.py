@@ -1,0 +1,279 @@
+"""``pyqmail run`` as a real process: listeners, scheduler, local agent, signals, crashes.
+
+Every test starts the real daemon on a port of its own, talks SMTP to it with smtplib and
+looks at the Maildirs and the queue on disk. Waiting is for observable states (a port that
+accepts, a file that appears), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail.daemon.run import parse_listen
+from pyqmail.home import Home
+from tests.conftest import free_port, write_control
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def files(d: Path) -> list[Path]:
+    try:
+        return sorted(p for p in d.iterdir() if p.is_file())
+    except FileNotFoundError:
+        return []
+
+
+class Mta:
+    """A home with local users, and the ``pyqmail run`` process serving it."""
+
+    def __init__(self, home: Home, tmp: Path) -> None:
+        self.home = home
+        self.tmp = tmp
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logfile = tmp / "run.log"
+        write_control(home, "locals", "mx.test.example\ntest.example\n")
+        write_control(home, "rcpthosts", "mx.test.example\ntest.example\nvirt.example\n")
+        self.users: dict[str, Path] = {}
+        for name in ("alice", "bob"):
+            d = tmp / name
+            for sub in ("cur", "new", "tmp"):
+                (d / "Maildir" / sub).mkdir(parents=True)
+            self.users[name] = d
+        u, g = os.getuid(), os.getgid()
+        lines = []
+        for name, d in self.users.items():
+            lines.append(f"={name}:{name}:{u}:{g}:{d}:::")
+            lines.append(f"+{name}-:{name}:{u}:{g}:{d}:-::")
+        (home.users / "assign").write_text("\n".join(lines) + "\n.\n")
+        subprocess.run([str(BIN / "pyqmail"), "newu"], check=True, env=self.env)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, PYQMAIL_HOME=str(self.home.root), PYQMAIL_SINGLE_USER="1")
+
+    def maildir(self, user: str) -> Path:
+        return self.users[user] / "Maildir" / "new"
+
+    def start(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
+        log = open(self.logfile, "ab")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(self.home.root), "--single-user",
+             "--smtp", f"127.0.0.1:{self.port}", *extra],
+            stdout=log, stderr=log, env=self.env, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        if wait:
+            proc = self.proc
+            wait_for(lambda: listening(self.port) or proc.poll() is not None, what="listener")
+            assert proc.poll() is None, self.log()
+        return self.proc
+
+    def send(self, sender: str, rcpts: list[str], subject: str = "hi", body: str = "hello") -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as s:
+            s.sendmail(sender, rcpts, f"Subject: {subject}\r\nX-Id: {subject}\r\n\r\n{body}\r\n")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+    def queue_files(self) -> list[str]:
+        out = []
+        for kind in ("mess", "info", "local", "remote", "todo", "intd", "bounce"):
+            for root, _, names in os.walk(self.home.queue / kind):
+                out += [f"{os.path.relpath(root, self.home.queue)}/{n}" for n in names]
+        return out
+
+
+@pytest.fixture
+def mta(home: Home, tmp_path: Path) -> Iterator[Mta]:
+    m = Mta(home, tmp_path)
+    yield m
+    if m.proc is not None and m.proc.poll() is None:
+        with_kill = m.proc
+        try:
+            os.killpg(with_kill.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        with_kill.wait(30)
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+        ("[::1]:25", ("::1", 25)),
+        ("[::1]", ("::1", 25)),
+        ("0.0.0.0", ("0.0.0.0", 25)),
+        (":2525", ("0.0.0.0", 2525)),
+    ],
+)
+def test_parse_listen(text: str, expect: tuple[str, int]) -> None:
+    assert parse_listen(text, 25) == expect
+
+
+@pytest.mark.parametrize("bad", ["1.2.3.4:x", "[::1", "[::1]x", "h:70000"])
+def test_parse_listen_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(bad, 25)
+
+
+def test_bad_address_is_usage_error(home: Home) -> None:
+    r = subprocess.run([str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", "x:y"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 100
+    assert "bad port" in r.stderr
+
+
+def test_delivers_logs_and_stops_cleanly_on_term(mta: Mta) -> None:
+    mta.start()
+    mta.send("joe@test.example", ["alice@test.example", "bob@test.example"], "first")
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 1 and len(files(mta.maildir("bob"))) == 1)
+    msg = files(mta.maildir("alice"))[0].read_bytes()
+    assert msg.startswith(b"Return-Path: <joe@test.example>\nDelivered-To: alice@test.example\n")
+    assert b"invoked from network" in msg
+    wait_for(lambda: "end msg " in mta.log(), what="end msg")
+    assert mta.stop() == 0
+    log = mta.log()
+    assert "new msg " in log and "info msg " in log and "from <joe@test.example> qp " in log
+    assert "starting delivery 1: msg " in log and " to local " in log
+    assert log.count(": success: did_1+0+0/") == 2
+    assert log.rstrip().endswith("status: exiting")
+    assert mta.queue_files() == []
+
+
+def test_ipv6_listener(mta: Mta) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    port6 = free_port()
+    mta.start("--smtp", f"[::1]:{port6}")
+    wait_for(lambda: listening(port6, "::1"), what="IPv6 listener")
+    with smtplib.SMTP("::1", port6, timeout=30) as s:
+        s.sendmail("joe@test.example", ["alice@test.example"], "Subject: v6\r\n\r\nx\r\n")
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 1)
+    assert b"Subject: v6" in files(mta.maildir("alice"))[0].read_bytes()
+    assert mta.stop() == 0
+
+
+def test_kill9_then_restart_delivers_every_acknowledged_message(mta: Mta) -> None:
+    write_control(mta.home, "concurrencylocal", "0\n")  # hold: everything stays queued
+    mta.start()
+    for i in range(20):
+        mta.send("joe@test.example", ["alice@test.example"], f"m{i:02d}")
+    wait_for(lambda: mta.log().count("info msg ") == 20, what="20 preprocessed")
+    mta.kill9()
+    assert files(mta.maildir("alice")) == []
+    (mta.home.control / "concurrencylocal").unlink()
+    mta.start()
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 20, what="20 delivered")
+    ids = sorted(
+        line.split(b": ", 1)[1]
+        for f in files(mta.maildir("alice"))
+        for line in f.read_bytes().split(b"\n")
+        if line.startswith(b"X-Id: ")
+    )
+    assert ids == [f"m{i:02d}".encode() for i in range(20)]
+    wait_for(lambda: mta.queue_files() == [], what="queue empty")
+    assert mta.stop() == 0
+
+
+def test_kill9_during_intake_loses_nothing_acknowledged(mta: Mta) -> None:
+    mta.start()
+    acked = []
+    for i in range(30):
+        mta.send("joe@test.example", ["alice@test.example"], f"k{i:02d}")
+        acked.append(f"k{i:02d}".encode())
+        if i == 14:
+            mta.kill9()
+            mta.start()
+    wait_for(lambda: len({*_ids(mta.maildir("alice"))}) == 30, what="all 30 delivered")
+    assert sorted(set(_ids(mta.maildir("alice")))) == acked
+    assert mta.stop() == 0
+
+
+def _ids(d: Path) -> list[bytes]:
+    return [
+        line.split(b": ", 1)[1]
+        for f in files(d)
+        for line in f.read_bytes().split(b"\n")
+        if line.startswith(b"X-Id: ")
+    ]
+
+
+def test_hup_rereads_controls_without_dropping_work(mta: Mta) -> None:
+    write_control(mta.home, "concurrencylocal", "0\n")
+    mta.start()
+    mta.send("joe@test.example", ["alice@test.example"], "held")
+    wait_for(lambda: "info msg " in mta.log(), what="preprocessed")
+    assert files(mta.maildir("alice")) == []
+    write_control(mta.home, "concurrencylocal", "3\n")
+    mta.signal(signal.SIGHUP)
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 1, what="delivery after HUP")
+    assert "status: local 1/3 remote 0/20" in mta.log()
+    assert mta.stop() == 0
+
+
+def test_only_one_daemon_per_queue(mta: Mta) -> None:
+    mta.start()
+    other = subprocess.run(
+        [str(BIN / "pyqmail"), "run", "--home", str(mta.home.root), "--single-user",
+         "--smtp", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, env=mta.env, timeout=60,
+    )  # fmt: skip
+    assert other.returncode == 111
+    assert "alert: cannot start: qmail-send is already running" in other.stderr
+    mta.send("joe@test.example", ["alice@test.example"], "still")
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 1)
+    assert mta.stop() == 0
+
+
+def test_cannot_start_without_queue(home: Home, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(home.queue)
+    r = subprocess.run([str(BIN / "pyqmail"), "run", "--home", str(home.root), "--single-user"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 111
+    assert "alert: cannot start: unable to switch to queue directory" in r.stderr
