@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import (
@@ -116,3 +118,28 @@ def test_paths(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert p.todo(47) == tmp_path / "todo" / "47"
     assert p.trigger == tmp_path / "lock" / "trigger"
     assert msgnum("123") == 123 and msgnum("12a") is None and msgnum("") is None
+
+
+addresses = st.binary(max_size=40).filter(lambda b: b"\0" not in b)
+
+
+@given(addresses, st.lists(addresses, max_size=8), st.lists(st.integers(1, 30), max_size=20))
+def test_any_chunking_parses_the_same(sender: bytes, rcpts: list[bytes], cuts: list[int]) -> None:
+    data = format_input(sender, rcpts)
+    p = EnvelopeParser()
+    pos = 0
+    for c in cuts:
+        pos += p.feed(data[pos : pos + c])
+    p.feed(data[pos:])
+    assert p.finish() == (sender, rcpts)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_only_raise_envelope_errors(data: bytes) -> None:
+    try:
+        sender, rcpts = parse_envelope(data)
+    except EnvelopeError as e:
+        assert e.code in (11, 54, 91)
+    else:
+        assert data.startswith(b"F") and b"\0" not in sender
+        assert format_input(sender, rcpts) == data[: len(format_input(sender, rcpts))]
