@@ -255,3 +255,18 @@ def test_null_client_sendmail_t_and_bs_go_over_qmqp(
     assert list((null_client.queue / "todo").iterdir()) == []
     got = sorted(rcpts for _, rcpts, _ in queued(home))
     assert got == [(b"a@test.example", b"b@test.example"), (b"c@test.example",)]
+
+
+def test_per_ip_limit_closes_the_extra_connection(home: Home) -> None:
+    srv = QmqpServer(home, ControlCache(home), InProcessSubmitter(home), max_per_ip=1)
+    lst = Listener(srv)
+    try:
+        with socket.create_connection(("127.0.0.1", lst.port), timeout=10) as first:
+            first.sendall(b"100:")  # holds its slot, mid-request
+            second = exchange(lst.port, request(b"A\n", b"s", [b"a"]))
+            assert second == b""  # closed at once: the address is at its limit
+            with socket.create_connection(("127.0.0.1", lst.port), 10, ("127.0.0.2", 0)) as s:
+                s.sendall(request(b"A\n", b"s", [b"a"]))  # another address is served
+                assert b":Kok " in s.recv(1000)
+    finally:
+        lst.close()

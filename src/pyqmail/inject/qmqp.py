@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -319,6 +319,31 @@ def rules_decision(rules: Path | None, env: dict[str, str]) -> tcprules.Decision
         return tcprules.Decision(False, {}, None)  # tcpserver drops the client
 
 
+class PerIp:
+    """Connections per client address; one over the limit is closed at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, ip: str) -> Iterator[bool]:
+        """Yields False (and counts nothing) when ``ip`` is at its limit."""
+        n = self.count.get(ip, 0)
+        if n >= self.limit:
+            yield False
+            return
+        self.count[ip] = n + 1
+        try:
+            yield True
+        finally:
+            left = self.count[ip] - 1
+            if left:
+                self.count[ip] = left
+            else:
+                del self.count[ip]
+
+
 class QmqpServer:
     """The QMQP listener of ``pyqmail run --qmqp``: one asyncio task per connection."""
 
@@ -331,6 +356,7 @@ class QmqpServer:
         rules: Path | None = None,
         limit: int = MAX_LENGTH,
         max_conns: int = 100,
+        max_per_ip: int = 20,
         timeout: float = SESSION_TIMEOUT,
     ) -> None:
         self.home = home
@@ -340,6 +366,7 @@ class QmqpServer:
         self.limit = limit
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
+        self._per_ip = PerIp(max_per_ip)
         self.served = 0
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
@@ -357,8 +384,10 @@ class QmqpServer:
                 if not decision.allow:
                     return
                 env.update(decision.env)
-                async with asyncio.timeout(self.timeout):
-                    await self._serve(reader, writer, env)
+                with self._per_ip.hold(env["TCPREMOTEIP"]) as ok:
+                    if ok:
+                        async with asyncio.timeout(self.timeout):
+                            await self._serve(reader, writer, env)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -39,6 +39,7 @@ from pyqmail.inject.netstring import NetstringError
 from pyqmail.inject.qmqp import (
     CHUNK,
     SESSION_TIMEOUT,
+    PerIp,
     _peer_env,
     received_line,
     reply_for,
@@ -411,6 +412,7 @@ class QmtpServer:
         *,
         rules: Path | None = None,
         max_conns: int = 100,
+        max_per_ip: int = 20,
         timeout: float = SESSION_TIMEOUT,
     ) -> None:
         self.home = home
@@ -419,6 +421,7 @@ class QmtpServer:
         self.rules = rules if rules is not None else home.control / "tcp.qmtp.cdb"
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
+        self._per_ip = PerIp(max_per_ip)
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         return await asyncio.start_server(self._client, host, port, reuse_address=True)
@@ -432,9 +435,16 @@ class QmtpServer:
                 if not decision.allow:
                     return
                 env.update(decision.env)
-                policy = QmtpPolicy(ctl, env, open_more(self.home))
-                async with asyncio.timeout(self.timeout):
-                    await self._serve(reader, writer, env, policy)
+                more = open_more(self.home)
+                try:
+                    policy = QmtpPolicy(ctl, env, more)
+                    with self._per_ip.hold(env["TCPREMOTEIP"]) as ok:
+                        if ok:
+                            async with asyncio.timeout(self.timeout):
+                                await self._serve(reader, writer, env, policy)
+                finally:
+                    if more is not None:
+                        more.close()
         except Exception:  # a peer never sees a traceback; the connection just ends
             pass
         finally:
