@@ -158,3 +158,25 @@ def test_qread(home: Home, tmp_path: Path) -> None:
     assert run(home, "qmail-qread").splitlines()[0].endswith("<s_nd@x>  bouncing")
     os.unlink(paths.mess(n))
     assert run(home, "qmail-qread") == f"warning: trouble with #{n}: file does not exist\n"
+
+
+def test_serve(home: Home, tmp_path: Path) -> None:
+    """``qmail-queue --serve`` runs the queue service; SIGTERM removes its socket."""
+    from pyqmail.queue.submit import ServiceSubmitter
+
+    sock = tmp_path / "qq.sock"
+    svc = subprocess.Popen(
+        [str(BIN / "qmail-queue"), "--serve", "--socket", str(sock)], stderr=subprocess.PIPE
+    )
+    try:
+        assert svc.stderr is not None
+        assert b"listening on" in svc.stderr.readline()
+        p = ServiceSubmitter(home, sock).begin()
+        p.write(b"via service\n")
+        n = p.commit(b"a@b", [b"c@d"])
+        assert QueuePaths(home.queue).mess(n).read_bytes().endswith(b"\nvia service\n")
+        assert p.qp == os.getpid()
+    finally:
+        svc.terminate()
+        assert svc.wait(10) == 0
+    assert not sock.exists()

@@ -5,6 +5,8 @@ It writes the queue itself in single-user mode, as root (after dropping to qmail
 qmail's setuid bit, keeping the caller's real uid for the Received line) or as the
 queue user; any other user goes through the queue service (queue/service.py). A
 failure is reported by qmail's exit code plus one line on stderr.
+
+``qmail-queue --serve`` runs the queue service itself (see queue/service.py).
 """
 
 from __future__ import annotations
@@ -103,7 +105,15 @@ def _via_service(home: Home) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    home, _ = split_home_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--serve" in args:
+        # ``qmail-queue [--home H] [--single-user] --serve [--socket P]``: run the queue
+        # service (queue/service.py) in the foreground; as root it drops to qmailq.
+        args.remove("--serve")
+        from pyqmail.queue import service
+
+        return service.main(args)
+    home, _ = split_home_args(args)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(DEATH)
     os.umask(0o033)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import struct
 import sys
@@ -341,10 +342,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o033)
     clean_stale(QueuePaths(home.queue))
     print(f"pyqmail-queue-service: listening on {svc.path}", file=sys.stderr, flush=True)
+
+    def _stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         svc.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        svc.close()
     return 0
 
 
