@@ -14,12 +14,12 @@ from pyqmail.queue.envelope import parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.service import QueueService
 from pyqmail.queue.submit import (
-    InProcessSubmitter,
     ProgramSubmitter,
+    QueueSubmitter,
     ServiceSubmitter,
     submitter,
 )
-from pyqmail.queue.writer import QueueError
+from pyqmail.queue.writer import Pending, QueueError
 
 QQ = str(Path(sys.executable).with_name("qmail-queue"))
 
@@ -33,8 +33,25 @@ def _mess_files(home: Home) -> int:
 
 
 def test_choice(home: Home) -> None:
-    assert isinstance(submitter(home, env={}), InProcessSubmitter)
+    sub = submitter(home, env={})
+    assert isinstance(sub, QueueSubmitter) and sub.kind == "in-process"
     assert isinstance(submitter(home, env={"QMAILQUEUE": "/bin/false"}), ProgramSubmitter)
+
+
+def test_multi_user_choice_follows_euid(home: Home) -> None:
+    """Not single-user and the queue is not ours: the service; ours: in-process."""
+    multi = Home(home.root, single_user=False)
+    st = os.stat(home.queue / "pid")
+    sub = QueueSubmitter(multi)
+    assert sub.kind == ("in-process" if st.st_uid == os.geteuid() else "service")
+    if os.geteuid() == 0:
+        os.chown(home.queue / "pid", 12345, -1)
+        assert sub.kind == "service"
+        os.chown(home.queue / "pid", st.st_uid, -1)
+        assert sub.kind == "in-process"
+        p = sub.begin()
+        assert isinstance(p, Pending)
+        p.abort()
 
 
 def test_in_process(home: Home) -> None:

@@ -10,6 +10,9 @@ inject, QMQP/QMTP servers, local forwards, bounces):
 3. otherwise: the queue service over its Unix socket (service.py), which learns our uid
    from the socket.
 
+(2 or 3 is decided at each ``begin`` by QueueSubmitter, so a process that drops to the
+queue user after making its submitter switches to writing in-process.)
+
 Each returns a Pending-like object: ``write(bytes)`` (cheap: buffered, or spooled to an
 unlinked temporary file), ``commit(sender, recipients) -> msgnum`` (blocking; run it in
 a worker thread from asyncio; raises QueueError with qmail's code), ``abort()``, and
@@ -201,6 +204,32 @@ def submitter(
     program = (os.environ if env is None else env).get("QMAILQUEUE", "")
     if program:
         return ProgramSubmitter(home, program)
-    if can_write_queue(home):
-        return InProcessSubmitter(home, notify=notify)
-    return ServiceSubmitter(home)
+    return QueueSubmitter(home, notify=notify)
+
+
+class QueueSubmitter:
+    """In-process when this process may write the queue, else the queue service.
+
+    Decided at each ``begin`` until the in-process writer is chosen (then for good), so
+    a daemon that makes its submitter as root and then drops to qmailq writes the
+    queue itself from then on.
+    """
+
+    def __init__(self, home: Home, *, notify: Callable[[int], None] | None = None) -> None:
+        self.home = home
+        self.notify = notify
+        self._direct: InProcessSubmitter | None = None
+        self._service: ServiceSubmitter | None = None
+
+    @property
+    def kind(self) -> str:
+        return "in-process" if self._direct or can_write_queue(self.home) else "service"
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        if self._direct is None and can_write_queue(self.home):
+            self._direct = InProcessSubmitter(self.home, notify=self.notify)
+        if self._direct is not None:
+            return self._direct.begin(origin=origin, received=received)
+        if self._service is None:
+            self._service = ServiceSubmitter(self.home)
+        return self._service.begin(origin=origin, received=received)
