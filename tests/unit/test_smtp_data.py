@@ -132,3 +132,11 @@ def test_chunking_never_changes_the_result(wire: bytes, piece: int) -> None:
     assert whole[3] == pieces[3]
     if whole[3]:
         assert whole[2] == pieces[2]
+
+
+def test_hops_are_reported_before_databytes_as_qmail_does() -> None:
+    wire = b"Received: x\r\n" * 5 + b"\r\n" + b"y" * 100 + b"\r\n.\r\n"
+    _, dec, _, done = decode(wire, databytes=10, max_hops=5)
+    assert done and dec.failure is DataError.TOO_MANY_HOPS
+    _, dec, _, done = decode(b"z" * 2000 + b"\r\n" + b"z\r\n" * 20 + b".\r\n", databytes=10)
+    assert done and dec.failure is DataError.TOO_BIG

@@ -57,8 +57,8 @@ class DataResult:
 class DataDecoder:
     """One message's DATA section. Feed raw bytes; read :attr:`failure` at the end."""
 
-    __slots__ = ("_buf", "_in_header", "_max_line", "_mid_line", "databytes", "failure",
-                 "hops", "max_hops", "size")  # fmt: skip
+    __slots__ = ("_buf", "_failures", "_fatal", "_in_header", "_max_line", "_mid_line",
+                 "databytes", "hops", "max_hops", "size")  # fmt: skip
 
     def __init__(
         self, databytes: int = 0, *, max_line: int = MAX_TEXT_LINE, max_hops: int = MAX_HOPS
@@ -71,7 +71,18 @@ class DataDecoder:
         self._in_header = True
         self.hops = 0
         self.size = 0
-        self.failure: DataError | None = None
+        self._fatal: DataError | None = None
+        self._failures: set[DataError] = set()
+
+    @property
+    def failure(self) -> DataError | None:
+        """Why the message failed, in qmail-smtpd's order (hops before databytes)."""
+        if self._fatal is not None:
+            return self._fatal
+        for why in _ORDER:
+            if why in self._failures:
+                return why
+        return None
 
     @property
     def partial(self) -> bool:
@@ -104,7 +115,7 @@ class DataDecoder:
         fatal = self._bare(region, tail)
         if fatal is not None:
             res.fatal = fatal
-            self.failure = fatal
+            self._fatal = fatal
             self._buf = b""
             return res
         if region:
@@ -133,8 +144,7 @@ class DataDecoder:
         return None
 
     def _fail(self, why: DataError) -> None:
-        if self.failure is None:
-            self.failure = why
+        self._failures.add(why)
 
     def _take(self, region: bytes, res: DataResult) -> None:
         """Complete lines (region ends with CRLF and starts at a line start)."""
@@ -143,7 +153,7 @@ class DataDecoder:
         if self._mid_line:
             self._mid_line = False
             lines[0] = b"X"  # the rest of a line already failed as too long
-        if self.failure is None and max(map(len, lines)) > self._max_line:
+        if max(map(len, lines)) > self._max_line:
             self._fail(DataError.LINE_TOO_LONG)
         if self._in_header:
             for line in lines:
@@ -155,7 +165,10 @@ class DataDecoder:
                     self.hops += 1
             if self.hops >= self.max_hops:
                 self._fail(DataError.TOO_MANY_HOPS)
-        if self.failure is not None:
+        if self._failures:  # nothing more is stored, but the size is still counted
+            self.size += len(region) - region.count(b"\r\n")
+            if self.databytes and self.size > self.databytes:
+                self._fail(DataError.TOO_BIG)
             return
         if region[:1] == b".":
             region = region[1:]
@@ -165,6 +178,9 @@ class DataDecoder:
             self._fail(DataError.TOO_BIG)
             return
         res.chunks.append(out)
+
+
+_ORDER = (DataError.TOO_MANY_HOPS, DataError.TOO_BIG, DataError.LINE_TOO_LONG)
 
 
 def _first_bare(data: bytes) -> DataError:
