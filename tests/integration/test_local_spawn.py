@@ -221,14 +221,15 @@ def multi(home: Home) -> Home:
 
 @pytest.mark.root
 @pytest.mark.skipif(not is_root(), reason="needs root to change uids")
-def test_delivery_runs_as_the_recipient(multi: Home, mess: Path, pub: Path) -> None:
+@pytest.mark.parametrize("reuse", [True, False])
+def test_delivery_runs_as_the_recipient(multi: Home, mess: Path, pub: Path, reuse: bool) -> None:
     a = _user_home(pub, "a", A_UID)
     (a / ".qmail-ext").write_text(
         "./Maildir/\n|id -u > uid.out; id -g >> uid.out; id -G >> uid.out\n"
     )
     os.chown(a / ".qmail-ext", A_UID, A_UID)
     _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::"])
-    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
     sp.start()
     assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-ext@h")) == Outcome.ok("did 1+0+1\n")
     (f,) = os.listdir(a / "Maildir" / "new")
@@ -239,7 +240,10 @@ def test_delivery_runs_as_the_recipient(multi: Home, mess: Path, pub: Path) -> N
 
 @pytest.mark.root
 @pytest.mark.skipif(not is_root(), reason="needs root to change uids")
-def test_user_a_cannot_write_where_only_b_may(multi: Home, mess: Path, pub: Path) -> None:
+@pytest.mark.parametrize("reuse", [True, False])
+def test_user_a_cannot_write_where_only_b_may(
+    multi: Home, mess: Path, pub: Path, reuse: bool
+) -> None:
     a = _user_home(pub, "a", A_UID)
     b = _user_home(pub, "b", B_UID)
     (b / "Maildir").chmod(0o700)
@@ -250,7 +254,7 @@ def test_user_a_cannot_write_where_only_b_may(multi: Home, mess: Path, pub: Path
         multi,
         [f"+a-:a:{A_UID}:{A_UID}:{a}:-::", f"+b-:b:{B_UID}:{B_UID}:{b}:-::"],
     )
-    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
     sp.start()
 
     async def go() -> list[Outcome]:
@@ -340,15 +344,31 @@ def test_single_user_workers_are_retired(home: Home, mess: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(not is_root(), reason="needs root to change uids")
-def test_multi_user_forks_per_delivery(multi: Home, mess: Path, pub: Path) -> None:
+@pytest.mark.parametrize("reuse", [True, False])
+def test_multi_user_processes_never_change_identity(
+    multi: Home, mess: Path, pub: Path, reuse: bool
+) -> None:
     a = _user_home(pub, "a", A_UID)
-    (a / ".qmail-who").write_text("|echo $PPID\n")
-    _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::"])
-    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    b = _user_home(pub, "b", B_UID)
+    for h in (a, b):
+        (h / ".qmail-who").write_text("|echo $PPID $(id -u)\n")
+    _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::", f"+b-:b:{B_UID}:{B_UID}:{b}:-::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
     sp.start()
 
     async def go() -> list[Outcome]:
-        return [await sp.deliver(mess, "s@x", "a-who@h") for _ in range(3)]
+        return [await sp.deliver(mess, "s@x", f"{u}-who@h") for u in "aabab"]
 
-    got = _run(sp, go)
-    assert len({o.text for o in got}) == 3
+    got = [o.text.split("\n")[0].split() for o in _run(sp, go)]
+    assert [uid for _pid, uid in got] == [
+        str(A_UID),
+        str(A_UID),
+        str(B_UID),
+        str(A_UID),
+        str(B_UID),
+    ]
+    pids = [pid for pid, _uid in got]
+    if reuse:  # one worker per identity, reused
+        assert pids[0] == pids[1] == pids[3] and pids[2] == pids[4] and pids[0] != pids[2]
+    else:  # qmail-lspawn's way: a fresh child each time
+        assert len(set(pids)) == 5

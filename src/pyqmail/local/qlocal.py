@@ -233,7 +233,7 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
             else:
                 newsender = f"{req.local}-owner@{req.host}"
 
-    env = _environment(req, dt, rp, uf, newsender, chosen.default)
+    env: dict[bytes, bytes] | None = None  # built for the first program line
 
     content = chosen.content
     forward_only = chosen.forward_only
@@ -270,7 +270,10 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
                 )
             if req.dry_run:
                 rep.say(_b(f"program {ins.arg}\n"))
-            elif program.run(
+                continue
+            if env is None:
+                env = _environment(req, dt, rp, uf, newsender, chosen.default)
+            if program.run(
                 ins.arg,
                 msg_fd,
                 env,

@@ -4,9 +4,11 @@ sender, recipient) -> Outcome`` with many deliveries in flight, ``await close()`
 
 :meth:`LocalSpawner.start` starts :mod:`pyqmail.local.spawner` as a separate lean
 process (fork + exec of ``python -m pyqmail.local.spawner``, the socket pair's end
-inherited) which forks one child per delivery and drops to the recipient's ids there.
-Call it before the daemon drops root. How many deliveries run at once is the
-scheduler's business (concurrencylocal); the spawner forks whatever it is asked.
+inherited) which runs each delivery in a process forked from it and dropped to the
+recipient's ids (reused for the same ids with ``reuse=True``, the default; a fresh one
+per delivery, qmail-lspawn's way, with ``reuse=False``). Call it while still root. How
+many deliveries run at once is the scheduler's business (concurrencylocal); the spawner
+forks whatever it is asked.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class LocalSpawner:
         lock_timeout: float = 30.0,
         message_owner: int | None = None,
         worker_deliveries: int = WORKER_DELIVERIES,
+        reuse: bool = True,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -54,6 +57,7 @@ class LocalSpawner:
         self.lock_timeout = lock_timeout
         self.message_owner = message_owner
         self.worker_deliveries = worker_deliveries
+        self.reuse = reuse
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -75,7 +79,12 @@ class LocalSpawner:
         warn_if_root_single_user(self.home, "qmail-lspawn")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cfg = Config(
-            self.home, self.program_timeout, self.lock_timeout, owner, self.worker_deliveries
+            self.home,
+            self.program_timeout,
+            self.lock_timeout,
+            owner,
+            self.worker_deliveries,
+            self.reuse,
         )
         try:
             self._proc = subprocess.Popen(

@@ -4,25 +4,34 @@ It runs as its own lean interpreter (``python -m pyqmail.local.spawner``, starte
 :meth:`pyqmail.local.spawn.LocalSpawner.start`) importing only what local delivery needs,
 so that forking it copies little. It keeps root (unless started as an ordinary user).
 
-Multi-user mode (qmail's): one child per delivery. The child looks the recipient up
-(users/cdb, then qmail-getpw's rules), moves the message to fd 0 and a report pipe to
-fd 1 and 2, closes every other descriptor (no user code can reach the spawner's socket),
-drops to the user's gid, supplementary groups and uid (never uid 0), runs qmail-local's
-algorithm in-process and exits with its code; the spawner reaps it through a pidfd.
+For each request the spawner (as root, single-threaded) checks the message, looks the
+recipient up (users/cdb kept open, then qmail-getpw's rules) and refuses uid 0 in
+multi-user mode. The delivery itself runs in a process forked from the spawner that has
+dropped to the user's gid, supplementary groups and uid *before* it is given anything
+of the user's: the message arrives as a descriptor, the report goes to a pipe, every other
+descriptor is closed (no user code can reach the spawner's socket), and it runs
+qmail-local's algorithm in-process.
 
-Single-user mode: nobody's ids change, so the fork buys nothing but cost. Deliveries run
-in worker processes forked from the spawner and reused: one delivery at a time each, a
-new worker forked whenever all are busy, each retired after ``WORKER_DELIVERIES``
-deliveries; a worker that dies mid-delivery reports ``qmail-local crashed.`` (Z). The
-message and the report pipe travel to the worker as descriptors (SCM_RIGHTS).
+Two ways to get that process (``reuse``):
+
+* reuse (default): a worker per identity (uid, gid, user name; the supplementary groups
+  are read when the worker starts, so a group change reaches new workers). A worker
+  serves one delivery at a time and is given the next delivery for the same identity;
+  all busy means a new one is forked. Idle workers are capped (``MAX_IDLE``, least
+  recently used retired first) and every worker is retired after ``worker_deliveries``
+  deliveries. A worker never serves another identity: it has no way back to root. A
+  worker that dies mid-delivery reports ``qmail-local crashed.`` (Z).
+* no reuse: qmail-lspawn's model, a fresh child per delivery.
+
+In single-user mode nobody's ids change; the identity is always the spawner's own.
 
 Either way the spawner keeps at most 3000 bytes of the report (qmail-lspawn), does not
 wait for a program's background process that still holds the report pipe, maps the
 exit code as qmail-lspawn does (send.md 7) and answers.
 
 Frames on the control socket: ``!II`` (request id, payload length) + payload. Request:
-``mess\\0sender\\0recipient\\0``; reply: ``K``/``Z``/``D`` + text. Replies come in any
-order.
+``mess\\0sender\\0recipient\\0``; reply: ``K``/``Z``/``D`` + text. Replies come in
+any order.
 """
 
 from __future__ import annotations
@@ -36,11 +45,12 @@ import socket
 import stat
 import struct
 import sys
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyqmail import cdb
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.local import qlocal, users
@@ -48,8 +58,12 @@ from pyqmail.outcome import Outcome
 
 HEAD = struct.Struct("!II")
 _CODE = struct.Struct("!i")
-WORKER_DELIVERIES = 1000  # a single-user worker is replaced after this many deliveries
+WORKER_DELIVERIES = 1000  # a worker is replaced after this many deliveries
+MAX_IDLE = 32  # idle workers kept at most (all identities together)
 _CRASHED = -1
+
+Identity = tuple[int, int, str]  # uid, gid, user name (for the supplementary groups)
+CONTROL_TTL = 1.0  # seconds a defaultdelivery value is used before control/ is checked
 
 
 def split_recipient(recipient: str) -> tuple[str, str] | None:
@@ -69,6 +83,7 @@ class Config:
     lock_timeout: float
     owner: int | None  # required owner of message files; None: not checked
     worker_deliveries: int = WORKER_DELIVERIES
+    reuse: bool = True
 
     def argv(self, ctrl_fd: int) -> list[str]:
         return [
@@ -79,14 +94,15 @@ class Config:
             repr(self.lock_timeout),
             "-" if self.owner is None else str(self.owner),
             str(self.worker_deliveries),
+            "1" if self.reuse else "0",
         ]
 
     @classmethod
     def parse(cls, argv: list[str]) -> tuple[int, Config]:
-        fd, root, single, pt, lt, owner, wd = argv
+        fd, root, single, pt, lt, owner, wd, reuse = argv
         home = Home(Path(root), single_user=single == "1")
         own = None if owner == "-" else int(owner)
-        return int(fd), cls(home, float(pt), float(lt), own, int(wd))
+        return int(fd), cls(home, float(pt), float(lt), own, int(wd), reuse == "1")
 
 
 @dataclass
@@ -98,16 +114,15 @@ class _Job:
     report: bytearray = field(default_factory=bytearray)
     eof: bool = False
     code: int | None = None  # qmail-local's exit code, _CRASHED if it died
-    pid: int = 0  # fork mode: the child
-    pidfd: int = -1
-    worker: _Worker | None = None  # worker mode
 
 
 @dataclass
 class _Worker:
+    ident: Identity | None  # None: the spawner's own ids
     pid: int
     sock: socket.socket
     pidfd: int
+    one_shot: bool
     deliveries: int = 0
     job: _Job | None = None
 
@@ -120,14 +135,23 @@ class Spawner:
         self.home = cfg.home
         self.ctl = ControlCache(cfg.home)
         self.cdb = users.CdbCache(cfg.home.users / "cdb")
+        self.drop = not cfg.home.single_user and os.geteuid() == 0
         self.ctrl = ctrl_fd
         self.inbuf = bytearray()
         self.handlers: dict[int, Callable[[], None]] = {}
         self.poller = select.poll()
         self.jobs = 0
-        self.idle: list[_Worker] = []
+        self.idle: OrderedDict[int, _Worker] = OrderedDict()  # by pid, oldest first
         self.workers: dict[int, _Worker] = {}  # by pid
         self.closing = False
+        self._dd: tuple[float, str] | None = None
+
+    def _defaultdelivery(self) -> str:
+        """control/defaultdelivery, re-checked at most every CONTROL_TTL seconds."""
+        now = time.monotonic()
+        if self._dd is None or now - self._dd[0] > CONTROL_TTL:
+            self._dd = (now, self.ctl.get().defaultdelivery)
+        return self._dd[1]
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -137,7 +161,7 @@ class Spawner:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish deliveries; stop on EOF
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.chdir(self.home.root)
-        gc.freeze()  # forked children share these objects; keep the collector off them
+        gc.freeze()  # forked workers share these objects; keep the collector off them
         self._watch(self.ctrl, self._on_ctrl)
         while not (self.closing and self.jobs == 0):
             for fd, _ev in self.poller.poll():
@@ -200,15 +224,22 @@ class Spawner:
         if not local:
             return Outcome.ok("")  # qmail-lspawn's trash address: success, no delivery
         try:
-            defaultdelivery = self.ctl.get().defaultdelivery
+            defaultdelivery = self._defaultdelivery()
         except Exception:
             return Outcome.temp("Unable to read control files. (#4.3.0)\n")
         try:
-            reader = self.cdb.reader()
+            info = users.resolve_with(self.home, local, self.cdb.reader())
         except users.UserError as e:
             return qlocal.outcome_of(e.code, b"")
+        if not info.home.startswith("/"):
+            return qlocal.outcome_of(users.QLX_USAGE, b"")
+        ident: Identity | None = None
+        if self.drop:
+            if info.uid == 0:
+                return qlocal.outcome_of(users.QLX_ROOT, b"")
+            ident = (info.uid, info.gid, info.user)
         try:
-            mfd = os.open(mess, os.O_RDONLY)
+            mfd = os.open(mess, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return Outcome.temp("qmail-spawn unable to open message. (#4.3.0)\n")
         try:
@@ -218,19 +249,24 @@ class Spawner:
             if self.cfg.owner is not None and st.st_uid != self.cfg.owner:
                 return Outcome.temp("Sorry, message has wrong owner. (#4.3.5)\n")
             try:
-                rfd, wfd = os.pipe()
+                rfd, wfd = os.pipe2(os.O_CLOEXEC)
             except OSError:
                 return Outcome.temp("qmail-spawn unable to create pipe. (#4.3.0)\n")
             job = _Job(rid, rfd)
-            args = (local, domain, sender, defaultdelivery)
+            fields = (info.user, info.home, local, info.dash, info.ext, domain, sender)
+            payload = b"\0".join(users.enc(f) for f in (*fields, defaultdelivery))
             try:
-                if self.home.single_user:
-                    self._give_to_worker(job, mfd, wfd, args)
-                else:
-                    self._fork_child(job, mfd, wfd, args, reader)
+                worker = self._worker_for(ident)
             except OSError:
                 os.close(rfd)
+                os.close(wfd)
                 return Outcome.temp("qmail-spawn unable to fork. (#4.3.0)\n")
+            worker.job = job
+            worker.deliveries += 1
+            try:
+                socket.send_fds(worker.sock, [payload], [mfd, wfd])
+            except OSError:
+                pass  # the worker died: its pidfd handler reports the crash for this job
             finally:
                 os.close(wfd)
         finally:
@@ -240,72 +276,93 @@ class Spawner:
         self._watch(rfd, lambda: self._on_report(job))
         return None
 
-    # --- multi-user: a child per delivery ----------------------------------------------
+    # --- workers ------------------------------------------------------------------------
 
-    def _fork_child(
-        self,
-        job: _Job,
-        mfd: int,
-        wfd: int,
-        args: tuple[str, str, str, str],
-        reader: cdb.Reader | None,
-    ) -> None:
-        pid = os.fork()
+    def _worker_for(self, ident: Identity | None) -> _Worker:
+        if self.cfg.reuse:
+            for pid, w in self.idle.items():
+                if w.ident == ident:
+                    del self.idle[pid]
+                    return w
+        return self._fork_worker(ident, one_shot=not self.cfg.reuse)
+
+    def _fork_worker(self, ident: Identity | None, *, one_shot: bool) -> _Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             code = users.QLX_SYS
             try:
-                code = self._child(mfd, wfd, args, reader)
+                code = self._worker_main(theirs.fileno(), ident, one_shot)
             finally:
                 os._exit(code)
-        job.pid = pid
-        job.pidfd = os.pidfd_open(pid)
-        self._watch(job.pidfd, lambda: self._on_child_exit(job))
+        theirs.close()
+        worker = _Worker(ident, pid, ours, os.pidfd_open(pid), one_shot)
+        self.workers[pid] = worker
+        self._watch(ours.fileno(), lambda: self._on_worker_reply(worker))
+        self._watch(worker.pidfd, lambda: self._on_worker_exit(worker))
+        return worker
 
-    def _child(
-        self, mfd: int, wfd: int, args: tuple[str, str, str, str], reader: cdb.Reader | None
-    ) -> int:
-        """The per-delivery child: returns qmail-local's (or qmail-lspawn's) exit code."""
-        gc.disable()  # short-lived: a collection would only copy shared pages
-        _child_signals()
-        os.dup2(mfd, 0)
-        os.dup2(wfd, 1)
-        os.dup2(wfd, 2)
-        os.closerange(3, _max_fd())
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - kept for the exit
-        try:
-            info = users.resolve_with(self.home, args[0], reader)
-        except users.UserError as e:
-            return e.code
-        if os.geteuid() == 0:
-            if info.uid == 0:
-                return users.QLX_ROOT
+    def _worker_main(self, sock_fd: int, ident: Identity | None, one_shot: bool) -> int:
+        """A worker: drop to the identity, then serve deliveries until EOF."""
+        if one_shot:
+            gc.disable()  # short-lived: a collection would only copy shared pages
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # Everything but our socket goes: the control socket, other workers' sockets,
+        # other deliveries' pipes. (The spawner's users/cdb mmap object stays referenced
+        # and is never closed here: its descriptor number may be reused.)
+        os.closerange(3, sock_fd)
+        os.closerange(sock_fd + 1, _max_fd())
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
+        if ident is not None:
+            uid, gid, user = ident
             try:
-                groups = os.getgrouplist(info.user, info.gid)
+                groups = os.getgrouplist(user, gid)
             except (KeyError, OSError):
-                groups = [info.gid]
+                groups = [gid]
             try:
                 os.setgroups(groups)
-                os.setgid(info.gid)
-                os.setuid(info.uid)
+                os.setgid(gid)
+                os.setuid(uid)
             except OSError:
                 return users.QLX_USAGE
-            if os.getuid() == 0:
+            if os.getuid() == 0 or os.geteuid() == 0:
                 return users.QLX_ROOT
         os.umask(0o077)
-        return self._run(info, args, 0, 1)
+        sock = socket.socket(fileno=sock_fd)
+        while True:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)
+            if not msg and not fds:
+                return 0
+            code = users.QLX_SYS
+            try:
+                f = [users.dec(x) for x in msg.split(b"\0")]
+                if len(fds) == 2 and len(f) == 8:
+                    code = self._run(f, fds[0], fds[1])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            sock.send(_CODE.pack(code))
+            if one_shot:
+                return 0
 
-    def _run(
-        self, info: users.UserInfo, args: tuple[str, str, str, str], mfd: int, out: int
-    ) -> int:
-        local, domain, sender, defaultdelivery = args
-        if not info.home.startswith("/"):
-            return users.QLX_USAGE
+    def _run(self, f: list[str], mfd: int, out: int) -> int:
+        user, home, local, dash, ext, domain, sender, defaultdelivery = f
         req = qlocal.Request(
-            info.user,
-            info.home,
+            user,
+            home,
             local,
-            info.dash,
-            info.ext,
+            dash,
+            ext,
             domain,
             sender,
             defaultdelivery,
@@ -319,89 +376,6 @@ class Spawner:
                 os.write(out, b"Unexpected error in local delivery. (#4.3.0)\n")
             return 111
 
-    def _on_child_exit(self, job: _Job) -> None:
-        try:
-            pid, status = os.waitpid(job.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = job.pid, 0xFF00
-        if pid == 0:
-            return
-        self._unwatch(job.pidfd)
-        os.close(job.pidfd)
-        code = os.waitstatus_to_exitcode(status)
-        job.code = _CRASHED if code < 0 else code
-        self._finish(job)
-
-    # --- single-user: reusable workers -------------------------------------------------
-
-    def _give_to_worker(
-        self, job: _Job, mfd: int, wfd: int, args: tuple[str, str, str, str]
-    ) -> None:
-        worker = self.idle.pop() if self.idle else self._fork_worker()
-        job.worker = worker
-        worker.job = job
-        worker.deliveries += 1
-        payload = b"\0".join(users.enc(a) for a in args)
-        try:
-            socket.send_fds(worker.sock, [payload], [mfd, wfd])
-        except OSError:
-            # The worker is gone; its pidfd handler reports the crash for this job.
-            pass
-
-    def _fork_worker(self) -> _Worker:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except OSError:
-            ours.close()
-            theirs.close()
-            raise
-        if pid == 0:
-            code = users.QLX_SYS
-            try:
-                code = self._worker_main(theirs.fileno())
-            finally:
-                os._exit(code)
-        theirs.close()
-        worker = _Worker(pid, ours, os.pidfd_open(pid))
-        self.workers[pid] = worker
-        self._watch(ours.fileno(), lambda: self._on_worker_reply(worker))
-        self._watch(worker.pidfd, lambda: self._on_worker_exit(worker))
-        return worker
-
-    def _worker_main(self, sock_fd: int) -> int:
-        _child_signals()
-        os.closerange(3, sock_fd)
-        os.closerange(sock_fd + 1, _max_fd())
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
-        os.umask(0o077)
-        sock = socket.socket(fileno=sock_fd)
-        # The inherited self.cdb must never be closed here (its mmap's descriptor was
-        # closed above and the number may be reused): use a cache of our own.
-        cache = users.CdbCache(self.home.users / "cdb")
-        while True:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)
-            if not msg and not fds:
-                return 0
-            code = users.QLX_SYS
-            try:
-                args_l = [users.dec(a) for a in msg.split(b"\0")]
-                if len(fds) == 2 and len(args_l) == 4:
-                    args = (args_l[0], args_l[1], args_l[2], args_l[3])
-                    try:
-                        info = users.resolve_with(self.home, args[0], cache.reader())
-                        code = self._run(info, args, fds[0], fds[1])
-                    except users.UserError as e:
-                        code = e.code
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            sock.send(_CODE.pack(code))
-
     def _on_worker_reply(self, worker: _Worker) -> None:
         try:
             data = worker.sock.recv(64)
@@ -411,29 +385,31 @@ class Spawner:
             return  # the pidfd handler deals with a dead worker
         job = worker.job
         worker.job = None
-        if worker.deliveries >= self.cfg.worker_deliveries:
+        if worker.one_shot or worker.deliveries >= self.cfg.worker_deliveries:
             self._retire(worker)
         else:
-            self.idle.append(worker)
+            self.idle[worker.pid] = worker
+            while len(self.idle) > MAX_IDLE:
+                _pid, oldest = self.idle.popitem(last=False)
+                self._retire(oldest)
         if job is not None:
             (job.code,) = _CODE.unpack(data)
             self._finish(job)
 
     def _retire(self, worker: _Worker) -> None:
-        self._unwatch(worker.sock.fileno())
-        worker.sock.close()  # the worker sees EOF and exits; its pidfd reaps it
+        """Close its socket: the worker sees EOF and exits; its pidfd reaps it."""
+        self.idle.pop(worker.pid, None)
+        if worker.sock.fileno() >= 0:
+            self._unwatch(worker.sock.fileno())
+            worker.sock.close()
 
     def _on_worker_exit(self, worker: _Worker) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(worker.pid, 0)
         self._unwatch(worker.pidfd)
         os.close(worker.pidfd)
-        if worker.sock.fileno() >= 0:
-            self._unwatch(worker.sock.fileno())
-            worker.sock.close()
+        self._retire(worker)
         self.workers.pop(worker.pid, None)
-        with contextlib.suppress(ValueError):
-            self.idle.remove(worker)
         job = worker.job
         worker.job = None
         if job is not None:
@@ -457,34 +433,28 @@ class Spawner:
             except OSError:
                 data = b""
             if not data:
-                job.eof = True
-                self._unwatch(job.report_fd)
-                os.close(job.report_fd)
+                self._close_report(job)
                 return
             if len(job.report) <= qlocal.TRUNCREPORT:
                 job.report += data[: qlocal.TRUNCREPORT + 1 - len(job.report)]
 
+    def _close_report(self, job: _Job) -> None:
+        job.eof = True
+        self._unwatch(job.report_fd)
+        os.close(job.report_fd)
+
     def _finish(self, job: _Job) -> None:
         """The exit code is known: take what the pipe holds (a program's background
         process may keep it open: do not wait for it) and answer."""
-        if job.code is None:
+        if job.code is None or job.rid < 0:
             return
         self._drain(job)
         if not job.eof:
-            job.eof = True
-            self._unwatch(job.report_fd)
-            os.close(job.report_fd)
-        if job.rid < 0:
-            return  # already answered
+            self._close_report(job)
         code = None if job.code == _CRASHED else job.code
         self._reply(job.rid, qlocal.outcome_of(code, bytes(job.report)))
         job.rid = -1
         self.jobs -= 1
-
-
-def _child_signals() -> None:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _max_fd() -> int:
@@ -495,7 +465,7 @@ def _max_fd() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pyqmail.local.spawner CTRLFD HOME SINGLE PTIMEOUT LTIMEOUT OWNER WD``."""
+    """``python -m pyqmail.local.spawner CTRLFD HOME SINGLE PTIMEOUT LTIMEOUT OWNER WD REUSE``."""
     fd, cfg = Config.parse(list(sys.argv[1:] if argv is None else argv))
     Spawner(cfg, fd).serve()
     return 0
