@@ -258,3 +258,18 @@ def test_unusable_source_address_is_no_connection(home: Home, mess: Path) -> Non
     (o,), peer = deliver(home, Script(), mess)
     assert o == Outcome.temp("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
     assert peer.connections == 0
+
+
+def test_control_changes_are_seen_after_the_ttl(home: Home, mess: Path) -> None:
+    async def go() -> tuple[Status, Status, Status]:
+        async with Peer(Script()) as peer:
+            route(home, peer.port)
+            agent = RemoteAgent(home, ControlCache(home), control_ttl=0.2)
+            (a,) = await agent.deliver(mess, "a@x", ["b@remote.example"])
+            route(home, free_port())  # now to a dead port
+            (b,) = await agent.deliver(mess, "a@x", ["b@remote.example"])  # within the ttl
+            await asyncio.sleep(0.25)
+            (c,) = await agent.deliver(mess, "a@x", ["b@remote.example"])
+        return a.status, b.status, c.status
+
+    assert asyncio.run(go()) == (Status.OK, Status.OK, Status.TEMP)

@@ -65,7 +65,11 @@ def test_success_resets_count(tmp_path: Path) -> None:
     t.record("192.0.2.9", True)
     clock.t += 200
     t.record("192.0.2.9", True)
-    t.record("192.0.2.9", False)
+    other = Tcpto(t.path, clock=clock)
+    other.record("192.0.2.9", False)  # not seen by this process's check: untouched (qmail)
+    assert parse(t.path.read_bytes())[0].count == 2
+    assert other.is_down("192.0.2.9")
+    other.record("192.0.2.9", False)
     assert parse(t.path.read_bytes()) == []
     assert not t.is_down("192.0.2.9")
 

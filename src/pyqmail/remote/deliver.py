@@ -21,6 +21,7 @@ import ipaddress
 import random
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -114,6 +115,7 @@ class RemoteAgent:
         rng: random.Random | None = None,
         tls_cafile: str | None = None,
         tcpto: Tcpto | None = None,
+        control_ttl: float = 1.0,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -124,6 +126,9 @@ class RemoteAgent:
         self._rng = rng or random.Random()
         self._cafile = tls_cafile
         self.tcpto = tcpto or Tcpto(home.queue / "lock" / "tcpto")
+        self._ttl = control_ttl
+        self._ctl_at = -1e9
+        self._ctl: Control | None = None
         self._plain_ctx: ssl.SSLContext | None = None
         self._verify_ctx: ssl.SSLContext | None = None
 
@@ -138,6 +143,15 @@ class RemoteAgent:
         if self._own_ips is None:
             self._own_ips = mx.own_addresses()
         return self._own_ips
+
+    def _control(self) -> Control:
+        """The control snapshot, checked for changes at most every ``control_ttl`` seconds
+        (each check stats every control file; at 1,000 deliveries/s that adds up)."""
+        now = time.monotonic()
+        if self._ctl is None or now - self._ctl_at >= self._ttl:
+            self._ctl = self.ctl.get()
+            self._ctl_at = now
+        return self._ctl
 
     def reset_tcpto(self) -> None:
         """Zero lock/tcpto, as qmail-rspawn does when qmail starts."""
@@ -175,7 +189,7 @@ class RemoteAgent:
         self, message: BinaryIO, host: str, sender: bytes, recipients: list[bytes]
     ) -> SessionResult:
         try:
-            ctl = self.ctl.get()
+            ctl = self._control()
         except ControlError:
             return _only("Z", CONTROL_FAILED)
         helo = ctl.helohost

@@ -69,6 +69,7 @@ class Tcpto:
         self.path = path
         self._clock = clock
         self._pid = os.getpid() if pid is None else pid
+        self._seen: set[bytes] = set()  # addresses that had a record at the last check
 
     def _now(self) -> int:
         return int(self._clock()) & 0xFFFFFFFF
@@ -107,6 +108,7 @@ class Tcpto:
         now = self._now()
         for i in range(0, SIZE, RECORD):
             if buf[i : i + 4] == key:
+                self._seen.add(key)
                 when = struct.unpack_from("<I", buf, i + 8)[0]
                 return buf[i + 4] >= 2 and now - when < limit
         return False
@@ -116,6 +118,10 @@ class Tcpto:
         key = _key(ip)
         if key is None:
             return
+        if not timed_out:
+            if key not in self._seen:
+                return  # qmail: nothing to reset unless the check saw a record
+            self._seen.discard(key)
         fd = self._locked()
         if fd is None:
             return
