@@ -171,6 +171,13 @@ def test_empty_qmail_file_uses_defaultdelivery(user: User) -> None:
     assert len(user.maildir()) == 1
 
 
+def test_empty_defaultdelivery_is_a_blank_first_line(user: User) -> None:
+    assert user.deliver("joe", "", dash="", dd="") == (
+        111,
+        "Uh-oh: first line of .qmail file is blank. (#4.2.1)\n",
+    )
+
+
 def test_qmail_default_catch_all(user: User) -> None:
     user.qmail(".qmail-default", '|echo "default=$DEFAULT ext=$EXT"\n')
     code, text = user.deliver("joe-Any-Thing", "Any-Thing")

@@ -125,8 +125,8 @@ def parse(content: bytes) -> list[Instruction]:
     Raises DotQmailError("Uh-oh: first line of .qmail file is blank.") like qmail-local.
     Comments and ``+`` lines other than ``+list`` are dropped.
     """
-    if content and not content.endswith(b"\n"):
-        content += b"\n"
+    if not content.endswith(b"\n"):
+        content += b"\n"  # also makes an empty text one blank line, as qmail-local does
     out: list[Instruction] = []
     for n, raw in enumerate(content.split(b"\n")[:-1]):
         line = raw.rstrip(b" \t")
