@@ -266,8 +266,8 @@ def test_user_a_cannot_write_where_only_b_may(
 
     got = _run(sp, go)
     assert got[0] == Outcome.temp("Unable to chdir to maildir. (#4.2.1)\n")
-    assert got[1] == Outcome.temp(f"Unable to open {b}/mbox: Permission denied. (#4.2.1)\n")
-    assert got[2].status is Status.TEMP and "Permission denied" in got[2].text
+    assert got[1] == Outcome.temp(f"Unable to open {b}/mbox: access denied. (#4.2.1)\n")
+    assert got[2].status is Status.TEMP and "Permission denied" in got[2].text  # from touch
     assert os.listdir(b / "Maildir" / "new") == []
     assert not (b / "mbox").exists() and not (b / "owned").exists()
 

@@ -222,7 +222,7 @@ def test_full_disk_truncates_back(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert e.value.code == 111
-        assert e.value.text.startswith(f"Unable to write {path}: No space left on device")
+        assert e.value.text.startswith(f"Unable to write {path}: out of disk space")
         assert path.read_bytes() == b"old mail\n" * 100
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

@@ -240,7 +240,7 @@ def test_mbox_unopenable(user: User) -> None:
     user.qmail(".qmail-ext", "./nodir/mbox\n")
     code, text = user.deliver()
     assert code == 111
-    assert text == "Unable to open ./nodir/mbox: No such file or directory. (#4.2.1)\n"
+    assert text == "Unable to open ./nodir/mbox: file does not exist. (#4.2.1)\n"
 
 
 def test_x_bit_forward_only(user: User, captured: Path) -> None:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from pyqmail.cli.common import fatal
+from pyqmail.local.failure import strerror
 from pyqmail.local.maildir import make
 
 
@@ -19,5 +20,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         make(args[0])
     except OSError as e:
         where = args[0] if e.filename in (None, args[0]) else os.fsdecode(e.filename)
-        return fatal("maildirmake", f"unable to mkdir {where}: {os.strerror(e.errno or 0)}")
+        return fatal("maildirmake", f"unable to mkdir {where}: {strerror(e)}")
     return 0

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from pyqmail.durable import write_all
+from pyqmail.local.failure import strerror
 from pyqmail.local.users import is_temp_errno
 
 USAGE = "preline: usage: preline cmd [ arg ... ]"
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         proc = subprocess.Popen(rest, stdin=subprocess.PIPE)
     except OSError as e:
-        print(f"preline: fatal: unable to run {rest[0]}: {e.strerror}", file=sys.stderr)
+        print(f"preline: fatal: unable to run {rest[0]}: {strerror(e)}", file=sys.stderr)
         return 111 if is_temp_errno(e.errno) else 100
     assert proc.stdin is not None
     pipe = proc.stdin.fileno()
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         proc.stdin.close()
         proc.wait()
-        print(f"preline: fatal: unable to copy input: {e.strerror}", file=sys.stderr)
+        print(f"preline: fatal: unable to copy input: {strerror(e)}", file=sys.stderr)
         return 111
     proc.stdin.close()
     rc = proc.wait()

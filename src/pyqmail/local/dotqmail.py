@@ -16,6 +16,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from pyqmail.local.failure import strerror
 from pyqmail.local.users import is_temp_errno
 
 
@@ -71,9 +72,7 @@ def _open_regular(name: str, dir_fd: int | None) -> tuple[bytes, int] | None:
         )
     except OSError as e:
         if is_temp_errno(e.errno) or e.errno in (errno.EACCES, errno.EPERM):
-            raise DotQmailError(
-                f"Unable to open {name}: {os.strerror(e.errno or 0)}. (#4.3.0)"
-            ) from e
+            raise DotQmailError(f"Unable to open {name}: {strerror(e)}. (#4.3.0)") from e
         return None
     try:
         st = os.fstat(fd)
@@ -89,7 +88,7 @@ def _open_regular(name: str, dir_fd: int | None) -> tuple[bytes, int] | None:
             chunks.append(chunk)
         return b"".join(chunks), st.st_mode
     except OSError as e:
-        raise DotQmailError(f"Unable to read {name}: {os.strerror(e.errno or 0)}. (#4.3.0)") from e
+        raise DotQmailError(f"Unable to read {name}: {strerror(e)}. (#4.3.0)") from e
     finally:
         os.close(fd)
 

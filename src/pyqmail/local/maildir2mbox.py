@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from pyqmail.durable import write_all
+from pyqmail.local.failure import strerror
 from pyqmail.local.mbox import needs_quote
 from pyqmail.qdate import mbox_date
 
@@ -35,9 +36,7 @@ def _scan(maildir: str, now: float) -> list[tuple[float, str]]:
         try:
             names = os.listdir(os.path.join(maildir, sub))
         except OSError as e:
-            raise Maildir2MboxError(
-                f"unable to scan $MAILDIR/{sub}: {os.strerror(e.errno or 0)}"
-            ) from e
+            raise Maildir2MboxError(f"unable to scan $MAILDIR/{sub}: {strerror(e)}") from e
         for name in names:
             if name.startswith("."):
                 continue
@@ -88,7 +87,7 @@ def move(maildir: str, mail: str, mailtmp: str, *, now: float | None = None) -> 
         lockfd = os.open(mail, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         fcntl.flock(lockfd, fcntl.LOCK_EX)
     except OSError as e:
-        raise Maildir2MboxError(f"unable to lock {mail}: {os.strerror(e.errno or 0)}") from e
+        raise Maildir2MboxError(f"unable to lock {mail}: {strerror(e)}") from e
     try:
         _copy_all(maildir, mail, mailtmp, messages)
     finally:
@@ -99,8 +98,7 @@ def move(maildir: str, mail: str, mailtmp: str, *, now: float | None = None) -> 
             os.unlink(os.path.join(maildir, rel))
         except OSError as e:
             warnings.append(
-                f"$MAILDIR/{rel} will be delivered twice; unable to unlink: "
-                f"{os.strerror(e.errno or 0)}"
+                f"$MAILDIR/{rel} will be delivered twice; unable to unlink: {strerror(e)}"
             )
     return Moved(len(messages), tuple(warnings))
 
@@ -109,30 +107,24 @@ def _copy_all(maildir: str, mail: str, mailtmp: str, messages: list[tuple[float,
     try:
         old = open(mail, "rb")  # noqa: SIM115 - closed below
     except OSError as e:
-        raise Maildir2MboxError(f"unable to read {mail}: {os.strerror(e.errno or 0)}") from e
+        raise Maildir2MboxError(f"unable to read {mail}: {strerror(e)}") from e
     try:
         try:
             out = os.open(mailtmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as e:
-            raise Maildir2MboxError(
-                f"unable to create {mailtmp}: {os.strerror(e.errno or 0)}"
-            ) from e
+            raise Maildir2MboxError(f"unable to create {mailtmp}: {strerror(e)}") from e
         try:
             try:
                 while chunk := old.read(65536):
                     write_all(out, chunk)
             except OSError as e:
-                raise Maildir2MboxError(
-                    f"unable to write to {mailtmp}: {os.strerror(e.errno or 0)}"
-                ) from e
+                raise Maildir2MboxError(f"unable to write to {mailtmp}: {strerror(e)}") from e
             for mtime, rel in messages:
                 _append(out, os.path.join(maildir, rel), rel, mtime, mailtmp)
             try:
                 os.fsync(out)
             except OSError as e:
-                raise Maildir2MboxError(
-                    f"unable to write to {mailtmp}: {os.strerror(e.errno or 0)}"
-                ) from e
+                raise Maildir2MboxError(f"unable to write to {mailtmp}: {strerror(e)}") from e
         finally:
             os.close(out)
     finally:
@@ -140,9 +132,7 @@ def _copy_all(maildir: str, mail: str, mailtmp: str, messages: list[tuple[float,
     try:
         os.rename(mailtmp, mail)
     except OSError as e:
-        raise Maildir2MboxError(
-            f"unable to move {mailtmp} to {mail}: {os.strerror(e.errno or 0)}"
-        ) from e
+        raise Maildir2MboxError(f"unable to move {mailtmp} to {mail}: {strerror(e)}") from e
 
 
 def _append(out: int, path: str, rel: str, mtime: float, mailtmp: str) -> None:
@@ -150,9 +140,7 @@ def _append(out: int, path: str, rel: str, mtime: float, mailtmp: str) -> None:
         with open(path, "rb") as f:
             lines = f.readlines()
     except OSError as e:
-        raise Maildir2MboxError(
-            f"unable to read $MAILDIR/{rel}: {os.strerror(e.errno or 0)}"
-        ) from e
+        raise Maildir2MboxError(f"unable to read $MAILDIR/{rel}: {strerror(e)}") from e
     buf = bytearray(_ufline(lines[0] if lines else b"", mtime))
     for line in lines:
         if needs_quote(line):
@@ -164,4 +152,4 @@ def _append(out: int, path: str, rel: str, mtime: float, mailtmp: str) -> None:
     try:
         write_all(out, bytes(buf))
     except OSError as e:
-        raise Maildir2MboxError(f"unable to write to {mailtmp}: {os.strerror(e.errno or 0)}") from e
+        raise Maildir2MboxError(f"unable to write to {mailtmp}: {strerror(e)}") from e
