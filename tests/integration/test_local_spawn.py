@@ -372,3 +372,20 @@ def test_multi_user_processes_never_change_identity(
         assert pids[0] == pids[1] == pids[3] and pids[2] == pids[4] and pids[0] != pids[2]
     else:  # qmail-lspawn's way: a fresh child each time
         assert len(set(pids)) == 5
+
+
+def test_forward_goes_into_the_queue(home: Home, mess: Path) -> None:
+    """A forward from a delivery is queued with the in-process queue writer."""
+    (home.alias / ".qmail-fwd").write_text("&one@example.org\ntwo@example.net\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+    got = _run(sp, lambda: sp.deliver(mess, "s@x", "fwd@mx.test.example"))
+    assert got.status is Status.OK
+    did, qp, _ = got.text.split("\n")
+    assert did == "did 0+2+0" and qp.startswith("qp ")
+    (todo,) = os.listdir(home.queue / "todo")
+    envelope = (home.queue / "todo" / todo).read_bytes()
+    assert envelope.endswith(b"\0Fs@x\0Tone@example.org\0Ttwo@example.net\0")
+    n = int(todo)
+    body = (home.queue / "mess" / str(n % 23) / todo).read_bytes()
+    assert body.endswith(b"Delivered-To: fwd@mx.test.example\n" + MSG)
