@@ -270,3 +270,27 @@ def test_per_ip_limit_closes_the_extra_connection(home: Home) -> None:
                 assert b":Kok " in s.recv(1000)
     finally:
         lst.close()
+
+
+def test_100mb_body_is_streamed_by_qmail_qmqpd(home: Home) -> None:
+    size = 100 * 1024 * 1024
+    env = {"PATH": os.environ["PATH"], "PYQMAIL_HOME": str(home.root), "PYQMAIL_SINGLE_USER": "1",
+           "TCPREMOTEIP": "127.0.0.1"}  # fmt: skip
+    proc = subprocess.Popen([str(BIN / "qmail-qmqpd")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    envelope = encode(b"s@x.example") + encode(b"r@y.example")
+    proc.stdin.write(b"%d:%d:" % (len(b"%d:" % size) + size + 1 + len(envelope), size))
+    chunk = (b"y" * 1023 + b"\n") * 64
+    for _ in range(size // len(chunk)):
+        proc.stdin.write(chunk)
+    proc.stdin.write(b"," + envelope + b",")
+    proc.stdin.close()
+    reply = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    assert b":Kok " in reply
+    [(_, _, mess)] = queued(home)
+    assert len(mess) > size
+    assert usage.ru_maxrss < 80 * 1024  # KB: the body never sat in memory whole
