@@ -105,13 +105,13 @@ def parse_list(raw: bytes) -> tuple[tuple[str, int], ...]:
     """qmail's list reader: (line, line number) for every non-empty, non-comment line.
 
     qmail keeps the lines NUL-separated in memory, so a NUL inside a line splits it into
-    two entries (empty pieces vanish); we do the same.
+    several entries (empty ones included), and a line starting with NUL counts as empty.
     """
     out: list[tuple[str, int]] = []
     for n, line in enumerate(raw.split(b"\n"), 1):
         line = _strip(line)
-        if line and not line.startswith(b"#"):
-            out.extend((_decode(piece), n) for piece in line.split(b"\0") if piece)
+        if line and line[:1] not in (b"#", b"\0"):
+            out.extend((_decode(piece), n) for piece in line.split(b"\0"))
     return tuple(out)
 
 

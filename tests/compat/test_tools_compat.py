@@ -150,11 +150,6 @@ def test_maildirmake_same(reference: Reference, tmp_path: Path, umask: int) -> N
     assert mine[4].split(b": ")[:3] == ref[4].split(b": ")[:3]  # the error up to its reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ours says 'File exists' (strerror), qmail 'file already "
-    "exists' (djb's error_str); pyqmail.cli.tcprules.errtext has djb's texts",
-)
 def test_maildirmake_error_reason_same(reference: Reference, tmp_path: Path) -> None:
     ref, mine = maildirmake_both(tmp_path, 0o022)
     assert mine[4] == ref[4]

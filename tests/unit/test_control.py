@@ -346,5 +346,8 @@ def test_newmrh_failures_leave_old_cdb_and_no_tmp(home: Home) -> None:
 
 
 def test_list_reader_nul_splits_like_qmail() -> None:
-    # qmail keeps list lines NUL-separated: a NUL inside a line makes two entries
-    assert parse_list(b"a \0b\nc\n\0\n#x\0y\n") == (("a ", 1), ("b", 1), ("c", 2))
+    # qmail keeps list lines NUL-separated: a NUL inside a line splits it (empty pieces
+    # too), a line starting with NUL is empty (checked against notqmail's qmail-showctl)
+    assert parse_list(b"a \0b\nc\n\0x\n#x\0y\nx\0\0y \n") == (
+        ("a ", 1), ("b", 1), ("c", 2), ("x", 5), ("", 5), ("y", 5),
+    )  # fmt: skip
