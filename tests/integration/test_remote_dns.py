@@ -172,7 +172,9 @@ def test_delivery_through_mx_skips_a_dead_first_mx(
     async def go() -> tuple[list[object], Peer]:
         peer = await Peer(Script()).start("127.0.0.7")
         try:
-            outs = await agent(home, dnsmasq, peer.port).deliver(mess, "a@x", ["u@deliver.test"])
+            ag = agent(home, dnsmasq, peer.port)
+            outs = await ag.deliver(mess, "a@x", ["u@deliver.test"])
+            await ag.close()
         finally:
             await peer.close()
         return list(outs), peer
@@ -190,7 +192,9 @@ def test_backup_mx_delivers_to_the_better_one(home: Home, dnsmasq: str, tmp_path
     async def go() -> tuple[Status, Peer]:
         peer = await Peer(Script()).start("127.0.0.5")
         try:
-            (o,) = await agent(home, dnsmasq, peer.port).deliver(mess, "a@x", ["u@backup.test"])
+            ag = agent(home, dnsmasq, peer.port)
+            (o,) = await ag.deliver(mess, "a@x", ["u@backup.test"])
+            await ag.close()
         finally:
             await peer.close()
         return o.status, peer
@@ -208,6 +212,7 @@ def test_ipv6_mx(home: Home, dnsmasq: str, tmp_path: Path) -> None:
         try:
             ag = agent(home, dnsmasq, peer.port, own_ips=["0.0.0.0"])
             (o,) = await ag.deliver(mess, "a@x", ["u@v6.test"])
+            await ag.close()
         finally:
             await peer.close()
         return o.text, peer

@@ -39,6 +39,7 @@ def deliver(
             route(home, peer.port)
             agent = RemoteAgent(home, ControlCache(home))
             outs = await agent.deliver(mess, "a@test.example", rcpts or ["ok@remote.example"])
+            await agent.close()
         return outs, peer
 
     return asyncio.run(run())
@@ -270,6 +271,77 @@ def test_control_changes_are_seen_after_the_ttl(home: Home, mess: Path) -> None:
             (b,) = await agent.deliver(mess, "a@x", ["b@remote.example"])  # within the ttl
             await asyncio.sleep(0.25)
             (c,) = await agent.deliver(mess, "a@x", ["b@remote.example"])
+            await agent.close()
         return a.status, b.status, c.status
 
     assert asyncio.run(go()) == (Status.OK, Status.OK, Status.TEMP)
+
+
+def test_kept_connection_carries_the_next_messages(home: Home, mess: Path) -> None:
+    async def go() -> tuple[list[Status], Peer, int]:
+        async with Peer(Script()) as peer:
+            route(home, peer.port)
+            agent = RemoteAgent(home, ControlCache(home))
+            got = []
+            for i in range(5):
+                (o,) = await agent.deliver(mess, "a@x", [f"u{i}@remote.example"])
+                got.append(o.status)
+            kept = len(agent.pool)
+            await agent.close()
+        return got, peer, kept
+
+    got, peer, kept = asyncio.run(go())
+    assert got == [Status.OK] * 5 and kept == 1
+    assert peer.connections == 1 and len(peer.messages) == 5
+    assert [c for c in peer.commands if c.startswith(b"EHLO")] == [b"EHLO mx.test.example\r\n"]
+    assert peer.commands[-1] == b"QUIT\r\n"  # close() says goodbye
+
+
+@pytest.mark.parametrize("how", ["close", "421"])
+def test_dead_kept_connection_falls_back_to_a_new_one(home: Home, mess: Path, how: str) -> None:
+    async def go() -> tuple[list[Status], Peer]:
+        async with Peer(Script()) as peer:
+            route(home, peer.port)
+            agent = RemoteAgent(home, ControlCache(home))
+            (a,) = await agent.deliver(mess, "a@x", ["u1@remote.example"])
+            # the server ends the idle connection on its side
+            for w in list(peer._writers):
+                if how == "421":
+                    w.write(b"421 4.4.2 idle timeout\r\n")
+                    await w.drain()
+                w.transport.close()
+            await asyncio.sleep(0.05)
+            (b,) = await agent.deliver(mess, "a@x", ["u2@remote.example"])
+            await agent.close()
+        return [a.status, b.status], peer
+
+    got, peer = asyncio.run(go())
+    assert got == [Status.OK, Status.OK]
+    assert peer.connections == 2 and len(peer.messages) == 2
+
+
+def test_idle_connections_are_closed_after_the_timeout(home: Home, mess: Path) -> None:
+    async def go() -> tuple[int, int, Peer]:
+        async with Peer(Script()) as peer:
+            route(home, peer.port)
+            agent = RemoteAgent(home, ControlCache(home), idle_timeout=0.1)
+            await agent.deliver(mess, "a@x", ["u1@remote.example"])
+            before = len(agent.pool)
+            await asyncio.sleep(0.3)
+            after = len(agent.pool)
+        return before, after, peer
+
+    before, after, peer = asyncio.run(go())
+    assert (before, after) == (1, 0)
+    assert peer.commands[-1] == b"QUIT\r\n"
+
+
+def test_rejected_message_connection_is_not_kept(home: Home, mess: Path) -> None:
+    async def go() -> int:
+        async with Peer(Script(after=b"554 no\r\n")) as peer:
+            route(home, peer.port)
+            agent = RemoteAgent(home, ControlCache(home))
+            await agent.deliver(mess, "a@x", ["u1@remote.example"])
+            return len(agent.pool)
+
+    assert asyncio.run(go()) == 0

@@ -43,6 +43,7 @@ def test_thousand_failed_deliveries_leave_no_fd_or_task(home: Home, tmp_path: Pa
                 agent.deliver(mess, "a@x", [f"u{i}@{domains[i % 4]}.example"]) for i in range(1000)
             ]
             results = await asyncio.gather(*jobs)
+            assert len(agent.pool) == 0  # failures are never kept
             assert all(o.status is Status.TEMP for (o,) in results)
             assert sum("Possible duplicate" in o.text for (o,) in results) == 250
             # our side closed everything before deliver() returned

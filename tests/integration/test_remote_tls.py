@@ -49,6 +49,7 @@ def run(home: Home, script: Script, mess: Path, cafile: str | None = None) -> tu
             write_control(home, "smtproutes", f"remote.example:[127.0.0.1]:{peer.port}\n")
             agent = RemoteAgent(home, ControlCache(home), tls_cafile=cafile)
             (o,) = await agent.deliver(mess, "a@test.example", ["b@remote.example"])
+            await agent.close()
         return o, peer
 
     return asyncio.run(go())

@@ -68,7 +68,7 @@ def run_sink(tmp_path: Path, extra: list[str]) -> tuple[int, Path, subprocess.Po
 def deliver(home: Home, tmp_path: Path, rcpts: list[str]) -> list[tuple[Status, str]]:
     mess = tmp_path / "mess"
     mess.write_bytes(MSG)
-    agent = RemoteAgent(home, ControlCache(home))
+    agent = RemoteAgent(home, ControlCache(home), idle_timeout=0)  # QUIT after each message
     outs = asyncio.run(agent.deliver(mess, "a@test.example", rcpts))
     return [(o.status, o.text) for o in outs]
 

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.flush()
         return 0
     host, sender, *recipients = (os.fsencode(a) for a in rest)
-    agent = RemoteAgent(home, ControlCache(home))
+    agent = RemoteAgent(home, ControlCache(home), idle_timeout=0)
     with _message() as stdin:
         result: SessionResult = asyncio.run(
             agent.transmit(stdin, host.decode("utf-8", "surrogateescape"), sender, recipients)

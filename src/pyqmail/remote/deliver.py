@@ -33,6 +33,7 @@ from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
 from pyqmail.remote import mx, routes, tls
+from pyqmail.remote.pool import ConnectionPool, Idle
 from pyqmail.remote.tcpto import Tcpto
 from pyqmail.remote.transmit import DataEncoder, has_8bit
 from pyqmail.smtp.client import (
@@ -86,6 +87,10 @@ class _Dropped(Exception):
     """The connection closed or a read/write timed out."""
 
 
+class _Stale(Exception):
+    """A kept connection answered 421 before anything else: it is no longer usable."""
+
+
 def _read_line_file(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
@@ -116,6 +121,7 @@ class RemoteAgent:
         tls_cafile: str | None = None,
         tcpto: Tcpto | None = None,
         control_ttl: float = 1.0,
+        idle_timeout: float = 5.0,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -126,6 +132,7 @@ class RemoteAgent:
         self._rng = rng or random.Random()
         self._cafile = tls_cafile
         self.tcpto = tcpto or Tcpto(home.queue / "lock" / "tcpto")
+        self.pool = ConnectionPool(idle_timeout)
         self._ttl = control_ttl
         self._ctl_at = -1e9
         self._ctl: Control | None = None
@@ -152,6 +159,10 @@ class RemoteAgent:
             self._ctl = self.ctl.get()
             self._ctl_at = now
         return self._ctl
+
+    async def close(self) -> None:
+        """QUIT and close the connections kept between messages (at shutdown)."""
+        self.pool.close()
 
     def reset_tcpto(self) -> None:
         """Zero lock/tcpto, as qmail-rspawn does when qmail starts."""
@@ -214,22 +225,31 @@ class RemoteAgent:
         required = tls.tls_required(ctl, host)
         mode = TlsMode.REQUIRED if required else TlsMode.OPPORTUNISTIC
         for addr in addrs:
+            if mode is not TlsMode.REQUIRED:
+                while (idle := self.pool.get((addr.ip, port, helo))) is not None:
+                    kept = await self._dialogue(
+                        (idle.reader, idle.writer), ctl, addr, port, helo, sender,
+                        recipients, message, mode, host, reused=idle,
+                    )  # fmt: skip
+                    if kept is not None:
+                        return kept
             if self.tcpto.is_down(addr.ip):
                 continue
             conn = await self._connect(ctl, addr.ip, port)
             if conn is None:
                 continue
             result = await self._dialogue(
-                conn, ctl, addr, helo, sender, recipients, message, mode, host
+                conn, ctl, addr, port, helo, sender, recipients, message, mode, host
             )
-            if result.tls_fallback:
+            if result is not None and result.tls_fallback:
                 # The handshake broke the connection; policy allows plaintext: once more.
                 conn = await self._connect(ctl, addr.ip, port)
                 if conn is None:
                     return result
                 result = await self._dialogue(
-                    conn, ctl, addr, helo, sender, recipients, message, TlsMode.OFF, host
+                    conn, ctl, addr, port, helo, sender, recipients, message, TlsMode.OFF, host
                 )
+            assert result is not None  # only a kept connection can come back as None
             return result
         return _only("Z", NO_CONNECTION)
 
@@ -258,13 +278,17 @@ class RemoteAgent:
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         ctl: Control,
         addr: mx.Address,
+        port: int,
         helo: str,
         sender: bytes,
         recipients: list[bytes],
         message: BinaryIO,
         mode: TlsMode,
         domain: str,
-    ) -> SessionResult:
+        reused: Idle | None = None,
+    ) -> SessionResult | None:
+        """Run one transaction on ``conn``. None: a kept connection (``reused``) was found
+        dead before the server said anything about this message; use a new one."""
         reader, writer = conn
         timeout = max(ctl.timeoutremote, 1)
         session = ClientSession(
@@ -278,7 +302,8 @@ class RemoteAgent:
         )
         parser = ReplyParser()
         replies: deque[Reply] = deque()
-        tls_on = False
+        tls_on = reused.tls if reused is not None else False
+        keep = False
 
         async def next_reply() -> Reply:
             while not replies:
@@ -287,7 +312,10 @@ class RemoteAgent:
                 if not data:
                     raise _Dropped
                 replies.extend(parser.feed(data))
-            return replies.popleft()
+            reply = replies.popleft()
+            if reused is not None and session.replies_seen == 0 and reply.code == 421:
+                raise _Stale  # the server timed the kept connection out
+            return reply
 
         async def write(data: bytes) -> None:
             writer.write(data)
@@ -295,7 +323,10 @@ class RemoteAgent:
                 await writer.drain()
 
         try:
-            actions: deque[Action] = deque(session.reply(await next_reply()))
+            if reused is None:
+                actions: deque[Action] = deque(session.reply(await next_reply()))
+            else:
+                actions = deque(session.resume(reused.caps, reused.tls))
             while True:
                 if not actions:
                     actions.extend(session.reply(await next_reply()))
@@ -316,13 +347,28 @@ class RemoteAgent:
                         return _only("Z", READ_FAILED)
                     session.body_sent()
                 elif isinstance(act, Done):
-                    if act.result.quit:
+                    res = act.result
+                    if (
+                        res.message[0] == "K"
+                        and mode is not TlsMode.REQUIRED
+                        and not replies
+                        and parser.idle
+                    ):
+                        uses = reused.uses + 1 if reused is not None else 1
+                        conn_idle = Idle(reader, writer, session.caps, tls_on, uses)
+                        keep = self.pool.put((addr.ip, port, helo), conn_idle)
+                    if res.quit and not keep:
                         writer.write(b"QUIT\r\n")  # its reply is never awaited (qmail)
-                    return act.result
+                    return res
+        except _Stale:
+            return None
         except (_Dropped, TimeoutError, OSError, EOFError, ssl.SSLError):
+            if reused is not None and session.replies_seen == 0:
+                return None
             return session.connection_lost()
         finally:
-            self._close(writer, tls_on)
+            if not keep:
+                self._close(writer, tls_on)
 
     async def _start_tls(
         self, writer: asyncio.StreamWriter, addr: mx.Address, verify: bool, timeout: int

@@ -56,6 +56,11 @@ class ReplyParser:
         self._text = bytearray()
         self._line_len = 0
 
+    @property
+    def idle(self) -> bool:
+        """No partial reply is buffered."""
+        return not self._head and not self._text
+
     def feed(self, data: bytes) -> list[Reply]:
         out: list[Reply] = []
         pos = 0
@@ -206,6 +211,7 @@ class ClientSession:
     _last: Reply | None = None
     _body_sent: bool = False
     _pipelined: bool = False
+    _replies: int = 0
     _queued: deque[bytes] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
@@ -246,9 +252,30 @@ class ClientSession:
         return self._body_sent
 
     # -- the dialogue ----------------------------------------------------------------
+    def resume(self, caps: frozenset[bytes], tls_active: bool) -> list[Action]:
+        """Start on a connection kept from an earlier transaction (greeting and EHLO done):
+        go straight to MAIL with the capabilities learnt then."""
+        self._caps = set(caps)
+        self._tls_active = tls_active
+        return self._mail()
+
+    @property
+    def caps(self) -> frozenset[bytes]:
+        """The server's EHLO keywords (empty after HELO)."""
+        return frozenset(self._caps)
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def replies_seen(self) -> int:
+        return self._replies
+
     def reply(self, reply: Reply) -> list[Action]:
         """Feed one server reply; returns what to do next."""
         self._last = reply
+        self._replies += 1
         st = self._state
         if st is _St.GREETING:
             if reply.code != 220:
