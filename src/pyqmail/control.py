@@ -85,6 +85,13 @@ def parse_line(raw: bytes) -> str:
     return _decode(_strip(raw.split(b"\n", 1)[0]))
 
 
+def qmail_int(value: int) -> int:
+    """What qmail makes of a decimal number: an unsigned long (64-bit) stored in an int
+    (32-bit); a negative result counts as 0 (as qmail-showctl shows it)."""
+    v = value % (1 << 64) % (1 << 32)
+    return v if v < (1 << 31) else 0
+
+
 def parse_int(raw: bytes) -> tuple[int | None, str | None]:
     """qmail's int reader. Returns (value or None for 'treat as absent', problem text)."""
     line = parse_line(raw)
@@ -96,9 +103,12 @@ def parse_int(raw: bytes) -> tuple[int | None, str | None]:
             break
     if not digits:
         return None, f"{line!r} is not a number; qmail ignores it and uses the default"
+    value = qmail_int(int(digits))
+    if value != int(digits):
+        return value, f"{digits} is too large for qmail's int; qmail uses {value}"
     if len(digits) != len(line):
-        return int(digits), f"{line!r} has text after the number; qmail uses {int(digits)}"
-    return int(digits), None
+        return value, f"{line!r} has text after the number; qmail uses {value}"
+    return value, None
 
 
 def parse_list(raw: bytes) -> tuple[tuple[str, int], ...]:

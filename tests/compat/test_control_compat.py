@@ -84,6 +84,24 @@ SCENARIOS: dict[str, tuple[dict[str, bytes], tuple[str, ...]]] = {
         (),
     ),
     "mrh only": ({"morercpthosts": b"m.example\n", "morercpthosts.cdb": b""}, ()),
+    "big numbers": (
+        dict(
+            zip(
+                INT_FILES,
+                [
+                    b"2147483647\n",
+                    b"2147483648\n",
+                    b"4294967306\n",
+                    b"18446744073709551616\n",
+                    b"99999999999999999999\n",
+                    b"00000000000000000000000000012\n",
+                    b"4294967295x\n",
+                ],
+                strict=True,
+            )
+        ),
+        (),
+    ),
     "empty files": ({n: b"" for n in LINE_FILES + INT_FILES + LIST_FILES}, ()),
 }
 
