@@ -329,6 +329,32 @@ class _Checker:
                 "create it, e.g. with the line ./Maildir/ or &admin@example.com",
             )
 
+    def queue(self) -> None:
+        if not self.home.queue.is_dir():
+            self.warning("queue", 0, "missing: no mail can be queued",
+                         f"create it with: pyqmail init {self.home.root}")  # fmt: skip
+
+    def delivery(self, ctl: Control) -> None:
+        """Settings that are valid but rarely what was meant."""
+        for name in ("concurrencylocal", "concurrencyremote"):
+            if getattr(ctl, name) == 0 and ctl.sources.get(name) == "file":
+                channel = name[len("concurrency") :]
+                self.warning(f"control/{name}", 1,
+                             f"0 puts {channel} deliveries on hold: nothing is delivered",
+                             "write a positive number to deliver again")  # fmt: skip
+        if ctl.sources.get("defaultdelivery") == "file":
+            for n, line in enumerate(ctl.defaultdelivery.splitlines(), 1):
+                if line.rstrip() in ("./Maildir", "Maildir", "~/Maildir"):
+                    self.warning("control/defaultdelivery", n,
+                                 f"{line.rstrip()!r} without a final '/' is an mbox file, "
+                                 "not a maildir", "write ./Maildir/ for a maildir")  # fmt: skip
+        for line, n in ctl.raw_lists.get("virtualdomains", ()):
+            key = line.partition(":")[0].lower()
+            if "@" not in key and key in ctl.locals:
+                self.warning("control/virtualdomains", n,
+                             f"{key} is also in locals, which wins: this line is never used",
+                             f"remove {key} from control/locals or from this file")  # fmt: skip
+
 
 def check(home: Home) -> list[Problem]:
     """Every problem found in ``home``, errors and warnings, in a stable order."""
@@ -348,9 +374,11 @@ def check(home: Home) -> list[Problem]:
         ch.relay(ctl)
         ch.qmqpservers(ctl)
         ch.smtproutes(ctl)
+        ch.delivery(ctl)
     ch.rules()
     ch.users()
     ch.aliases()
+    ch.queue()
     ch.unknown_files()
     return ch.problems
 

@@ -193,3 +193,26 @@ def test_unreadable_rules_file_reported_once(home: Home) -> None:
     (home.control / "tcp.smtp").mkdir()
     p = one_error(home, "control/tcp.smtp")
     assert "cannot be read" in p.message
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line", "word"),
+    [("concurrencyremote", "0\n", 1, "hold"), ("defaultdelivery", "# x\n./Maildir\n", 2, "mbox"),
+     ("virtualdomains", "other.example:joe\nmx.test.example:bob\n", 2, "never used")],
+)  # fmt: skip
+def test_probably_unintended_settings_warn(
+    home: Home, name: str, text: str, line: int, word: str
+) -> None:
+    write_control(home, name, text)
+    write_control(home, "rcpthosts", "mx.test.example\nother.example\n")
+    (p,) = check(home)
+    assert (p.severity, p.file, p.line) == (Severity.WARNING, f"control/{name}", line)
+    assert word in p.message
+
+
+def test_missing_queue_warns(home: Home) -> None:
+    import shutil
+
+    shutil.rmtree(home.queue)
+    (p,) = check(home)
+    assert (p.severity, p.file) == (Severity.WARNING, "queue")
