@@ -61,7 +61,7 @@ def test_crlf_header_ends_at_crlf_line() -> None:
 def test_eof_in_header() -> None:
     h, body = _read(b"Subject: x\nTo: a")
     assert h.separator == b"" and body == b""
-    assert h.fields[1].raw == b"To: a"
+    assert h.fields[1].raw == b"To: a\n"  # the unterminated line gets its newline
 
 
 def _prepare(home: Home, data: bytes, env: dict[str, str] | None = None) -> bytes:

@@ -18,8 +18,7 @@ import pytest
 
 from pyqmail.control import load
 from pyqmail.home import Home
-from pyqmail.inject.headers import read_header
-from pyqmail.inject.inject import InjectError, Settings, parse_args, prepare, return_path_line
+from pyqmail.inject.inject import InjectError, Settings, inject, parse_args
 from pyqmail.qdate import date822
 
 NOW = 1_700_000_000.0
@@ -1874,6 +1873,181 @@ CASES = [
         "",
         "Frobot@dh.dd.example\x00Tq@dh.dd.example\x00\x00",
     ),
+    (
+        "To: a\n\nbody",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example\n"
+        "\n"
+        "body\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "Subject: x",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "Cc: recipient list not shown: ;\n"
+        "Subject: x\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "Subject: x\nnot header",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "Cc: recipient list not shown: ;\n"
+        "Subject: x\n"
+        "\n"
+        "not header\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "Subject: x\n cont",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "Cc: recipient list not shown: ;\n"
+        "Subject: x\n"
+        " cont\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a\n\nb\nc",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example\n"
+        "\n"
+        "b\n"
+        "c\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: undisclosed-recipients:;\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: undisclosed-recipients: ;\n"
+        "\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        'To: "Doe, John" <jd@x.example>, other@y.example\n\n',
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        'To: "Doe, John" <jd@x.example>, other@y.example\n'
+        "\n",
+        "Frobot@dh.dd.example\x00Tother@y.example\x00Tjd@x.example\x00\x00",
+    ),
+    (
+        "To: user@example.com (User Name)\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: user@example.com (User Name)\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tuser@example.com\x00\x00",
+    ),
+    (
+        "To: a@[IPv6:::1]\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@[IPv6:::1]\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Ta@[IPv6:::1]\x00\x00",
+    ),
+    (
+        "TO: a\ncc: b\nbCC: c\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "TO: a@dh.dd.example\n"
+        "cc: b@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00Tb@dh.dd.example\x00Tc@dh.dd.example\x00\x00",
+    ),
+    (
+        "Cc:\n  a@b.example\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "Cc: a@b.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Ta@b.example\x00\x00",
+    ),
+    (
+        "From: =?UTF-8?B?w6Rh?= <a@b.example>\nTo: x@y.example\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: =?UTF-8?B?w6Rh?= <a@b.example>\n"
+        "To: x@y.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tx@y.example\x00\x00",
+    ),
 ]
 
 # inputs on which pyqmail's output knowingly differs from notqmail's (docs/inject.md)
@@ -1894,6 +2068,23 @@ def _expand(text: str) -> str:
     )
 
 
+class _Capture:
+    def __init__(self) -> None:
+        self.data = b""
+        self.envelope = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def commit(self, sender: bytes, recipients: list[bytes]) -> int:
+        self.envelope = b"F" + sender + b"\0" + b"".join(b"T" + r + b"\0" for r in recipients)
+        self.envelope += b"\0"
+        return 0
+
+    def abort(self) -> None:
+        pass
+
+
 def _run(home: Home, tmp_path: Path, inp: str, env: dict[str, str], args: list[str]):
     env = {**BASE_ENV, **env}
     if env.get("QMAILMFTFILE") == "{MFT}":
@@ -1903,13 +2094,10 @@ def _run(home: Home, tmp_path: Path, inp: str, env: dict[str, str], args: list[s
     opts = parse_args(["-n", *args])  # the reference ran with -n first
     settings = Settings.from_env(load(home), env)
     stream = io.BytesIO(inp.encode("utf-8", "surrogateescape"))
-    prepared = prepare(read_header(stream), opts, settings, now=NOW, pid=PID)
-    out = return_path_line(prepared.sender) + prepared.header + stream.read()
-    if not opts.print_only:  # -N after -n: queued, nothing printed
-        out = b""
-    envelope = b"F" + prepared.sender.encode() + b"\0"
-    envelope += b"".join(b"T" + r.encode() + b"\0" for r in prepared.recipients) + b"\0"
-    return out.decode("utf-8", "surrogateescape"), envelope.decode("utf-8", "surrogateescape")
+    sink = _Capture()
+    inject(stream, opts, settings, sink, now=NOW, pid=PID)
+    out = sink.data if opts.print_only else b""  # -N after -n: queued, nothing printed
+    return out.decode("utf-8", "surrogateescape"), sink.envelope.decode("utf-8", "surrogateescape")
 
 
 @pytest.mark.parametrize(

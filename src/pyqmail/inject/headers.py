@@ -9,7 +9,8 @@ body). Field names are matched case-insensitively; their bytes are kept as writt
 
 pyqmail difference (documented in docs/inject.md): a line that is only ``CR LF`` ends the
 header like an empty line, where qmail keeps it as the first body line after an inserted
-blank line. Header lines may be CR LF or LF; a trailing CR is white space to the address
+blank line. An unterminated last line gets its newline, as qmail-inject gives it. Header
+lines may be CR LF or LF; a trailing CR is white space to the address
 parser and is kept in fields that are copied.
 """
 
@@ -69,6 +70,8 @@ def read_header(stream: BinaryIO) -> Header:
         line = stream.readline()
         if not line:
             return Header(fields, b"", b"")
+        if not line.endswith(b"\n"):
+            line += b"\n"  # qmail-inject ends a last, unterminated line
         if line in (b"\n", b"\r\n"):
             return Header(fields, b"\n", b"")
         if first and line.startswith(b"From "):

@@ -310,18 +310,27 @@ def return_path_line(sender: str) -> bytes:
     return _b(f"Return-Path: <{shown}>\n")
 
 
-def inject(stream: BinaryIO, opts: Options, s: Settings, sink: Sink) -> int:
+def inject(
+    stream: BinaryIO,
+    opts: Options,
+    s: Settings,
+    sink: Sink,
+    *,
+    now: float | None = None,
+    pid: int | None = None,
+) -> int:
     """Read the message from ``stream`` into ``sink``; returns the queue's message number
     (0 for -n). Raises InjectError; the sink is aborted on any failure."""
     try:
         header = read_header(stream)
     except OSError as e:
         raise InjectError(111, "read error") from e
-    prepared = prepare(header, opts, s)
+    prepared = prepare(header, opts, s, now=now, pid=pid)
     try:
         if opts.print_only:
             sink.write(return_path_line(prepared.sender))
         sink.write(prepared.header)
+        last = prepared.header[-1:]
         while True:
             try:
                 chunk = stream.read(CHUNK)
@@ -330,6 +339,9 @@ def inject(stream: BinaryIO, opts: Options, s: Settings, sink: Sink) -> int:
             if not chunk:
                 break
             sink.write(chunk)
+            last = chunk[-1:]
+        if last not in (b"", b"\n"):
+            sink.write(b"\n")  # qmail-inject ends an unterminated last line
         return sink.commit(_b(prepared.sender), [_b(r) for r in prepared.recipients])
     except BaseException:
         sink.abort()
