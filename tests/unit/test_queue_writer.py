@@ -215,3 +215,11 @@ def test_stale_intd_with_our_inode_is_replaced(home: Home) -> None:
     paths.intd(p.msgnum).write_bytes(b"u1\0p1\0Fold\0")
     n = p.commit(b"new", [b"r"])
     assert parse_todo(paths.todo(n).read_bytes()).sender == b"new"
+
+
+def test_dropped_pending_is_cleaned(home: Home) -> None:
+    p = QueueWriter(home).begin()
+    p.write(b"never committed\n")
+    assert _files(home) != []
+    del p
+    assert _files(home) == []

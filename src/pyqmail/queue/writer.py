@@ -41,6 +41,7 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
 
 Hook = Callable[[CrashState], None]
+
 ORIGINS = ("uid", "network", "bounce", "alias")
 _BUFSIZE = 65536
 _PID_SEQ_TRIES = 1000
@@ -391,6 +392,12 @@ class Pending:
                     pass
         os.close(self._fd)
         self._fd = -1
+
+    def __del__(self) -> None:
+        # A Pending dropped without commit or abort can never be committed: clean up now
+        # rather than leave its files to the start-up clean.
+        if not getattr(self, "_done", True):
+            self.abort()
 
     def abort(self) -> None:
         """Remove every file this message created. Idempotent; never raises."""
