@@ -8,6 +8,7 @@ so concurrent writers never interleave inside a line.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import BinaryIO
 
@@ -23,14 +24,37 @@ def safe(text: str | bytes) -> bytes:
 
 
 class SendLog:
-    """Writes qmail-send's lines to ``stream`` (a binary file; stderr's buffer by default)."""
+    """Writes qmail-send's lines to ``stream`` (a binary file; stderr's buffer by default).
+
+    Inside a running event loop, the lines of one loop iteration are gathered and written
+    with one ``write`` at its end (whole lines only, in order); elsewhere each line is
+    written at once.
+    """
 
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self.stream: BinaryIO = stream if stream is not None else sys.stderr.buffer
+        self._pending: list[bytes] = []
 
     def line(self, data: bytes) -> None:
         try:
-            self.stream.write(data + b"\n")
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here (a worker thread, a plain program): write now
+            self._write(data + b"\n")
+            return
+        if not self._pending:
+            loop.call_soon(self.flush)
+        self._pending.append(data + b"\n")
+
+    def flush(self) -> None:
+        """Write what was gathered (also called by the loop at the end of an iteration)."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.stream.write(data)
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a log that cannot be written never stops deliveries

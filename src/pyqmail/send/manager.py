@@ -327,6 +327,7 @@ class Scheduler:
         assert self._loop is not None
         await self._loop.run_in_executor(None, self._persist_schedule)
         self.log.exiting()
+        self.log.flush()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -904,7 +905,11 @@ class Scheduler:
     async def _messdone_async(self, num: int) -> None:
         if os.path.exists(self._p.bounce(num)):
             assert self._loop is not None
-            ok = await self._loop.run_in_executor(None, self._inject_bounce, num)
+            ok, qp = await self._loop.run_in_executor(None, self._inject_bounce, num)
+            if qp is None:
+                self.log.triple_bounce(num)
+            elif qp >= 0:
+                self.log.bounce_msg(num, qp)
             if not ok:
                 self._schedule_messdone(num, SYSERR_RETRY)
                 return
@@ -932,8 +937,12 @@ class Scheduler:
         handle = self._loop.call_later(delay, fire)
         self._done_retry.add(handle)
 
-    def _inject_bounce(self, num: int) -> bool:
-        """Worker thread: queue the bounce of ``num`` (or drop a triple bounce); unlink bounce/N."""
+    def _inject_bounce(self, num: int) -> tuple[bool, int | None]:
+        """Worker thread: queue the bounce of ``num`` (or drop a triple bounce); unlink bounce/N.
+
+        Returns (done, qp): qp of the queued bounce, None for a triple bounce, -1 if none
+        was queued. Warnings are written from here; the loop logs the bounce itself.
+        """
         s = self.settings
         info = self._p.info(num)
         bounce = self._p.bounce(num)
@@ -942,20 +951,19 @@ class Scheduler:
                 raw = f.read()
         except OSError as e:
             self.log.warning(f"unable to read {info}: {e.strerror}")
-            return False
+            return False, -1
         sender = decode(raw[1:].split(b"\0", 1)[0]) if raw.startswith(b"F") else ""
         env = bounce_envelope(sender, s.doublebounce)
-        if env is None:
-            self.log.triple_bounce(num)
-        else:
+        qp: int | None = None
+        if env is not None:
             if self.submitter is None:
                 self.log.warning("unable to start qmail-queue, will try later")
-                return False
+                return False, -1
             try:
                 pending = self.submitter.begin(origin="bounce")
             except Exception:
                 self.log.warning("unable to start qmail-queue, will try later")
-                return False
+                return False, -1
             try:
                 for chunk in bounce_chunks(
                     env,
@@ -971,16 +979,16 @@ class Scheduler:
                 with contextlib.suppress(Exception):
                     pending.abort()
                 self.log.warning("trouble injecting bounce message, will try later")
-                return False
+                return False, -1
             self.stats["bounced"] += 1
-            self.log.bounce_msg(num, pending.qp)
+            qp = pending.qp
         try:
             os.unlink(bounce)
         except OSError as e:
             if e.errno != errno.ENOENT:
                 self.log.warning(f"unable to unlink {bounce}: {e.strerror}")
-                return False
-        return True
+                return False, qp
+        return True, qp
 
     # ---------------------------------------------------------------- idleness
 
