@@ -107,12 +107,18 @@ class Reader:
         return isinstance(key, bytes) and self.get(key) is not None
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every record in file order, duplicates included."""
+        """Every record in file order, duplicates included. CdbError if malformed."""
         data = self._data
-        end = min(p for p, _ in self._header) if self._header else _HEADER_SIZE
+        end = min(p for p, _ in self._header)
+        if end > len(data):
+            raise CdbError("hash tables start past the end of the file")
         pos = _HEADER_SIZE
         while pos < end:
+            if pos + 8 > end:
+                raise CdbError("record runs into the hash tables")
             klen, dlen = _PAIR.unpack_from(data, pos)
+            if pos + 8 + klen + dlen > end:
+                raise CdbError("record runs into the hash tables")
             k = bytes(data[pos + 8 : pos + 8 + klen])
             v = bytes(data[pos + 8 + klen : pos + 8 + klen + dlen])
             yield k, v

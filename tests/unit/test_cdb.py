@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,28 @@ def test_failed_commit_removes_tmp_and_keeps_target(tmp_path: Path) -> None:
     assert not (tmp_path / "t.tmp").exists()
     with pytest.raises(cdb.CdbError):
         w.commit()  # a writer is used once
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=2048, max_size=2300),
+    st.lists(st.tuples(st.integers(0, 255), st.integers(0, 2**32 - 1), st.integers(0, 40)),
+             max_size=8),
+    st.lists(st.binary(max_size=4), max_size=4),
+)  # fmt: skip
+def test_corrupt_files_raise_cdb_error_only(
+    data: bytes, entries: list[tuple[int, int, int]], keys: list[bytes]
+) -> None:
+    buf = bytearray(data)
+    for slot, pos, slots in entries:
+        struct.pack_into("<II", buf, 8 * slot, pos % (len(buf) + 64), slots)
+    r = cdb.Reader(bytes(buf))
+    try:
+        list(r.items())
+    except cdb.CdbError:
+        pass
+    for key in keys:
+        try:
+            list(r.find_all(key))
+        except cdb.CdbError:
+            pass
