@@ -94,8 +94,19 @@ def _open_regular(name: str, dir_fd: int | None) -> tuple[bytes, int] | None:
 
 
 def exists(name: str, dir_fd: int | None = None) -> bool:
-    """The "exists" test used for the -owner files (a regular file that opens)."""
-    return _open_regular(name, dir_fd) is not None
+    """qmail-local's test for the ``-owner`` files: ``stat`` succeeds (any type).
+
+    Raises DotQmailError only for a temporary error, as qmail-local defers then.
+    """
+    if "/" in name or "\0" in name:
+        return False
+    try:
+        os.stat(name.encode("utf-8", "surrogateescape"), dir_fd=dir_fd)
+    except OSError as e:
+        if is_temp_errno(e.errno):
+            raise DotQmailError(f"Unable to open {name}: {strerror(e)}. (#4.3.0)") from e
+        return False
+    return True
 
 
 def choose(dash: str, ext: str, dir_fd: int | None = None) -> Chosen:
