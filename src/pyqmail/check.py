@@ -56,9 +56,10 @@ class Problem:
 
 
 _RULES_FILES = ("tcp.smtp", "tcp.qmtp", "tcp.qmqp")
-# QMQP has no recipient check at all (every client it allows may relay); SMTP and
-# QMTP consult rcpthosts unless RELAYCLIENT is set.
-_RELAY_RULES = ("tcp.smtp", "tcp.qmtp")
+# SMTP and QMTP consult rcpthosts unless RELAYCLIENT is set; QMQP has no recipient check
+# at all, so every client its rules allow may relay.
+_RELAY_RULES = ("tcp.smtp", "tcp.qmtp", "tcp.qmqp")
+_OPEN_BY_ALLOW = ("tcp.qmqp",)
 
 
 def _mtime(path: Path) -> float | None:
@@ -66,6 +67,10 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
+
+
+def _opens_relay(d: tcprules.Decision, by_allow: bool) -> bool:
+    return d.allow and (by_allow or "RELAYCLIENT" in d.env)
 
 
 class _Checker:
@@ -260,7 +265,7 @@ class _Checker:
                     if rule.address in seen:
                         continue  # tcpserver uses the first rule for a key
                     seen.add(rule.address)
-                    flagged = self._relay_rule(rel, rule) or flagged
+                    flagged = self._relay_rule(rel, rule, name in _OPEN_BY_ALLOW) or flagged
             s, d = _mtime(src), _mtime(dst)
             if d is None:
                 self.error(rel, 0, f"is not compiled: {name}.cdb does not exist", compile_cmd)
@@ -268,27 +273,32 @@ class _Checker:
                 self.error(rel, 0, f"is newer than {name}.cdb: the change is not in effect",
                            compile_cmd)  # fmt: skip
         if name in _RELAY_RULES:
-            self._relay_cdb(f"control/{name}.cdb", dst, flagged)
+            self._relay_cdb(f"control/{name}.cdb", dst, flagged, name in _OPEN_BY_ALLOW)
 
-    def _relay_rule(self, rel: str, rule: tcprules.Rule) -> bool:
+    def _relay_rule(self, rel: str, rule: tcprules.Rule, by_allow: bool) -> bool:
         """Report a rule that lets everyone relay; True if it did."""
         if rule.address not in (b"", b"="):
             return False
         d = tcprules.decide(rule.address, rule.value)
-        if not (d.allow and "RELAYCLIENT" in d.env):
+        if not _opens_relay(d, by_allow):
             return False
         who = "every client" if rule.address == b"" else "every client with a PTR name"
+        which = "the default rule" if rule.address == b"" else "the rule ="
+        if by_allow:
+            self.error(rel, rule.lineno,
+                       f"{which} allows {who}, and QMQP has no recipient check: an open relay",
+                       "allow only your own hosts (10.0.0.:allow) and end with :deny")  # fmt: skip
+            return True
         self.error(
             rel,
             rule.lineno,
-            f"{'the default rule' if rule.address == b'' else 'the rule ='} sets "
-            f"RELAYCLIENT for {who}: an open relay",
+            f"{which} sets RELAYCLIENT for {who}: an open relay",
             "set RELAYCLIENT only on rules for your own addresses "
             '(127.0.0.1:allow,RELAYCLIENT=""), and :allow without it',
         )
         return True
 
-    def _relay_cdb(self, rel: str, path: Path, source_flagged: bool) -> None:
+    def _relay_cdb(self, rel: str, path: Path, source_flagged: bool, by_allow: bool) -> None:
         try:
             reader = cdb.Reader.open(path)
         except FileNotFoundError:
@@ -303,9 +313,9 @@ class _Checker:
                 if value is None:
                     continue
                 d = tcprules.decide(key, value)
-                if d.allow and "RELAYCLIENT" in d.env and not source_flagged:
-                    self.error(rel, 0, f"the compiled rule {key.decode()!r} sets RELAYCLIENT "
-                               "for every client: an open relay",
+                if _opens_relay(d, by_allow) and not source_flagged:
+                    self.error(rel, 0, f"the compiled rule {key.decode()!r} lets every client "
+                               "relay: an open relay",
                                "recompile it from rules without that default")  # fmt: skip
 
     # -- users/ and the rest --------------------------------------------------------

@@ -249,7 +249,10 @@ def _rules_lines(home: Home, name: str) -> list[str]:
     src = _mtime(home.control / name)
     cdb_time = _mtime(home.control / f"{name}.cdb")
     if src is None and cdb_time is None:
-        return [head + f"(Default.) No {what} access rules; every client is allowed."]
+        text = f"(Default.) No {what} access rules; every client is allowed"
+        if name == "tcp.qmqp":
+            text += " (and may relay: QMQP has no recipient check)"
+        return [head + text + "."]
     text = f"{what} access rules (tcprules); "
     if cdb_time is None:
         text += f"Oops! {name} exists but {name}.cdb doesn't: run tcprules."

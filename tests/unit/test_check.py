@@ -216,3 +216,13 @@ def test_missing_queue_warns(home: Home) -> None:
     shutil.rmtree(home.queue)
     (p,) = check(home)
     assert (p.severity, p.file) == (Severity.WARNING, "queue")
+
+
+def test_qmqp_open_to_everyone_is_a_relay(home: Home) -> None:
+    write_control(home, "tcp.qmqp", "10.0.0.:allow\n:allow\n")
+    compile_rules_file(home, "tcp.qmqp")
+    p = one_error(home, "control/tcp.qmqp")
+    assert p.line == 2 and "QMQP" in p.message and "relay" in p.message
+    write_control(home, "tcp.qmqp", "10.0.0.:allow\n:deny\n")
+    compile_rules_file(home, "tcp.qmqp")
+    assert check(home) == []

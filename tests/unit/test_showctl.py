@@ -195,6 +195,7 @@ def test_pyqmail_section(home: Home) -> None:
     )
     assert entry(text, "tlsdestinations")[0].startswith("tlsdestinations: (Default.) ")
     assert "tcp.smtp: I have no idea" not in text
+    assert entry(text, "tcp.qmqp")[0].endswith("(and may relay: QMQP has no recipient check).")
 
 
 @pytest.mark.parametrize(
