@@ -498,3 +498,31 @@ def test_direct_delivery_deferral_falls_back_to_info_and_local(home2: Home) -> N
         "later@test.example",
     ]
     assert queue_files(home2) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_cleaner_does_every_todo_intd_mess_unlink(home2: Home, direct: bool) -> None:
+    from pyqmail.queue.clean import handle_request
+
+    paths = QueuePaths(home2.queue)
+    asked: list[bytes] = []
+
+    async def cleaner(kind: str, num: int) -> bool:
+        req = f"{kind}/{num}".encode()
+        asked.append(req)
+        return handle_request(paths, req) == b"+"
+
+    agents = Agents()
+    agents.script["nobody@test.example"] = [Outcome.perm("no\n")]
+
+    async def body(h: Harness) -> None:
+        h.sched._cleaner = cleaner
+        n1 = await h.queue(b"joe@test.example", [b"alice@test.example"])
+        n2 = await h.queue(b"joe@test.example", [b"nobody@test.example"])
+        await h.settle()
+        assert f"todo/{n1}".encode() in asked and f"foop/{n1}".encode() in asked
+        assert f"todo/{n2}".encode() in asked and f"foop/{n2}".encode() in asked
+
+    h = run(home2, body, agents, direct=direct)
+    assert len([c for c in h.agents.calls if c[2] == "joe@test.example"]) == 1  # the bounce
+    assert queue_files(home2) == []

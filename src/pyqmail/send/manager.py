@@ -57,6 +57,9 @@ from pyqmail.send.schedule import (
 from pyqmail.send.todo import Routing, TodoError, decode, encode, parse_todo, verp_sender
 
 LocalDeliver = Callable[[Path, str, str], Awaitable[Outcome]]
+# qmail-clean's requests, for a scheduler that may not unlink queue files itself (root mode):
+# ("todo", N) removes intd/N then todo/N; ("foop", N) removes intd/N and mess/S/N.
+Cleaner = Callable[[str, int], Awaitable[bool]]
 RemoteDeliver = Callable[[Path, str, list[str]], Awaitable[list[Outcome]]]
 
 TODO_SCAN_INTERVAL = 1500.0  # qmail-send: todo scanned at least this often
@@ -210,6 +213,7 @@ class Scheduler:
         scan_interval: float = TODO_SCAN_INTERVAL,
         use_trigger: bool = True,
         direct: bool = True,
+        cleaner: Cleaner | None = None,
     ) -> None:
         self.home = home
         self.paths = QueuePaths(home.queue)
@@ -224,6 +228,7 @@ class Scheduler:
         self._scan_interval = scan_interval
         self._use_trigger = use_trigger
         self._direct = direct
+        self._cleaner = cleaner
         self._fast: dict[int, _Job] = {}  # messages being delivered straight from todo
         self.settings = Settings.from_control(control())
         self._heaps = [PrioQueue(), PrioQueue()]
@@ -459,6 +464,10 @@ class Scheduler:
             finally:
                 self._preprocessing = False
             now_s = self._clock()
+            if self._cleaner is not None:
+                for pre in results:
+                    if not pre.warning and pre.fast is None:
+                        await self._cleaner("todo", pre.num)
             for pre in results:
                 if pre.warning:
                     self.log.warning(pre.warning)
@@ -509,8 +518,9 @@ class Scheduler:
             for p in ok:
                 p.warning = f"trouble fsyncing message {p.num}: {e.strerror}; will retry"
             return results
-        for p in ok:
-            self._clean_todo(p.num)
+        if self._cleaner is None:
+            for p in ok:
+                self._clean_todo(p.num)
         return [p for p in results if p.warning != "gone"]
 
     def _clean_todo(self, num: int) -> None:
@@ -620,6 +630,10 @@ class Scheduler:
         if not job.left and not os.path.exists(self._p.bounce(num)):
             self._fast.pop(num, None)
             self.log.end_msg(num)
+            if self._cleaner is not None:
+                if await self._cleaner("todo", num):
+                    await self._cleaner("foop", num)
+                return
             # todo first: once it is gone nothing delivers the message again
             for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
                 try:
@@ -630,6 +644,8 @@ class Scheduler:
                     self.log.warning(f"unable to unlink {path}: {e.strerror}")
             return
         ok = await self._loop.run_in_executor(None, self._fast_fallback, job)
+        if ok and self._cleaner is not None:
+            await self._cleaner("todo", num)
         self._fast.pop(num, None)
         if not ok:
             return  # todo/N remains; the next todo scan starts it again
@@ -658,7 +674,8 @@ class Scheduler:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             return False
-        self._clean_todo(num)
+        if self._cleaner is None:
+            self._clean_todo(num)
         return True
 
     # ---------------------------------------------------------------- channels
@@ -915,6 +932,15 @@ class Scheduler:
                 return
         self.log.end_msg(num)
         # info first: a crash after it leaves an unreferenced mess that recovery removes
+        if self._cleaner is not None:
+            try:
+                os.unlink(self._p.info(num))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warning(f"unable to unlink {self._p.info(num)}: {e.strerror}")
+            await self._cleaner("foop", num)
+            return
         for path in (self._p.info(num), self._p.intd(num), self._p.mess(num)):
             try:
                 os.unlink(path)
