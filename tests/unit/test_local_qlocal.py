@@ -201,6 +201,19 @@ def test_loop_detected(user: User) -> None:
         assert user.deliver(msg=ok)[0] == 0
 
 
+def test_forward_loop_is_caught_on_the_second_pass(user: User, captured: Path) -> None:
+    """A .qmail that forwards to its own address: the requeued copy bounces as a loop."""
+    user.qmail(".qmail-ext", "&joe-ext@example.com\n")
+    assert user.deliver()[0] == 0
+    ((requeued, env),) = _queued(captured)
+    assert env == b"Fs@example.org\0Tjoe-ext@example.com\0\0"
+    assert user.deliver(msg=requeued) == (
+        100,
+        "This message is looping: it already has my Delivered-To line. (#5.4.6)\n",
+    )
+    assert len(_queued(captured)) == 1
+
+
 def test_home_writable_by_others(user: User) -> None:
     user.qmail(".qmail-ext", "./Maildir/\n")
     user.dir.chmod(0o757)
