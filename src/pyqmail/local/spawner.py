@@ -404,8 +404,9 @@ class Spawner:
             worker.sock.close()
 
     def _on_worker_exit(self, worker: _Worker) -> None:
+        status = 0
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(worker.pid, 0)
+            _pid, status = os.waitpid(worker.pid, 0)
         self._unwatch(worker.pidfd)
         os.close(worker.pidfd)
         self._retire(worker)
@@ -413,7 +414,10 @@ class Spawner:
         job = worker.job
         worker.job = None
         if job is not None:
-            job.code = _CRASHED
+            # Killed: "qmail-local crashed."; exited before answering (it could not drop
+            # to the user's ids): its exit code says why, as qmail-lspawn's child's does.
+            code = os.waitstatus_to_exitcode(status)
+            job.code = code if code > 0 else _CRASHED
             self._finish(job)
 
     # --- reports and results ---------------------------------------------------------
