@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,13 +387,21 @@ class ControlCache:
         loader: Callable[[Home], Control] = load,
         *,
         on_findings: Callable[[tuple[Finding, ...]], None] | None = None,
+        max_age: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``on_findings`` is called after a (re)load whose findings differ from the last
         ones (and are not empty), so a daemon logs each problem once per change, e.g.
-        ``on_findings=lambda fs: [log(f"warning: {f}") for f in fs]``."""
+        ``on_findings=lambda fs: [log(f"warning: {f}") for f in fs]``.
+
+        ``max_age`` > 0 checks the files at most once per that many seconds (a busy
+        server then pays the ~40 ``stat`` calls once a second, not per message)."""
         self.home = home
         self._loader = loader
         self._on_findings = on_findings
+        self._max_age = max_age
+        self._clock = clock
+        self._checked = 0.0
         self._key: tuple[object, ...] | None = None
         self._value: Control | None = None
 
@@ -401,6 +410,11 @@ class ControlCache:
         return (_stat_key(cdir), *(_stat_key(cdir / n) for n in sorted(KNOWN_FILES)))
 
     def get(self) -> Control:
+        if self._max_age > 0:
+            now = self._clock()
+            if self._value is not None and now - self._checked < self._max_age:
+                return self._value
+            self._checked = now
         key = self._current_key()
         if self._value is None or key != self._key:
             before = self._value.findings if self._value is not None else ()

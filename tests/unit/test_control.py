@@ -356,3 +356,14 @@ def test_list_reader_nul_splits_like_qmail() -> None:
     assert parse_list(b"a \0b\nc\n\0x\n#x\0y\nx\0\0y \n") == (
         ("a ", 1), ("b", 1), ("c", 2), ("x", 5), ("", 5), ("y", 5),
     )  # fmt: skip
+
+
+def test_cache_max_age_limits_checks(home: Home) -> None:
+    now = [100.0]
+    cache = ControlCache(home, max_age=1.0, clock=lambda: now[0])
+    assert cache.get().databytes == 0
+    write_control(home, "databytes", "42\n")
+    now[0] += 0.5
+    assert cache.get().databytes == 0  # not looked at yet
+    now[0] += 0.6
+    assert cache.get().databytes == 42
