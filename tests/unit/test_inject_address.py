@@ -69,7 +69,7 @@ def test_rewrite_list(field: str, items: list[str], addrs: list[str]) -> None:
     assert res.addresses == addrs
 
 
-@pytest.mark.parametrize("field", ["@r1:u@h", "a: b: c;", "x;", "a > b"])
+@pytest.mark.parametrize("field", ["@r1:u@h", "a: b: c;", "a;;", "a > b", "<a<b>>"])
 def test_rewrite_list_errors(field: str) -> None:
     with pytest.raises(ParseError):
         rewrite_list(field, RW)

@@ -2048,13 +2048,168 @@ CASES = [
         "\n",
         "Frobot@dh.dd.example\x00Tx@y.example\x00\x00",
     ),
+    (
+        "To: <a> c\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: <a@dh.dd.example>, c@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tc@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a <b> <c>\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a <b@dh.dd.example> <c@dh.dd.example>\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tc@dh.dd.example\x00Tb@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: <a> <b> c\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: <a@dh.dd.example> <b@dh.dd.example>, c@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tc@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: <a>(x) <b>\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: <a@dh.dd.example>(x) <b@dh.dd.example>\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        'To: <a> "q" <b>\n\n',
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        'To: <a@dh.dd.example>"q" <b@dh.dd.example>\n'
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: x: a; b\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: x: a@dh.dd.example;, b@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a;\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example;\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: g: a, b; (c)\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: g: a@dh.dd.example, b@dh.dd.example;(c)\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: g: a, ;\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: g: a@dh.dd.example, ;\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: ;\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: ;\n"
+        "\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a;;\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a;;\n"
+        "\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a; b; c\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a; b; c\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tc@dh.dd.example\x00Tb@dh.dd.example\x00\x00",
+    ),
 ]
 
 # inputs on which pyqmail's output knowingly differs from notqmail's (docs/inject.md)
 KNOWN_DIFFERENCES = {
-    "To: @r1:u@h\n\n",  # qmail still collects u@h from the unparsable field
-    "To: a; b\n\n",  # ';' outside a group
-    "To: <a> <b>\n\n",  # qmail keeps two route-addrs without a comma
+    "To: @r1:u@h\n\n",  # field left as is; notqmail still collects u@h from it
+    "To: a; b; c\n\n",  # field left as is; notqmail still collects b and c from it
 }
 
 

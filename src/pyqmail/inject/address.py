@@ -123,10 +123,12 @@ def _join(tokens: Sequence[Token]) -> str:
     parts: list[str] = []
     prev: Token | None = None
     for t in tokens:
-        if (
-            prev is not None
-            and (prev.is_word() or prev.kind is Kind.COMMENT)
-            and (t.is_word() or t.kind is Kind.COMMENT or t.is_special("<"))
+        if prev is not None and (
+            (
+                (prev.is_word() or prev.kind is Kind.COMMENT)
+                and (t.is_word() or t.kind is Kind.COMMENT or t.is_special("<"))
+            )
+            or (prev.is_special(">") and t.is_special("<"))
         ):
             parts.append(" ")
         parts.append(t.text)
@@ -240,23 +242,49 @@ def _split_plain(tokens: list[Token]) -> list[tuple[list[Token], list[Token]]]:
     return out
 
 
+def _rewrite_angles(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> str:
+    """An item with route-addrs: each ``<...>`` rewritten in place, the rest kept
+    (notqmail writes ``<a> <b>`` as two addresses without a comma)."""
+    out: list[Token] = []
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        if not t.is_special("<"):
+            if t.is_special(">"):
+                raise ParseError("unexpected >")
+            out.append(t)
+            i += 1
+            continue
+        gt = next((j for j in range(i + 1, len(tokens)) if tokens[j].is_special(">")), -1)
+        inner = tokens[i + 1 : gt if gt >= 0 else len(tokens)]
+        addr = [x for x in inner if x.kind is not Kind.COMMENT]
+        if any(
+            x.is_special("<") or (x.is_special(":") and x is not _route_colon(addr)) for x in addr
+        ):
+            raise ParseError("bad route-addr")
+        addr = rw.tokens(_strip_route(addr))
+        text = "".join(x.text for x in addr)
+        out += [t, Token(Kind.ATOM, text)] if text else [t]
+        if gt < 0:  # an unclosed '<' stays part of the address, as notqmail has it
+            addrs.append("<" + envelope_form(addr))
+            break
+        addrs.append(envelope_form(addr))
+        out.append(tokens[gt])
+        i = gt + 1
+    return _join(out)
+
+
+def _route_colon(addr: list[Token]) -> Token | None:
+    """The ':' ending a source route ``@a,@b:`` at the start of ``addr``, if any."""
+    if addr and addr[0].is_special("@"):
+        return next((x for x in addr if x.is_special(":")), None)
+    return None
+
+
 def _rewrite_item(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> list[str]:
     """One comma-separated item -> its output strings (several if words touched)."""
-    lt = next((i for i, t in enumerate(tokens) if t.is_special("<")), -1)
-    if lt >= 0:
-        gt = next((i for i in range(lt + 1, len(tokens)) if tokens[i].is_special(">")), -1)
-        inner = tokens[lt + 1 : gt if gt >= 0 else len(tokens)]
-        addr = [t for t in inner if t.kind is not Kind.COMMENT]
-        if any(t.is_special("<") for t in addr):
-            raise ParseError("nested <")
-        addr = rw.tokens(_strip_route(addr))
-        # an unclosed '<' stays part of the address, as notqmail has it
-        addrs.append(envelope_form(addr) if gt >= 0 else "<" + envelope_form(addr))
-        text = _join(tokens[:lt])
-        text = (text + " " if text else "") + "<" + "".join(t.text for t in addr)
-        if gt >= 0:
-            text += ">" + _join(tokens[gt + 1 :])
-        return [text]
+    if any(t.is_special("<") for t in tokens):
+        return [_rewrite_angles(tokens, rw, addrs)]
     if any(t.is_special(">") or t.is_special(":") for t in tokens):
         raise ParseError("unexpected > or :")
     out: list[str] = []
@@ -272,12 +300,12 @@ def _rewrite_item(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> list[s
     return out
 
 
-def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
-    """Rewrite every address in an address-list field body. Raises ParseError."""
-    tokens = tokenize(text)
+def _split_items(tokens: list[Token]) -> list[list[Token]]:
+    """Comma-separated items; words after a closed ``<...>`` start another item unless a
+    ``<`` follows them (notqmail's comma insertion); ``;`` ends an item too (kept)."""
     items: list[list[Token]] = [[]]
     angle = closed = False
-    for t in tokens:
+    for i, t in enumerate(tokens):
         if angle:
             items[-1].append(t)
             angle = not t.is_special(">")
@@ -285,15 +313,45 @@ def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
         elif t.is_special(","):
             items.append([])
             closed = False
+        elif t.is_special(";"):
+            items[-1].append(t)
+            items.append([])
+            closed = False
         else:
-            if closed and (t.is_word() or t.is_special("<")):
+            if closed and t.is_word() and not _angle_ahead(tokens, i):
                 items.append([])  # words after '>' are another address: qmail adds a comma
                 closed = False
             items[-1].append(t)
             angle = t.is_special("<")
+    out: list[list[Token]] = []
+    for item in items:  # what follows a ';' up to the next ',' if only comments: same item
+        if (
+            out
+            and out[-1]
+            and out[-1][-1].is_special(";")
+            and all(t.kind is Kind.COMMENT for t in item)
+        ):
+            out[-1].extend(item)
+        else:
+            out.append(item)
+    return out
+
+
+def _angle_ahead(tokens: list[Token], i: int) -> bool:
+    for t in tokens[i:]:
+        if t.is_special(",") or t.is_special(";"):
+            return False
+        if t.is_special("<"):
+            return True
+    return False
+
+
+def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
+    """Rewrite every address in an address-list field body. Raises ParseError."""
     result = FieldResult([], [])
     in_group = False
-    for item in items:
+    loose = 0
+    for item in _split_items(tokenize(text)):
         colon = next((i for i, t in enumerate(item) if t.is_special(":")), -1)
         prefix = ""
         if colon >= 0 and not any(t.is_special("<") for t in item[:colon]):
@@ -303,11 +361,13 @@ def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
             in_group = True
             prefix = _join(head) + ": "
             item = item[colon + 1 :]
-        semi = next((i for i, t in enumerate(item) if t.is_special(";")), -1)
         suffix = ""
+        semi = next((i for i, t in enumerate(item) if t.is_special(";")), -1)
         if semi >= 0:
-            if not in_group or any(t.kind is not Kind.COMMENT for t in item[semi + 1 :]):
-                raise ParseError("bad ;")
+            if not in_group:  # notqmail lets one ';' outside a group pass, not two
+                loose += 1
+                if loose > 1:
+                    raise ParseError("';' outside a group")
             in_group = False
             suffix = ";" + _join(item[semi + 1 :])
             item = item[:semi]
