@@ -4,18 +4,16 @@ Owns the wiring and the order of start-up and shutdown:
 
 1. resolve the home, read the controls once (``alert: cannot start: unable to read
    controls`` otherwise), remove what a crash left in the queue (queue/recover.py);
-2. start the local agent: as root, the spawner, which forks, so before any thread exists;
-   otherwise pre-forked local workers that deliver without a fork each (daemon/local.py);
+2. fork the local delivery workers (before any thread exists);
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
-   schedule; the submitter wakes it in-process; the SMTP (and QMQP/QMTP) listeners bind;
+   schedule; the submitter wakes it in-process; the SMTP (and QMQP) listeners bind;
 4. signals: TERM/INT stop (listeners close first, then deliveries in flight finish, bounded),
    HUP re-reads the controls, ALRM retries everything now, PIPE is ignored.
 
 Identities (design.md): in single-user mode, or when started by an ordinary user, every part
-runs as the invoking user (a warning once if that is root). Started as root in multi-user
-mode, the spawner keeps root (it drops to each recipient per delivery), and this process
-drops to the queue user with qmail's group once its ports are bound, so nothing that
-parses network input runs as root.
+runs in this process as the invoking user (a warning once if that is root), with local
+deliveries in pre-forked workers (daemon/local.py). Started as root in multi-user mode, the
+parts run as separate processes under qmail's users instead (daemon/split.py).
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ from typing import BinaryIO
 
 from pyqmail.control import Control, ControlCache, ControlError, load
 from pyqmail.daemon.local import WorkerPoolLocal
-from pyqmail.home import Home, HomeError, warn_if_root_single_user
-from pyqmail.local.spawn import LocalSpawner
+from pyqmail.home import Home, warn_if_root_single_user
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
@@ -109,13 +106,6 @@ class RunConfig:
     stop_timeout: float = STOP_TIMEOUT
 
 
-def _drop_to(uid: int, gid: int) -> None:
-    """Drop this process to ``uid``:``gid`` for good (no supplementary groups)."""
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-
-
 class Daemon:
     """The running MTA: spawner, scheduler, remote agent and listeners in one event loop."""
 
@@ -124,12 +114,11 @@ class Daemon:
         self.home = cfg.home
         self.ctl = SteadyControl(self.home)
         self.log = SendLog(cfg.log)
-        self.spawner: LocalSpawner | WorkerPoolLocal | None = None
+        self.spawner: WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: list[tuple[str, str, int]] = []  # (kind, host, port) actually bound
         self._stop = asyncio.Event()
-        self._drop: tuple[int, int] | None = None
 
     def prepare(self) -> None:
         """Everything that must happen before threads exist (controls, recovery, fork)."""
@@ -142,21 +131,11 @@ class Daemon:
             ctl = load(home)
         except ControlError as e:
             raise RunError(f"unable to read controls: {e}") from e
-        if os.geteuid() == 0 and not home.single_user:
-            try:
-                ids = home.ids()
-            except HomeError as e:
-                raise RunError(str(e)) from e
-            self._drop = (ids.uid("queue"), ids.gid("qmail"))
-        else:
-            warn_if_root_single_user(home, PROG)
+        warn_if_root_single_user(home, PROG)
         clean_stale(QueuePaths(home.queue))
-        if home.single_user or os.geteuid() != 0:
-            # enough for concurrencylocal (a HUP that raises it beyond this queues deliveries)
-            workers = min(64, max(10, ctl.concurrencylocal))
-            self.spawner = WorkerPoolLocal(home, self.ctl, workers=workers)
-        else:
-            self.spawner = LocalSpawner(home, self.ctl)
+        # enough for concurrencylocal (a HUP that raises it beyond this queues deliveries)
+        workers = min(64, max(10, ctl.concurrencylocal))
+        self.spawner = WorkerPoolLocal(home, self.ctl, workers=workers)
         self.spawner.start()
 
     async def serve(self) -> None:
@@ -177,8 +156,6 @@ class Daemon:
         submitter = qsubmit.submitter(self.home, notify=sched.notify)
         sched.submitter = submitter
         await self._listen(submitter)
-        if self._drop is not None:
-            _drop_to(*self._drop)
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -287,6 +264,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run(cfg: RunConfig) -> int:
     """Run the MTA until TERM/INT; 0 after a clean stop, 111 if it cannot start."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
+    if os.geteuid() == 0 and not cfg.home.single_user:
+        from pyqmail.daemon.split import run_split
+
+        return run_split(cfg)
     daemon = Daemon(cfg)
     try:
         daemon.prepare()
