@@ -284,6 +284,9 @@ def test_condredirect(home: Home, fakeqq: tuple[Path, Path], tmp_path: Path) -> 
     assert not (out / "env").exists()
     assert run(["condredirect", "new@addr", "sh", "-c", "exit 111"], m, env=env).returncode == 111
     assert run(["condredirect", "x"], m, env=env).returncode == 100
+    r = run(["condredirect", "piped@addr", "cat"], MSG, env=env)  # stdin is a pipe
+    assert r.returncode == 99
+    assert (out / "msg").read_bytes() == b"Delivered-To: u@h\n" + MSG
 
 
 def test_maildir2mbox(tmp_path: Path) -> None:

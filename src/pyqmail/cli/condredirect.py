@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from pyqmail.cli.common import split_home_args
-from pyqmail.local.tools import ToolExit, child_verdict, finish, requeue
+from pyqmail.local.tools import ToolExit, child_verdict, finish, requeue, seekable_stdin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,6 +16,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return finish(
             ToolExit(100, "condredirect: usage: condredirect newaddress program [ arg ... ]")
         )
+    fd = seekable_stdin()  # the message must still be there after the program read it
+    if fd != 0:
+        os.dup2(fd, 0)
+        os.close(fd)
     try:
         if child_verdict("condredirect", args[1:]) != 0:
             return 0
