@@ -312,3 +312,42 @@ def test_maildir2mbox(tmp_path: Path) -> None:
     assert os.listdir(md / "new") == [] and os.listdir(md / "cur") == []
     r = run(["maildir2mbox"], env={"MAILDIR": str(md), "MAIL": str(mail)})
     assert (r.returncode, r.stderr) == (111, b"maildir2mbox: fatal: MAILTMP not set\n")
+
+
+@pytest.mark.parametrize(
+    ("opts", "joe_lines"),
+    [
+        (["-C"], "=joe:joe:{u}:100:{h}:::\n"),
+        (["-c+"], "=joe:joe:{u}:100:{h}:::\n+joe+:joe:{u}:100:{h}:-::\n"),
+        (["-/"], "=joe:joe:{u}:100:{h}:::\n+joe-:joe:{u}:100:{h}:-/::\n"),
+    ],
+)
+def test_qmail_pw2u_options(home: Home, tmp_path: Path, opts: list[str], joe_lines: str) -> None:
+    h = tmp_path / "h"
+    h.mkdir()
+    if os.getuid() == 0:
+        os.chown(h, 4242, 0)
+    u = 4242 if os.getuid() == 0 else os.getuid()
+    passwd = f"joe:x:{u}:100::{h}:/bin/sh\nalias:x:{u}:100::{h}:/bin/sh\n"
+    r = run(["qmail-pw2u", *opts], passwd.encode())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().startswith(joe_lines.format(u=u, h=h))
+
+
+def test_qmail_pw2u_uppercase_and_home_policies(home: Home, tmp_path: Path) -> None:
+    h = tmp_path / "h"
+    h.mkdir()
+    if os.getuid() == 0:
+        os.chown(h, 4242, 0)
+    u = 4242 if os.getuid() == 0 else os.getuid()
+    passwd = (
+        f"Ann:x:{u}:100::{h}:/bin/sh\nbob:x:{u}:100::/nonexistent:/bin/sh\n"
+        f"alias:x:{u}:100::{h}:/bin/sh\n"
+    )
+    default = run(["qmail-pw2u"], passwd.encode()).stdout.decode()
+    assert "Ann" not in default and "bob" not in default
+    assert (
+        f"=Ann:Ann:{u}:100:{h}:::\n" in run(["qmail-pw2u", "-u"], passwd.encode()).stdout.decode()
+    )
+    no_checks = run(["qmail-pw2u", "-H"], passwd.encode()).stdout.decode()
+    assert f"=bob:bob:{u}:100:/nonexistent:::\n" in no_checks
