@@ -140,8 +140,11 @@ def main() -> None:
             create_home(home, "mx.test.example", None)
             fill(home, n)
             r = asyncio.run(measure(home, a.k))
-            print(f"{int(r['backlog']):8d} {r['start_s']:8.2f} {r['start_us_per_msg']:7.1f} "
-                  f"{r['mem_mb']:7.1f} {r['mem_b_per_msg']:6.0f} {r['rate']:10.0f} "
+            per = (
+                (f"{r['start_us_per_msg']:7.1f}", f"{r['mem_b_per_msg']:6.0f}") if n else ("-", "-")
+            )
+            print(f"{int(r['backlog']):8d} {r['start_s']:8.2f} {per[0]:>7} "
+                  f"{r['mem_mb']:7.1f} {per[1]:>6} {r['rate']:10.0f} "
                   f"{r['cpu_ms_per_msg']:11.2f}", flush=True)  # fmt: skip
         finally:
             shutil.rmtree(d, ignore_errors=True)

@@ -628,20 +628,16 @@ class Scheduler:
         assert self._loop is not None
         num = job.num
         if not job.left and not os.path.exists(self._p.bounce(num)):
-            self._fast.pop(num, None)
             self.log.end_msg(num)
-            if self._cleaner is not None:
-                if await self._cleaner("todo", num):
-                    await self._cleaner("foop", num)
-                return
-            # todo first: once it is gone nothing delivers the message again
-            for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    self.log.warning(f"unable to unlink {path}: {e.strerror}")
+            # The number stays in _fast until todo/N is gone, so no scan takes it again.
+            try:
+                if self._cleaner is not None:
+                    if await self._cleaner("todo", num):
+                        await self._cleaner("foop", num)
+                else:  # off the event loop: an unlink may wait for the disk
+                    await self._loop.run_in_executor(None, self._remove_finished, num)
+            finally:
+                self._fast.pop(num, None)
             return
         ok = await self._loop.run_in_executor(None, self._fast_fallback, job)
         if ok and self._cleaner is not None:
@@ -655,6 +651,17 @@ class Scheduler:
             self._wake[LOCAL].set()
         else:
             self._messdone(num)
+
+    def _remove_finished(self, num: int) -> None:
+        """Worker thread: a directly delivered message is done; todo first, so that once it
+        is gone nothing delivers the message again, then intd and mess."""
+        for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warning(f"unable to unlink {path}: {e.strerror}")
 
     def _fast_fallback(self, job: _Job) -> bool:
         """Worker thread: write info and local (with D marks) durably, then clean todo."""
