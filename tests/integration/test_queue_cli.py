@@ -180,3 +180,15 @@ def test_serve(home: Home, tmp_path: Path) -> None:
         svc.terminate()
         assert svc.wait(10) == 0
     assert not sock.exists()
+
+
+def test_unreadable_queue(home: Home, tmp_path: Path) -> None:
+    """As notqmail: qread says ``fatal: unable to chdir: ...`` on stdout and exits 111;
+    qstat reports the unreadable directories on stderr and counts the rest."""
+    os.rename(home.queue, tmp_path / "away")
+    r = subprocess.run([str(BIN / "qmail-qread")], capture_output=True, timeout=30)
+    assert (r.returncode, r.stdout) == (111, b"fatal: unable to chdir: file does not exist\n")
+    r = subprocess.run([str(BIN / "qmail-qstat")], capture_output=True, timeout=30)
+    assert r.returncode == 0
+    assert r.stdout == b"messages in queue: 0\nmessages in queue but not yet preprocessed: 0\n"
+    assert b"todo" in r.stderr

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pyqmail.cli.common import split_home_args
 from pyqmail.queue.layout import QueuePaths
-from pyqmail.queue.reader import format_message, messages
+from pyqmail.queue.reader import format_message, messages, qmail_strerror
 
 PROG = "qmail-qread"
 
@@ -16,10 +16,13 @@ PROG = "qmail-qread"
 def main(argv: Sequence[str] | None = None) -> int:
     home, _ = split_home_args(sys.argv[1:] if argv is None else argv)
     paths = QueuePaths(home.queue)
-    if not os.access(paths.root, os.X_OK) or not paths.root.is_dir():
-        print(f"{PROG}: fatal: unable to chdir to {paths.root}", file=sys.stderr)
-        return 111
     out = sys.stdout
+    # qmail-qread writes its warnings and its fatal errors on stdout, exit 111.
+    try:
+        os.listdir(paths.root)
+    except OSError as e:
+        out.write(f"fatal: unable to chdir: {qmail_strerror(e)}\n")
+        return 111
     try:
         for m in messages(paths):
             if isinstance(m, tuple):
@@ -27,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 out.write(format_message(m))
     except OSError as e:
-        print(f"{PROG}: fatal: unable to read queue: {e.strerror}", file=sys.stderr)
+        out.write(f"fatal: trouble reading queue: {qmail_strerror(e)}\n")
         return 111
     out.flush()
     return 0

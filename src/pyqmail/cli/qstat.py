@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pyqmail.cli.common import fatal, split_home_args
+from pyqmail.cli.common import split_home_args
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.reader import count, qstat_text
 
@@ -14,10 +14,10 @@ PROG = "qmail-qstat"
 
 def main(argv: Sequence[str] | None = None) -> int:
     home, _ = split_home_args(sys.argv[1:] if argv is None else argv)
-    try:
-        c = count(QueuePaths(home.queue))
-    except OSError as e:
-        return fatal(PROG, f"unable to read {home.queue}: {e.strerror}")
+    errors: list[str] = []
+    c = count(QueuePaths(home.queue), errors)
+    for e in errors:
+        print(f"{PROG}: {e}", file=sys.stderr)
     sys.stdout.write(qstat_text(c))
     return 0
 

@@ -42,14 +42,20 @@ class QueueCounts:
     unprocessed: int  # files in todo/
 
 
-def _count_files(path: os.PathLike[str] | str) -> int:
-    return sum(1 for e in os.scandir(path) if not e.is_dir(follow_symlinks=False))
+def _count_files(path: os.PathLike[str] | str, errors: list[str]) -> int:
+    try:
+        return sum(1 for e in os.scandir(path) if not e.is_dir(follow_symlinks=False))
+    except OSError as e:
+        errors.append(f"{path}: {e.strerror}")
+        return 0
 
 
-def count(paths: QueuePaths) -> QueueCounts:
-    """qmail-qstat's two numbers. OSError if a directory cannot be read."""
-    messages = sum(_count_files(d) for d in paths.split_dirs("mess"))
-    return QueueCounts(messages, _count_files(paths.dir("todo")))
+def count(paths: QueuePaths, errors: list[str] | None = None) -> QueueCounts:
+    """qmail-qstat's two numbers. A directory that cannot be read counts as empty and
+    is named in ``errors`` (qmail-qstat is ``find | wc -l``: it says so and goes on)."""
+    errs: list[str] = [] if errors is None else errors
+    messages = sum(_count_files(d, errs) for d in paths.split_dirs("mess"))
+    return QueueCounts(messages, _count_files(paths.dir("todo"), errs))
 
 
 def qstat_text(c: QueueCounts) -> str:
