@@ -339,6 +339,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a tenth of the messages")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections (0: skip)")
     ap.add_argument("--sessions", default="1,10,50")
+    ap.add_argument("--sizes", default="1024,102400", help="message sizes to run")
     ap.add_argument("--no-postfix", action="store_true")
     a = ap.parse_args()
     for tool in ("smtp-source",) + (() if a.no_postfix else ("postfix", "postsuper")):
@@ -349,7 +350,9 @@ def main() -> int:
     want = min(hard, max(soft, 2 * a.idle + 1000))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     sessions = [int(x) for x in a.sessions.split(",")]
+    sizes = {int(x) for x in a.sizes.split(",")}
     loads = [(3000, 1024, "1 KiB"), (1000, 102400, "100 KiB")]
+    loads = [load for load in loads if load[1] in sizes]
     if a.quick:
         loads = [(n // 10, size, label) for n, size, label in loads]
     tmp = Path(tempfile.mkdtemp(prefix="pyqmail-bench-smtp-"))

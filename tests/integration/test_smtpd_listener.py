@@ -151,6 +151,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "40",
         "--control-ttl",
         "0",
+        "--limit-loopback",
     )
     port = wait_listening(proc)[0]
     yield Server(home, port, proc)
@@ -502,6 +503,19 @@ def test_ipv6_and_greet_delay_early_talker(tmp_path: Path) -> None:
         assert len(todo) == 1
         mess = [f for f in (home.queue / "mess").rglob("*") if f.is_file()]
         assert b"(::1)" in mess[0].read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_loopback_is_exempt_from_the_per_ip_limit_by_default(tmp_path: Path) -> None:
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    proc = start_listener(home, "--listen", "127.0.0.1:0", "--max-per-ip", "2")
+    try:
+        port = wait_listening(proc)[0]
+        conns = [Raw(port) for _ in range(5)]
+        assert [c.reply()[0] for c in conns] == [220] * 5
     finally:
         proc.terminate()
         proc.wait(10)

@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--single-user", action="store_true")
     p.add_argument("--max-conns", type=int, default=100)
     p.add_argument("--max-per-ip", type=int, default=20)
+    p.add_argument(
+        "--limit-loopback",
+        action="store_true",
+        help="apply --max-per-ip to loopback clients too (exempt by default)",
+    )
     p.add_argument("--greet-delay", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument(
@@ -106,8 +111,10 @@ def _serve(
     except Exception as e:
         return fatal(PROG, f"unable to read controls: {e}")
     if c.rcpthosts is None:
-        print(f"{PROG}: warning: control/rcpthosts is missing: this server relays for anyone",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: warning: control/rcpthosts is missing: this server relays for anyone",
+            file=sys.stderr,
+        )
     _raise_nofile()
     server = SmtpServer(
         home,
@@ -119,6 +126,7 @@ def _serve(
         greet_delay=ns.greet_delay,
         reuse_port=reuse,
         control_ttl=ns.control_ttl,
+        limit_loopback=ns.limit_loopback,
     )
 
     async def run() -> int:

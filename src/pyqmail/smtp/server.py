@@ -126,6 +126,10 @@ class _Message:
                 log.exception("queue abort failed")
 
 
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1"
+
+
 def _peer_ip(addr: object) -> tuple[str, str]:
     """(ip, port) as tcpserver writes them; IPv4-mapped IPv6 becomes plain IPv4."""
     if not isinstance(addr, tuple) or len(addr) < 2:
@@ -155,6 +159,7 @@ class SmtpServer:
         executor: ThreadPoolExecutor | None = None,
         reuse_port: bool = False,
         control_ttl: float = 1.0,
+        limit_loopback: bool = False,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -162,6 +167,9 @@ class SmtpServer:
         self.rules_path = rules if rules is not None else home.control / "tcp.smtp.cdb"
         self.max_conns = max_conns
         self.max_per_ip = max_per_ip
+        # Loopback clients are local programs, exempt from the per-IP limit as Postfix
+        # exempts $mynetworks (smtpd_client_event_limit_exceptions); the total still holds.
+        self.limit_loopback = limit_loopback
         self.limits = limits or Limits()
         self.greet_delay = greet_delay
         self.linger = linger
@@ -266,7 +274,9 @@ class _SmtpProtocol(asyncio.Protocol):
         ip, port = _peer_ip(transport.get_extra_info("peername"))
         lip, lport = _peer_ip(transport.get_extra_info("sockname"))
         self.ip = ip
-        if srv.conns >= srv.max_conns or srv.per_ip.get(ip, 0) >= srv.max_per_ip:
+        if srv.conns >= srv.max_conns or (
+            srv.per_ip.get(ip, 0) >= srv.max_per_ip and (srv.limit_loopback or not _is_loopback(ip))
+        ):
             transport.write(replies.TOO_MANY_CONNS)
             self.ip = ""
             self._close_now()
