@@ -219,3 +219,35 @@ def test_ipv6_mx(home: Home, dnsmasq: str, tmp_path: Path) -> None:
 
     text, peer = asyncio.run(go())
     assert text.startswith("::1 accepted message.") and len(peer.messages) == 1
+
+
+def test_relay_names_use_address_records_never_mx(home: Home, dnsmasq: str, tmp_path: Path) -> None:
+    mess = tmp_path / "m"
+    mess.write_bytes(b"Subject: relay\n\nhello\n")
+
+    async def go() -> tuple[list[tuple[Status, str]], Peer]:
+        peer = await Peer(Script()).start("127.0.0.4")
+        try:
+            write_control(
+                home,
+                "smtproutes",
+                f"a.example:plain.test:{peer.port}\nb.example:mx.test:{peer.port}\n"
+                f"c.example:nosuch.test:{peer.port}\n",
+            )
+            ag = agent(home, dnsmasq, own_ips=["127.0.0.4"])  # the self-MX rule is off
+            outs = []
+            for d in ("a", "b", "c"):
+                (o,) = await ag.deliver(mess, "x@y", [f"u@{d}.example"])
+                outs.append((o.status, o.text))
+            await ag.close()
+        finally:
+            await peer.close()
+        return outs, peer
+
+    outs, peer = asyncio.run(go())
+    assert outs[0][0] is Status.OK and len(peer.messages) == 1
+    assert outs[1] == (
+        Status.PERM,
+        "Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)\n",
+    )  # mx.test has MX records but no address of its own
+    assert outs[2] == (Status.PERM, "Sorry, I couldn't find any host named nosuch.test. (#5.1.2)\n")
