@@ -23,6 +23,7 @@ from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.smtp import replies
+from tests.conftest import free_port
 
 
 class Server:
@@ -519,3 +520,21 @@ def test_loopback_is_exempt_from_the_per_ip_limit_by_default(tmp_path: Path) -> 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_several_acceptor_processes_share_the_port(tmp_path: Path) -> None:
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    port = free_port()
+    proc = start_listener(home, "--listen", f"127.0.0.1:{port}", "--workers", "2")
+    try:
+        wait_listening(proc)
+        wait_listening(proc)  # one line per worker: both are bound
+        for i in range(6):
+            with smtplib.SMTP("127.0.0.1", port) as s:
+                s.sendmail("a@b.example", [f"u{i}@mx.test.example"], b"x\r\n")
+        todo = [f for f in (home.queue / "todo").rglob("*") if f.is_file()]
+        assert len(todo) == 6
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
