@@ -176,6 +176,9 @@ class RemoteAgent:
         if not recipients:
             return []
         host = recipients[0].rpartition("@")[2]
+        qmtp = await self._qmtp(mess, host, sender, recipients)
+        if qmtp is not None:
+            return qmtp
         enc = [r.encode("utf-8", "surrogateescape") for r in recipients]
         try:
             f = open(mess, "rb")  # noqa: SIM115 (closed by the with below)
@@ -184,6 +187,40 @@ class RemoteAgent:
         with f:
             result = await self.transmit(f, host, sender.encode("utf-8", "surrogateescape"), enc)
         return fold(result, len(recipients))
+
+    async def _qmtp(
+        self, mess: Path, host: str, sender: str, recipients: list[str]
+    ) -> list[Outcome] | None:
+        """QMTP delivery when control/qmtproutes has a route for ``host`` (docs/inject.md);
+        None: no route, use SMTP."""
+        try:
+            ctl = self._control()
+        except ControlError:
+            return None  # the SMTP path reports it
+        if not ctl.qmtproutes:
+            return None
+        # Imported here: inject/ imports remote/, and most sites have no qmtproutes.
+        from pyqmail.inject import qmtp
+
+        try:
+            route = qmtp.qmtp_route(ctl, host)
+        except routes.RouteError:
+            return [Outcome.temp(CONTROL_FAILED.decode())] * len(recipients)
+        if route is None:
+            return None
+        try:
+            addrs = await mx.relay_addresses(self.resolver, route.relay, ipv6=self.ipv6)
+        except mx.DnsFailure as e:
+            return [e.outcome] * len(recipients)
+        try:
+            return await qmtp.deliver_route(
+                route, [a.ip for a in addrs], mess, sender, recipients,
+                (max(ctl.timeoutconnect, 1), max(ctl.timeoutremote, 1)),
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return [Outcome.temp(INTERNAL.decode())] * len(recipients)
 
     async def transmit(
         self, message: BinaryIO, host: str, sender: bytes, recipients: list[bytes]
