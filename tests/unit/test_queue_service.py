@@ -11,14 +11,17 @@ import pytest
 
 from pyqmail.home import Home, Ids
 from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.recover import CrashState
 from pyqmail.queue.service import (
     FrameError,
     QueueService,
+    ServiceClient,
     netstring,
     origin_of,
     peer_credentials,
     read_netstring,
 )
+from pyqmail.queue.writer import QueueWriter
 
 
 def test_netstrings() -> None:
@@ -93,3 +96,21 @@ def test_raw_protocol(home: Home, tmp_path: Path) -> None:
     finally:
         svc.close()
     assert not svc.path.exists()
+
+
+def test_unexpected_error_is_81_and_leaves_nothing(home: Home, tmp_path: Path) -> None:
+    def hook(state: CrashState) -> None:
+        if state is CrashState.INTD_CREATED:
+            raise RuntimeError("bug")
+
+    svc = QueueService(home, path=tmp_path / "s", writer=QueueWriter(home, hook=hook))
+    svc.bind()
+    svc.start()
+    try:
+        r = ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0")
+        assert r.code == 81 and "RuntimeError" in r.text
+    finally:
+        svc.close()
+    paths = QueuePaths(home.queue)
+    assert os.listdir(paths.dir("todo")) == [] and os.listdir(paths.dir("intd")) == []
+    assert all(os.listdir(d) == [] for d in paths.split_dirs("mess"))

@@ -105,6 +105,15 @@ def _via_service(home: Home) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except MemoryError:
+        return _die(codes.NO_MEMORY, "out of memory")
+    except Exception as e:  # never a traceback: qmail's "internal bug", a temporary code
+        return _die(codes.INTERNAL_BUG, f"internal error: {type(e).__name__}: {e}")
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--serve" in args:
         # ``qmail-queue [--home H] [--single-user] --serve [--socket P]``: run the queue

@@ -310,6 +310,12 @@ class QueueService:
         except (FrameError, OSError) as e:
             p.abort()
             return Reply(codes.READ_ERROR, pid, 0, f"read error: {e}")
+        except MemoryError:
+            p.abort()
+            return Reply(codes.NO_MEMORY, pid, 0, "out of memory")
+        except Exception as e:  # a bug: temporary for the caller, never a lost message
+            p.abort()
+            return Reply(codes.INTERNAL_BUG, pid, 0, f"internal error: {type(e).__name__}")
         except BaseException:
             p.abort()
             raise
