@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyqmail.remote.transmit import DataEncoder, encode, has_8bit
@@ -48,6 +48,7 @@ def _check_wire(wire: bytes) -> None:
     assert b"." not in lines
 
 
+@settings(deadline=None)  # timing is not under test; the machine is shared
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
 def test_no_stored_bytes_can_end_data_early(stored: bytes, step: int) -> None:
     enc = DataEncoder()
@@ -64,6 +65,7 @@ def test_no_stored_bytes_can_end_data_early(stored: bytes, step: int) -> None:
     assert unstuffed == norm
 
 
+@settings(deadline=None)  # timing is not under test; the machine is shared
 @given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\n."]), max_size=40))
 def test_line_end_soup(parts: list[bytes]) -> None:
     _check_wire(encode(b"".join(parts)))
