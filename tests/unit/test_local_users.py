@@ -229,3 +229,27 @@ def test_short_record_is_lspawn_bug(home: Home) -> None:
     with pytest.raises(UserError) as e:
         users.lookup_cdb(home.users / "cdb", "joe")
     assert e.value.code == users.QLX_USAGE
+
+
+def test_cdb_cache_follows_qmail_newu(home: Home) -> None:
+    cache = users.CdbCache(home.users / "cdb")
+    assert cache.reader() is None  # no users/cdb yet
+    _cdb_home(home, b"=joe:first:5:6:/x:::\n.\n")
+    r1 = cache.reader()
+    assert r1 is not None and users.lookup_reader(r1, "joe") == UserInfo(
+        "first", 5, 6, "/x", "", ""
+    )
+    assert cache.reader() is r1  # unchanged file: the same open reader
+    _cdb_home(home, b"=joe:second:7:8:/y:::\n.\n")
+    r2 = cache.reader()
+    assert r2 is not None and r2 is not r1
+    assert users.resolve_with(home, "joe", r2).user == "second"
+    (home.users / "cdb").unlink()
+    assert cache.reader() is None
+
+
+def test_cdb_cache_unreadable_is_temporary(home: Home) -> None:
+    (home.users / "cdb").write_bytes(b"short")
+    with pytest.raises(UserError) as e:
+        users.CdbCache(home.users / "cdb").reader()
+    assert e.value.code == users.QLX_CDB
