@@ -2204,6 +2204,151 @@ CASES = [
         "\n",
         "Frobot@dh.dd.example\x00Tc@dh.dd.example\x00Tb@dh.dd.example\x00\x00",
     ),
+    (
+        "To: a(c) b\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example, b@dh.dd.example (c)\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: a b(c) d\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example, b@dh.dd.example, d@dh.dd.example (c)\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Td@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: (x)a b\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@dh.dd.example (x), b@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: @h x\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: , x@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tx@dh.dd.example\x00T\x00\x00",
+    ),
+    (
+        "To: @h\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To:\n"
+        "\n",
+        "Frobot@dh.dd.example\x00T\x00\x00",
+    ),
+    (
+        "To: a@b@c d\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: a@b@c.dd.example, d@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Td@dh.dd.example\x00Ta@b@c.dd.example\x00\x00",
+    ),
+    (
+        "To: h+h+.\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: h+h+@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Th+h+@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: x.y(c).\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: x.y@dh.dd.example (c)\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tx.y@dh.dd.example\x00\x00",
+    ),
+    (
+        "Reply-To: <\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "Cc: recipient list not shown: ;\n"
+        "Reply-To: <@dh.dd.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: g: a, b\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: g: a, b\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tb@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
+    ("From: g: a\n\n", {}, [], 100, "", ""),
+    (
+        "To: : a;\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: : a@dh.dd.example;\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
+    ),
 ]
 
 # inputs on which pyqmail's output knowingly differs from notqmail's (docs/inject.md)

@@ -26,7 +26,14 @@ LINE_LIMIT = 78  # qmail-inject keeps a folded line (with its trailing comma) wi
 
 
 class ParseError(ValueError):
-    """The field cannot be tokenized or is not an address list."""
+    """The field cannot be tokenized or is not an address list. ``addresses``: what was
+    read before the error (notqmail still takes those as recipients)."""
+
+    addresses: list[str]
+
+    def __init__(self, message: str, addresses: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.addresses = addresses or []
 
 
 class Kind(enum.Enum):
@@ -189,6 +196,8 @@ class Rewriter:
             return addr
         at = max((i for i, t in enumerate(addr) if t.is_special("@")), default=-1)
         if at < 0:
+            if addr[-1].is_special("."):  # notqmail drops one trailing dot: "a." -> a@host
+                addr = addr[:-1]
             return [*addr, Token(Kind.SPECIAL, "@"), Token(Kind.ATOM, self.default_host())]
         host = addr[at + 1 :]
         if len(host) == 1 and host[0].kind is Kind.LITERAL:
@@ -199,12 +208,13 @@ class Rewriter:
 
 
 def _strip_route(addr: list[Token]) -> list[Token]:
-    """Remove a source route ``@a,@b:`` and a leading ``@`` token (inject.md 1.3 step 2)."""
+    """Remove a source route ``@a,@b:`` (inject.md 1.3 step 2). An address that starts
+    with ``@`` and has no ``:`` is all route: nothing is left (notqmail: ``@h`` -> empty)."""
     if addr and addr[0].is_special("@"):
         for i, t in enumerate(addr):
             if t.is_special(":"):
                 return addr[i + 1 :]
-        return addr[1:]
+        return []
     return addr
 
 
@@ -223,22 +233,25 @@ class FieldResult:
 
 
 def _split_plain(tokens: list[Token]) -> list[tuple[list[Token], list[Token]]]:
-    """A plain item -> [(addr tokens, comments)], split where two words touch."""
+    """A plain item -> [(addr tokens, comments)], split where two words touch. A comment
+    goes with the address that starts after it, else with the last one (notqmail)."""
     out: list[tuple[list[Token], list[Token]]] = []
-    addr: list[Token] = []
-    comments: list[Token] = []
+    pending: list[Token] = []
     prev: Token | None = None
     for t in tokens:
         if t.kind is Kind.COMMENT:
-            comments.append(t)
+            pending.append(t)
             continue
-        if prev is not None and prev.is_word() and t.is_word():
-            out.append((addr, comments))
-            addr, comments = [], []
-        addr.append(t)
+        if not out or (prev is not None and prev.is_word() and t.is_word()):
+            out.append(([], pending))
+            pending = []
+        out[-1][0].append(t)
         prev = t
-    if addr or comments:
-        out.append((addr, comments))
+    if pending:
+        if out:
+            out[-1][1].extend(pending)
+        else:
+            out.append(([], pending))
     return out
 
 
@@ -262,7 +275,10 @@ def _rewrite_angles(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> str:
             x.is_special("<") or (x.is_special(":") and x is not _route_colon(addr)) for x in addr
         ):
             raise ParseError("bad route-addr")
-        addr = rw.tokens(_strip_route(addr))
+        addr = _strip_route(addr)
+        if gt < 0 and not addr:  # an unclosed, empty '<' still gets the default host
+            addr = [Token(Kind.ATOM, "")]
+        addr = rw.tokens(addr)
         text = "".join(x.text for x in addr)
         out += [t, Token(Kind.ATOM, text)] if text else [t]
         if gt < 0:  # an unclosed '<' stays part of the address, as notqmail has it
@@ -349,9 +365,14 @@ def _angle_ahead(tokens: list[Token], i: int) -> bool:
 def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
     """Rewrite every address in an address-list field body. Raises ParseError."""
     result = FieldResult([], [])
+    _rewrite_items(_split_items(tokenize(text)), rw, result)
+    return result
+
+
+def _rewrite_items(items: list[list[Token]], rw: Rewriter, result: FieldResult) -> None:
     in_group = False
     loose = 0
-    for item in _split_items(tokenize(text)):
+    for item in items:
         colon = next((i for i, t in enumerate(item) if t.is_special(":")), -1)
         prefix = ""
         if colon >= 0 and not any(t.is_special("<") for t in item[:colon]):
@@ -376,7 +397,8 @@ def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
         if suffix:
             parts[-1] = (parts[-1] + suffix) if parts[-1].strip() else parts[-1].rstrip() + suffix
         result.items.extend(parts)
-    return result
+    if in_group:  # notqmail still takes the group's addresses as recipients
+        raise ParseError("group not closed by ';'", list(result.addresses))
 
 
 def fold(name: str, items: Sequence[str], limit: int = LINE_LIMIT) -> str:

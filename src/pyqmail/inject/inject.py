@@ -227,6 +227,8 @@ def prepare(
     header_rcpts: list[str] = []
     tocc: list[str] = []
     return_path: str | None = None
+    wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else (
+        "to", "cc", "bcc", "apparently-to")  # fmt: skip
     for f in header.fields:
         k = f.key
         if k not in SENDER_FIELDS and k not in RECIPIENT_FIELDS:
@@ -241,6 +243,8 @@ def prepare(
             if k in RECIPIENT_FIELDS:  # tolerated since notqmail 1.08: left as is
                 if k not in drop:
                     out.append(f.raw)
+                if k in wanted:  # what was read before the error still counts
+                    header_rcpts.extend(reversed(e.addresses))
                 continue
             line = _s(f.raw).rstrip("\n")
             raise InjectError(100, f"unable to parse this line:\n{line}") from e
@@ -249,8 +253,6 @@ def prepare(
                 return_path = address.parse_return_path(_s(f.value), s.rw)
             continue
         if k in RECIPIENT_FIELDS:
-            wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else (
-                "to", "cc", "bcc", "apparently-to")  # fmt: skip
             if k in wanted:
                 header_rcpts.extend(reversed(res.addresses))
             if k in ("to", "cc"):
