@@ -292,6 +292,8 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
 
     qp = 0
     if recipients:
+        # Imported here: the queue machinery is only needed by deliveries that forward,
+        # and the lean spawner process should not carry it into every fork.
         from pyqmail.local.forward import forward
 
         qp = forward(qhome, msg_fd, dt, newsender, recipients)
