@@ -187,11 +187,6 @@ def test_ehlo_rejected_falls_back_to_helo() -> None:
             b"Connected to 192.0.2.1 but sender was rejected.\n",
         ),
         (
-            [b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"550 no\r\n"],
-            "D",
-            b"Giving up on 192.0.2.1.\n",
-        ),
-        (
             [b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n", b"250 ok\r\n", b"554 no data\r\n"],
             "D",
             b"192.0.2.1 failed on DATA command.\n",
@@ -259,6 +254,18 @@ def test_each_failure_point_has_qmails_text(steps: list[bytes], letter: str, tex
     res = done(actions).result
     assert res.message == (letter, text + b"Remote host said: " + steps[-1].replace(b"\r", b""))
     assert res.quit
+
+
+def test_giving_up_repeats_no_server_text() -> None:
+    s = session()
+    for wire in (b"220 x\r\n", b"250 x\r\n", b"250 ok\r\n"):
+        s.reply(R(wire))
+    res = done(s.reply(R(b"550 no\r\n"))).result
+    # notqmail prints the reply with the recipient only (byte-compared with its qmail-remote)
+    assert res.reports() == (
+        b"h192.0.2.1 does not like recipient.\nRemote host said: 550 no\n\0"
+        b"DGiving up on 192.0.2.1.\n\0"
+    )
 
 
 def test_no_recipient_accepted_with_temp_reply_reports_s() -> None:

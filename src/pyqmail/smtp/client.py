@@ -400,8 +400,9 @@ class ClientSession:
                 self._state = _St.DATA
                 if not self._accepted:
                     # qmail: no recipient accepted -> give up (with pipelining DATA was
-                    # already sent; its reply is not awaited).
-                    return self._quit("D", "Giving up on ", "", reply)
+                    # already sent; its reply is not awaited). The last reply was already
+                    # reported with its recipient, so qmail adds no "Remote host said".
+                    return self._quit("D", "Giving up on ", "", None)
             return self._next_unpipelined()
         # DATA
         if reply.kind == 5:
