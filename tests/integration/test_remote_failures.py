@@ -345,3 +345,15 @@ def test_rejected_message_connection_is_not_kept(home: Home, mess: Path) -> None
             return len(agent.pool)
 
     assert asyncio.run(go()) == 0
+
+
+def test_8bit_message_gets_body_8bitmime_and_is_not_converted(home: Home, tmp_path: Path) -> None:
+    mess = tmp_path / "m8"
+    mess.write_bytes(b"Subject: caf\xc3\xa9\n\n\xe9t\xe9\npartial last line")
+    (o,), peer = deliver(home, Script(), mess)
+    assert o.status is Status.OK
+    assert b"MAIL FROM:<a@test.example> BODY=8BITMIME\r\n" in peer.commands
+    assert peer.messages[0][2] == b"Subject: caf\xc3\xa9\r\n\r\n\xe9t\xe9\r\npartial last line\r\n"
+    (o,), peer = deliver(home, Script(ehlo=b"250 peer.test\r\n"), mess)  # no 8BITMIME
+    assert o.status is Status.OK
+    assert b"MAIL FROM:<a@test.example>\r\n" in peer.commands
