@@ -55,3 +55,31 @@ def test_thousand_failed_deliveries_leave_no_fd_or_task(home: Home, tmp_path: Pa
         assert len(asyncio.all_tasks()) == 1
 
     asyncio.run(go())
+
+
+def test_cancelled_deliveries_close_their_sockets(home: Home, tmp_path: Path) -> None:
+    mess = tmp_path / "mess"
+    mess.write_bytes(b"Subject: x\n\nbody\n")
+
+    async def go() -> None:
+        async with Peer(Script(silent=True)) as peer:
+            write_control(home, "smtproutes", f"slow.example:127.0.0.1:{peer.port}\n")
+            agent = RemoteAgent(home, ControlCache(home))
+            fds = open_fds()
+            tasks = [
+                asyncio.create_task(agent.deliver(mess, "a@x", [f"u{i}@slow.example"]))
+                for i in range(50)
+            ]
+            while peer.connections < 50:  # every delivery is waiting for a greeting
+                await asyncio.sleep(0.01)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(t.cancelled() for t in tasks)
+            await asyncio.sleep(0)
+            for w in list(peer._writers):  # the peer's ends
+                w.transport.abort()
+            await asyncio.sleep(0)
+            assert open_fds() <= fds
+
+    asyncio.run(go())
