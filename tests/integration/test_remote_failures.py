@@ -262,14 +262,17 @@ def test_unusable_source_address_is_no_connection(home: Home, mess: Path) -> Non
 
 
 def test_control_changes_are_seen_after_the_ttl(home: Home, mess: Path) -> None:
+    now = [100.0]
+
     async def go() -> tuple[Status, Status, Status]:
         async with Peer(Script()) as peer:
             route(home, peer.port)
-            agent = RemoteAgent(home, ControlCache(home), control_ttl=0.2)
+            agent = RemoteAgent(home, ControlCache(home), control_ttl=1.0, clock=lambda: now[0])
             (a,) = await agent.deliver(mess, "a@x", ["b@remote.example"])
             route(home, free_port())  # now to a dead port
+            now[0] += 0.9
             (b,) = await agent.deliver(mess, "a@x", ["b@remote.example"])  # within the ttl
-            await asyncio.sleep(0.25)
+            now[0] += 0.2
             (c,) = await agent.deliver(mess, "a@x", ["b@remote.example"])
             await agent.close()
         return a.status, b.status, c.status

@@ -122,6 +122,7 @@ class RemoteAgent:
         tcpto: Tcpto | None = None,
         control_ttl: float = 1.0,
         idle_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -134,6 +135,7 @@ class RemoteAgent:
         self.tcpto = tcpto or Tcpto(home.queue / "lock" / "tcpto")
         self.pool = ConnectionPool(idle_timeout)
         self._ttl = control_ttl
+        self._clock = clock
         self._ctl_at = -1e9
         self._ctl: Control | None = None
         self._plain_ctx: ssl.SSLContext | None = None
@@ -154,7 +156,7 @@ class RemoteAgent:
     def _control(self) -> Control:
         """The control snapshot, checked for changes at most every ``control_ttl`` seconds
         (each check stats every control file; at 1,000 deliveries/s that adds up)."""
-        now = time.monotonic()
+        now = self._clock()
         if self._ctl is None or now - self._ctl_at >= self._ttl:
             self._ctl = self.ctl.get()
             self._ctl_at = now
