@@ -106,3 +106,40 @@ def test_plaintext_retry_never_tries_starttls_again(home: Home, mess: Path) -> N
     o, peer = run(home, Script(broken_tls=True, tls_first_only=False), mess)
     assert o.status is Status.OK and peer.tls_used == [False]
     assert peer.commands.count(b"STARTTLS\r\n") == 1 and peer.connections == 2
+
+
+def test_kept_tls_connection_is_reused_without_a_second_handshake(
+    home: Home, mess: Path, cert: tuple[Path, Path]
+) -> None:
+    async def go() -> tuple[list[Status], Peer]:
+        async with Peer(Script(starttls=server_ctx(cert))) as peer:
+            write_control(home, "smtproutes", f"remote.example:[127.0.0.1]:{peer.port}\n")
+            agent = RemoteAgent(home, ControlCache(home))
+            got = []
+            for i in range(3):
+                (o,) = await agent.deliver(mess, "a@test.example", [f"b{i}@remote.example"])
+                got.append(o.status)
+            await agent.close()
+        return got, peer
+
+    got, peer = asyncio.run(go())
+    assert got == [Status.OK] * 3
+    assert peer.connections == 1 and peer.tls_used == [True, True, True]
+    assert peer.commands.count(b"STARTTLS\r\n") == 1
+
+
+def test_tls_required_domains_never_reuse(home: Home, mess: Path, cert: tuple[Path, Path]) -> None:
+    write_control(home, "tlsdestinations", "remote.example\n")
+
+    async def go() -> Peer:
+        async with Peer(Script(starttls=server_ctx(cert), tls_first_only=False)) as peer:
+            write_control(home, "smtproutes", f"remote.example:[127.0.0.1]:{peer.port}\n")
+            agent = RemoteAgent(home, ControlCache(home), tls_cafile=str(cert[0]))
+            for i in range(2):
+                (o,) = await agent.deliver(mess, "a@test.example", [f"b{i}@remote.example"])
+                assert o.status is Status.OK
+            assert len(agent.pool) == 0
+        return peer
+
+    peer = asyncio.run(go())
+    assert peer.connections == 2 and peer.tls_used == [True, True]
