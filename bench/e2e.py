@@ -86,8 +86,8 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     t_acc = time.perf_counter() - t0
-    if p.returncode != 0:
-        print("smtp-source failed:", p.returncode, p.stderr[-300:], file=sys.stderr)
+    if p.returncode != 0 or p.stderr.strip():
+        print("smtp-source:", p.returncode, p.stderr[-300:], file=sys.stderr)
     deadline = t0 + a.timeout
     t_del = None
     while time.perf_counter() < deadline:
@@ -144,7 +144,13 @@ def run_pyqmail(a: argparse.Namespace) -> list[dict[str, float]]:
             stdout=log, stderr=log, env=env,
         )  # fmt: skip
         wait_port(port)
-        return runs(port, user / "Maildir", a)
+        rs = runs(port, user / "Maildir", a)
+        if min(r["delivered"] for r in rs) < a.n:
+            tail = (d / "log").read_bytes().decode(errors="replace").splitlines()
+            usual = ("status:", "starting", "delivery", "new msg", "info msg", "end msg")
+            odd = [x for x in tail if not x.startswith(usual)]
+            print("pyqmail log (unusual lines):", *odd[-20:], sep="\n  ", file=sys.stderr)
+        return rs
     finally:
         if proc is not None:
             proc.terminate()
