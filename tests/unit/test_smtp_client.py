@@ -371,3 +371,51 @@ def test_line_breaks_in_addresses_are_never_sent() -> None:
     bad = ClientSession("192.0.2.1", b"h", b"a\n@b", [b"ok@c"], tls=TlsMode.OFF)
     bad.reply(R(b"220 x\r\n"))
     assert done(bad.reply(R(b"250 x\r\n"))).result.message[0] == "D"
+
+
+_REPLIES = st.sampled_from(
+    [b"220 hi\r\n", b"250 ok\r\n", b"250-x\r\n250 PIPELINING\r\n", b"250-x\r\n250 STARTTLS\r\n",
+     b"354 go\r\n", b"421 bye\r\n", b"451 later\r\n", b"550 no\r\n", b"junk\r\n", b"\r\n",
+     b"199 odd\r\n", b"999 odd\r\n"]
+)  # fmt: skip
+
+
+@settings(deadline=None, max_examples=400)
+@given(st.lists(_REPLIES, max_size=14), st.integers(min_value=1, max_value=3), st.booleans())
+def test_no_sequence_of_replies_reports_delivery_without_a_2xx_after_the_body(
+    replies: list[bytes], rcpts: int, tls_ok: bool
+) -> None:
+    s = session(rcpts, tls=TlsMode.OPPORTUNISTIC)
+    body_sent = False
+    last_after_body: Reply | None = None
+    result = None
+    for wire in replies:
+        if s.done:
+            break
+        reply = R(wire)
+        if body_sent:
+            last_after_body = reply
+        actions = list(s.reply(reply))
+        while actions:
+            act = actions.pop(0)
+            if isinstance(act, StartTls):
+                actions += s.tls_done(tls_ok, "x")
+            elif isinstance(act, SendBody):
+                s.body_sent()
+                body_sent = True
+            elif isinstance(act, Done):
+                result = act.result
+            else:
+                assert isinstance(act, Send)
+                assert act.data.endswith(b"\r\n")
+                for line in act.data.split(b"\r\n")[:-1]:
+                    assert b"\r" not in line and b"\n" not in line
+    if result is None:
+        result = s.connection_lost()
+    letter = result.message[0]
+    assert letter in "KZD"
+    if letter == "K":
+        assert body_sent and last_after_body is not None
+        assert last_after_body.code is not None and 200 <= last_after_body.code <= 299
+    assert len(result.recipients) <= rcpts
+    assert all(r[0] in "rhs" for r in result.recipients)
