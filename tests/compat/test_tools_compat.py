@@ -1,12 +1,19 @@
 """Small qmail tools against notqmail's: qmail-newu (users/cdb bytes and its errors),
-bouncesaying and except (output and exit codes), maildirmake (what it creates, errors).
+bouncesaying and except (output and exit codes), maildirmake (what it creates, errors),
+qmail-getpw and qmail-pw2u, qmail-tcpto.
+
+Known and left alone: a tcpto record whose time is in the future prints as a huge
+unsigned number of seconds in qmail and as a negative one in ours.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +244,63 @@ def test_pw2u_differential(
         assert mine.stdout == theirs.stdout
     # On a fatal error qmail-pw2u has already written the records before it (e.g. with
     # -H and no alias user); ours writes nothing. Both exit 111: the output is unusable.
+
+
+# -- qmail-tcpto ------------------------------------------------------------------------------
+
+_AGO = re.compile(rb"timed out (\d+) seconds ago")
+
+
+def _tcpto_lines(out: bytes) -> tuple[bytes, list[int]]:
+    return _AGO.sub(b"timed out N seconds ago", out), [int(n) for n in _AGO.findall(out)]
+
+
+@st.composite
+def tcpto_file(draw: st.DrawFn) -> bytes:
+    """qmail's 1024-byte table of 64 16-byte records (IPv4, count, when), or a short one."""
+    now = int(time.time())
+    buf = bytearray(draw(st.sampled_from([1024, 1024, 1024, 0, 100, 1040])))
+    for i in range(min(64, len(buf) // 16)):
+        if draw(st.booleans()):
+            when = now - draw(st.integers(0, 10**6))  # future times: see the module notes
+            rec = (draw(st.binary(min_size=4, max_size=4))
+                   + bytes([draw(st.integers(0, 127)), 0, 0, 0])
+                   + struct.pack("<Q", when % 2**64))  # fmt: skip
+            buf[16 * i : 16 * i + 16] = rec
+    return bytes(buf)
+
+
+def tcpto_both(reference: Reference, tmp_path: Path, table: bytes) -> None:
+    lock = tmp_path / "lock"
+    lock.mkdir(exist_ok=True)
+    (lock / "tcpto").write_bytes(table)
+    home = tmp_path / "home"
+    (home / "queue" / "lock").mkdir(parents=True, exist_ok=True)
+    (home / "queue" / "lock" / "tcpto").write_bytes(table)
+    theirs = reference.run("qmail-tcpto", None, mounts={"queue/lock": lock})
+    env = {**os.environ, "PYQMAIL_SINGLE_USER": "1"}
+    mine = subprocess.run([str(ours("qmail-tcpto")), "--home", str(home)], capture_output=True,
+                          env=env)  # fmt: skip
+    assert (mine.returncode, mine.stderr) == (theirs.returncode, theirs.stderr)
+    ref_text, ref_ago = _tcpto_lines(theirs.stdout)
+    our_text, our_ago = _tcpto_lines(mine.stdout)
+    assert our_text == ref_text
+    assert all(abs(a - b) <= 2 for a, b in zip(ref_ago, our_ago, strict=True))
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(tcpto_file())
+def test_tcpto_same(reference: Reference, tmp_path: Path, table: bytes) -> None:
+    tcpto_both(reference, tmp_path, table)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qmail reads the count byte as a signed char: 128..255 "
+    "are negative (not listed, never skipped); ours lists them",
+)
+def test_tcpto_count_is_a_signed_char(reference: Reference, tmp_path: Path) -> None:
+    rec = bytes([10, 0, 0, 1, 200, 0, 0, 0]) + struct.pack("<Q", int(time.time()) - 50)
+    tcpto_both(reference, tmp_path, rec.ljust(1024, b"\0"))
