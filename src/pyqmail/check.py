@@ -13,10 +13,15 @@ warnings are printed but do not. What is an error:
 - morercpthosts newer than morercpthosts.cdb, or no cdb at all (run qmail-newmrh);
 - control/tcp.smtp (and tcp.qmtp) rules that set RELAYCLIENT for every client (the
   default rule ``:allow,RELAYCLIENT=...``, or ``=:`` which any client with a PTR name
-  matches), a rules line tcprules refuses, a rules file newer than its cdb;
+  matches), a tcp.qmqp that allows every client (QMQP has no recipient check), a rules
+  line tcprules refuses, a rules file newer than its cdb;
 - users/assign newer than users/cdb (run qmail-newu);
 - a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
   number.
+
+Warnings: an empty rcpthosts, unknown files in control/ (with the nearest known name),
+no alias/.qmail-postmaster, no queue/, a concurrency of 0, ``./Maildir`` without ``/``
+in defaultdelivery, virtualdomains lines shadowed by locals.
 """
 
 from __future__ import annotations
