@@ -19,7 +19,7 @@ from pyqmail.queue import clean
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.reader import count, format_message, messages
-from pyqmail.queue.records import read_channel
+from pyqmail.queue.records import mark_done, read_channel, write_channel, write_info
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.writer import QueueWriter
 
@@ -206,3 +206,26 @@ def test_same_exit_codes_as_notqmail(
             timeout=30,
         )
     assert ours.returncode == ref
+
+
+@needs_ref
+def test_notqmail_reads_queue_written_by_us(ref_queue: Path) -> None:
+    """The other way round: our writer and record helpers lay a message into the
+    reference queue; notqmail's qmail-qread and qmail-qstat print what ours print."""
+    home = Home(REF, single_user=True)
+    p = QueueWriter(home, notify=lambda n: None).begin(uid=0)
+    p.write(b"Subject: written by pyqmail\n\nbody\n")
+    n = p.commit(b"s\x01@x.example", [b"a@l.example", b"b@l.example", b"r@remote.example"])
+    paths = QueuePaths(ref_queue)
+    write_info(paths.info(n), b"s\x01@x.example")
+    write_channel(paths.local(n), [b"a@l.example", b"b@l.example"])
+    mark_done(paths.local(n), read_channel(paths.local(n))[1].offset)
+    write_channel(paths.remote(n), [b"r@remote.example"])
+    clean.clean_todo(paths, n)
+    for ref_prog, ours in (("qmail-qread", "qmail-qread"), ("qmail-qstat", "qmail-qstat")):
+        ref = subprocess.run([str(REF / "bin" / ref_prog)], capture_output=True, timeout=30)
+        mine = subprocess.run(
+            [str(BIN / ours), "--home", str(REF)], capture_output=True, timeout=30
+        )
+        assert (mine.returncode, mine.stdout) == (ref.returncode, ref.stdout)
+    assert f"#{n}  ".encode() in ref.stdout or ref_prog == "qmail-qstat"
