@@ -223,3 +223,14 @@ def test_dropped_pending_is_cleaned(home: Home) -> None:
     assert _files(home) != []
     del p
     assert _files(home) == []
+
+
+def test_modes_ignore_umask(home: Home) -> None:
+    old = os.umask(0o077)
+    try:
+        n = QueueWriter(home).begin().commit(b"a", [b"b"])
+    finally:
+        os.umask(old)
+    paths = QueuePaths(home.queue)
+    assert stat.S_IMODE(os.stat(paths.mess(n)).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(paths.todo(n)).st_mode) == 0o644

@@ -204,8 +204,11 @@ class QueueWriter:
             raise QueueError(codes.PID_TROUBLE, "unable to find a free name in queue/pid")
         p = Pending(self, fd, uid, qp)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             p._pidpath = pidpath
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # 0644 whatever the process umask (qmail-queue runs with umask 033): the
+            # remote agent and qmail-send read queue files through group/other bits.
+            os.fchmod(fd, 0o644)
             self._step(CrashState.PID_CREATED)
             n = os.fstat(fd).st_ino
             p.msgnum = n
@@ -358,7 +361,14 @@ class Pending:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for attempt in (1, 2):
             try:
-                return os.open(intd, flags, 0o644)
+                fd = os.open(intd, flags, 0o644)
+                try:
+                    os.fchmod(fd, 0o644)
+                except OSError:
+                    os.close(fd)
+                    os.unlink(intd)
+                    raise
+                return fd
             except FileExistsError as e:
                 # A leftover of an older message whose inode number we now hold: its
                 # mess is gone (the inode is ours), so it can only be garbage.
