@@ -14,6 +14,7 @@ import pytest
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
+from pyqmail.layout import create_home
 from pyqmail.local import users
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.outcome import Outcome, Status
@@ -389,3 +390,32 @@ def test_forward_goes_into_the_queue(home: Home, mess: Path) -> None:
     n = int(todo)
     body = (home.queue / "mess" / str(n % 23) / todo).read_bytes()
     assert body.endswith(b"Delivered-To: fwd@mx.test.example\n" + MSG)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_multi_user_forward_runs_as_the_user(
+    mess: Path, pub: Path, monkeypatch: pytest.MonkeyPatch, reuse: bool
+) -> None:
+    """The forward is queued by the user's process (qmail-queue's real uid is the user's);
+    nothing it needs is imported after the drop, when the library may be unreadable."""
+    multi = Home(pub / "qmail", single_user=False)  # the queue program runs in the home:
+    create_home(multi, "mx.test.example", None)  # it must be reachable by the user
+    a = _user_home(pub, "a", A_UID)
+    (a / ".qmail-fwd").write_text("&one@example.org\n")
+    out = pub / "queued"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    qq = pub / "qq"
+    qq.write_text(f"#!/bin/sh\nid -u > {out}/uid\ncat > {out}/msg\ncat <&1 > {out}/env\n")
+    qq.chmod(0o755)
+    monkeypatch.setenv("QMAILQUEUE", str(qq))  # the spawner's environment reaches deliveries
+    _assign(multi, [f"+a-:a:{A_UID}:{A_UID}:{a}:-::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
+    sp.start()
+    got = _run(sp, lambda: sp.deliver(mess, "s@x", "a-fwd@h"))
+    assert got.status is Status.OK and got.text.startswith("did 0+1+0\nqp "), got
+    assert (out / "uid").read_text().strip() == str(A_UID)
+    assert (out / "env").read_bytes() == b"Fs@x\0Tone@example.org\0\0"
+    assert (out / "msg").read_bytes() == b"Delivered-To: a-fwd@h\n" + MSG

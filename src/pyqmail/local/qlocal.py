@@ -6,6 +6,10 @@ and queued together at the end), and the ``did F+W+P`` / ``qp N`` report. It wri
 report to ``out`` and errors to ``err`` (the spawner points both at one pipe) and returns
 qmail-local's exit code: 0, 100 (permanent) or 111 (temporary).
 
+Everything it may need is imported with the module, not on first use: in the spawner's
+workers it runs after the drop to the user's ids, when the interpreter's own library may
+no longer be readable (a Python installed under /root, say).
+
 It never changes the process's cwd: the home is held as a directory descriptor and every
 user path is opened relative to it, so it can run inside a test process as well as in
 the spawner's per-delivery child, which has already dropped to the user's ids.
@@ -26,6 +30,7 @@ from pyqmail.home import Home
 from pyqmail.local import dotqmail, maildir, mbox, program
 from pyqmail.local.dotqmail import DotQmailError, Kind
 from pyqmail.local.failure import PERM, TEMP, DeliveryFailure, strerror
+from pyqmail.local.forward import forward
 from pyqmail.outcome import Outcome
 from pyqmail.qdate import mbox_date
 
@@ -292,10 +297,6 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
 
     qp = 0
     if recipients:
-        # Imported here: the queue machinery is only needed by deliveries that forward,
-        # and the lean spawner process should not carry it into every fork.
-        from pyqmail.local.forward import forward
-
         qp = forward(qhome, msg_fd, dt, newsender, recipients)
     rep.say(_b(f"did {files}+{forwards}+{programs}\n"))
     if qp:
