@@ -329,3 +329,36 @@ def test_tcprules_cdb_reads_in_tinycdb(tmp_path: Path) -> None:
     assert p.returncode == 0
     dump = run([TINYCDB, "-d", str(path)])
     assert dump.stdout == cdbmake_input(tcprules.compile_rules(CHECK_RULES))
+
+
+_KEYS = ["", "=", "1.2.3.4", "1.2.3.", "1.2.", "1.", "=a.b.example", "=.b.example", "=.example",
+         "joe@1.2.3.4", "joe@=a.b.example", "@1.2.3.4", "@=a.b.example", "1.2.3.1-9",
+         "=A.b.example"]  # fmt: skip
+_CLIENT_IPS = st.sampled_from(["1.2.3.4", "1.2.3.5", "1.2.9.9", "1.9.9.9", "9.9.9.9", "1.2.3.40"])
+_CLIENT_HOSTS = st.sampled_from([None, "", "a.b.example", "x.b.example", "example", "A.b.example"])
+_CLIENT_INFOS = st.sampled_from([None, "", "joe", "bob"])
+
+
+@needs_ucspi
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.tuples(st.sampled_from(_KEYS), st.booleans(), st.integers(0, 99)), max_size=8),
+    st.lists(st.tuples(_CLIENT_IPS, _CLIENT_HOSTS, _CLIENT_INFOS), min_size=1, max_size=4),
+)
+def test_lookup_differential(
+    tmp_path: Path,
+    rules: list[tuple[str, bool, int]],
+    clients: list[tuple[str, str | None, str | None]],
+) -> None:
+    """Random rules and clients: our lookup's report vs ucspi-tcp's tcprulescheck."""
+    text = "".join(
+        f'{key}:{"deny" if deny else "allow"},N="{n}"\n' for key, deny, n in rules
+    ).encode()
+    path = tmp_path / "r.cdb"
+    assert run([REF_TCPRULES, str(path), str(tmp_path / "r.tmp")], text).returncode == 0
+    with cdb.Reader.open(path) as r:
+        for ip, host, info in clients:
+            ref = run([REF_CHECK, str(path)], env=client_env(ip, host, info))
+            assert tcprules.explain(tcprules.find(r, ip, host, info)) == ref.stdout
