@@ -304,3 +304,20 @@ def test_tcpto_same(reference: Reference, tmp_path: Path, table: bytes) -> None:
 def test_tcpto_count_is_a_signed_char(reference: Reference, tmp_path: Path) -> None:
     rec = bytes([10, 0, 0, 1, 200, 0, 0, 0]) + struct.pack("<Q", int(time.time()) - 50)
     tcpto_both(reference, tmp_path, rec.ljust(1024, b"\0"))
+
+
+# -- qmail-qstat ------------------------------------------------------------------------------
+
+
+def test_qstat_same(reference: Reference, tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    env = {**os.environ, "PYQMAIL_SINGLE_USER": "1", "PYQMAIL_HOME": str(home)}
+    subprocess.run([str(ours("pyqmail")), "init", str(home), "--me", "mx.test.example", "-q"],
+                   check=True, env=env)  # fmt: skip
+    for n in range(4):
+        if n:
+            subprocess.run([str(ours("qmail-inject")), "-f", "a@b.example", f"u{n}@x.example"],
+                           input=b"Subject: s\n\nbody\n", check=True, env=env)  # fmt: skip
+        theirs = reference.run("qmail-qstat", None, mounts={"queue": home / "queue"})
+        mine = subprocess.run([str(ours("qmail-qstat"))], capture_output=True, env=env)
+        assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout)
