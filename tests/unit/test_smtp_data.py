@@ -140,3 +140,15 @@ def test_hops_are_reported_before_databytes_as_qmail_does() -> None:
     assert done and dec.failure is DataError.TOO_MANY_HOPS
     _, dec, _, done = decode(b"z" * 2000 + b"\r\n" + b"z\r\n" * 20 + b".\r\n", databytes=10)
     assert done and dec.failure is DataError.TOO_BIG
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=30),
+    st.integers(min_value=1, max_value=12),
+)
+def test_long_line_scan_agrees_with_splitting(lengths: list[int], limit: int) -> None:
+    from pyqmail.smtp.data import _has_long_line
+
+    data = b"".join(b"x" * n + b"\n" for n in lengths)
+    assert _has_long_line(data, 0, limit) == (max(lengths) > limit)

@@ -111,15 +111,23 @@ class DataDecoder:
         else:
             last = buf.rfind(b"\r\n")
             region, tail = (buf[: last + 2], buf[last + 2 :]) if last >= 0 else (b"", buf)
-        # Bare LF / bare CR, in order of appearance (the end marker itself is CRLF-clean).
-        fatal = self._bare(region, tail)
+        # CRLF -> LF once; then every LF must have been a CRLF and every CR too.
+        out = region.replace(b"\r\n", b"\n") if region else b""
+        crlf = len(region) - len(out)
+        fatal: DataError | None = None
+        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+            fatal = _first_bare(region)
+        elif b"\n" in tail:
+            fatal = _first_bare(tail)
+        elif 0 <= tail.find(b"\r") < len(tail) - 1:
+            fatal = DataError.BARE_CR
         if fatal is not None:
             res.fatal = fatal
             self._fatal = fatal
             self._buf = b""
             return res
-        if region:
-            self._take(region, res)
+        if out:
+            self._take(out, res)
         if end != -1:
             res.done = True
             self._buf = b""
@@ -131,53 +139,76 @@ class DataDecoder:
         self._buf = tail
         return res
 
-    @staticmethod
-    def _bare(region: bytes, tail: bytes) -> DataError | None:
-        crlf = region.count(b"\r\n")
-        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
-            return _first_bare(region)
-        if b"\n" in tail:
-            return _first_bare(tail)
-        cr = tail.find(b"\r")
-        if 0 <= cr < len(tail) - 1:
-            return DataError.BARE_CR
-        return None
-
     def _fail(self, why: DataError) -> None:
         self._failures.add(why)
 
-    def _take(self, region: bytes, res: DataResult) -> None:
-        """Complete lines (region ends with CRLF and starts at a line start)."""
-        lines = region.split(b"\r\n")
-        lines.pop()  # the empty string after the final CRLF
-        if self._mid_line:
+    def _take(self, out: bytes, res: DataResult) -> None:
+        """Complete lines in LF form, starting at a line start (or inside a failed line)."""
+        start = 0
+        if self._mid_line:  # the rest of a line already failed as too long
             self._mid_line = False
-            lines[0] = b"X"  # the rest of a line already failed as too long
-        if max(map(len, lines)) > self._max_line:
-            self._fail(DataError.LINE_TOO_LONG)
+            start = out.find(b"\n") + 1
         if self._in_header:
-            for line in lines:
-                if not line:
-                    self._in_header = False
-                    break
-                head = line[:9].lower()
-                if head.startswith(b"received") or head == b"delivered":
-                    self.hops += 1
-            if self.hops >= self.max_hops:
-                self._fail(DataError.TOO_MANY_HOPS)
+            self._count_hops(out, start)
+        if (
+            not self._failures
+            and len(out) - start > self._max_line
+            and _has_long_line(out, start, self._max_line)
+        ):
+            self._fail(DataError.LINE_TOO_LONG)
         if self._failures:  # nothing more is stored, but the size is still counted
-            self.size += len(region) - region.count(b"\r\n")
+            self.size += len(out) - start
             if self.databytes and self.size > self.databytes:
                 self._fail(DataError.TOO_BIG)
             return
-        if region[:1] == b".":
-            region = region[1:]
-        out = region.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
+        if out[:1] == b".":
+            out = out[1:]
+        if b"\n." in out:
+            out = out.replace(b"\n.", b"\n")
         self.size += len(out)
         if self.databytes and self.size > self.databytes:
             self._fail(DataError.TOO_BIG)
             return
         res.chunks.append(out)
+
+    def _count_hops(self, out: bytes, start: int) -> None:
+        """Count Received/Delivered header lines up to the first empty line."""
+        if out[start : start + 1] == b"\n":
+            self._in_header = False
+            return
+        e = out.find(b"\n\n", start)
+        if e >= 0:
+            self._in_header = False
+            part = out[start : e + 1]
+        else:
+            part = out[start:]
+        low = b"\n" + part.lower()
+        self.hops += low.count(b"\nreceived") + low.count(b"\ndelivered")
+        if self.hops >= self.max_hops:
+            self._fail(DataError.TOO_MANY_HOPS)
+
+
+def _has_long_line(data: bytes, start: int, limit: int) -> bool:
+    """True if a line of ``data[start:]`` (LF-separated) is longer than ``limit`` octets.
+
+    A run of ``limit + 1`` bytes without LF contains a whole block of ``(limit + 2) // 2``
+    bytes aligned on ``start``; so only blocks with no LF are looked at closely, and the
+    scan costs one ``find`` per block, not a Python step per line.
+    """
+    block = (limit + 2) // 2
+    n = len(data)
+    s = start
+    while s + block <= n:
+        if data.find(b"\n", s, s + block) >= 0:
+            s += block
+            continue
+        line_start = data.rfind(b"\n", start, s) + 1 or start
+        nxt = data.find(b"\n", s + block)
+        line_end = nxt if nxt >= 0 else n
+        if line_end - line_start > limit:
+            return True
+        s = line_end + 1
+    return False
 
 
 _ORDER = (DataError.TOO_MANY_HOPS, DataError.TOO_BIG, DataError.LINE_TOO_LONG)
