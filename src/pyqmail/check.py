@@ -15,7 +15,9 @@ warnings are printed but do not. What is an error:
   default rule ``:allow,RELAYCLIENT=...``, or ``=:`` which any client with a PTR name
   matches), a tcp.qmqp that allows every client (QMQP has no recipient check), a rules
   line tcprules refuses, a rules file newer than its cdb;
-- users/assign newer than users/cdb (run qmail-newu);
+- users/assign newer than users/cdb (run qmail-newu), a line qmail-newu refuses (found by
+  bisecting with its own parser), no final ``.``, a uid/gid that is not a number, a home
+  that is not absolute;
 - a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
   number.
 
@@ -334,6 +336,67 @@ class _Checker:
         elif src is not None and dst is not None and dst < src:
             self.error("users/assign", 0, "is newer than users/cdb: the change is not in effect",
                        "run qmail-newu")  # fmt: skip
+        if src is not None:
+            self._assign_format()
+
+    def _assign_format(self) -> None:
+        """users/assign as qmail-newu reads it (pyqmail.local.users.compile_assign)."""
+        from pyqmail.local.users import AssignError, compile_assign
+
+        try:
+            data = (self.home.users / "assign").read_bytes()
+        except OSError as e:
+            self.error("users/assign", 0, f"cannot be read ({e.strerror})",
+                       "make users/assign readable")  # fmt: skip
+            return
+        try:
+            compile_assign(data)
+        except AssignError:
+            pass
+        else:
+            self._assign_fields(data)
+            return
+        lines = data.split(b"\n")
+        if data.endswith(b"\n"):
+            lines.pop()
+
+        def fails(k: int) -> bool:  # do the first k lines, then ".", fail?
+            try:
+                compile_assign(b"".join(x + b"\n" for x in lines[:k]) + b".\n")
+            except AssignError:
+                return True
+            return False
+
+        lo, hi = 0, len(lines)
+        if not fails(hi):
+            self.error("users/assign", 0, "has no final line '.': qmail-newu refuses it",
+                       "end the file with a line holding a single '.'")  # fmt: skip
+            return
+        while lo < hi:  # the first k for which the prefix fails: line k is bad
+            mid = (lo + hi) // 2
+            if fails(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        self.error("users/assign", lo, "qmail-newu cannot parse this line (bad format)",
+                   "write =local:user:uid:gid:home:dash:ext: or "
+                   "+prefix:user:uid:gid:home:dash:prefix:")  # fmt: skip
+
+    def _assign_fields(self, data: bytes) -> None:
+        for n, line in enumerate(data.split(b"\n"), 1):
+            if line.startswith(b"."):
+                return
+            fields = line.split(b":")
+            if len(fields) < 5:
+                continue
+            for what, value in (("uid", fields[2]), ("gid", fields[3])):
+                if not value.isdigit():
+                    self.error("users/assign", n,
+                               f"{what} {value.decode('utf-8', 'replace')!r} is not a number",
+                               f"write the numeric {what}")  # fmt: skip
+            if not fields[4].startswith(b"/"):
+                self.error("users/assign", n, "the home directory is not an absolute path",
+                           "write the home directory starting with /")  # fmt: skip
 
     def aliases(self) -> None:
         if not (self.home.alias / ".qmail-postmaster").exists():

@@ -226,3 +226,19 @@ def test_qmqp_open_to_everyone_is_a_relay(home: Home) -> None:
     write_control(home, "tcp.qmqp", "10.0.0.:allow\n:deny\n")
     compile_rules_file(home, "tcp.qmqp")
     assert check(home) == []
+
+
+@pytest.mark.parametrize(
+    ("assign", "line", "word"),
+    [("=joe:joe:1:1:/h:::\n=bad line\n=x:x:2:2:/x:::\n.\n", 2, "parse"),
+     ("=joe:joe:1:1:/h:::\n", 0, "final line"),
+     ("=joe:joe:one:1:/h:::\n.\n", 1, "uid"),
+     ("=joe:joe:1:1:home:::\n.\n", 1, "absolute")],
+)  # fmt: skip
+def test_users_assign_format(home: Home, assign: str, line: int, word: str) -> None:
+    (home.users / "assign").write_text(assign)
+    (home.users / "cdb").write_bytes(b"\0" * 2048)  # fresher than assign: only the format
+    os.utime(home.users / "assign", (1_500_000_000, 1_500_000_000))
+    (p,) = only_errors(home)
+    assert (p.file, p.line) == ("users/assign", line)
+    assert word in p.message
