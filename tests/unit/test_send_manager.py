@@ -526,3 +526,31 @@ def test_cleaner_does_every_todo_intd_mess_unlink(home2: Home, direct: bool) -> 
     h = run(home2, body, agents, direct=direct)
     assert len([c for c in h.agents.calls if c[2] == "joe@test.example"]) == 1  # the bounce
     assert queue_files(home2) == []
+
+
+def test_reused_message_number_is_not_missed(home2: Home) -> None:
+    """A finished message's mess inode can be reused at once by a new message; its notify
+    arrives while the old number is still reserved and must not be lost."""
+    paths = QueuePaths(home2.queue)
+    reused: list[int] = []
+
+    async def body(h: Harness) -> None:
+        real = h.sched._remove_finished
+
+        def remove_then_reuse(num: int) -> None:
+            real(num)
+            if not reused:  # a new message gets the same number, as with a reused inode
+                reused.append(num)
+                paths.mess(num).write_bytes(b"Subject: reused\n\nx\n")
+                paths.intd(num).write_bytes(b"u0\0p1\0Fjoe@test.example\0Tbob@test.example\0")
+                os.link(paths.intd(num), paths.todo(num))
+                h.sched.notify(num)
+
+        h.sched._remove_finished = remove_then_reuse  # type: ignore[method-assign]
+        await h.queue(b"joe@test.example", [b"alice@test.example"])
+        await h.settle()
+
+    h = run(home2, body)
+    assert [c[2] for c in h.agents.calls] == ["alice@test.example", "bob@test.example"]
+    assert b"Subject: reused" in h.agents.calls[1][3]
+    assert queue_files(home2) == []

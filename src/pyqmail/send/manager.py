@@ -637,20 +637,28 @@ class Scheduler:
                 else:  # off the event loop: an unlink may wait for the disk
                     await self._loop.run_in_executor(None, self._remove_finished, num)
             finally:
-                self._fast.pop(num, None)
+                self._release_fast(num)
             return
         ok = await self._loop.run_in_executor(None, self._fast_fallback, job)
-        if ok and self._cleaner is not None:
-            await self._cleaner("todo", num)
-        self._fast.pop(num, None)
         if not ok:
+            self._fast.pop(num, None)
             return  # todo/N remains; the next todo scan starts it again
+        if self._cleaner is not None:
+            await self._cleaner("todo", num)
+        self._release_fast(num)
         if job.left:
             self._pending_chan[num] = 1 << LOCAL
             self._heaps[LOCAL].push(job.retry, num)
             self._wake[LOCAL].set()
         else:
             self._messdone(num)
+
+    def _release_fast(self, num: int) -> None:
+        """Forget a direct delivery. Its mess inode may already be reused by a new message
+        whose notify was skipped while the number was reserved: look for its todo."""
+        self._fast.pop(num, None)
+        if os.path.exists(self._p.todo(num)):
+            self._add_todo(num)
 
     def _remove_finished(self, num: int) -> None:
         """Worker thread: a directly delivered message is done; todo first, so that once it
