@@ -141,3 +141,17 @@ def test_parse_listen(text: str, expect: tuple[str, int]) -> None:
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(text)
+
+
+def test_cdb_cache_with_ttl_checks_the_file_at_most_that_often(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    path = Path(tmp_path) / "y.cdb"
+    cache = CdbCache(path, ttl=3600)
+    assert cache.get() is None
+    with cdb.Writer(path) as w:
+        w.add(b"k", b"1")
+    assert cache.get() is None  # not looked at again within the ttl
+    cache.ttl = 0
+    r = cache.get()
+    assert r is not None and r.get(b"k") == b"1"

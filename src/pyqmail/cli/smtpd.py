@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=1.0,
         metavar="SECONDS",
-        help="re-check control/ at most this often (0: every connection)",
+        help="re-check control/ and the rules cdb at most this often (0: every connection)",
     )
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)

@@ -6,7 +6,8 @@ queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about S
 * :class:`SmtpServer` is the listener ``pyqmail run`` and ``pyqmail smtpd --listen`` use:
   asyncio (uvloop when installed), IPv4 and IPv6, one tcprules lookup per connection in
   tcpserver's order (default ``control/tcp.smtp.cdb``; a missing file allows everyone, as
-  tcpserver without ``-x``; an unreadable one drops the connection), the environment
+  tcpserver without ``-x``; an unreadable one drops the connection; like the control
+  files it is re-checked at most every ``control_ttl`` seconds), the environment
   tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
   The commit (the fsyncs) runs in a worker thread, so concurrent sessions' syncs overlap;
   ``250 ok`` is written only after it returned.
@@ -184,8 +185,8 @@ class SmtpServer:
         self._ctl_at = 0.0
         self.conns = 0
         self.per_ip: dict[str, int] = {}
-        self._rules = CdbCache(self.rules_path)
-        self._more = CdbCache(home.control / "morercpthosts.cdb")
+        self._rules = CdbCache(self.rules_path, control_ttl)
+        self._more = CdbCache(home.control / "morercpthosts.cdb", control_ttl)
         self._servers: list[asyncio.AbstractServer] = []
         self.base_env: dict[str, str] = {}
         if "DATABYTES" in os.environ:

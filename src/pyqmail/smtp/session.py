@@ -210,15 +210,26 @@ def local_addresses() -> frozenset[IPAddress]:
 
 
 class CdbCache:
-    """An open cdb that is reopened when its file changes (one stat per use)."""
+    """An open cdb that is reopened when its file changes.
 
-    def __init__(self, path: Path) -> None:
+    The file is stat'ed at most once every ``ttl`` seconds (0: on every use, which is what
+    tcpserver's reopen per connection amounts to).
+    """
+
+    def __init__(self, path: Path, ttl: float = 0.0) -> None:
         self.path = path
+        self.ttl = ttl
         self._key: tuple[int, int, int] | None = None
         self._reader: cdb.Reader | None = None
+        self._checked = -1e9
 
     def get(self) -> cdb.Reader | None:
         """The current reader, or None if the file does not exist. OSError if unreadable."""
+        if self.ttl > 0:
+            now = time.monotonic()
+            if now - self._checked < self.ttl:
+                return self._reader
+            self._checked = now
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
