@@ -277,3 +277,30 @@ def test_cannot_start_without_queue(home: Home, tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 111
     assert "alert: cannot start: unable to switch to queue directory" in r.stderr
+
+
+def _ns(b: bytes) -> bytes:
+    return str(len(b)).encode() + b":" + b + b","
+
+
+def test_qmqp_and_qmtp_listeners_queue_for_delivery(mta: Mta) -> None:
+    qmqp, qmtp = free_port(), free_port()
+    mta.start("--qmqp", f"127.0.0.1:{qmqp}", "--qmtp", f"127.0.0.1:{qmtp}")
+    wait_for(lambda: listening(qmqp) and listening(qmtp), what="QMQP and QMTP listeners")
+    with socket.create_connection(("127.0.0.1", qmqp), 10) as s:
+        body = (
+            _ns(b"Subject: by qmqp\n\nx\n") + _ns(b"joe@test.example") + _ns(b"alice@test.example")
+        )
+        s.sendall(_ns(body))
+        assert s.recv(1024).split(b":", 1)[1].startswith(b"K")
+    with socket.create_connection(("127.0.0.1", qmtp), 10) as s:
+        s.sendall(_ns(b"\nSubject: by qmtp\n\nx\n") + _ns(b"joe@test.example")
+                  + _ns(_ns(b"alice@test.example")))  # fmt: skip
+        assert s.recv(1024).split(b":", 1)[1].startswith(b"K")
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 2, what="both delivered")
+    subjects = sorted(
+        next(ln for ln in f.read_bytes().split(b"\n") if ln.startswith(b"Subject:"))
+        for f in files(mta.maildir("alice"))
+    )
+    assert subjects == [b"Subject: by qmqp", b"Subject: by qmtp"]
+    assert mta.stop() == 0

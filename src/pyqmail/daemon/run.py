@@ -6,7 +6,7 @@ Owns the wiring and the order of start-up and shutdown:
    controls`` otherwise), remove what a crash left in the queue (queue/recover.py);
 2. fork the local delivery workers (before any thread exists);
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
-   schedule; the submitter wakes it in-process; the SMTP (and QMQP) listeners bind;
+   schedule; the submitter wakes it in-process; the SMTP, QMQP and QMTP listeners bind;
 4. signals: TERM/INT stop (listeners close first, then deliveries in flight finish, bounded),
    HUP re-reads the controls, ALRM retries everything now, PIPE is ignored.
 
@@ -102,6 +102,7 @@ class RunConfig:
     home: Home
     smtp: list[tuple[str, int]] = field(default_factory=list)
     qmqp: list[tuple[str, int]] = field(default_factory=list)
+    qmtp: list[tuple[str, int]] = field(default_factory=list)
     log: BinaryIO | None = None
     stop_timeout: float = STOP_TIMEOUT
 
@@ -190,6 +191,12 @@ class Daemon:
             qmqp = QmqpServer(self.home, self.ctl, submitter)
             for host, port in self.cfg.qmqp:
                 self._record(await qmqp.start(host, port), "qmqp")
+        if self.cfg.qmtp:
+            from pyqmail.inject.qmtp import QmtpServer
+
+            qmtp = QmtpServer(self.home, self.ctl, submitter)
+            for host, port in self.cfg.qmtp:
+                self._record(await qmtp.start(host, port), "qmtp")
 
     def _record(self, server: asyncio.AbstractServer, kind: str) -> None:
         self.servers.append(server)
@@ -289,10 +296,13 @@ def run(cfg: RunConfig) -> int:
     return 0
 
 
-def main_args(home: Home, smtp: Sequence[str], qmqp: Sequence[str]) -> RunConfig:
+def main_args(
+    home: Home, smtp: Sequence[str], qmqp: Sequence[str], qmtp: Sequence[str] = ()
+) -> RunConfig:
     """A RunConfig from command-line strings (raises ValueError for a bad address)."""
     return RunConfig(
         home,
         smtp=[parse_listen(a, 25) for a in smtp],
         qmqp=[parse_listen(a, 628) for a in qmqp],
+        qmtp=[parse_listen(a, 209) for a in qmtp],
     )

@@ -8,7 +8,7 @@ qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
   the scheduler, since only the queue user may remove todo, intd and mess files;
 - **send** (qmails:qmail): the scheduler and the remote agent; before dropping it starts
   the local spawner, which keeps root and drops to each recipient per delivery;
-- **smtpd** (qmaild:nofiles): the SMTP and QMQP listeners, bound as root, then dropped.
+- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped.
   They queue through the service, so the Received line says "invoked from network".
 
 The supervisor stays root only to wait and to relay signals: TERM/INT stop the listeners,
@@ -220,6 +220,12 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
             qmqp = QmqpServer(home, ctl, submitter)
             for host, port in cfg.qmqp:
                 servers.append(await qmqp.start(host, port))
+        if cfg.qmtp:
+            from pyqmail.inject.qmtp import QmtpServer
+
+            qmtp = QmtpServer(home, ctl, submitter)
+            for host, port in cfg.qmtp:
+                servers.append(await qmtp.start(host, port))
         # bound as root; nothing has been read from the network yet
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
         os.write(ready, b"d")
@@ -307,7 +313,7 @@ def run_split(cfg: object) -> int:
         return 111
     pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg.stop_timeout))
     clean_send.close()
-    if cfg.smtp or cfg.qmqp:
+    if cfg.smtp or cfg.qmqp or cfg.qmtp:
         r, w = os.pipe()
         pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w))
         os.close(w)
