@@ -419,3 +419,20 @@ def test_multi_user_forward_runs_as_the_user(
     assert (out / "uid").read_text().strip() == str(A_UID)
     assert (out / "env").read_bytes() == b"Fs@x\0Tone@example.org\0\0"
     assert (out / "msg").read_bytes() == b"Delivered-To: a-fwd@h\n" + MSG
+
+
+def test_close_lets_deliveries_in_flight_finish(home: Home, mess: Path) -> None:
+    (home.alias / ".qmail-slow").write_text("|read line; echo slow done\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+
+    async def go() -> Outcome:
+        task = asyncio.ensure_future(sp.deliver(mess, "s@x", "slow@h"))
+        await asyncio.sleep(0)  # the request is on its way
+        await sp.close()  # waits for the spawner, which finishes the delivery first
+        return await task
+
+    assert asyncio.run(go()) == Outcome.ok("slow done\ndid 0+0+1\n")
+    assert sp.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(sp.pid, 0)  # the spawner exited and was reaped
