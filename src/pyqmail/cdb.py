@@ -32,7 +32,7 @@ def cdb_hash(key: bytes) -> int:
     """The cdb hash: h = 5381; h = ((h << 5) + h) ^ c, modulo 2**32."""
     h = 5381
     for c in key:
-        h = (((h << 5) + h) & 0xFFFFFFFF) ^ c
+        h = (h * 33 ^ c) & 0xFFFFFFFF  # c < 256: masking after the xor is the same
     return h
 
 
