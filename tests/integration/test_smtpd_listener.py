@@ -538,3 +538,18 @@ def test_several_acceptor_processes_share_the_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_a_client_that_never_reads_is_not_buffered_for(server: Server) -> None:
+    server.control("timeoutsmtpd", "2\n")
+    c = Raw(server.port)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.s.settimeout(3)
+    sent = 0
+    with pytest.raises(OSError):  # a timeout: the server stopped reading our commands
+        while sent < 200_000_000:
+            c.s.sendall(b"NOOP\r\n" * 10000)
+            sent += 60000
+    assert sent < 100_000_000
+    assert c.closed(10)  # then dropped after timeoutsmtpd
+    assert server.alive()

@@ -252,7 +252,7 @@ class _SmtpProtocol(asyncio.Protocol):
     """One connection: bytes to the core, events to the transport and the queue."""
 
     __slots__ = ("closing", "conn", "ip", "last", "loop", "msg", "partial_since", "server",
-                 "timeout_s", "timer", "transport")  # fmt: skip
+                 "timeout_s", "timer", "transport", "write_paused")  # fmt: skip
 
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
@@ -266,6 +266,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.timeout_s = 1200.0
+        self.write_paused = False
 
     # -- asyncio callbacks
 
@@ -338,6 +339,21 @@ class _SmtpProtocol(asyncio.Protocol):
             self.partial_since = now
         self._handle(events)
 
+    def pause_writing(self) -> None:
+        """The client does not read its replies: stop reading its commands (no unbounded
+        buffer of replies); the timeout ends the connection if it stays that way."""
+        self.write_paused = True
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        conn = self.conn
+        if self.transport is not None and conn is not None and not self.closing:
+            self.last = self.loop.time()
+            if conn.wants_input:
+                self.transport.resume_reading()
+
     def eof_received(self) -> bool | None:
         if self.conn is not None and not self.closing:
             self._handle(self.conn.receive_data(b""))
@@ -387,10 +403,14 @@ class _SmtpProtocol(asyncio.Protocol):
         if conn.partial:
             due = min(due, self.partial_since + min(timeout, 120.0))
         now = self.loop.time()
-        if now >= due:
-            self._handle(conn.timeout())
-        else:
+        if now < due:
             self._arm(due - now)
+        elif self.write_paused and self.transport is not None:
+            # The client neither reads our replies nor sends: nothing more can reach it.
+            self.closing = True
+            self.transport.abort()
+        else:
+            self._handle(conn.timeout())
 
     def _handle(self, events: list[Event]) -> None:
         """Carry out the core's events, in order; one write for all replies."""
@@ -429,7 +449,7 @@ class _SmtpProtocol(asyncio.Protocol):
             events = nxt
         if out:
             transport.write(b"".join(out))
-        if not conn.wants_input:
+        if not conn.wants_input or self.write_paused:
             transport.pause_reading()
 
     async def _commit(self) -> None:
@@ -451,7 +471,12 @@ class _SmtpProtocol(asyncio.Protocol):
             log.exception("protocol error with %s", self.ip)
             events = conn.fail()
         self._handle(events)
-        if self.conn is not None and not self.closing and conn.wants_input:
+        if (
+            self.conn is not None
+            and not self.closing
+            and conn.wants_input
+            and not self.write_paused
+        ):
             self.transport.resume_reading()
 
     def _linger(self) -> None:
@@ -466,11 +491,21 @@ class _SmtpProtocol(asyncio.Protocol):
             if transport.can_write_eof():
                 transport.write_eof()
                 transport.resume_reading()
-                self.timer = self.loop.call_later(self.server.linger, transport.close)
+                self.timer = self.loop.call_later(self.server.linger, self._end)
                 return
         except (OSError, RuntimeError):
             pass
         transport.close()
+
+    def _end(self) -> None:
+        """The linger is over: close, or drop the connection if the client reads nothing."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() > 0:
+            transport.abort()
+        else:
+            transport.close()
 
     def _close_now(self) -> None:
         self.closing = True
@@ -545,6 +580,7 @@ def run_stdio(
         return 1
     conn = SmtpServerConnection(session, limits)
     timeout = float(ctl.timeoutsmtpd)
+    out.timeout = timeout
     events = conn.greet()
     partial_since = 0.0
     try:
@@ -606,8 +642,9 @@ class _WriteFailed(Exception):
 class _Writer:
     """Output buffered until the next read (qmail's substdio), then written whole."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, timeout: float = 1200.0) -> None:
         self.fd = fd
+        self.timeout = timeout  # qmail-smtpd's write timeout is timeoutsmtpd too
         self._out: list[bytes] = []
 
     def buffer(self, data: bytes) -> None:
@@ -625,6 +662,8 @@ class _Writer:
         view = memoryview(data)
         while view:
             try:
+                if not select.select([], [self.fd], [], self.timeout)[1]:
+                    raise _WriteFailed("write timeout")
                 n = os.write(self.fd, view)
             except InterruptedError:
                 continue
