@@ -14,6 +14,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
+from array import array
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -26,6 +28,17 @@ _LIMIT = 0xFFFFFFFF
 
 class CdbError(Exception):
     """A cdb file is malformed or too large."""
+
+
+_U32 = "I" if array("I").itemsize == 4 else "L"  # an array typecode of 4 bytes
+
+
+def _le(values: array[int]) -> bytes:
+    """An array of u32 as little-endian bytes (cdb's byte order on any machine)."""
+    if sys.byteorder != "little":
+        values = array(_U32, values)
+        values.byteswap()
+    return values.tobytes()
 
 
 def cdb_hash(key: bytes) -> int:
@@ -186,27 +199,31 @@ class Writer:
         buckets: list[list[tuple[int, int]]] = [[] for _ in range(256)]
         for h, p in self._entries:
             buckets[h & 255].append((h, p))
-        header = bytearray()
-        tables = bytearray()
+        header = array(_U32)
+        tables: list[bytes] = []
         pos = self._pos
         for bucket in buckets:
             slots = 2 * len(bucket)
-            header += _PAIR.pack(pos, slots)
-            table = [(0, 0)] * slots
+            header.extend((pos, slots))
+            hashes = [0] * slots
+            positions = [0] * slots  # 0 = empty: no record sits at offset 0
             for h, p in bucket:
                 i = (h >> 8) % slots
-                while table[i][1] != 0:
+                while positions[i]:
                     i = (i + 1) % slots
-                table[i] = (h, p)
-            for h, p in table:
-                tables += _PAIR.pack(h, p)
+                hashes[i] = h
+                positions[i] = p
+            table = array(_U32, bytes(8 * slots))
+            table[0::2] = array(_U32, hashes)
+            table[1::2] = array(_U32, positions)
+            tables.append(_le(table))
             pos += 8 * slots
             if pos > _LIMIT:
                 raise CdbError("cdb file would exceed 4 GiB")
-        self._buf.append(bytes(tables))
+        self._buf.append(b"".join(tables))
         self._flush()
         os.lseek(self._fd, 0, os.SEEK_SET)
-        write_all(self._fd, bytes(header))
+        write_all(self._fd, _le(header))
         os.fsync(self._fd)
         fd, self._fd = self._fd, -1
         os.close(fd)
