@@ -2349,6 +2349,86 @@ CASES = [
         "\n",
         "Frobot@dh.dd.example\x00Ta@dh.dd.example\x00\x00",
     ),
+    (
+        "To: x.y;<c@d.example>\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: x.y@dh.dd.example; <c@d.example>\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tc@d.example\x00Tx.y@dh.dd.example\x00\x00",
+    ),
+    (
+        "To: <c@d.example>(Comment)bob@x.example\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "To: <c@d.example>, bob@x.example (Comment)\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tbob@x.example\x00Tc@d.example\x00\x00",
+    ),
+    (
+        'From: bob@x.example;"Doe, J" <c@d.example>\n\n',
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "Cc: recipient list not shown: ;\n"
+        'From: bob@x.example;"Doe, J" <c@d.example>\n'
+        "\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        "Cc: u@[10.0.0.1];\n  u@[10.0.0.1]<c@d.example>\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        "Cc: u@[10.0.0.1];, u@[10.0.0.1] <c@d.example>\n"
+        "\n",
+        "Frobot@dh.dd.example\x00Tc@d.example\x00Tu@[10.0.0.1]\x00Tu@[10.0.0.1]\x00\x00",
+    ),
+    (
+        "From: <c@d.example>Jörg , Jörg  bob@x.example\n\n",
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "Cc: recipient list not shown: ;\n"
+        'From: <c@d.example>, "Jörg"@dh.dd.example, "Jörg"@dh.dd.example,\n'
+        "  bob@x.example\n"
+        "\n",
+        "Frobot@dh.dd.example\x00\x00",
+    ),
+    (
+        'To: "Jörg Müller" <jm@x.example>, "Zoë Ätherton" <za@y.example>, "Ōkubo" <o@z.example>\n\n',
+        {},
+        [],
+        0,
+        "Return-Path: <robot@dh.dd.example>\n"
+        "Date: {DATE}\n"
+        "Message-ID: <{STAMP}.{PID}.qmail@id.example>\n"
+        "From: robot@dh.dd.example\n"
+        'To: "Jörg Müller" <jm@x.example>, "Zoë Ätherton" <za@y.example>,\n'
+        '  "Ōkubo" <o@z.example>\n'
+        "\n",
+        "Frobot@dh.dd.example\x00To@z.example\x00Tza@y.example\x00Tjm@x.example\x00\x00",
+    ),
 ]
 
 # inputs on which pyqmail's output knowingly differs from notqmail's (docs/inject.md)

@@ -316,41 +316,51 @@ def _rewrite_item(tokens: list[Token], rw: Rewriter, addrs: list[str]) -> list[s
     return out
 
 
-def _split_items(tokens: list[Token]) -> list[list[Token]]:
-    """Comma-separated items; words after a closed ``<...>`` start another item unless a
-    ``<`` follows them (notqmail's comma insertion); ``;`` ends an item too (kept)."""
-    items: list[list[Token]] = [[]]
+def _split_items(tokens: list[Token]) -> list[tuple[list[Token], str | None]]:
+    """Comma-separated items, each with its "glue": None, or the text that joins it to the
+    previous one instead of a comma. As notqmail: words after a closed ``<...>`` start
+    another item unless a ``<`` follows them (and comments just before them go with them);
+    ``;`` ends an item and is kept; a route-addr after ``;`` whose phrase starts with a
+    quoted string is glued with nothing, one without a phrase with a space."""
+    items: list[tuple[list[Token], str | None]] = [([], None)]
     angle = closed = False
     for i, t in enumerate(tokens):
         if angle:
-            items[-1].append(t)
+            items[-1][0].append(t)
             angle = not t.is_special(">")
             closed = not angle
         elif t.is_special(","):
-            items.append([])
+            items.append(([], None))
             closed = False
         elif t.is_special(";"):
-            items[-1].append(t)
-            items.append([])
+            items[-1][0].append(t)
+            nxt = _next_solid(tokens, i + 1)
+            glue = None
+            if nxt is not None and _angle_ahead(tokens, i + 1):
+                glue = "" if nxt.kind is Kind.QUOTED else " " if nxt.is_special("<") else None
+            items.append(([], glue))
             closed = False
         else:
-            if closed and t.is_word() and not _angle_ahead(tokens, i):
-                items.append([])  # words after '>' are another address: qmail adds a comma
-                closed = False
-            items[-1].append(t)
+            if closed and not _angle_ahead(tokens, i):
+                nxt = t if t.kind is not Kind.COMMENT else _next_solid(tokens, i)
+                if nxt is not None and nxt.is_word():
+                    items.append(([], None))  # another address: qmail adds a comma
+                    closed = False
+            items[-1][0].append(t)
             angle = t.is_special("<")
-    out: list[list[Token]] = []
-    for item in items:  # what follows a ';' up to the next ',' if only comments: same item
-        if (
-            out
-            and out[-1]
-            and out[-1][-1].is_special(";")
-            and all(t.kind is Kind.COMMENT for t in item)
-        ):
-            out[-1].extend(item)
+    out: list[tuple[list[Token], str | None]] = []
+    for item, glued in items:  # what follows a ';' up to the next ',', if only comments
+        last = out[-1][0] if out else []
+        if last and last[-1].is_special(";") and all(t.kind is Kind.COMMENT for t in item):
+            last.extend(item)
         else:
-            out.append(item)
+            out.append((item, glued))
     return out
+
+
+def _next_solid(tokens: list[Token], i: int) -> Token | None:
+    """The next token from ``i`` that is not a comment."""
+    return next((t for t in tokens[i:] if t.kind is not Kind.COMMENT), None)
 
 
 def _angle_ahead(tokens: list[Token], i: int) -> bool:
@@ -369,10 +379,12 @@ def rewrite_list(text: str, rw: Rewriter) -> FieldResult:
     return result
 
 
-def _rewrite_items(items: list[list[Token]], rw: Rewriter, result: FieldResult) -> None:
+def _rewrite_items(
+    items: list[tuple[list[Token], str | None]], rw: Rewriter, result: FieldResult
+) -> None:
     in_group = False
     loose = 0
-    for item in items:
+    for item, glued in items:
         colon = next((i for i, t in enumerate(item) if t.is_special(":")), -1)
         prefix = ""
         if colon >= 0 and not any(t.is_special("<") for t in item[:colon]):
@@ -396,9 +408,16 @@ def _rewrite_items(items: list[list[Token]], rw: Rewriter, result: FieldResult) 
         parts[0] = prefix + parts[0]
         if suffix:
             parts[-1] = (parts[-1] + suffix) if parts[-1].strip() else parts[-1].rstrip() + suffix
+        if glued is not None and result.items:
+            result.items[-1] += glued + parts.pop(0)
         result.items.extend(parts)
     if in_group:  # notqmail still takes the group's addresses as recipients
         raise ParseError("group not closed by ';'", list(result.addresses))
+
+
+def _width(text: str) -> int:
+    """Columns as qmail counts them: bytes."""
+    return len(text.encode("utf-8", "surrogateescape"))
 
 
 def fold(name: str, items: Sequence[str], limit: int = LINE_LIMIT) -> str:
@@ -409,7 +428,7 @@ def fold(name: str, items: Sequence[str], limit: int = LINE_LIMIT) -> str:
     lines: list[str] = []
     for i, item in enumerate(items):
         piece = item + ("," if i < len(items) - 1 else "")
-        if not fresh and item and len(line) + 1 + len(piece) > limit:
+        if not fresh and item and _width(line) + 1 + _width(piece) > limit:
             lines.append(line)
             line = "  " + piece
         else:
