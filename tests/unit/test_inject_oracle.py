@@ -2435,6 +2435,7 @@ CASES = [
 KNOWN_DIFFERENCES = {
     "To: @r1:u@h\n\n",  # field left as is; notqmail still collects u@h from it
     "To: a; b; c\n\n",  # field left as is; notqmail still collects b and c from it
+    "Cc: u@[10.0.0.1];\n  u@[10.0.0.1]<c@d.example>\n\n",  # notqmail: phrase is a recipient too
 }
 
 
