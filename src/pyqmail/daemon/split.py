@@ -43,6 +43,7 @@ from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
 
 READY_TIMEOUT = 30.0
+CLEAN_INTERVAL = 76431.0  # qmail-send's period for removing what crashed writers left
 
 
 class _Stop(Exception):
@@ -108,9 +109,15 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    threading.Thread(
-        target=_serve_clean, args=(clean_sock, QueuePaths(home.queue)), daemon=True
-    ).start()
+    paths = QueuePaths(home.queue)
+    threading.Thread(target=_serve_clean, args=(clean_sock, paths), daemon=True).start()
+
+    def sweep() -> None:  # what crashed writers left, as qmail-clean and qmail-send do
+        while not stop.wait(CLEAN_INTERVAL):
+            with contextlib.suppress(OSError):
+                clean_stale(paths)
+
+    threading.Thread(target=sweep, daemon=True).start()
     os.write(ready, b"q")
     os.close(ready)
     with contextlib.suppress(OSError):
