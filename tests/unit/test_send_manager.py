@@ -554,3 +554,27 @@ def test_reused_message_number_is_not_missed(home2: Home) -> None:
     assert [c[2] for c in h.agents.calls] == ["alice@test.example", "bob@test.example"]
     assert b"Subject: reused" in h.agents.calls[1][3]
     assert queue_files(home2) == []
+
+
+def test_an_internal_error_in_preprocessing_does_not_stop_the_scheduler(home2: Home) -> None:
+    async def body(h: Harness) -> None:
+        real = h.sched._preprocess_batch
+        calls = [0]
+
+        def flaky(*args: object) -> object:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("a bug")
+            return real(*args)  # type: ignore[arg-type]
+
+        h.sched._preprocess_batch = flaky  # type: ignore[method-assign,assignment]
+        await h.queue(b"joe@test.example", [b"alice@test.example"])
+        for _ in range(500):
+            if h.agents.calls:
+                break
+            await asyncio.sleep(0.01)
+        await h.settle()
+
+    h = run(home2, body)
+    assert [c[2] for c in h.agents.calls] == ["alice@test.example"]
+    assert any(b"internal error in todo, restarting it" in line for line in h.log)

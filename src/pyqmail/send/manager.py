@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -262,8 +263,14 @@ class Scheduler:
         for c in CHANNELS:
             self._heaps[c] = PrioQueue.from_entries(entries[c])
         self._tasks = [
-            asyncio.create_task(self._todo_loop(), name="send-todo"),
-            *(asyncio.create_task(self._channel_loop(c), name=f"send-{c}") for c in CHANNELS),
+            asyncio.create_task(self._guarded("todo", self._todo_loop), name="send-todo"),
+            *(
+                asyncio.create_task(
+                    self._guarded(CHANNEL_NAMES[c], functools.partial(self._channel_loop, c)),
+                    name=f"send-{c}",
+                )
+                for c in CHANNELS
+            ),
         ]
         if self._use_trigger:
             self._open_trigger()
@@ -420,6 +427,21 @@ class Scheduler:
         return entries, done
 
     # ---------------------------------------------------------------- todo
+
+    async def _guarded(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run a main loop; an unexpected error is logged and the loop restarted, so one
+        bad message cannot stop all processing (qmail-send would sleep and carry on)."""
+        while not self._exiting:
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.log.warning(f"internal error in {name}, restarting it: {e!r}")
+                self._todo_scan_wanted = True
+                self._preprocessing = False
+                await asyncio.sleep(1.0)
 
     async def _todo_loop(self) -> None:
         assert self._loop is not None
