@@ -87,7 +87,9 @@ def test_crash_after_each_step(home: Home, state: CrashState) -> None:
     if state.committed:
         (n,) = queued
         assert after == {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
-        assert report.removed == []
+        # at most the writer's pid name, never a file of the queued message
+        assert all(r.startswith("pid/") for r in report.removed)
+        assert len(report.removed) == (0 if state is CrashState.PID_UNLINKED else 1)
     else:
         assert after == set(), f"leftovers after clean: {after}"
         assert sorted(report.removed) == sorted(before)
@@ -134,6 +136,7 @@ def test_live_writer_is_not_reaped(home: Home) -> None:
     assert paths.mess(n).exists()
     # qmail's rule still applies to a writer older than 36 hours
     assert clean_stale(paths, now=time.time() - 10).kept_locked == 1
+    assert os.listdir(paths.pid) != []  # the live writer's pid name stays
     os.write(w2, b"x")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -201,3 +204,19 @@ def test_sigkill_real_qmail_queue(home: Home, tmp_path: Path) -> None:
     for n in new:
         expect |= {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
     assert left == expect
+
+
+def test_foreign_writer_files_wait_for_ossified(home: Home) -> None:
+    """A mess file with no pid name, no lock and no todo may be a running foreign
+    qmail-queue's (notqmail takes no lock): kept until qmail's 36 hours have passed."""
+    paths = QueuePaths(home.queue)
+    tmp = paths.pid / "1.1.1"
+    tmp.write_bytes(b"Received: (qmail 1 invoked by uid 0); ...\n")
+    n = os.stat(tmp).st_ino
+    os.link(tmp, paths.mess(n))
+    os.unlink(tmp)
+    paths.intd(n).write_bytes(b"u0\0p1\0Fa\0")
+    report = clean_stale(paths)
+    assert report.removed == [] and report.kept_foreign == 1
+    report = clean_stale(paths, now=time.time() + 37 * 3600)
+    assert sorted(report.removed) == [f"intd/{n}", f"mess/{n % 23}/{n}"]

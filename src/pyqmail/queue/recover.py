@@ -1,4 +1,4 @@
-"""The queue's crash states and the start-up clean of what a crashed writer left.
+"""The queue's crash states and the clean-up of what a crashed writer left.
 
 The writer (writer.py) moves a new message through the states below, in this order,
 and calls its test hook after each one. A crash in any state before TODO_LINKED leaves
@@ -8,18 +8,26 @@ message and its envelope are whole (both were fsynced before the link).
 What each state leaves behind, and who removes it:
 
 - PID_CREATED: ``pid/PID.TIME.SEQ`` only.
-- MESS_LINKED: the pid file and ``mess/S/N`` (the same inode).
-- PID_UNLINKED, MESS_WRITTEN: ``mess/S/N`` (possibly partial).
-- INTD_CREATED .. INTD_SYNCED: ``mess/S/N`` and ``intd/N`` (durable only at INTD_SYNCED).
-- TODO_LINKED, TODO_SYNCED: a queued message. Nothing to clean.
+- MESS_LINKED, MESS_WRITTEN: the pid file and ``mess/S/N`` (one inode, two names).
+- INTD_CREATED .. INTD_SYNCED: those and ``intd/N`` (durable only at INTD_SYNCED).
+- TODO_LINKED, TODO_SYNCED: a queued message, plus its pid name (removed by clean_stale).
+- PID_UNLINKED: a queued message. Nothing to clean.
 
-``clean_stale`` removes leftovers. pyqmail writers hold an exclusive flock on the
-message inode (pid file = mess file) from its creation until the todo link is made,
-so "the lock is free and there is no todo/N or info/S/N" proves the writer is gone:
-such files are removed at once. Files without that proof (a writer that is still
-running, or a foreign qmail-queue that takes no lock) fall under qmail's rule instead:
-removed only when their atime is older than OSSIFIED (36 h), which exceeds the writer's
-DEATH alarm (24 h), so a slow writer is never reaped.
+How clean_stale knows a writer is gone: a pyqmail writer holds an exclusive flock on the
+message inode from its creation to the end, and keeps the pid name (which carries its
+PID) as a second link of the mess file until the commit. So:
+
+- a pid file whose lock is free, whose PID is dead (or that is a minute old: a writer
+  locks it right after creating it) belonged to a dead writer: it goes, and with it the
+  mess file and intd/N, unless todo/N or info/S/N shows the message was queued;
+- a mess file with no todo/N, no info/S/N, no lock and no second link was not written by
+  a live pyqmail writer, but may be a foreign qmail-queue's (which takes no lock and drops
+  the pid name early): qmail's rule applies, removed once its atime is OSSIFIED (36 h)
+  old, which exceeds the writer's DEATH alarm (24 h), so a slow writer is never reaped;
+- intd/N with neither todo/N nor mess/S/N is garbage.
+
+A locked file older than OSSIFIED goes too, as in qmail. Safe to run while writers and
+the scheduler run: it only removes what no live writer and no queued message owns.
 """
 
 from __future__ import annotations
@@ -42,7 +50,6 @@ class CrashState(enum.Enum):
 
     PID_CREATED = "pid created"
     MESS_LINKED = "mess linked"
-    PID_UNLINKED = "pid unlinked"
     MESS_WRITTEN = "mess written"
     INTD_CREATED = "intd created"
     INTD_WRITTEN = "intd written"
@@ -50,11 +57,12 @@ class CrashState(enum.Enum):
     INTD_SYNCED = "intd and mess dir synced"
     TODO_LINKED = "todo linked"
     TODO_SYNCED = "todo synced"
+    PID_UNLINKED = "pid unlinked"
 
     @property
     def committed(self) -> bool:
         """True once the message is the queue's responsibility."""
-        return self in (CrashState.TODO_LINKED, CrashState.TODO_SYNCED)
+        return self in (CrashState.TODO_LINKED, CrashState.TODO_SYNCED, CrashState.PID_UNLINKED)
 
 
 @dataclass
@@ -62,7 +70,8 @@ class CleanReport:
     """What clean_stale removed (paths relative to queue/)."""
 
     removed: list[str] = field(default_factory=list)
-    kept_locked: int = 0
+    kept_locked: int = 0  # files of live writers
+    kept_foreign: int = 0  # unclaimed mess files younger than OSSIFIED
     errors: list[str] = field(default_factory=list)
 
 
@@ -166,7 +175,7 @@ def clean_stale(
         if same and not _queued(paths, ino):
             _unlink(paths, f"intd/{ino}", report)
             _unlink(paths, f"mess/{paths.split(ino)}/{ino}", report)
-    # mess without todo/info: a writer that died after unlinking its pid file.
+    # mess without todo/info and without a pid name: not a pyqmail writer's (see above).
     for d in paths.split_dirs("mess"):
         try:
             names = os.listdir(d)
@@ -181,8 +190,16 @@ def clean_stale(
             gone = _writer_gone(mp)
             if gone is None:
                 continue
-            if not gone and not _old(mp, now, ossified):
-                report.kept_locked += 1
+            try:
+                nlink = os.stat(mp).st_nlink
+            except FileNotFoundError:
+                continue
+            if not _old(mp, now, ossified):
+                if nlink == 1:  # (nlink > 1: its pid name was dealt with above)
+                    if gone:
+                        report.kept_foreign += 1
+                    else:
+                        report.kept_locked += 1
                 continue
             if _queued(paths, n):  # committed while we looked
                 continue

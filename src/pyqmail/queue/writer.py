@@ -3,12 +3,13 @@
 Sequence (queue.md section 3, with the directory fsyncs Linux needs):
 
 1. create ``pid/PID.TIME.SEQ`` (O_EXCL) and take an exclusive flock on it; N = inode;
-2. link it to ``mess/S/N``, unlink the pid name;
+2. link it to ``mess/S/N`` (the pid name stays until the commit: see recover.py);
 3. write qmail-queue's Received line, the caller's ``received`` bytes and the message
    (buffered: ``Pending.write`` is cheap);
 4. ``commit``: flush the message, create ``intd/N`` (O_EXCL) and write ``u..p..F..T..``,
    fsync mess, fsync intd, fsync ``mess/S`` (so the message's name survives), link
-   ``intd/N`` to ``todo/N`` (the commit point), fsync ``todo/``, poke the scheduler.
+   ``intd/N`` to ``todo/N`` (the commit point), fsync ``todo/``, unlink the pid name,
+   poke the scheduler.
 
 Invariants: nothing appears in todo/ before its message and envelope are on disk; any
 failure before the commit point removes everything this message created (stricter than
@@ -220,12 +221,6 @@ class QueueWriter:
                 raise QueueError(code, f"unable to link {mess}: {e.strerror}") from e
             p._mess = mess
             self._step(CrashState.MESS_LINKED)
-            try:
-                os.unlink(pidpath)
-            except OSError as e:
-                raise QueueError(codes.PID_TROUBLE, f"unable to unlink {pidpath}: {e}") from e
-            p._pidpath = ""
-            self._step(CrashState.PID_UNLINKED)
         except BaseException:
             p.abort()
             raise
@@ -350,12 +345,24 @@ class Pending:
         except OSError as e:
             self._undo_link(todo)
             raise QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {e}") from e
+        w._step(CrashState.TODO_SYNCED)
+        # Only now does the pid name go (qmail drops it right after the mess link): until
+        # the commit it tells recovery which process wrote this mess file.
+        self._drop_pid()
         self._done = True
         os.close(self._fd)
         self._fd = -1
-        w._step(CrashState.TODO_SYNCED)
+        w._step(CrashState.PID_UNLINKED)
         w._poke(n)
         return n
+
+    def _drop_pid(self) -> None:
+        if self._pidpath:
+            try:
+                os.unlink(self._pidpath)
+            except OSError:
+                pass  # a stale pid name: clean_stale removes it
+            self._pidpath = ""
 
     def _create_intd(self, intd: str, n: int) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -395,11 +402,12 @@ class Pending:
         except OSError:
             pass
         if not self._w.paths.info(self.msgnum).exists():
-            for path in (self._intd, self._mess):
+            for path in (self._mess, self._intd):
                 try:
                     os.unlink(path)
                 except OSError:
                     pass
+        self._drop_pid()
         os.close(self._fd)
         self._fd = -1
 
@@ -415,7 +423,8 @@ class Pending:
             return
         self._done = True
         self._buf.clear()
-        for path in (self._pidpath, self._mess, self._intd):
+        # The pid name goes last: if we die half way, it still names the dead writer.
+        for path in (self._mess, self._intd, self._pidpath):
             if path:
                 try:
                     os.unlink(path)
