@@ -80,7 +80,14 @@ def bench_inject(home: Home, n: int, rounds: int) -> None:
         return go
 
     t_ours = median_time(run(ours), rounds) / n
-    line = f"inject  qmail-inject -n per message: ours {t_ours * 1000:7.2f} ms"
+
+    def bare() -> None:
+        for _ in range(n):
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+    t_py = median_time(bare, rounds) / n
+    line = (f"inject  qmail-inject -n per message: ours {t_ours * 1000:7.2f} ms "
+            f"(bare python start {t_py * 1000:6.2f} ms)")  # fmt: skip
     if REF.exists():
         t_ref = median_time(run(str(REF)), rounds) / n
         line += f"   notqmail {t_ref * 1000:6.2f} ms   ours/notqmail {t_ours / t_ref:5.1f}x"
