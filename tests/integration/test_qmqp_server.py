@@ -294,3 +294,33 @@ def test_100mb_body_is_streamed_by_qmail_qmqpd(home: Home) -> None:
     [(_, _, mess)] = queued(home)
     assert len(mess) > size
     assert usage.ru_maxrss < 80 * 1024  # KB: the body never sat in memory whole
+
+
+def test_connect_timeout_is_72() -> None:
+    """A server whose accept queue is full drops our SYN: qmail-qmqpc's 72."""
+    import io
+
+    from pyqmail.inject.qmqpc import send_request
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        port = srv.getsockname()[1]
+        held = []
+        for _ in range(4):  # fill the accept queue; nobody accepts
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            held.append(c)
+        try:
+            code, text = send_request([("127.0.0.1", port)], io.BytesIO(b"x\n"), 2, b"s", [b"r"],
+                                      connect_timeout=0.5, timeout=1)  # fmt: skip
+        finally:
+            for c in held:
+                c.close()
+    if code == 74:
+        pytest.skip("this kernel completed the connection despite the full queue")
+    assert (code, text) == (72, "connection to 127.0.0.1 timed out")
