@@ -234,3 +234,17 @@ def test_modes_ignore_umask(home: Home) -> None:
     paths = QueuePaths(home.queue)
     assert stat.S_IMODE(os.stat(paths.mess(n)).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(paths.todo(n)).st_mode) == 0o644
+
+
+def test_forked_child_does_not_clean_parents_pending(home: Home) -> None:
+    p = QueueWriter(home).begin()
+    p.write(b"parent's message\n")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            del p  # the child's copy is finalized here
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    n = p.commit(b"a", [b"b"])
+    assert QueuePaths(home.queue).mess(n).read_bytes().endswith(b"parent's message\n")

@@ -262,6 +262,7 @@ class Pending:
         self._mess = ""
         self._intd = ""
         self._done = False
+        self._owner = os.getpid()
         self.size = 0
 
     def _flush(self) -> None:
@@ -413,8 +414,10 @@ class Pending:
 
     def __del__(self) -> None:
         # A Pending dropped without commit or abort can never be committed: clean up now
-        # rather than leave its files to the start-up clean.
-        if not getattr(self, "_done", True):
+        # rather than leave its files to the start-up clean. Only in the process that
+        # made it: a forked child finalizes copies of its parent's objects (CPython
+        # clears the other threads' frames after fork), and must not touch its files.
+        if not getattr(self, "_done", True) and getattr(self, "_owner", None) == os.getpid():
             self.abort()
 
     def abort(self) -> None:
