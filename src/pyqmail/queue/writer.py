@@ -221,6 +221,9 @@ class QueueWriter:
                 raise QueueError(code, f"unable to link {mess}: {e.strerror}") from e
             p._mess = mess
             self._step(CrashState.MESS_LINKED)
+        except OSError as e:
+            p.abort()
+            raise QueueError(codes.PID_TROUBLE, f"trouble with {pidpath}: {e}") from e
         except BaseException:
             p.abort()
             raise
