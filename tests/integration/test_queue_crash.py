@@ -220,3 +220,46 @@ def test_foreign_writer_files_wait_for_ossified(home: Home) -> None:
     assert report.removed == [] and report.kept_foreign == 1
     report = clean_stale(paths, now=time.time() + 37 * 3600)
     assert sorted(report.removed) == [f"intd/{n}", f"mess/{n % 23}/{n}"]
+
+
+def test_sigkill_queue_service_mid_message(home: Home, tmp_path: Path) -> None:
+    """kill -9 the queue service while a client streams a message: the client gets a
+    temporary failure, nothing is visible in todo/, and the restarted service's start-up
+    clean removes what the dead one left."""
+    import socket as socketmod
+
+    from pyqmail.queue.service import netstring
+
+    sock = tmp_path / "qq.sock"
+
+    def start() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([QQ, "--serve", "--socket", str(sock)], stderr=subprocess.PIPE)
+        assert p.stderr is not None
+        assert b"listening on" in p.stderr.readline()
+        return p
+
+    svc = start()
+    s = socketmod.socket(socketmod.AF_UNIX)
+    s.connect(str(sock))
+    # ~900 KB: more than the socket buffers hold, so sendall returns only once the
+    # service is reading the message, i.e. after it created the message's files.
+    s.sendall(netstring(BODY * 5))
+    paths = QueuePaths(home.queue)
+    assert os.listdir(paths.pid), "the service has not started the message"
+    svc.kill()
+    svc.wait()
+    try:
+        s.sendall(b"0:," + netstring(format_input(b"s", RCPTS)))
+        reply = s.recv(100)
+    except OSError:
+        reply = b""
+    s.close()
+    assert reply == b""  # no "0 ..." success reply can come from a dead service
+    assert os.listdir(paths.dir("todo")) == []
+    assert queue_files(home) != set()
+    svc = start()  # its start-up clean
+    try:
+        assert queue_files(home) == set()
+    finally:
+        svc.terminate()
+        svc.wait(10)
