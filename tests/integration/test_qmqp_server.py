@@ -324,3 +324,29 @@ def test_connect_timeout_is_72() -> None:
     if code == 74:
         pytest.skip("this kernel completed the connection despite the full queue")
     assert (code, text) == (72, "connection to 127.0.0.1 timed out")
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "reply_start"),
+    [
+        (request(b"A\n", b"s", [b"r"]), 0, b":Kok "),
+        (request(b"A\n", b"s", []), 0, b":Dsorry, a message needs"),
+        (b"x:", 100, None),
+        (b"300000000:", 111, b":Dsorry, that message size exceeds"),
+        (request(b"A\n", b"s", [b"r"])[:-3], 0, None),
+    ],
+)
+def test_serve_stdio(home: Home, data: bytes, code: int, reply_start: bytes | None) -> None:
+    import io
+
+    from pyqmail.inject.qmqp import serve_stdio
+
+    out = io.BytesIO()
+    env = {"TCPREMOTEIP": "10.0.0.9", "TCPLOCALHOST": "mx.test.example"}
+    assert serve_stdio(io.BytesIO(data), out, InProcessSubmitter(home), env) == code
+    if reply_start is None:
+        assert out.getvalue() == b""
+    else:
+        assert reply_start in out.getvalue()
+    assert list((home.queue / "pid").iterdir()) == []
+    assert len(queued(home)) == (1 if reply_start == b":Kok " else 0)

@@ -164,3 +164,23 @@ def test_deliver_route_tries_each_address(hosts: tuple[Home, Home, Listener]) ->
                                     ["u@b.test.example"], (5, 5)))  # fmt: skip
     assert [o.status for o in out] == [Status.OK]
     assert len(queued(b)) == 1
+
+
+def test_qmtp_serve_stdio_in_process(home: Home) -> None:
+    import io
+
+    from pyqmail.control import load
+    from pyqmail.inject.qmtp import QmtpPolicy, serve_stdio
+
+    (home.control / "rcpthosts").write_text("mx.test.example\n")
+    policy = QmtpPolicy(load(home), {}, None)
+    data = msg(b"A\n", b"s", [b"a@mx.test.example", b"b@far.example"]) + msg(b"B\n", b"", [b"c"])
+    out = io.BytesIO()
+    env = {"TCPREMOTEIP": "10.0.0.9"}
+    assert serve_stdio(io.BytesIO(data), out, InProcessSubmitter(home), policy, env) == 0
+    replies = decode_all(out.getvalue())
+    assert [r[:1] for r in replies] == [b"K", b"D", b"K"]
+    assert len(queued(home)) == 2
+    assert (
+        serve_stdio(io.BytesIO(b"1x:"), io.BytesIO(), InProcessSubmitter(home), policy, env) == 100
+    )
