@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import getopt
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
-from pyqmail.durable import write_all
-from pyqmail.local.failure import strerror
-from pyqmail.local.users import is_temp_errno
+from pyqmail.local.tools import ToolExit, finish, preline
 
 USAGE = "preline: usage: preline cmd [ arg ... ]"
 
@@ -37,24 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 100
     head = b"".join(v or b"" for k, v in lines.items() if want[k])
     try:
-        proc = subprocess.Popen(rest, stdin=subprocess.PIPE)
-    except OSError as e:
-        print(f"preline: fatal: unable to run {rest[0]}: {strerror(e)}", file=sys.stderr)
-        return 111 if is_temp_errno(e.errno) else 100
-    assert proc.stdin is not None
-    pipe = proc.stdin.fileno()
-    try:
-        write_all(pipe, head)
-        while chunk := os.read(0, 65536):
-            write_all(pipe, chunk)
-    except OSError as e:
-        proc.stdin.close()
-        proc.wait()
-        print(f"preline: fatal: unable to copy input: {strerror(e)}", file=sys.stderr)
-        return 111
-    proc.stdin.close()
-    rc = proc.wait()
-    if rc < 0:
-        print("preline: fatal: child crashed", file=sys.stderr)
-        return 111
-    return rc
+        return preline(head, rest)
+    except ToolExit as e:
+        return finish(e)

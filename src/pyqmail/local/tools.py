@@ -2,7 +2,8 @@
 
 ``forward``, ``condredirect``, ``bouncesaying``, ``except`` and ``preline`` are small
 filters used from ``|`` lines in .qmail files. Their command modules parse arguments;
-the behaviour lives here so it is tested without a shell.
+the behaviour lives here. Fatal conditions are :class:`ToolExit` (qmail's exit code and
+``prog: fatal: ...`` text).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 
+from pyqmail.durable import write_all
 from pyqmail.home import Home
-from pyqmail.local.failure import DeliveryFailure
+from pyqmail.local.failure import DeliveryFailure, strerror
 from pyqmail.local.forward import forward
 from pyqmail.local.users import is_temp_errno
 
@@ -75,8 +78,6 @@ def seekable_stdin() -> int:
         return 0
     except OSError:
         pass
-    import tempfile
-
     with tempfile.TemporaryFile() as tmp:
         while chunk := os.read(0, 65536):
             tmp.write(chunk)
@@ -84,9 +85,36 @@ def seekable_stdin() -> int:
         return os.dup(tmp.fileno())
 
 
-def finish(fn_result: int | ToolExit) -> int:
-    if isinstance(fn_result, ToolExit):
-        if fn_result.message:
-            print(fn_result.message, file=sys.stderr)
-        return fn_result.code
-    return fn_result
+def preline(head: bytes, argv: Sequence[str]) -> int:
+    """Feed ``argv`` ``head`` + stdin and return its exit code (preline's job).
+
+    Raises ToolExit: the program cannot run (111 if temporary, else 100), it stopped
+    reading before the end (111, ``unable to copy input``), or it crashed (111).
+    """
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE)
+    except OSError as e:
+        code = 111 if is_temp_errno(e.errno) else 100
+        raise ToolExit(code, f"preline: fatal: unable to run {argv[0]}: {strerror(e)}") from e
+    assert proc.stdin is not None
+    pipe = proc.stdin.fileno()
+    try:
+        write_all(pipe, head)
+        while chunk := os.read(0, 65536):
+            write_all(pipe, chunk)
+    except OSError as e:
+        proc.stdin.close()
+        proc.wait()
+        raise ToolExit(111, f"preline: fatal: unable to copy input: {strerror(e)}") from e
+    proc.stdin.close()
+    rc = proc.wait()
+    if rc < 0:
+        raise ToolExit(111, "preline: fatal: child crashed")
+    return rc
+
+
+def finish(e: ToolExit) -> int:
+    """Print the ToolExit's message (if any) on stderr; its exit code."""
+    if e.message:
+        print(e.message, file=sys.stderr)
+    return e.code
