@@ -263,3 +263,56 @@ def test_sigkill_queue_service_mid_message(home: Home, tmp_path: Path) -> None:
     finally:
         svc.terminate()
         svc.wait(10)
+
+
+def test_clean_stale_races_live_writers(home: Home) -> None:
+    """The periodic clean runs while writers write, commit and abort: it never takes a
+    file from a live message, and afterwards only the committed messages remain."""
+    import threading
+
+    paths = QueuePaths(home.queue)
+    w = QueueWriter(home, notify=lambda n: None)
+    committed: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def writer(t: int) -> None:
+        try:
+            for i in range(25):
+                p = w.begin()
+                p.write(BODY[: 1000 * (i + 1)])
+                if (t + i) % 4 == 0:
+                    p.abort()
+                    continue
+                n = p.commit(b"s@example.com", RCPTS)
+                with lock:
+                    committed.append(n)
+        except BaseException as e:
+            errors.append(e)
+
+    def cleaner() -> None:
+        while not done.is_set():
+            clean_stale(paths)
+
+    c = threading.Thread(target=cleaner)
+    c.start()
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    c.join()
+    assert errors == []
+    assert len(committed) == 6 * 25 - sum(
+        1 for t in range(6) for i in range(25) if (t + i) % 4 == 0
+    )
+    clean_stale(paths)
+    expect = set()
+    for n in committed:
+        data = paths.mess(n).read_bytes()
+        assert data.split(b"\n", 1)[1] == BODY[: len(data.split(b"\n", 1)[1])]
+        assert parse_todo(paths.todo(n).read_bytes()).recipients == tuple(RCPTS)
+        expect |= {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+    assert queue_files(home) == expect
