@@ -85,7 +85,7 @@ def test_hostile_local_parts_through_smtp_reach_programs_as_env_only(
 
 
 def _paragraphs(bounce: bytes) -> list[bytes]:
-    head, _, body = bounce.partition(b"\n\n")
+    _, _, body = bounce.partition(b"\n\n")
     text = body.split(b"--- Below this line is a copy of the message.", 1)[0]
     return text.split(b"\n\n")
 

@@ -269,3 +269,20 @@ def test_badmailfrom_evasion(smtp: Listener, sender: bytes) -> None:
     assert c.cmd(b"DATA")[0] == 503
     c.close()
     assert queued(smtp.home) == []
+
+
+def test_ipv6_literals_of_ours_become_localiphost(smtp: Listener) -> None:
+    rcpts = [b"<v@[IPv6:::1]>", b"<v@[IPv6:::ffff:127.0.0.1]>", b"<v@[IPv6:0:0:0:0:0:0:0:1]>"]
+    codes = _transaction(smtp, b"MAIL FROM:<a@client.example>", [b"RCPT TO:" + r for r in rcpts])
+    assert codes[1:] == [250, 250, 250], codes
+    [(_, got)] = queued(smtp.home)
+    assert got == [b"v@test.example"] * 3 + [b"control@test.example"]
+
+
+@pytest.mark.parametrize(
+    "rcpt", [b"<v@[IPv6:::1%lo]>", b"<v@[::1]>", b"<v@[IPv6:2001:db8::7]>", b"<v@[IPv6:]>"]
+)
+def test_foreign_or_malformed_ipv6_literals_are_refused(smtp: Listener, rcpt: bytes) -> None:
+    codes = _transaction(smtp, b"MAIL FROM:<a@client.example>", [b"RCPT TO:" + rcpt])
+    assert codes[1] == 553, codes
+    assert queued(smtp.home) == [(b"a@client.example", [b"control@test.example"])]

@@ -259,3 +259,24 @@ def test_early_talker_is_refused_and_nothing_queued(limited: Listener) -> None:
     assert c.closed()
     assert queued(limited.home) == []
     assert _free_again(limited, "127.0.2.1")
+
+
+def test_client_that_never_reads_its_replies(smtp: Listener) -> None:
+    """Pipelined commands from a client that never reads: the replies pile up in the
+    server only up to a bound (it stops reading), not until memory is gone."""
+    before = _rss_kb(smtp.proc.pid)
+    s = socket.create_connection(("127.0.0.1", smtp.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(3)
+    block = b"NOOP\r\n" * 10_000
+    sent = 0
+    start = time.monotonic()
+    try:
+        while sent < 100_000_000 and time.monotonic() - start < 20:
+            s.sendall(block)
+            sent += len(block)
+    except TimeoutError:
+        pass  # the server stopped reading: the bound we want
+    grown = _rss_kb(smtp.proc.pid) - before
+    s.close()
+    assert grown < 64 * 1024, (sent, grown)
