@@ -120,6 +120,19 @@ def test_parse_lines() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("line", "expect"),
+    [
+        (b"|echo hi\0; touch PWNED\n", Instruction(Kind.PROGRAM, "echo hi")),
+        (b"./Mail\0box\n", Instruction(Kind.MBOX, "./Mail")),
+        (b"./Maildir\0/\n", Instruction(Kind.MAILDIR, "./Maildir")),  # kind from the last byte
+        (b"&a@x\0Tvictim@y\n", Instruction(Kind.FORWARD, "a@x")),
+    ],
+)
+def test_nul_ends_the_argument_as_in_qmail(line: bytes, expect: Instruction) -> None:
+    assert dotqmail.parse(line) == [expect]
+
+
 @pytest.mark.parametrize("text", [b"\n./Maildir/\n", b"  \t\n&a\n"])
 def test_first_line_blank(text: bytes) -> None:
     with pytest.raises(DotQmailError, match=r"first line of .qmail file is blank. \(#4.2.1\)"):

@@ -155,6 +155,12 @@ def test_delivered_to_newline() -> None:
     assert qlocal.dtline("a\nb", "h") == b"Delivered-To: a_b@h\n"
 
 
+def test_carriage_returns_never_reach_the_header_lines() -> None:
+    """qmail maps only LF; a lone CR would become a line break on the next hop."""
+    assert qlocal.dtline("a\rX-Evil: 1", "h\r") == b"Delivered-To: a_X-Evil: 1@h_\n"
+    assert qlocal.rpline("s\rX: y@h") == b'Return-Path: <"s\\_X: y"@h>\n'
+
+
 def test_no_mailbox_by_that_name(user: User) -> None:
     assert user.deliver() == (100, "Sorry, no mailbox here by that name. (#5.1.1)\n")
 

@@ -144,19 +144,22 @@ def parse(content: bytes) -> list[Instruction]:
             if n == 0:
                 raise DotQmailError("Uh-oh: first line of .qmail file is blank. (#4.2.1)")
             continue
-        text = line.decode("utf-8", "surrogateescape")
-        first = text[0]
-        if first == "#":
+        # qmail-local decides the kind from the first and last bytes of the line but uses
+        # the rest as a C string: a NUL ends the argument (nothing after it is run,
+        # written to or forwarded to).
+        first, last = line[:1], line[-1:]
+        text = line.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if first == b"#":
             continue
-        if first == "+":
+        if first == b"+":
             if text == "+list":
                 out.append(Instruction(Kind.LIST, ""))
             continue
-        if first == "|":
+        if first == b"|":
             out.append(Instruction(Kind.PROGRAM, text[1:]))
-        elif first in "./":
-            out.append(Instruction(Kind.MAILDIR if text.endswith("/") else Kind.MBOX, text))
-        elif first == "&":
+        elif first in (b".", b"/"):
+            out.append(Instruction(Kind.MAILDIR if last == b"/" else Kind.MBOX, text))
+        elif first == b"&":
             out.append(Instruction(Kind.FORWARD, text[1:]))
         else:
             out.append(Instruction(Kind.FORWARD, text))

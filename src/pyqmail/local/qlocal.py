@@ -88,12 +88,19 @@ def quote_address(addr: bytes) -> bytes:
     return box + rest
 
 
+_NO_BREAKS = bytes.maketrans(b"\r\n", b"__")
+
+
 def dtline(local: str, host: str) -> bytes:
-    return b"Delivered-To: " + _b(f"{local}@{host}").replace(b"\n", b"_") + b"\n"
+    """``Delivered-To: LOCAL@HOST``. qmail turns ``\\n`` into ``_``; pyqmail turns ``\\r``
+    too (an address from QMQP/QMTP/inject may hold one, and a lone CR becomes a line
+    break on the next hop: a header injection)."""
+    return b"Delivered-To: " + _b(f"{local}@{host}").translate(_NO_BREAKS) + b"\n"
 
 
 def rpline(sender: str) -> bytes:
-    return b"Return-Path: <" + quote_address(_b(sender)).replace(b"\n", b"_") + b">\n"
+    """``Return-Path: <SENDER>`` with qmail's quoting; CR and LF become ``_``."""
+    return b"Return-Path: <" + quote_address(_b(sender)).translate(_NO_BREAKS) + b">\n"
 
 
 def ufline(sender: str, when: float | None = None) -> bytes:
@@ -186,6 +193,9 @@ def run(
         return f.code
     except DotQmailError as e:
         rep.error(str(e))
+        return TEMP
+    except Exception:  # a bug or an input nobody foresaw: defer, never a traceback
+        rep.error("Unexpected error in local delivery. (#4.3.0)")
         return TEMP
 
 
