@@ -224,3 +224,31 @@ def test_nul_in_a_dot_qmail_line(home: Home, user_home: Path, line: bytes) -> No
     for f in (home.queue / "todo").rglob("*"):
         if f.is_file():
             assert b"victim" not in f.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("local", "sender"),
+    [
+        ("u-x\rX-Evil: injected", "s@client.example"),
+        ("u-x", "s\rX-Evil: injected@client.example"),
+        ("u-x\r\nX-Evil: injected", "s\r\nX-Evil: injected@client.example"),
+    ],
+    ids=["cr-local", "cr-sender", "crlf-both"],
+)
+def test_cr_in_address_never_splits_a_header_line(
+    home: Home, user_home: Path, local: str, sender: str
+) -> None:
+    """An address holding CR (QMTP, QMQP and inject accept it) ends up in Delivered-To and
+    Return-Path. Stored as a bare CR it becomes a line break on the next hop (the remote
+    encoder sends a lone CR as CRLF), so in the stored copies it must be harmless too."""
+    from pyqmail.remote.transmit import encode as wire_encode
+
+    (user_home / ".qmail-default").write_text("./Maildir/\n&fwd@elsewhere.example\n")
+    r = _qmail_local(home, user_home, local, local[2:], sender, b"Subject: s\n\nbody\n")
+    assert r.returncode == 0, r
+    [stored] = list((user_home / "Maildir" / "new").iterdir())
+    [mess] = [f for f in (home.queue / "mess").rglob("*") if f.is_file()]
+    for copy in (stored.read_bytes(), mess.read_bytes()):
+        header = wire_encode(copy).split(b"\r\n\r\n", 1)[0]
+        fields = [ln for ln in header.split(b"\r\n") if ln[:1] not in (b" ", b"\t")]
+        assert not any(f.startswith(b"X-Evil") for f in fields), header

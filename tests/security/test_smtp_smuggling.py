@@ -279,3 +279,36 @@ def test_stored_bytes_never_end_data_early_on_the_next_hop(stored: bytes) -> Non
     assert wire.endswith(b"\r\n.\r\n")
     assert wire.find(b"\r\n.\r\n") == len(wire) - 5
     assert wire.count(b"\r") == wire.count(b"\r\n") == wire.count(b"\n")
+
+
+# ----------------------------------------------------------------- failed messages
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"Received: x\r\n" * 100 + b"\r\nloop\r\n", 554),
+        (b"Delivered-To: x@test.example\r\n" * 60 + b"Received: y\r\n" * 40 + b"\r\nb\r\n", 554),
+        (b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 120, 552),
+    ],
+    ids=["100-received", "mixed-hops", "over-databytes"],
+)
+def test_failed_message_queues_nothing_and_session_goes_on(
+    smtp: Listener, body: bytes, code: int
+) -> None:
+    c = smtp.session()
+    c.send(b"MAIL FROM:<a@client.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n")
+    assert c.replies(3) == [250, 250, 354]
+    c.send(body + b".\r\nMAIL FROM:<b@client.example>\r\n")
+    assert c.reply()[0] == code
+    assert c.reply()[0] == 250  # pipelined after the dot: a new transaction may start
+    assert queued(smtp.home) == []
+
+
+def test_99_hops_is_still_accepted(smtp: Listener) -> None:
+    c = smtp.session()
+    c.send(b"MAIL FROM:<a@client.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n")
+    assert c.replies(3) == [250, 250, 354]
+    # 99 here plus our own Received line: qmail counts only what the client sent
+    assert c.cmd(b"Received: x\r\n" * 99 + b"\r\nb\r\n.")[0] == 250
+    assert len(queued(smtp.home)) == 1
