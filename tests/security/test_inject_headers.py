@@ -46,7 +46,7 @@ def _inject(home: Home, prog: str, args: list[str], env: dict[str, str]):  # typ
     full = dict(os.environ, PYQMAIL_HOME=str(home.root), PYQMAIL_SINGLE_USER="1", **env)
     return subprocess.run(
         [str(BIN / prog), *args],
-        input=b"To: rcpt@test.example\nSubject: s\n\nbody\n",
+        input=b"To: rcpt@test.example, joe, ann+, bob@here\nSubject: s\n\nbody\n",
         capture_output=True, env=full, timeout=60,
     )  # fmt: skip
 
@@ -54,9 +54,13 @@ def _inject(home: Home, prog: str, args: list[str], env: dict[str, str]):  # typ
 EVIL = "\nBcc: victim@elsewhere.example\nX-Evil: 1"
 
 
-@pytest.mark.parametrize("var", ["QMAILNAME", "MAILNAME", "NAME", "QMAILUSER", "QMAILHOST"])
+@pytest.mark.parametrize(
+    "var",
+    ["QMAILNAME", "MAILNAME", "NAME", "QMAILUSER", "MAILUSER", "QMAILHOST", "MAILHOST",
+     "QMAILIDHOST", "QMAILDEFAULTHOST", "QMAILDEFAULTDOMAIN", "QMAILPLUSDOMAIN"],
+)  # fmt: skip
 def test_newline_in_inject_environment(home: Home, var: str) -> None:
-    value = ("joe" if var != "QMAILHOST" else "h.example") + EVIL
+    value = ("joe" if "HOST" not in var and "DOMAIN" not in var else "h.example") + EVIL
     r = _inject(home, "qmail-inject", ["rcpt@test.example"], {var: value})
     _assert_no_injected_field(home, r)
 
@@ -80,7 +84,8 @@ def test_injected_bcc_never_adds_a_recipient(home: Home) -> None:
     r = _inject(home, "sendmail", ["-t", "-F", "Joe" + EVIL], {})
     if r.returncode == 0:
         [(_, rcpts)] = queued(home)
-        assert rcpts == [b"rcpt@test.example"]
+        assert b"victim@elsewhere.example" not in rcpts
+        assert len(rcpts) == 4  # the four addresses of To:
 
 
 def test_nul_can_never_reach_the_envelope_from_inject(home: Home) -> None:
