@@ -48,7 +48,9 @@ def ctl(home: Home):  # type: ignore[no-untyped-def]
     return load(home)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     parts=st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=12)), max_size=40),
     cuts=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=10),

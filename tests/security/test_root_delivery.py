@@ -1,0 +1,100 @@
+"""Hostile local parts through ``pyqmail run`` as root in multi-user mode: SMTP as qmaild,
+the root spawner, the delivery forked and dropped to the recipient (nobody). The values
+reach the program only as environment, the program runs as nobody, and nothing is run by
+a shell from the address (local.md 3.8-3.9; gaps.md 3.1)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail.home import Home, HomeError
+from pyqmail.layout import create_home
+from tests.conftest import free_port, is_root
+from tests.integration.test_run_daemon import listening, wait_for
+
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason="needs root")]
+
+LOCALS = ["joe-a;touch${IFS}/tmp/PWNED_R1", "joe-$(touch /tmp/PWNED_R2)", "joe-`touch PWNED_R3`",
+          "joe-../../PWNED_R4", "joe-|touch PWNED_R5"]  # fmt: skip
+
+
+@pytest.fixture
+def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
+    monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
+    d = Path(tempfile.mkdtemp(prefix="pyqmail-sec-root-"))
+    d.chmod(0o755)
+    home = Home(d / "q", single_user=False)
+    try:
+        ids = home.ids()
+    except HomeError as e:
+        shutil.rmtree(d)
+        pytest.skip(str(e))
+    create_home(home, "mx.test.example", ids)
+    (home.control / "locals").write_text("test.example\n")
+    (home.control / "rcpthosts").write_text("test.example\n")
+    nobody = pwd.getpwnam("nobody")
+    user = d / "nobody"
+    (user / "dumps").mkdir(parents=True)
+    (user / ".qmail-default").write_text('|env -0 > "dumps/$$"\n')
+    for p in (user, user / "dumps", user / ".qmail-default"):
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    boss = d / "boss"  # an assign line that names uid 0: must never be delivered
+    boss.mkdir()
+    (boss / ".qmail").write_text(f"|touch {boss}/PWNED_AS_ROOT\n")
+    (home.users / "assign").write_text(
+        f"+joe-:nobody:{nobody.pw_uid}:{nobody.pw_gid}:{user}:-::\n=boss:root:0:0:{boss}:::\n.\n"
+    )
+    env = dict(os.environ, PYQMAIL_HOME=str(home.root))
+    subprocess.run([str(BIN / "pyqmail"), "newu"], check=True, env=env)
+    yield home, user, nobody.pw_uid
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int]) -> None:
+    home, user, uid = multi
+    port = free_port()
+    log = home.root.parent / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
+            stdout=out, stderr=out, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        assert proc.poll() is None, log.read_text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            for local in [*LOCALS, "boss"]:
+                assert s.docmd("MAIL FROM:<carol@elsewhere.example>")[0] == 250
+                assert s.docmd(f"RCPT TO:<{local}@test.example>")[0] == 250
+                assert s.data(b"Subject: hostile\r\n\r\nbody\r\n")[0] == 250
+        dumps = user / "dumps"
+        wait_for(lambda: len(list(dumps.iterdir())) == len(LOCALS), 60, "dumps")
+        seen = set()
+        for f in dumps.iterdir():
+            wait_for(lambda f=f: f.stat().st_size > 0, 30, "dump written")
+            assert f.stat().st_uid == uid  # written by the program, running as nobody
+            vals = dict(x.split(b"=", 1) for x in f.read_bytes().split(b"\0") if b"=" in x)
+            seen.add(vals[b"LOCAL"].decode())
+            assert vals[b"USER"] == b"nobody"
+        assert seen == set(LOCALS)
+        for root in (Path("/tmp"), user, home.root):
+            assert list(root.glob("PWNED_R*")) == []
+        wait_for(lambda: "deliveries_as_root" in log.read_text(errors="replace"), 60, "deferral")
+        assert not (user.parent / "boss" / "PWNED_AS_ROOT").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    assert "Traceback" not in log.read_text(errors="replace")
