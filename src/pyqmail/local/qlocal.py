@@ -153,15 +153,28 @@ def _loops(msg_fd: int, line: bytes) -> bool:
 
 
 class _Report:
-    def __init__(self, out: int, err: int) -> None:
+    """Where the report goes: qmail-local's own lines to ``out``/``err`` (or appended to
+    ``sink``), programs' output to ``prog_out``/``prog_err``."""
+
+    def __init__(self, out: int, err: int, sink: bytearray | None, program_out: int | None) -> None:
         self.out = out
         self.err = err
+        self.sink = sink
+        self.prog_out = out if program_out is None else program_out
+        self.prog_err = err if program_out is None else program_out
 
     def say(self, text: bytes) -> None:
-        _write(self.out, text)
+        if self.sink is not None:
+            self.sink += text
+        else:
+            _write(self.out, text)
 
     def error(self, text: str) -> None:
-        if text:
+        if not text:
+            return
+        if self.sink is not None:
+            self.sink += _b(text) + b"\n"
+        else:
             _write(self.err, _b(text) + b"\n")
 
 
@@ -183,9 +196,18 @@ def run(
     out: int = 1,
     err: int = 2,
     now: float | None = None,
+    sink: bytearray | None = None,
+    program_out: int | None = None,
 ) -> int:
-    """Deliver the message on ``msg_fd`` (seekable) as qmail-local would; the exit code."""
-    rep = _Report(out, err)
+    """Deliver the message on ``msg_fd`` (seekable) as qmail-local would; the exit code.
+
+    The report goes to ``out`` and ``err``. A caller that collects it may instead pass
+    ``sink`` (qmail-local's own lines are appended there) and ``program_out`` (programs'
+    stdout and stderr): the own lines always come after every program's output (they are
+    the final ``did``/``qp`` lines or the one error that stopped the delivery), so
+    program output + sink is the report in order.
+    """
+    rep = _Report(out, err, sink, program_out)
     try:
         return _run(req, msg_fd, qhome, rep, time.time() if now is None else now)
     except DeliveryFailure as f:
@@ -294,8 +316,8 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
                 env,
                 cwd=req.home,
                 timeout=req.program_timeout,
-                stdout=rep.out,
-                stderr=rep.err,
+                stdout=rep.prog_out,
+                stderr=rep.prog_err,
             ):
                 break
         else:

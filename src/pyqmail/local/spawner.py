@@ -61,6 +61,7 @@ _CODE = struct.Struct("!i")
 WORKER_DELIVERIES = 1000  # a worker is replaced after this many deliveries
 MAX_IDLE = 32  # idle workers kept at most (all identities together)
 _CRASHED = -1
+_OWN_MAX = qlocal.TRUNCREPORT + 1  # enough of qmail-local's own lines to know they are long
 
 Identity = tuple[int, int, str]  # uid, gid, user name (for the supplementary groups)
 CONTROL_TTL = 1.0  # seconds a defaultdelivery value is used before control/ is checked
@@ -114,6 +115,7 @@ class _Job:
     report: bytearray = field(default_factory=bytearray)
     eof: bool = False
     code: int | None = None  # qmail-local's exit code, _CRASHED if it died
+    tail: bytes = b""  # qmail-local's own lines, which follow every program's output
 
 
 @dataclass
@@ -344,18 +346,21 @@ class Spawner:
             if not msg and not fds:
                 return 0
             code = users.QLX_SYS
+            own = bytearray()
             try:
                 f = [users.dec(x) for x in msg.split(b"\0")]
                 if len(fds) == 2 and len(f) == 8:
-                    code = self._run(f, fds[0], fds[1])
+                    code = self._run(f, fds[0], fds[1], own)
+                # Answer before closing the report pipe: the spawner then reads what the
+                # programs wrote and closes its end, and is not woken by the hang-up.
+                sock.send(_CODE.pack(code) + bytes(own[:_OWN_MAX]))
             finally:
                 for fd in fds:
                     os.close(fd)
-            sock.send(_CODE.pack(code))
             if one_shot:
                 return 0
 
-    def _run(self, f: list[str], mfd: int, out: int) -> int:
+    def _run(self, f: list[str], mfd: int, out: int, own: bytearray) -> int:
         user, home, local, dash, ext, domain, sender, defaultdelivery = f
         req = qlocal.Request(
             user,
@@ -370,18 +375,17 @@ class Spawner:
             lock_timeout=self.cfg.lock_timeout,
         )
         try:
-            return qlocal.run(req, mfd, self.home, out=out, err=out)
+            return qlocal.run(req, mfd, self.home, sink=own, program_out=out)
         except Exception:
-            with contextlib.suppress(OSError):
-                os.write(out, b"Unexpected error in local delivery. (#4.3.0)\n")
+            own += b"Unexpected error in local delivery. (#4.3.0)\n"
             return 111
 
     def _on_worker_reply(self, worker: _Worker) -> None:
         try:
-            data = worker.sock.recv(64)
+            data = worker.sock.recv(_CODE.size + _OWN_MAX)
         except OSError:
             data = b""
-        if len(data) != _CODE.size:
+        if len(data) < _CODE.size:
             return  # the pidfd handler deals with a dead worker
         job = worker.job
         worker.job = None
@@ -393,7 +397,8 @@ class Spawner:
                 _pid, oldest = self.idle.popitem(last=False)
                 self._retire(oldest)
         if job is not None:
-            (job.code,) = _CODE.unpack(data)
+            (job.code,) = _CODE.unpack_from(data)
+            job.tail = data[_CODE.size :]
             self._finish(job)
 
     def _retire(self, worker: _Worker) -> None:
@@ -456,7 +461,7 @@ class Spawner:
         if not job.eof:
             self._close_report(job)
         code = None if job.code == _CRASHED else job.code
-        self._reply(job.rid, qlocal.outcome_of(code, bytes(job.report)))
+        self._reply(job.rid, qlocal.outcome_of(code, bytes(job.report) + job.tail))
         job.rid = -1
         self.jobs -= 1
 
