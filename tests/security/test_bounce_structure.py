@@ -8,6 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyqmail.remote.transmit import encode as wire_encode
 from pyqmail.send.bounce import dying_text, paragraph
 
 
@@ -15,6 +16,8 @@ def _check(par: bytes, rcpt: bytes) -> None:
     assert par.startswith(b"<" + rcpt + b">:\n"), par
     assert par.endswith(b"\n\n"), par
     assert b"\n\n" not in par[:-1], par  # the only empty line is the final separator
+    wire = wire_encode(par)  # and so it stays when the bounce goes out by SMTP
+    assert wire.find(b"\r\n\r\n") == len(wire) - len(b"\r\n\r\n.\r\n"), wire
 
 
 @settings(max_examples=500, deadline=None)
@@ -26,7 +29,8 @@ def test_any_text_keeps_the_paragraph_whole(text: str) -> None:
 
 def test_known_hostile_texts() -> None:
     for text in ["x\n\n", "\n", "\n\n\n", "Remote host said: 550-first\n\n",
-                 "a\n\n<forged@x.example>:\nfake\n\n", ""]:  # fmt: skip
+                 "a\n\n<forged@x.example>:\nfake\n\n", "", "x\n\r\n<forged@x.example>:\n",
+                 "\r\n"]:  # fmt: skip
         _check(paragraph("r@x.example", text), b"r@x.example")
 
 

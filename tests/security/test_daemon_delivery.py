@@ -110,7 +110,7 @@ def test_failure_text_with_blank_lines_keeps_qsbmf_structure(mta: Mta) -> None:
     rcpt_paras = [p for p in paras[1:] if p]
     assert len(rcpt_paras) == 1, paras
     assert rcpt_paras[0].startswith(b"<alice-fail@test.example>:\n"), rcpt_paras
-    assert b"\n<forged@x.example>:" in rcpt_paras[0]  # inside, not a paragraph of its own
+    assert b"<forged@x.example>:" in rcpt_paras[0]  # inside, not a paragraph of its own
     assert paras[-1] == b"", paras  # the text ends with exactly one blank line
     assert not any(p == b"" for p in paras[1:-1]), paras
 
