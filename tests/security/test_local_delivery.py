@@ -34,6 +34,8 @@ HOSTILE = [
     "x>PWNED12",
     "x<PWNED13",
     "\\$HOME*?[a-z]~",
+    "a" * 300,  # longer than a file name may be
+    "a-" * 150,  # 150 levels of -default files to try
 ]
 
 
