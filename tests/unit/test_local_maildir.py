@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,28 @@ def test_name_collision_retries_then_fails(tmp_path: Path) -> None:
     assert sleeps == [2, 2, 2]
     assert (md / "tmp" / "same").read_bytes() == b"someone else's"
     assert os.listdir(md / "new") == ["other"]
+
+
+def test_hung_write_times_out(tmp_path: Path) -> None:
+    """qmail-local's alarm: a write that never finishes (a hung file system) is deferred
+    and leaves nothing in new/ or tmp/. The hang is an injected copy that blocks."""
+    md = _md(tmp_path / "M")
+    fd = _msg(b"x\n")
+
+    def hang(_src: int, _dst: int) -> int:
+        time.sleep(30)
+        return 0
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(DeliveryFailure) as e:
+            maildir.deliver(str(md), fd, HEAD, timeout=0.2, copy=hang)
+    finally:
+        os.close(fd)
+    assert time.monotonic() - start < 10
+    assert (e.value.code, e.value.text) == (111, "Timeout on maildir delivery. (#4.3.0)")
+    assert os.listdir(md / "new") == [] and os.listdir(md / "tmp") == []
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # handler restored
 
 
 def test_missing_maildir(tmp_path: Path) -> None:

@@ -12,18 +12,22 @@ several deliveries by one process in one second).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pyqmail.durable import write_all
 from pyqmail.local.failure import temp
 
 _seq = itertools.count(1)
+MAILDIR_TIMEOUT = 86400.0  # qmail-local's alarm around a maildir delivery
 
 
 @functools.cache
@@ -75,12 +79,16 @@ def deliver(
     header: bytes,
     *,
     dir_fd: int | None = None,
+    timeout: float | None = MAILDIR_TIMEOUT,
     name: Callable[[], str] = unique_name,
     sleep: Callable[[float], None] = time.sleep,
+    copy: Callable[[int, int], int] = copy_fd,
 ) -> None:
     """Deliver the message on ``msg_fd`` into the maildir ``path`` (relative to ``dir_fd``).
 
     ``header`` is Return-Path + Delivered-To. Raises DeliveryFailure (111) on any error.
+    ``timeout`` bounds the write (qmail: 24 hours, for a hung file system); it needs
+    SIGALRM, so it applies only when called from the main thread.
     """
     try:
         dfd = os.open(
@@ -89,13 +97,19 @@ def deliver(
     except OSError as e:
         raise temp("Unable to chdir to maildir. (#4.2.1)") from e
     try:
-        _deliver_in(dfd, msg_fd, header, name, sleep)
+        _deliver_in(dfd, msg_fd, header, name, sleep, copy, timeout)
     finally:
         os.close(dfd)
 
 
 def _deliver_in(
-    dfd: int, msg_fd: int, header: bytes, name: Callable[[], str], sleep: Callable[[float], None]
+    dfd: int,
+    msg_fd: int,
+    header: bytes,
+    name: Callable[[], str],
+    sleep: Callable[[float], None],
+    copy: Callable[[int, int], int],
+    timeout: float | None,
 ) -> None:
     fail = "Temporary error on maildir delivery. (#4.3.0)"
     for attempt in range(3):
@@ -111,13 +125,17 @@ def _deliver_in(
         except OSError as e:
             raise temp(fail) from e
     try:
-        try:
-            write_all(fd, header)
-            copy_fd(msg_fd, fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmpname, "new/" + fname, src_dir_fd=dfd, dst_dir_fd=dfd)
+        with _alarm(timeout):
+            try:
+                write_all(fd, header)
+                copy(msg_fd, fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmpname, "new/" + fname, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except _Timeout:
+        _unlink(tmpname, dfd)
+        raise temp("Timeout on maildir delivery. (#4.3.0)") from None
     except OSError as e:
         _unlink(tmpname, dfd)
         raise temp(fail) from e
@@ -133,6 +151,29 @@ def _deliver_in(
         _unlink(tmpname, dfd)
         raise temp(fail) from e
     _unlink(tmpname, dfd)
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float | None) -> Iterator[None]:
+    """Raise _Timeout in the body after ``seconds`` (main thread only; else no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _unlink(name: str, dfd: int) -> None:

@@ -57,6 +57,7 @@ class Request:
     dry_run: bool = False
     program_timeout: float = program.DEFAULT_TIMEOUT
     lock_timeout: float = 30.0
+    maildir_timeout: float = maildir.MAILDIR_TIMEOUT
 
 
 # --- header lines (local.md 3.5) ---------------------------------------------------------
@@ -294,7 +295,7 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
             if req.dry_run:
                 rep.say(_b(f"{ins.kind.value} {ins.arg}\n"))
             elif ins.kind is Kind.MAILDIR:
-                maildir.deliver(ins.arg, msg_fd, rp + dt, dir_fd=hfd)
+                maildir.deliver(ins.arg, msg_fd, rp + dt, dir_fd=hfd, timeout=req.maildir_timeout)
             else:
                 mbox.deliver(
                     ins.arg, msg_fd, uf, rp + dt, dir_fd=hfd, lock_timeout=req.lock_timeout
