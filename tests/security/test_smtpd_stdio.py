@@ -99,3 +99,19 @@ def test_normal_session_after_hostile_bytes_in_helo(home: Home) -> None:
     mess = next(f for f in (home.queue / "mess").rglob("*") if f.is_file()).read_bytes()
     received = mess.split(b"\n")[1]
     assert received.startswith(b"Received: from unknown (HELO ???evil?[x]??script?)"), received
+
+
+def test_hostile_ptr_and_ident_never_break_the_received_line(home: Home) -> None:
+    """TCPREMOTEHOST comes from the client's PTR record and TCPREMOTEINFO from its ident
+    server: both are the attacker's; qmail's ``?`` substitution keeps them in one field."""
+    out, _ = _session(
+        home,
+        b"HELO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n"
+        b"Subject: s\r\n\r\nb\r\n.\r\nQUIT\r\n",
+        env={"TCPREMOTEHOST": "evil.example\nX-Evil: 1", "TCPREMOTEINFO": "id\r\nX-Id: 2"},
+    )
+    assert re.search(rb"250 ok \d+ qp \d+", out), out
+    mess = next(f for f in (home.queue / "mess").rglob("*") if f.is_file()).read_bytes()
+    header = mess.split(b"\n\n", 1)[0].split(b"\n")
+    assert not any(line.startswith((b"X-Evil", b"X-Id")) for line in header), header
+    assert header[1] == b"Received: from evil.example?X-Evil:?1 (HELO x) (id??X-Id:?2@192.0.2.9)"
