@@ -254,3 +254,18 @@ def test_cr_in_address_never_splits_a_header_line(
         header = wire_encode(copy).split(b"\r\n\r\n", 1)[0]
         fields = [ln for ln in header.split(b"\r\n") if ln[:1] not in (b" ", b"\t")]
         assert not any(f.startswith(b"X-Evil") for f in fields), header
+
+
+def test_forwarding_loop_through_the_forward_program(home: Home, user_home: Path) -> None:
+    """The same loop made with ``|forward`` (qmail's tool) instead of ``&``: its copy
+    carries $DTLINE, so the second pass is refused as a loop too."""
+    forward = Path(sys.executable).parent / "forward"
+    (user_home / ".qmail-default").write_text(f"|{forward} u-x@test.example\n")
+    r = _qmail_local(home, user_home, "u-x", "x", "s@client.example", b"Subject: f\n\nbody\n")
+    assert r.returncode == 0, r
+    [mess] = [f for f in (home.queue / "mess").rglob("*") if f.is_file()]
+    copy = mess.read_bytes()
+    body = copy[copy.index(b"Delivered-To:") :]
+    r2 = _qmail_local(home, user_home, "u-x", "x", "s@client.example", body)
+    assert r2.returncode == 100
+    assert b"looping" in r2.stdout + r2.stderr

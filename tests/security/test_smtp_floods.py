@@ -188,9 +188,16 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
 
 
 def _greeted(srv: Listener, source: str) -> Raw:
-    c = srv.connect(source=source)
-    assert c.reply()[0] == 220
-    return c
+    """A greeted connection; slots of earlier tests' connections may still be closing."""
+    deadline = time.monotonic() + 15
+    while True:
+        c = srv.connect(source=source)
+        code, text = c.reply()
+        if code == 220:
+            return c
+        c.close()
+        assert code == 421 and time.monotonic() < deadline, text
+        time.sleep(0.1)
 
 
 def _free_again(srv: Listener, source: str) -> bool:
