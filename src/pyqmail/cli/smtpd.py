@@ -6,9 +6,12 @@ RELAYCLIENT, DATABYTES, QMAILQUEUE). Extra arguments (a checkpassword program, a
 patches take) are ignored, as qmail-smtpd ignores them.
 
 With ``--listen`` it is the asyncio listener alone (what ``pyqmail run`` embeds), with
-``--rules CDB`` (default HOME/control/tcp.smtp.cdb), ``--max-conns``, ``--max-per-ip``,
-``--greet-delay`` and ``--workers N`` (N processes sharing the port by SO_REUSEPORT, each
-with its share of the connection limit).
+``--rules CDB`` (default HOME/control/tcp.smtp.cdb), ``--max-conns``, ``--max-per-ip``
+(loopback clients exempt unless ``--limit-loopback``), ``--greet-delay`` (talking before
+the greeting gets 554), ``--control-ttl`` (how often control/ and the cdbs are re-checked)
+and ``--workers N`` (N processes sharing the port by SO_REUSEPORT, each with its share of
+the connection limit). It prints ``pyqmail smtpd: listening on ADDR:PORT`` on stderr once
+bound (per worker).
 """
 
 from __future__ import annotations
