@@ -133,3 +133,12 @@ def test_sender_with_newline_cannot_inject_bounce_headers(mta: Mta) -> None:
     head = bounce_file.read_bytes().split(b"\n\n", 1)[0]
     assert b"Subject: failure notice" in head
     assert b"\nX-Evil:" not in head, head
+
+
+def test_open_relay_is_announced_at_start(mta: Mta) -> None:
+    """No control/rcpthosts makes qmail an open relay (smtpd.md 8): pyqmail must warn
+    loudly at start-up, in ``pyqmail run`` as in ``pyqmail smtpd --listen``."""
+    (mta.home.control / "rcpthosts").unlink()
+    mta.start()
+    log = mta.log()
+    assert "rcpthosts" in log and "relay" in log, log
