@@ -24,15 +24,23 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qstat": ("qstat", "count the queue's messages"),
     "newu": ("newu", "compile users/assign into users/cdb"),
     "newmrh": ("newmrh", "compile control/morercpthosts into morercpthosts.cdb"),
-    "inject": ("inject", "qmail-inject"),
-    "remote": ("remote", "qmail-remote"),
-    "local": ("local", "qmail-local"),
+    "inject": ("inject", "qmail-inject: fix a message's header and queue it"),
+    "sendmail": ("sendmail", "the sendmail interface programs use"),
+    "qmqpc": ("qmqpc", "qmail-qmqpc: hand a message to a QMQP server (mini-qmail)"),
+    "remote": ("remote", "qmail-remote: deliver one message by SMTP"),
+    "local": ("local", "qmail-local: deliver one message to a local user"),
+    "getpw": ("getpw", "qmail-getpw: which account owns a local part"),
+    "pw2u": ("pw2u", "qmail-pw2u: users/assign lines from a passwd file"),
+    "tcpto": ("tcpto", "qmail-tcpto: hosts remembered as timing out"),
+    "tcpok": ("tcpok", "qmail-tcpok: forget them"),
+    "tcprules": ("tcprules", "compile tcprules text into a cdb"),
+    "tcprulescheck": ("tcprulescheck", "show which rule a client matches"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: pyqmail SUBCOMMAND [ARGS...]", "", "subcommands:"]
-    lines += [f"  {name:10s} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:14s} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     lines += ["", "Every subcommand takes --home DIR (else PYQMAIL_HOME, else /var/qmail)."]
     return "\n".join(lines)
 
