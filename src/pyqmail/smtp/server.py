@@ -30,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -64,10 +65,13 @@ LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 class _Message:
     """The queue side of one session: at most one message open at a time."""
 
-    __slots__ = ("_error", "_pending", "_rcpts", "_sender", "submitter")
+    __slots__ = ("_error", "_lock", "_pending", "_rcpts", "_sender", "submitter")
 
     def __init__(self, submitter: qsubmit.Submitter) -> None:
         self.submitter = submitter
+        # commit runs in a worker thread and abort (connection lost) in the loop's: whoever
+        # takes the pending entry first owns it, never both.
+        self._lock = threading.Lock()
         self._pending: qsubmit.PendingLike | None = None
         self._sender = b""
         self._rcpts: tuple[bytes, ...] = ()
@@ -100,7 +104,8 @@ class _Message:
 
     def commit(self) -> bytes:
         """Blocking: make the message durable; the reply line for the client."""
-        p, self._pending = self._pending, None
+        with self._lock:
+            p, self._pending = self._pending, None
         if p is None:
             return codes.smtp_reply(codes.INTERNAL_BUG)
         if self._error is not None:
@@ -119,7 +124,8 @@ class _Message:
         return replies.accepted(int(time.time()), p.qp)
 
     def abort(self) -> None:
-        p, self._pending = self._pending, None
+        with self._lock:
+            p, self._pending = self._pending, None
         if p is not None:
             try:
                 p.abort()
