@@ -278,3 +278,24 @@ def test_qmqp_listener_survives_every_malformed_request(home: Home, qmqp_listene
     assert queued(home) == []
     assert b":Kok" in _exchange(qmqp_listener, GOOD)
     assert queued(home) == [(b"a@client.example", [b"x@test.example"])]
+
+
+def test_qmtp_100mb_body_streams_in_bounded_memory(home: Home) -> None:
+    (home.control / "rcpthosts").write_text("test.example\n")
+    size = 100 * 1024 * 1024
+    env = dict(os.environ, TCPREMOTEIP="127.0.0.1")
+    proc = subprocess.Popen(
+        [str(BIN / "qmail-qmtpd"), "--home", str(home.root)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"%d:\r" % (size + 1))  # CRLF mode: converted while streaming
+    block = (b"x" * 1022 + b"\r\n") * 1024
+    for _ in range(100):
+        proc.stdin.write(block)
+    proc.stdin.write(b"," + ns(b"a@client.example") + ns(ns(b"x@test.example")))
+    proc.stdin.close()
+    reply = proc.stdout.read()
+    rss = _max_rss_of(proc)
+    assert b":K" in reply, reply
+    assert rss < 80 * 1024, f"peak RSS {rss} KiB for a 100 MiB body"
