@@ -299,3 +299,52 @@ def test_qmtp_100mb_body_streams_in_bounded_memory(home: Home) -> None:
     rss = _max_rss_of(proc)
     assert b":K" in reply, reply
     assert rss < 80 * 1024, f"peak RSS {rss} KiB for a 100 MiB body"
+
+
+@pytest.fixture
+def qmtp_listener(home: Home) -> Iterator[int]:
+    (home.control / "rcpthosts").write_text("test.example\n")
+    proc, port = _start(home, "qmtpd")
+    yield port
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    assert b"Traceback" not in err, err
+
+
+def test_qmtp_listener_per_ip_limit_frees_its_slots(home: Home, qmtp_listener: int) -> None:
+    idle = []
+    for _ in range(20):  # the per-IP limit
+        s = socket.socket()
+        s.bind(("127.0.3.1", 0))
+        s.connect(("127.0.0.1", qmtp_listener))
+        idle.append(s)
+    extra = socket.socket()
+    extra.bind(("127.0.3.1", 0))
+    extra.connect(("127.0.0.1", qmtp_listener))
+    extra.settimeout(10)
+    assert extra.recv(10) == b""  # closed at once, nothing said
+    extra.close()
+    for s in idle:
+        s.close()
+    good = _qmtp(b"Subject: q\n\nbody\n", b"a@client.example", [b"x@test.example"])
+    deadline = time.monotonic() + 15
+    while True:  # the slots come back as the server sees the closes
+        with socket.socket() as s:
+            s.bind(("127.0.3.1", 0))
+            s.connect(("127.0.0.1", qmtp_listener))
+            s.settimeout(10)
+            s.sendall(good)
+            out = b""
+            try:
+                while not out.endswith(b","):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    out += chunk
+            except OSError:
+                pass
+        if b":K" in out:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(0.1)
+    assert queued(home) == [(b"a@client.example", [b"x@test.example"])]
