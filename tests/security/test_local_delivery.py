@@ -269,3 +269,28 @@ def test_forwarding_loop_through_the_forward_program(home: Home, user_home: Path
     r2 = _qmail_local(home, user_home, "u-x", "x", "s@client.example", body)
     assert r2.returncode == 100
     assert b"looping" in r2.stdout + r2.stderr
+
+
+@pytest.mark.parametrize(
+    ("what", "text"),
+    [
+        ("home-writable", b"home directory is writable"),
+        ("qmail-writable", b".qmail file is writable"),
+        ("home-sticky", b"Home directory is sticky"),
+    ],
+)
+def test_writable_or_sticky_home_defers(
+    home: Home, user_home: Path, what: str, text: bytes
+) -> None:
+    """Another user could have planted or edited the .qmail: defer, deliver nothing."""
+    if what == "home-writable":
+        user_home.chmod(0o777)
+    elif what == "qmail-writable":
+        (user_home / ".qmail-default").chmod(0o666)
+    else:
+        user_home.chmod(0o1755)
+    r = _qmail_local(home, user_home, "u-x", "x", "s@client.example", b"Subject: w\n\nb\n")
+    assert r.returncode == 111, r
+    assert text in r.stdout + r.stderr
+    assert not (user_home / "envdump").exists()
+    assert list((user_home / "Maildir" / "new").iterdir()) == []
