@@ -537,8 +537,9 @@ def test_reused_message_number_is_not_missed(home2: Home) -> None:
     async def body(h: Harness) -> None:
         real = h.sched._remove_finished
 
-        def remove_then_reuse(num: int) -> None:
-            real(num)
+        def remove_then_reuse(nums: list[int]) -> None:
+            real(nums)
+            num = nums[0]
             if not reused:  # a new message gets the same number, as with a reused inode
                 reused.append(num)
                 paths.mess(num).write_bytes(b"Subject: reused\n\nx\n")
@@ -578,3 +579,27 @@ def test_an_internal_error_in_preprocessing_does_not_stop_the_scheduler(home2: H
     h = run(home2, body)
     assert [c[2] for c in h.agents.calls] == ["alice@test.example"]
     assert any(b"internal error in todo, restarting it" in line for line in h.log)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_notify_during_preprocessing_of_the_same_number_delivers_once(
+    home2: Home, direct: bool
+) -> None:
+    async def body(h: Harness) -> None:
+        real = h.sched._preprocess_batch
+        loop = asyncio.get_running_loop()
+
+        def renotifying(nums: list[int], *rest: object) -> object:
+            for n in nums:  # a second wake-up for the same todo while it is being handled
+                loop.call_soon_threadsafe(h.sched.notify, n)
+            time.sleep(0.05)
+            return real(nums, *rest)  # type: ignore[arg-type]
+
+        h.sched._preprocess_batch = renotifying  # type: ignore[method-assign,assignment]
+        await h.queue(b"joe@test.example", [b"alice@test.example"])
+        await h.settle()
+
+    h = run(home2, body, direct=direct)
+    assert [c[2] for c in h.agents.calls] == ["alice@test.example"]
+    assert sum(line.startswith(b"new msg ") for line in h.log) == 1
+    assert queue_files(home2) == []

@@ -230,7 +230,11 @@ class Scheduler:
         self._use_trigger = use_trigger
         self._direct = direct
         self._cleaner = cleaner
-        self._fast: dict[int, _Job] = {}  # messages being delivered straight from todo
+        self._fast: dict[int, _Job | None] = {}  # numbers held by direct deliveries
+        self._finished: list[int] = []  # direct deliveries done, files not yet removed
+        self._in_batch: set[int] = set()  # numbers being preprocessed in the worker thread
+        self._renotify: set[int] = set()  # notified while busy: look again when free
+        self._draining = False
         self.settings = Settings.from_control(control())
         self._heaps = [PrioQueue(), PrioQueue()]
         self._used = [0, 0]  # deliveries in flight per channel
@@ -370,11 +374,22 @@ class Scheduler:
                 loop.call_soon_threadsafe(self._add_todo, num)
 
     def _add_todo(self, num: int) -> None:
-        if num in self._fast:
+        """todo/N wants preprocessing. If N is busy (in the batch being preprocessed, or a
+        direct delivery still holding the number), remember it: when N is free again and
+        todo/N still exists, it is a new message that reused the inode."""
+        if num in self._fast or num in self._in_batch:
+            self._renotify.add(num)
             return
         self._todo.add(num)
         self.idle.clear()
         self._todo_event.set()
+
+    def _number_free(self, num: int) -> None:
+        """N left the batch or the direct deliveries: take up a notify that was held back."""
+        if num in self._renotify and num not in self._fast and num not in self._in_batch:
+            self._renotify.discard(num)
+            if os.path.exists(self._p.todo(num)):
+                self._add_todo(num)
 
     def alarm(self) -> None:
         """ALRM: every queued message is due now."""
@@ -462,8 +477,8 @@ class Scheduler:
                     self._preprocessing = False
                 for name in names:
                     n = msgnum(name)
-                    if n is not None and n not in self._fast:
-                        self._todo.add(n)
+                    if n is not None:
+                        self._add_todo(n)
             if not self._todo:
                 self._update_idle()
                 self._todo_event.clear()
@@ -479,12 +494,22 @@ class Scheduler:
             routing = self.settings.routing
             fast_budget = self._fast_limit() - len(self._fast)
             self._preprocessing = True
+            self._in_batch.update(batch)
             try:
                 results = await loop.run_in_executor(
                     None, self._preprocess_batch, batch, routing, fast_budget
                 )
+            except BaseException:
+                self._in_batch.difference_update(batch)
+                raise
             finally:
                 self._preprocessing = False
+            for pre in results:  # direct deliveries hold their number from here on
+                if not pre.warning and pre.fast is not None:
+                    self._fast[pre.num] = None
+            self._in_batch.difference_update(batch)
+            for num in batch:
+                self._number_free(num)
             now_s = self._clock()
             if self._cleaner is not None:
                 for pre in results:
@@ -652,12 +677,12 @@ class Scheduler:
         if not job.left and not os.path.exists(self._p.bounce(num)):
             self.log.end_msg(num)
             # The number stays in _fast until todo/N is gone, so no scan takes it again.
+            if self._cleaner is None:
+                self._queue_removal(num)
+                return
             try:
-                if self._cleaner is not None:
-                    if await self._cleaner("todo", num):
-                        await self._cleaner("foop", num)
-                else:  # off the event loop: an unlink may wait for the disk
-                    await self._loop.run_in_executor(None, self._remove_finished, num)
+                if await self._cleaner("todo", num):
+                    await self._cleaner("foop", num)
             finally:
                 self._release_fast(num)
             return
@@ -677,21 +702,44 @@ class Scheduler:
 
     def _release_fast(self, num: int) -> None:
         """Forget a direct delivery. Its mess inode may already be reused by a new message
-        whose notify was skipped while the number was reserved: look for its todo."""
+        whose notify was held back while the number was reserved."""
         self._fast.pop(num, None)
-        if os.path.exists(self._p.todo(num)):
-            self._add_todo(num)
+        self._number_free(num)
 
-    def _remove_finished(self, num: int) -> None:
-        """Worker thread: a directly delivered message is done; todo first, so that once it
+    def _queue_removal(self, num: int) -> None:
+        """Remove a finished direct delivery's files off the event loop (an unlink may wait
+        for the disk), many per worker-thread hand-off when busy."""
+        self._finished.append(num)
+        if not self._draining:
+            self._draining = True
+            task = asyncio.create_task(self._drain_removals())
+            self._jobs.add(task)
+            task.add_done_callback(self._job_finished)
+
+    async def _drain_removals(self) -> None:
+        assert self._loop is not None
+        try:
+            while self._finished:
+                batch, self._finished = self._finished, []
+                try:
+                    await self._loop.run_in_executor(None, self._remove_finished, batch)
+                finally:
+                    for num in batch:
+                        self._release_fast(num)
+        finally:
+            self._draining = False
+
+    def _remove_finished(self, nums: list[int]) -> None:
+        """Worker thread: directly delivered messages are done; todo first, so that once it
         is gone nothing delivers the message again, then intd and mess."""
-        for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.log.warning(f"unable to unlink {path}: {e.strerror}")
+        for num in nums:
+            for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    self.log.warning(f"unable to unlink {path}: {e.strerror}")
 
     def _fast_fallback(self, job: _Job) -> bool:
         """Worker thread: write info and local (with D marks) durably, then clean todo."""
