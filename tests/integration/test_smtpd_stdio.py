@@ -98,26 +98,28 @@ def test_relayclient_and_databytes_from_the_environment(home: Home) -> None:
 
 def test_timeout(home: Home) -> None:
     write_control(home, "timeoutsmtpd", "1\n")
-    out, _rc = run(home, b"HELO x\r\n", half_close=False)
+    out, rc = run(home, b"HELO x\r\n", half_close=False)
     assert out.endswith(b"250 mx.test.example\r\n" + replies.TIMEOUT)
+    assert rc == 1
 
 
 def test_eof_inside_data_queues_nothing(home: Home) -> None:
     write_control(home, "rcpthosts", "test.example\n")
     out, rc = run(home, b"MAIL FROM:<a@b>\r\nRCPT TO:<x@test.example>\r\nDATA\r\nhalf")
-    assert out.endswith(b"354 go ahead\r\n") and rc == 0
+    assert out.endswith(b"354 go ahead\r\n") and rc == 1  # qmail-smtpd: EOF is a read error, exit 1
     assert queued(home) == []
     assert not [f for f in (home.queue / "mess").rglob("*") if f.is_file()]
 
 
 def test_bare_lf_closes_and_queues_nothing(home: Home) -> None:
     write_control(home, "rcpthosts", "test.example\n")
-    out, _ = run(
+    out, rc = run(
         home,
         b"MAIL FROM:<a@b>\r\nRCPT TO:<x@test.example>\r\nDATA\r\nbare\n.\nMAIL FROM:<e@x>\r\n",
         half_close=False,
     )
     assert out.endswith(b"354 go ahead\r\n" + replies.BARE_LF)
+    assert rc == 1  # as qmail-smtpd after its smtplf reply
     assert queued(home) == []
 
 

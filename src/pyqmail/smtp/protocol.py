@@ -123,6 +123,7 @@ class SmtpServerConnection:
         self._rcpts: list[bytes] = []
         self._errors = 0
         self._decoder: DataDecoder | None = None
+        self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
 
     # ----------------------------------------------------------------- adapter calls
 
@@ -333,6 +334,7 @@ class SmtpServerConnection:
             return self._data_command(events)
         elif verb == b"quit":
             self.state = State.CLOSED
+            self.quit_seen = True
             events += [Send(replies.quit_(self.session.greeting)), _CLOSE]
             return True
         elif verb == b"helo" or verb == b"ehlo":

@@ -561,7 +561,8 @@ def run_stdio(
     submitter: qsubmit.Submitter | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
-    """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns the exit code."""
+    """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
+    code: 0 after QUIT, 1 when the session ended any other way or could not start."""
     env = os.environ if env is None else env
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -609,7 +610,9 @@ def run_stdio(
                 elif kind is Close:
                     out.flush()
                     _drain(infd, outfd)
-                    return 0
+                    # qmail-smtpd exits 0 after QUIT and 1 for every other end (EOF,
+                    # read or write error, timeout, bare LF); tcpserver logs the status.
+                    return 0 if conn.quit_seen else 1
             else:
                 events = []
             if events:
@@ -631,7 +634,7 @@ def run_stdio(
                 partial_since = clock()
     except _WriteFailed:
         msg.abort()
-        return 0
+        return 1
     except Exception:
         log.exception("qmail-smtpd: unexpected error")
         msg.abort()
