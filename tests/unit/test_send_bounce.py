@@ -99,3 +99,9 @@ def test_double_bounce_bytes(tmp_path: Path) -> None:
         b"<joe@gone.example>:\nno.\n\n"
         b"--- Below this line is the original bounce.\n\nReturn-Path: <>\nX: y\n\nz\n"
     )
+
+
+def test_cr_only_line_is_not_blank_on_the_wire() -> None:
+    assert paragraph("r@x", "\r") == b"<r@x>:\n/\n\n"
+    assert paragraph("r@x", "a\n\r\nb\n") == b"<r@x>:\na\n/\nb\n\n"
+    assert paragraph("r@x", "a\r\nb\r\n") == b"<r@x>:\na\r\nb\r\n\n"  # CR LF lines untouched

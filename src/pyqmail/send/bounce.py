@@ -45,15 +45,35 @@ def dying_text(text: str) -> str:
 
 
 def paragraph(shown_recipient: str, text: str) -> bytes:
-    """One ``<rcpt>:`` paragraph for bounce/N: no empty line inside, one after."""
-    head = "<" + shown_recipient.replace("\n", "_") + ">:\n"
-    body = text if not text or text.endswith("\n") else text + "\n"
-    buf = bytearray(encode(head + body))
-    # each \n directly following another \n becomes '/', scanning back from the end
-    for pos in range(len(buf) - 2, 0, -1):
-        if buf[pos] == 0x0A and buf[pos - 1] == 0x0A:
-            buf[pos] = 0x2F
-    return bytes(buf) + b"\n"
+    """One ``<rcpt>:`` paragraph for bounce/N: no empty line inside, one after.
+
+    qmail-send's rule, each \\n that directly follows another becomes '/', taken one step
+    further so the paragraph also stays whole when the bounce travels by SMTP, where a CR
+    alone or a CR LF is a line break too: any line break that directly follows another
+    starts with '/' instead (for LF-only texts this is exactly qmail's result, except that
+    a text ending in an empty line loses it too).
+    """
+    head = encode("<" + shown_recipient.replace("\n", "_") + ">:\n")
+    body = bytearray(encode(text))
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    prev_break = True  # the head line ends with one
+    i = 0
+    while i < len(body):
+        if body[i] in (0x0A, 0x0D):
+            if prev_break:
+                body[i] = 0x2F  # '/'
+                prev_break = False
+                i += 1
+                continue
+            i += 2 if body[i : i + 2] == b"\r\n" else 1
+            prev_break = True
+        else:
+            prev_break = False
+            i += 1
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    return head + bytes(body) + b"\n"
 
 
 def _quote_needed(local: bytes) -> bool:
