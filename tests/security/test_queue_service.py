@@ -90,7 +90,7 @@ def _submit(sock: Path, timeout: float) -> Reply | None:
 def test_one_user_holding_connections_does_not_stop_the_queue(
     service: tuple[Home, Path],
 ) -> None:
-    home, sock = service
+    _, sock = service
     nobody = pwd.getpwnam("nobody")
 
     def drop() -> None:
