@@ -553,3 +553,17 @@ def test_a_client_that_never_reads_is_not_buffered_for(server: Server) -> None:
     assert sent < 100_000_000
     assert c.closed(10)  # then dropped after timeoutsmtpd
     assert server.alive()
+
+
+def test_an_open_relay_is_announced_at_start(tmp_path: Path) -> None:
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    (home.control / "rcpthosts").unlink(missing_ok=True)
+    proc = start_listener(home, "--listen", "127.0.0.1:0")
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline().decode()
+        assert "rcpthosts" in first and "open relay" in first
+    finally:
+        proc.terminate()
+        proc.wait(10)

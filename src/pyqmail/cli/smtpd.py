@@ -110,14 +110,9 @@ def _serve(
     install_uvloop()
     ctl = ControlCache(home)
     try:
-        c = ctl.get()
+        ctl.get()
     except Exception as e:
         return fatal(PROG, f"unable to read controls: {e}")
-    if c.rcpthosts is None:
-        print(
-            f"{PROG}: warning: control/rcpthosts is missing: this server relays for anyone",
-            file=sys.stderr,
-        )
     _raise_nofile()
     server = SmtpServer(
         home,

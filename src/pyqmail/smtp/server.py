@@ -201,6 +201,14 @@ class SmtpServer:
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any)."""
+        try:
+            if self.control().rcpthosts is None:
+                log.warning(
+                    "warning: control/rcpthosts is missing: this server is an open relay "
+                    "(it relays mail for anyone to anywhere, as qmail does)"
+                )
+        except ControlError as e:
+            log.warning("warning: %s", e)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: _SmtpProtocol(self),
@@ -223,8 +231,9 @@ class SmtpServer:
                 return tcprules.Decision(True, {}, None)
             return tcprules.lookup(reader, ip)
         except (OSError, cdb.CdbError) as e:
-            log.warning("dropping connection from %s, unable to read %s: %s",
-                        ip, self.rules_path, e)  # fmt: skip
+            log.warning(
+                "dropping connection from %s, unable to read %s: %s", ip, self.rules_path, e
+            )
             return None
 
     def control(self) -> Control:
@@ -257,8 +266,20 @@ class SmtpServer:
 class _SmtpProtocol(asyncio.Protocol):
     """One connection: bytes to the core, events to the transport and the queue."""
 
-    __slots__ = ("closing", "conn", "ip", "last", "loop", "msg", "partial_since", "server",
-                 "timeout_s", "timer", "transport", "write_paused")  # fmt: skip
+    __slots__ = (
+        "closing",
+        "conn",
+        "ip",
+        "last",
+        "loop",
+        "msg",
+        "partial_since",
+        "server",
+        "timeout_s",
+        "timer",
+        "transport",
+        "write_paused",
+    )
 
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
@@ -306,8 +327,9 @@ class _SmtpProtocol(asyncio.Protocol):
                 return
             ctl_me = ctl.me
             self.timeout_s = float(ctl.timeoutsmtpd)
-            env.update(PROTO="TCP", TCPLOCALIP=lip, TCPLOCALPORT=lport, TCPREMOTEIP=ip,
-                       TCPREMOTEPORT=port)  # fmt: skip
+            env.update(
+                PROTO="TCP", TCPLOCALIP=lip, TCPLOCALPORT=lport, TCPREMOTEIP=ip, TCPREMOTEPORT=port
+            )
             if ctl_me:
                 env["TCPLOCALHOST"] = ctl_me
             env.update(decision.env)
