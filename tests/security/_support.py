@@ -8,6 +8,7 @@ exact bytes and read what comes back, and look at what reached the queue.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -123,26 +124,43 @@ class Listener:
             env=env,
         )  # fmt: skip
         self.port = self._wait_listening()
-        self._err: list[bytes] = []
+        self._err: list[bytes] = list(self._early)
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._err.append(line)
+        fd = self.proc.stderr.fileno()
+        while chunk := os.read(fd, 65536):
+            self._err.append(chunk)
 
     def log(self) -> str:
         """What the listener wrote to stderr so far (its log)."""
         return b"".join(self._err).decode("utf-8", "replace")
 
-    def _wait_listening(self) -> int:
+    def _wait_listening(self, timeout: float = 60) -> int:
+        """Read stderr up to the 'listening on ADDR:PORT' line (the readiness signal),
+        never longer than ``timeout`` (a test must not hang anybody's run)."""
         assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        buf = b""
         while True:
-            line = self.proc.stderr.readline().decode()
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    self.proc.kill()
+                    raise AssertionError("listener did not start in time")
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise AssertionError(f"listener exited: {buf!r}")
+                buf += chunk
+            raw, buf = buf.split(b"\n", 1)
+            line = raw.decode(errors="replace")
             if "listening on" in line:
+                self._early = [buf] if buf else []
                 return int(line.rsplit(":", 1)[1])
-            if not line or "warning" not in line:
+            if "warning" not in line:
                 raise AssertionError(f"listener did not start: {line!r}")
 
     def control(self, name: str, text: str | None) -> None:

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,14 @@ def test_qmqp_good_request_and_trailing_garbage(home: Home) -> None:
     assert queued(home) == [(b"a@client.example", [b"x@test.example"])]
 
 
+def _watchdog(proc: subprocess.Popen[bytes]) -> threading.Timer:
+    """Kill ``proc`` after 120 s whatever happens: a test must never hang a run."""
+    t = threading.Timer(120, proc.kill)
+    t.daemon = True
+    t.start()
+    return t
+
+
 def _max_rss_of(proc: subprocess.Popen[bytes]) -> int:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -131,6 +140,7 @@ def test_qmqp_100mb_body_streams_in_bounded_memory(home: Home) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
+    _watchdog(proc)
     proc.stdin.write(b"%d:" % inner_len + head)
     line = b"x" * 1023 + b"\n"
     block = line * 1024  # 1 MiB
@@ -289,6 +299,7 @@ def test_qmtp_100mb_body_streams_in_bounded_memory(home: Home) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
+    _watchdog(proc)
     proc.stdin.write(b"%d:\r" % (size + 1))  # CRLF mode: converted while streaming
     block = (b"x" * 1022 + b"\r\n") * 1024
     for _ in range(100):
