@@ -105,3 +105,18 @@ def test_cr_only_line_is_not_blank_on_the_wire() -> None:
     assert paragraph("r@x", "\r") == b"<r@x>:\n/\n\n"
     assert paragraph("r@x", "a\n\r\nb\n") == b"<r@x>:\na\n/\nb\n\n"
     assert paragraph("r@x", "a\r\nb\r\n") == b"<r@x>:\na\r\nb\r\n\n"  # CR LF lines untouched
+
+
+def test_newline_in_sender_cannot_start_a_header(tmp_path: Path) -> None:
+    b = tmp_path / "bounce"
+    m = tmp_path / "mess"
+    b.write_bytes(paragraph("x@y", "no\n"))
+    m.write_bytes(b"Subject: s\n\nx\n")
+    sender = "bob-x\nX-Evil: injected@test.example"
+    env = bounce_envelope(sender, "pm@h")
+    assert env is not None and env.recipient == sender  # the envelope keeps the address
+    out = b"".join(bounce_chunks(env, sender, b, m, bouncefrom="MAILER-DAEMON",
+                                 bouncehost="h", date="D"))  # fmt: skip
+    assert b"\nX-Evil:" not in out
+    assert b'\nTo: "bob-x_X-Evil: injected"@test.example\n' in out
+    assert b'\nReturn-Path: <"bob-x_X-Evil: injected"@test.example>\n' in out

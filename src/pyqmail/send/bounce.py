@@ -96,6 +96,12 @@ def quote(local: bytes) -> bytes:
     return bytes(out + b'"')
 
 
+def _one_line(address: str) -> bytes:
+    """An address for a header line: CR and LF become '_' (as in the recipient line of a
+    paragraph), so a sender holding a newline cannot start a header field of its own."""
+    return encode(address).replace(b"\r", b"_").replace(b"\n", b"_")
+
+
 def quote2(address: bytes) -> bytes:
     """qmail's ``quote2``: quote the part before the last ``@``; empty stays empty."""
     if not address:
@@ -138,7 +144,7 @@ def bounce_head(
             b"@",
             encode(bouncehost),
             b"\nTo: ",
-            quote2(encode(env.recipient)),
+            quote2(_one_line(env.recipient)),
             b"\nSubject: failure notice\n\nHi. This is the qmail-send program at ",
             encode(bouncehost),
             (_INTRO_DOUBLE if env.double else _INTRO).encode(),
@@ -166,5 +172,5 @@ def bounce_chunks(
     yield bounce_head(env, bouncefrom, bouncehost, date)
     yield from _file_chunks(bounce_file)
     yield _BELOW_DOUBLE if env.double else _BELOW
-    yield b"Return-Path: <" + quote2(encode(bounce_address(original_sender))) + b">\n"
+    yield b"Return-Path: <" + quote2(_one_line(bounce_address(original_sender))) + b">\n"
     yield from _file_chunks(mess_file)
