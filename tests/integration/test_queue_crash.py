@@ -241,8 +241,9 @@ def test_sigkill_queue_service_mid_message(home: Home, tmp_path: Path) -> None:
     svc = start()
     s = socketmod.socket(socketmod.AF_UNIX)
     s.connect(str(sock))
-    # ~900 KB: more than the socket buffers hold, so sendall returns only once the
-    # service is reading the message, i.e. after it created the message's files.
+    # A first chunk, then ~900 KB: more than the socket buffers hold, so sendall returns
+    # only once the service reads past the first chunk, i.e. after it made the files.
+    s.sendall(netstring(b"Subject: x\n\n"))
     s.sendall(netstring(BODY * 5))
     paths = QueuePaths(home.queue)
     assert os.listdir(paths.pid), "the service has not started the message"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,43 @@ def test_unexpected_error_is_81_and_leaves_nothing(home: Home, tmp_path: Path) -
     paths = QueuePaths(home.queue)
     assert os.listdir(paths.dir("todo")) == [] and os.listdir(paths.dir("intd")) == []
     assert all(os.listdir(d) == [] for d in paths.split_dirs("mess"))
+
+
+def test_limits_refuse_at_once_instead_of_waiting(home: Home, tmp_path: Path) -> None:
+    svc = QueueService(home, path=tmp_path / "s", max_clients=2)
+    svc.bind()
+    svc.start()
+    held = []
+    try:
+        for _ in range(2):  # two silent clients hold both slots (and make no files)
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(svc.path))
+            held.append(c)
+        r = ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0")
+        assert r.code == 71 and "too many connections" in r.text
+        assert os.listdir(home.queue / "pid") == []
+        held.pop().close()  # the service answers the closed one (54) and frees its slot
+        # the slot is freed when the service thread sees the close: retry until then
+        deadline = time.monotonic() + 10
+        while (r := ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0")).code == 71:
+            assert time.monotonic() < deadline
+        assert r.code == 0
+    finally:
+        for c in held:
+            c.close()
+        svc.close()
+
+
+def test_per_uid_limit(home: Home, tmp_path: Path) -> None:
+    svc = QueueService(home, path=tmp_path / "s", per_uid=1)
+    svc._trusted.clear()  # treat the test's own uid as an ordinary user
+    svc.bind()
+    svc.start()
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(svc.path))
+        r = ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0")
+        assert r.code == 71 and f"uid {os.getuid()}" in r.text
+        c.close()
+    finally:
+        svc.close()

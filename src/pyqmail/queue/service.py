@@ -167,6 +167,13 @@ class ServiceClient:
                 return Reply(codes.TIMEOUT, 0, 0, "queue service timed out")
             except (OSError, FrameError) as e:
                 if caller_error is None:
+                    # The service may have answered and closed before reading all we
+                    # sent (a refusal): its answer, if there is one, says why.
+                    try:
+                        with s.makefile("rb") as f:
+                            return _decode_reply(read_netstring(f, 65536))
+                    except (OSError, FrameError):
+                        pass
                     return Reply(codes.READ_ERROR, 0, 0, f"queue service connection failed: {e}")
             raise caller_error
         finally:
@@ -196,7 +203,12 @@ def origin_of(uid: int, ids: Ids | None) -> str:
 class QueueService:
     """Accepts connections on the socket and writes each message with a QueueWriter.
 
-    One thread per connection (bounded), so commits overlap their fsyncs.
+    One thread per connection, so commits overlap their fsyncs. The socket is open to
+    every local user, so no one user may tie it up: an ordinary uid gets at most
+    ``per_uid`` connections at once, and ``max_clients`` bounds them all; a connection
+    over either limit is answered at once with 71 (temporarily refused) instead of
+    waiting. root, the service's own uid and qmail's accounts are not limited per uid.
+    No queue file is made before the client's first bytes arrive.
     """
 
     def __init__(
@@ -207,13 +219,21 @@ class QueueService:
         writer: QueueWriter | None = None,
         notify: Callable[[int], None] | None = None,
         ids: Ids | None = None,
-        max_clients: int = 256,
+        max_clients: int = 512,
+        per_uid: int = 16,
     ) -> None:
         self.home = home
         self.path = path or socket_path(home)
         self.writer = writer or QueueWriter(home, notify=notify)
         self.ids = ids
-        self._slots = threading.BoundedSemaphore(max_clients)
+        self.max_clients = max_clients
+        self.per_uid = per_uid
+        self._trusted = {0, os.geteuid()}
+        if ids is not None and not ids.single_user:
+            self._trusted |= set(ids.uids.values())
+        self._active: dict[int, int] = {}
+        self._total = 0
+        self._count_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -253,8 +273,38 @@ class QueueService:
                 if self._closing:
                     return
                 raise
-            self._slots.acquire()
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            try:
+                pid, uid, _ = peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
+            if not self._admit(uid):
+                refusal = Reply(codes.TEMP_REFUSED, pid, 0, f"too many connections from uid {uid}")
+                try:
+                    conn.sendall(_encode_reply(refusal))
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            threading.Thread(target=self._handle, args=(conn, pid, uid), daemon=True).start()
+
+    def _admit(self, uid: int) -> bool:
+        with self._count_lock:
+            n = self._active.get(uid, 0)
+            if self._total >= self.max_clients or (uid not in self._trusted and n >= self.per_uid):
+                return False
+            self._active[uid] = n + 1
+            self._total += 1
+            return True
+
+    def _release(self, uid: int) -> None:
+        with self._count_lock:
+            self._total -= 1
+            n = self._active[uid] - 1
+            if n:
+                self._active[uid] = n
+            else:
+                del self._active[uid]
 
     def close(self) -> None:
         self._closing = True
@@ -271,29 +321,35 @@ class QueueService:
         except OSError:
             pass
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, pid: int, uid: int) -> None:
         try:
             with conn:
                 conn.settimeout(_TIMEOUT)
-                reply = self._serve_one(conn)
+                with conn.makefile("rb") as f:
+                    reply = self._serve_one(f, pid, uid)
                 try:
                     conn.sendall(_encode_reply(reply))
                 except OSError:
                     pass
         finally:
-            self._slots.release()
+            self._release(uid)
 
-    def _serve_one(self, conn: socket.socket) -> Reply:
-        pid, uid, _ = peer_credentials(conn)
+    def _serve_one(self, f: IO[bytes], pid: int, uid: int) -> Reply:
+        try:
+            chunk = read_netstring(f, MAX_CHUNK)  # nothing is created for a silent client
+        except TimeoutError:
+            return Reply(codes.TIMEOUT, pid, 0, "timeout")
+        except (FrameError, OSError) as e:
+            return Reply(codes.READ_ERROR, pid, 0, f"read error: {e}")
         try:
             p = self.writer.begin(uid=uid, origin=origin_of(uid, self.ids), qp=pid)
         except QueueError as e:
             return Reply(e.code, pid, 0, str(e))
         try:
-            with conn.makefile("rb") as f:
-                while chunk := read_netstring(f, MAX_CHUNK):
-                    p.write(chunk)
-                env = read_netstring(f, MAX_ENVELOPE)
+            while chunk:
+                p.write(chunk)
+                chunk = read_netstring(f, MAX_CHUNK)
+            env = read_netstring(f, MAX_ENVELOPE)
             parser = EnvelopeParser()
             parser.feed(env)
             sender, rcpts = parser.finish()
