@@ -101,3 +101,27 @@ def test_nul_can_never_reach_the_envelope_from_inject(home: Home) -> None:
     for _, rcpts in queued(home):
         assert all(b"\0" not in x for x in rcpts)
         assert b"victim@elsewhere.example" not in rcpts
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"To: a@test.example\nBcc: secret@elsewhere.example\n",
+        b"To: a@test.example\nbcc:\n  secret@elsewhere.example\n",
+        b"To: a@test.example\nBCC: secret@elsewhere.example\n",
+        b"Resent-To: a@test.example\nResent-Bcc: secret@elsewhere.example\n",
+    ],
+    ids=["bcc", "folded-lower", "upper", "resent-bcc"],
+)
+def test_bcc_recipients_are_never_disclosed(home: Home, head: bytes) -> None:
+    full = dict(os.environ, PYQMAIL_HOME=str(home.root), PYQMAIL_SINGLE_USER="1")
+    r = subprocess.run(
+        [str(BIN / "qmail-inject"), "-h"],
+        input=head + b"Subject: s\n\nbody\n",
+        capture_output=True, env=full, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r
+    [(_, rcpts)] = queued(home)
+    assert b"secret@elsewhere.example" in rcpts  # still a recipient
+    [msg] = messages(home)
+    assert b"secret" not in msg.lower()  # but nowhere in the message
