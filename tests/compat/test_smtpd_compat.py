@@ -140,12 +140,7 @@ def setup_home(tmp: Path, files: dict[str, bytes]) -> Path:
 
 # Differences found by this file that smtpd.md does not list as required strictness;
 # strict xfails, so a fix shows up as XPASS and the entry is then removed.
-KNOWN: dict[str, str] = {
-    "eof mid session": "qmail-smtpd exits 1 when the client goes away (read error/EOF); "
-    "pyqmail's exits 0",
-    "bare LF in DATA": "after its 451 for a bare LF qmail-smtpd exits 1; pyqmail's exits 0 "
-    "(the replies are the same)",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
