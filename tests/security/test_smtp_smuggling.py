@@ -9,8 +9,13 @@ session must work afterwards (checked by the autouse fixture).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
+from pyqmail.home import Home
+from pyqmail.layout import create_home
 from pyqmail.remote.transmit import encode as wire_encode
 from tests.security._support import Listener, messages, queued
 
@@ -312,3 +317,43 @@ def test_99_hops_is_still_accepted(smtp: Listener) -> None:
     # 99 here plus our own Received line: qmail counts only what the client sent
     assert c.cmd(b"Received: x\r\n" * 99 + b"\r\nb\r\n.")[0] == 250
     assert len(queued(smtp.home)) == 1
+
+
+@pytest.fixture
+def own_smtp(tmp_path: Path) -> Iterator[Listener]:
+    """A listener of this test's own: its log is checked here, not shared."""
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    (home.control / "rcpthosts").write_text("test.example\n")
+    srv = Listener(home)
+    yield srv
+    srv.stop()
+
+
+def test_reset_right_after_the_final_dot_leaves_whole_messages_only(own_smtp: Listener) -> None:
+    """Clients that reset the connection the moment the final dot is out: each message is
+    either queued whole (mess + todo) or not at all; no half-removed message remains."""
+    import socket as _socket
+    import struct as _struct
+
+    from pyqmail.queue.layout import QueuePaths
+
+    for _ in range(40):
+        c = own_smtp.session()
+        c.send(
+            b"MAIL FROM:<a@client.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n"
+            b"Subject: rst\r\n\r\nbody\r\n.\r\n"
+        )
+        c.s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _struct.pack("ii", 1, 0))
+        c.close()
+    assert own_smtp.alive()  # a later commit finishing proves the earlier ones are done too
+    paths = QueuePaths(own_smtp.home.queue)
+    todo = [int(f.name) for f in (own_smtp.home.queue / "todo").iterdir()]
+    mess = {int(f.name) for f in (own_smtp.home.queue / "mess").rglob("*") if f.is_file()}
+    assert set(todo) <= mess
+    for n in todo:
+        assert paths.mess(n).stat().st_size > 0
+        assert paths.intd(n).exists()
+    assert mess == set(todo)  # no message file without its todo entry
+    assert [f for f in (own_smtp.home.queue / "pid").iterdir()] == []
+    assert "Traceback" not in own_smtp.log(), own_smtp.log()  # a gone connection is no error
