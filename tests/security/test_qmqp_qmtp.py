@@ -359,3 +359,20 @@ def test_qmtp_listener_per_ip_limit_frees_its_slots(home: Home, qmtp_listener: i
         assert time.monotonic() < deadline, out
         time.sleep(0.1)
     assert queued(home) == [(b"a@client.example", [b"x@test.example"])]
+
+
+def test_qmqp_resets_right_after_the_request(home: Home, qmqp_listener: int) -> None:
+    """Clients that reset the moment the request is out: no traceback (the fixtures read
+    the listener's stderr), whole messages or none."""
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", qmqp_listener))
+        s.sendall(GOOD)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    deadline = time.monotonic() + 15
+    while b":Kok" not in _exchange(qmqp_listener, GOOD):  # per-IP slots come back
+        assert time.monotonic() < deadline, "the listener stopped serving"
+        time.sleep(0.1)
+    todo = {f.name for f in (home.queue / "todo").iterdir()}
+    mess = {f.name for f in (home.queue / "mess").rglob("*") if f.is_file()}
+    assert todo == mess and todo

@@ -357,3 +357,16 @@ def test_reset_right_after_the_final_dot_leaves_whole_messages_only(own_smtp: Li
     assert mess == set(todo)  # no message file without its todo entry
     assert [f for f in (own_smtp.home.queue / "pid").iterdir()] == []
     assert "Traceback" not in own_smtp.log(), own_smtp.log()  # a gone connection is no error
+
+
+def test_half_close_right_after_the_final_dot_still_queues(smtp: Listener) -> None:
+    """A client that sends everything and then shuts down its side (EOF) without waiting
+    gets its message queued, as qmail-smtpd commits before it reads again."""
+    c = smtp.session()
+    c.send(
+        b"MAIL FROM:<a@client.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n"
+        b"Subject: half\r\n\r\nbody\r\n.\r\n"
+    )
+    c.s.shutdown(1)
+    assert c.replies(4) == [250, 250, 354, 250]
+    assert queued(smtp.home) == [(b"a@client.example", [b"x@test.example"])]
