@@ -50,6 +50,12 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
     (user / ".qmail-default").write_text('|env -0 > "dumps/$$"\n')
     for p in (user, user / "dumps", user / ".qmail-default"):
         os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    # the user's own symlink to a file only root may read: opened as the user, it fails
+    secret = d / "secret"
+    secret.write_text("&stolen@elsewhere.example\n")
+    secret.chmod(0o600)
+    (user / ".qmail-secret").symlink_to(secret)
+    os.lchown(user / ".qmail-secret", nobody.pw_uid, nobody.pw_gid)
     boss = d / "boss"  # an assign line that names uid 0: must never be delivered
     boss.mkdir()
     (boss / ".qmail").write_text(f"|touch {boss}/PWNED_AS_ROOT\n")
@@ -76,7 +82,7 @@ def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int])
         wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
         assert proc.poll() is None, log.read_text()
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            for local in [*LOCALS, "boss"]:
+            for local in [*LOCALS, "boss", "joe-secret"]:
                 assert s.docmd("MAIL FROM:<carol@elsewhere.example>")[0] == 250
                 assert s.docmd(f"RCPT TO:<{local}@test.example>")[0] == 250
                 assert s.data(b"Subject: hostile\r\n\r\nbody\r\n")[0] == 250
@@ -94,6 +100,9 @@ def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int])
             assert list(root.glob("PWNED_R*")) == []
         wait_for(lambda: "deliveries_as_root" in log.read_text(errors="replace"), 60, "deferral")
         assert not (user.parent / "boss" / "PWNED_AS_ROOT").exists()
+        wait_for(lambda: "Unable_to_open_.qmail-secret" in log.read_text(errors="replace"), 60,
+                 "the .qmail-secret deferral")  # fmt: skip
+        assert "stolen@elsewhere.example" not in log.read_text(errors="replace")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
