@@ -401,9 +401,13 @@ class ControlCache:
         self._on_findings = on_findings
         self._max_age = max_age
         self._clock = clock
-        self._checked = 0.0
+        self._checked = -float("inf")
         self._key: tuple[object, ...] | None = None
         self._value: Control | None = None
+
+    def refresh(self) -> None:
+        """Look at the files on the next ``get`` even within ``max_age`` (SIGHUP)."""
+        self._checked = -float("inf")
 
     def _current_key(self) -> tuple[object, ...]:
         cdir = self.home.control

@@ -304,3 +304,15 @@ def test_qmqp_and_qmtp_listeners_queue_for_delivery(mta: Mta) -> None:
     )
     assert subjects == [b"Subject: by qmqp", b"Subject: by qmtp"]
     assert mta.stop() == 0
+
+
+def test_control_values_qmail_ignores_are_logged(mta: Mta) -> None:
+    """concurrencyremote=abc: qmail silently uses 20; pyqmail does too, and says so."""
+    write_control(mta.home, "concurrencyremote", "abc\n")
+    mta.start()
+    mta.send("alice@test.example", ["bob@test.example"])
+    wait_for(lambda: len(files(mta.maildir("bob"))) == 1, what="delivery")
+    assert mta.stop() == 0
+    log = mta.log()
+    assert "warning: control/concurrencyremote:1: 'abc' is not a number" in log
+    assert "remote 0/20" in log

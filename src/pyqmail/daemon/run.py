@@ -25,12 +25,11 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from pyqmail.control import Control, ControlCache, ControlError, load
+from pyqmail.control import ControlCache, ControlError, Finding, load
 from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home, warn_if_root_single_user
 from pyqmail.queue import submit as qsubmit
@@ -48,28 +47,20 @@ STOP_TIMEOUT = 60.0
 
 
 class SteadyControl(ControlCache):
-    """A ControlCache that looks at the files at most every ``interval`` seconds.
+    """The daemon's control cache: the files are looked at most once a second (ControlCache
+    stats some fifty files per look, and the daemon asks several times per message), at
+    once after ``refresh()`` (HUP), and each new problem qmail would silently ignore is
+    logged once as a qmail-send style warning line."""
 
-    ControlCache stats every control file on each ``get`` (some fifty calls to stat); the
-    daemon asks for the controls several times per message, so it sees edits within
-    ``interval`` instead, and at once after ``refresh()`` (HUP).
-    """
+    def __init__(self, home: Home, interval: float = 1.0, log: SendLog | None = None) -> None:
+        def report(findings: tuple[Finding, ...]) -> None:
+            for f in findings:
+                if log is not None:
+                    log.warning(str(f))
+                else:
+                    print(f"{PROG}: warning: {f}", file=sys.stderr)
 
-    def __init__(self, home: Home, interval: float = 1.0) -> None:
-        super().__init__(home)
-        self.interval = interval
-        self._checked = -1e18
-        self._steady: Control | None = None
-
-    def get(self) -> Control:
-        now = time.monotonic()
-        if self._steady is None or now - self._checked >= self.interval:
-            self._steady = super().get()
-            self._checked = now
-        return self._steady
-
-    def refresh(self) -> None:
-        self._checked = -1e18
+        super().__init__(home, max_age=interval, on_findings=report)
 
 
 class RunError(Exception):
@@ -113,8 +104,8 @@ class Daemon:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.home = cfg.home
-        self.ctl = SteadyControl(self.home)
         self.log = SendLog(cfg.log)
+        self.ctl = SteadyControl(self.home, log=self.log)
         self.spawner: WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
         self.servers: list[asyncio.AbstractServer] = []
@@ -145,6 +136,7 @@ class Daemon:
         spawner = self.spawner
         assert spawner is not None, "prepare() first"
         agent = RemoteAgent(self.home, self.ctl)
+        agent.reset_tcpto()  # qmail-rspawn zeroes lock/tcpto when qmail starts
         sched = Scheduler(
             self.home,
             lambda: load(self.home),
@@ -178,6 +170,7 @@ class Daemon:
             cleaner.cancel()
             await self._close_listeners()
             await sched.stop()
+            await agent.close()
             await spawner.close()
 
     async def _listen(self, submitter: qsubmit.Submitter) -> None:

@@ -158,20 +158,28 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
     from pyqmail.home import Home
 
     assert isinstance(home, Home)
-    ctl = SteadyControl(home)
+    log = SendLog()
+    ctl = SteadyControl(home, log=log)
     spawner = LocalSpawner(home, ctl, message_owner=ids.uid("queue"))
     spawner.start()  # forks the root spawner before this process has threads
+    # The remote agent runs in this process (qmails), not as qmailr: lock/tcpto is made
+    # writable by group qmail so it can still remember unreachable hosts.
+    tcpto = QueuePaths(home.queue).tcpto
+    with contextlib.suppress(OSError):
+        os.chown(tcpto, ids.uid("remote"), ids.gid("qmail"))
+        os.chmod(tcpto, 0o664)
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
-    log = SendLog()
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
+        agent = RemoteAgent(home, ctl)
+        agent.reset_tcpto()  # qmail-rspawn zeroes lock/tcpto when qmail starts
         sched = Scheduler(
             home,
             lambda: load(home),
             local=spawner.deliver,
-            remote=RemoteAgent(home, ctl).deliver,
+            remote=agent.deliver,
             submitter=ServiceSubmitter(home),
             log=log,
             term_timeout=stop_timeout,
@@ -194,6 +202,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
             return 111
         await stop.wait()
         await sched.stop()
+        await agent.close()
         await spawner.close()
         return 0
 
