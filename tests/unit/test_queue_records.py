@@ -23,8 +23,12 @@ from pyqmail.queue.reader import (
 from pyqmail.queue.records import (
     Recipient,
     format_channel,
+    iter_channel,
     mark_done,
+    mark_done_fd,
+    open_channel,
     parse_channel,
+    parse_info,
     read_channel,
     read_info,
     set_next_try,
@@ -161,3 +165,62 @@ def test_qmail_strerror() -> None:
     assert qmail_strerror(FileNotFoundError(errno.ENOENT, "x")) == "file does not exist"
     assert qmail_strerror(PermissionError(errno.EACCES, "x")) == "access denied"
     assert qmail_strerror(OSError(errno.ELOOP, "Too many levels")) == "too many levels"
+
+
+# ---- the helpers the scheduler (send/manager.py) uses on its hot path
+
+
+def test_channel_done_marks_and_str_paths(tmp_path: Path) -> None:
+    p = str(tmp_path / "local")
+    write_channel(p, [b"a@x", b"b@y"], done=[True, False], sync_dir=False)
+    assert Path(p).read_bytes() == b"Da@x\0Tb@y\0"
+    assert read_channel(p) == [Recipient(0, True, b"a@x"), Recipient(5, False, b"b@y")]
+
+
+def test_iter_channel_reports_every_type_and_skips_a_torn_tail() -> None:
+    data = b"Ta\0Xodd\0Db\0Ttorn"
+    assert list(iter_channel(data)) == [(0, b"T", b"a"), (3, b"X", b"odd"), (8, b"D", b"b")]
+    assert [r.address for r in parse_channel(data)] == [b"a", b"b"]
+
+
+def test_parse_info_strict_and_lenient() -> None:
+    assert parse_info(b"Fjoe@x\0") == b"joe@x"
+    assert parse_info(b"Zjoe@x\0") == b"joe@x"  # qmail-qread shows it
+    assert parse_info(b"Zjoe@x\0", strict=True) == b""  # qmail-send does not use it
+    assert parse_info(b"Fjoe", strict=True) == b"joe"
+
+
+def test_open_channel_marks_through_one_fd(tmp_path: Path) -> None:
+    p = tmp_path / "remote"
+    write_channel(p, [b"a@x", b"b@y"])
+    fd, data = open_channel(p)
+    try:
+        recs = parse_channel(data)
+        mark_done_fd(fd, recs[1].offset)
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"Ta@x\0Db@y\0"
+    with pytest.raises(FileNotFoundError):
+        open_channel(tmp_path / "missing")
+
+
+def test_finish_direct_removes_todo_first(home: Home) -> None:
+    paths = _msg(home, 104)
+    os.unlink(paths.intd(104))
+    os.mkdir(paths.intd(104))  # intd cannot be unlinked: todo is gone, mess stays
+    with pytest.raises(OSError) as ei:
+        clean.finish_direct(paths, 104)
+    assert ei.value.filename == str(paths.intd(104))
+    assert not paths.todo(104).exists() and paths.mess(104).exists()
+    os.rmdir(paths.intd(104))
+    clean.finish_direct(paths, 104)
+    assert not paths.mess(104).exists()
+
+
+def test_finish_message_stops_when_info_stays(home: Home) -> None:
+    paths = _msg(home, 105)
+    os.mkdir(paths.info(105))  # info cannot be unlinked: mess must stay referenced
+    with pytest.raises(OSError):
+        clean.finish_message(paths, 105)
+    assert paths.mess(105).exists() and paths.intd(105).exists()
+    os.rmdir(paths.info(105))

@@ -3,9 +3,18 @@
 qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md section 5):
 
 - after preprocessing todo/N: remove ``intd/N`` then ``todo/N`` (clean_todo);
-- when a message is done: qmail-send removes ``info/S/N`` first, then qmail-clean removes
-  ``intd/N`` and ``mess/S/N`` (finish_message does all three in that order), so a crash
-  in between leaves a mess file with no info and no todo: unreferenced, reaped later.
+- when a message is done: qmail-send removes ``info/S/N`` first (remove_info), then
+  qmail-clean removes ``intd/N`` and ``mess/S/N`` (finish_message does all three in that
+  order), so a crash in between leaves a mess file with no info and no todo:
+  unreferenced, reaped later;
+- pyqmail's direct delivery (a message delivered straight from todo, never given
+  info/local files) is finished by removing ``todo/N`` first, so nothing delivers it
+  again, then ``intd/N`` and ``mess/S/N`` (finish_direct).
+
+Each stops at the first failed unlink and raises its OSError (``filename`` set), as
+qmail-clean answers ``!`` at the first failure; the scheduler logs it and carries on.
+The paths come from anything with QueuePaths' methods (``Names``): the scheduler passes
+its cheaper str-building variant.
 
 ``handle_request`` speaks qmail-clean's wire protocol for a drop-in qmail-clean:
 ``foop/N\\0`` or ``todo/N\\0`` -> ``+`` done, ``!`` an unlink failed, ``x`` malformed.
@@ -16,38 +25,60 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+from typing import Protocol
 
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.queue.recover import OSSIFIED
 
+StrPath = str | os.PathLike[str]
 
-def _unlink(path: Path) -> None:
+
+class Names(Protocol):
+    """The paths of message N that cleaning touches (QueuePaths has them)."""
+
+    def info(self, n: int) -> StrPath: ...
+    def intd(self, n: int) -> StrPath: ...
+    def mess(self, n: int) -> StrPath: ...
+    def todo(self, n: int) -> StrPath: ...
+
+
+def _unlink(path: StrPath) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def clean_todo(paths: QueuePaths, n: int) -> None:
+def clean_todo(paths: Names, n: int) -> None:
     """After todo/N is preprocessed into info/local/remote: unlink intd/N, then todo/N."""
     _unlink(paths.intd(n))
     _unlink(paths.todo(n))
 
 
-def clean_mess(paths: QueuePaths, n: int) -> None:
+def clean_mess(paths: Names, n: int) -> None:
     """qmail-clean's ``foop/N``: unlink intd/N and mess/S/N."""
     _unlink(paths.intd(n))
     _unlink(paths.mess(n))
 
 
-def finish_message(paths: QueuePaths, n: int) -> None:
+def remove_info(paths: Names, n: int) -> None:
+    """qmail-send's own first step for a finished message: unlink info/S/N."""
+    _unlink(paths.info(n))
+
+
+def finish_message(paths: Names, n: int) -> None:
     """A message is done: unlink info/S/N, then intd/N and mess/S/N (OSError on failure).
 
     Channel files (local/remote) and bounce/N must already be gone; the scheduler
     removes those as part of finishing the recipients and the bounce.
     """
-    _unlink(paths.info(n))
+    remove_info(paths, n)
+    clean_mess(paths, n)
+
+
+def finish_direct(paths: Names, n: int) -> None:
+    """A message delivered straight from todo is done: unlink todo/N, intd/N, mess/S/N."""
+    _unlink(paths.todo(n))
     clean_mess(paths, n)
 
 

@@ -42,6 +42,7 @@ from pyqmail.control import Control
 from pyqmail.durable import fsync_dir, write_all
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
+from pyqmail.queue import clean, records
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.send.bounce import bounce_chunks, bounce_envelope, dying_text, paragraph
 from pyqmail.send.log import SendLog
@@ -149,7 +150,8 @@ class _Job:
 
 
 class _Paths:
-    """QueuePaths as plain strings: the scheduler builds several per message."""
+    """QueuePaths as plain strings: the scheduler builds several per message (and passes
+    these to queue/clean.py and queue/records.py, which take str or Path)."""
 
     def __init__(self, qp: QueuePaths) -> None:
         self.root = str(qp.root)
@@ -178,23 +180,6 @@ class _Paths:
 
     def bounce(self, n: int) -> str:
         return f"{self.root}/bounce/{n}"
-
-
-def _write_new(path: str, data: bytes) -> None:
-    """Create ``path`` (O_EXCL), write ``data``, fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class Scheduler:
@@ -572,13 +557,13 @@ class Scheduler:
 
     def _clean_todo(self, num: int) -> None:
         # qmail-clean's "todo/N": intd first, then todo (the message is now in info/).
-        for path in (self._p.intd(num), self._p.todo(num)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.log.warning(f"unable to unlink {path}: {e.strerror}")
+        try:
+            clean.clean_todo(self._p, num)
+        except OSError as e:
+            self._unlink_warning(e)
+
+    def _unlink_warning(self, e: OSError) -> None:
+        self.log.warning(f"unable to unlink {e.filename}: {e.strerror}")
 
     def _preprocess(self, num: int, routing: Routing, fast_ok: bool) -> _Pre:
         pre = _Pre(num)
@@ -622,15 +607,13 @@ class Scheduler:
             return pre
         chans: list[list[bytes]] = [[], []]
         for c, addr in routed:
-            chans[c].append(b"T" + encode(addr) + b"\0")
-        recs = ([b"F" + encode(env.sender) + b"\0"], chans[LOCAL], chans[REMOTE])
+            chans[c].append(encode(addr))
         try:
-            for i, path in enumerate(targets):
-                if i and not recs[i]:
-                    continue
-                _write_new(path, b"".join(recs[i]))
-                if i:
-                    pre.channels |= 1 << (i - 1)
+            records.write_info(targets[0], encode(env.sender), sync_dir=False)
+            for c in CHANNELS:
+                if chans[c]:
+                    records.write_channel(targets[1 + c], chans[c], sync_dir=False)
+                    pre.channels |= 1 << c
         except OSError as e:
             pre.warning = f"trouble writing info/local/remote for {num}: {e.strerror}"
         return pre
@@ -733,24 +716,23 @@ class Scheduler:
         """Worker thread: directly delivered messages are done; todo first, so that once it
         is gone nothing delivers the message again, then intd and mess."""
         for num in nums:
-            for path in (self._p.todo(num), self._p.intd(num), self._p.mess(num)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    self.log.warning(f"unable to unlink {path}: {e.strerror}")
+            try:
+                clean.finish_direct(self._p, num)
+            except OSError as e:
+                self._unlink_warning(e)
 
     def _fast_fallback(self, job: _Job) -> bool:
         """Worker thread: write info and local (with D marks) durably, then clean todo."""
         num = job.num
-        recs = b"".join(
-            (b"D" if r.done else b"T") + encode(r.recipient) + b"\0" for r in job.records
-        )
         try:
-            _write_new(self._p.info(num), b"F" + encode(job.sender) + b"\0")
+            records.write_info(self._p.info(num), encode(job.sender), sync_dir=False)
             if job.left:
-                _write_new(self._p.local(num), recs)
+                records.write_channel(
+                    self._p.local(num),
+                    [encode(r.recipient) for r in job.records],
+                    done=[r.done for r in job.records],
+                    sync_dir=False,
+                )
             fsync_dir(os.path.dirname(self._p.info(num)))
             fsync_dir(os.path.dirname(self._p.local(num)))
         except OSError as e:
@@ -811,30 +793,19 @@ class Scheduler:
         except OSError as e:
             self.log.warning(f"unable to open {info}: {e.strerror}")
             return None
-        sender = decode(raw[1:].split(b"\0", 1)[0]) if raw.startswith(b"F") else ""
+        sender = decode(records.parse_info(raw, strict=True))
         path = self._p.chan(c, num)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd, data = records.open_channel(path)
         except OSError as e:
             self.log.warning(f"unable to open {path}: {e.strerror}")
             return None
-        try:
-            data = _read_fd(fd)
-        except OSError as e:
-            os.close(fd)
-            self.log.warning(f"trouble reading {path}: {e.strerror}")
-            return None
-        records: list[_Record] = []
-        pos = 0
-        while pos < len(data):
-            end = data.find(b"\0", pos)
-            if end < 0:
-                break
-            if data[pos : pos + 1] == b"T":
-                records.append(_Record(pos, decode(data[pos + 1 : end])))
-            elif data[pos : pos + 1] != b"D":
+        recs: list[_Record] = []
+        for pos, kind, addr in records.iter_channel(data):
+            if kind == b"T":
+                recs.append(_Record(pos, decode(addr)))
+            elif kind != b"D":
                 self.log.warning(f"unknown record type in {path}")
-            pos = end + 1
         s = self.settings
         return _Job(
             c,
@@ -843,7 +814,7 @@ class Scheduler:
             nextretry(birth, recent, c),
             dying(birth, recent, s.queuelifetime),
             fd,
-            records,
+            recs,
         )
 
     async def _job(self, c: int, num: int) -> None:
@@ -953,7 +924,7 @@ class Scheduler:
         if job.fd < 0:
             return  # a direct delivery: the mark is kept in memory
         try:
-            os.pwrite(job.fd, b"D", rec.offset)
+            records.mark_done_fd(job.fd, rec.offset)
         except OSError as e:
             self.log.warning(
                 f"trouble marking {CHANNEL_NAMES[job.channel]}/{job.num}: {e.strerror}; "
@@ -1017,22 +988,15 @@ class Scheduler:
                 return
         self.log.end_msg(num)
         # info first: a crash after it leaves an unreferenced mess that recovery removes
-        if self._cleaner is not None:
-            try:
-                os.unlink(self._p.info(num))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.log.warning(f"unable to unlink {self._p.info(num)}: {e.strerror}")
-            await self._cleaner("foop", num)
-            return
-        for path in (self._p.info(num), self._p.intd(num), self._p.mess(num)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.log.warning(f"unable to unlink {path}: {e.strerror}")
+        try:
+            if self._cleaner is None:
+                clean.finish_message(self._p, num)
+                return
+            clean.remove_info(self._p, num)
+        except OSError as e:
+            self._unlink_warning(e)
+            return  # info stays: the message is finished again at the next start
+        await self._cleaner("foop", num)
 
     def _schedule_messdone(self, num: int, delay: float) -> None:
         assert self._loop is not None
@@ -1063,7 +1027,7 @@ class Scheduler:
         except OSError as e:
             self.log.warning(f"unable to read {info}: {e.strerror}")
             return False, -1
-        sender = decode(raw[1:].split(b"\0", 1)[0]) if raw.startswith(b"F") else ""
+        sender = decode(records.parse_info(raw, strict=True))
         env = bounce_envelope(sender, s.doublebounce)
         qp: int | None = None
         if env is not None:
