@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pyqmail.cli.common import fatal, split_home_args
 from pyqmail.control import ControlError, load
 from pyqmail.inject.inject import InjectError, Options, Settings, Sink, inject, parse_args
-from pyqmail.inject.qmqpc import queue_for
 from pyqmail.queue.codes import qq_result
+from pyqmail.queue.submit import submitter
 from pyqmail.queue.writer import QueueError
 
 PROG = "qmail-inject"
@@ -48,7 +48,8 @@ def run(argv: Sequence[str], prog: str = PROG) -> int:
         if opts.print_only:
             sink = _Stdout()
         else:
-            sink = queue_for(home, ctl.qmqpservers).begin(origin="uid")
+            # QMAILQUEUE, mini-qmail's QMQP or the local queue: queue/submit.py decides
+            sink = submitter(home, qmqpservers=ctl.qmqpservers).begin(origin="uid")
         inject(sys.stdin.buffer, opts, settings, sink)
     except InjectError as e:
         return fatal(prog, str(e), e.code)

@@ -6,6 +6,10 @@ qmail's setuid bit, keeping the caller's real uid for the Received line) or as t
 queue user; any other user goes through the queue service (queue/service.py). A
 failure is reported by qmail's exit code plus one line on stderr.
 
+On a mini-qmail host (control/qmqpservers lists a server, queue/submit.py's
+``qmqp_servers``) qmail-queue is qmail-qmqpc, as mini-qmail links it: the message goes to
+a QMQP server and nothing is written here.
+
 ``qmail-queue --serve`` runs the queue service itself (see queue/service.py).
 """
 
@@ -18,10 +22,12 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from pyqmail.cli.common import split_home_args
+from pyqmail.control import ControlError
 from pyqmail.home import Home, HomeError
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser
 from pyqmail.queue.service import ServiceClient, origin_of, socket_path
+from pyqmail.queue.submit import qmqp_servers
 from pyqmail.queue.writer import QueueError, QueueWriter
 
 PROG = "qmail-queue"
@@ -123,6 +129,14 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return service.main(args)
     home, _ = split_home_args(args)
+    try:
+        mini_qmail = bool(qmqp_servers(home))
+    except ControlError as e:
+        return _die(codes.CONFIG_ERROR, str(e))
+    if mini_qmail:
+        from pyqmail.cli import qmqpc
+
+        return qmqpc.main(args)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(DEATH)
     os.umask(0o033)

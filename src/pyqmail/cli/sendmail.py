@@ -10,28 +10,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from pyqmail.cli.common import fatal, split_home_args
-from pyqmail.control import ControlError, load
-from pyqmail.home import Home
 from pyqmail.inject.sendmail import USAGE, UsageError, plan
 
 PROG = "sendmail"
-
-
-def _mini_qmail_queue(home: Home) -> None:
-    """-bs on a mini-qmail host: the SMTP server queues through qmail-qmqpc (as qmail's
-    smtpd would through a qmail-queue that is a link to it), unless QMAILQUEUE is set."""
-    if os.environ.get("QMAILQUEUE"):
-        return
-    try:
-        servers = load(home).qmqpservers
-    except ControlError:
-        return  # the SMTP server reports unreadable controls itself
-    qmqpc = Path(sys.executable).parent / "qmail-qmqpc"
-    if servers:
-        os.environ["QMAILQUEUE"] = str(qmqpc if qmqpc.exists() else "qmail-qmqpc")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return qread.main([])
     if p.action == "smtp":
-        _mini_qmail_queue(home)
+        # on a mini-qmail host the SMTP server's submitter() hands the message to QMQP
         from pyqmail.cli import smtpd
 
         return smtpd.main([])

@@ -38,7 +38,7 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.inject import netstring
 from pyqmail.inject.netstring import NetstringError
-from pyqmail.inject.qmqpc import QmqpSubmitter, queue_for, send_request, server_list  # noqa: F401
+from pyqmail.inject.qmqpc import QmqpSubmitter, send_request, server_list  # noqa: F401
 from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result

@@ -4,8 +4,9 @@ Owns :class:`QmqpSubmitter` — a Submitter whose messages are spooled to an unl
 temporary file (the length must be known before sending) and then offered to each server
 of control/qmqpservers in turn — and :func:`send_request`, which maps the reply to
 qmail-queue's codes (K 0, D 31, Z 71; 72 connect timeout, 73 refused, 74 broken
-conversation; 55 when no server is configured). :func:`queue_for` is the choice
-qmail-inject and sendmail make between QMAILQUEUE, QMQP (mini-qmail) and the local queue.
+conversation; 55 when no server is configured). Whether a host is a mini-qmail null
+client at all is decided in one place for every caller: queue/submit.py's ``submitter``
+(QMAILQUEUE, else QMQP when control/qmqpservers lists a server, else the local queue).
 
 Kept apart from the server (qmqp.py) so that qmail-inject does not import asyncio.
 """
@@ -13,18 +14,16 @@ Kept apart from the server (qmqp.py) so that qmail-inject does not import asynci
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from pyqmail.home import Home
 from pyqmail.inject import netstring
 from pyqmail.inject.netstring import NetstringError
 from pyqmail.queue import codes
-from pyqmail.queue.submit import PendingLike, Submitter
+from pyqmail.queue.submit import PendingLike
 from pyqmail.queue.writer import QueueError
 
 PORT = 628
@@ -192,21 +191,3 @@ class QmqpSubmitter:
 
     def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
         return _QmqpPending(self.servers, self.connect_timeout, received)
-
-
-def queue_for(
-    home: Home,
-    ctl_servers: Sequence[str],
-    env: Mapping[str, str] | None = None,
-    submitter_factory: Callable[[Home], Submitter] | None = None,
-) -> Submitter:
-    """What inject and sendmail queue through: QMAILQUEUE if set, else QMQP when
-    control/qmqpservers lists servers (mini-qmail mode), else the local queue."""
-    from pyqmail.queue.submit import submitter
-
-    environ = os.environ if env is None else env
-    if not environ.get("QMAILQUEUE") and ctl_servers:
-        return QmqpSubmitter(ctl_servers)
-    if submitter_factory is not None:
-        return submitter_factory(home)
-    return submitter(home, env=dict(environ))

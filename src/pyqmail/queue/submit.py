@@ -1,17 +1,23 @@
 """How every part of pyqmail puts a message in the queue (what qmail.c does for qmail).
 
-``submitter(home)`` picks one of three ways, the same choice for every caller (smtpd,
-inject, QMQP/QMTP servers, local forwards, bounces):
+``submitter(home)`` picks one of four ways, the same choice for every caller (smtpd,
+qmail-inject and sendmail, QMQP/QMTP servers, local forwards, bounces; qmail-queue itself
+asks ``qmqp_servers`` the same question):
 
 1. ``QMAILQUEUE`` is set: run that program from the home directory with the message on
    fd 0 and the envelope on fd 1, and map its exit code (a filter in front of the queue);
-2. this process may write the queue itself (single-user mode, or it runs as the queue's
+2. ``control/qmqpservers`` lists a server: mini-qmail, a null client with no queue of its
+   own; every message goes to the first QMQP server that takes it (inject/qmqpc.py's
+   QmqpSubmitter, qmail-queue's exit codes 71-74 on failure). If the file exists but
+   cannot be read, every ``begin`` fails with 55 rather than queue locally;
+3. this process may write the queue itself (single-user mode, or it runs as the queue's
    owner): the in-process QueueWriter;
-3. otherwise: the queue service over its Unix socket (service.py), which learns our uid
+4. otherwise: the queue service over its Unix socket (service.py), which learns our uid
    from the socket.
 
-(2 or 3 is decided at each ``begin`` by QueueSubmitter, so a process that drops to the
-queue user after making its submitter switches to writing in-process.)
+1 and 2 are decided when the submitter is made (a daemon decides at start); 3 or 4 at
+each ``begin`` by QueueSubmitter, so a process that drops to the queue user after making
+its submitter switches to writing in-process.
 
 Each returns a Pending-like object: ``write(bytes)`` (cheap: buffered, or spooled to an
 unlinked temporary file), ``commit(sender, recipients) -> msgnum`` (blocking; run it in
@@ -25,10 +31,11 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
+from pyqmail.control import ControlError, parse_list, read_file
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, check_address, format_input
@@ -194,16 +201,50 @@ def can_write_queue(home: Home) -> bool:
     return st.st_uid == os.geteuid()
 
 
+def qmqp_servers(home: Home) -> tuple[str, ...]:
+    """The lines of control/qmqpservers (empty: not a mini-qmail host); ControlError if
+    the file exists but cannot be read."""
+    raw = read_file(home, "qmqpservers")
+    return () if raw is None else tuple(line for line, _ in parse_list(raw))
+
+
+class _Unconfigured:
+    """A null client whose control/qmqpservers cannot be read: refuse (55), never queue
+    locally."""
+
+    kind = "qmqp"
+
+    def __init__(self, error: ControlError) -> None:
+        self.error = error
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        raise QueueError(codes.CONFIG_ERROR, str(self.error))
+
+
 def submitter(
     home: Home,
     *,
     notify: Callable[[int], None] | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    qmqpservers: Sequence[str] | None = None,
 ) -> Submitter:
-    """The Submitter this process should use (module docstring); ``env`` for tests."""
+    """The Submitter this process should use (module docstring); ``env`` for tests.
+
+    ``qmqpservers``: control/qmqpservers as the caller already loaded it (qmail-inject
+    has its Control); None reads the file.
+    """
     program = (os.environ if env is None else env).get("QMAILQUEUE", "")
     if program:
         return ProgramSubmitter(home, program)
+    if qmqpservers is None:
+        try:
+            qmqpservers = qmqp_servers(home)
+        except ControlError as e:
+            return _Unconfigured(e)
+    if qmqpservers:
+        from pyqmail.inject.qmqpc import QmqpSubmitter  # inject/qmqpc.py imports this module
+
+        return QmqpSubmitter(qmqpservers)
     return QueueSubmitter(home, notify=notify)
 
 
