@@ -23,6 +23,7 @@ from typing import BinaryIO, Protocol
 from pyqmail.control import Control
 from pyqmail.inject import address
 from pyqmail.inject.address import ParseError, Rewriter
+from pyqmail.inject.getopt import Getopt, GetoptError
 from pyqmail.inject.headers import (
     RECIPIENT_FIELDS,
     RESENT_FIELDS,
@@ -66,38 +67,20 @@ def parse_args(argv: Sequence[str]) -> Options:
 
     Raises InjectError(100) with getopt's message for a bad option."""
     opts = Options()
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            i += 1
-            break
-        if not a.startswith("-") or a == "-":
-            break
-        j = 1
-        while j < len(a):
-            c = a[j]
+    g = Getopt(argv, "aAhHnN", "f")
+    try:
+        for c, value in g:
             if c in "aAhH":
                 opts.mode = c
             elif c == "n":
                 opts.print_only = True
             elif c == "N":
                 opts.print_only = False
-            elif c == "f":
-                if j + 1 < len(a):
-                    opts.sender = a[j + 1 :]
-                elif i + 1 < len(args):
-                    i += 1
-                    opts.sender = args[i]
-                else:
-                    raise InjectError(100, "option requires an argument -- f")
-                break
-            else:
-                raise InjectError(100, f"illegal option -- {c}")
-            j += 1
-        i += 1
-    opts.args = args[i:]
+            else:  # f
+                opts.sender = value
+    except GetoptError as e:
+        raise InjectError(100, str(e)) from e
+    opts.args = g.rest
     return opts
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pyqmail.inject.getopt import Getopt, GetoptError
+
 USAGE = "usage: sendmail [ -t ] [ -fsender ] [ -Fname ] [ -bp ] [ -bs ] [ arg ... ]"
 _FLAGS = "vimtEJx"
 _WITH_ARG = "efpoBFb"
@@ -63,32 +65,12 @@ def plan(argv: Sequence[str], env: Mapping[str, str], prog: str = "sendmail") ->
     name: str | None = None
     smtp = False
     qread = False
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            i += 1
-            break
-        if not a.startswith("-") or a == "-":
-            break
-        j = 1
-        while j < len(a):
-            c = a[j]
-            if c in _FLAGS:
-                flag_t = flag_t or c == "t"
-                j += 1
-                continue
-            if c not in _WITH_ARG:
-                raise UsageError(f"illegal option -- {c}")
-            if j + 1 < len(a):
-                value = a[j + 1 :]
-            elif i + 1 < len(args):
-                i += 1
-                value = args[i]
-            else:
-                raise UsageError(f"option requires an argument -- {c}")
-            if c == "f":
+    g = Getopt(argv, _FLAGS, _WITH_ARG)
+    try:
+        for c, value in g:
+            if c == "t":
+                flag_t = True
+            elif c == "f":
                 sender = value
             elif c == "F":
                 name = value
@@ -99,9 +81,9 @@ def plan(argv: Sequence[str], env: Mapping[str, str], prog: str = "sendmail") ->
                     qread = True
                 elif value != "m":
                     raise UsageError("")
-            break
-        i += 1
-    rest = args[i:]
+    except GetoptError as e:
+        raise UsageError(str(e)) from e
+    rest = g.rest
     if qread:
         return Plan("qread")
     if smtp:
