@@ -157,6 +157,21 @@ def domain_keys(domain: str) -> list[str]:
     return keys
 
 
+def virtual_lookup(virtualdomains: Mapping[str, str], address: str) -> str | None:
+    """The virtualdomains value for ``address`` by qmail's key order (the whole address,
+    the domain, each ``.suffix`` longest first, the empty key); None if no key matches.
+    ``""`` is an exception (the address stays remote). Shared with send/todo.py's routing."""
+    if not virtualdomains:
+        return None
+    at = address.rfind("@")
+    domain = address[at + 1 :] if at >= 0 else ""
+    keys = [address.lower(), *domain_keys(domain), ""] if domain else [address.lower(), ""]
+    for key in keys:
+        if key in virtualdomains:
+            return virtualdomains[key]
+    return None
+
+
 def host_listed(domain: str, hosts: frozenset[str]) -> bool:
     """rcpthosts matching: exact domain, or a ``.suffix`` line for a subdomain."""
     return any(k in hosts for k in domain_keys(domain))
@@ -215,15 +230,7 @@ class Control:
 
     def virtual_prepend(self, address: str) -> str | None:
         """virtualdomains for ``address``: its prepend, ``""`` for an exception, None if none."""
-        vd = self.virtualdomains
-        if not vd:
-            return None
-        at = address.rfind("@")
-        domain = address[at + 1 :] if at >= 0 else ""
-        for key in [address.lower(), *domain_keys(domain), ""] if domain else [address.lower(), ""]:
-            if key in vd:
-                return vd[key]
-        return None
+        return virtual_lookup(self.virtualdomains, address)
 
 
 _LINE_ME = ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pyqmail.control import Control, domain_keys
+from pyqmail.control import Control, domain_keys, virtual_lookup
 from pyqmail.home import BREAK
 from pyqmail.send.schedule import LOCAL, REMOTE
 
@@ -79,16 +79,7 @@ class Routing:
 
     def virtual_lookup(self, address: str) -> str | None:
         """The virtualdomains value for ``address`` by qmail's key order, None if no key."""
-        vd = self.virtualdomains
-        if not vd:
-            return None
-        at = address.rfind("@")
-        domain = address[at + 1 :] if at >= 0 else ""
-        keys = [address.lower(), *domain_keys(domain), ""] if domain else [address.lower(), ""]
-        for key in keys:
-            if key in vd:
-                return vd[key]
-        return None
+        return virtual_lookup(self.virtualdomains, address)
 
     def route(self, address: str) -> tuple[int, str]:
         """(channel, stored address) for one envelope recipient (send.md 1)."""
