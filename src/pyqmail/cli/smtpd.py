@@ -144,7 +144,9 @@ def _serve(
         for s in servers:
             for sock in getattr(s, "sockets", ()):
                 name = sock.getsockname()
-                print(f"{PROG}: listening on {name[0]}:{name[1]}", file=sys.stderr, flush=True)
+                # one write(2) per line: acceptor processes share the stream (--workers)
+                sys.stderr.flush()
+                os.write(2, f"{PROG}: listening on {name[0]}:{name[1]}\n".encode())
         await stop
         for s in servers:
             s.close()
