@@ -225,11 +225,30 @@ def test_unreadable_file_raises_control_error(home: Home, name: str) -> None:
     assert f"control/{name}" in str(e.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 files")
 def test_permission_denied_raises_control_error(home: Home) -> None:
+    """EACCES is a temporary failure, never an empty value. Root reads mode-000 files, so
+    as root the load runs in a child that has dropped to nobody (65534)."""
     os.chmod(home.control / "rcpthosts", 0)
-    with pytest.raises(ControlError):
-        load(home)
+    if os.geteuid() != 0:
+        with pytest.raises(ControlError) as e:
+            load(home)
+        assert e.value.name == "rcpthosts"
+        return
+    for d in [home.root, *home.root.parents]:  # let nobody reach control/
+        os.chmod(d, os.stat(d).st_mode | 0o011)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            load(home)
+        except ControlError as err:
+            code = 0 if err.name == "rcpthosts" and "Permission denied" in str(err) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_missing_control_dir_is_all_defaults(tmp_path: Path) -> None:
