@@ -15,16 +15,17 @@ Prints medians over ROUNDS rounds. Usage:
 # ruff: noqa: E402  (sys.path is fixed before the imports)
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-# bench/queue.py would shadow the standard library's queue (used by concurrent.futures)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+# bench/queue.py would shadow the standard library's queue (imported by asyncio and
+# concurrent.futures): take bench/ off the import path before any other import.
+_here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 import argparse
 import asyncio
 import io
-import os
 import socket
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from pyqmail.control import ControlCache, load
 from pyqmail.home import Home

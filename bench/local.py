@@ -18,17 +18,19 @@ Each run measures every row back to back; the table gives the median rate and th
 median of the per-run ratios to raw (the machine's load moves both together).
 """
 
+# ruff: noqa: E402  (sys.path is fixed before the imports)
 from __future__ import annotations
 
+import os
 import sys
 
-# bench/ holds other benchmarks named like stdlib modules (queue.py): do not shadow them.
-if sys.path and sys.path[0].endswith("bench"):
-    sys.path.pop(0)
+# bench/queue.py would shadow the standard library's queue (imported by asyncio and
+# concurrent.futures): take bench/ off the import path before any other import.
+_here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 import argparse
 import asyncio
-import os
 import pwd
 import shutil
 import statistics

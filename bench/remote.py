@@ -19,18 +19,20 @@ Usage: python bench/remote.py [--n 5000] [--levels 20,200,1000] [--runs 1] [--no
 Prints a table and the ratio pyqmail/postfix at concurrency 20. Needs root for Postfix.
 """
 
+# ruff: noqa: E402  (sys.path is fixed before the imports)
 from __future__ import annotations
 
+import os
 import sys
 
-# bench/ holds other benchmarks named like stdlib modules (queue.py): do not shadow them.
-if sys.path and sys.path[0].endswith("bench"):
-    sys.path.pop(0)
+# bench/queue.py would shadow the standard library's queue (imported by asyncio and
+# concurrent.futures): take bench/ off the import path before any other import.
+_here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
 import socket

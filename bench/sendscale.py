@@ -21,32 +21,34 @@ and of preprocessing are part of every message's cost here, as in the daemon.
 Usage: bench/sendscale.py [--sizes 0,10000,100000] [--k 2000]
 """
 
+# ruff: noqa: E402  (sys.path is fixed before the imports)
 from __future__ import annotations
 
 import os
 import sys
 
-# bench/queue.py would shadow the standard library's queue (used by concurrent.futures)
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+# bench/queue.py would shadow the standard library's queue (imported by asyncio and
+# concurrent.futures): take bench/ off the import path before any other import.
+_here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import io  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import asyncio
+import io
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
-from pyqmail.control import load  # noqa: E402
-from pyqmail.home import Home  # noqa: E402
-from pyqmail.layout import create_home  # noqa: E402
-from pyqmail.outcome import Outcome  # noqa: E402
-from pyqmail.queue.layout import QueuePaths  # noqa: E402
-from pyqmail.queue.writer import QueueWriter  # noqa: E402
-from pyqmail.send.log import SendLog  # noqa: E402
-from pyqmail.send.manager import Scheduler  # noqa: E402
+from pyqmail.control import load
+from pyqmail.home import Home
+from pyqmail.layout import create_home
+from pyqmail.outcome import Outcome
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.writer import QueueWriter
+from pyqmail.send.log import SendLog
+from pyqmail.send.manager import Scheduler
 
 
 def rss_mb() -> float:
