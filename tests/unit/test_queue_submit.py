@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home
-from pyqmail.queue import codes
+from pyqmail.layout import create_queue
+from pyqmail.queue import codes, submit
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.service import QueueService
@@ -178,3 +180,37 @@ def test_service_client_gone_mid_envelope(home: Home, service: QueueService) -> 
     with pytest.raises(OSError):
         sub.client.submit([b"x" * 100_000], bad_envelope)
     assert _mess_files(home) == 0 and _todo(home) == []
+
+
+def _as_nobody(fn: Callable[[], bool]) -> bool:
+    """Run ``fn`` in a child dropped to nobody (65534); return its answer."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child answers through the pipe
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, b"1" if fn() else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    answer = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return answer == b"1"
+
+
+@pytest.mark.root
+def test_a_user_who_cannot_enter_the_queue_uses_the_service(tmp_path: Path) -> None:
+    """queue/ is 0750 qmailq:qmail: a local user's stat of queue/pid fails with EACCES,
+    and that must mean 'go through the queue service', not 'write it in-process'."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    os.chmod(tmp_path, 0o755)
+    h = Home(tmp_path / "q", single_user=False)
+    create_queue(h, None)
+    os.chmod(h.root, 0o755)
+    os.chmod(h.queue, 0o750)
+    assert submit.can_write_queue(h)  # root owns it here
+    assert not _as_nobody(lambda: submit.can_write_queue(h))

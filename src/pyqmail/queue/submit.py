@@ -196,6 +196,8 @@ def can_write_queue(home: Home) -> bool:
         return True
     try:
         st = os.stat(home.queue / "pid")
+    except PermissionError:
+        return False  # queue/ is 0750 qmailq:qmail: a local user goes through the service
     except OSError:
         return os.geteuid() != 0
     return st.st_uid == os.geteuid()
