@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyqmail import qdate
-from pyqmail.durable import fsync_dir, write_all
+from pyqmail.durable import write_all
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
@@ -85,8 +85,9 @@ class _GroupSync:
     """fsync one directory on behalf of many threads: a sync started after a caller's
     request covers it, so N concurrent callers cost about 2 fsyncs, not N."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int) -> None:
         self.path = path
+        self.fd = fd
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
@@ -106,7 +107,7 @@ class _GroupSync:
                 self._cond.release()
                 err: OSError | None = None
                 try:
-                    fsync_dir(self.path)
+                    os.fsync(self.fd)
                 except OSError as e:
                     err = e
                 finally:
@@ -156,19 +157,50 @@ class QueueWriter:
         self.hook = hook
         self.clock = clock
         self._seq = itertools.count(1)
+        self._owner_pid = os.getpid()
         # Paths as strings, computed once: pathlib costs more than the syscalls here.
         root = str(self.paths.root)
         self._pid_dir = root + "/pid/"
         self._intd_dir = root + "/intd/"
         self._todo_dir = root + "/todo"
         self._mess_dirs = [str(d) for d in self.paths.split_dirs("mess")]
-        self._syncs = {d: _GroupSync(d) for d in [*self._mess_dirs, self._todo_dir]}
+        # The directories whose entries a commit makes durable (mess/S, todo/), each
+        # opened once, lazily: the link into one is made through its descriptor
+        # (os.link dst_dir_fd) and the fsync goes to the same descriptor, so the entry
+        # synced is the one made, with no open/close or path lookup per message.
+        self._dir_lock = threading.Lock()
+        self._syncs: dict[str, _GroupSync] = {}
 
-    def _dirsync(self, path: str) -> None:
+    def _dir(self, path: str) -> _GroupSync:
+        """The (lazily opened) descriptor and group sync of one queue directory."""
+        g = self._syncs.get(path)
+        if g is None:
+            with self._dir_lock:
+                g = self._syncs.get(path)
+                if g is None:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    g = self._syncs[path] = _GroupSync(path, fd)
+        return g
+
+    def _dirsync(self, g: _GroupSync) -> None:
         if self.share_dir_syncs:
-            self._syncs[path].sync()
+            g.sync()
         else:
-            fsync_dir(path)
+            os.fsync(g.fd)
+
+    def close(self) -> None:
+        """Close the directory descriptors (reopened if the writer is used again)."""
+        with self._dir_lock:
+            syncs, self._syncs = self._syncs, {}
+        for g in syncs.values():
+            try:
+                os.close(g.fd)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        if getattr(self, "_owner_pid", None) == os.getpid():
+            self.close()
 
     def _step(self, state: CrashState) -> None:
         if self.hook is not None:
@@ -213,9 +245,10 @@ class QueueWriter:
             self._step(CrashState.PID_CREATED)
             n = os.fstat(fd).st_ino
             p.msgnum = n
-            mess = f"{self._mess_dirs[n % paths.nsplit]}/{n}"
+            mdir = self._mess_dirs[n % paths.nsplit]
+            mess = f"{mdir}/{n}"
             try:
-                os.link(pidpath, mess)
+                os.link(pidpath, str(n), dst_dir_fd=self._dir(mdir).fd)
             except OSError as e:
                 code = _classify_create_error(paths, e, codes.MESS_TROUBLE)
                 raise QueueError(code, f"unable to link {mess}: {e.strerror}") from e
@@ -264,6 +297,7 @@ class Pending:
         self._pidpath = ""
         self._mess = ""
         self._intd = ""
+        self._ifd = -1
         self._done = False
         self._owner = os.getpid()
         self.size = 0
@@ -287,68 +321,65 @@ class Pending:
 
     def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
         """Make the message durable and visible in todo/; returns N. Blocking."""
+        result = commit_many([(self, sender, recipients)])[0]
+        if isinstance(result, QueueError):
+            raise result
+        return result
+
+    def _prepare(self, sender: bytes, recipients: Sequence[bytes]) -> None:
+        """Flush the message, create and write intd/N (kept open in ``_ifd``)."""
         if self._done:
             raise RuntimeError("commit after commit or abort")
         w = self._w
-        paths = w.paths
         n = self.msgnum
         try:
-            try:
-                check_address(sender)
-                for r in recipients:
-                    check_address(r)
-            except EnvelopeError as e:
-                raise QueueError(e.code, str(e)) from e
-            self._flush()
-            if self._error is not None:
-                raise self._error
-            w._step(CrashState.MESS_WRITTEN)
-            envelope = format_todo(self._uid, self.qp, sender, recipients)
-            intd = f"{w._intd_dir}{n}"
-            ifd = self._create_intd(intd, n)
-            self._intd = intd
-            try:
-                w._step(CrashState.INTD_CREATED)
-                try:
-                    write_all(ifd, envelope)
-                except OSError as e:
-                    raise QueueError(codes.WRITE_ERROR, f"unable to write {intd}: {e}") from e
-                w._step(CrashState.INTD_WRITTEN)
-                # Both files are written before either is synced: on a journalling file
-                # system the first fsync commits both creations in one transaction, so
-                # the later fsyncs find little left to do. Each is still done.
-                try:
-                    os.fsync(self._fd)
-                except OSError as e:
-                    raise QueueError(codes.WRITE_ERROR, f"unable to fsync message: {e}") from e
-                w._step(CrashState.MESS_SYNCED)
-                try:
-                    os.fsync(ifd)
-                except OSError as e:
-                    raise QueueError(codes.WRITE_ERROR, f"unable to fsync {intd}: {e}") from e
-            finally:
-                os.close(ifd)
-            try:
-                w._dirsync(w._mess_dirs[n % paths.nsplit])
-            except OSError as e:
-                raise QueueError(codes.WRITE_ERROR, f"unable to fsync mess dir: {e}") from e
-            w._step(CrashState.INTD_SYNCED)
-            todo = f"{w._todo_dir}/{n}"
-            try:
-                os.link(intd, todo)
-            except OSError as e:
-                code = _classify_create_error(paths, e, codes.TODO_TROUBLE)
-                raise QueueError(code, f"unable to link {todo}: {e.strerror}") from e
-        except BaseException:
-            self.abort()
-            raise
-        # The commit point: the message is whole on disk and named in todo/.
-        w._step(CrashState.TODO_LINKED)
+            check_address(sender)
+            for r in recipients:
+                check_address(r)
+        except EnvelopeError as e:
+            raise QueueError(e.code, str(e)) from e
+        self._flush()
+        if self._error is not None:
+            raise self._error
+        w._step(CrashState.MESS_WRITTEN)
+        envelope = format_todo(self._uid, self.qp, sender, recipients)
+        intd = f"{w._intd_dir}{n}"
+        self._ifd = self._create_intd(intd, n)
+        self._intd = intd
+        w._step(CrashState.INTD_CREATED)
         try:
-            w._dirsync(w._todo_dir)
+            write_all(self._ifd, envelope)
         except OSError as e:
-            self._undo_link(todo)
-            raise QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {e}") from e
+            raise QueueError(codes.WRITE_ERROR, f"unable to write {intd}: {e}") from e
+        w._step(CrashState.INTD_WRITTEN)
+
+    def _sync_files(self) -> None:
+        """fsync the message file, then the envelope; closes the envelope's fd."""
+        ifd, self._ifd = self._ifd, -1
+        try:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise QueueError(codes.WRITE_ERROR, f"unable to fsync message: {e}") from e
+            self._w._step(CrashState.MESS_SYNCED)
+            try:
+                os.fsync(ifd)
+            except OSError as e:
+                raise QueueError(codes.WRITE_ERROR, f"unable to fsync {self._intd}: {e}") from e
+        finally:
+            os.close(ifd)
+
+    def _link_todo(self, tdir: _GroupSync) -> None:
+        n = self.msgnum
+        try:
+            os.link(self._intd, str(n), dst_dir_fd=tdir.fd)
+        except OSError as e:
+            code = _classify_create_error(self._w.paths, e, codes.TODO_TROUBLE)
+            raise QueueError(code, f"unable to link {tdir.path}/{n}: {e.strerror}") from e
+
+    def _finish(self) -> int:
+        """After the todo/ fsync: drop the pid name, close, poke the scheduler."""
+        w = self._w
         w._step(CrashState.TODO_SYNCED)
         # Only now does the pid name go (qmail drops it right after the mess link): until
         # the commit it tells recovery which process wrote this mess file.
@@ -357,8 +388,8 @@ class Pending:
         os.close(self._fd)
         self._fd = -1
         w._step(CrashState.PID_UNLINKED)
-        w._poke(n)
-        return n
+        w._poke(self.msgnum)
+        return self.msgnum
 
     def _drop_pid(self) -> None:
         if self._pidpath:
@@ -429,6 +460,9 @@ class Pending:
             return
         self._done = True
         self._buf.clear()
+        if self._ifd >= 0:
+            os.close(self._ifd)
+            self._ifd = -1
         # The pid name goes last: if we die half way, it still names the dead writer.
         for path in (self._mess, self._intd, self._pidpath):
             if path:
@@ -443,3 +477,102 @@ class Pending:
                 pass
             os.close(self._fd)
             self._fd = -1
+
+
+Item = tuple[Pending, bytes, Sequence[bytes]]
+
+
+def commit_many(items: Sequence[Item]) -> list[int | QueueError]:
+    """Commit several messages of one writer together; per message, N or its error.
+
+    Each message goes through the same steps, in the same order, as a commit of its own
+    (the hook sees each state for each message), but step by step for the whole batch:
+    every message and envelope is written before any is synced, a ``mess/S`` directory
+    is fsynced once for all the batch's messages in it, and ``todo/`` once after all
+    the links. A message that fails before its link is aborted alone; the others go on.
+    One thread doing a batch costs far fewer thread switches than a thread per message.
+    Exceptions other than QueueError (a hook's) abort the message they hit and propagate.
+    """
+    results: list[int | QueueError] = [0] * len(items)
+    live: list[int] = []  # indexes still on their way
+    w: QueueWriter | None = None
+
+    def fail(i: int, err: QueueError) -> None:
+        items[i][0].abort()
+        results[i] = err
+
+    def phase(idx: list[int], step: Callable[[int], None]) -> list[int]:
+        ok = []
+        for i in idx:
+            try:
+                step(i)
+            except QueueError as e:
+                fail(i, e)
+            except BaseException:
+                items[i][0].abort()
+                raise
+            else:
+                ok.append(i)
+        return ok
+
+    for i, (p, _, _) in enumerate(items):
+        if w is None:
+            w = p._w
+        elif p._w is not w:
+            raise ValueError("commit_many: messages of different writers")
+        live.append(i)
+    if w is None:
+        return results
+    live = phase(live, lambda i: items[i][0]._prepare(items[i][1], items[i][2]))
+    live = phase(live, lambda i: items[i][0]._sync_files())
+    nsplit = w.paths.nsplit
+    by_dir: dict[int, list[int]] = {}
+    for i in live:
+        by_dir.setdefault(items[i][0].msgnum % nsplit, []).append(i)
+    live = []
+    for split, idx in sorted(by_dir.items()):
+        try:
+            w._dirsync(w._dir(w._mess_dirs[split]))
+        except OSError as e:
+            err = QueueError(codes.WRITE_ERROR, f"unable to fsync mess dir: {e}")
+            for i in idx:
+                fail(i, err)
+            continue
+        except BaseException:
+            for i in idx:
+                items[i][0].abort()
+            raise
+        for i in idx:
+            try:
+                w._step(CrashState.INTD_SYNCED)
+            except BaseException:
+                items[i][0].abort()
+                raise
+        live.extend(idx)
+    if not live:
+        return results
+    try:
+        tdir = w._dir(w._todo_dir)
+    except OSError as e:
+        err = QueueError(codes.TODO_TROUBLE, f"unable to open {w._todo_dir}: {e.strerror}")
+        for i in live:
+            fail(i, err)
+        return results
+    live = phase(sorted(live), lambda i: items[i][0]._link_todo(tdir))
+    # The commit point of each message: whole on disk and named in todo/.
+    for _ in live:
+        w._step(CrashState.TODO_LINKED)
+    if not live:
+        return results
+    try:
+        w._dirsync(tdir)
+    except OSError as e:
+        err = QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {e}")
+        for i in live:
+            p = items[i][0]
+            p._undo_link(f"{w._todo_dir}/{p.msgnum}")
+            results[i] = err
+        return results
+    for i in live:
+        results[i] = items[i][0]._finish()
+    return results

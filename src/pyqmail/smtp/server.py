@@ -9,8 +9,11 @@ queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about S
   tcpserver without ``-x``; an unreadable one drops the connection; like the control
   files it is re-checked at most every ``control_ttl`` seconds), the environment
   tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
-  The commit (the fsyncs) runs in a worker thread, so concurrent sessions' syncs overlap;
-  ``250 ok`` is written only after it returned.
+  The commit (the fsyncs) runs off the event loop: messages for the in-process queue
+  writer go to one committer thread that commits whatever has gathered in one batch
+  (``writer.commit_many``: shared directory fsyncs, a thread switch per batch rather
+  than per message); other submitters' commits run in a worker thread each.
+  ``250 ok`` is written only after the message's commit returned.
 * :func:`run_stdio` is ``qmail-smtpd`` under tcpserver: the socket on fd 0/1 and the
   environment tcpserver set.
 
@@ -32,7 +35,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -42,7 +46,7 @@ from pyqmail.control import Control, ControlCache, ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
-from pyqmail.queue.writer import QueueError
+from pyqmail.queue.writer import Pending, QueueError, commit_many
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
     Close,
@@ -102,8 +106,9 @@ class _Message:
             log.exception("queue write failed")
             self._error = codes.smtp_reply(codes.WRITE_ERROR)
 
-    def commit(self) -> bytes:
-        """Blocking: make the message durable; the reply line for the client."""
+    def take(self) -> tuple[qsubmit.PendingLike, bytes, tuple[bytes, ...]] | bytes:
+        """Take the open message for committing (its owner from now on: a later abort
+        does nothing), or the reply when there is nothing to commit."""
         with self._lock:
             p, self._pending = self._pending, None
         if p is None:
@@ -112,8 +117,16 @@ class _Message:
             with contextlib.suppress(Exception):
                 p.abort()
             return self._error
+        return p, self._sender, self._rcpts
+
+    def commit(self) -> bytes:
+        """Blocking: make the message durable; the reply line for the client."""
+        job = self.take()
+        if isinstance(job, bytes):
+            return job
+        p = job[0]
         try:
-            p.commit(self._sender, self._rcpts)
+            p.commit(job[1], job[2])
         except QueueError as e:
             return codes.smtp_reply(e.code, e.custom)
         except Exception:
@@ -145,6 +158,109 @@ def _peer_ip(addr: object) -> tuple[str, str]:
     if ip.startswith("::ffff:") and "." in ip:
         ip = ip[7:]
     return ip, str(addr[1])
+
+
+_Job = tuple[Pending, bytes, Sequence[bytes], "asyncio.Future[bytes]"]
+
+
+class _Committer:
+    """One thread committing the in-process writer's messages, in batches.
+
+    ``submit`` (event loop) queues a message and returns a future for its reply line;
+    the thread takes everything queued, commits it with ``commit_many`` (grouped by
+    writer), and resolves the batch's futures with one call into the loop. The thread
+    is woken only when it is waiting: while it commits, new messages simply gather for
+    the next batch. Each message's reply still comes only after its own commit.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: deque[tuple[asyncio.AbstractEventLoop, _Job]] = deque()
+        self._waiting = False
+        self._thread: threading.Thread | None = None
+
+    def submit(
+        self, loop: asyncio.AbstractEventLoop, p: Pending, sender: bytes, rcpts: Sequence[bytes]
+    ) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = loop.create_future()
+        with self._cond:
+            self._jobs.append((loop, (p, sender, rcpts, fut)))
+            if self._thread is None:
+                # Not a daemon: at exit the batch in hand is finished, not cut short.
+                self._thread = threading.Thread(target=self._run, name="smtpq-commit")
+                self._thread.start()
+            elif self._waiting:
+                self._cond.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    if not threading.main_thread().is_alive():
+                        self._thread = None
+                        return  # interpreter exit: every taken batch has finished
+                    self._waiting = True
+                    self._cond.wait(0.5)
+                self._waiting = False
+                batch = list(self._jobs)
+                self._jobs.clear()
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bytes], bytes]]]
+            by_loop = {}
+            for loop, replies_ in self._commit(batch):
+                by_loop.setdefault(loop, []).append(replies_)
+            for loop, done in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(_resolve, done)
+
+    @staticmethod
+    def _commit(
+        batch: list[tuple[asyncio.AbstractEventLoop, _Job]],
+    ) -> list[tuple[asyncio.AbstractEventLoop, tuple[asyncio.Future[bytes], bytes]]]:
+        out: list[tuple[asyncio.AbstractEventLoop, tuple[asyncio.Future[bytes], bytes]]] = []
+        groups: dict[int, list[tuple[asyncio.AbstractEventLoop, _Job]]] = {}
+        for entry in batch:
+            groups.setdefault(id(entry[1][0]._w), []).append(entry)
+        for group in groups.values():
+            try:
+                results = commit_many([(p, s, r) for _, (p, s, r, _f) in group])
+            except Exception:
+                log.exception("queue commit failed")
+                for _, (p, _s, _r, _f) in group:
+                    with contextlib.suppress(Exception):
+                        p.abort()
+                results = [QueueError(codes.INTERNAL_BUG)] * len(group)
+            now = int(time.time())
+            for (loop, (p, _s, _r, fut)), res in zip(group, results, strict=True):
+                if isinstance(res, QueueError):
+                    reply = codes.smtp_reply(res.code, res.custom)
+                else:
+                    reply = replies.accepted(now, p.qp)
+                out.append((loop, (fut, reply)))
+        return out
+
+
+_COMMITTER = _Committer()  # one per process, shared by every listener in it
+
+
+def _resolve(done: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
+    for fut, reply in done:
+        if not fut.done():
+            fut.set_result(reply)
+
+
+def _commit_other(p: qsubmit.PendingLike, sender: bytes, rcpts: Sequence[bytes]) -> bytes:
+    """Blocking (a worker thread): commit through a submitter other than the writer."""
+    try:
+        p.commit(sender, rcpts)
+    except QueueError as e:
+        return codes.smtp_reply(e.code, e.custom)
+    except Exception:
+        log.exception("queue commit failed")
+        with contextlib.suppress(Exception):
+            p.abort()
+        return codes.smtp_reply(codes.INTERNAL_BUG)
+    return replies.accepted(int(time.time()), p.qp)
 
 
 class SmtpServer:
@@ -186,6 +302,7 @@ class SmtpServer:
             thread_name_prefix="smtpq",
         )
         self.reuse_port = reuse_port
+        self.committer = _COMMITTER
         self.control_ttl = control_ttl
         self._ctl: Control | None = None
         self._ctl_at = 0.0
@@ -484,7 +601,15 @@ class _SmtpProtocol(asyncio.Protocol):
         msg, conn = self.msg, self.conn
         assert msg is not None and conn is not None
         try:
-            reply = await self.loop.run_in_executor(self.server.executor, msg.commit)
+            job = msg.take()
+            if isinstance(job, bytes):
+                reply = job
+            elif isinstance(job[0], Pending):
+                reply = await self.server.committer.submit(self.loop, job[0], job[1], job[2])
+            else:
+                reply = await self.loop.run_in_executor(
+                    self.server.executor, _commit_other, job[0], job[1], job[2]
+                )
         except Exception:
             log.exception("commit crashed")
             reply = codes.smtp_reply(codes.INTERNAL_BUG)
