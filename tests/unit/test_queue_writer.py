@@ -13,7 +13,8 @@ import pytest
 from pyqmail.home import Home
 from pyqmail.queue.envelope import MAX_ADDRESS, parse_todo
 from pyqmail.queue.layout import QueuePaths
-from pyqmail.queue.writer import QueueError, QueueWriter, received_line
+from pyqmail.queue.recover import CrashState
+from pyqmail.queue.writer import QueueError, QueueWriter, commit_many, received_line
 
 
 def _files(home: Home) -> list[str]:
@@ -248,3 +249,83 @@ def test_forked_child_does_not_clean_parents_pending(home: Home) -> None:
     os.waitpid(pid, 0)
     n = p.commit(b"a", [b"b"])
     assert QueuePaths(home.queue).mess(n).read_bytes().endswith(b"parent's message\n")
+
+
+def test_commit_many_commits_each_and_fails_one_alone(home: Home) -> None:
+    """A batch: the bad envelope is refused and leaves nothing; the others are queued."""
+    w = QueueWriter(home)
+    ps = [w.begin() for _ in range(3)]
+    for i, p in enumerate(ps):
+        p.write(b"Subject: %d\n\nbody\n" % i)
+    results = commit_many(
+        [
+            (ps[0], b"a@b", [b"c@d"]),
+            (ps[1], b"a@b", [b"x" * (MAX_ADDRESS + 1)]),
+            (ps[2], b"", [b"e@f"]),
+        ]
+    )
+    assert results[0] == ps[0].msgnum and results[2] == ps[2].msgnum
+    assert isinstance(results[1], QueueError)
+    paths = QueuePaths(home.queue)
+    for i in (0, 2):
+        n = ps[i].msgnum
+        assert paths.mess(n).read_bytes().endswith(b"Subject: %d\n\nbody\n" % i)
+        assert parse_todo(paths.todo(n).read_bytes()).recipients == (
+            (b"c@d",) if i == 0 else (b"e@f",)
+        )
+    expected = []
+    for i in (0, 2):
+        n = ps[i].msgnum
+        expected += [f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"]
+    assert _files(home) == sorted(expected)  # nothing of the refused one, no pid names
+
+
+def test_commit_many_keeps_each_messages_step_order(home: Home) -> None:
+    """Every message passes every CrashState, in the order of a commit of its own; the
+    batch goes step by step (all synced before any todo link)."""
+    seen: list[CrashState] = []
+    w = QueueWriter(home, hook=seen.append)
+    ps = [w.begin() for _ in range(4)]
+    del seen[:]
+    assert all(isinstance(r, int) for r in commit_many([(p, b"a@b", [b"c@d"]) for p in ps]))
+    order = [
+        CrashState.MESS_WRITTEN,
+        CrashState.INTD_CREATED,
+        CrashState.INTD_WRITTEN,
+        CrashState.MESS_SYNCED,
+        CrashState.INTD_SYNCED,
+        CrashState.TODO_LINKED,
+        CrashState.TODO_SYNCED,
+        CrashState.PID_UNLINKED,
+    ]
+    assert sorted(seen, key=order.index) == [s for s in order for _ in ps]
+    # no todo link before every message and its envelope are synced
+    last_synced = max(i for i, s in enumerate(seen) if s is CrashState.INTD_SYNCED)
+    first_linked = seen.index(CrashState.TODO_LINKED)
+    assert last_synced < first_linked
+    assert len(os.listdir(home.queue / "todo")) == 4
+
+
+def test_commit_many_refuses_mixed_writers(home: Home) -> None:
+    a, b = QueueWriter(home), QueueWriter(home)
+    pa, pb = a.begin(), b.begin()
+    with pytest.raises(ValueError):
+        commit_many([(pa, b"", [b"c@d"]), (pb, b"", [b"c@d"])])
+    pa.abort()
+    pb.abort()
+    assert _files(home) == []
+
+
+def test_commit_links_into_the_directory_it_syncs(home: Home) -> None:
+    """The todo/ link goes through the descriptor that is fsynced: the writer keeps
+    using the directory it opened (the queue's directories are never replaced)."""
+    w = QueueWriter(home)
+    p = w.begin()
+    n1 = p.commit(b"", [b"c@d"])
+    p2 = w.begin()
+    n2 = p2.commit(b"", [b"c@d"])
+    assert sorted(os.listdir(home.queue / "todo")) == sorted([str(n1), str(n2)])
+    w.close()
+    p3 = w.begin()  # reopened after close
+    n3 = p3.commit(b"", [b"c@d"])
+    assert (home.queue / "todo" / str(n3)).exists()
