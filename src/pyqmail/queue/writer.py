@@ -7,9 +7,9 @@ Sequence (queue.md section 3, with the directory fsyncs Linux needs):
 3. write qmail-queue's Received line, the caller's ``received`` bytes and the message
    (buffered: ``Pending.write`` is cheap);
 4. ``commit``: flush the message, create ``intd/N`` (O_EXCL) and write ``u..p..F..T..``,
-   fsync mess, fsync intd, fsync ``mess/S`` (so the message's name survives), link
-   ``intd/N`` to ``todo/N`` (the commit point), fsync ``todo/``, unlink the pid name,
-   poke the scheduler.
+   start both files' write-back, fsync mess, fsync intd, fsync ``mess/S`` (so the
+   message's name survives), link ``intd/N`` to ``todo/N`` (the commit point), fsync
+   ``todo/``, unlink the pid name, poke the scheduler.
 
 Invariants: nothing appears in todo/ before its message and envelope are on disk; any
 failure before the commit point removes everything this message created (stricter than
@@ -17,9 +17,13 @@ qmail, which leaves mess/intd for the 36-hour reaper); a crash leaves only files
 recover.clean_stale removes (the flock proves the writer is gone). The steps are the
 recover.CrashState values and a test hook is called after each.
 
-Group commit: ``commit`` blocks; callers run it in worker threads. Concurrent commits
-overlap their file fsyncs in the kernel, and directory fsyncs are shared: one fsync of
-``todo/`` that starts after a link covers every link made before it.
+Group commit: ``commit`` blocks. ``commit_many`` commits a batch in one thread, step by
+step for all its messages (each still passes every step in the order above): the disk
+writes the batch's files together, and ``mess/S`` and ``todo/`` are fsynced once per
+batch; the listener's committer thread uses it. Concurrent commits in several threads
+still share directory fsyncs: one fsync of ``todo/`` that starts after a link covers
+every link made before it. The directories are opened once; links into ``mess/S`` and
+``todo/`` are made through the same descriptor that is fsynced.
 """
 
 from __future__ import annotations
@@ -353,6 +357,18 @@ class Pending:
             raise QueueError(codes.WRITE_ERROR, f"unable to write {intd}: {e}") from e
         w._step(CrashState.INTD_WRITTEN)
 
+    def _start_writeback(self, mess: bool) -> None:
+        """Start writing the envelope's data now, and the message's if ``mess``.
+
+        No wait and no promise: POSIX_FADV_DONTNEED starts the write-back of dirty
+        pages (and drops clean ones); the fsyncs that follow still decide.
+        """
+        for fd in (self._fd, self._ifd) if mess else (self._ifd,):
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
     def _sync_files(self) -> None:
         """fsync the message file, then the envelope; closes the envelope's fd."""
         ifd, self._ifd = self._ifd, -1
@@ -524,6 +540,11 @@ def commit_many(items: Sequence[Item]) -> list[int | QueueError]:
     if w is None:
         return results
     live = phase(live, lambda i: items[i][0]._prepare(items[i][1], items[i][2]))
+    # Start every file's write-back before the first fsync: the disk then writes them
+    # all at once and each fsync finds its data written or on its way. (The first
+    # message file is fsynced at once anyway, so a batch of one kicks its envelope only.)
+    for k, i in enumerate(live):
+        items[i][0]._start_writeback(k > 0)
     live = phase(live, lambda i: items[i][0]._sync_files())
     nsplit = w.paths.nsplit
     by_dir: dict[int, list[int]] = {}
