@@ -212,6 +212,46 @@ def test_the_250_carries_time_and_qp(server: Server) -> None:
     assert abs(int(words[2]) - time.time()) < 60 and int(words[4]) > 0
 
 
+def test_concurrent_sessions_each_250_only_once_queued(server: Server) -> None:
+    """Thirty sessions at once: their commits go through the committer in batches, and
+    each client's 250 comes only when its own message is already in todo/."""
+    import threading
+
+    n = 30
+    seen_at_250: dict[int, bool] = {}
+    errors: list[str] = []
+    ready = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        try:
+            c = session(server)
+            c.cmd(b"MAIL FROM:<a@b.example>")
+            c.cmd(b"RCPT TO:<r%d@test.example>" % i)
+            assert c.cmd(b"DATA")[0] == 354
+            ready.wait(10)
+            c.send(b"Subject: %d\r\n\r\nbody\r\n.\r\n" % i)
+            code, text = c.reply()
+            if code != 250:
+                errors.append(f"{i}: {text!r}")
+                return
+            mine = [b"r%d@test.example" % i]
+            seen_at_250[i] = any(rcpts == mine for _, rcpts in server.queued())
+            c.close()
+        except Exception as e:  # reported below, with the session number
+            errors.append(f"{i}: {e!r}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert seen_at_250 == {i: True for i in range(n)}
+    assert sorted(r[0] for _, r in server.queued()) == sorted(
+        b"r%d@test.example" % i for i in range(n)
+    )
+
+
 def test_relay_control_and_badmailfrom(server: Server) -> None:
     with smtplib.SMTP("127.0.0.1", server.port) as s:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as e:

@@ -174,15 +174,21 @@ class _Committer:
     """
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._jobs: deque[tuple[asyncio.AbstractEventLoop, _Job]] = deque()
         self._waiting = False
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
 
     def submit(
         self, loop: asyncio.AbstractEventLoop, p: Pending, sender: bytes, rcpts: Sequence[bytes]
     ) -> asyncio.Future[bytes]:
         fut: asyncio.Future[bytes] = loop.create_future()
+        if self._pid != os.getpid():  # a forked child: the parent's thread is not here
+            self._reset()
         with self._cond:
             self._jobs.append((loop, (p, sender, rcpts, fut)))
             if self._thread is None:
@@ -207,7 +213,16 @@ class _Committer:
                 self._jobs.clear()
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bytes], bytes]]]
             by_loop = {}
-            for loop, replies_ in self._commit(batch):
+            try:
+                results = self._commit(batch)
+            except Exception:  # never let the thread die: every later message would hang
+                log.exception("committer failed")
+                results = []
+                for loop, (p, _s, _r, fut) in batch:
+                    with contextlib.suppress(Exception):
+                        p.abort()
+                    results.append((loop, (fut, codes.smtp_reply(codes.INTERNAL_BUG))))
+            for loop, replies_ in results:
                 by_loop.setdefault(loop, []).append(replies_)
             for loop, done in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # the loop is closed
