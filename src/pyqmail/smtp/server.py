@@ -614,7 +614,8 @@ class _SmtpProtocol(asyncio.Protocol):
 
     async def _commit(self) -> None:
         msg, conn = self.msg, self.conn
-        assert msg is not None and conn is not None
+        if msg is None or conn is None:
+            return  # the client went away first: connection_lost aborted the message
         try:
             job = msg.take()
             if isinstance(job, bytes):
