@@ -15,6 +15,7 @@ values with qmail-inject's exit code (100 permanent, 111 temporary) and message.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,20 @@ class Prepared:
     recipients: list[str]
 
 
+_NOT_FOLDING = re.compile(rb"\r|\n(?![ \t])")
+
+
+def _one_field(field: bytes) -> bytes:
+    """A header field we write never starts another one.
+
+    Its text comes partly from the caller (QMAILNAME, QMAILUSER, QMAILHOST, QMAILIDHOST,
+    QMAILDEFAULTHOST, sendmail's -f and -F): a CR, or a LF not followed by a space or
+    tab (so not folding), would let it add fields such as ``Bcc:``. Both become spaces.
+    notqmail writes them backslash-escaped, which still starts a new header line.
+    """
+    return _NOT_FOLDING.sub(b" ", field)
+
+
 def _s(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
@@ -241,7 +256,7 @@ def prepare(
             if k in ("to", "cc"):
                 tocc.extend(reversed(res.addresses))
         if k not in drop:
-            out.append(_b(address.fold(_s(f.name), res.items)) + b"\n")
+            out.append(_one_field(_b(address.fold(_s(f.name), res.items))) + b"\n")
 
     gen: list[str] = []
     if resent:
@@ -279,7 +294,7 @@ def prepare(
     if mode == "A":
         mode = "a" if opts.args else "h"
     recipients = {"a": args, "h": header_rcpts, "H": args + header_rcpts}[mode]
-    text = b"".join(_b(g) + b"\n" for g in gen) + b"".join(out)
+    text = b"".join(_one_field(_b(g)) + b"\n" for g in gen) + b"".join(out)
     return Prepared(text + header.separator + header.body_start, sender, recipients)
 
 
