@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
-from tests.conftest import free_port, write_control
+from tests.conftest import write_control
 from tests.integration.test_remote_peers import Peer, Script
 
 
@@ -21,7 +22,12 @@ def open_fds() -> int:
 def test_thousand_failed_deliveries_leave_no_fd_or_task(home: Home, tmp_path: Path) -> None:
     mess = tmp_path / "mess"
     mess.write_bytes(b"Subject: x\n\nbody\n")
-    dead = free_port()
+    # A port bound but never listened on refuses connections, and nobody else can take it
+    # meanwhile (a free_port() number could be reused by another test's listener).
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    dead = hold.getsockname()[1]
+    write_control(home, "timeoutremote", "30\n")  # a bound on the worst case, not a pacing
 
     async def go() -> None:
         async with (
@@ -54,7 +60,10 @@ def test_thousand_failed_deliveries_leave_no_fd_or_task(home: Home, tmp_path: Pa
         assert open_fds() <= fds - 3  # the three listeners are gone too
         assert len(asyncio.all_tasks()) == 1
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        hold.close()
 
 
 def test_cancelled_deliveries_close_their_sockets(home: Home, tmp_path: Path) -> None:
