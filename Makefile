@@ -23,8 +23,8 @@ deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make deps: need root to apt-get install$$missing" >&2; exit 1; fi; \
-	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-	  echo "postfix postfix/mailname string localhost.localdomain" | debconf-set-selections; \
+	  echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections; \
+	  echo "postfix postfix/mailname string mx.bench.local" | debconf-set-selections; \
 	  apt-get update -q >/dev/null 2>&1 || true; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || exit 1; \
 	fi
