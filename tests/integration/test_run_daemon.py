@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.daemon.run import parse_listen
+from pyqmail.cli.common import parse_listen
 from pyqmail.home import Home
 from tests.conftest import free_port, write_control
 

@@ -8,33 +8,19 @@ QMQP relays for anyone who can connect: allow only trusted clients in the rules.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyqmail.cli.common import fatal, split_home_args
+from pyqmail.cli.common import serve_listener, split_home_args
 from pyqmail.control import ControlCache
 from pyqmail.home import resolve_home
 from pyqmail.inject.qmqp import QmqpServer, serve_stdio
 from pyqmail.queue.submit import submitter
 
 PROG = "qmail-qmqpd"
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``ADDR:PORT`` or ``[v6]:PORT`` -> (host, port). Raises ValueError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected ADDR:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
-
-
-async def serve_forever(server: asyncio.AbstractServer) -> None:
-    async with server:
-        await server.serve_forever()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,22 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--single-user", action="store_true")
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)
-    try:
-        host, port = parse_listen(ns.listen)
-    except ValueError as e:
-        return fatal(PROG, str(e), 100)
-
-    async def run() -> None:
-        srv = QmqpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
-        await serve_forever(await srv.start(host, port))
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        return 0
-    except OSError as e:
-        return fatal(PROG, f"unable to listen on {ns.listen}: {e.strerror}", 111)
-    return 0
+    server = QmqpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
+    return serve_listener(PROG, ns.listen, server.start)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ databytes/DATABYTES from the environment tcpserver (or the rules) set.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyqmail.cli.common import fatal, split_home_args
-from pyqmail.cli.qmqpd import parse_listen, serve_forever
+from pyqmail.cli.common import serve_listener, split_home_args
 from pyqmail.control import ControlCache, ControlError, load
 from pyqmail.home import resolve_home
 from pyqmail.inject.qmtp import QmtpPolicy, QmtpServer, open_more, serve_stdio
@@ -48,22 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--single-user", action="store_true")
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)
-    try:
-        host, port = parse_listen(ns.listen)
-    except ValueError as e:
-        return fatal(PROG, str(e), 100)
-
-    async def run() -> None:
-        srv = QmtpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
-        await serve_forever(await srv.start(host, port))
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        return 0
-    except OSError as e:
-        return fatal(PROG, f"unable to listen on {ns.listen}: {e.strerror}", 111)
-    return 0
+    server = QmtpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
+    return serve_listener(PROG, ns.listen, server.start)
 
 
 if __name__ == "__main__":

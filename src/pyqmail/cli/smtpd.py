@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)
-    from pyqmail.smtp.server import parse_listen
+    from pyqmail.cli.common import parse_listen
 
     try:
         addrs = [parse_listen(a) for a in ns.listen]

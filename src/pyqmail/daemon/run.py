@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from pyqmail.cli.common import parse_listen
 from pyqmail.control import ControlCache, ControlError, Finding, load
 from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home, warn_if_root_single_user
@@ -65,25 +66,6 @@ class SteadyControl(ControlCache):
 
 class RunError(Exception):
     """The daemon cannot start; the text says why."""
-
-
-def parse_listen(text: str, default_port: int) -> tuple[str, int]:
-    """``ADDR:PORT``, ``[V6]:PORT``, ``ADDR`` or ``:PORT`` -> (host, port)."""
-    host, port = text, str(default_port)
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"bad address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad address {text!r}")
-            port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bad port in {text!r}")
-    return host or "0.0.0.0", int(port)
 
 
 @dataclass

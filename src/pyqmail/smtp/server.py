@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import select
@@ -690,25 +689,6 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``ADDR:PORT``, ``[v6]:PORT`` or ``v6-address:PORT`` -> (host, port)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"bad listen address {text!r}")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"bad listen address {text!r}")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"bad port in {text!r}")
-    if host in ("", "0", "*"):
-        host = "0.0.0.0"
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host)
-    return host, int(port)
 
 
 # ------------------------------------------------------------------------- stdin/stdout
