@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.cli.queue import main as qmail_queue_main
 from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
@@ -55,7 +56,8 @@ def _run_as(uid: int, gid: int, msg: Path, env: Path, extra_env: dict[str, str])
     """Fork, drop to uid/gid, and run qmail-queue's main() with fd 0/1 on the files.
 
     (Forked rather than exec'd: this machine's interpreter lives under /root, which other
-    users cannot execute; the code path is the command's own main.)
+    users cannot execute; the code path is the command's own main, imported at the top
+    so that the child, no longer root, has nothing left to read from under /root.)
     """
     pid = os.fork()
     if pid == 0:
@@ -67,9 +69,7 @@ def _run_as(uid: int, gid: int, msg: Path, env: Path, extra_env: dict[str, str])
             os.environ.update(extra_env)
             os.dup2(os.open(msg, os.O_RDONLY), 0)
             os.dup2(os.open(env, os.O_RDONLY), 1)
-            from pyqmail.cli.queue import main
-
-            rc = main([])
+            rc = qmail_queue_main([])
         finally:
             os._exit(rc)
     _, status = os.waitpid(pid, 0)
