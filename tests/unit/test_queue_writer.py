@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home
+from pyqmail.queue import codes
 from pyqmail.queue.envelope import MAX_ADDRESS, parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
@@ -304,6 +307,57 @@ def test_commit_many_keeps_each_messages_step_order(home: Home) -> None:
     first_linked = seen.index(CrashState.TODO_LINKED)
     assert last_synced < first_linked
     assert len(os.listdir(home.queue / "todo")) == 4
+
+
+def test_commit_many_fsyncs_a_batch_at_once(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's files and mess/S directories are fsynced by several threads at once,
+    every one of them before the first todo link."""
+    real_fsync = os.fsync
+    calls: list[tuple[str, bool]] = []  # (thread, todo/ linked yet)
+    todo = home.queue / "todo"
+
+    def fsync(fd: int) -> None:
+        calls.append((threading.current_thread().name, bool(os.listdir(todo))))
+        time.sleep(0.002)  # long enough for the other threads to take their share
+        real_fsync(fd)
+
+    w = QueueWriter(home)
+    ps = [w.begin() for _ in range(10)]
+    dirs = {p.msgnum % 23 for p in ps}
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert all(isinstance(r, int) for r in commit_many([(p, b"a@b", [b"c@d"]) for p in ps]))
+    # 10 messages and 10 envelopes, each mess/S once, then todo/ once
+    assert len(calls) == 20 + len(dirs) + 1
+    assert not any(linked for _, linked in calls[:-1]) and calls[-1][1]
+    assert len({t for t, _ in calls[:-1]}) > 1
+
+
+def test_commit_many_fsync_failure_fails_that_message_alone(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+    w = QueueWriter(home)
+    ps = [w.begin() for _ in range(4)]
+    for p in ps:
+        p.write(b"Subject: x\n\nbody\n")
+    bad = [ps[2]._fd]  # once: the number is free for reuse after the abort
+
+    def fsync(fd: int) -> None:
+        if fd in bad:
+            bad.clear()
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    results = commit_many([(p, b"a@b", [b"c@d"]) for p in ps])
+    err = results[2]
+    assert isinstance(err, QueueError) and err.code == codes.WRITE_ERROR
+    assert "unable to fsync message" in str(err)
+    good = [p.msgnum for i, p in enumerate(ps) if i != 2]
+    assert results[:2] + results[3:] == good
+    assert _files(home) == sorted(
+        f for n in good for f in (f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}")
+    )
 
 
 def test_commit_many_refuses_mixed_writers(home: Home) -> None:
