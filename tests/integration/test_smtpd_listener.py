@@ -104,8 +104,11 @@ class Raw:
         self.s.close()
 
 
-def start_listener(home: Home, *args: str) -> subprocess.Popen[bytes]:
+def start_listener(
+    home: Home, *args: str, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYQMAIL_HOME=str(home.root), PYQMAIL_SINGLE_USER="1")
+    env.update(extra_env or {})
     return subprocess.Popen(
         [sys.executable, "-m", "pyqmail.cli.main", "smtpd", "--home", str(home.root), *args],
         stderr=subprocess.PIPE,
@@ -210,6 +213,37 @@ def test_the_250_carries_time_and_qp(server: Server) -> None:
     words = text.split()
     assert code == 250 and words[1] == b"ok" and words[3] == b"qp"
     assert abs(int(words[2]) - time.time()) < 60 and int(words[4]) > 0
+    # the qp is the committer process's pid, as qmail's is qmail-queue's: the one its
+    # Received line names, and not the listener's
+    qp = int(words[4])
+    assert qp != server.proc.pid
+    mess = [f for f in (server.home.queue / "mess").rglob("*") if f.is_file()]
+    newest = max(mess, key=lambda f: f.stat().st_mtime).read_bytes()
+    assert newest.startswith(b"Received: (qmail %d invoked from network); " % qp)
+
+
+def test_commit_thread_instead_of_process(tmp_path: Path) -> None:
+    """PYQMAIL_SMTP_COMMIT=thread keeps the commits in the listener's own threads: the
+    message is queued the same way, with the listener's pid as qp."""
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    (home.control / "rcpthosts").write_text("test.example\n")
+    proc = start_listener(
+        home, "--listen", "127.0.0.1:0", extra_env={"PYQMAIL_SMTP_COMMIT": "thread"}
+    )
+    try:
+        port = wait_listening(proc)[0]
+        with smtplib.SMTP("127.0.0.1", port) as s:
+            s.sendmail("a@b.example", ["x@test.example"], b"Subject: t\r\n\r\nbody\r\n")
+            code, _ = s.noop()
+        assert code == 250
+        (todo,) = os.listdir(home.queue / "todo")
+        mess = next(f for f in (home.queue / "mess").rglob(todo)).read_bytes()
+        assert mess.startswith(b"Received: (qmail %d invoked from network); " % proc.pid)
+        assert mess.endswith(b"Subject: t\n\nbody\n")
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_concurrent_sessions_each_250_only_once_queued(server: Server) -> None:

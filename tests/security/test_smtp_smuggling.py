@@ -178,8 +178,10 @@ def test_transaction_stuffing_after_refused_data(smtp: Listener, refused: bytes)
 
 
 def test_stuffing_after_queue_refused_start(smtp: Listener) -> None:
-    """The queue cannot open a message (451 qqt failure): the pipelined body behind DATA
-    must not run as commands either."""
+    """The queue cannot make the message's files: the pipelined body behind DATA must not
+    run as commands either. The failure comes at DATA (451) when the listener writes the
+    queue itself, or after the data (354, then 451) when its committer process does, as
+    qmail-queue's does after qmail-smtpd's 354."""
     pid = smtp.home.queue / "pid"
     moved = smtp.home.queue / "pid.away"
     pid.rename(moved)
@@ -192,7 +194,9 @@ def test_stuffing_after_queue_refused_start(smtp: Listener) -> None:
         )
         codes = c.replies(3)
         assert codes[:2] == [250, 250]
-        assert codes[2] is not None and codes[2] // 100 == 4, codes
+        if codes[2] == 354:
+            codes.append(c.reply()[0])  # the end of the data: the queue's failure
+        assert codes[-1] is not None and codes[-1] // 100 == 4, codes
         c.send(b"NOOP\r\n")
         assert c.reply()[0] == 250
         c.close()

@@ -150,6 +150,7 @@ def _serve(
         await stop
         for s in servers:
             s.close()
+        await server.aclose()  # the messages being committed get their replies
         return 0
 
     return asyncio.run(run())

@@ -91,6 +91,7 @@ class Daemon:
         self.spawner: WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        self.smtp: SmtpServer | None = None
         self.bound: list[tuple[str, str, int]] = []  # (kind, host, port) actually bound
         self._stop = asyncio.Event()
 
@@ -157,6 +158,7 @@ class Daemon:
 
     async def _listen(self, submitter: qsubmit.Submitter) -> None:
         smtp = _server_class()(self.home, self.ctl, submitter)
+        self.smtp = smtp
         for host, port in self.cfg.smtp:
             server = await smtp.start(host, port)
             self._record(server, "smtp")
@@ -186,6 +188,8 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
         self.servers.clear()
+        if self.smtp is not None:
+            await self.smtp.aclose()  # the messages being committed get their replies
 
     async def _cleaner(self) -> None:
         """qmail-clean's periodic sweep of what crashed writers left."""

@@ -95,14 +95,19 @@ class Reply:
     text: str = ""
 
 
-def _encode_reply(r: Reply) -> bytes:
+def encode_reply_body(r: Reply) -> bytes:
+    """``CODE QP MSGNUM[ TEXT]`` (the queue service's and the committer's result)."""
     s = f"{r.code} {r.qp} {r.msgnum}"
     if r.text:
         s += " " + r.text.replace("\n", " ")
-    return netstring(s.encode("utf-8", "replace"))
+    return s.encode("utf-8", "replace")
 
 
-def _decode_reply(data: bytes) -> Reply:
+def _encode_reply(r: Reply) -> bytes:
+    return netstring(encode_reply_body(r))
+
+
+def decode_reply(data: bytes) -> Reply:
     parts = data.decode("utf-8", "replace").split(" ", 3)
     if len(parts) < 3:
         raise FrameError("bad reply")
@@ -162,7 +167,7 @@ class ServiceClient:
                 else:
                     s.sendall(b"0:," + netstring(env))
                     with s.makefile("rb") as f:
-                        return _decode_reply(read_netstring(f, 65536))
+                        return decode_reply(read_netstring(f, 65536))
             except TimeoutError:
                 return Reply(codes.TIMEOUT, 0, 0, "queue service timed out")
             except (OSError, FrameError) as e:
@@ -171,7 +176,7 @@ class ServiceClient:
                     # sent (a refusal): its answer, if there is one, says why.
                     try:
                         with s.makefile("rb") as f:
-                            return _decode_reply(read_netstring(f, 65536))
+                            return decode_reply(read_netstring(f, 65536))
                     except (OSError, FrameError):
                         pass
                     return Reply(codes.READ_ERROR, 0, 0, f"queue service connection failed: {e}")

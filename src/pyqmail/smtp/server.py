@@ -9,10 +9,13 @@ queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about S
   tcpserver without ``-x``; an unreadable one drops the connection; like the control
   files it is re-checked at most every ``control_ttl`` seconds), the environment
   tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
-  The commit (the fsyncs) runs off the event loop: messages for the in-process queue
-  writer go to one committer thread that commits whatever has gathered in one batch
-  (``writer.commit_many``: shared directory fsyncs, a thread switch per batch rather
-  than per message); other submitters' commits run in a worker thread each.
+  The queue's file work runs outside the event loop: when this process may write the
+  queue, its messages stream to a committer process (queue/committer.py: qmail-queue's
+  job, commits whatever has gathered in one batch with ``writer.commit_many``), so no
+  thread of the listener competes with the loop for the GIL; a client is held back
+  while that process lags. ``PYQMAIL_SMTP_COMMIT=thread`` keeps the writer in this
+  process with one committer thread instead. Other submitters' commits run in a worker
+  thread each.
   ``250 ok`` is written only after the message's commit returned.
 * :func:`run_stdio` is ``qmail-smtpd`` under tcpserver: the socket on fd 0/1 and the
   environment tcpserver set.
@@ -45,6 +48,7 @@ from pyqmail.control import Control, ControlCache, ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
+from pyqmail.queue.committer import CommitProcess, ProcPending
 from pyqmail.queue.writer import Pending, QueueError, commit_many
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
@@ -297,10 +301,16 @@ class SmtpServer:
         reuse_port: bool = False,
         control_ttl: float = 1.0,
         limit_loopback: bool = False,
+        commit_process: bool | None = None,
     ) -> None:
         self.home = home
         self.ctl = ctl
         self.submitter = submitter
+        if commit_process is None:
+            commit_process = os.environ.get("PYQMAIL_SMTP_COMMIT", "process") != "thread"
+        self.commit_process = commit_process
+        self.proc: CommitProcess | None = None
+        self._held_back: set[_SmtpProtocol] = set()  # not read while the committer lags
         self.rules_path = rules if rules is not None else home.control / "tcp.smtp.cdb"
         self.max_conns = max_conns
         self.max_per_ip = max_per_ip
@@ -332,6 +342,7 @@ class SmtpServer:
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any)."""
+        self._use_commit_process()
         try:
             if self.control().rcpthosts is None:
                 log.warning(
@@ -385,6 +396,30 @@ class SmtpServer:
         except (OSError, cdb.CdbError) as e:
             raise SessionError(f"unable to read morercpthosts.cdb: {e}") from e
         return Session(ctl, env, morercpthosts=more, local_ips=self.local_ips)
+
+    def _use_commit_process(self) -> None:
+        """Messages this process would write into the queue itself go to a committer
+        process instead (queue/committer.py); other submitters stay as they are."""
+        sub = self.submitter
+        if (
+            self.commit_process
+            and self.proc is None
+            and isinstance(sub, qsubmit.QueueSubmitter)
+            and qsubmit.can_write_queue(self.home)
+        ):
+            self.proc = CommitProcess(self.home, notify=sub.notify)
+            self.proc.on_resume = self._resume_held
+            self.submitter = self.proc
+
+    def _resume_held(self) -> None:
+        held, self._held_back = self._held_back, set()
+        for proto in held:
+            proto.resume_if_wanted()
+
+    async def aclose(self) -> None:
+        """After the listeners are closed: wait for the messages being committed."""
+        if self.proc is not None:
+            await self.proc.close()
 
     def submitter_for(self, env: Mapping[str, str]) -> qsubmit.Submitter:
         """A rule may set QMAILQUEUE for its clients (a per-client filter), as with tcpserver."""
@@ -497,6 +532,18 @@ class _SmtpProtocol(asyncio.Protocol):
         if conn.partial and not was_partial:
             self.partial_since = now
         self._handle(events)
+        proc = self.server.proc
+        if proc is not None and proc.paused and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+            self.server._held_back.add(self)
+
+    def resume_if_wanted(self) -> None:
+        """The committer caught up: read again unless something else holds us back."""
+        conn = self.conn
+        if self.transport is None or conn is None or self.closing or self.write_paused:
+            return
+        if conn.wants_input:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         """The client does not read its replies: stop reading its commands (no unbounded
@@ -524,6 +571,7 @@ class _SmtpProtocol(asyncio.Protocol):
             self.timer = None
         if self.msg is not None:
             self.msg.abort()
+        self.server._held_back.discard(self)
         if self.ip:
             srv = self.server
             srv.conns -= 1
@@ -619,6 +667,13 @@ class _SmtpProtocol(asyncio.Protocol):
             job = msg.take()
             if isinstance(job, bytes):
                 reply = job
+            elif isinstance(job[0], ProcPending):
+                res = await job[0].commit_async(job[1], job[2])
+                if res.code == 0:
+                    reply = replies.accepted(int(time.time()), res.qp)
+                else:
+                    log.warning("queue refused a message from %s: %s", self.ip, res.text)
+                    reply = codes.smtp_reply(res.code)
             elif isinstance(job[0], Pending):
                 reply = await self.server.committer.submit(self.loop, job[0], job[1], job[2])
             else:

@@ -1,0 +1,222 @@
+"""The committer process (queue/committer.py): a real child writing a real queue.
+
+Each test runs an event loop in the test's thread and talks to a child started exactly
+as the SMTP listener starts it; the queue is then read from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from pyqmail.home import Home
+from pyqmail.queue import codes, committer
+from pyqmail.queue.committer import CommitProcess
+from pyqmail.queue.envelope import MAX_ADDRESS, parse_todo
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.recover import clean_stale
+from pyqmail.queue.service import Reply
+
+T = TypeVar("T")
+
+BODY = b"Subject: hello\n\nbody line\n"
+
+
+def run(coro: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await coro()
+
+    return asyncio.run(main())
+
+
+def queue_files(home: Home) -> set[str]:
+    q = home.queue
+    out = set()
+    for sub in ("pid", "mess", "intd", "todo"):
+        for dirpath, _, files in os.walk(q / sub):
+            for f in files:
+                out.add(os.path.relpath(os.path.join(dirpath, f), q))
+    return out
+
+
+async def send(proc: CommitProcess, body: bytes, sender: bytes, rcpts: list[bytes]) -> Reply:
+    p = proc.begin(received=b"Received: from test\n")
+    p.write(body)
+    return await p.commit_async(sender, rcpts)
+
+
+def test_message_is_queued_by_the_child(home: Home) -> None:
+    async def go() -> tuple[Reply, int]:
+        proc = CommitProcess(home)
+        try:
+            return await send(proc, BODY, b"a@example.org", [b"b@example.com"]), proc.pid
+        finally:
+            await proc.close()
+
+    reply, pid = run(go)
+    assert reply.code == 0 and reply.qp == pid != os.getpid()
+    paths = QueuePaths(home.queue)
+    n = reply.msgnum
+    mess = paths.mess(n).read_bytes()
+    # qmail-queue's line names the child, as qmail's names qmail-queue
+    assert mess.startswith(b"Received: (qmail %d invoked from network); " % pid)
+    assert mess.endswith(b"\nReceived: from test\n" + BODY)
+    t = parse_todo(paths.todo(n).read_bytes())
+    assert (t.sender, t.recipients) == (b"a@example.org", (b"b@example.com",))
+    assert queue_files(home) == {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+
+
+def test_concurrent_messages_are_each_queued_once(home: Home) -> None:
+    async def go() -> list[Reply]:
+        proc = CommitProcess(home, notify=seen.append)
+        try:
+            return await asyncio.gather(
+                *(send(proc, b"Subject: %d\n\n" % i, b"", [b"r%d@x.org" % i]) for i in range(200))
+            )
+        finally:
+            await proc.close()
+
+    seen: list[int] = []
+    replies = run(go)
+    assert all(r.code == 0 for r in replies)
+    nums = [r.msgnum for r in replies]
+    assert len(set(nums)) == 200 and sorted(seen) == sorted(nums)  # notify once each
+    paths = QueuePaths(home.queue)
+    for i, n in enumerate(nums):
+        assert paths.mess(n).read_bytes().endswith(b"Subject: %d\n\n" % i)
+        assert parse_todo(paths.todo(n).read_bytes()).recipients == (b"r%d@x.org" % i,)
+    assert not os.listdir(home.queue / "pid")
+
+
+def test_large_message_in_many_frames(home: Home) -> None:
+    body = os.urandom(3 * committer.MAX_FRAME + 12345)
+
+    async def go() -> Reply:
+        proc = CommitProcess(home)
+        try:
+            p = proc.begin()
+            for i in range(0, len(body), 100_000):
+                p.write(body[i : i + 100_000])
+            return await p.commit_async(b"", [b"r@x.org"])
+        finally:
+            await proc.close()
+
+    r = run(go)
+    assert r.code == 0
+    assert QueuePaths(home.queue).mess(r.msgnum).read_bytes().endswith(body)
+
+
+def test_abort_and_refused_envelope_leave_nothing(home: Home) -> None:
+    async def go() -> tuple[Reply, Reply]:
+        proc = CommitProcess(home)
+        try:
+            p = proc.begin()
+            p.write(BODY)
+            p.abort()
+            bad = await send(proc, BODY, b"", [b"x" * (MAX_ADDRESS + 1)])
+            good = await send(proc, BODY, b"", [b"r@x.org"])
+            return bad, good
+        finally:
+            await proc.close()
+
+    bad, good = run(go)
+    assert bad.code != 0 and codes.smtp_reply(bad.code).startswith(b"554 ")
+    n = good.msgnum
+    assert good.code == 0
+    assert queue_files(home) == {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+
+
+def test_child_killed_mid_message_fails_it_and_a_new_child_takes_over(home: Home) -> None:
+    async def go() -> tuple[Reply, Reply, int, int]:
+        proc = CommitProcess(home)
+        try:
+            p = proc.begin()
+            p.write(BODY)
+            first = proc.pid
+            await asyncio.sleep(0.3)  # the child has made the message's files
+            os.kill(first, signal.SIGKILL)
+            lost = await p.commit_async(b"", [b"r@x.org"])
+            after = await send(proc, BODY, b"", [b"r@x.org"])
+            return lost, after, first, proc.pid
+        finally:
+            await proc.close()
+
+    lost, after, first, second = run(go)
+    assert lost.code == codes.CRASHED
+    assert codes.smtp_reply(lost.code) == b"451 qq crashed (#4.3.0)\r\n"
+    assert after.code == 0 and second != first
+    paths = QueuePaths(home.queue)
+    assert os.listdir(home.queue / "todo") == [str(after.msgnum)]
+    n = after.msgnum
+    left = queue_files(home) - {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+    assert any(f.startswith("pid/") for f in left) and any(f.startswith("mess/") for f in left)
+    clean_stale(paths)  # what the dead child began goes, the queued message stays
+    n = after.msgnum
+    assert queue_files(home) == {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+
+
+def test_close_waits_for_messages_in_flight(home: Home) -> None:
+    async def go() -> Reply:
+        proc = CommitProcess(home)
+        p = proc.begin()
+        p.write(BODY)
+        fut = p.commit_async(b"", [b"r@x.org"])
+        await proc.close()
+        assert fut.done()
+        return fut.result()
+
+    r = run(go)
+    assert r.code == 0 and (home.queue / "todo" / str(r.msgnum)).exists()
+
+
+def test_child_pokes_trigger_without_notify(home: Home) -> None:
+    paths = QueuePaths(home.queue)
+    fd = os.open(paths.trigger, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+
+        async def go() -> Reply:
+            proc = CommitProcess(home)
+            try:
+                return await send(proc, BODY, b"", [b"r@x.org"])
+            finally:
+                await proc.close()
+
+        assert run(go).code == 0
+        assert os.read(fd, 16) != b""
+    finally:
+        os.close(fd)
+
+
+def test_backlog_pauses_and_resumes(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that stops reading (a stalled disk) makes the listener hold its clients
+    back past HIGH_WATER, and lets them go on once it has caught up."""
+    monkeypatch.setattr(committer, "HIGH_WATER", 4 << 20)
+    monkeypatch.setattr(committer, "LOW_WATER", 1 << 20)
+    resumed: list[float] = []
+
+    async def go() -> tuple[bool, Reply]:
+        proc = CommitProcess(home)
+        proc.on_resume = lambda: resumed.append(time.monotonic())
+        try:
+            p = proc.begin()
+            await asyncio.sleep(0.3)
+            os.kill(proc.pid, signal.SIGSTOP)
+            chunk = b"x" * 65536 + b"\n"
+            while not proc.paused:
+                p.write(chunk)
+            paused = proc.paused
+            os.kill(proc.pid, signal.SIGCONT)
+            r = await p.commit_async(b"", [b"r@x.org"])
+            return paused, r
+        finally:
+            await proc.close()
+
+    paused, r = run(go)
+    assert paused and resumed and r.code == 0
+    assert (home.queue / "todo" / str(r.msgnum)).exists()
