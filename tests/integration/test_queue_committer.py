@@ -220,3 +220,23 @@ def test_backlog_pauses_and_resumes(home: Home, monkeypatch: pytest.MonkeyPatch)
     paused, r = run(go)
     assert paused and resumed and r.code == 0
     assert (home.queue / "todo" / str(r.msgnum)).exists()
+
+
+def test_child_ignores_signals_meant_for_the_listener(home: Home) -> None:
+    """^C or TERM to the process group: the child keeps committing until the listener
+    closes its end."""
+
+    async def go() -> tuple[int, Reply, Reply]:
+        proc = CommitProcess(home)
+        proc.start()
+        try:
+            first = await send(proc, BODY, b"", [b"r@x.org"])
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                os.kill(proc.pid, sig)
+            await asyncio.sleep(0.2)
+            return proc.pid, first, await send(proc, BODY, b"", [b"r@x.org"])
+        finally:
+            await proc.close()
+
+    pid, first, second = run(go)
+    assert first.code == 0 and second.code == 0 and second.qp == first.qp == pid

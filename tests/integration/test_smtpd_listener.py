@@ -222,6 +222,46 @@ def test_the_250_carries_time_and_qp(server: Server) -> None:
     assert newest.startswith(b"Received: (qmail %d invoked from network); " % qp)
 
 
+def _send_one(server: Server, body: bytes = b"x\r\n") -> tuple[int | None, bytes]:
+    c = session(server)
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    c.cmd(b"RCPT TO:<x@test.example>")
+    assert c.cmd(b"DATA")[0] == 354
+    c.send(body + b".\r\n")
+    reply = c.reply()
+    c.close()
+    return reply
+
+
+def test_committer_killed_mid_message(server: Server) -> None:
+    """The committer process dies while a client is in DATA: that client gets qmail's
+    451 qq crashed, nothing of its message is queued, and the next message is served by
+    a new committer."""
+    code, text = _send_one(server)
+    assert code == 250
+    qp = int(text.split()[4])
+    c = session(server)
+    c.cmd(b"MAIL FROM:<a@b.example>")
+    c.cmd(b"RCPT TO:<x@test.example>")
+    assert c.cmd(b"DATA")[0] == 354
+    c.send(b"Subject: lost\r\n\r\npart of it\r\n")
+    time.sleep(0.2)
+    os.kill(qp, 9)
+    time.sleep(0.2)
+    c.send(b"the rest\r\n.\r\n")
+    assert c.reply() == (451, b"451 qq crashed (#4.3.0)\r\n")
+    c.close()
+    code, text = _send_one(server, b"Subject: after\r\n\r\nok\r\n")
+    assert code == 250 and int(text.split()[4]) not in (qp, server.proc.pid)
+    bodies = [f.read_bytes() for f in (server.home.queue / "mess").rglob("*") if f.is_file()]
+    todo = {f.name for f in (server.home.queue / "todo").iterdir()}
+    queued_bodies = [
+        f.read_bytes() for f in (server.home.queue / "mess").rglob("*") if f.name in todo
+    ]
+    assert not any(b.endswith(b"the rest\n") for b in queued_bodies)
+    assert any(b.endswith(b"Subject: after\n\nok\n") for b in bodies)
+
+
 def test_commit_thread_instead_of_process(tmp_path: Path) -> None:
     """PYQMAIL_SMTP_COMMIT=thread keeps the commits in the listener's own threads: the
     message is queued the same way, with the listener's pid as qp."""

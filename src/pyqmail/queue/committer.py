@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -165,7 +166,13 @@ def _take_frames(
         else:
             log.warning("unknown frame %r from the listener", kind)
     if batch:
-        results = commit_many([(p, s, r) for _, p, s, r in batch])
+        try:
+            results: list[int | QueueError] = commit_many([(p, s, r) for _, p, s, r in batch])
+        except Exception:  # a bug must not take the child down with every open message
+            log.exception("commit failed")
+            for _, p, _, _ in batch:
+                p.abort()
+            results = [QueueError(codes.INTERNAL_BUG)] * len(batch)
         for (ident, p, _, _), res in zip(batch, results, strict=True):
             if isinstance(res, QueueError):
                 out.append(_result(ident, Reply(res.code, qp, 0, str(res))))
@@ -184,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--home")
     ap.add_argument("--trigger", action="store_true", help="poke lock/trigger per batch")
     ns = ap.parse_args(argv)
+    # Only the listener ends this process, by closing its end: a ^C or a TERM sent to the
+    # whole process group must not cut the messages in flight short.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="pyqmail committer: %(message)s")
     try:
         home = resolve_home(ns.home)
@@ -236,6 +247,11 @@ class CommitProcess:
         ident = self._next
         self._send(frame(BEGIN, ident, received))
         return ProcPending(self, ident, self.pid, self.generation)
+
+    def start(self) -> None:
+        """Start the child now (from the event loop) rather than at the first message."""
+        if self._sock is None:
+            self._spawn()
 
     # -- the link
 

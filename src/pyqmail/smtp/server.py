@@ -407,9 +407,14 @@ class SmtpServer:
             and isinstance(sub, qsubmit.QueueSubmitter)
             and qsubmit.can_write_queue(self.home)
         ):
-            self.proc = CommitProcess(self.home, notify=sub.notify)
-            self.proc.on_resume = self._resume_held
-            self.submitter = self.proc
+            proc = CommitProcess(self.home, notify=sub.notify)
+            proc.on_resume = self._resume_held
+            try:
+                proc.start()
+            except QueueError as e:
+                log.warning("%s; each message will try again", e)
+            self.proc = proc
+            self.submitter = proc
 
     def _resume_held(self) -> None:
         held, self._held_back = self._held_back, set()
