@@ -102,6 +102,15 @@ def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -
         assert b"invoked from network" in first
         bounce = next(m for m in msgs if b"failure notice" in m)
         assert b"invoked for bounce" in bounce and b"<nobody@test.example>:" in bounce
+        # SMTP's messages were written by the listener's committer process, which runs as
+        # the queue's owner (qmail-queue's setuid qmailq); its pid is the qp
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        (smtpd,) = [
+            int(k) for k in kids if ids_of(int(k)) == (ids.uid("daemon"), ids.gid("nofiles"))
+        ]
+        grandkids = Path(f"/proc/{smtpd}/task/{smtpd}/children").read_text().split()
+        assert [ids_of(int(k)) for k in grandkids] == [(ids.uid("queue"), ids.gid("qmail"))]
+        assert b"Received: (qmail %s invoked from network)" % grandkids[0].encode() in first
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)

@@ -9,7 +9,10 @@ qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
 - **send** (qmails:qmail): the scheduler and the remote agent; before dropping it starts
   the local spawner, which keeps root and drops to each recipient per delivery;
 - **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped.
-  They queue through the service, so the Received line says "invoked from network".
+  SMTP's messages go to a committer process (queue/committer.py) started before the drop
+  to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
+  that child dies, queue through the service. Either way the Received line says "invoked
+  from network" and the envelope names qmaild's uid.
 
 The supervisor stays root only to wait and to relay signals: TERM/INT stop the listeners,
 then the scheduler (in-flight deliveries finish, bounded), then the queue; HUP goes to the
@@ -34,6 +37,7 @@ from pyqmail.control import load
 from pyqmail.home import HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.queue.clean import handle_request
+from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.service import QueueService
@@ -223,11 +227,20 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
     assert isinstance(home, Home) and isinstance(cfg, RunConfig)
     ctl = SteadyControl(home)
     submitter = ServiceSubmitter(home)
+    # SMTP's messages go to a committer process started now, as root, to run as the
+    # queue's owner (what qmail-queue's setuid bit does); QMQP and QMTP, and SMTP once
+    # that child is gone (qmaild cannot start another), use the queue service.
+    committer = CommitProcess(
+        home,
+        user=(ids.uid("queue"), ids.gid("qmail")),
+        envelope_uid=ids.uid("daemon"),
+        fallback=submitter,
+    )
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
         servers: list[asyncio.AbstractServer] = []
-        smtp = _DaemonSmtpServer(home, ctl, submitter)
+        smtp = _DaemonSmtpServer(home, ctl, committer)
         for host, port in cfg.smtp:
             servers.append(await smtp.start(host, port))
         if cfg.qmqp:
@@ -256,6 +269,7 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         for s in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), 5)
+        await smtp.aclose()  # the messages being committed get their replies
         return 0
 
     loop = _new_loop()

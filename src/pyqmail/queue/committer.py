@@ -43,12 +43,14 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from pyqmail.home import Home, HomeError, resolve_home
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, format_input
 from pyqmail.queue.service import Reply, decode_reply, encode_reply_body
+from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import Pending, QueueError, QueueWriter, commit_many, poke_trigger
 
 log = logging.getLogger("pyqmail.committer")
@@ -85,8 +87,13 @@ def parse_frames(buf: bytearray) -> tuple[list[tuple[bytes, int, bytes]], int]:
 # ----------------------------------------------------------------------------- child
 
 
-def serve(sock: socket.socket, writer: QueueWriter, *, trigger: bool) -> None:
-    """The child's loop: until the listener closes its end (then finish and return)."""
+def serve(
+    sock: socket.socket, writer: QueueWriter, *, trigger: bool, uid: int | None = None
+) -> None:
+    """The child's loop: until the listener closes its end (then finish and return).
+
+    ``uid``: the listener's uid, for the envelope and the Received line (the child may
+    run as the queue's owner while the listener runs as qmaild)."""
     open_: dict[int, Pending | QueueError] = {}
     buf = bytearray()
     done: list[int] = []
@@ -111,7 +118,7 @@ def serve(sock: socket.socket, writer: QueueWriter, *, trigger: bool) -> None:
                 got += len(data)
             frames, used = parse_frames(buf)
             del buf[:used]
-            out = _take_frames(frames, open_, writer, done)
+            out = _take_frames(frames, open_, writer, done, uid)
             if done and trigger:
                 poke_trigger(writer.paths.trigger)
             done.clear()
@@ -128,6 +135,7 @@ def _take_frames(
     open_: dict[int, Pending | QueueError],
     writer: QueueWriter,
     done: list[int],
+    uid: int | None = None,
 ) -> list[bytes]:
     """Carry out one read's frames; commit the messages that ended; their replies."""
     out: list[bytes] = []
@@ -140,7 +148,7 @@ def _take_frames(
                 p.write(payload)  # a write error surfaces at commit
         elif kind == BEGIN:
             try:
-                open_[ident] = writer.begin(origin="network", received=payload)
+                open_[ident] = writer.begin(origin="network", received=payload, uid=uid)
             except QueueError as e:
                 open_[ident] = e
         elif kind == COMMIT:
@@ -190,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--home")
     ap.add_argument("--trigger", action="store_true", help="poke lock/trigger per batch")
+    ap.add_argument("--uid", type=int, help="the listener's uid (default: our own)")
     ns = ap.parse_args(argv)
     # Only the listener ends this process, by closing its end: a ^C or a TERM sent to the
     # whole process group must not cut the messages in flight short.
@@ -203,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 111
     sock = socket.socket(fileno=ns.fd)
     try:
-        serve(sock, QueueWriter(home), trigger=ns.trigger)
+        serve(sock, QueueWriter(home), trigger=ns.trigger, uid=ns.uid)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the listener went away: what it had not committed is aborted
     return 0
@@ -222,12 +231,26 @@ class CommitProcess:
 
     kind = "in-process"
 
-    def __init__(self, home: Home, *, notify: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        home: Home,
+        *,
+        notify: Callable[[int], None] | None = None,
+        user: tuple[int, int] | None = None,
+        envelope_uid: int | None = None,
+        fallback: Submitter | None = None,
+    ) -> None:
         self.home = home
         self.notify = notify
+        # Root mode: the child runs as the queue's owner (uid, gid) while the listener,
+        # once it has dropped to qmaild, could not start another one: after the first
+        # child is gone, ``fallback`` (the queue service) takes the messages.
+        self.user = user
+        self.envelope_uid = envelope_uid  # the uid qmail-queue would see (qmaild)
+        self.fallback = fallback
         self.pid = 0
         self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | _Forked | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._out = bytearray()
         self._in = bytearray()
@@ -240,8 +263,11 @@ class CommitProcess:
 
     # -- Submitter
 
-    def begin(self, *, origin: str = "network", received: bytes = b"") -> ProcPending:
+    def begin(self, *, origin: str = "network", received: bytes = b"") -> PendingLike:
         if self._sock is None:
+            if self.user is not None and self.fallback is not None:
+                # root mode: only the listener's start, as root, can make the child
+                return self.fallback.begin(origin=origin, received=received)
             self._spawn()
         self._next = (self._next + 1) & 0xFFFFFFFF
         ident = self._next
@@ -258,14 +284,11 @@ class CommitProcess:
     def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [sys.executable, "-m", "pyqmail.queue.committer", "--fd", str(theirs.fileno())]
-        argv += ["--home", str(self.home.root)]
-        if self.notify is None:
-            argv.append("--trigger")
         try:
-            self._proc = subprocess.Popen(
-                argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
-            )
+            if self.user is not None:
+                self._proc = _fork_as(self.user, theirs, self.home, self.envelope_uid)
+            else:
+                self._proc = self._exec(theirs)
         except OSError as e:
             mine.close()
             raise QueueError(codes.EXEC_FAILED, f"unable to start the committer: {e}") from e
@@ -277,6 +300,16 @@ class CommitProcess:
         self.pid = self._proc.pid
         self.generation += 1
         loop.add_reader(mine.fileno(), self._readable)
+
+    def _exec(self, theirs: socket.socket) -> subprocess.Popen[bytes]:
+        """A fresh interpreter: it inherits none of the listener's connections."""
+        argv = [sys.executable, "-m", "pyqmail.queue.committer", "--fd", str(theirs.fileno())]
+        argv += ["--home", str(self.home.root)]
+        if self.notify is None:
+            argv.append("--trigger")
+        if self.envelope_uid is not None:
+            argv += ["--uid", str(self.envelope_uid)]
+        return subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
 
     def _send(self, data: bytes) -> None:
         sock = self._sock
@@ -404,6 +437,60 @@ class CommitProcess:
             if not fut.done():
                 fut.set_result(Reply(codes.CRASHED, self.pid, 0, "listener closed"))
         self._futures.clear()
+
+
+class _Forked:
+    """A child made by fork alone: what _lost and close need of a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired("committer", timeout or 0)
+            else:
+                time.sleep(0.01)
+        return self.returncode
+
+
+def _fork_as(
+    user: tuple[int, int], sock: socket.socket, home: Home, envelope_uid: int | None
+) -> _Forked:
+    """Root mode: fork (no exec: the interpreter need not be readable by the queue's
+    owner) and drop to ``user``; called when the listener starts, before it has any
+    client connection, and while it is still root."""
+    keep = sock.fileno()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 111
+    try:  # the child: never returns into the listener's code
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+        os.setgroups([])
+        os.setgid(user[1])
+        os.setuid(user[0])
+        serve(sock, QueueWriter(home), trigger=True, uid=envelope_uid)
+        code = 0
+    except (BrokenPipeError, ConnectionResetError):
+        code = 0
+    except BaseException:
+        with contextlib.suppress(Exception):
+            log.exception("committer failed")
+    finally:
+        os._exit(code)
 
 
 class ProcPending:

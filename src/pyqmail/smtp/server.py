@@ -401,20 +401,25 @@ class SmtpServer:
         """Messages this process would write into the queue itself go to a committer
         process instead (queue/committer.py); other submitters stay as they are."""
         sub = self.submitter
-        if (
+        if self.proc is not None:
+            return
+        if isinstance(sub, CommitProcess):  # made by the caller (root mode: as qmailq)
+            proc = sub
+        elif (
             self.commit_process
-            and self.proc is None
             and isinstance(sub, qsubmit.QueueSubmitter)
             and qsubmit.can_write_queue(self.home)
         ):
             proc = CommitProcess(self.home, notify=sub.notify)
-            proc.on_resume = self._resume_held
-            try:
-                proc.start()
-            except QueueError as e:
-                log.warning("%s; each message will try again", e)
-            self.proc = proc
-            self.submitter = proc
+        else:
+            return
+        proc.on_resume = self._resume_held
+        try:
+            proc.start()
+        except QueueError as e:
+            log.warning("%s; each message will try again", e)
+        self.proc = proc
+        self.submitter = proc
 
     def _resume_held(self) -> None:
         held, self._held_back = self._held_back, set()
