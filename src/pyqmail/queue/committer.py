@@ -9,7 +9,10 @@ twice as long beside a busy loop, and 200 times as long beside a thread that nev
 sleeps). So the listener hands its messages to a child process that does nothing but
 write the queue, exactly as qmail-smtpd hands them to qmail-queue.
 
-The child is ``python -m pyqmail.queue.committer --fd N`` with one end of a socketpair.
+The child is ``python -m pyqmail.queue.committer --fd N`` with one end of a socketpair;
+in root mode (daemon/split.py) it is forked instead, while the listener is still root,
+and drops to the queue's owner (qmail-queue's setuid qmailq), and since qmaild cannot
+start another one, the queue service takes SMTP's messages once it is gone.
 It reads frames, writes each message into the queue as it arrives
 (:class:`~pyqmail.queue.writer.QueueWriter`, the same steps and crash states as any
 writer), and commits every message whose end it has seen together with
