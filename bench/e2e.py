@@ -32,6 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/peers.py
+from tests.peers import PrivatePostfix
+
 HZ = os.sysconf("SC_CLK_TCK")
 VENV_BIN = Path(sys.executable).parent
 
@@ -159,41 +162,21 @@ def run_pyqmail(a: argparse.Namespace) -> list[dict[str, float]]:
 
 
 # -- Postfix ------------------------------------------------------------------------------
-def postfix_config(d: Path, port: int) -> Path:
-    for sub in ("queue", "data", "mail/vbench/Maildir/new", "mail/vbench/Maildir/cur",
-                "mail/vbench/Maildir/tmp"):  # fmt: skip
+def postfix_config(d: Path, port: int) -> PrivatePostfix:
+    """Postfix delivering vbench.local to a virtual Maildir owned by nobody."""
+    for sub in ("mail/vbench/Maildir/new", "mail/vbench/Maildir/cur", "mail/vbench/Maildir/tmp"):
         (d / sub).mkdir(parents=True)
-    shutil.chown(d / "data", "postfix")
     nobody = pwd.getpwnam("nobody")
     for root, dirs, _ in os.walk(d / "mail"):
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
         for x in dirs:
             os.chown(os.path.join(root, x), nobody.pw_uid, nobody.pw_gid)
-    lines = []
-    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-        f = line.split()
-        if line[:1] in ("#", " ", "\t") or len(f) < 8:
-            lines.append(line)
-            continue
-        if f[0] == "smtp" and f[1] == "inet":
-            f[0] = f"127.0.0.1:{port}"
-        f[4] = "n"  # not chrooted: the private queue is not under /var/spool/postfix
-        lines.append(" ".join(f))
-    (d / "master.cf").write_text("\n".join(lines) + "\n")
     (d / "vmailbox.re").write_text("/@vbench\\.local$/ vbench/Maildir/\n")
-    (d / "main.cf").write_text(
-        f"""compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-myhostname = mx.bench.local
-mydestination = bench.local, localhost
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-disable_dns_lookups = yes
-smtp_dns_support_level = disabled
-maillog_file_prefixes = /var, /dev/stdout, /tmp, {d}
-maillog_file = {d}/maillog
+    return PrivatePostfix(
+        d,
+        port,
+        hostname="mx.bench.local",
+        settings=f"""mydestination = bench.local, localhost
 virtual_mailbox_domains = vbench.local
 virtual_mailbox_base = {d}/mail
 virtual_mailbox_maps = regexp:{d}/vmailbox.re
@@ -204,22 +187,21 @@ relay_transport = error
 smtpd_client_connection_count_limit = 1000
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
-"""
+""",
     )
-    return d / "mail" / "vbench" / "Maildir"
 
 
 def run_postfix(a: argparse.Namespace) -> list[dict[str, float]]:
     d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-e2e-postfix-"))
     d.chmod(0o755)
     port = free_port()
-    maildir = postfix_config(d, port)
+    pfx = postfix_config(d, port)
     try:
-        subprocess.run(["postfix", "-c", str(d), "start"], check=True, capture_output=True)
+        pfx.start()
         wait_port(port)
-        return runs(port, maildir, a)
+        return runs(port, d / "mail" / "vbench" / "Maildir", a)
     finally:
-        subprocess.run(["postfix", "-c", str(d), "stop"], capture_output=True)
+        pfx.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 

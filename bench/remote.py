@@ -29,6 +29,7 @@ import sys
 # concurrent.futures): take bench/ off the import path before any other import.
 _here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))  # the project root, for tests/peers.py
 
 import argparse
 import asyncio
@@ -41,6 +42,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.peers import PrivatePostfix
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
@@ -162,42 +165,20 @@ def run_child(args: argparse.Namespace, home: Path, msgdir: Path, conc: int) -> 
 
 
 # -- Postfix relaying the same messages ---------------------------------------------------
-def postfix_config(d: Path, smtpd_port: int, sink_port: int) -> None:
-    for sub in ("queue", "data"):
-        (d / sub).mkdir(parents=True)
-    shutil.chown(d / "data", "postfix")
-    lines = []
-    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-        f = line.split()
-        if line[:1] in ("#", " ", "\t") or len(f) < 8:
-            lines.append(line)
-            continue
-        if f[0] == "smtp" and f[1] == "inet":
-            f[0] = f"127.0.0.1:{smtpd_port}"
-        f[4] = "n"
-        lines.append(" ".join(f))
-    (d / "master.cf").write_text("\n".join(lines) + "\n")
-    (d / "main.cf").write_text(
-        f"""compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-myhostname = relay.bench.example
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-disable_dns_lookups = yes
-smtp_dns_support_level = disabled
-maillog_file_prefixes = /var, /dev/stdout, /tmp, {d}
-maillog_file = {d}/maillog
-relayhost = [127.0.0.1]:{sink_port}
+def postfix_config(d: Path, smtpd_port: int, sink_port: int) -> PrivatePostfix:
+    """Postfix holding what it accepts, relaying everything to the sink once released."""
+    return PrivatePostfix(
+        d,
+        smtpd_port,
+        hostname="relay.bench.example",
+        settings=f"""relayhost = [127.0.0.1]:{sink_port}
 smtpd_client_restrictions = check_client_access static:HOLD
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_client_connection_count_limit = 1000
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 queue_run_delay = 1s
-"""
+""",
     )
 
 
@@ -213,21 +194,21 @@ def run_postfix(args: argparse.Namespace, sink_port: int) -> dict[str, float]:
     d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-postfix-"))
     d.chmod(0o755)
     port = free_port()
-    postfix_config(d, port, sink_port)
+    pfx = postfix_config(d, port, sink_port)
     try:
-        subprocess.run(["postfix", "-c", str(d), "start"], check=True, capture_output=True)
+        pfx.start()
         wait_port(port)
         subprocess.run(
             ["smtp-source", "-s", "20", "-m", str(args.n), "-l", str(args.size),
              "-f", "bench@test.example", "-t", "u@sink.test", f"127.0.0.1:{port}"],
             check=True, capture_output=True,
         )  # fmt: skip
-        q = d / "queue"
+        q = pfx.queue
         deadline = time.monotonic() + 120
         while queue_count(q) < args.n and time.monotonic() < deadline:
             time.sleep(0.05)
         held = queue_count(q)
-        master = int((q / "pid" / "master.pid").read_text().split()[0])
+        master = pfx.pid
         c0 = tree_jiffies(master)
         t0 = time.perf_counter()
         # hold -> deferred, then flush the deferred queue now (not at the next queue run)
@@ -242,7 +223,7 @@ def run_postfix(args: argparse.Namespace, sink_port: int) -> dict[str, float]:
         return {"rate": held / wall, "cpu_ms": 1000 * busy / HZ / max(held, 1),
                 "held": held, "left": left}  # fmt: skip
     finally:
-        subprocess.run(["postfix", "-c", str(d), "stop"], capture_output=True)
+        pfx.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 

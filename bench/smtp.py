@@ -47,6 +47,10 @@ from pathlib import Path
 
 HZ = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/peers.py
+
+from tests.peers import PrivatePostfix  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -167,67 +171,37 @@ class Pyqmail:
 
 
 class Postfix:
-    """A private Postfix instance: own config, queue and data directories, own port."""
+    """A private Postfix instance (tests/peers.py) that holds every message it accepts."""
 
     name = "postfix"
 
     def __init__(self, tmp: Path) -> None:
         self.dir = tmp / "postfix"
-        etc, self.spool, data = self.dir / "etc", self.dir / "spool", self.dir / "data"
-        for d in (etc, self.spool, data):
-            d.mkdir(parents=True)
-        shutil.chown(data, "postfix")
         self.port = free_port()
-        (etc / "main.cf").write_text(f"""\
-compatibility_level = 3.6
-queue_directory = {self.spool}
-data_directory = {data}
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-syslog_name = postfix-pyqmail-bench
-myhostname = mx.bench.local
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+        self.instance = PrivatePostfix(
+            self.dir,
+            self.port,
+            hostname="mx.bench.local",
+            settings="""syslog_name = postfix-pyqmail-bench
 smtpd_client_restrictions = static:HOLD
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_peername_lookup = no
-disable_dns_lookups = yes
-smtp_dns_support_level = disabled
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 default_process_limit = 200
 message_size_limit = 0
-""")
-        lines = []
-        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-            f = line.split()
-            if line[:1].isalpha() and len(f) >= 8:
-                if f[0] == "smtp" and f[1] == "inet":
-                    f[0] = f"127.0.0.1:{self.port}"
-                f[4] = "n"  # no chroot: the private queue has no chroot files
-                line = "  ".join(f)
-            lines.append(line)
-        (etc / "master.cf").write_text("\n".join(lines) + "\n")
-        self.etc = etc
-        subprocess.run(["postfix", "-c", str(etc), "start"], check=True, capture_output=True)
+""",
+        )
+        self.instance.start()
         wait_port(self.port)
-        self.pid = int((self.spool / "pid" / "master.pid").read_text().split()[0])
+        self.pid = self.instance.pid
 
     def queued(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(self.spool / "hold"))
+        return sum(len(files) for _, _, files in os.walk(self.instance.queue / "hold"))
 
     def stop(self) -> None:
-        subprocess.run(["postfix", "-c", str(self.etc), "stop"], capture_output=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _stat(self.pid) is not None:
-            time.sleep(0.1)
+        self.instance.stop()
 
 
 # ----------------------------------------------------------------- one measurement
@@ -356,7 +330,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1024,102400", help="message sizes to run")
     ap.add_argument("--no-postfix", action="store_true")
     a = ap.parse_args()
-    for tool in ("smtp-source",) + (() if a.no_postfix else ("postfix", "postsuper")):
+    for tool in ("smtp-source",) + (() if a.no_postfix else ("postfix",)):
         if shutil.which(tool) is None:
             print(f"bench/smtp.py: {tool} not found (apt-get install postfix)", file=sys.stderr)
             return 1

@@ -19,6 +19,7 @@ from pyqmail.home import Home
 from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
 from tests.conftest import free_port, write_control
+from tests.peers import PrivatePostfix
 
 pytestmark = [
     pytest.mark.interop,
@@ -26,12 +27,6 @@ pytestmark = [
 ]
 
 MSG = b"Subject: interop\n\nline one\n.dot line\nX\r.\nline after\n"
-
-
-def _master_cf() -> Path:
-    """Debian's master.cf (the package's copy if postinst did not install one)."""
-    etc = Path("/etc/postfix/master.cf")
-    return etc if etc.exists() else Path("/usr/share/postfix/master.cf.dist")
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, secs: float = 20) -> None:
@@ -108,37 +103,15 @@ def test_smtp_sink_deferring_recipients(home: Home, tmp_path: Path) -> None:
     assert "Giving up on 127.0.0.1." in outs[0][1]
 
 
-def postfix_instance(d: Path, port: int) -> None:
-    """A private Postfix configuration in ``d``: smtpd on 127.0.0.1:port, virtual Maildir."""
-    for sub in ("queue", "data", "mail"):
-        (d / sub).mkdir(parents=True)
-    shutil.chown(d / "data", "postfix")
+def postfix_instance(d: Path, port: int) -> PrivatePostfix:
+    """A private Postfix in ``d``: smtpd on 127.0.0.1:port, pfx.test to a virtual Maildir."""
+    (d / "mail").mkdir(parents=True)
     shutil.chown(d / "mail", "nobody", "nogroup")
-    lines = []
-    for line in _master_cf().read_text().splitlines():
-        f = line.split()
-        if line[:1] in ("#", " ", "\t") or len(f) < 8:
-            lines.append(line)
-            continue
-        if f[0] == "smtp" and f[1] == "inet":
-            f[0] = f"127.0.0.1:{port}"
-        f[4] = "n"  # no chroot
-        lines.append(" ".join(f))
-    (d / "master.cf").write_text("\n".join(lines) + "\n")
-    (d / "main.cf").write_text(
-        f"""compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-myhostname = pfx.test.example
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-disable_dns_lookups = yes
-smtp_dns_support_level = disabled
-maillog_file_prefixes = /var, /dev/stdout, /tmp, {d}
-maillog_file = {d}/maillog
-virtual_mailbox_domains = pfx.test
+    return PrivatePostfix(
+        d,
+        port,
+        hostname="pfx.test.example",
+        settings=f"""virtual_mailbox_domains = pfx.test
 virtual_mailbox_base = {d}/mail
 virtual_mailbox_maps = static:Maildir/
 virtual_uid_maps = static:65534
@@ -146,7 +119,7 @@ virtual_gid_maps = static:65534
 smtpd_relay_restrictions = permit_mynetworks, reject
 default_transport = error
 relay_transport = error
-"""
+""",
     )
 
 
@@ -158,8 +131,8 @@ def test_real_postfix_accepts_and_delivers(home: Home, tmp_path: Path) -> None:
     d = Path(tempfile.mkdtemp(prefix="pyqmail-postfix-"))
     d.chmod(0o755)
     port = free_port()
-    postfix_instance(d, port)
-    started = subprocess.run(["postfix", "-c", str(d), "start"], capture_output=True)
+    pfx = postfix_instance(d, port)
+    started = pfx.postfix("start", check=False)
     if started.returncode:
         log = (d / "maillog").read_text() if (d / "maillog").exists() else ""
         shutil.rmtree(d, ignore_errors=True)
@@ -173,7 +146,7 @@ def test_real_postfix_accepts_and_delivers(home: Home, tmp_path: Path) -> None:
         files = wait_files(d / "mail" / "Maildir" / "new", 2)
         bodies = [f.read_bytes() for f in files]
     finally:
-        subprocess.run(["postfix", "-c", str(d), "stop"], capture_output=True)
+        pfx.stop()
         shutil.rmtree(d, ignore_errors=True)
     # one copy per recipient, each whole: the stored "X\r." smuggled nothing
     assert len(bodies) == 2
