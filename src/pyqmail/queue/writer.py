@@ -21,8 +21,8 @@ recover.CrashState values and a test hook is called after each.
 Group commit: ``commit`` blocks. ``commit_many`` commits a batch in one thread, step by
 step for all its messages (each still passes every step in the order above): the batch's
 files and ``mess/S`` directories are fsynced together by a few threads (a disk flushes
-concurrent fsyncs together), each ``mess/S`` and ``todo/`` once per batch; the
-listener's committer thread uses it. Concurrent commits in several threads
+concurrent fsyncs together), each ``mess/S`` and ``todo/`` once per batch; the SMTP
+listener's committer (queue/committer.py) uses it. Concurrent commits in several threads
 still share directory fsyncs: one fsync of ``todo/`` that starts after a link covers
 every link made before it. The directories are opened once; links into ``mess/S`` and
 ``todo/`` are made through the same descriptor that is fsynced.
