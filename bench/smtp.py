@@ -2,6 +2,7 @@
 """SMTP accept rate: pyqmail's listener against Postfix, with Postfix's smtp-source, same run.
 
     .venv/bin/python bench/smtp.py [--runs 3] [--workers 1] [--quick] [--idle 10000]
+    .venv/bin/python bench/smtp.py --root [--runs 3]   # pyqmail run as root, as deployed
 
 What it does (issue 4):
 
@@ -9,7 +10,10 @@ What it does (issue 4):
   and a private Debian Postfix instance (its own config and queue directories, another
   loopback port, ``smtpd_client_restrictions = static:HOLD`` so every message is accepted,
   fsynced into its queue and put on hold, never delivered; no DNS, no peer-name lookup,
-  as pyqmail does none either). The system Postfix is not touched.
+  as pyqmail does none either). The system Postfix is not touched. With ``--root``,
+  pyqmail is the whole ``pyqmail run`` started as root on a multi-user home instead:
+  the listener as qmaild, its committer as qmailq, the scheduler turning each new
+  message into info/local files (control/concurrencylocal 0 keeps them queued).
 * drives each with ``smtp-source`` (a new connection per message): 3,000 messages of
   1 KiB and 1,000 of 100 KiB over 1, 10 and 50 sessions, and reports messages durably
   accepted per second (each counted in the queue afterwards), server CPU per message
@@ -128,11 +132,19 @@ def tree_rss(root: int) -> int:
 
 
 class Pyqmail:
+    """``pyqmail smtpd --listen`` on a single-user home; with ``root``, the whole
+    ``pyqmail run`` as root on a multi-user home (listener as qmaild, its committer as
+    qmailq, the scheduler preprocessing each message; control/concurrencylocal 0 keeps
+    the messages queued, as Postfix's hold does)."""
+
     name = "pyqmail"
 
-    def __init__(self, tmp: Path, workers: int, max_conns: int) -> None:
+    def __init__(self, tmp: Path, workers: int, max_conns: int, *, root: bool = False) -> None:
         self.home = tmp / "qmail"
+        self.root = root
         env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
+        if root:
+            del env["PYQMAIL_SINGLE_USER"]
         subprocess.run(
             [str(VENV_BIN / "pyqmail"), "init", str(self.home), "--me", "mx.bench.local"],
             check=True,
@@ -141,33 +153,28 @@ class Pyqmail:
         )
         (self.home / "control" / "rcpthosts").write_text("bench.local\n")
         self.port = free_port()
+        if root:
+            (self.home / "control" / "locals").write_text("bench.local\n")
+            (self.home / "control" / "concurrencylocal").write_text("0\n")
+            argv = ["run", "--home", str(self.home), "--smtp", f"127.0.0.1:{self.port}"]
+        else:
+            argv = ["smtpd", "--home", str(self.home), "--listen", f"127.0.0.1:{self.port}"]
+            argv += ["--max-conns", str(max_conns), "--max-per-ip", str(max_conns)]
+            argv += ["--workers", str(workers)]
         self.proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "pyqmail"),
-                "smtpd",
-                "--home",
-                str(self.home),
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--max-conns",
-                str(max_conns),
-                "--max-per-ip",
-                str(max_conns),
-                "--workers",
-                str(workers),
-            ],
-            env=env,
-            stderr=subprocess.DEVNULL,
+            [str(VENV_BIN / "pyqmail"), *argv], env=env, stderr=subprocess.DEVNULL
         )
         wait_port(self.port)
         self.pid = self.proc.pid
 
     def queued(self) -> int:
+        if self.root:  # the scheduler turns todo/N into info and local files at once
+            return sum(len(files) for _, _, files in os.walk(self.home / "queue" / "mess"))
         return sum(1 for e in os.scandir(self.home / "queue" / "todo") if e.is_file())
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(20)
+        self.proc.wait(60)
 
 
 class Postfix:
@@ -329,7 +336,17 @@ def main() -> int:
     ap.add_argument("--sessions", default="1,10,50")
     ap.add_argument("--sizes", default="1024,102400", help="message sizes to run")
     ap.add_argument("--no-postfix", action="store_true")
+    ap.add_argument(
+        "--root",
+        action="store_true",
+        help="pyqmail run as root (multi-user home) instead of pyqmail smtpd; no idle test",
+    )
     a = ap.parse_args()
+    if a.root:
+        if os.geteuid() != 0:
+            print("bench/smtp.py: --root needs root", file=sys.stderr)
+            return 1
+        a.idle = 0
     for tool in ("smtp-source",) + (() if a.no_postfix else ("postfix",)):
         if shutil.which(tool) is None:
             print(f"bench/smtp.py: {tool} not found (apt-get install postfix)", file=sys.stderr)
@@ -348,10 +365,11 @@ def main() -> int:
     ours: Pyqmail | None = None
     theirs: Postfix | None = None
     try:
-        ours = Pyqmail(tmp, a.workers, max(1000, a.idle + 200))
+        ours = Pyqmail(tmp, a.workers, max(1000, a.idle + 200), root=a.root)
         theirs = None if a.no_postfix else Postfix(tmp)
         print(
-            f"pyqmail smtpd --workers {a.workers} on :{ours.port}"
+            ("pyqmail run as root" if a.root else f"pyqmail smtpd --workers {a.workers}")
+            + f" on :{ours.port}"
             + ("" if theirs is None else f", Postfix (hold) on :{theirs.port}")
         )
         print(
