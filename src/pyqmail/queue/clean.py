@@ -3,6 +3,8 @@
 qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md section 5):
 
 - after preprocessing todo/N: remove ``intd/N`` then ``todo/N`` (clean_todo);
+- removing ``intd/N`` keeps its inode as ``spare/N`` for the next envelope (pyqmail's
+  addition, see ``_retire_intd``); every other removal is an unlink;
 - when a message is done: qmail-send removes ``info/S/N`` first (remove_info), then
   qmail-clean removes ``intd/N`` and ``mess/S/N`` (finish_message does all three in that
   order), so a crash in between leaves a mess file with no info and no todo:
@@ -24,6 +26,7 @@ A missing file is not a failure (ENOENT is ignored, as qmail-clean does).
 from __future__ import annotations
 
 import os
+import stat
 import time
 from typing import Protocol
 
@@ -36,6 +39,8 @@ StrPath = str | os.PathLike[str]
 class Names(Protocol):
     """The paths of message N that cleaning touches (QueuePaths has them)."""
 
+    @property
+    def root(self) -> StrPath: ...
     def info(self, n: int) -> StrPath: ...
     def intd(self, n: int) -> StrPath: ...
     def mess(self, n: int) -> StrPath: ...
@@ -49,15 +54,69 @@ def _unlink(path: StrPath) -> None:
         pass
 
 
+SPARE = "spare"  # queue/spare: envelope inodes kept for the writers (pyqmail's addition)
+SPARE_MAX = 4096
+_spare_count: dict[str, list[int]] = {}  # spare dir -> [approximate count, retires to rescan]
+
+
+def _retire_intd(paths: Names, n: int) -> None:
+    """Remove the name intd/N as qmail-clean does, but keep its inode as ``spare/N``.
+
+    On a journal-less ext4 every file creation scans past the inodes freed in the last
+    minutes, one by one; the scheduler frees one envelope inode per message, so at a
+    steady rate each new envelope would cost a scan of thousands. The queue writer
+    takes a spare instead of creating a file (queue/writer.py, ``_take_spare``), and
+    only once no other name (the old todo/N) is left on it. Without a spare directory
+    that can be made, or past SPARE_MAX spares, the name is simply unlinked.
+    """
+    intd = paths.intd(n)
+    try:
+        if not stat.S_ISREG(os.lstat(intd).st_mode):
+            _unlink(intd)  # not an envelope: removed (or refused) as qmail-clean would
+            return
+    except FileNotFoundError:
+        return
+    spare = f"{paths.root}/{SPARE}"
+    count = _spare_count.setdefault(spare, [0, 0])
+    if count[1] <= 0:  # recount now and then: writers in other processes take spares
+        try:
+            count[0] = len(os.listdir(spare))
+        except OSError:
+            count[0] = 0
+        count[1] = 256
+    if count[0] >= SPARE_MAX:
+        _unlink(intd)
+        return
+    target = f"{spare}/{n}"
+    try:
+        os.rename(intd, target)
+    except FileNotFoundError:
+        if os.path.isdir(spare):
+            return  # intd/N went meanwhile
+        try:
+            os.mkdir(spare, 0o700)
+            os.rename(intd, target)
+        except FileNotFoundError:
+            return
+        except OSError:
+            _unlink(intd)
+            return
+    except OSError:
+        _unlink(intd)
+        return
+    count[0] += 1
+    count[1] -= 1
+
+
 def clean_todo(paths: Names, n: int) -> None:
-    """After todo/N is preprocessed into info/local/remote: unlink intd/N, then todo/N."""
-    _unlink(paths.intd(n))
+    """After todo/N is preprocessed into info/local/remote: remove intd/N, then todo/N."""
+    _retire_intd(paths, n)
     _unlink(paths.todo(n))
 
 
 def clean_mess(paths: Names, n: int) -> None:
-    """qmail-clean's ``foop/N``: unlink intd/N and mess/S/N."""
-    _unlink(paths.intd(n))
+    """qmail-clean's ``foop/N``: remove intd/N and unlink mess/S/N."""
+    _retire_intd(paths, n)
     _unlink(paths.mess(n))
 
 
