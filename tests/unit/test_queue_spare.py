@@ -24,23 +24,31 @@ def _commit(home: Home, sender: bytes, rcpts: list[bytes], body: bytes = b"x\n")
     return p.commit(sender, rcpts)
 
 
-def test_retired_envelope_inode_makes_the_next_envelope(home: Home) -> None:
+def test_retired_inodes_make_the_next_message(home: Home) -> None:
+    """A finished message's envelope and message file become the next message's files:
+    no new inode, and nothing of the old bytes left in either."""
     paths = QueuePaths(home.queue)
-    a = _commit(home, b"a@long.sender.example", [b"r1@x.org", b"r2@x.org", b"r3@x.org"])
-    ino = os.stat(paths.intd(a)).st_ino
-    clean.clean_todo(paths, a)
+    a = _commit(home, b"a@long.sender.example", [b"r1@x.org", b"r2@x.org"], b"old body\n" * 100)
+    inodes = {a, os.stat(paths.intd(a)).st_ino}
+    clean.clean_todo(paths, a)  # after preprocessing: the envelope
+    clean.clean_mess(paths, a)  # the message is done: the message file
     spare = home.queue / "spare"
     assert stat.S_IMODE(os.stat(spare).st_mode) == 0o700
-    assert [e.name for e in os.scandir(spare)] == [str(a)]
-    assert os.stat(spare / str(a)).st_ino == ino and not paths.todo(a).exists()
-    b = _commit(home, b"b@y.org", [b"z@x.org"])
-    assert os.stat(paths.intd(b)).st_ino == ino  # no new inode
+    assert sorted(e.name for e in os.scandir(spare)) == [f"e{a}", f"m{a}"]
+    assert not paths.todo(a).exists() and not paths.mess(a).exists()
+    b = _commit(home, b"b@y.org", [b"z@x.org"], b"new\n")
+    assert {b, os.stat(paths.intd(b)).st_ino} == inodes  # no new inode
     assert os.listdir(spare) == []
-    data = paths.todo(b).read_bytes()  # the old, longer envelope left nothing behind
+    mess = paths.mess(b).read_bytes()
+    assert mess.startswith(b"Received: (qmail ") and mess.endswith(b"\nnew\n")
+    assert b"old body" not in mess
+    data = paths.todo(b).read_bytes()
     t = parse_todo(data)
     assert (t.sender, t.recipients) == (b"b@y.org", (b"z@x.org",))
     assert len(data) == len(format_todo(os.getuid(), t.pid or 0, b"b@y.org", [b"z@x.org"]))
-    assert stat.S_IMODE(os.stat(paths.intd(b)).st_mode) == 0o644
+    for f in (paths.intd(b), paths.mess(b)):
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o644
+    assert os.listdir(paths.pid) == []
 
 
 def test_spare_still_named_by_todo_is_left_alone(home: Home) -> None:
@@ -50,7 +58,7 @@ def test_spare_still_named_by_todo_is_left_alone(home: Home) -> None:
     a = _commit(home, b"a@x.org", [b"r@x.org"])
     before = paths.todo(a).read_bytes()
     os.makedirs(home.queue / "spare", 0o700, exist_ok=True)
-    os.rename(paths.intd(a), home.queue / "spare" / str(a))  # the cleaner's first step only
+    os.rename(paths.intd(a), home.queue / "spare" / f"e{a}")  # the cleaner's first step only
     b = _commit(home, b"b@y.org", [b"z@x.org"])
     assert paths.todo(a).read_bytes() == before  # the old envelope is intact
     assert os.stat(paths.todo(b)).st_ino != os.stat(paths.todo(a)).st_ino

@@ -3,8 +3,8 @@
 qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md section 5):
 
 - after preprocessing todo/N: remove ``intd/N`` then ``todo/N`` (clean_todo);
-- removing ``intd/N`` keeps its inode as ``spare/N`` for the next envelope (pyqmail's
-  addition, see ``_retire_intd``); every other removal is an unlink;
+- removing ``intd/N`` or ``mess/S/N`` keeps the inode in ``spare/`` for the writers
+  (pyqmail's addition, see ``_retire``); every other removal is an unlink;
 - when a message is done: qmail-send removes ``info/S/N`` first (remove_info), then
   qmail-clean removes ``intd/N`` and ``mess/S/N`` (finish_message does all three in that
   order), so a crash in between leaves a mess file with no info and no todo:
@@ -54,28 +54,32 @@ def _unlink(path: StrPath) -> None:
         pass
 
 
-SPARE = "spare"  # queue/spare: envelope inodes kept for the writers (pyqmail's addition)
+SPARE = "spare"  # queue/spare: inodes kept for the writers (pyqmail's addition)
 SPARE_MAX = 4096
 _spare_count: dict[str, list[int]] = {}  # spare dir -> [approximate count, retires to rescan]
 
 
-def _retire_intd(paths: Names, n: int) -> None:
-    """Remove the name intd/N as qmail-clean does, but keep its inode as ``spare/N``.
+def _retire(paths: Names, path: StrPath, name: str) -> None:
+    """Remove ``path`` (intd/N or mess/S/N) as qmail-clean does, but keep its inode as
+    ``spare/NAME``.
 
     On a journal-less ext4 every file creation scans past the inodes freed in the last
-    minutes, one by one; the scheduler frees one envelope inode per message, so at a
-    steady rate each new envelope would cost a scan of thousands. The queue writer
-    takes a spare instead of creating a file (queue/writer.py, ``_take_spare``), and
-    only once no other name (the old todo/N) is left on it. Without a spare directory
-    that can be made, or past SPARE_MAX spares, the name is simply unlinked.
+    minutes, one by one; a queue frees two inodes per message (its envelope and its
+    message file), so at a steady rate each new file would cost a scan of thousands. The
+    queue writer makes its files from spares instead (queue/writer.py, ``_take_spare``),
+    and only once no other name (an old todo/N or pid name) is left on one. A reused
+    message file gives a new message an old message's number, exactly as the file
+    system does when it reuses the inode: every other file of the old number is gone
+    by then, in qmail's order. Without a spare directory that can be made, or past
+    SPARE_MAX spares, the name is simply unlinked.
     """
-    intd = paths.intd(n)
     try:
-        if not stat.S_ISREG(os.lstat(intd).st_mode):
-            _unlink(intd)  # not an envelope: removed (or refused) as qmail-clean would
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            _unlink(path)  # not a queue file: removed (or refused) as qmail-clean would
             return
     except FileNotFoundError:
         return
+    intd = path
     spare = f"{paths.root}/{SPARE}"
     count = _spare_count.setdefault(spare, [0, 0])
     if count[1] <= 0:  # recount now and then: writers in other processes take spares
@@ -87,12 +91,12 @@ def _retire_intd(paths: Names, n: int) -> None:
     if count[0] >= SPARE_MAX:
         _unlink(intd)
         return
-    target = f"{spare}/{n}"
+    target = f"{spare}/{name}"
     try:
         os.rename(intd, target)
     except FileNotFoundError:
         if os.path.isdir(spare):
-            return  # intd/N went meanwhile
+            return  # the file went meanwhile
         try:
             os.mkdir(spare, 0o700)
             os.rename(intd, target)
@@ -110,14 +114,14 @@ def _retire_intd(paths: Names, n: int) -> None:
 
 def clean_todo(paths: Names, n: int) -> None:
     """After todo/N is preprocessed into info/local/remote: remove intd/N, then todo/N."""
-    _retire_intd(paths, n)
+    _retire(paths, paths.intd(n), f"e{n}")
     _unlink(paths.todo(n))
 
 
 def clean_mess(paths: Names, n: int) -> None:
-    """qmail-clean's ``foop/N``: remove intd/N and unlink mess/S/N."""
-    _retire_intd(paths, n)
-    _unlink(paths.mess(n))
+    """qmail-clean's ``foop/N``: remove intd/N and mess/S/N."""
+    _retire(paths, paths.intd(n), f"e{n}")
+    _retire(paths, paths.mess(n), f"m{n}")
 
 
 def remove_info(paths: Names, n: int) -> None:

@@ -217,13 +217,14 @@ class QueueWriter:
             self.close()
 
     def _take_spare(self, intd: str) -> int | None:
-        """An open, empty file named ``intd`` made from a spare inode, or None.
+        """An open, empty file named ``intd`` (an envelope or a pid name) made from a
+        spare inode (queue/clean.py, ``_retire``), or None.
 
         The spare is renamed to its new name (atomic: of two writers only one gets it),
         then used only if that is its one name: right after the cleaner renamed it, the
-        old message's todo/N may still name it, and its bytes stay untouched until the
-        cleaner has unlinked that too (then this writer gives the name back and leaves
-        the inode alone)."""
+        old message's todo/N (or a dead writer's pid name) may still name it, and its
+        bytes stay untouched until that is gone too (then this writer gives the name
+        back and leaves the inode alone)."""
         if not self._spares:
             now = time.monotonic()
             if now < self._spares_next:
@@ -287,6 +288,10 @@ class QueueWriter:
         pidpath = ""
         for _ in range(_PID_SEQ_TRIES):
             pidpath = f"{self._pid_dir}{os.getpid()}.{int(now)}.{next(self._seq)}"
+            spare = self._take_spare(pidpath)  # an inode a finished message left
+            if spare is not None:
+                fd = spare
+                break
             try:
                 fd = os.open(pidpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 break
