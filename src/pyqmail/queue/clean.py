@@ -79,7 +79,6 @@ def _retire(paths: Names, path: StrPath, name: str) -> None:
             return
     except FileNotFoundError:
         return
-    intd = path
     spare = f"{paths.root}/{SPARE}"
     count = _spare_count.setdefault(spare, [0, 0])
     if count[1] <= 0:  # recount now and then: writers in other processes take spares
@@ -89,24 +88,24 @@ def _retire(paths: Names, path: StrPath, name: str) -> None:
             count[0] = 0
         count[1] = 256
     if count[0] >= SPARE_MAX:
-        _unlink(intd)
+        _unlink(path)
         return
     target = f"{spare}/{name}"
     try:
-        os.rename(intd, target)
+        os.rename(path, target)
     except FileNotFoundError:
         if os.path.isdir(spare):
             return  # the file went meanwhile
         try:
             os.mkdir(spare, 0o700)
-            os.rename(intd, target)
+            os.rename(path, target)
         except FileNotFoundError:
             return
         except OSError:
-            _unlink(intd)
+            _unlink(path)
             return
     except OSError:
-        _unlink(intd)
+        _unlink(path)
         return
     count[0] += 1
     count[1] -= 1
