@@ -35,6 +35,8 @@ def test_retired_inodes_make_the_next_message(home: Home) -> None:
     spare = home.queue / "spare"
     assert stat.S_IMODE(os.stat(spare).st_mode) == 0o700
     assert sorted(e.name for e in os.scandir(spare)) == [f"e{a}", f"m{a}"]
+    # nothing of the finished message is left readable in its spares
+    assert [os.stat(e.path).st_size for e in os.scandir(spare)] == [0, 0]
     assert not paths.todo(a).exists() and not paths.mess(a).exists()
     b = _commit(home, b"b@y.org", [b"z@x.org"], b"new\n")
     assert {b, os.stat(paths.intd(b)).st_ino} == inodes  # no new inode

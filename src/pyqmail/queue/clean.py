@@ -25,6 +25,7 @@ A missing file is not a failure (ENOENT is ignored, as qmail-clean does).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -74,11 +75,20 @@ def _retire(paths: Names, path: StrPath, name: str) -> None:
     SPARE_MAX spares, the name is simply unlinked.
     """
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            _unlink(path)  # not a queue file: removed (or refused) as qmail-clean would
-            return
+        st = os.lstat(path)
     except FileNotFoundError:
         return
+    if not stat.S_ISREG(st.st_mode):
+        _unlink(path)  # not a queue file: removed (or refused) as qmail-clean would
+        return
+    if st.st_nlink == 1:
+        # Its last name: nothing of the finished message stays on disk as a file. (An
+        # envelope still named todo/N keeps its bytes until the writer takes it.)
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            _unlink(path)
+            return
     spare = f"{paths.root}/{SPARE}"
     count = _spare_count.setdefault(spare, [0, 0])
     if count[1] <= 0:  # recount now and then: writers in other processes take spares
@@ -115,6 +125,9 @@ def clean_todo(paths: Names, n: int) -> None:
     """After todo/N is preprocessed into info/local/remote: remove intd/N, then todo/N."""
     _retire(paths, paths.intd(n), f"e{n}")
     _unlink(paths.todo(n))
+    # Now the spare's only name (unless a writer has taken it already): empty it.
+    with contextlib.suppress(OSError):
+        os.truncate(f"{paths.root}/{SPARE}/e{n}", 0)
 
 
 def clean_mess(paths: Names, n: int) -> None:
