@@ -385,8 +385,8 @@ class CommitProcess:
                     self.notify(reply.msgnum)
             fut.set_result(reply)
 
-    def _lost(self) -> None:
-        """The child died or the link broke: every message in flight fails (451)."""
+    def _detach(self) -> None:
+        """Stop watching the link and close our end (the child then sees EOF)."""
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._loop is not None:
@@ -395,6 +395,17 @@ class CommitProcess:
                     self._loop.remove_writer(sock.fileno())
             sock.close()
         self._writing = False
+
+    def _fail_all(self, why: str) -> None:
+        """Every message still waiting for its result gets qq crashed (451)."""
+        futures, self._futures = self._futures, {}
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_result(Reply(codes.CRASHED, self.pid, 0, why))
+
+    def _lost(self) -> None:
+        """The child died or the link broke: every message in flight fails (451)."""
+        self._detach()
         self._out.clear()
         self._in.clear()
         if self.paused:
@@ -409,37 +420,25 @@ class CommitProcess:
                 proc.wait(1)
             n = len(self._futures)
             log.warning("the queue committer (pid %d) died: %d message(s) failed", proc.pid, n)
-        futures, self._futures = self._futures, {}
-        for fut in futures.values():
-            if not fut.done():
-                fut.set_result(Reply(codes.CRASHED, self.pid, 0, "committer died"))
+        self._fail_all("committer died")
 
     async def close(self, timeout: float = 30.0) -> None:
         """Wait (bounded) for the messages in flight, then let the child finish and exit."""
+        loop = asyncio.get_running_loop()
         pending = [f for f in self._futures.values() if not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._out and self._sock is not None and asyncio.get_running_loop().time() < deadline:
+        deadline = loop.time() + timeout
+        while self._out and self._sock is not None and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        sock, self._sock = self._sock, None
+        self._detach()  # EOF: the child aborts what never ended, and exits
         proc, self._proc = self._proc, None
-        if sock is not None and self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
-            if self._writing:
-                self._loop.remove_writer(sock.fileno())
-            self._writing = False
-            sock.close()  # EOF: the child aborts what never ended, and exits
         if proc is not None:
-            loop = asyncio.get_running_loop()
             try:
                 await asyncio.wait_for(loop.run_in_executor(None, proc.wait), timeout)
             except TimeoutError:
                 proc.kill()
-        for fut in self._futures.values():
-            if not fut.done():
-                fut.set_result(Reply(codes.CRASHED, self.pid, 0, "listener closed"))
-        self._futures.clear()
+        self._fail_all("listener closed")
 
 
 class _Forked:

@@ -127,17 +127,7 @@ class _Message:
         job = self.take()
         if isinstance(job, bytes):
             return job
-        p = job[0]
-        try:
-            p.commit(job[1], job[2])
-        except QueueError as e:
-            return codes.smtp_reply(e.code, e.custom)
-        except Exception:
-            log.exception("queue commit failed")
-            with contextlib.suppress(Exception):
-                p.abort()
-            return codes.smtp_reply(codes.INTERNAL_BUG)
-        return replies.accepted(int(time.time()), p.qp)
+        return _commit_other(*job)
 
     def abort(self) -> None:
         with self._lock:
@@ -268,7 +258,7 @@ def _resolve(done: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
 
 
 def _commit_other(p: qsubmit.PendingLike, sender: bytes, rcpts: Sequence[bytes]) -> bytes:
-    """Blocking (a worker thread): commit through a submitter other than the writer."""
+    """Blocking: commit one message (stdio, or a worker thread); its reply line."""
     try:
         p.commit(sender, rcpts)
     except QueueError as e:
