@@ -8,7 +8,7 @@ DEMO   := $(CURDIR)/var/qmail
 # smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base
 
-.PHONY: run test lint typecheck pytest deps venv compat bench clean
+.PHONY: run test lint typecheck pytest deps accounts venv compat bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ deps:
 	@# Postfix is only a peer for the tests and benches: never leave the packaged one running on :25.
 	@if command -v postfix >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then postfix stop >/dev/null 2>&1 || true; fi
 
+# The root-mode tests run deliveries, the queue and the listeners as qmail's accounts
+# (alias qmaild qmaill qmailp qmailq qmailr qmails; groups qmail nofiles). As root, create
+# the missing ones as `pyqmail init --create-users` does, so that no root test is skipped
+# on a new machine. As an ordinary user there is nothing to do: root tests are skipped.
+accounts: venv
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -c 'from pyqmail.layout import create_users; made = create_users(); print("make accounts: created " + ", ".join(made)) if made else None'; fi
+
 lint: venv
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/ruff check src tests bench
@@ -38,7 +45,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv deps
+pytest: venv deps accounts
 	$(VENV)/bin/pytest --cov --cov-report=term:skip-covered -q -p no:cacheprovider --ignore=tests/compat
 
 test: lint typecheck pytest
@@ -50,7 +57,7 @@ run: venv
 	PYQMAIL_SINGLE_USER=1 $(VENV)/bin/pyqmail run --home $(DEMO) --smtp 127.0.0.1:2525 --single-user
 
 # Compare with the real qmail when ../shared/reference is present (not part of make test).
-compat: venv deps
+compat: venv deps accounts
 	PYQMAIL_COMPAT=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/compat
 
 bench: venv deps
