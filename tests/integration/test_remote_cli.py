@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pyqmail.home import Home
 from pyqmail.remote.tcpto import Tcpto
 from tests.conftest import free_port, write_control
@@ -24,9 +26,15 @@ def rcpt(addr: bytes) -> bytes:
     return b"250 ok\r\n"
 
 
-def qmail_remote(home: Home, args: list[str], stdin: bytes, port: int | None = None) -> bytes:
+def qmail_remote(
+    home: Home,
+    args: list[str],
+    stdin: bytes,
+    port: int | None = None,
+    script: Script | None = None,
+) -> bytes:
     async def go() -> tuple[bytes, int, Peer]:
-        async with Peer(Script(rcpt=rcpt)) as peer:
+        async with Peer(script or Script(rcpt=rcpt)) as peer:
             write_control(home, "smtproutes", f"remote.example:127.0.0.1:{port or peer.port}\n")
             proc = await asyncio.create_subprocess_exec(
                 str(BIN / "qmail-remote"), *args,
@@ -53,6 +61,58 @@ def test_reports_for_accepted_rejected_deferred(home: Home) -> None:
         b"s127.0.0.1 does not like recipient.\nRemote host said: 451 try later\n\0"
         b"K127.0.0.1 accepted message.\nRemote host said: 250 ok: queued\n\0"
     )
+
+
+def test_one_of_two_refused_as_qmail_reports_it(home: Home) -> None:
+    # notqmail 1.09's qmail-remote given the same two recipients and replies wrote exactly
+    # these bytes: no "Giving up" while another recipient was accepted ...
+    args = ["remote.example", "a@test.example", "ok@remote.example", "reject@remote.example"]
+    assert qmail_remote(home, args, b"Subject: x\n\nbody\n") == (
+        b"r\0"
+        b"h127.0.0.1 does not like recipient.\nRemote host said: 550 no such user here\n\0"
+        b"K127.0.0.1 accepted message.\nRemote host said: 250 ok: queued\n\0"
+    )
+    # ... and "Giving up on IP." as the message report when none was.
+    args = ["remote.example", "a@test.example", "reject@remote.example"]
+    assert qmail_remote(home, args, b"Subject: x\n\nbody\n") == (
+        b"h127.0.0.1 does not like recipient.\nRemote host said: 550 no such user here\n\0"
+        b"DGiving up on 127.0.0.1.\n\0"
+    )
+
+
+SAID = b"Remote host said: "
+ACCEPTED = b"r\0K127.0.0.1 accepted message.\n" + SAID + b"250 ok: queued\n\0"
+
+
+@pytest.mark.parametrize(
+    ("step", "reply", "report"),
+    [
+        ("greeting", b"220-ok\r\n554 no\r\n", ACCEPTED),
+        ("greeting", b"554-no\r\n220 ok\r\n",
+         b"ZConnected to 127.0.0.1 but greeting failed.\n" + SAID + b"554-no\n220 ok\n\0"),
+        ("mail", b"250-ok\r\n550 no\r\n", ACCEPTED),
+        ("mail", b"550-no\r\n250 ok\r\n",
+         b"DConnected to 127.0.0.1 but sender was rejected.\n" + SAID + b"550-no\n250 ok\n\0"),
+        ("rcpt", b"250-ok\r\n550 no\r\n", ACCEPTED),
+        ("rcpt", b"550-no\r\n250 ok\r\n",
+         b"h127.0.0.1 does not like recipient.\n" + SAID + b"550-no\n250 ok\n\0"
+         b"DGiving up on 127.0.0.1.\n\0"),
+        ("data", b"354-go\r\n554 no\r\n", ACCEPTED),
+        ("data", b"554-no\r\n354 go\r\n",
+         b"r\0D127.0.0.1 failed on DATA command.\n" + SAID + b"554-no\n354 go\n\0"),
+        ("after", b"250-ok\r\n550 no\r\n",
+         b"r\0K127.0.0.1 accepted message.\n" + SAID + b"250-ok\n550 no\n\0"),
+        ("after", b"550-no\r\n250 ok\r\n",
+         b"r\0D127.0.0.1 failed after I sent the message.\n" + SAID + b"550-no\n250 ok\n\0"),
+    ],
+)  # fmt: skip
+def test_multiline_reply_code_is_the_first_lines(
+    home: Home, step: str, reply: bytes, report: bytes
+) -> None:
+    # Each expected report is what notqmail 1.09's qmail-remote wrote for the same reply.
+    script = Script(rcpt=lambda _: reply) if step == "rcpt" else Script(**{step: reply})
+    args = ["remote.example", "a@test.example", "x@remote.example"]
+    assert qmail_remote(home, args, b"Subject: x\n\nbody\n", script=script) == report
 
 
 def test_connection_refused(home: Home) -> None:

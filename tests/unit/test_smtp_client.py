@@ -33,7 +33,10 @@ def feed_bytewise(data: bytes) -> list[Reply]:
     [
         (b"250 ok\r\n", 250, b"250 ok\n"),
         (b"250-one\r\n250-two\r\n250 three\r\n", 250, b"250-one\n250-two\n250 three\n"),
-        (b"250-a\r\n550 last line counts\r\n", 550, b"250-a\n550 last line counts\n"),
+        # qmail-remote takes the code from the first line (notqmail 1.09, observed).
+        (b"250-a\r\n550 first line counts\r\n", 250, b"250-a\n550 first line counts\n"),
+        (b"550-a\r\n250-b\r\n250 c\r\n", 550, b"550-a\n250-b\n250 c\n"),
+        (b"25x-a\r\n250 b\r\n", None, b"25x-a\n250 b\n"),
         (b"220\r\n", 220, b"220\n"),
         (b"421 bye\n", 421, b"421 bye\n"),
         (b"hello there\r\n", None, b"hello there\n"),
@@ -57,6 +60,16 @@ def test_any_split_gives_the_same_replies(cuts: list[int]) -> None:
         prev = max(prev, c)
     assert got == ReplyParser().feed(wire)
     assert [r.code for r in got] == [220, 250, 354, 550]
+
+
+def test_each_reply_takes_its_own_first_line() -> None:
+    p = ReplyParser()
+    assert p.feed(b"451-a\r\n") == []
+    assert not p.idle
+    got = p.feed(b"250 b\r\n354-c\r\n")
+    assert [r.code for r in got] == [451]
+    assert [r.code for r in p.feed(b"550 d\r\n")] == [354]
+    assert p.idle
 
 
 def test_several_replies_in_one_read() -> None:

@@ -1,7 +1,9 @@
 """The SMTP client conversation of remote delivery, without I/O (remote.md section 3).
 
 :class:`ReplyParser` turns the bytes a server sends into :class:`Reply` values the way
-qmail-remote reads them: the code is the last line's three digits, ``-`` after them marks a
+qmail-remote reads them: the code is the first line's three digits (notqmail 1.09's smtpcode
+reads it there; RFC 5321 wants every line to carry the same code, so this matters only for a
+broken server, e.g. ``250-ok`` then ``550 no`` is a 250), ``-`` after them marks a
 continuation, CRs are dropped, the kept text is capped at 5000 bytes (the rest is read and
 thrown away, so a 10 MB reply line costs no memory).
 
@@ -53,13 +55,14 @@ class ReplyParser:
 
     def __init__(self) -> None:
         self._head = b""  # first bytes of the current line (code + continuation mark)
+        self._code: bytes | None = None  # the first line's three bytes, once that line ended
         self._text = bytearray()
         self._line_len = 0
 
     @property
     def idle(self) -> bool:
         """No partial reply is buffered."""
-        return not self._head and not self._text
+        return not self._head and not self._text and self._code is None
 
     def feed(self, data: bytes) -> list[Reply]:
         out: list[Reply] = []
@@ -78,9 +81,11 @@ class ReplyParser:
             if nl >= 0:
                 head = self._head
                 self._head = b""
+                if self._code is None:
+                    self._code = head[:3]
                 if head[3:4] == b"-":
                     continue
-                digits = head[:3]
+                digits, self._code = self._code, None
                 code = int(digits) if len(digits) == 3 and digits.isdigit() else None
                 out.append(Reply(code, bytes(self._text)))
                 self._text.clear()
