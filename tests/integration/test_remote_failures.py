@@ -71,9 +71,16 @@ def test_one_connection_for_all_recipients_with_results_each(home: Home, mess: P
     outs, peer = deliver(home, Script(rcpt=rcpt), mess, rcpts)
     assert peer.connections == 1
     assert [o.status for o in outs] == [Status.OK, Status.PERM, Status.TEMP, Status.OK]
+    # each refused recipient's text is its own qmail-remote run's: ending "Giving up"
     assert outs[1].text == (
         "127.0.0.1 does not like recipient.\nRemote host said: 550 5.1.1 no such user\n"
+        "Giving up on 127.0.0.1.\n"
     )
+    assert outs[2].text == (
+        "127.0.0.1 does not like recipient.\nRemote host said: 451 4.2.0 greylisted\n"
+        "Giving up on 127.0.0.1.\n"
+    )
+    assert outs[0].text == "127.0.0.1 accepted message.\nRemote host said: 250 ok: queued\n"
     assert peer.messages[0][1] == [b"a@remote.example", b"b@remote.example"]
 
 

@@ -7,12 +7,14 @@ accepts, a file that appears), never a fixed sleep.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 from pyqmail.cli.common import parse_listen
 from pyqmail.home import Home
 from tests.conftest import free_port, write_control
+from tests.integration.test_remote_peers import Peer, Script
 
 BIN = Path(sys.executable).parent
 
@@ -316,3 +319,51 @@ def test_control_values_qmail_ignores_are_logged(mta: Mta) -> None:
     log = mta.log()
     assert "warning: control/concurrencyremote:1: 'abc' is not a number" in log
     assert "remote 0/20" in log
+
+
+class ThreadPeer:
+    """A scripted SMTP peer (tests/integration/test_remote_peers.py) on a loop of its own
+    thread, for a daemon in another process to deliver to."""
+
+    def __init__(self, script: Script) -> None:
+        self.peer = Peer(script)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.peer.start(), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.peer.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_one_of_two_recipients_refused_bounces_with_giving_up(mta: Mta) -> None:
+    """qmail runs qmail-remote once per recipient, so the refused one's bounce paragraph
+    ends "Giving up on IP." even though the other recipient at that host was accepted."""
+
+    def rcpt(addr: bytes) -> bytes:
+        return b"550 5.1.1 no such user\r\n" if addr.startswith(b"no@") else b"250 ok\r\n"
+
+    peer = ThreadPeer(Script(rcpt=rcpt))
+    try:
+        write_control(mta.home, "smtproutes", f"remote.example:127.0.0.1:{peer.peer.port}\n")
+        mta.start()
+        mta.send("alice@test.example", ["ok@remote.example", "no@remote.example"], "two")
+        wait_for(lambda: bool(files(mta.maildir("alice"))), what="bounce")
+        assert mta.stop() == 0
+    finally:
+        peer.close()
+    assert [m[1] for m in peer.peer.messages] == [[b"ok@remote.example"]]
+    (bounce,) = (f.read_bytes() for f in files(mta.maildir("alice")))
+    assert (
+        b"\n\n<no@remote.example>:\n127.0.0.1 does not like recipient.\n"
+        b"Remote host said: 550 5.1.1 no such user\nGiving up on 127.0.0.1.\n\n"
+        b"--- Below this line is a copy of the message.\n"
+    ) in bounce
+    assert b"<ok@remote.example>" not in bounce
+    assert (
+        "failure: 127.0.0.1_does_not_like_recipient./Remote_host_said:_550_5.1.1_no_such_user/"
+        "Giving_up_on_127.0.0.1./"
+    ) in mta.log()

@@ -46,3 +46,26 @@ def test_recipients_without_report_get_the_message_report() -> None:
 def test_mixed_recipients_on_one_connection() -> None:
     res = SessionResult((("r", b""), ("h", HTXT), ("s", STXT)), ("K", ACC))
     assert [o.status for o in fold(res, 3)] == [Status.OK, Status.PERM, Status.TEMP]
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "msg", "status"),
+    [
+        (("h", HTXT), ("K", ACC), Status.PERM),
+        (("s", STXT), ("K", ACC), Status.TEMP),
+        (("h", HTXT), ("Z", b"z\n"), Status.PERM),
+        (("s", STXT), ("Z", b"z\n"), Status.TEMP),
+        (("h", HTXT), ("D", GIVE), Status.PERM),
+        (("s", STXT), ("D", b"d\n"), Status.TEMP),
+    ],
+)
+def test_refused_recipient_ends_giving_up_like_its_own_qmail_remote_run(
+    rcpt: tuple[str, bytes], msg: tuple[str, bytes], status: Status
+) -> None:
+    # qmail-send gives qmail-remote one recipient; refused, that run ends "Giving up on IP."
+    # whatever the other recipients of this connection did.
+    res = SessionResult((("r", b""), rcpt), msg, refused=frozenset({1}), ip="1.2.3.4")
+    accepted, refused = fold(res, 2)
+    assert refused.status is status
+    assert refused.text == (rcpt[1] + GIVE).decode()
+    assert accepted.text == (msg[1] if msg[0] != "K" else ACC).decode()

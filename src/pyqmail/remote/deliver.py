@@ -67,15 +67,23 @@ def fold(result: SessionResult, count: int) -> list[Outcome]:
     The message report gives K=1, Z=0, D=-1; a recipient's ``s`` makes it 0, ``h`` -1,
     ``r`` keeps the message's value. The text is the recipient report's, followed by the
     message report's when the message result is not better than the recipient's.
+
+    qmail-send runs qmail-remote once per recipient, so a recipient the server refused
+    at RCPT gets the message report of its own run, ``Giving up on IP.``, whatever
+    happened to the others sharing this connection (send.md section 6's bounce shows it).
     """
     mletter, mtext = result.message
     value = {"K": 1, "Z": 0}.get(mletter, -1)
+    giving_up = b"Giving up on " + result.ip.encode() + b".\n"
     out = []
     for i in range(count):
         if i < len(result.recipients):
             letter, text = result.recipients[i]
             own = {"s": 0, "h": -1}.get(letter, value)
-            full = text + mtext if value <= own else text
+            if i in result.refused:
+                full = text + giving_up
+            else:
+                full = text + mtext if value <= own else text
         else:
             own, full = value, mtext
         status = Status.OK if own == 1 else Status.TEMP if own == 0 else Status.PERM

@@ -155,6 +155,11 @@ class SessionResult:
     message: tuple[str, bytes]
     tls_fallback: bool = False  # the handshake failed and the policy allows plaintext
     quit: bool = True  # send QUIT before closing
+    # The recipients the server at ``ip`` refused at RCPT. qmail sends each recipient in a
+    # run of its own, which then ends "Giving up on IP."; remote/deliver.py's fold adds
+    # that line to these recipients' texts (reports() stays as qmail-remote prints it).
+    refused: frozenset[int] = frozenset()
+    ip: str = ""
 
     def reports(self) -> bytes:
         """The bytes qmail-remote writes on stdout (remote.md section 6)."""
@@ -213,6 +218,7 @@ class ClientSession:
     _pending: deque[tuple[_St, int]] = field(default_factory=deque)
     _reports: list[tuple[str, bytes] | None] = field(default_factory=list)
     _accepted: int = 0
+    _refused: set[int] = field(default_factory=set)
     _last: Reply | None = None
     _body_sent: bool = False
     _pipelined: bool = False
@@ -232,9 +238,14 @@ class ClientSession:
             out.append(r)
         return tuple(out)
 
-    def _finish(self, letter: str, text: bytes, reply: Reply | None, **kw: bool) -> list[Action]:
+    def _result(self, letter: str, text: bytes, *, quit: bool = True) -> SessionResult:
+        rcpts = self._rcpt_reports()
+        refused = frozenset(i for i in self._refused if i < len(rcpts))
+        return SessionResult(rcpts, (letter, text), quit=quit, refused=refused, ip=self.ip)
+
+    def _finish(self, letter: str, text: bytes, reply: Reply | None) -> list[Action]:
         self._state = _St.DONE
-        return [Done(SessionResult(self._rcpt_reports(), (letter, text + said(reply)), **kw))]
+        return [Done(self._result(letter, text + said(reply)))]
 
     def _quit(self, letter: str, prefix: str, suffix: str, reply: Reply | None) -> list[Action]:
         # qmail's quit(): "<prefix><IP><suffix>.\n" then the server's text.
@@ -246,7 +257,7 @@ class ClientSession:
         dup = "Possible duplicate! " if self._body_sent else ""
         text = f"Connected to {self.ip} but connection died. {dup}(#4.4.2)\n".encode()
         self._state = _St.DONE
-        return SessionResult(self._rcpt_reports(), ("Z", text), quit=False)
+        return self._result("Z", text, quit=False)
 
     @property
     def done(self) -> bool:
@@ -401,6 +412,7 @@ class ClientSession:
                 letter = "h" if reply.kind == 5 else "s"
                 text = self._ipb + b" does not like recipient.\n" + said(reply)
                 self._reports[i] = (letter, text)
+                self._refused.add(i)
             if self._pending[0][0] is _St.DATA:
                 self._state = _St.DATA
                 if not self._accepted:
