@@ -1,15 +1,17 @@
-"""Shared fixtures: a fresh single-user home in a temporary directory, free ports."""
+"""Shared fixtures: a fresh single-user home in a temporary directory, free ports, and what a
+root run of ``make test`` must have (qmail's accounts, the Debian peers)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pyqmail.home import Home
+from pyqmail.home import Home, HomeError, Ids
 from pyqmail.layout import create_home
 
 
@@ -37,3 +39,45 @@ def free_port() -> int:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def require(ok: bool, what: str, fix: str) -> None:
+    """A precondition of a test. Every one holds on CI (root, Debian 12: ``make test`` runs
+    ``make deps`` and ``make accounts`` first), so under root a missing one is a test error
+    saying how to fix it; for an ordinary user the test is skipped."""
+    if ok:
+        return
+    if is_root():
+        pytest.fail(f"{what}; fix: {fix}", pytrace=False)
+    pytest.skip(what)
+
+
+def require_tools(*names: str) -> None:
+    """The Debian programs a test runs as peers (``make deps`` installs them)."""
+    missing = [n for n in names if shutil.which(n) is None]
+    require(
+        not missing,
+        f"not installed: {', '.join(missing)}",
+        "run `make deps` as root (`make test` does)",
+    )
+
+
+def require_ipv6_loopback() -> None:
+    """::1 is there on Debian unless IPv6 was turned off (sysctl disable_ipv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        require(
+            False, f"no IPv6 loopback (::1): {e}", "`sysctl -w net.ipv6.conf.lo.disable_ipv6=0`"
+        )
+
+
+def qmail_ids() -> Ids:
+    """qmail's accounts (every multi-user home uses the same); missing ones are an error
+    under root."""
+    try:
+        return Home(Path("/"), single_user=False).ids()
+    except HomeError as e:
+        require(False, str(e), "run `make accounts` as root (`make test` does)")
+        raise  # not reached: require() failed or skipped

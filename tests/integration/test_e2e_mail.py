@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.home import Home
-from tests.conftest import free_port, write_control
+from tests.conftest import free_port, require_tools, write_control
 from tests.integration.test_run_daemon import Mta, files, wait_for
 
 pytestmark = pytest.mark.interop
@@ -36,8 +36,7 @@ class Sink:
     """Postfix's smtp-sink on loopback; ``dump`` holds one file per accepted message."""
 
     def __init__(self, tmp: Path, *args: str) -> None:
-        if not shutil.which("smtp-sink"):
-            pytest.skip("smtp-sink (Debian postfix) not installed")
+        require_tools("smtp-sink")
         self.port = free_port()
         # smtp-sink drops to nobody, who cannot enter pytest's private tmp_path
         self.dump = Path(tempfile.mkdtemp(prefix="pyqmail-sink-"))
@@ -61,8 +60,7 @@ def mail_to(mta: Mta, user: str, needle: bytes) -> list[bytes]:
 
 
 def test_swaks_to_local_users_ext_virtual_alias_mbox_program_forward(mta: Mta) -> None:
-    if not shutil.which("swaks"):
-        pytest.skip("swaks not installed")
+    require_tools("swaks")
     alice = mta.users["alice"]
     for sub in ("cur", "new", "tmp"):
         (alice / "Lists" / sub).mkdir(parents=True)

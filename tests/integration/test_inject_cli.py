@@ -146,7 +146,6 @@ def test_sendmail_usage(site: Home) -> None:
 
 
 def test_sendmail_bs_speaks_smtp_on_stdin(site: Home) -> None:
-    pytest.importorskip("pyqmail.smtp.server")
     smtp = (b"HELO me\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
             b"Subject: bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")  # fmt: skip
     r = run(site, "sendmail", ["-bs"], smtp)

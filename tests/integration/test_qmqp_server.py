@@ -245,7 +245,6 @@ def test_null_client_sendmail_t_and_bs_go_over_qmqp(
                        input=b"To: a@test.example\nBcc: b@test.example\n\nhi\n", env=env,
                        capture_output=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    pytest.importorskip("pyqmail.smtp.server")
     smtp = (b"HELO me\r\nMAIL FROM:<s@null.test.example>\r\nRCPT TO:<c@test.example>\r\n"
             b"DATA\r\nSubject: bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")  # fmt: skip
     r = subprocess.run([str(BIN / "sendmail"), "-bs"], input=smtp, env=env,
@@ -321,8 +320,8 @@ def test_connect_timeout_is_72() -> None:
         finally:
             for c in held:
                 c.close()
-    if code == 74:
-        pytest.skip("this kernel completed the connection despite the full queue")
+    # Linux drops a SYN while the accept queue is full (syncookies or not), so the connect
+    # times out rather than completing.
     assert (code, text) == (72, "connection to 127.0.0.1 timed out")
 
 

@@ -4,7 +4,6 @@ tcprules, as a qmail site runs them; our qmail-qmqpc as the client."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pyqmail.home import Home
 from pyqmail.inject.netstring import decode_all, encode
 from pyqmail.layout import create_home
 from pyqmail.queue.envelope import format_input
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tools
 from tests.integration.test_qmqp_server import queued
 
 pytestmark = pytest.mark.interop
@@ -25,8 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 def _tcpserver(home: Home, rules: str, prog: str, port: int) -> subprocess.Popen[bytes]:
-    if shutil.which("tcpserver") is None or shutil.which("tcprules") is None:
-        pytest.skip("ucspi-tcp (tcpserver, tcprules) not installed")
+    require_tools("tcpserver", "tcprules")
     cdb = home.control / f"{prog}.cdb"
     subprocess.run(["tcprules", str(cdb), str(cdb) + ".tmp"], input=rules.encode(), check=True)
     env = {**os.environ, "PYQMAIL_HOME": str(home.root), "PYQMAIL_SINGLE_USER": "1"}

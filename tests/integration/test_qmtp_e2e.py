@@ -52,8 +52,6 @@ def _wait_files(d: Path, n: int) -> list[Path]:
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[Home, Home, Path, int]]:
-    if not (BIN / "qmail-newu").exists():
-        pytest.skip("qmail-newu not installed")
     a = Home(tmp_path / "a", single_user=True)
     create_home(a, "a.test.example", None)
     b = Home(tmp_path / "b", single_user=True)

@@ -16,9 +16,8 @@ from pyqmail.layout import create_home
 from pyqmail.outcome import Status
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.submit import InProcessSubmitter
+from pyqmail.remote import deliver
 from tests.integration.test_qmqp_server import Listener, queued
-
-deliver = pytest.importorskip("pyqmail.remote.deliver")
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.writer import QueueError, QueueWriter
+from tests.conftest import qmail_ids
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:
@@ -43,10 +44,11 @@ def queue_files(root: Path) -> set[str]:
 def multi_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
     """A multi-user home owned as qmail's install makes it, reachable by every user."""
     monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
+    ids = qmail_ids()
     top = Path(tempfile.mkdtemp(prefix="pyqmail-q-"))
     os.chmod(top, 0o755)
     home = Home(top / "qmail", single_user=False)
-    create_home(home, "mx.test.example", home.ids())
+    create_home(home, "mx.test.example", ids)
     monkeypatch.setenv("PYQMAIL_HOME", str(home.root))
     yield home
     shutil.rmtree(top)
@@ -163,10 +165,11 @@ def test_wrongly_owned_dirs(multi_home: Home, tmp_path: Path, where: str, code: 
 @pytest.fixture
 def tiny_fs() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="pyqmail-tmpfs-"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k,nr_inodes=200", "tmpfs", str(d)])
-    if r.returncode != 0:
+    opts = "size=400k,nr_inodes=200"
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:  # root on Debian can; a container without CAP_SYS_ADMIN cannot
         os.rmdir(d)
-        pytest.skip("cannot mount a tmpfs here")
+        pytest.fail(f"root cannot mount a tmpfs: {r.stderr.decode().strip()}", pytrace=False)
     try:
         yield d
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,10 +19,14 @@ from pyqmail.home import Home
 from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.remote.mx import Address, DnsFailure, make_resolver, mx_addresses
-from tests.conftest import free_port, write_control
+from tests.conftest import free_port, require_tools, write_control
 from tests.integration.test_remote_peers import Peer, Script
 
-pytestmark = pytest.mark.skipif(not shutil.which("dnsmasq"), reason="dnsmasq not installed")
+
+@pytest.fixture(autouse=True)
+def _dnsmasq() -> None:
+    require_tools("dnsmasq")
+
 
 RECORDS = [
     "--mx-host=mx.test,a.mx.test,10",

@@ -23,7 +23,7 @@ import pytest
 
 from pyqmail.cli.common import parse_listen
 from pyqmail.home import Home
-from tests.conftest import free_port, write_control
+from tests.conftest import free_port, require_ipv6_loopback, write_control
 from tests.integration.test_remote_peers import Peer, Script
 
 BIN = Path(sys.executable).parent
@@ -185,11 +185,7 @@ def test_delivers_logs_and_stops_cleanly_on_term(mta: Mta) -> None:
 
 
 def test_ipv6_listener(mta: Mta) -> None:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback")
+    require_ipv6_loopback()
     port6 = free_port()
     mta.start("--smtp", f"[::1]:{port6}")
     wait_for(lambda: listening(port6, "::1"), what="IPv6 listener")

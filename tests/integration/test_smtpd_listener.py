@@ -23,7 +23,7 @@ from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.smtp import replies
-from tests.conftest import free_port
+from tests.conftest import free_port, require_ipv6_loopback
 
 
 class Server:
@@ -596,8 +596,7 @@ def test_no_rcpthosts_relays_for_anyone(server: Server) -> None:
 
 
 def test_ipv6_and_greet_delay_early_talker(tmp_path: Path) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+    require_ipv6_loopback()
     home = Home(tmp_path / "qmail", single_user=True)
     create_home(home, "mx.test.example", None)
     proc = start_listener(home, "--listen", "[::1]:0", "--greet-delay", "0.5")

@@ -18,13 +18,16 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
-from tests.conftest import free_port, write_control
+from tests.conftest import free_port, require_tools, write_control
 from tests.peers import PrivatePostfix
 
-pytestmark = [
-    pytest.mark.interop,
-    pytest.mark.skipif(not shutil.which("smtp-sink"), reason="postfix not installed"),
-]
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture(autouse=True)
+def _postfix() -> None:
+    require_tools("smtp-sink", "postfix")
+
 
 MSG = b"Subject: interop\n\nline one\n.dot line\nX\r.\nline after\n"
 
@@ -125,7 +128,6 @@ relay_transport = error
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="postfix needs root")
-@pytest.mark.skipif(not shutil.which("postfix"), reason="postfix not installed")
 def test_real_postfix_accepts_and_delivers(home: Home, tmp_path: Path) -> None:
     # Postfix's own users must reach the directory: not under pytest's 0700 tmp_path.
     d = Path(tempfile.mkdtemp(prefix="pyqmail-postfix-"))

@@ -4,7 +4,6 @@ driven by swaks and raw bytes: the way a qmail site runs it."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.smtp import replies
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tools
 
 pytestmark = pytest.mark.interop
 
@@ -26,9 +25,7 @@ BIN = Path(sys.executable).parent
 
 
 def _need_tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing or not (BIN / "qmail-smtpd").exists():
-        pytest.skip(f"missing {missing or 'qmail-smtpd'} (make deps installs ucspi-tcp, swaks)")
+    require_tools(*TOOLS)
 
 
 class Site:

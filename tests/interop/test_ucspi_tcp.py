@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyqmail import cdb, tcprules
+from tests.conftest import require, require_tools
 
 pytestmark = pytest.mark.interop
 
@@ -26,11 +27,20 @@ REF_TCPRULES = "/usr/bin/tcprules"
 REF_CHECK = "/usr/bin/tcprulescheck"
 TINYCDB = shutil.which("cdb")
 
-needs_ucspi = pytest.mark.skipif(
-    not (os.access(REF_TCPRULES, os.X_OK) and os.access(REF_CHECK, os.X_OK)),
-    reason="Debian ucspi-tcp is not installed (make deps installs it)",
-)
-needs_tinycdb = pytest.mark.skipif(TINYCDB is None, reason="tinycdb is not installed")
+
+@pytest.fixture
+def _ucspi() -> None:
+    ok = os.access(REF_TCPRULES, os.X_OK) and os.access(REF_CHECK, os.X_OK)
+    require(ok, "Debian ucspi-tcp is not installed", "run `make deps` as root (`make test` does)")
+
+
+@pytest.fixture
+def _tinycdb() -> None:
+    require_tools("cdb")
+
+
+needs_ucspi = pytest.mark.usefixtures("_ucspi")
+needs_tinycdb = pytest.mark.usefixtures("_tinycdb")
 
 OURS = [
     sys.executable,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.home import Home, HomeError
+from pyqmail.home import Home
 from pyqmail.layout import create_home
-from tests.conftest import free_port, is_root
+from tests.conftest import free_port, is_root, qmail_ids
 from tests.integration.test_run_daemon import listening, wait_for
 
 BIN = Path(sys.executable).parent
@@ -33,14 +33,10 @@ LOCALS = ["joe-a;touch${IFS}/tmp/PWNED_R1", "joe-$(touch /tmp/PWNED_R2)", "joe-`
 @pytest.fixture
 def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
     monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
+    ids = qmail_ids()
     d = Path(tempfile.mkdtemp(prefix="pyqmail-sec-root-"))
     d.chmod(0o755)
     home = Home(d / "q", single_user=False)
-    try:
-        ids = home.ids()
-    except HomeError as e:
-        shutil.rmtree(d)
-        pytest.skip(str(e))
     create_home(home, "mx.test.example", ids)
     (home.control / "locals").write_text("test.example\n")
     (home.control / "rcpthosts").write_text("test.example\n")
