@@ -26,9 +26,10 @@ The grammar is RFC 5321 section 4.1.2, read strictly:
   them); the doors keep their own cap on the whole address (qmail's 899/1000 bytes);
 * 8-bit bytes only with ``utf8=True`` (RFC 6531), and then only as valid UTF-8;
 * no domain at all: ``postmaster`` as a recipient (RFC 5321 4.1.1.3 requires it), or
-  anything when the caller says so (``bare_ok``: a local qmail-queue caller, whose
-  domain-less addresses qmail-send completes with envnoathost; an SMTP client whose
-  RELAYCLIENT value will complete them).
+  any local part when the caller says so (``bare_ok``: an SMTP client whose
+  RELAYCLIENT value will complete it; and QMQP, QMTP and the queue service, which are
+  not RFC 5321 and whose domain-less addresses qmail-send completes with envnoathost,
+  as qmail does for them).
 
 And one rule that is not about syntax: an address whose unquoted form contains ``(``,
 ``)``, ``{`` in the shape of a bash function definition (``()`` then ``{``, with any
@@ -42,8 +43,11 @@ The unquoted form is what reaches the environment, so ``"() { :;}; x"@host`` is 
 although it is a valid RFC 5321 mailbox.
 
 Addresses come back in qmail's queue form: quotes and escapes removed
-(``"john doe"@example.test`` -> ``john doe@example.test``); qmail-remote (here
-smtp/client.py) quotes the local part again when it sends one.
+(``"john doe"@example.test`` -> ``john doe@example.test``), as qmail-smtpd stores them.
+:func:`quote` is the way back: every client that hands a queue-form address to one of
+these doors (the queue service, QMQP, QMTP) writes it as a mailbox first, as
+qmail-remote (here smtp/client.py) does on SMTP, so ``a;b@x`` from the queue travels as
+``"a;b"@x`` and arrives as ``a;b@x`` again, while a raw ``a;b@x`` is refused.
 """
 
 from __future__ import annotations
@@ -147,20 +151,46 @@ def parse_mailbox(
     return Mailbox(local, domain)
 
 
-def check_envelope(address: bytes, *, sender: bool, bare_ok: bool = False) -> bytes | Refusal:
+def check_envelope(address: bytes, *, sender: bool) -> bytes | Refusal:
     """An address as QMQP, QMTP or the queue service carries it: its queue form, or why not.
 
     These carry the address without SMTP's brackets, written as an RFC 5321 mailbox
     (quoted where it needs quotes). The empty sender and qmail's double-bounce sender
-    ``#@[]`` are allowed as senders; an empty recipient is refused. 8-bit addresses are
-    allowed if they are valid UTF-8: these doors have no SMTPUTF8 to negotiate.
+    ``#@[]`` are allowed as senders; an empty recipient is refused; a local part without
+    a domain is allowed (qmail-send adds envnoathost). 8-bit addresses are allowed if
+    they are valid UTF-8: these doors have no SMTPUTF8 to negotiate.
     """
     if sender and address in (b"", DOUBLE_BOUNCE):
         return address
     if not address:
         return Refusal.SYNTAX
-    got = parse_mailbox(address, rcpt=not sender, bare_ok=bare_ok, utf8=True)
+    got = parse_mailbox(address, rcpt=not sender, bare_ok=True, utf8=True)
     return got if isinstance(got, Refusal) else got.address
+
+
+def queue_form(address: bytes, *, sender: bool) -> bytes | None:
+    """:func:`check_envelope` for a door that only needs yes or no: the queue form, or None."""
+    got = check_envelope(address, sender=sender)
+    return None if isinstance(got, Refusal) else got
+
+
+def quote(address: bytes) -> bytes:
+    """A queue-form address written as an RFC 5321 mailbox (the inverse of the checks).
+
+    The local part (before the last ``@``) is quoted unless it is a dot-string, with
+    ``\\`` before each ``"`` and ``\\``; the domain is left as it is. The empty address
+    and ``#@[]`` stay as they are. Bytes no mailbox may hold (controls) are left for the
+    receiving door to refuse.
+    """
+    at = address.rfind(b"@")
+    local, rest = (address, b"") if at < 0 else (address[:at], address[at:])
+    if not local or _is_dot_string(local):
+        return address
+    return b'"' + local.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"' + rest
+
+
+def _is_dot_string(local: bytes) -> bool:
+    return all(atom and all(c in _ATEXT for c in atom) for atom in local.split(b"."))
 
 
 def _local_part(text: bytes) -> tuple[bytes, int] | None:
