@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pyqmail.mailbox import (
@@ -14,6 +14,7 @@ from pyqmail.mailbox import (
     is_function_definition,
     parse_mailbox,
     parse_path,
+    quote,
 )
 
 SHELLSHOCK = b"() { :; }; /bin/touch /tmp/x"  # the published exploit's sender
@@ -222,3 +223,30 @@ def test_envelope_check_never_raises_and_refuses_nul(address: bytes) -> None:
     got = check_envelope(address, sender=False)
     if isinstance(got, bytes):
         assert b"\0" not in got and got
+
+
+@given(_PRINTABLE.filter(bool), st.one_of(st.just(b""), _DOMAIN), st.booleans())
+def test_quote_round_trips_every_queue_form(local: bytes, domain: bytes, sender: bool) -> None:
+    # a bare local part holding "@" reads as local@domain in the queue too: not one form
+    assume(domain or b"@" not in local)
+    address = local + b"@" + domain if domain else local
+    got = check_envelope(quote(address), sender=sender)
+    assert got == (_R.FUNCTION if is_function_definition(address) else address)
+
+
+@pytest.mark.parametrize(
+    ("address", "quoted"),
+    [
+        (b"a@b", b"a@b"),
+        (b"john doe@b", b'"john doe"@b'),
+        (b'a"b\\c@b', b'"a\\"b\\\\c"@b'),
+        (b"a@b@c", b'"a@b"@c'),
+        (b".a..b.@c", b'".a..b."@c'),
+        (b"joe", b"joe"),
+        (b"a b", b'"a b"'),
+        (b"", b""),
+        (DOUBLE_BOUNCE, DOUBLE_BOUNCE),
+    ],
+)
+def test_quote(address: bytes, quoted: bytes) -> None:
+    assert quote(address) == quoted
