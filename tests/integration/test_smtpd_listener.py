@@ -21,6 +21,7 @@ import pytest
 from pyqmail import tcprules
 from pyqmail.home import Home
 from pyqmail.layout import create_home
+from pyqmail.mailbox import Refusal
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.smtp import replies
 from tests.conftest import free_port, require_ipv6_loopback
@@ -458,7 +459,7 @@ def test_bad_mail_arguments(server: Server, line: bytes, reply: bytes) -> None:
     ("line", "reply"),
     [
         (b"RCPT TO:<>", replies.EMPTY_RCPT),
-        (b"RCPT TO:<@>", replies.EMPTY_RCPT),
+        (b"RCPT TO:<@>", replies.bad_mailbox(Refusal.ROUTE, sender=False)),
         (b"RCPT TO:<x@test.example\x00>", replies.BAD_BYTES),
     ],
 )

@@ -25,6 +25,7 @@ from tests.conftest import free_port
 from tests.security._support import queued
 
 BIN = Path(sys.executable).parent
+SHELLSHOCK = b"() { :; }; /bin/touch /tmp/x"  # the published exploit's sender
 
 
 def _qmqp(*items: bytes) -> bytes:
@@ -97,8 +98,23 @@ def test_qmqp_huge_length_is_refused_before_reading(home: Home, length: bytes) -
         (b"a\x00Tvictim@elsewhere.example", [b"x@test.example"]),
         (b"a@client.example", [b"x" * 1000 + b"@test.example"]),
         (b"a" * 1000, [b"x@test.example"]),
+        (SHELLSHOCK, [b"x@test.example"]),
+        (b"a;b@client.example", [b"x@test.example"]),
+        (b"a@client.example", [b'"' + SHELLSHOCK + b'"@test.example']),
+        (b"a@client.example", [b"john doe@test.example"]),
     ],
-    ids=["zero-rcpts", "nul-rcpt", "nul-only", "nul-sender", "long-rcpt", "long-sender"],
+    ids=[
+        "zero-rcpts",
+        "nul-rcpt",
+        "nul-only",
+        "nul-sender",
+        "long-rcpt",
+        "long-sender",
+        "shellshock-sender",
+        "special-sender",
+        "quoted-function-rcpt",
+        "space-rcpt",
+    ],
 )
 def test_qmqp_bad_envelope_is_refused(home: Home, sender: bytes, rcpts: list[bytes]) -> None:
     r = _run(home, "qmail-qmqpd", _qmqp(b"Subject: q\n\nbody\n", sender, *rcpts))
@@ -382,3 +398,20 @@ def test_qmqp_resets_right_after_the_request(home: Home, qmqp_listener: int) -> 
     todo = {f.name for f in (home.queue / "todo").iterdir()}
     mess = {f.name for f in (home.queue / "mess").rglob("*") if f.is_file()}
     assert todo == mess and todo
+
+
+def test_listeners_refuse_the_shellshock_sender_and_take_quoted_ones(
+    home: Home, qmqp_listener: int, qmtp_listener: int
+) -> None:
+    (home.control / "rcpthosts").write_text("test.example\n")
+    msg = b"Subject: s\n\nbody\n"
+    out = _exchange(qmqp_listener, _qmqp(msg, SHELLSHOCK, b"x@test.example"))
+    assert b":D" in out, out
+    replies = _qmtp_replies(_exchange(qmtp_listener, _qmtp(msg, SHELLSHOCK, [b"x@test.example"])))
+    assert [r[:1] for r in replies] == [b"D"], replies
+    assert queued(home) == []
+    assert b":K" in _exchange(qmqp_listener, _qmqp(msg, b'"john doe"@c.example', b"x@test.example"))
+    replies = _qmtp_replies(_exchange(qmtp_listener, _qmtp(msg, b"", [b'"a;b"@test.example'])))
+    assert [r[:1] for r in replies] == [b"K"], replies
+    assert sorted(queued(home)) == [(b"", [b"a;b@test.example"]),
+                                    (b"john doe@c.example", [b"x@test.example"])]  # fmt: skip

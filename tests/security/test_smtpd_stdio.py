@@ -81,6 +81,28 @@ def test_attack_queues_nothing(home: Home, attack: bytes) -> None:
     assert code in (0, 1)
 
 
+SHELLSHOCK = b"() { :; }; /bin/touch /tmp/x"  # the published exploit's sender
+
+
+def test_the_shellshock_exploit_is_refused_at_mail_and_rcpt(home: Home) -> None:
+    """The published exploit's conversation; then the sender quoted; then in RCPT."""
+    out, _ = _session(
+        home,
+        b"HELO x\r\nMAIL FROM:<" + SHELLSHOCK + b">\r\nRCPT TO:<x@test.example>\r\nDATA\r\n",
+    )
+    assert [line[:3] for line in out.split(b"\r\n")[:5]] == [b"220", b"250", b"553", b"503", b"503"]
+    out, _ = _session(
+        home,
+        b'MAIL FROM:<"' + SHELLSHOCK + b'"@b.example>\r\n'
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<" + SHELLSHOCK + b"@test.example>\r\n"
+        b'RCPT TO:<"x-' + SHELLSHOCK + b'"@test.example>\r\nQUIT\r\n',
+    )
+    codes = [line[:3] for line in out.split(b"\r\n") if line]
+    assert codes == [b"220", b"553", b"250", b"553", b"553", b"221"], out
+    assert out.count(b"shell function definition") == 2
+    assert queued(home) == []
+
+
 def test_long_line_and_error_flood(home: Home) -> None:
     out, _ = _session(home, b"NOOP " + b"x" * 100_000 + b"\r\n" + b"BOGUS\r\n" * 40)
     assert b"500 " in out

@@ -16,6 +16,7 @@ from pyqmail.inject.qmqp import (
     received_line,
     server_list,
 )
+from pyqmail.mailbox import queue_form
 
 
 def req(message: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:
@@ -52,8 +53,30 @@ def test_request_in_one_byte_pieces() -> None:
 def test_any_split_gives_the_same_request(m: bytes, s: bytes, r: list[bytes], step: int) -> None:
     msg, ev = run(req(m, s, r), step)
     assert msg == m
-    bad = any(len(a) >= 1000 or b"\0" in a for a in [s, *r])
-    assert ev == [Request(s, r, bad)]
+    forms = [queue_form(s, sender=True), *(queue_form(a, sender=False) for a in r)]
+    bad = any(f is None for f in forms) or any(len(a) >= 1000 for a in [s, *r])
+    assert ev == [Request(forms[0] or b"", [f or b"" for f in forms[1:]], bad)]
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpts", "expected"),
+    [
+        (b"() { :; }; /bin/touch /tmp/x", [b"a@b"], Request(b"", [b"a@b"], True)),
+        (b"a;b@example.test", [b"a@b"], Request(b"", [b"a@b"], True)),
+        (b'"() { :;}; x"@e.test', [b"a@b"], Request(b"", [b"a@b"], True)),
+        (b"ok@e.test", [b"john doe@e.test"], Request(b"ok@e.test", [b""], True)),
+        (b"ok@e.test", [b""], Request(b"ok@e.test", [b""], True)),
+        (
+            b'"john doe"@e.test',
+            [b'"a;b"@e.test'],
+            Request(b"john doe@e.test", [b"a;b@e.test"], False),
+        ),
+        (b"", [b"postmaster"], Request(b"", [b"postmaster"], False)),
+        (b"#@[]", [b"a@[192.0.2.1]"], Request(b"#@[]", [b"a@[192.0.2.1]"], False)),
+    ],
+)
+def test_addresses_must_be_mailboxes(sender: bytes, rcpts: list[bytes], expected: Request) -> None:
+    assert run(req(b"x\n", sender, rcpts))[1] == [expected]
 
 
 @pytest.mark.parametrize(

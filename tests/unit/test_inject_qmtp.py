@@ -60,6 +60,21 @@ def test_pipelined_messages() -> None:
                             (b"two\n", Envelope(b"s2", [b"b", b"c"]))]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("sender", "rcpts", "envelope"),
+    [
+        (b"() { :; }; /bin/touch /tmp/x", [b"a@b"], Envelope(None, [b"a@b"])),
+        (b"a;b@example.test", [b"a@b"], Envelope(None, [b"a@b"])),
+        (b"ok@e.test", [b"a(b@e.test", b'"() {"@e.test', b""], Envelope(b"ok@e.test", [None] * 3)),
+        (b'"john doe"@e.test', [b'"a;b"@e.test'], Envelope(b"john doe@e.test", [b"a;b@e.test"])),
+        (b"", [b"postmaster", b"u@[IPv6:::1]"], Envelope(b"", [b"postmaster", b"u@[IPv6:::1]"])),
+    ],
+)
+def test_addresses_must_be_mailboxes(sender: bytes, rcpts: list[bytes], envelope: Envelope) -> None:
+    # None = refused: BAD_SENDER for the message, BAD_RECIPIENT for that recipient
+    assert run(msg(b"x\n", sender, rcpts)) == [(b"x\n", envelope)]
+
+
 def test_long_addresses_become_none() -> None:
     ((_, env),) = run(msg(b"x\n", b"s" * 1000, [b"r" * 1000, b"ok"]))
     assert env == Envelope(None, [None, b"ok"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.home import Home, Ids
+from pyqmail.queue.envelope import format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
 from pyqmail.queue.service import (
@@ -22,7 +23,8 @@ from pyqmail.queue.service import (
     peer_credentials,
     read_netstring,
 )
-from pyqmail.queue.writer import QueueWriter
+from pyqmail.queue.submit import ServiceSubmitter
+from pyqmail.queue.writer import QueueError, QueueWriter
 
 
 def test_netstrings() -> None:
@@ -155,3 +157,74 @@ def test_per_uid_limit(home: Home, tmp_path: Path) -> None:
         c.close()
     finally:
         svc.close()
+
+
+SHELLSHOCK = b"() { :; }; /bin/touch /tmp/x"  # the published exploit's sender
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpts"),
+    [
+        (SHELLSHOCK, [b"x@e.test"]),
+        (b"a;b@e.test", [b"x@e.test"]),
+        (b"john doe@e.test", [b"x@e.test"]),
+        (b'"' + SHELLSHOCK + b'"@e.test', [b"x@e.test"]),
+        (b"ok@e.test", [b"x(y@e.test"]),
+        (b"ok@e.test", [b"x@e.test", b""]),
+        (b"ok@e.test", [b"x@e.test."]),
+    ],
+)
+def test_raw_envelopes_that_are_not_mailboxes_get_11(
+    home: Home, tmp_path: Path, sender: bytes, rcpts: list[bytes]
+) -> None:
+    svc = QueueService(home, path=tmp_path / "s")
+    svc.bind()
+    svc.start()
+    try:
+        r = ServiceClient(svc.path).submit([b"x\n"], format_input(sender, rcpts))
+    finally:
+        svc.close()
+    assert r.code == 11 and "envelope" in r.text
+    paths = QueuePaths(home.queue)
+    assert os.listdir(paths.dir("todo")) == [] and os.listdir(paths.dir("intd")) == []
+    assert all(os.listdir(d) == [] for d in paths.split_dirs("mess"))
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpts"),
+    [
+        (b"john doe@e.test", [b"a;b@e.test", b'a"b\\c@e.test', b"postmaster"]),  # queue form
+        (b"", [b"joe"]),
+        (b"#@[]", [b"u@[192.0.2.1]"]),  # a double bounce
+    ],
+)
+def test_our_client_quotes_queue_forms_and_the_service_unquotes_them(
+    home: Home, tmp_path: Path, sender: bytes, rcpts: list[bytes]
+) -> None:
+    svc = QueueService(home, path=tmp_path / "s")
+    svc.bind()
+    svc.start()
+    try:
+        p = ServiceSubmitter(home, path=svc.path).begin()
+        p.write(b"x\n")
+        n = p.commit(sender, rcpts)
+    finally:
+        svc.close()
+    todo = parse_todo((home.queue / "todo" / str(n)).read_bytes())
+    assert (todo.sender, list(todo.recipients)) == (sender, rcpts)
+
+
+def test_the_service_refuses_a_function_definition_even_from_our_client(
+    home: Home, tmp_path: Path
+) -> None:
+    svc = QueueService(home, path=tmp_path / "s")
+    svc.bind()
+    svc.start()
+    try:
+        p = ServiceSubmitter(home, path=svc.path).begin()
+        p.write(b"x\n")
+        with pytest.raises(QueueError) as e:
+            p.commit(b"me-" + SHELLSHOCK + b"@e.test", [b"x@e.test"])
+    finally:
+        svc.close()
+    assert e.value.code == 11

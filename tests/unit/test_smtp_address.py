@@ -16,30 +16,36 @@ from pyqmail.smtp.address import (
     domain_of,
     ip_literal,
     parse_mail_params,
-    parse_path,
+    split_path,
 )
 
 
 @pytest.mark.parametrize(
-    ("arg", "address", "rest"),
+    ("arg", "path", "rest"),
     [
         (b"FROM:<a@b> SIZE=5", b"a@b", b" SIZE=5"),
         (b"TO: <x@y>", b"x@y", b""),
         (b"from:a@b", b"a@b", b""),
         (b"from: a@b BODY=8BITMIME", b"a@b", b"BODY=8BITMIME"),
-        (b"TO:<@a,@b:u@c>", b"u@c", b""),
-        (b"TO:<@a>", b"", b""),
-        (b'TO:<"a b"@c>', b"a b@c", b""),
-        (b'TO:<"a>b"@c>', b"a>b@c", b""),
-        (b"TO:<a\\>b@c>", b"a>b@c", b""),
-        (b"TO:<a@b", b"a@b", b""),
+        (b"TO:<@a,@b:u@c>", b"@a,@b:u@c", b""),
+        (b"TO:<@a>", b"@a", b""),
+        (b'TO:<"a b"@c>', b'"a b"@c', b""),
+        (b'TO:<"a>b"@c>', b'"a>b"@c', b""),
+        (b'TO:<"a\\"b"@c> X', b'"a\\"b"@c', b" X"),
+        (b"TO:<a\\>b@c>", b"a\\>b@c", b""),
+        (b'from:"a b"@c SIZE=1', b'"a b"@c', b"SIZE=1"),
         (b"<>", b"", b""),
         (b"TO:x<y@z>", b"y@z", b""),
         (b"", b"", b""),
     ],
 )
-def test_parse_path(arg: bytes, address: bytes, rest: bytes) -> None:
-    assert parse_path(arg) == (address, rest)
+def test_split_path(arg: bytes, path: bytes, rest: bytes) -> None:
+    assert split_path(arg) == (path, rest)
+
+
+@pytest.mark.parametrize("arg", [b"TO:<a@b", b'TO:<"a>b@c>', b"<", b"FROM:<a\\>"])
+def test_unclosed_bracket_is_no_path(arg: bytes) -> None:
+    assert split_path(arg) is None
 
 
 _SAFE = st.binary(max_size=60).filter(lambda b: not any(c in b for c in b'<>"\\ :@'))
@@ -48,13 +54,16 @@ _SAFE = st.binary(max_size=60).filter(lambda b: not any(c in b for c in b'<>"\\ 
 @given(_SAFE.filter(bool), _SAFE)
 def test_bracketed_addresses_round_trip(local: bytes, domain: bytes) -> None:
     address = local + b"@" + domain
-    assert parse_path(b"FROM:<" + address + b"> SIZE=1") == (address, b" SIZE=1")
+    assert split_path(b"FROM:<" + address + b"> SIZE=1") == (address, b" SIZE=1")
 
 
 @given(st.binary(max_size=200))
-def test_parse_path_never_raises_and_never_grows(arg: bytes) -> None:
-    address, rest = parse_path(arg)
-    assert len(address) <= len(arg) and len(rest) <= len(arg)
+def test_split_path_never_raises_and_never_grows(arg: bytes) -> None:
+    got = split_path(arg)
+    if got is not None:
+        path, rest = got
+        assert len(path) + len(rest) <= len(arg)
+        assert path in arg
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,14 @@ from hypothesis import strategies as st
 
 from pyqmail import cdb
 from pyqmail.home import Home
+from pyqmail.mailbox import Refusal
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import Limits, State
 from tests.conftest import write_control
 from tests.unit.test_smtp_support import ACCEPT, Driver, make
+
+_NOT_MAILBOX_RCPT = replies.bad_mailbox(Refusal.SYNTAX, sender=False)
+_NOT_MAILBOX_MAIL = replies.bad_mailbox(Refusal.SYNTAX, sender=True)
 
 PIECES = [1, 3, 0]  # one byte at a time, small pieces, the whole transcript at once
 
@@ -160,7 +164,8 @@ def test_rcpthosts_exact_and_suffix(home: Home) -> None:
     assert d.feed(b"RCPT TO:<x@elsewhere.example>\r\n") == replies.NOT_RCPTHOSTS
     assert d.feed(b"RCPT TO:<x%elsewhere.example@test.example>\r\n") == replies.OK
     assert d.feed(b"RCPT TO:<elsewhere.example!x@test.example>\r\n") == replies.OK
-    assert d.feed(b"RCPT TO:<x@test.example@elsewhere.example>\r\n") == replies.NOT_RCPTHOSTS
+    # two @ signs: not an RFC 5321 mailbox (qmail took the last @ and refused the relay)
+    assert d.feed(b"RCPT TO:<x@test.example@elsewhere.example>\r\n") == _NOT_MAILBOX_RCPT
     assert d.feed(b"RCPT TO:<postmaster>\r\n") == replies.OK
 
 
@@ -215,8 +220,7 @@ def test_badmailfrom_address_and_domain_refused_at_each_rcpt(home: Home) -> None
         (b"[0.0.0.0]", True),
         (b"[IPv6:::1]", True),
         (b"[192.0.2.99]", False),
-        (b"[127.0.0.1", False),
-        (b"[300.0.0.1]", False),
+        (b"[IPv6:2001:db8::1]", False),
     ],
 )
 def test_localiphost_for_our_ip_literals(home: Home, literal: bytes, rewritten: bool) -> None:
@@ -239,7 +243,9 @@ def test_localiphost_for_our_ip_literals(home: Home, literal: bytes, rewritten: 
         (b"FROM: <a@b>", b"a@b"),
         (b"FROM:<@r1,@r2:u@c>", b"u@c"),
         (b'FROM:<"a b"@c>', b"a b@c"),
-        (b"FROM:<a\\>b@c>", b"a>b@c"),
+        (b'FROM:<"a>b"@c>', b"a>b@c"),
+        (b'FROM:<"a\\"b"@c>', b'a"b@c'),
+        (b'FROM:"a b"@c', b"a b@c"),
         (b"FROM:<>", b""),
         (b"<a@b>", b"a@b"),
     ],
@@ -294,8 +300,8 @@ def test_good_mail_parameters(home: Home) -> None:
     ("line", "reply"),
     [
         (b"RCPT TO:<>", replies.EMPTY_RCPT),
-        (b"RCPT TO:<@>", replies.EMPTY_RCPT),
-        (b"RCPT TO:<@a.example:>", replies.EMPTY_RCPT),
+        (b"RCPT TO:<@>", replies.bad_mailbox(Refusal.ROUTE, sender=False)),
+        (b"RCPT TO:<@a.example:>", _NOT_MAILBOX_RCPT),
         (b"RCPT TO:", replies.EMPTY_RCPT),
         (b"RCPT TO:<x\x00y@test.example>", replies.BAD_BYTES),
         (b"RCPT TO:<x@test.example>\x00RCPT TO:<evil@else>", replies.BAD_BYTES),
@@ -311,10 +317,102 @@ def test_strict_rcpt_arguments(home: Home, line: bytes, reply: bytes) -> None:
     assert d.feed(b"DATA\r\n") == replies.RCPT_FIRST
 
 
+# The sender of the published Shellshock exploit against qmail, exactly as it sends it.
+SHELLSHOCK = b"() { :; }; /bin/touch /tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("path", "reply"),
+    [
+        (SHELLSHOCK, _NOT_MAILBOX_MAIL),
+        (SHELLSHOCK + b"@example.test", _NOT_MAILBOX_MAIL),
+        (b'"' + SHELLSHOCK + b'"@example.test', replies.FUNCTION_DEFINITION),
+        (b'"x\\(\\) \\{ :;}; id"@example.test', replies.FUNCTION_DEFINITION),
+        (b'"me-(){ :;}; id"@example.test', replies.FUNCTION_DEFINITION),
+        (b"john doe@example.test", _NOT_MAILBOX_MAIL),
+        (b"a;b@example.test", _NOT_MAILBOX_MAIL),
+        (b"a(b@example.test", _NOT_MAILBOX_MAIL),
+        (b"a)b@example.test", _NOT_MAILBOX_MAIL),
+        (b"a,b@example.test", _NOT_MAILBOX_MAIL),
+        (b"a:b@example.test", _NOT_MAILBOX_MAIL),
+        (b'"john@example.test', _NOT_MAILBOX_MAIL),
+        (b"a\\>b@example.test", _NOT_MAILBOX_MAIL),
+        (b"a@b@example.test", _NOT_MAILBOX_MAIL),
+        (b"a@example.test.", _NOT_MAILBOX_MAIL),
+        (b"a@exa_mple.test", _NOT_MAILBOX_MAIL),
+        (b"a@[300.0.0.1]", _NOT_MAILBOX_MAIL),
+        (b"a@[IPv6:fe80::1%25eth0]", _NOT_MAILBOX_MAIL),
+        (b"a@[x-tag:anything]", _NOT_MAILBOX_MAIL),
+        (b'""@example.test', replies.bad_mailbox(Refusal.EMPTY_LOCAL, sender=True)),
+        (b"me", replies.bad_mailbox(Refusal.NO_DOMAIN, sender=True)),
+        (b"postmaster", replies.bad_mailbox(Refusal.NO_DOMAIN, sender=True)),
+        (b"a@" + b"b." * 127 + b"cc", replies.bad_mailbox(Refusal.DOMAIN_TOO_LONG, sender=True)),
+        (b"@a,b:u@example.test", replies.bad_mailbox(Refusal.ROUTE, sender=True)),
+        (b"a@b.example", replies.OK),
+        (b'"john doe"@example.test', replies.OK),
+        (b"{|}~!#$%&'*+-/=?^_`@example.test", replies.OK),
+        (b"a@[192.0.2.1]", replies.OK),
+        (b"a@[IPv6:2001:db8::1]", replies.OK),
+        (b"@r1.example,@r2.example:u@example.test", replies.OK),
+        (b"x" * 65 + b"@example.test", replies.OK),  # longer than RFC's 64, like VERP/SRS
+        (b"", replies.OK),
+    ],
+)
+def test_mail_needs_an_rfc5321_mailbox(home: Home, path: bytes, reply: bytes) -> None:
+    d = session(home)
+    assert d.feed(b"MAIL FROM:<" + path + b">\r\n") == reply
+    if reply != replies.OK:
+        assert d.feed(b"RCPT TO:<x@test.example>\r\n") == replies.MAIL_FIRST
+
+
+@pytest.mark.parametrize(
+    ("path", "reply"),
+    [
+        (b"a;b@test.example", _NOT_MAILBOX_RCPT),
+        (SHELLSHOCK + b"@test.example", _NOT_MAILBOX_RCPT),
+        (b'"' + SHELLSHOCK + b'"@test.example', replies.FUNCTION_DEFINITION),
+        (b"me-() { :;}; id@test.example", _NOT_MAILBOX_RCPT),
+        (b"joe", replies.bad_mailbox(Refusal.NO_DOMAIN, sender=False)),
+        (b"postmaster", replies.OK),
+        (b"PostMaster", replies.OK),
+        (b"postmaster@test.example", replies.OK),
+        (b'"john doe"@test.example', replies.OK),
+        (b"@r.example:x@test.example", replies.OK),
+    ],
+)
+def test_rcpt_needs_an_rfc5321_mailbox(home: Home, path: bytes, reply: bytes) -> None:
+    d = session(home)
+    d.feed(b"MAIL FROM:<a@b.example>\r\n")
+    assert d.feed(b"RCPT TO:<" + path + b">\r\n") == reply
+
+
+def test_what_a_good_quoted_path_queues(home: Home) -> None:
+    d = session(home)
+    send_mail(d, b".\r\n", rcpt=b'"john doe"@test.example')
+    assert d.messages[0].recipients == (b"john doe@test.example",)
+
+
+def test_relayclient_completes_a_bare_recipient(home: Home) -> None:
+    d = session(home, env={"RELAYCLIENT": "@fixme.example"})
+    d.feed(b"MAIL FROM:<a@b.example>\r\n")
+    assert d.feed(b"RCPT TO:<joe>\r\n") == replies.OK
+    assert d.feed(b"RCPT TO:<a;b>\r\n") == _NOT_MAILBOX_RCPT
+    d = session(home, env={"RELAYCLIENT": ""})
+    d.feed(b"MAIL FROM:<a@b.example>\r\n")
+    assert d.feed(b"RCPT TO:<joe>\r\n") == replies.bad_mailbox(Refusal.NO_DOMAIN, sender=False)
+
+
+def test_an_unclosed_bracket_is_refused(home: Home) -> None:
+    d = session(home)
+    assert d.feed(b"MAIL FROM:<a@b.example\r\n") == _NOT_MAILBOX_MAIL
+
+
 def test_address_of_899_passes_900_is_a_syntax_error(home: Home) -> None:
     d = session(home, limits=Limits(max_command=2000))
-    assert d.feed(b"MAIL FROM:<" + b"a" * 899 + b">\r\n") == replies.OK
-    assert d.feed(b"MAIL FROM:<" + b"a" * 900 + b">\r\n") == replies.SYNTAX
+    assert d.feed(b"MAIL FROM:<" + b"a" * 889 + b"@b.example>\r\n") == replies.OK
+    assert d.feed(b"MAIL FROM:<" + b"a" * 890 + b"@b.example>\r\n") == replies.SYNTAX
+    # qmail's limit is on the address as stored: quotes and a source route do not count
+    assert d.feed(b'MAIL FROM:<@r.example:"' + b"a" * 889 + b'"@b.example>\r\n') == replies.OK
 
 
 # ----------------------------------------------------------------- DATA

@@ -25,7 +25,7 @@ from pyqmail.cli.common import split_home_args
 from pyqmail.control import ControlError
 from pyqmail.home import Home, HomeError
 from pyqmail.queue import codes
-from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser
+from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, format_service
 from pyqmail.queue.service import ServiceClient, origin_of, socket_path
 from pyqmail.queue.submit import qmqp_servers
 from pyqmail.queue.writer import QueueError, QueueWriter
@@ -97,7 +97,7 @@ def _via_service(home: Home) -> int:
 
     def envelope() -> bytes:
         sender, rcpts = _read_envelope()
-        return b"".join([b"F", sender, b"\0", *(b"T" + r + b"\0" for r in rcpts), b"\0"])
+        return format_service(sender, rcpts)
 
     try:
         reply = client.submit(_message_chunks(), envelope)

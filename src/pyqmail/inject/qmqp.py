@@ -39,6 +39,7 @@ from pyqmail.home import Home
 from pyqmail.inject import netstring
 from pyqmail.inject.netstring import NetstringError
 from pyqmail.inject.qmqpc import QmqpSubmitter, send_request, server_list  # noqa: F401
+from pyqmail.mailbox import queue_form
 from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
@@ -180,9 +181,11 @@ class QmqpReceiver:
                     raise NetstringError("netstring not terminated by a comma")
                 del buf[:1]
                 if self._item > 0:
-                    addr = bytes(self._addr)
-                    if self._addr_bad or b"\0" in addr:
+                    # an RFC 5321 mailbox (pyqmail.mailbox), queued unquoted; else D
+                    checked = queue_form(bytes(self._addr), sender=self._item == 1)
+                    if self._addr_bad or checked is None:
                         self._bad = True
+                    addr = checked or b""
                     if self._item == 1:
                         self._sender = addr
                     else:

@@ -22,6 +22,7 @@ from typing import IO
 
 from pyqmail.inject import netstring
 from pyqmail.inject.netstring import NetstringError
+from pyqmail.mailbox import quote
 from pyqmail.queue import codes
 from pyqmail.queue.submit import PendingLike
 from pyqmail.queue.writer import QueueError
@@ -77,7 +78,10 @@ def send_request(
     """Offer the request to each server in turn. Returns (qmail-queue code, reply text)."""
     if not servers:
         return codes.CONFIG_ERROR, "no QMQP servers in control/qmqpservers"
-    envelope = netstring.encode(sender) + netstring.encode_all(recipients)
+    # written as RFC 5321 mailboxes: a QMQP server (ours) refuses "a b@x" but takes '"a b"@x'
+    envelope = netstring.encode(quote(sender)) + netstring.encode_all(
+        [quote(r) for r in recipients]
+    )
     body_len = len(b"%d:" % length) + length + 1 + len(envelope)
     head = b"%d:%d:" % (body_len, length)
     result = (codes.CONFIG_ERROR, "no usable QMQP server")

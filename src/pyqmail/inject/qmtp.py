@@ -45,6 +45,7 @@ from pyqmail.inject.qmqp import (
     reply_for,
     rules_decision,
 )
+from pyqmail.mailbox import queue_form, quote
 from pyqmail.outcome import Outcome
 from pyqmail.queue import codes
 from pyqmail.queue.submit import PendingLike, Submitter
@@ -200,7 +201,10 @@ class QmtpReceiver:
             elif st == "sender_comma":
                 if not self._comma():
                     return
-                self._sender = None if self._addr_bad else bytes(self._addr)
+                # an RFC 5321 mailbox (pyqmail.mailbox), queued unquoted; else D
+                self._sender = (
+                    None if self._addr_bad else queue_form(bytes(self._addr), sender=True)
+                )
                 self._rcpts = []
                 self._state = "rcpts_len"
             elif st == "rcpts_len":
@@ -234,7 +238,9 @@ class QmtpReceiver:
             elif st == "rcpt_comma":
                 if not self._comma():
                     return
-                self._rcpts.append(None if self._addr_bad else bytes(self._addr))
+                self._rcpts.append(
+                    None if self._addr_bad else queue_form(bytes(self._addr), sender=False)
+                )
                 self._state = "rcpt_len"
             elif st == "rcpts_comma":
                 if not self._comma():
@@ -524,8 +530,8 @@ async def _attempt(
                 while chunk := f.read(CHUNK):
                     writer.write(chunk)
                     await writer.drain()
-                writer.write(b"," + netstring.encode(sender))
-                writer.write(netstring.encode(netstring.encode_all(recipients)))
+                writer.write(b"," + netstring.encode(quote(sender)))
+                writer.write(netstring.encode(netstring.encode_all([quote(r) for r in recipients])))
                 await writer.drain()
                 buf = bytearray()
                 while len(got) < len(recipients):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pyqmail import mailbox
 from pyqmail.queue import codes
 
 MAX_ADDRESS = 1002  # qmail-queue's ADDR is 1003 including the record's NUL
@@ -105,6 +106,28 @@ def check_address(addr: bytes) -> None:
 def format_input(sender: bytes, recipients: Sequence[bytes]) -> bytes:
     """The fd-1 form a caller writes to qmail-queue."""
     return b"".join([b"F", sender, b"\0", *(b"T" + r + b"\0" for r in recipients), b"\0"])
+
+
+def format_service(sender: bytes, recipients: Sequence[bytes]) -> bytes:
+    """The queue service's envelope: :func:`format_input` with each address written as
+    an RFC 5321 mailbox (quoted where it needs it), which the service checks and unquotes."""
+    return format_input(mailbox.quote(sender), [mailbox.quote(r) for r in recipients])
+
+
+def service_mailboxes(sender: bytes, recipients: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+    """What the queue service accepts: RFC 5321 mailboxes, as pyqmail.mailbox checks them.
+
+    Returns the queue forms (quotes removed). Anything else is qmail-queue's exit 11,
+    a permanent refusal whose text, "#5.1.3", is the one for a bad address.
+    """
+    out: list[bytes] = []
+    for i, address in enumerate([sender, *recipients]):
+        got = mailbox.check_envelope(address, sender=i == 0)
+        if isinstance(got, mailbox.Refusal):
+            what = "sender" if i == 0 else "recipient"
+            raise EnvelopeError(codes.ADDRESS_TOO_LONG, f"envelope {what}: {got.value}")
+        out.append(got)
+    return out[0], out[1:]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ Wire format (qmail-queue's bytes, framed with netstrings ``LEN:BYTES,``):
 
     client: message chunks as netstrings (each at most 1 MiB), then the empty
             netstring ``0:,``, then ONE netstring holding the envelope exactly as
-            qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``).
+            qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``), except that each
+            address is written as an RFC 5321 mailbox (``"john doe"@x``, see
+            pyqmail.mailbox); the service refuses any other (exit 11) and queues the
+            unquoted form qmail-smtpd would have queued.
     service: ONE netstring ``CODE QP MSGNUM[ TEXT]`` in ASCII, CODE being qmail-queue's
             exit code (0 = queued), MSGNUM the message's inode number (0 on failure).
 
@@ -40,7 +43,7 @@ from typing import IO
 
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
-from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser
+from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, service_mailboxes
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.writer import QueueError, QueueWriter
@@ -357,7 +360,7 @@ class QueueService:
             env = read_netstring(f, MAX_ENVELOPE)
             parser = EnvelopeParser()
             parser.feed(env)
-            sender, rcpts = parser.finish()
+            sender, rcpts = service_mailboxes(*parser.finish())
             n = p.commit(sender, rcpts)
             return Reply(0, pid, n)
         except EnvelopeError as e:

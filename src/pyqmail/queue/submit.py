@@ -38,7 +38,7 @@ from typing import IO, Protocol
 from pyqmail.control import ControlError, parse_list, read_file
 from pyqmail.home import Home
 from pyqmail.queue import codes
-from pyqmail.queue.envelope import EnvelopeError, check_address, format_input
+from pyqmail.queue.envelope import EnvelopeError, check_address, format_input, format_service
 from pyqmail.queue.service import ServiceClient, socket_path
 from pyqmail.queue.writer import QueueError, QueueWriter
 
@@ -165,7 +165,7 @@ class _ServicePending(_Spooled):
         msg = self._take(sender, recipients)
         try:
             reply = self._client.submit(
-                iter(lambda: msg.read(65536), b""), format_input(sender, recipients)
+                iter(lambda: msg.read(65536), b""), format_service(sender, recipients)
             )
         finally:
             msg.close()

@@ -1,15 +1,18 @@
-"""MAIL FROM / RCPT TO argument parsing: qmail's path rules, then pyqmail's stricter checks.
+"""MAIL FROM / RCPT TO argument parsing: where the path is, and pyqmail's byte rules.
 
-:func:`parse_path` is qmail-smtpd's ``addrparse`` (smtpd.md section 4): start after the
-first ``<`` (else after the first ``:`` and spaces), drop a source route, copy up to the
-first unquoted ``>`` (or space without brackets) removing quotes and backslash escapes.
-What follows the address is returned as the parameter text, which qmail ignores and
-pyqmail validates (:func:`parse_mail_params`, :func:`check_rcpt_params`).
+:func:`split_path` finds the path the way qmail-smtpd's ``addrparse`` does (smtpd.md
+section 4: after the first ``<``, else after the first ``:`` and spaces, up to the first
+unquoted ``>``, or space without brackets) but hands it on as sent, quotes and source
+route included, for :func:`pyqmail.mailbox.parse_path` to check as an RFC 5321 path and
+turn into qmail's unquoted queue form. What follows the path is the parameter text,
+which qmail ignores and pyqmail validates (:func:`parse_mail_params`,
+:func:`check_rcpt_params`).
 
-:func:`check_address` applies the strict envelope rules: a control byte, DEL, or (with no
-SMTPUTF8) an 8-bit byte in an address is refused, so no NUL or newline can ever reach the
-NUL-separated queue envelope. :func:`ip_literal` recognises ``[d.d.d.d]`` (as a number,
-like qmail: ``[127.000.000.001]`` is 127.0.0.1) and, as an extension, ``[IPv6:...]``.
+:func:`check_bytes` and :func:`check_address` apply the strict envelope rules: a control
+byte, DEL, or (with no SMTPUTF8) an 8-bit byte in an address is refused, so no NUL or
+newline can ever reach the NUL-separated queue envelope; an address of 900 bytes or more
+is qmail's syntax error. :func:`ip_literal` recognises ``[d.d.d.d]`` (as a number, like
+qmail: ``[127.000.000.001]`` is 127.0.0.1) and ``[IPv6:...]``.
 
 Everything here is pure: bytes in, values out.
 """
@@ -34,10 +37,15 @@ class MailParams:
     body: bytes = b""
 
 
-def parse_path(arg: bytes) -> tuple[bytes, bytes]:
-    """Split a MAIL/RCPT argument into (address, text after the address), as qmail does.
+def split_path(arg: bytes) -> tuple[bytes, bytes] | None:
+    """Split a MAIL/RCPT argument into (path text as sent, text after it).
 
-    ``arg`` is what follows the verb and its spaces (``FROM:<a@b> SIZE=5``).
+    ``arg`` is what follows the verb and its spaces (``FROM:<a@b> SIZE=5``). The path is
+    what lies between the first ``<`` and the first ``>`` outside double quotes (a
+    backslash escapes the next byte), quotes and route kept for
+    :func:`pyqmail.mailbox.parse_path`. Without ``<`` (qmail takes ``FROM:a@b``, so do
+    we) it runs from after the first ``:`` and spaces to the next unquoted space. None
+    when a ``<`` is never closed: RFC 5321 has no such path (qmail took the rest).
     """
     lt = arg.find(b"<")
     bracket = lt >= 0
@@ -48,45 +56,38 @@ def parse_path(arg: bytes) -> tuple[bytes, bytes]:
         i = colon + 1 if colon >= 0 else 0
         while i < len(arg) and arg[i] == 0x20:
             i += 1
-    n = len(arg)
-    if i < n and arg[i] == 0x40:  # '@': a source route, dropped up to the first ':'
-        colon = arg.find(b":", i)
-        i = colon + 1 if colon >= 0 else n
     stop = 0x3E if bracket else 0x20  # '>' or ' '
-    if b'"' not in arg and b"\\" not in arg:
-        end = arg.find(bytes((stop,)), i)
-        if end < 0:
-            return arg[i:], b""
-        return arg[i:end], arg[end + 1 :]
-    out = bytearray()
+    start = i
+    n = len(arg)
     quoted = False
     while i < n:
         c = arg[i]
-        i += 1
         if c == 0x5C:  # backslash: the next byte is literal
-            if i < n:
-                out.append(arg[i])
-                i += 1
+            i += 2
             continue
-        if c == 0x22:  # double quote
+        if c == 0x22:
             quoted = not quoted
-            continue
-        if c == stop and not quoted:
-            return bytes(out), arg[i:]
-        out.append(c)
-    return bytes(out), b""
+        elif c == stop and not quoted:
+            return arg[start:i], arg[i + 1 :]
+        i += 1
+    return None if bracket else (arg[start:], b"")
+
+
+def check_bytes(text: bytes) -> bytes | None:
+    """A control byte, DEL or (no SMTPUTF8) an 8-bit byte in an address: the refusal reply."""
+    if not text.isascii():
+        return replies.EIGHTBIT_ADDRESS
+    for c in text:
+        if c < 0x20 or c == 0x7F:
+            return replies.BAD_BYTES
+    return None
 
 
 def check_address(address: bytes) -> bytes | None:
     """The strict envelope rules; returns the refusal reply, or None if the address is fine."""
     if len(address) > MAX_ADDRESS:
         return replies.SYNTAX
-    if not address.isascii():
-        return replies.EIGHTBIT_ADDRESS
-    for c in address:
-        if c < 0x20 or c == 0x7F:
-            return replies.BAD_BYTES
-    return None
+    return check_bytes(address)
 
 
 def _split_params(text: bytes) -> list[tuple[bytes, bytes | None]] | None:

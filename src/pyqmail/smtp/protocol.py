@@ -20,7 +20,8 @@ The adapter writes the Sends of one call together, before its next read: that is
 qmail-smtpd answers a pipelined batch in one write (smtpd.md section 2).
 
 qmail's commands and replies are in smtpd.md section 3; the stricter rules (line limits,
-control bytes, empty recipients, parameters, HTTP and TLS probes, BDAT/AUTH, stuffing
+control bytes, addresses that are not RFC 5321 mailboxes (pyqmail.mailbox), empty
+recipients, parameters, HTTP and TLS probes, BDAT/AUTH, stuffing
 after a refused DATA, recipient and error floods, early talkers) are in its last section.
 Each rule is a few lines in :meth:`SmtpServerConnection._command` and its helpers.
 """
@@ -31,12 +32,14 @@ import enum
 import re
 from dataclasses import dataclass
 
+from pyqmail import mailbox
 from pyqmail.smtp import replies
 from pyqmail.smtp.address import (
     check_address,
+    check_bytes,
     check_rcpt_params,
     parse_mail_params,
-    parse_path,
+    split_path,
 )
 from pyqmail.smtp.data import DataDecoder, DataError
 from pyqmail.smtp.session import Session
@@ -370,11 +373,31 @@ class SmtpServerConnection:
             self._error(events, replies.UNIMPLEMENTED)
         return False
 
-    def _path(self, arg: bytes, events: list[Event]) -> tuple[bytes, bytes] | None:
+    def _path(self, arg: bytes, events: list[Event], *, rcpt: bool) -> tuple[bytes, bytes] | None:
+        """(address in queue form, parameter text), or None after sending the refusal.
+
+        The path must be an RFC 5321 path (pyqmail.mailbox); the null path gives b"".
+        A recipient may lack a domain if it is postmaster, or if a non-empty RELAYCLIENT
+        will be appended to it (qmail's ``RELAYCLIENT="@fixme.example"``).
+        """
         if not arg.isascii():
             self._error(events, replies.EIGHTBIT_ADDRESS)
             return None
-        address, params = parse_path(arg)
+        split = split_path(arg)
+        if split is None:
+            self._error(events, replies.bad_mailbox(mailbox.Refusal.SYNTAX, sender=not rcpt))
+            return None
+        path, params = split
+        bad = check_bytes(path)
+        if bad is not None:
+            self._error(events, bad)
+            return None
+        bare_ok = rcpt and bool(self.session.relayclient)
+        got = mailbox.parse_path(path, rcpt=rcpt, bare_ok=bare_ok)
+        if isinstance(got, mailbox.Refusal):
+            self._error(events, replies.bad_mailbox(got, sender=not rcpt))
+            return None
+        address = b"" if got is None else got.address
         bad = check_address(address)
         if bad is not None:
             self._error(events, bad)
@@ -382,7 +405,7 @@ class SmtpServerConnection:
         return self.session.rewrite_literal(address), params
 
     def _mail(self, arg: bytes, events: list[Event]) -> None:
-        parsed = self._path(arg, events)
+        parsed = self._path(arg, events, rcpt=False)
         if parsed is None:
             return
         address, params = parsed
@@ -399,7 +422,7 @@ class SmtpServerConnection:
         if self._sender is None:
             self._error(events, replies.MAIL_FIRST)
             return
-        parsed = self._path(arg, events)
+        parsed = self._path(arg, events, rcpt=True)
         if parsed is None:
             return
         address, params = parsed

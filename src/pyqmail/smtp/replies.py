@@ -9,6 +9,8 @@ Replies that carry a variable part are built by the small functions at the end.
 
 from __future__ import annotations
 
+from pyqmail.mailbox import Refusal
+
 CRLF = b"\r\n"
 
 # qmail-smtpd's own replies (smtpd.md section 3).
@@ -53,6 +55,18 @@ NO_AUTH = b"503 sorry, AUTH is not offered here (#5.7.0)\r\n"
 TEMP_ERROR = b"451 sorry, an unexpected local error occurred, closing connection (#4.3.0)\r\n"
 TOO_MANY_CONNS = b"421 sorry, too many connections, try again later (#4.3.2)\r\n"
 
+# An address that is not an RFC 5321 mailbox (pyqmail.mailbox): 553, RFC 5321's code for
+# "mailbox syntax incorrect", except a bad source route (501, a syntax error); the
+# enhanced code is 5.1.7 for the sender and 5.1.3 for a recipient (RFC 3463).
+_MAILBOX: dict[Refusal, bytes] = {
+    Refusal.SYNTAX: b"553 sorry, that address is not an RFC 5321 mailbox",
+    Refusal.ROUTE: b"501 sorry, that source route is not valid",
+    Refusal.NO_DOMAIN: b"553 sorry, an address needs a domain (only postmaster may go without)",
+    Refusal.EMPTY_LOCAL: b"553 sorry, an address needs a local part",
+    Refusal.DOMAIN_TOO_LONG: b"553 sorry, that domain is longer than the DNS allows",
+}
+FUNCTION_DEFINITION = b"553 sorry, that address looks like a shell function definition (#5.7.1)\r\n"
+
 
 def greeting(smtpgreeting: str) -> bytes:
     """``220 <smtpgreeting> ESMTP``."""
@@ -84,6 +98,15 @@ def queue_failure(kind: str, text: str) -> bytes:
     """A qmail-queue failure as qmail-smtpd reports it: ``D`` -> 554, else 451."""
     code = b"554 " if kind == "D" else b"451 "
     return code + _text(text) + CRLF
+
+
+def bad_mailbox(why: Refusal, *, sender: bool) -> bytes:
+    """The reply refusing a MAIL or RCPT address for ``why``."""
+    if why is Refusal.EIGHT_BIT:
+        return EIGHTBIT_ADDRESS
+    if why is Refusal.FUNCTION:
+        return FUNCTION_DEFINITION
+    return _MAILBOX[why] + (b" (#5.1.7)\r\n" if sender else b" (#5.1.3)\r\n")
 
 
 def _text(s: str) -> bytes:
