@@ -6,11 +6,13 @@ import io
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home, Ids
+from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS, format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
 from pyqmail.queue.service import (
@@ -155,3 +157,44 @@ def test_per_uid_limit(home: Home, tmp_path: Path) -> None:
         c.close()
     finally:
         svc.close()
+
+
+def _leftovers(home: Home) -> list[str]:
+    paths = QueuePaths(home.queue)
+    out = os.listdir(paths.dir("todo")) + os.listdir(paths.dir("intd"))
+    return out + [f for d in paths.split_dirs("mess") for f in os.listdir(d)]
+
+
+@pytest.fixture
+def svc(home: Home, tmp_path: Path) -> Iterator[QueueService]:
+    service = QueueService(home, path=tmp_path / "s")
+    service.bind()
+    service.start()
+    yield service
+    service.close()
+
+
+def test_recipients_up_to_the_bound_and_not_one_more(home: Home, svc: QueueService) -> None:
+    rcpts = [b"r%d@x.example" % i for i in range(MAX_RECIPIENTS + 1)]
+    client = ServiceClient(svc.path)
+    r = client.submit([b"x\n"], format_input(b"a@b", rcpts[:-1]))
+    assert r.code == 0
+    (todo,) = os.listdir(home.queue / "todo")
+    assert parse_todo((home.queue / "todo" / todo).read_bytes()).recipients == tuple(rcpts[:-1])
+    r = client.submit([b"x\n"], format_input(b"a@b", rcpts))
+    assert r.code == 31 and "too many recipients" in r.text
+    assert _leftovers(home) == [todo] * 3  # todo, intd and mess of the first only
+
+
+def test_envelope_declared_too_long_is_refused_before_it_is_read(
+    home: Home, svc: QueueService
+) -> None:
+    """The answer comes with only the length sent: nothing of the envelope was held."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(svc.path))
+        s.sendall(b"2:x\n,0:," + b"%d:F\0" % (MAX_ENVELOPE + 1))
+        with s.makefile("rb") as f:
+            code, _, n, *why = read_netstring(f, 200).split(b" ")
+    assert (code, n) == (b"31", b"0") and b"envelope over" in b" ".join(why)
+    assert _leftovers(home) == []
+    assert ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0").code == 0

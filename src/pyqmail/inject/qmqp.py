@@ -12,7 +12,11 @@ Owns:
   prefix that is not digits, an inner netstring that runs past the budget, or a missing
   comma is a protocol error (exit 100, no reply, as notqmail 1.09's qmail-qmqpd); a length
   over the size limit (qmail: 200000000) is refused with a ``D`` reply before any of the
-  body is read, and the connection closed.
+  body is read, and the connection closed. pyqmail's bounds, also answered with ``D`` and
+  a close: a length field over 13 bytes, and more than queue/envelope.py's
+  MAX_RECIPIENTS (10,000) recipients, refused as the next one starts. Addresses are kept
+  only up to ADDRESS_LIMIT bytes each, so a request holds at most about 10 MB of
+  envelope whatever length it declares; the message itself is streamed to the queue.
 * :func:`serve_stdio` — qmail-qmqpd on stdin/stdout under tcpserver.
 * :class:`QmqpServer` — the asyncio listener ``pyqmail run --qmqp`` starts, with access by
   ``control/tcp.qmqp.cdb`` (tcpserver's rules) when present, and for loopback clients
@@ -44,6 +48,7 @@ from pyqmail.inject.qmqpc import QmqpSubmitter, send_request, server_list  # noq
 from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
+from pyqmail.queue.envelope import MAX_RECIPIENTS
 from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.session import safe
@@ -58,6 +63,9 @@ CHUNK = 65536
 BAD_ADDRESS = b"Dsorry, I can't accept addresses like that (#5.1.3)"
 NO_RECIPIENTS = b"Dsorry, a message needs at least one recipient (#5.1.3)"
 TOO_BIG = b"Dsorry, that message size exceeds my databytes limit (#5.3.4)"
+TOO_MANY_RECIPIENTS = b"Dsorry, too many recipients: at most %d per message (#5.5.3)" % (
+    MAX_RECIPIENTS
+)
 
 
 # -- the sans-IO server core ---------------------------------------------------------
@@ -119,7 +127,7 @@ class QmqpReceiver:
             self._run(out)
         except NetstringError as e:
             self.finished = True
-            reply = TOO_BIG if e.code == 111 else None
+            reply = e.reply or (TOO_BIG if e.code == 111 else None)
             out.append(Refused(e.code, reply, str(e)))
         return out
 
@@ -145,9 +153,10 @@ class QmqpReceiver:
                 if self._budget == 0:
                     self._state = "outer_comma"
                     continue
-                view = bytes(buf[: self._budget])
+                if self._item >= 2 + MAX_RECIPIENTS:
+                    raise NetstringError("too many recipients", 111, TOO_MANY_RECIPIENTS)
                 limit = self.limit if self._item == 0 else self._budget
-                got = netstring.parse_length(view, 0, limit)
+                got = netstring.parse_length(buf, 0, limit, self._budget)
                 if got is None:
                     if len(buf) >= self._budget:
                         raise NetstringError("netstring runs past the request's length")

@@ -7,6 +7,7 @@ final ``\\0``.
 Rules, as qmail-queue applies them while reading: the first byte must be ``F`` and every
 later record ``T`` or the terminating empty record (else exit 91); an address longer
 than MAX_ADDRESS bytes is exit 11; end of input before the final ``\\0`` is exit 54.
+pyqmail's own bound: more than MAX_RECIPIENTS recipients is exit 31 (refused for good).
 Bytes after the final ``\\0`` are not read.
 """
 
@@ -18,6 +19,17 @@ from dataclasses import dataclass
 from pyqmail.queue import codes
 
 MAX_ADDRESS = 1002  # qmail-queue's ADDR is 1003 including the record's NUL
+
+# qmail has no limit on recipients: a client could make any receiver hold millions of
+# them. 10,000 is 100 times RFC 5321's minimum (4.5.3.1.8) and 10 times Postfix's
+# smtpd_recipient_limit, more than a list manager puts in one envelope, and with
+# MAX_ADDRESS it bounds one envelope at about 10 MB (MAX_ENVELOPE) whoever sends it:
+# the queue service, QMQP and QMTP refuse anything larger before holding it.
+MAX_RECIPIENTS = 10_000
+MAX_ENVELOPE = (MAX_RECIPIENTS + 1) * (MAX_ADDRESS + 2) + 1  # F/T, address, NUL; final NUL
+
+
+TOO_MANY_RECIPIENTS = f"too many recipients: at most {MAX_RECIPIENTS} per message"
 
 
 class EnvelopeError(Exception):
@@ -75,6 +87,8 @@ class EnvelopeParser:
                 self._cur.clear()
                 if self._kind == 0x46:
                     self.sender = addr
+                elif len(self.recipients) >= MAX_RECIPIENTS:
+                    raise EnvelopeError(codes.PERM_REFUSED, TOO_MANY_RECIPIENTS)
                 else:
                     self.recipients.append(addr)
                 self._kind = 0

@@ -17,7 +17,10 @@ Wire format (qmail-queue's bytes, framed with netstrings ``LEN:BYTES,``):
 
     client: message chunks as netstrings (each at most 1 MiB), then the empty
             netstring ``0:,``, then ONE netstring holding the envelope exactly as
-            qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``).
+            qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``), at most
+            envelope.MAX_ENVELOPE bytes (about 10 MB) with at most MAX_RECIPIENTS
+            (10,000) recipients; beyond either the answer is 31 at once, nothing is
+            queued, and the service closes without reading the rest.
     service: ONE netstring ``CODE QP MSGNUM[ TEXT]`` in ASCII, CODE being qmail-queue's
             exit code (0 = queued), MSGNUM the message's inode number (0 on failure).
 
@@ -40,13 +43,13 @@ from typing import IO
 
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
-from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser
+from pyqmail.queue.envelope import MAX_ENVELOPE, EnvelopeError, EnvelopeParser
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.writer import QueueError, QueueWriter
 
 MAX_CHUNK = 1 << 20
-MAX_ENVELOPE = 1 << 28
+_PIECE = 65536  # the envelope is read and parsed this much at a time
 SOCKET_NAME = "qmail-queue.sock"
 _TIMEOUT = 3600.0
 
@@ -64,8 +67,9 @@ def netstring(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
-def read_netstring(f: IO[bytes], limit: int) -> bytes:
-    """Read one netstring from a buffered binary stream; FrameError on anything else."""
+def read_length(f: IO[bytes], limit: int) -> int:
+    """Read a netstring's ``digits:`` (at most 10 digits) from a buffered binary stream;
+    FrameError on anything else or a length over ``limit``."""
     digits = b""
     while True:
         c = f.read(1)
@@ -81,6 +85,12 @@ def read_netstring(f: IO[bytes], limit: int) -> bytes:
     n = int(digits)
     if n > limit:
         raise FrameError("netstring too long")
+    return n
+
+
+def read_netstring(f: IO[bytes], limit: int) -> bytes:
+    """Read one netstring from a buffered binary stream; FrameError on anything else."""
+    n = read_length(f, limit)
     data = f.read(n)
     if len(data) != n or f.read(1) != b",":
         raise FrameError("truncated netstring")
@@ -354,10 +364,7 @@ class QueueService:
             while chunk:
                 p.write(chunk)
                 chunk = read_netstring(f, MAX_CHUNK)
-            env = read_netstring(f, MAX_ENVELOPE)
-            parser = EnvelopeParser()
-            parser.feed(env)
-            sender, rcpts = parser.finish()
+            sender, rcpts = _read_envelope(f)
             n = p.commit(sender, rcpts)
             return Reply(0, pid, n)
         except EnvelopeError as e:
@@ -380,6 +387,28 @@ class QueueService:
         except BaseException:
             p.abort()
             raise
+
+
+def _read_envelope(f: IO[bytes]) -> tuple[bytes, list[bytes]]:
+    """The envelope netstring, parsed as it is read: a length over MAX_ENVELOPE (about
+    10 MB, queue/envelope.py) is refused (31) before any of it is read, and so are more
+    than MAX_RECIPIENTS recipients as the next one arrives; only the parsed addresses are
+    held. Bytes after the final NUL are read to the comma and dropped, as qmail-queue
+    never reads them."""
+    left = read_length(f, 9_999_999_999)
+    if left > MAX_ENVELOPE:
+        raise EnvelopeError(codes.PERM_REFUSED, f"envelope over {MAX_ENVELOPE} bytes")
+    parser = EnvelopeParser()
+    while left:
+        piece = f.read(min(left, _PIECE))
+        if not piece:
+            raise FrameError("truncated netstring")
+        left -= len(piece)
+        if not parser.done:
+            parser.feed(piece)
+    if f.read(1) != b",":
+        raise FrameError("truncated netstring")
+    return parser.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
