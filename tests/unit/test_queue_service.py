@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,3 +199,28 @@ def test_envelope_declared_too_long_is_refused_before_it_is_read(
     assert (code, n) == (b"31", b"0") and b"envelope over" in b" ".join(why)
     assert _leftovers(home) == []
     assert ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0").code == 0
+
+
+def test_a_10mb_envelope_streams_into_intd(home: Home, svc: QueueService) -> None:
+    """MAX_RECIPIENTS addresses of 990 bytes: the service holds one piece at a time
+    (traced allocations of this process, the service's thread included, stay small)."""
+    addr = [b"r%05d@" % i + b"x" * 983 for i in range(MAX_RECIPIENTS)]
+    size = len(format_input(b"a@b", addr))
+    assert 9_900_000 < size <= MAX_ENVELOPE
+    tracemalloc.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(svc.path))
+            s.sendall(b"2:x\n,0:," + b"%d:Fa@b\0" % size)
+            for k in range(0, MAX_RECIPIENTS, 50):
+                s.sendall(b"".join(b"T" + a + b"\0" for a in addr[k : k + 50]))
+            s.sendall(b"\0,")
+            with s.makefile("rb") as f:
+                code, _, n = read_netstring(f, 200).split(b" ")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == b"0"
+    assert peak < 2 << 20, f"{peak} bytes traced at the peak"
+    todo = parse_todo((home.queue / "todo" / n.decode()).read_bytes())
+    assert todo.recipients == tuple(addr)

@@ -50,7 +50,8 @@ class EnvelopeParser:
 
     def __init__(self) -> None:
         self.sender: bytes | None = None
-        self.recipients: list[bytes] = []
+        self.recipients: list[bytes] = []  # since the last take()
+        self.count = 0  # recipients seen in all
         self.done = False
         self._cur = bytearray()
         self._kind = 0  # 0 = expecting a record type byte, else the record's type
@@ -87,12 +88,19 @@ class EnvelopeParser:
                 self._cur.clear()
                 if self._kind == 0x46:
                     self.sender = addr
-                elif len(self.recipients) >= MAX_RECIPIENTS:
+                elif self.count >= MAX_RECIPIENTS:
                     raise EnvelopeError(codes.PERM_REFUSED, TOO_MANY_RECIPIENTS)
                 else:
+                    self.count += 1
                     self.recipients.append(addr)
                 self._kind = 0
         return i
+
+    def take(self) -> list[bytes]:
+        """The recipients parsed since the last call, handed over (a streaming reader
+        holds no more than one piece's worth)."""
+        out, self.recipients = self.recipients, []
+        return out
 
     def finish(self) -> tuple[bytes, list[bytes]]:
         """The envelope, or EnvelopeError(54) if input ended before the final NUL."""

@@ -36,7 +36,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -364,8 +364,8 @@ class QueueService:
             while chunk:
                 p.write(chunk)
                 chunk = read_netstring(f, MAX_CHUNK)
-            sender, rcpts = _read_envelope(f)
-            n = p.commit(sender, rcpts)
+            env = _EnvelopeReader(f)
+            n = p.commit(env.sender(), env.recipients())
             return Reply(0, pid, n)
         except EnvelopeError as e:
             p.abort()
@@ -389,26 +389,49 @@ class QueueService:
             raise
 
 
-def _read_envelope(f: IO[bytes]) -> tuple[bytes, list[bytes]]:
-    """The envelope netstring, parsed as it is read: a length over MAX_ENVELOPE (about
-    10 MB, queue/envelope.py) is refused (31) before any of it is read, and so are more
-    than MAX_RECIPIENTS recipients as the next one arrives; only the parsed addresses are
-    held. Bytes after the final NUL are read to the comma and dropped, as qmail-queue
-    never reads them."""
-    left = read_length(f, 9_999_999_999)
-    if left > MAX_ENVELOPE:
-        raise EnvelopeError(codes.PERM_REFUSED, f"envelope over {MAX_ENVELOPE} bytes")
-    parser = EnvelopeParser()
-    while left:
-        piece = f.read(min(left, _PIECE))
+class _EnvelopeReader:
+    """The envelope netstring, parsed as it is read and handed on as it is parsed.
+
+    A length over MAX_ENVELOPE (about 10 MB, queue/envelope.py) is refused (31) before any
+    of it is read, and so are more than MAX_RECIPIENTS recipients as the next one comes.
+    ``recipients()`` is what the writer streams into intd/N (as qmail-queue writes intd
+    while reading fd 1): only one piece of the envelope is in memory at a time. Bytes
+    after the final NUL are read to the comma and dropped, as qmail-queue never reads
+    them."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._left = read_length(f, 9_999_999_999)
+        if self._left > MAX_ENVELOPE:
+            raise EnvelopeError(codes.PERM_REFUSED, f"envelope over {MAX_ENVELOPE} bytes")
+        self._parser = EnvelopeParser()
+
+    def _more(self) -> bool:
+        """Read and parse one more piece; False at the end of the netstring."""
+        if not self._left:
+            return False
+        piece = self._f.read(min(self._left, _PIECE))
         if not piece:
             raise FrameError("truncated netstring")
-        left -= len(piece)
-        if not parser.done:
-            parser.feed(piece)
-    if f.read(1) != b",":
-        raise FrameError("truncated netstring")
-    return parser.finish()
+        self._left -= len(piece)
+        if not self._parser.done:
+            self._parser.feed(piece)
+        if not self._left and self._f.read(1) != b",":
+            raise FrameError("truncated netstring")
+        return True
+
+    def sender(self) -> bytes:
+        while self._parser.sender is None:
+            if not self._more():
+                return self._parser.finish()[0]  # raises 54
+        return self._parser.sender
+
+    def recipients(self) -> Iterator[bytes]:
+        while True:
+            yield from self._parser.take()
+            if not self._more():
+                self._parser.finish()  # 54 if the final NUL never came
+                return
 
 
 def main(argv: Sequence[str] | None = None) -> int:
