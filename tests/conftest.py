@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,41 @@ def qmail_ids() -> Ids:
     except HomeError as e:
         require(False, str(e), "run `make accounts` as root (`make test` does)")
         raise  # not reached: require() failed or skipped
+
+
+class LoAddresses:
+    """Addresses added to lo for one test (root only) and removed after it: the way to
+    have clients that are not loopback, or several IPv6 clients of one /64."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+        # a /48 of the ULA space of our own, so parallel test runs do not collide
+        r = int.from_bytes(os.urandom(4), "big")
+        self.prefix48 = f"fd{(r >> 24) & 0xFF:02x}:{(r >> 8) & 0xFFFF:x}:{r & 0xFF:x}"
+
+    def add(self, addr: str) -> str:
+        plen = "128" if ":" in addr else "32"
+        subprocess.run(["ip", "addr", "add", f"{addr}/{plen}", "dev", "lo", *(["nodad"] if
+                        ":" in addr else [])], check=True, capture_output=True)  # fmt: skip
+        self.added.append(f"{addr}/{plen}")
+        return addr
+
+    def v6(self, subnet: int, host: int) -> str:
+        """An address in /64 number ``subnet`` of this test's /48."""
+        return self.add(f"{self.prefix48}:{subnet:x}::{host:x}")
+
+    def remove_all(self) -> None:
+        for a in self.added:
+            subprocess.run(["ip", "addr", "del", a, "dev", "lo"], capture_output=True)
+        self.added.clear()
+
+
+@pytest.fixture
+def lo_addresses() -> Iterator[LoAddresses]:
+    if not is_root():
+        pytest.fail("adding addresses to lo needs root (CAP_NET_ADMIN)")
+    lo = LoAddresses()
+    try:
+        yield lo
+    finally:
+        lo.remove_all()

@@ -39,6 +39,7 @@ from pathlib import Path
 from pyqmail import cdb, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, domain_keys, load, read_file
 from pyqmail.home import Home
+from pyqmail.inject import qmqp
 
 
 class Severity(Enum):
@@ -459,6 +460,16 @@ def check(home: Home) -> list[Problem]:
     ch.queue()
     ch.unknown_files()
     return ch.problems
+
+
+def notes(home: Home) -> list[str]:
+    """How the home behaves by default where no file says otherwise: not problems, but
+    what an operator may not expect. Printed by ``pyqmail check`` and at ``pyqmail run``'s
+    start."""
+    out: list[str] = []
+    if home.control.is_dir() and (note := qmqp.loopback_only_note(home)) is not None:
+        out.append(note)
+    return out
 
 
 def errors(problems: Iterable[Problem]) -> list[Problem]:

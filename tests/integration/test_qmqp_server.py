@@ -25,6 +25,7 @@ from pyqmail.queue.envelope import format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.submit import InProcessSubmitter
 from pyqmail.queue.writer import QueueError
+from tests.conftest import LoAddresses
 
 BIN = Path(sys.executable).parent
 
@@ -32,8 +33,9 @@ BIN = Path(sys.executable).parent
 class Listener:
     """An asyncio server in a thread of its own; ``port`` is known once it listens."""
 
-    def __init__(self, make: object) -> None:
+    def __init__(self, make: object, host: str = "127.0.0.1") -> None:
         self._make = make
+        self.host = host
         self._ready = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -45,7 +47,7 @@ class Listener:
         asyncio.set_event_loop(self.loop)
 
         async def main() -> None:
-            srv = await self._make.start("127.0.0.1", 0)  # type: ignore[attr-defined]
+            srv = await self._make.start(self.host, 0)  # type: ignore[attr-defined]
             self.server = srv
             self.port = srv.sockets[0].getsockname()[1]
             self._ready.set()
@@ -267,6 +269,64 @@ def test_per_ip_limit_closes_the_extra_connection(home: Home) -> None:
             with socket.create_connection(("127.0.0.1", lst.port), 10, ("127.0.0.2", 0)) as s:
                 s.sendall(request(b"A\n", b"s", [b"a"]))  # another address is served
                 assert b":Kok " in s.recv(1000)
+    finally:
+        lst.close()
+
+
+def _from(src: str, port: int, data: bytes) -> bytes:
+    """``data`` to the listener on ::1 from the local address ``src``; all it answered."""
+    out = b""
+    with socket.create_connection(("::1", port), 10, (src, 0)) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+    return out
+
+
+def test_without_rules_only_loopback_clients_are_served(
+    home: Home, lo_addresses: LoAddresses
+) -> None:
+    assert not (home.control / "tcp.qmqp.cdb").exists()
+    outsider = lo_addresses.v6(1, 1)
+    lst = Listener(QmqpServer(home, ControlCache(home), InProcessSubmitter(home)), "::1")
+    try:
+        req = request(b"Subject: relay\n\nhi\n", b"s@x.example", [b"victim@y.example"])
+        assert _from(outsider, lst.port, req) == b""  # closed without a word, as tcpserver
+        assert queued(home) == []
+        assert [f for f in (home.queue / "mess").rglob("*") if f.is_file()] == []
+        assert b":Kok " in _from("::1", lst.port, req)
+        assert len(queued(home)) == 1
+    finally:
+        lst.close()
+    # the rules file, once there, decides: the same outsider is served
+    records = tcprules.compile_rules(":allow\n")
+    tcprules.write_cdb(records, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
+    lst = Listener(QmqpServer(home, ControlCache(home), InProcessSubmitter(home)), "::1")
+    try:
+        req = request(b"Subject: ok\n\nhi\n", b"s@x.example", [b"a@y.example"])
+        assert b":Kok " in _from(outsider, lst.port, req)
+    finally:
+        lst.close()
+
+
+def test_per_ip_limit_counts_an_ipv6_64_as_one_client(
+    home: Home, lo_addresses: LoAddresses
+) -> None:
+    records = tcprules.compile_rules(":allow\n")
+    tcprules.write_cdb(records, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
+    a1, a2, b1 = lo_addresses.v6(1, 1), lo_addresses.v6(1, 2), lo_addresses.v6(2, 1)
+    srv = QmqpServer(home, ControlCache(home), InProcessSubmitter(home), max_per_ip=1)
+    lst = Listener(srv, "::1")
+    req = request(b"A\n", b"s", [b"a"])
+    try:
+        with socket.create_connection(("::1", lst.port), 10, (a1, 0)) as first:
+            first.sendall(b"100:")  # holds the /64's one slot, mid-request
+            assert _from(a2, lst.port, req) == b""  # same /64, other address: closed
+            assert b":Kok " in _from(b1, lst.port, req)  # the next /64 is served
     finally:
         lst.close()
 

@@ -303,6 +303,12 @@ def test_qmqp_and_qmtp_listeners_queue_for_delivery(mta: Mta) -> None:
     )
     assert subjects == [b"Subject: by qmqp", b"Subject: by qmtp"]
     assert mta.stop() == 0
+    # no tcp.qmqp.cdb: the start-up log says QMQP serves loopback only
+    (warning,) = [ln for ln in mta.log().splitlines() if "QMQP" in ln]
+    assert (
+        warning.startswith("warning: QMQP serves loopback clients only")
+        and "tcp.qmqp.cdb" in warning
+    )
 
 
 def test_control_values_qmail_ignores_are_logged(mta: Mta) -> None:

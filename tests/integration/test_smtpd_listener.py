@@ -24,7 +24,7 @@ from pyqmail.layout import create_home
 from pyqmail.mailbox import Refusal
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.smtp import replies
-from tests.conftest import free_port, require_ipv6_loopback
+from tests.conftest import LoAddresses, free_port, require_ipv6_loopback
 
 
 class Server:
@@ -282,6 +282,32 @@ def test_commit_thread_instead_of_process(tmp_path: Path) -> None:
         mess = next(f for f in (home.queue / "mess").rglob(todo)).read_bytes()
         assert mess.startswith(b"Received: (qmail %d invoked from network); " % proc.pid)
         assert mess.endswith(b"Subject: t\n\nbody\n")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_per_ip_limit_counts_an_ipv6_64_as_one_client(
+    tmp_path: Path, lo_addresses: LoAddresses
+) -> None:
+    """--max-per-ip 1: a second address of the same /64 gets 421, another /64 is served."""
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    a1, a2, b1 = lo_addresses.v6(1, 1), lo_addresses.v6(1, 0xBEEF), lo_addresses.v6(2, 1)
+    proc = start_listener(home, "--listen", "[::1]:0", "--max-per-ip", "1")
+    try:
+        port = wait_listening(proc)[0]
+        first = Raw(port, "::1", source=a1)
+        try:
+            assert first.reply()[0] == 220  # holds the /64's only slot
+            second = Raw(port, "::1", source=a2)
+            assert second.reply()[0] == 421 and second.closed()
+            second.close()
+            other = Raw(port, "::1", source=b1)
+            assert other.reply()[0] == 220
+            other.close()
+        finally:
+            first.close()
     finally:
         proc.terminate()
         proc.wait(10)

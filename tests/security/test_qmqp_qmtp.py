@@ -287,13 +287,18 @@ def _exchange(port: int, data: bytes, *, half_close: bool = True) -> bytes:
                 s.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except OSError:
-            pass
-        return out
+        return _read_all(s)
+
+
+def _read_all(s: socket.socket) -> bytes:
+    """All the peer sends until it closes (or resets)."""
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    return out
 
 
 def test_qmqp_listener_survives_every_malformed_request(home: Home, qmqp_listener: int) -> None:
@@ -415,3 +420,66 @@ def test_listeners_refuse_the_shellshock_sender_and_take_quoted_ones(
     assert [r[:1] for r in replies] == [b"K"], replies
     assert sorted(queued(home)) == [(b"", [b"a;b@test.example"]),
                                     (b"john doe@c.example", [b"x@test.example"])]  # fmt: skip
+
+
+# -------------------------------------------------- hostile envelopes (bounded memory)
+
+HOSTILE_RECIPIENTS = 2_000_000
+
+
+def _hostile(port: int, head: bytes, item: bytes) -> tuple[int, bytes]:
+    """``head`` then HOSTILE_RECIPIENTS ``item``s: (how many the server took before it
+    stopped reading, what it answered)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(head)
+            block = item * 10_000
+            while sent < HOSTILE_RECIPIENTS:
+                s.sendall(block)
+                sent += 10_000
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return sent, _read_all(s)
+
+
+@pytest.mark.parametrize("sub", ["qmqpd", "qmtpd"])
+def test_millions_of_recipients_are_refused_in_bounded_memory(home: Home, sub: str) -> None:
+    """A request declared (nearly) as long as the protocol allows, then recipients for
+    ever: the listener answers D at MAX_RECIPIENTS, stops reading, holds a few MB at most,
+    leaves nothing in the queue and serves the next client."""
+    (home.control / "rcpthosts").write_text("test.example\n")
+    proc, port = _start(home, sub)
+    try:
+        _watchdog(proc)
+        before = _peak_rss_kb(proc)
+        msg = b"Subject: hostile\n\nhi\n"
+        if sub == "qmqpd":
+            head = b"199999999:" + ns(msg) + ns(b"a@b.example")
+        else:
+            head = ns(b"\n" + msg) + ns(b"a@b.example") + b"1999999999:"
+        sent, out = _hostile(port, head, ns(b"abcd"))
+        growth = _peak_rss_kb(proc) - before
+        assert out == ns(b"Dsorry, too many recipients: at most 10000 per message (#5.5.3)")
+        assert sent < HOSTILE_RECIPIENTS  # it stopped reading
+        assert growth < 16 * 1024, f"peak RSS grew by {growth} KiB"
+        assert _leftovers(home) == []
+        if sub == "qmqpd":
+            assert b":Kok" in _exchange(port, GOOD)
+        else:
+            replies = _qmtp_replies(
+                _exchange(port, _qmtp(msg, b"a@b.example", [b"x@test.example"]))
+            )
+            assert replies[0].startswith(b"K"), replies
+        assert len(queued(home)) == 1
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert b"Traceback" not in err, err
+
+
+def test_qmtp_recipient_list_declared_too_long_is_refused_at_once(home: Home) -> None:
+    out = _run(home, "qmail-qmtpd", ns(b"\nA\n") + ns(b"a@b.example") + b"1999999999:").stdout
+    assert out == ns(b"Dsorry, too many recipients: at most 10000 per message (#5.5.3)")
+    assert _leftovers(home) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail import tcprules
-from pyqmail.check import Problem, Severity, check, errors
+from pyqmail.check import Problem, Severity, check, errors, notes
 from pyqmail.home import Home
 from tests.conftest import write_control
 
@@ -242,3 +242,14 @@ def test_users_assign_format(home: Home, assign: str, line: int, word: str) -> N
     (p,) = only_errors(home)
     assert (p.file, p.line) == ("users/assign", line)
     assert word in p.message
+
+
+def test_says_qmqp_serves_loopback_only_without_its_cdb(home: Home) -> None:
+    (note,) = notes(home)
+    assert "QMQP" in note and "loopback" in note and "tcp.qmqp.cdb" in note
+    p = run_check(home)
+    assert p.returncode == 0 and f"note: {note}" in p.stdout  # a note, not a problem
+    assert "note:" not in run_check(home, "-q").stdout
+    write_control(home, "tcp.qmqp", "10.1.2.3:allow\n:deny\n")
+    compile_rules_file(home, "tcp.qmqp")
+    assert notes(home) == [] and "QMQP" not in run_check(home).stdout

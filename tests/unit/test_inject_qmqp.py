@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyqmail.inject.netstring import encode
+from pyqmail.inject.netstring import BAD_LENGTH_FIELD, encode
 from pyqmail.inject.qmqp import (
     TOO_BIG,
+    TOO_MANY_RECIPIENTS,
     MessageData,
     QmqpReceiver,
     Refused,
@@ -17,6 +18,7 @@ from pyqmail.inject.qmqp import (
     server_list,
 )
 from pyqmail.mailbox import queue_form
+from pyqmail.queue.envelope import MAX_RECIPIENTS
 
 
 def req(message: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:
@@ -129,3 +131,26 @@ def test_server_list() -> None:
     lines = ["127.0.0.1", "# not", "host.example", "10.0.0.1:6280", "[::1]:700", "::1", "1.2.3.4:x"]
     assert server_list(lines) == [("127.0.0.1", 628), ("10.0.0.1", 6280), ("::1", 700),
                                   ("::1", 628)]  # fmt: skip
+
+
+def test_recipients_up_to_the_bound_are_served() -> None:
+    rcpts = [b"r%d@x.example" % i for i in range(MAX_RECIPIENTS)]
+    _, ev = run(req(b"A\n", b"s", rcpts), step=65536)
+    assert ev == [Request(b"s", rcpts, False)]
+
+
+def test_recipient_over_the_bound_is_refused_as_it_starts() -> None:
+    """A hostile request declares 199,999,999 bytes and sends recipients for ever: once
+    MAX_RECIPIENTS are in and its length says more follow, it is answered D."""
+    rx = QmqpReceiver()
+    head = b"199999999:" + encode(b"A\n") + encode(b"s")
+    assert rx.feed(head + encode(b"abcd") * (MAX_RECIPIENTS - 1)) == [MessageData(b"A\n")]
+    assert not rx.finished
+    ev = rx.feed(encode(b"abcd"))
+    assert ev == [Refused(111, TOO_MANY_RECIPIENTS, "too many recipients")] and rx.finished
+    assert TOO_MANY_RECIPIENTS[:1] == b"D" and b"%d" % MAX_RECIPIENTS in TOO_MANY_RECIPIENTS
+
+
+def test_long_inner_length_field_is_answered() -> None:
+    _, ev = run(b"100:" + b"0" * 20 + b"1:A,")
+    assert ev == [Refused(100, BAD_LENGTH_FIELD, "netstring length field too long")]

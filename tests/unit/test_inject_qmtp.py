@@ -10,16 +10,18 @@ from hypothesis import strategies as st
 
 from pyqmail.control import load
 from pyqmail.home import Home
-from pyqmail.inject.netstring import encode
+from pyqmail.inject.netstring import BAD_LENGTH_FIELD, encode
 from pyqmail.inject.qmtp import (
     BAD_RECIPIENT,
     NOT_RCPTHOST,
+    TOO_MANY_RECIPIENTS,
     Envelope,
     MessageData,
     ProtocolError,
     QmtpPolicy,
     QmtpReceiver,
 )
+from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
 
 
 def msg(body: bytes, sender: bytes, rcpts: list[bytes], mode: bytes = b"\n") -> bytes:
@@ -106,3 +108,33 @@ def test_policy(home: Home, tmp_path: Path) -> None:
     assert relay.check(b"joe") == (b"joe@fix.example", None)
     assert relay.check(b"a" * 990) == (None, BAD_RECIPIENT)  # with RELAYCLIENT it is 1002
     assert relay.databytes == 12
+
+
+def test_recipients_up_to_the_bound_are_served() -> None:
+    rcpts = [b"r%d@x.example" % i for i in range(MAX_RECIPIENTS)]
+    ((_, env),) = run(msg(b"x\n", b"s", rcpts), step=65536)
+    assert env == Envelope(b"s", list(rcpts))
+
+
+def test_recipient_over_the_bound_is_refused_as_it_starts() -> None:
+    rx = QmtpReceiver()
+    head = encode(b"\nA\n") + encode(b"s") + b"1999999:"
+    assert rx.feed(head + encode(b"abcd") * (MAX_RECIPIENTS - 1)) == [MessageData(b"A\n")]
+    (ev,) = rx.feed(encode(b"abcd"))
+    assert ev == ProtocolError(111, "too many recipients", TOO_MANY_RECIPIENTS)
+    assert rx.feed(encode(b"abcd")) == []
+
+
+def test_recipient_list_declared_over_the_envelope_bound_is_refused_at_once() -> None:
+    rx = QmtpReceiver()
+    head = encode(b"\nA\n") + encode(b"s")
+    ok = rx.feed(head + b"%d:" % MAX_ENVELOPE)
+    assert ok == [MessageData(b"A\n")]
+    rx = QmtpReceiver()
+    (_, ev) = rx.feed(head + b"%d:" % (MAX_ENVELOPE + 1))
+    assert ev == ProtocolError(111, "recipient list too long", TOO_MANY_RECIPIENTS)
+
+
+def test_long_length_field_is_answered() -> None:
+    ((_, ev),) = run(b"0" * 14 + b"2:\nA,")
+    assert isinstance(ev, ProtocolError) and ev.reply == BAD_LENGTH_FIELD

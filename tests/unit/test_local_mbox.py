@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyqmail.local import mbox
 from pyqmail.local.failure import DeliveryFailure
@@ -226,3 +228,67 @@ def test_full_disk_truncates_back(tmp_path: Path) -> None:
         assert path.read_bytes() == b"old mail\n" * 100
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _reference(message: bytes) -> bytes:
+    """Quoting as the definition says it: each whole line, then the ending newlines."""
+    lines = message.splitlines(keepends=True)
+    out = b"".join(b">" + ln if mbox.needs_quote(ln) else ln for ln in lines)
+    if message and not message.endswith(b"\n"):
+        out += b"\n"
+    return out + b"\n"
+
+
+_mboxish = st.lists(
+    st.sampled_from([b">", b"From ", b"From", b"Fr", b"F", b"\n", b" ", b"x", b"rom "]),
+    max_size=40,
+).map(b"".join)
+
+
+@given(_mboxish, st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20))
+def test_quoter_matches_the_reference_in_any_pieces(message: bytes, cuts: list[int]) -> None:
+    q = mbox.FromQuoter()
+    out, i, k = b"", 0, 0
+    while i < len(message):
+        step = cuts[k % len(cuts)]
+        out += q.feed(message[i : i + step])
+        i, k = i + step, k + 1
+    out += q.end()
+    if q.open_line:
+        out += b"\n"
+    assert out + b"\n" == _reference(message)
+
+
+@given(_mboxish)
+def test_deliver_matches_the_reference(message: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        fd = _msg(message)
+        try:
+            mbox.deliver(f"{d}/mb", fd, UF, HEAD)
+        finally:
+            os.close(fd)
+        assert Path(f"{d}/mb").read_bytes() == UF + HEAD + _reference(message)
+
+
+@pytest.mark.parametrize("tail", [b"From x\n", b"x\n", b""])
+def test_8mib_of_gt_without_a_newline(
+    tmp_path: Path, tail: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run of '>' is counted, never rescanned: each 64 KiB read is looked at once (the
+    old code joined every read to the run and stripped it again: quadratic)."""
+    body = b">" * (8 << 20) + tail
+    fd = _msg(body)
+    feeds: list[int] = []
+    real = mbox.FromQuoter.feed
+
+    def counting(self: mbox.FromQuoter, data: bytes) -> bytes:
+        feeds.append(len(data))
+        return real(self, data)
+
+    monkeypatch.setattr(mbox.FromQuoter, "feed", counting)
+    try:
+        mbox.deliver(str(tmp_path / "mb"), fd, UF, HEAD)
+    finally:
+        os.close(fd)
+    assert sum(feeds) == len(body) and max(feeds) <= 65536  # every byte fed once
+    assert (tmp_path / "mb").read_bytes() == UF + HEAD + _reference(body)

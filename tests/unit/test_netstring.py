@@ -52,3 +52,26 @@ def test_length_over_limit_is_111() -> None:
 def test_truncated_decode_all() -> None:
     with pytest.raises(NetstringError):
         netstring.decode_all(b"3:ab")
+
+
+@pytest.mark.parametrize("field", [b"0" * 13, b"0" * 12 + b"5", b"1" * 40, b"0" * 100_000])
+def test_length_field_over_13_bytes_is_answered(field: bytes) -> None:
+    """Leading zeros too: no peer makes the parser walk an endless run of digits."""
+    with pytest.raises(NetstringError) as e:
+        netstring.parse_length(field + b":", 0, 10**15)
+    assert e.value.code == 100 and e.value.reply == netstring.BAD_LENGTH_FIELD
+    assert netstring.parse_length(b"0" * 11 + b"7:", 0, 10) == (7, 13)  # 13 bytes: fine
+
+
+def test_length_field_looks_at_13_bytes_at_most() -> None:
+    class Probe(bytearray):
+        seen = 0
+
+        def __getitem__(self, i: object) -> object:
+            Probe.seen = max(Probe.seen, i if isinstance(i, int) else 0)
+            return super().__getitem__(i)  # type: ignore[index]
+
+    with pytest.raises(NetstringError):
+        netstring.parse_length(Probe(b"9" * 1_000_000), 0, 10**20)
+    assert Probe.seen < 13
+    assert netstring.parse_length(b"12345", 0, 10**9, end=3) is None  # ``end`` bounds it

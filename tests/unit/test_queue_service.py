@@ -6,12 +6,14 @@ import io
 import os
 import socket
 import time
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home, Ids
-from pyqmail.queue.envelope import format_input, parse_todo
+from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS, format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
 from pyqmail.queue.service import (
@@ -228,3 +230,69 @@ def test_the_service_refuses_a_function_definition_even_from_our_client(
     finally:
         svc.close()
     assert e.value.code == 11
+
+
+def _leftovers(home: Home) -> list[str]:
+    paths = QueuePaths(home.queue)
+    out = os.listdir(paths.dir("todo")) + os.listdir(paths.dir("intd"))
+    return out + [f for d in paths.split_dirs("mess") for f in os.listdir(d)]
+
+
+@pytest.fixture
+def svc(home: Home, tmp_path: Path) -> Iterator[QueueService]:
+    service = QueueService(home, path=tmp_path / "s")
+    service.bind()
+    service.start()
+    yield service
+    service.close()
+
+
+def test_recipients_up_to_the_bound_and_not_one_more(home: Home, svc: QueueService) -> None:
+    rcpts = [b"r%d@x.example" % i for i in range(MAX_RECIPIENTS + 1)]
+    client = ServiceClient(svc.path)
+    r = client.submit([b"x\n"], format_input(b"a@b", rcpts[:-1]))
+    assert r.code == 0
+    (todo,) = os.listdir(home.queue / "todo")
+    assert parse_todo((home.queue / "todo" / todo).read_bytes()).recipients == tuple(rcpts[:-1])
+    r = client.submit([b"x\n"], format_input(b"a@b", rcpts))
+    assert r.code == 31 and "too many recipients" in r.text
+    assert _leftovers(home) == [todo] * 3  # todo, intd and mess of the first only
+
+
+def test_envelope_declared_too_long_is_refused_before_it_is_read(
+    home: Home, svc: QueueService
+) -> None:
+    """The answer comes with only the length sent: nothing of the envelope was held."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(svc.path))
+        s.sendall(b"2:x\n,0:," + b"%d:F\0" % (MAX_ENVELOPE + 1))
+        with s.makefile("rb") as f:
+            code, _, n, *why = read_netstring(f, 200).split(b" ")
+    assert (code, n) == (b"31", b"0") and b"envelope over" in b" ".join(why)
+    assert _leftovers(home) == []
+    assert ServiceClient(svc.path).submit([b"x\n"], b"Fa\0Tb\0\0").code == 0
+
+
+def test_a_10mb_envelope_streams_into_intd(home: Home, svc: QueueService) -> None:
+    """MAX_RECIPIENTS addresses of 990 bytes: the service holds one piece at a time
+    (traced allocations of this process, the service's thread included, stay small)."""
+    addr = [b"r%05d" % i + b"y" * 974 + b"@x.example" for i in range(MAX_RECIPIENTS)]
+    size = len(format_input(b"a@b", addr))
+    assert 9_900_000 < size <= MAX_ENVELOPE
+    tracemalloc.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(svc.path))
+            s.sendall(b"2:x\n,0:," + b"%d:Fa@b\0" % size)
+            for k in range(0, MAX_RECIPIENTS, 50):
+                s.sendall(b"".join(b"T" + a + b"\0" for a in addr[k : k + 50]))
+            s.sendall(b"\0,")
+            with s.makefile("rb") as f:
+                code, _, n = read_netstring(f, 200).split(b" ")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == b"0"
+    assert peak < 2 << 20, f"{peak} bytes traced at the peak"
+    todo = parse_todo((home.queue / "todo" / n.decode()).read_bytes())
+    assert todo.recipients == tuple(addr)

@@ -8,6 +8,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,37 @@ def test_bad_envelope_leaves_nothing(
         p.commit(sender, rcpts)
     assert ei.value.code == code
     assert _files(home) == []
+
+
+def test_recipients_from_an_iterator_are_written_as_they_come(home: Home) -> None:
+    """intd/N exists while the iterator runs (qmail-queue writes it while reading fd 1),
+    and a bad address or an error of the iterator leaves nothing."""
+    paths = QueuePaths(home.queue)
+    seen: list[bool] = []
+
+    def rcpts(bad: bytes | None = None, boom: bool = False) -> Iterator[bytes]:
+        for i in range(20_000):
+            if i == 10_000:
+                seen.append(any(paths.dir("intd").iterdir()))
+                if bad is not None:
+                    yield bad
+                if boom:
+                    raise ConnectionResetError("client went away")
+            yield b"user%d@example.com" % i
+
+    p = QueueWriter(home).begin()
+    n = p.commit(b"a@b", rcpts())
+    got = parse_todo(paths.todo(n).read_bytes()).recipients
+    assert got == tuple(b"user%d@example.com" % i for i in range(20_000)) and seen == [True]
+    for bad, boom, code in ((b"x\0@y", False, 91), (b"z" * (MAX_ADDRESS + 1), False, 11)):
+        before = _files(home)
+        with pytest.raises(QueueError) as ei:
+            QueueWriter(home).begin().commit(b"a@b", rcpts(bad, boom))
+        assert ei.value.code == code and _files(home) == before
+    before = _files(home)
+    with pytest.raises(ConnectionResetError):
+        QueueWriter(home).begin().commit(b"a@b", rcpts(None, True))
+    assert _files(home) == before
 
 
 def test_abort_removes_everything(home: Home) -> None:

@@ -1,6 +1,8 @@
 """``pyqmail check [--home DIR] [-q]``: lint a home; exit 1 if any error was found.
 
-Prints one line per problem (``error: control/locals:2: ... ; fix: ...``) and a summary.
+Prints one line per problem (``error: control/locals:2: ... ; fix: ...``), a ``note:``
+line for each default worth knowing (QMQP loopback-only without tcp.qmqp.cdb), and a
+summary.
 ``-q`` prints errors only. Exit 0: no errors (warnings allowed); 1: errors; 111: the
 home could not be examined.
 """
@@ -11,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pyqmail.check import Severity, check, errors
+from pyqmail.check import Severity, check, errors, notes
 from pyqmail.home import resolve_home
 
 
@@ -28,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if p.severity is Severity.ERROR or not args.quiet:
             print(p)
     if not args.quiet:
+        for note in notes(home):
+            print(f"note: {note}")
         warnings = len(problems) - len(bad)
         print(f"{home.root}: {len(bad)} error(s), {warnings} warning(s)")
     return 1 if bad else 0

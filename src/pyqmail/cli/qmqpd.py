@@ -1,8 +1,9 @@
 """qmail-qmqpd on stdin/stdout (under tcpserver), or ``--listen ADDR:PORT`` for the
 asyncio listener alone (what ``pyqmail run --qmqp`` embeds), with ``--rules CDB``
-(default HOME/control/tcp.qmqp.cdb; a missing file allows everyone).
+(default HOME/control/tcp.qmqp.cdb; a missing file admits loopback clients only).
 
-QMQP relays for anyone who can connect: allow only trusted clients in the rules.
+QMQP relays for anyone who can connect: allow only trusted clients in the rules. Under
+tcpserver, tcpserver's own rules decide who connects.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from pyqmail.cli.common import serve_listener, split_home_args
 from pyqmail.control import ControlCache
 from pyqmail.home import resolve_home
-from pyqmail.inject.qmqp import QmqpServer, serve_stdio
+from pyqmail.inject.qmqp import QmqpServer, loopback_only_note, serve_stdio
 from pyqmail.queue.submit import submitter
 
 PROG = "qmail-qmqpd"
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)
     server = QmqpServer(home, ControlCache(home), submitter(home), rules=ns.rules)
+    if (note := loopback_only_note(home, server.rules)) is not None:
+        print(f"{PROG}: warning: {note}", file=sys.stderr, flush=True)
     return serve_listener(PROG, ns.listen, server.start)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from pyqmail import netaddr
 from pyqmail.cli.common import parse_listen
 from pyqmail.control import ControlCache, ControlError, Finding, load
 from pyqmail.daemon.local import WorkerPoolLocal
@@ -163,11 +163,13 @@ class Daemon:
             server = await smtp.start(host, port)
             self._record(server, "smtp")
         if self.cfg.qmqp:
-            from pyqmail.inject.qmqp import QmqpServer
+            from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
 
             qmqp = QmqpServer(self.home, self.ctl, submitter)
             for host, port in self.cfg.qmqp:
                 self._record(await qmqp.start(host, port), "qmqp")
+            if (note := loopback_only_note(self.home, qmqp.rules)) is not None:
+                self.log.warning(note)
         if self.cfg.qmtp:
             from pyqmail.inject.qmtp import QmtpServer
 
@@ -224,18 +226,9 @@ class _DaemonSmtpServer(SmtpServer):
     """
 
     def decide(self, ip: str) -> Decision | None:
-        if not self.rules_path.exists() and _is_loopback(ip):
+        if not self.rules_path.exists() and netaddr.is_loopback(ip):
             return Decision(True, {"RELAYCLIENT": ""}, None)
         return super().decide(ip)
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -244,11 +244,13 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         for host, port in cfg.smtp:
             servers.append(await smtp.start(host, port))
         if cfg.qmqp:
-            from pyqmail.inject.qmqp import QmqpServer
+            from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
 
             qmqp = QmqpServer(home, ctl, submitter)
             for host, port in cfg.qmqp:
                 servers.append(await qmqp.start(host, port))
+            if (note := loopback_only_note(home, qmqp.rules)) is not None:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
         if cfg.qmtp:
             from pyqmail.inject.qmtp import QmtpServer
 

@@ -5,22 +5,31 @@ qmqp.py and qmtp.py drive these over their own buffers; nothing here does I/O.
 
 A length prefix is decimal digits then ``:``. Anything else where a digit is due is a
 protocol error (:class:`NetstringError` code 100, as notqmail 1.09's qmail-qmqpd exits);
-a length above the caller's limit is code 111 (qmail-qmqpd's "resources" exit).
+a length above the caller's limit is code 111 (qmail-qmqpd's "resources" exit). A length
+field is read from at most MAX_FIELD (13) bytes: a longer one (leading zeros included) is
+a protocol error that is answered before the connection closes, so no peer makes the
+parser scan or hold an endless run of digits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-MAX_DIGITS = 12
+MAX_FIELD = 13  # bytes of a length field, the colon included: 12 digits, up to 10^12 - 1
+
+BAD_LENGTH_FIELD = b"Dsorry, that netstring length field is too long (#5.5.2)"
 
 
 class NetstringError(ValueError):
-    """Malformed or oversized netstring; ``code`` is the exit status qmail uses."""
+    """Malformed or oversized netstring; ``code`` is the exit status qmail uses.
 
-    def __init__(self, message: str, code: int = 100) -> None:
+    ``reply`` is the refusal the server sends before closing, when there is one (qmail
+    closes without a word on its own protocol errors)."""
+
+    def __init__(self, message: str, code: int = 100, reply: bytes | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reply = reply
 
 
 def encode(data: bytes) -> bytes:
@@ -31,16 +40,20 @@ def encode_all(items: Iterable[bytes]) -> bytes:
     return b"".join(encode(i) for i in items)
 
 
-def parse_length(buf: bytes | bytearray, start: int, limit: int) -> tuple[int, int] | None:
-    """Read ``digits:`` at ``buf[start:]``.
+def parse_length(
+    buf: bytes | bytearray, start: int, limit: int, end: int | None = None
+) -> tuple[int, int] | None:
+    """Read ``digits:`` at ``buf[start:end]`` (``end`` bounds the bytes that may belong
+    to it; None = all of ``buf``). At most MAX_FIELD bytes are ever looked at.
 
     Returns (length, index after the colon), or None if more bytes are needed. Raises
-    NetstringError(100) for a non-digit, NetstringError(111) for a length over ``limit``.
+    NetstringError(100) for a non-digit or a field over MAX_FIELD bytes (with a reply),
+    NetstringError(111) for a length over ``limit``.
     """
+    stop = min(len(buf), start + MAX_FIELD, len(buf) if end is None else end)
     n = 0
     i = start
-    end = len(buf)
-    while i < end:
+    while i < stop:
         c = buf[i]
         if c == 58:  # ':'
             if i == start:
@@ -51,9 +64,9 @@ def parse_length(buf: bytes | bytearray, start: int, limit: int) -> tuple[int, i
         n = n * 10 + (c - 48)
         if n > limit:
             raise NetstringError(f"netstring length over {limit}", 111)
-        if i - start >= MAX_DIGITS:
-            raise NetstringError("netstring length too long", 111)
         i += 1
+    if i - start >= MAX_FIELD:
+        raise NetstringError("netstring length field too long", 100, BAD_LENGTH_FIELD)
     return None
 
 

@@ -12,15 +12,21 @@ Owns:
   prefix that is not digits, an inner netstring that runs past the budget, or a missing
   comma is a protocol error (exit 100, no reply, as notqmail 1.09's qmail-qmqpd); a length
   over the size limit (qmail: 200000000) is refused with a ``D`` reply before any of the
-  body is read, and the connection closed.
+  body is read, and the connection closed. pyqmail's bounds, also answered with ``D`` and
+  a close: a length field over 13 bytes, and more than queue/envelope.py's
+  MAX_RECIPIENTS (10,000) recipients, refused as the next one starts. Addresses are kept
+  only up to ADDRESS_LIMIT bytes each, so a request holds at most about 10 MB of
+  envelope whatever length it declares; the message itself is streamed to the queue.
 * :func:`serve_stdio` — qmail-qmqpd on stdin/stdout under tcpserver.
 * :class:`QmqpServer` — the asyncio listener ``pyqmail run --qmqp`` starts, with access by
-  ``control/tcp.qmqp.cdb`` (tcpserver's rules) when present.
+  ``control/tcp.qmqp.cdb`` (tcpserver's rules) when present, and for loopback clients
+  only (127.0.0.0/8, ::1) when it is not: QMQP has no recipient check, so an open QMQP
+  port is an open relay.
 * the client (qmail-qmqpc, mini-qmail's QmqpSubmitter) lives in qmqpc.py, without
   asyncio, and is re-exported here.
 
 QMQP servers accept mail for any recipient: they are for trusted clients only, so the
-listener should always be behind rules that allow only those clients.
+listener is closed to every non-loopback client until tcp.qmqp.cdb names them.
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, tcprules
+from pyqmail import cdb, netaddr, tcprules
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.inject import netstring
@@ -43,6 +49,7 @@ from pyqmail.mailbox import queue_form
 from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
+from pyqmail.queue.envelope import MAX_RECIPIENTS
 from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.session import safe
@@ -57,6 +64,9 @@ CHUNK = 65536
 BAD_ADDRESS = b"Dsorry, I can't accept addresses like that (#5.1.3)"
 NO_RECIPIENTS = b"Dsorry, a message needs at least one recipient (#5.1.3)"
 TOO_BIG = b"Dsorry, that message size exceeds my databytes limit (#5.3.4)"
+TOO_MANY_RECIPIENTS = b"Dsorry, too many recipients: at most %d per message (#5.5.3)" % (
+    MAX_RECIPIENTS
+)
 
 
 # -- the sans-IO server core ---------------------------------------------------------
@@ -118,7 +128,7 @@ class QmqpReceiver:
             self._run(out)
         except NetstringError as e:
             self.finished = True
-            reply = TOO_BIG if e.code == 111 else None
+            reply = e.reply or (TOO_BIG if e.code == 111 else None)
             out.append(Refused(e.code, reply, str(e)))
         return out
 
@@ -144,9 +154,10 @@ class QmqpReceiver:
                 if self._budget == 0:
                     self._state = "outer_comma"
                     continue
-                view = bytes(buf[: self._budget])
+                if self._item >= 2 + MAX_RECIPIENTS:
+                    raise NetstringError("too many recipients", 111, TOO_MANY_RECIPIENTS)
                 limit = self.limit if self._item == 0 else self._budget
-                got = netstring.parse_length(view, 0, limit)
+                got = netstring.parse_length(buf, 0, limit, self._budget)
                 if got is None:
                     if len(buf) >= self._budget:
                         raise NetstringError("netstring runs past the request's length")
@@ -310,28 +321,47 @@ def _peer_env(writer: asyncio.StreamWriter, me: str | None) -> dict[str, str]:
     return env
 
 
-def rules_decision(rules: Path | None, env: dict[str, str]) -> tcprules.Decision:
-    """tcpserver's access decision for this client; a missing rules file allows."""
+def rules_decision(
+    rules: Path | None, env: dict[str, str], *, loopback_only: bool = False
+) -> tcprules.Decision:
+    """tcpserver's access decision for this client. A missing rules file allows every
+    client, or with ``loopback_only`` (QMQP) loopback clients only."""
     if rules is None:
         return tcprules.Decision(True, {}, None)
     try:
         return tcprules.lookup_file(rules, env["TCPREMOTEIP"], None, None)
     except FileNotFoundError:
-        return tcprules.Decision(True, {}, None)
+        allow = not loopback_only or netaddr.is_loopback(env["TCPREMOTEIP"])
+        return tcprules.Decision(allow, {}, None)
     except (OSError, cdb.CdbError):
         return tcprules.Decision(False, {}, None)  # tcpserver drops the client
 
 
-class PerIp:
-    """Connections per client address; one over the limit is closed at once."""
+def loopback_only_note(home: Home, rules: Path | None = None) -> str | None:
+    """What ``pyqmail check`` and the daemon's start-up log say when the QMQP listener
+    serves loopback clients only (no rules file); None when rules decide."""
+    path = rules if rules is not None else home.control / "tcp.qmqp.cdb"
+    if path.exists():
+        return None
+    return (
+        f"QMQP serves loopback clients only (127.0.0.0/8, ::1): there is no {path}; "
+        "to let other hosts in, list them in control/tcp.qmqp and run tcprules"
+    )
 
-    def __init__(self, limit: int) -> None:
+
+class PerIp:
+    """Connections per client (an IPv4 address, an IPv6 /64: ``key``); one over the
+    limit is closed at once."""
+
+    def __init__(self, limit: int, key: Callable[[str], str] = netaddr.limit_key) -> None:
         self.limit = limit
+        self.key = key
         self.count: dict[str, int] = {}
 
     @contextlib.contextmanager
     def hold(self, ip: str) -> Iterator[bool]:
-        """Yields False (and counts nothing) when ``ip`` is at its limit."""
+        """Yields False (and counts nothing) when ``ip``'s key is at its limit."""
+        ip = self.key(ip)
         n = self.count.get(ip, 0)
         if n >= self.limit:
             yield False
@@ -383,7 +413,7 @@ class QmqpServer:
                 except Exception:
                     me = None
                 env = _peer_env(writer, me)
-                decision = rules_decision(self.rules, env)
+                decision = rules_decision(self.rules, env, loopback_only=True)
                 if not decision.allow:
                     return
                 env.update(decision.env)

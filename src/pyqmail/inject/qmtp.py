@@ -13,7 +13,12 @@ Owns:
 * :class:`QmtpReceiver` — sans-IO: bytes in, events out (message bytes already turned
   from CR LF to LF in ``\\r`` mode, a lone CR kept; then the envelope). A zero-length
   message, a first byte other than LF/CR, a bad length or a missing comma is a protocol
-  error (qmail-qmtpd exits 100, no reply).
+  error (qmail-qmtpd exits 100, no reply). pyqmail's bounds end the session with one
+  ``D`` reply instead of one per recipient (the list is not whole): a length field over
+  13 bytes, a recipient list declared longer than queue/envelope.py's MAX_ENVELOPE
+  (about 10 MB), or more than MAX_RECIPIENTS (10,000) recipients in it. A client that
+  reads replies sees the first recipient refused and the others unanswered (temporary).
+  So at most about 10 MB of envelope is held; the message is streamed to the queue.
 * :class:`QmtpPolicy` — what qmail-qmtpd shares with qmail-smtpd: rcpthosts and
   morercpthosts.cdb, RELAYCLIENT appended to each recipient, databytes/DATABYTES.
 * :func:`serve_stdio` (qmail-qmtpd) and :class:`QmtpServer` (``pyqmail run --qmtp``).
@@ -48,6 +53,7 @@ from pyqmail.inject.qmqp import (
 from pyqmail.mailbox import queue_form, quote
 from pyqmail.outcome import Outcome
 from pyqmail.queue import codes
+from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
 from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.remote import routes
@@ -60,6 +66,9 @@ ADDRESS_LIMIT = 1000
 BAD_RECIPIENT = b"Dsorry, I can't handle that recipient (#5.1.3)"
 NOT_RCPTHOST = b"Dsorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
 BAD_SENDER = b"Dunacceptable sender (#5.1.7)"
+TOO_MANY_RECIPIENTS = b"Dsorry, too many recipients: at most %d per message (#5.5.3)" % (
+    MAX_RECIPIENTS
+)
 TOO_BIG = b"Dsorry, that message size exceeds my databytes limit (#5.3.4)"
 
 
@@ -81,8 +90,11 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolError:
+    """The session ends; ``reply`` (a ``D`` text) is sent first when it is not None."""
+
     code: int
     reason: str
+    reply: bytes | None = None
 
 
 Event = MessageData | Envelope | ProtocolError
@@ -119,7 +131,7 @@ class QmtpReceiver:
             self._run(out)
         except NetstringError as e:
             self.failed = True
-            out.append(ProtocolError(e.code, str(e)))
+            out.append(ProtocolError(e.code, str(e), e.reply))
         return out
 
     def _addr_start(self, n: int) -> None:
@@ -212,14 +224,17 @@ class QmtpReceiver:
                 if got is None:
                     return
                 self._budget, used = got
+                if self._budget > MAX_ENVELOPE:
+                    raise NetstringError("recipient list too long", 111, TOO_MANY_RECIPIENTS)
                 del buf[:used]
                 self._state = "rcpt_len"
             elif st == "rcpt_len":
                 if self._budget == 0:
                     self._state = "rcpts_comma"
                     continue
-                view = bytes(buf[: self._budget])
-                got = netstring.parse_length(view, 0, self._budget)
+                if len(self._rcpts) >= MAX_RECIPIENTS:
+                    raise NetstringError("too many recipients", 111, TOO_MANY_RECIPIENTS)
+                got = netstring.parse_length(buf, 0, self._budget, self._budget)
                 if got is None:
                     if len(buf) >= self._budget:
                         raise NetstringError("recipient runs past its list")
@@ -384,6 +399,9 @@ def serve_stdio(
                 return 0  # EOF, even mid-message: qmail-qmtpd exits quietly
             for ev in rx.feed(data):
                 if isinstance(ev, ProtocolError):
+                    if ev.reply is not None:
+                        wfile.write(netstring.encode(ev.reply))
+                        wfile.flush()
                     return ev.code
                 if msg is None:
                     p = submitter.begin(origin="network", received=received_line("QMTP", env))
@@ -475,6 +493,9 @@ class QmtpServer:
                     return
                 for ev in rx.feed(data):
                     if isinstance(ev, ProtocolError):
+                        if ev.reply is not None:
+                            writer.write(netstring.encode(ev.reply))
+                            await writer.drain()
                         return
                     if msg is None:
                         p = await loop.run_in_executor(None, self._begin, env)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -165,11 +166,69 @@ def deliver(
             locks.release()
 
 
+class FromQuoter:
+    """mboxrd quoting, streamed: a line matching ``^>*From `` gets one more ``>``.
+
+    Linear in its input whatever the pieces: at a line's start it keeps only a count of
+    ``>`` and at most 4 bytes of a possible ``From `` (never the bytes of a run of ``>``,
+    which are all alike), and every byte is looked at once. The output is what quoting
+    each line of the whole input with needs_quote gives.
+    """
+
+    def __init__(self) -> None:
+        self._gt = 0  # '>' seen at the start of the current line, not yet written
+        self._from = 0  # bytes of b"From " matched after them, not yet written
+        self._midline = False  # the current line's start is decided and written
+        self.open_line = False  # the input so far ends inside a line
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        i, n = 0, len(data)
+        while i < n:
+            if self._midline:
+                nl = data.find(b"\n", i)
+                end = n if nl < 0 else nl + 1
+                out += data[i:end]
+                i = end
+                if nl >= 0:
+                    self._midline = False
+                continue
+            if self._from == 0:
+                m = _GT_RUN.match(data, i)
+                assert m is not None  # ">*" always matches
+                self._gt += m.end() - i
+                i = m.end()
+            while i < n and self._from < 5 and data[i] == _FROM[self._from]:
+                self._from += 1
+                i += 1
+            if self._from == 5:  # a From_ line: one more '>'
+                out += b">" * (self._gt + 1) + _FROM
+            elif i == n:
+                break  # undecided until more comes
+            else:  # not a From_ line: what was held, unchanged
+                out += b">" * self._gt + _FROM[: self._from]
+            self._gt = self._from = 0
+            self._midline = True
+        if data:
+            self.open_line = data[-1] != 10  # quoting adds no newline and takes none
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """What is still held at the end of the input (an undecided line start)."""
+        out = b">" * self._gt + _FROM[: self._from]
+        self._gt = self._from = 0
+        return out
+
+
+_GT_RUN = re.compile(rb">*")
+_FROM = b"From "
+
+
 def _write(fd: int, msg_fd: int, head: bytes) -> None:
     """Copy the message with mboxrd quoting, streaming (a long line is not held whole)."""
     buf = bytearray(head)
     offset = 0
-    midline = False  # the previous chunk ended inside a line whose start is written
+    quoter = FromQuoter()
     while True:
         try:
             chunk = os.pread(msg_fd, 65536, offset)
@@ -178,28 +237,12 @@ def _write(fd: int, msg_fd: int, head: bytes) -> None:
         if not chunk:
             break
         offset += len(chunk)
-        start = 0
-        while start < len(chunk):
-            nl = chunk.find(b"\n", start)
-            end = len(chunk) if nl < 0 else nl + 1
-            piece = chunk[start:end]
-            if not midline and nl < 0 and len(piece.lstrip(b">")) < 5:
-                # Too short to decide on quoting yet: carry it into the next read.
-                more = os.pread(msg_fd, 65536, offset)
-                if more:
-                    chunk = chunk[start:] + more
-                    offset += len(more)
-                    start = 0
-                    continue
-            if not midline and needs_quote(piece):
-                buf += b">"
-            buf += piece
-            midline = nl < 0
-            start = end
+        buf += quoter.feed(chunk)
         if len(buf) >= 65536:
             write_all(fd, bytes(buf))
             buf.clear()
-    if midline:
+    buf += quoter.end()
+    if quoter.open_line:
         buf += b"\n"
     buf += b"\n"
     write_all(fd, bytes(buf))

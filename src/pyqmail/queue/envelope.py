@@ -7,6 +7,7 @@ final ``\\0``.
 Rules, as qmail-queue applies them while reading: the first byte must be ``F`` and every
 later record ``T`` or the terminating empty record (else exit 91); an address longer
 than MAX_ADDRESS bytes is exit 11; end of input before the final ``\\0`` is exit 54.
+pyqmail's own bound: more than MAX_RECIPIENTS recipients is exit 31 (refused for good).
 Bytes after the final ``\\0`` are not read.
 """
 
@@ -19,6 +20,17 @@ from pyqmail import mailbox
 from pyqmail.queue import codes
 
 MAX_ADDRESS = 1002  # qmail-queue's ADDR is 1003 including the record's NUL
+
+# qmail has no limit on recipients: a client could make any receiver hold millions of
+# them. 10,000 is 100 times RFC 5321's minimum (4.5.3.1.8) and 10 times Postfix's
+# smtpd_recipient_limit, more than a list manager puts in one envelope, and with
+# MAX_ADDRESS it bounds one envelope at about 10 MB (MAX_ENVELOPE) whoever sends it:
+# the queue service, QMQP and QMTP refuse anything larger before holding it.
+MAX_RECIPIENTS = 10_000
+MAX_ENVELOPE = (MAX_RECIPIENTS + 1) * (MAX_ADDRESS + 2) + 1  # F/T, address, NUL; final NUL
+
+
+TOO_MANY_RECIPIENTS = f"too many recipients: at most {MAX_RECIPIENTS} per message"
 
 
 class EnvelopeError(Exception):
@@ -39,7 +51,8 @@ class EnvelopeParser:
 
     def __init__(self) -> None:
         self.sender: bytes | None = None
-        self.recipients: list[bytes] = []
+        self.recipients: list[bytes] = []  # since the last take()
+        self.count = 0  # recipients seen in all
         self.done = False
         self._cur = bytearray()
         self._kind = 0  # 0 = expecting a record type byte, else the record's type
@@ -76,10 +89,19 @@ class EnvelopeParser:
                 self._cur.clear()
                 if self._kind == 0x46:
                     self.sender = addr
+                elif self.count >= MAX_RECIPIENTS:
+                    raise EnvelopeError(codes.PERM_REFUSED, TOO_MANY_RECIPIENTS)
                 else:
+                    self.count += 1
                     self.recipients.append(addr)
                 self._kind = 0
         return i
+
+    def take(self) -> list[bytes]:
+        """The recipients parsed since the last call, handed over (a streaming reader
+        holds no more than one piece's worth)."""
+        out, self.recipients = self.recipients, []
+        return out
 
     def finish(self) -> tuple[bytes, list[bytes]]:
         """The envelope, or EnvelopeError(54) if input ended before the final NUL."""
@@ -114,20 +136,17 @@ def format_service(sender: bytes, recipients: Sequence[bytes]) -> bytes:
     return format_input(mailbox.quote(sender), [mailbox.quote(r) for r in recipients])
 
 
-def service_mailboxes(sender: bytes, recipients: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
-    """What the queue service accepts: RFC 5321 mailboxes, as pyqmail.mailbox checks them.
+def service_mailbox(address: bytes, *, sender: bool) -> bytes:
+    """What the queue service accepts: an RFC 5321 mailbox, as pyqmail.mailbox checks it.
 
-    Returns the queue forms (quotes removed). Anything else is qmail-queue's exit 11,
-    a permanent refusal whose text, "#5.1.3", is the one for a bad address.
+    Returns the queue form (quotes removed). Anything else is qmail-queue's exit 11, a
+    permanent refusal whose text, "#5.1.3", is the one for a bad address.
     """
-    out: list[bytes] = []
-    for i, address in enumerate([sender, *recipients]):
-        got = mailbox.check_envelope(address, sender=i == 0)
-        if isinstance(got, mailbox.Refusal):
-            what = "sender" if i == 0 else "recipient"
-            raise EnvelopeError(codes.ADDRESS_TOO_LONG, f"envelope {what}: {got.value}")
-        out.append(got)
-    return out[0], out[1:]
+    got = mailbox.check_envelope(address, sender=sender)
+    if isinstance(got, mailbox.Refusal):
+        what = "sender" if sender else "recipient"
+        raise EnvelopeError(codes.ADDRESS_TOO_LONG, f"envelope {what}: {got.value}")
+    return got
 
 
 @dataclass(frozen=True)

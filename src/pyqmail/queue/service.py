@@ -20,7 +20,10 @@ Wire format (qmail-queue's bytes, framed with netstrings ``LEN:BYTES,``):
             qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``), except that each
             address is written as an RFC 5321 mailbox (``"john doe"@x``, see
             pyqmail.mailbox); the service refuses any other (exit 11) and queues the
-            unquoted form qmail-smtpd would have queued.
+            unquoted form qmail-smtpd would have queued. At most
+            envelope.MAX_ENVELOPE bytes (about 10 MB) with at most MAX_RECIPIENTS
+            (10,000) recipients; beyond either the answer is 31 at once, nothing is
+            queued, and the service closes without reading the rest.
     service: ONE netstring ``CODE QP MSGNUM[ TEXT]`` in ASCII, CODE being qmail-queue's
             exit code (0 = queued), MSGNUM the message's inode number (0 on failure).
 
@@ -36,20 +39,25 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
-from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, service_mailboxes
+from pyqmail.queue.envelope import (
+    MAX_ENVELOPE,
+    EnvelopeError,
+    EnvelopeParser,
+    service_mailbox,
+)
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.writer import QueueError, QueueWriter
 
 MAX_CHUNK = 1 << 20
-MAX_ENVELOPE = 1 << 28
+_PIECE = 65536  # the envelope is read and parsed this much at a time
 SOCKET_NAME = "qmail-queue.sock"
 _TIMEOUT = 3600.0
 
@@ -67,8 +75,9 @@ def netstring(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
-def read_netstring(f: IO[bytes], limit: int) -> bytes:
-    """Read one netstring from a buffered binary stream; FrameError on anything else."""
+def read_length(f: IO[bytes], limit: int) -> int:
+    """Read a netstring's ``digits:`` (at most 10 digits) from a buffered binary stream;
+    FrameError on anything else or a length over ``limit``."""
     digits = b""
     while True:
         c = f.read(1)
@@ -84,6 +93,12 @@ def read_netstring(f: IO[bytes], limit: int) -> bytes:
     n = int(digits)
     if n > limit:
         raise FrameError("netstring too long")
+    return n
+
+
+def read_netstring(f: IO[bytes], limit: int) -> bytes:
+    """Read one netstring from a buffered binary stream; FrameError on anything else."""
+    n = read_length(f, limit)
     data = f.read(n)
     if len(data) != n or f.read(1) != b",":
         raise FrameError("truncated netstring")
@@ -357,11 +372,8 @@ class QueueService:
             while chunk:
                 p.write(chunk)
                 chunk = read_netstring(f, MAX_CHUNK)
-            env = read_netstring(f, MAX_ENVELOPE)
-            parser = EnvelopeParser()
-            parser.feed(env)
-            sender, rcpts = service_mailboxes(*parser.finish())
-            n = p.commit(sender, rcpts)
+            env = _EnvelopeReader(f)
+            n = p.commit(env.sender(), env.recipients())
             return Reply(0, pid, n)
         except EnvelopeError as e:
             p.abort()
@@ -383,6 +395,54 @@ class QueueService:
         except BaseException:
             p.abort()
             raise
+
+
+class _EnvelopeReader:
+    """The envelope netstring, parsed as it is read and handed on as it is parsed.
+
+    A length over MAX_ENVELOPE (about 10 MB, queue/envelope.py) is refused (31) before any
+    of it is read, and so are more than MAX_RECIPIENTS recipients as the next one comes.
+    ``recipients()`` is what the writer streams into intd/N (as qmail-queue writes intd
+    while reading fd 1): only one piece of the envelope is in memory at a time. Bytes
+    after the final NUL are read to the comma and dropped, as qmail-queue never reads
+    them."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._left = read_length(f, 9_999_999_999)
+        if self._left > MAX_ENVELOPE:
+            raise EnvelopeError(codes.PERM_REFUSED, f"envelope over {MAX_ENVELOPE} bytes")
+        self._parser = EnvelopeParser()
+
+    def _more(self) -> bool:
+        """Read and parse one more piece; False at the end of the netstring."""
+        if not self._left:
+            return False
+        piece = self._f.read(min(self._left, _PIECE))
+        if not piece:
+            raise FrameError("truncated netstring")
+        self._left -= len(piece)
+        if not self._parser.done:
+            self._parser.feed(piece)
+        if not self._left and self._f.read(1) != b",":
+            raise FrameError("truncated netstring")
+        return True
+
+    def sender(self) -> bytes:
+        """The sender in queue form; EnvelopeError (11) if it is not a mailbox."""
+        while self._parser.sender is None:
+            if not self._more():
+                return self._parser.finish()[0]  # raises 54
+        return service_mailbox(self._parser.sender, sender=True)
+
+    def recipients(self) -> Iterator[bytes]:
+        """Each recipient in queue form as it is read; EnvelopeError (11) at a bad one."""
+        while True:
+            for r in self._parser.take():
+                yield service_mailbox(r, sender=False)
+            if not self._more():
+                self._parser.finish()  # 54 if the final NUL never came
+                return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from pyqmail import qdate
@@ -391,39 +391,59 @@ class Pending:
         if len(self._buf) >= _BUFSIZE:
             self._flush()
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
-        """Make the message durable and visible in todo/; returns N. Blocking."""
+    def commit(self, sender: bytes, recipients: Iterable[bytes]) -> int:
+        """Make the message durable and visible in todo/; returns N. Blocking.
+
+        ``recipients`` may be an iterator that reads them as they come (the queue
+        service's): intd/N is then written while it runs, as qmail-queue writes it while
+        reading fd 1, and what it raises aborts the message and propagates."""
         result = commit_many([(self, sender, recipients)])[0]
         if isinstance(result, QueueError):
             raise result
         return result
 
-    def _prepare(self, sender: bytes, recipients: Sequence[bytes]) -> None:
-        """Flush the message, create and write intd/N (kept open in ``_ifd``)."""
+    def _prepare(self, sender: bytes, recipients: Iterable[bytes]) -> None:
+        """Flush the message, create and write intd/N (kept open in ``_ifd``).
+
+        A list of recipients is checked whole before anything is created; an iterator's
+        are checked and written as it yields them, so only a buffer is ever held."""
         if self._done:
             raise RuntimeError("commit after commit or abort")
         w = self._w
         n = self.msgnum
         try:
             check_address(sender)
-            for r in recipients:
-                check_address(r)
+            if isinstance(recipients, Sequence):
+                for r in recipients:
+                    check_address(r)
         except EnvelopeError as e:
             raise QueueError(e.code, str(e)) from e
         self._flush()
         if self._error is not None:
             raise self._error
         w._step(CrashState.MESS_WRITTEN)
-        envelope = format_todo(self._uid, self.qp, sender, recipients)
         intd = f"{w._intd_dir}{n}"
         self._ifd = self._create_intd(intd, n)
         self._intd = intd
         w._step(CrashState.INTD_CREATED)
-        try:
-            write_all(self._ifd, envelope)
-        except OSError as e:
-            raise QueueError(codes.WRITE_ERROR, f"unable to write {intd}: {e}") from e
+        envelope = bytearray(format_todo(self._uid, self.qp, sender, ()))
+        for r in recipients:  # what the iterator raises (its reading) propagates as is
+            try:
+                check_address(r)
+            except EnvelopeError as e:
+                raise QueueError(e.code, str(e)) from e
+            envelope += b"T" + r + b"\0"
+            if len(envelope) >= _BUFSIZE:
+                self._write_intd(envelope)
+        self._write_intd(envelope)
         w._step(CrashState.INTD_WRITTEN)
+
+    def _write_intd(self, data: bytearray) -> None:
+        try:
+            write_all(self._ifd, bytes(data))
+        except OSError as e:
+            raise QueueError(codes.WRITE_ERROR, f"unable to write {self._intd}: {e}") from e
+        data.clear()
 
     def _start_writeback(self, mess: bool) -> None:
         """Start writing the envelope's data now, and the message's if ``mess``.
@@ -555,7 +575,7 @@ class Pending:
             self._fd = -1
 
 
-Item = tuple[Pending, bytes, Sequence[bytes]]
+Item = tuple[Pending, bytes, Iterable[bytes]]
 
 SYNC_THREADS = 8  # fsyncs of one batch in flight at once
 _sync_pool: ThreadPoolExecutor | None = None

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
-from pyqmail import cdb, tcprules
+from pyqmail import cdb, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import codes
@@ -137,10 +137,6 @@ class _Message:
                 p.abort()
             except Exception:
                 log.exception("queue abort failed")
-
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip == "::1"
 
 
 def _peer_ip(addr: object) -> tuple[str, str]:
@@ -292,6 +288,7 @@ class SmtpServer:
         control_ttl: float = 1.0,
         limit_loopback: bool = False,
         commit_process: bool | None = None,
+        ip_key: Callable[[str], str] = netaddr.limit_key,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -307,6 +304,8 @@ class SmtpServer:
         # Loopback clients are local programs, exempt from the per-IP limit as Postfix
         # exempts $mynetworks (smtpd_client_event_limit_exceptions); the total still holds.
         self.limit_loopback = limit_loopback
+        # What max_per_ip counts: an IPv4 address, an IPv6 /64 (netaddr.limit_key).
+        self.ip_key = ip_key
         self.limits = limits or Limits()
         self.greet_delay = greet_delay
         self.linger = linger
@@ -436,6 +435,7 @@ class _SmtpProtocol(asyncio.Protocol):
         "closing",
         "conn",
         "ip",
+        "ip_key",
         "last",
         "loop",
         "msg",
@@ -454,6 +454,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.conn: SmtpServerConnection | None = None
         self.msg: _Message | None = None
         self.ip = ""
+        self.ip_key = ""
         self.last = 0.0
         self.partial_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -469,15 +470,17 @@ class _SmtpProtocol(asyncio.Protocol):
         ip, port = _peer_ip(transport.get_extra_info("peername"))
         lip, lport = _peer_ip(transport.get_extra_info("sockname"))
         self.ip = ip
+        key = self.ip_key = srv.ip_key(ip)
         if srv.conns >= srv.max_conns or (
-            srv.per_ip.get(ip, 0) >= srv.max_per_ip and (srv.limit_loopback or not _is_loopback(ip))
+            srv.per_ip.get(key, 0) >= srv.max_per_ip
+            and (srv.limit_loopback or not netaddr.is_loopback(ip))
         ):
             transport.write(replies.TOO_MANY_CONNS)
             self.ip = ""
             self._close_now()
             return
         srv.conns += 1
-        srv.per_ip[ip] = srv.per_ip.get(ip, 0) + 1
+        srv.per_ip[key] = srv.per_ip.get(key, 0) + 1
         try:
             decision = srv.decide(ip)
             if decision is None or not decision.allow:
@@ -575,11 +578,11 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.ip:
             srv = self.server
             srv.conns -= 1
-            n = srv.per_ip.get(self.ip, 1) - 1
+            n = srv.per_ip.get(self.ip_key, 1) - 1
             if n <= 0:
-                srv.per_ip.pop(self.ip, None)
+                srv.per_ip.pop(self.ip_key, None)
             else:
-                srv.per_ip[self.ip] = n
+                srv.per_ip[self.ip_key] = n
             self.ip = ""
         self.conn = None
         self.closing = True
