@@ -4,8 +4,10 @@
 qmail-inject and sendmail, QMQP/QMTP servers, local forwards, bounces; qmail-queue itself
 asks ``qmqp_servers`` the same question):
 
-1. ``QMAILQUEUE`` is set: run that program from the home directory with the message on
-   fd 0 and the envelope on fd 1, and map its exit code (a filter in front of the queue);
+1. ``QMAILQUEUE`` is set: run that program from the home directory (a relative name is
+   a path under the home, as qmail's execv after chdir) with the message on fd 0, the
+   envelope on fd 1 and a pipe on fd 6, and map its exit code (a filter in front of the
+   queue); exit 82 with text on fd 6 is notqmail's custom reply (``D``/``Z`` + text);
 2. ``control/qmqpservers`` lists a server: mini-qmail, a null client with no queue of its
    own; every message goes to the first QMQP server that takes it (inject/qmqpc.py's
    QmqpSubmitter, qmail-queue's exit codes 71-74 on failure). If the file exists but
@@ -111,6 +113,46 @@ class _Spooled:
         return tmp
 
 
+_CUSTOM_MAX = 255  # qmail.c reads at most 255 bytes of the fd-6 text
+
+
+def custom_text(raw: bytes) -> str:
+    """A replacement qmail-queue's fd-6 text as one safe reply line.
+
+    qmail copies the bytes into the reply as they are; here every byte outside printable
+    ASCII becomes a space (8-bit bytes a ``?``) so that a CR or LF cannot start a second
+    reply line, and the end is trimmed. The length is kept until the trim so that the
+    "more than 2 characters" rule (queue.md 2.1) counts what the program wrote.
+    """
+    raw = raw[:_CUSTOM_MAX]
+    text = "".join(chr(b) if 32 <= b < 127 else ("?" if b >= 128 else " ") for b in raw)
+    return text[:1] + text[1:].rstrip() if len(text) > 2 else text
+
+
+def program_path(home: Home, program: str) -> str:
+    """QMAILQUEUE as qmail runs it: execv'd from the home, so a relative name (bin/qmail-queue,
+    bin/myqq, even a bare name: no PATH search) is a path under the home."""
+    return program if os.path.isabs(program) else str(home.root / program)
+
+
+def _read_custom(fd: int) -> bytes:
+    """Up to 255 bytes from the read end of the fd-6 pipe, to EOF (qmail_errstr)."""
+    got = b""
+    while len(got) < _CUSTOM_MAX:
+        chunk = os.read(fd, _CUSTOM_MAX - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _move_to_fd6(w: int) -> Callable[[], None]:
+    def child() -> None:  # runs in the child between fork and exec
+        os.dup2(w, 6)
+
+    return child
+
+
 class _ProgramPending(_Spooled):
     def __init__(self, program: str, cwd: Path, received: bytes) -> None:
         super().__init__(received)
@@ -124,23 +166,49 @@ class _ProgramPending(_Spooled):
                 env.write(format_input(sender, recipients))
                 env.flush()
                 env.seek(0)
-                try:
-                    proc = subprocess.Popen(
-                        [self._program], stdin=msg, stdout=env, cwd=self._cwd, close_fds=True
-                    )
-                except OSError as e:
-                    raise QueueError(
-                        codes.EXEC_FAILED, f"unable to run {self._program}: {e}"
-                    ) from e
-                self.qp = proc.pid
-                rc = proc.wait()
+                rc, raw = self._run(msg, env)
         finally:
             msg.close()
         if rc < 0:
             raise QueueError(codes.CRASHED, f"{self._program} killed by signal {-rc}")
         if rc != 0:
-            raise QueueError(rc)
+            custom = custom_text(raw) if rc == codes.CUSTOM_ERROR else None
+            raise QueueError(rc, custom=custom)
         return 0
+
+    def _run(self, msg: IO[bytes], env: IO[bytes]) -> tuple[int, bytes]:
+        """Run the program: message on fd 0, envelope on fd 1, a pipe on fd 6 (notqmail's
+        custom error text); its exit code (negative: a signal) and what it wrote on fd 6."""
+        r, w = os.pipe()
+        try:
+            try:
+                # fd 6 is kept (pass_fds) because preexec puts the pipe there just before
+                # close_fds runs; the parent's own fd 6, if any, is replaced in the child.
+                proc = subprocess.Popen(
+                    [self._program],
+                    stdin=msg,
+                    stdout=env,
+                    cwd=self._cwd,
+                    close_fds=True,
+                    pass_fds=(6,),
+                    preexec_fn=_move_to_fd6(w),
+                )
+            except OSError as e:
+                raise QueueError(codes.EXEC_FAILED, f"unable to run {self._program}: {e}") from e
+            os.close(w)
+            w = -1
+            self.qp = proc.pid
+            try:
+                raw = _read_custom(r)
+            except OSError:
+                raw = b""
+            os.close(r)
+            r = -1
+            return proc.wait(), raw
+        finally:
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
 
 
 class ProgramSubmitter:
@@ -153,7 +221,7 @@ class ProgramSubmitter:
         self.program = program
 
     def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
-        return _ProgramPending(self.program, self.home.root, received)
+        return _ProgramPending(program_path(self.home, self.program), self.home.root, received)
 
 
 class _ServicePending(_Spooled):
