@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,9 @@ def test_sendmail_bs_speaks_smtp_on_stdin(site: Home) -> None:
     [(todo, mess)] = queued(site)
     assert todo.recipients == (b"c@d.example",)
     assert b"(sendmail-bs@127.0.0.1)" in mess
+    # qmail-smtpd runs as the caller: qmail-queue's line names the uid, not the network
+    first = mess.split(b"\n", 1)[0]
+    assert re.fullmatch(rb"Received: \(qmail \d+ invoked by uid %d\); .*" % os.getuid(), first)
 
 
 def test_sendmail_bp_is_qmail_qread(site: Home) -> None:
