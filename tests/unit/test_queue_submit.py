@@ -41,14 +41,15 @@ def test_choice(home: Home) -> None:
 
 
 def test_multi_user_choice_follows_euid(home: Home) -> None:
-    """Not single-user and the queue is not ours: the service; ours: in-process."""
+    """Not single-user and the queue is not ours: the service (root: a child that becomes
+    the queue user, qmail-queue's setuid bit); ours: in-process."""
     multi = Home(home.root, single_user=False)
     st = os.stat(home.queue / "pid")
     sub = QueueSubmitter(multi)
     assert sub.kind == ("in-process" if st.st_uid == os.geteuid() else "service")
     if os.geteuid() == 0:
         os.chown(home.queue / "pid", 12345, -1)
-        assert sub.kind == "service"
+        assert sub.kind == "root"
         os.chown(home.queue / "pid", st.st_uid, -1)
         assert sub.kind == "in-process"
         p = sub.begin()

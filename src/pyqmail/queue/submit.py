@@ -14,11 +14,16 @@ asks ``qmqp_servers`` the same question):
    cannot be read, every ``begin`` fails with 55 rather than queue locally;
 3. this process may write the queue itself (single-user mode, or it runs as the queue's
    owner): the in-process QueueWriter;
-4. otherwise: the queue service over its Unix socket (service.py), which learns our uid
+4. root in multi-user mode (qmail-inject, sendmail, cron's mail as root): qmail-queue's
+   setuid bit, done by hand: at commit a child forks, drops to qmailq:qmail
+   (``drop_to_queue_user``, which qmail-queue's own command uses too) and writes the
+   spooled message with the in-process writer; its exit code is qmail-queue's. The
+   Received line names the real uid, as qmail-queue's does. No service is needed;
+5. otherwise: the queue service over its Unix socket (service.py), which learns our uid
    from the socket.
 
-1 and 2 are decided when the submitter is made (a daemon decides at start); 3 or 4 at
-each ``begin`` by QueueSubmitter, so a process that drops to the queue user after making
+1 and 2 are decided when the submitter is made (a daemon decides at start); 3, 4 or 5
+at each ``begin`` by QueueSubmitter, so a process that drops to the queue user after making
 its submitter switches to writing in-process.
 
 Each returns a Pending-like object: ``write(bytes)`` (cheap: buffered, or spooled to an
@@ -38,10 +43,10 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from pyqmail.control import ControlError, parse_list, read_file
-from pyqmail.home import Home
+from pyqmail.home import Home, HomeError, Ids
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, check_address, format_input
-from pyqmail.queue.service import ServiceClient, socket_path
+from pyqmail.queue.service import ServiceClient, origin_of, socket_path
 from pyqmail.queue.writer import QueueError, QueueWriter
 
 
@@ -258,6 +263,82 @@ class ServiceSubmitter:
         return _ServicePending(self.client, received)
 
 
+def drop_to_queue_user(ids: Ids) -> None:
+    """What qmail-queue's setuid bit gives it: become qmailq:qmail with no other groups
+    (the real uid goes too: this process never needs root again). OSError if refused."""
+    os.setgroups([])
+    os.setgid(ids.gid("qmail"))
+    os.setuid(ids.uid("queue"))
+
+
+class _RootPending(_Spooled):
+    """Root's message, written at commit by a child that has become the queue user."""
+
+    def __init__(self, home: Home, ids: Ids, received: bytes) -> None:
+        super().__init__(received)
+        self._home = home
+        self._ids = ids
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+        msg = self._take(sender, recipients)
+        ruid = os.getuid()
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports by its exit code only
+                os._exit(_write_as_queue_user(self._home, self._ids, ruid, msg, sender, recipients))
+        finally:
+            msg.close()
+        self.qp = pid
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            raise QueueError(codes.CRASHED, f"queue writer killed by signal {os.WTERMSIG(status)}")
+        rc = os.waitstatus_to_exitcode(status)
+        if rc != 0:
+            raise QueueError(rc)
+        return 0
+
+
+def _write_as_queue_user(
+    home: Home, ids: Ids, ruid: int, msg: IO[bytes], sender: bytes, recipients: Sequence[bytes]
+) -> int:
+    """The forked child's whole life: drop, write, commit; qmail-queue's exit code."""
+    try:
+        try:
+            drop_to_queue_user(ids)
+        except OSError:
+            return codes.HOME_TROUBLE
+        os.umask(0o033)
+        p = QueueWriter(home).begin(uid=ruid, origin=origin_of(ruid, ids))
+        try:
+            while chunk := msg.read(65536):
+                p.write(chunk)
+        except OSError:
+            p.abort()
+            return codes.READ_ERROR
+        p.commit(sender, recipients)
+        return 0
+    except QueueError as e:
+        return e.code
+    except MemoryError:
+        return codes.NO_MEMORY
+    except BaseException:
+        return codes.INTERNAL_BUG
+
+
+class RootSubmitter:
+    """root in multi-user mode: each commit forks a child that writes as qmailq."""
+
+    kind = "root"
+
+    def __init__(self, home: Home, ids: Ids) -> None:
+        self.home = home
+        self.ids = ids
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        # origin comes from the real uid in the child, as qmail-queue decides it
+        return _RootPending(self.home, self.ids, received)
+
+
 def can_write_queue(home: Home) -> bool:
     """True if this process may write the queue in-process (see the module docstring)."""
     if home.single_user:
@@ -334,13 +415,24 @@ class QueueSubmitter:
 
     @property
     def kind(self) -> str:
-        return "in-process" if self._direct or can_write_queue(self.home) else "service"
+        if self._direct or can_write_queue(self.home):
+            return "in-process"
+        return "root" if self._as_root() else "service"
+
+    def _as_root(self) -> bool:
+        return os.geteuid() == 0 and not self.home.single_user
 
     def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
         if self._direct is None and can_write_queue(self.home):
             self._direct = InProcessSubmitter(self.home, notify=self.notify)
         if self._direct is not None:
             return self._direct.begin(origin=origin, received=received)
+        if self._as_root():
+            try:
+                ids = self.home.ids()
+            except HomeError as e:
+                raise QueueError(codes.HOME_TROUBLE, str(e)) from e
+            return RootSubmitter(self.home, ids).begin(origin=origin, received=received)
         if self._service is None:
             self._service = ServiceSubmitter(self.home)
         return self._service.begin(origin=origin, received=received)
