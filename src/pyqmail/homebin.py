@@ -151,6 +151,36 @@ def install_wrappers(home: Home, ids: Ids | None, python: str = sys.executable) 
     return report
 
 
+QUEUE_UNIT = "pyqmail-queue.service"
+
+
+def queue_unit(home: Home) -> bytes:
+    """A systemd unit running the queue service for ``home`` on its own, so that local
+    users' qmail-inject, sendmail and qmail-queue can queue while pyqmail run is stopped
+    (root's write the queue themselves). pyqmail run leaves a live service's socket alone."""
+    bindir = str(home.root / "bin")
+    exe = f'"{bindir}/qmail-queue"' if any(c.isspace() for c in bindir) else f"{bindir}/qmail-queue"
+    return f"""\
+# pyqmail's queue service for the home {home.root}: local users' mail is queued through
+# it (Python programs cannot be setuid). It drops to qmailq itself.
+#   systemd:     cp {home.root}/doc/{QUEUE_UNIT} /etc/systemd/system/
+#                systemctl enable --now {QUEUE_UNIT}
+#   daemontools: a service directory whose run script is
+#                exec {bindir}/qmail-queue --serve 2>&1
+[Unit]
+Description=pyqmail queue service (qmail-queue for local users) for {home.root}
+After=local-fs.target
+
+[Service]
+ExecStart={exe} --serve
+Restart=always
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+""".encode()
+
+
 def _qmail_like(target: str, link: Path) -> bool:
     """A link to some qmail home's bin/sendmail: qmail-inject sits beside it."""
     full = Path(target) if os.path.isabs(target) else link.parent / target

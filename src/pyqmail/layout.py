@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyqmail.home import GROUP_ROLES, SPLIT, USER_ROLES, Home, Ids
-from pyqmail.homebin import install_wrappers
+from pyqmail.homebin import QUEUE_UNIT, install_wrappers, queue_unit
 
 # (path relative to queue/, owner role, mode, split into SPLIT subdirectories)
 QUEUE_DIRS: tuple[tuple[str, str, int, bool], ...] = (
@@ -155,8 +155,9 @@ def create_home(home: Home, me: str, ids: Ids | None) -> Report:
     mk = _Maker(ids, report)
     root = home.root
     mk.dir(root, 0o755)
-    for sub in ("control", "users", "bin"):
+    for sub in ("control", "users", "bin", "doc"):
         mk.dir(root / sub, 0o755)
+    mk.file(root / "doc" / QUEUE_UNIT, queue_unit(home))
     c = root / "control"
     mk.file(c / "me", f"{me}\n".encode())
     mk.file(c / "defaultdomain", f"{defaultdomain_of(me)}\n".encode())
