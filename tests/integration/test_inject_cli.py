@@ -166,3 +166,22 @@ def test_sendmail_bp_is_qmail_qread(site: Home) -> None:
     r = run(site, "sendmail", ["-bp"], b"")
     assert r.returncode == 0, r.stderr
     assert r.stdout == run(site, "qmail-qread", [], b"").stdout
+
+
+@pytest.mark.parametrize("prog", ["qmail-inject", "sendmail"])
+def test_relative_qmailqueue_is_under_the_home(site: Home, prog: str) -> None:
+    """QMAILQUEUE=bin/qmail-queue is the home's (pyqmail init's wrapper), as qmail runs it
+    from the home whatever the caller's directory."""
+    r = run(site, prog, ["x@y.example"], b"Subject: s\n\n", QMAILQUEUE="bin/qmail-queue")
+    assert r.returncode == 0, r.stderr
+    [(todo, _mess)] = queued(site)
+    assert todo.recipients == (b"x@y.example",)
+
+
+def test_qmailqueue_custom_refusal(site: Home, tmp_path: Path) -> None:
+    qq = tmp_path / "qq"
+    qq.write_text("#!/bin/sh\ncat >/dev/null\nprintf %s 'Dno mail from cron today' >&6\nexit 82\n")
+    qq.chmod(0o755)
+    r = run(site, "qmail-inject", ["x@y.example"], b"Subject: s\n\n", QMAILQUEUE=str(qq))
+    assert r.returncode == 100
+    assert r.stderr == b"qmail-inject: fatal: no mail from cron today\n"
