@@ -1,6 +1,7 @@
 """Creating a home the way qmail's install plus ``config-fast FQDN`` do (layout.md).
 
-Idempotent: a second run creates what is missing and changes nothing that exists. As
+Idempotent: a second run creates what is missing and changes nothing that exists (but
+the HOME/bin wrappers of homebin.py, which it brings up to date). As
 root in multi-user mode the owners and modes are qmail's; in single-user mode everything
 belongs to the invoking user with the same modes.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyqmail.home import GROUP_ROLES, SPLIT, USER_ROLES, Home, Ids
+from pyqmail.homebin import QUEUE_UNIT, install_wrappers, queue_unit
 
 # (path relative to queue/, owner role, mode, split into SPLIT subdirectories)
 QUEUE_DIRS: tuple[tuple[str, str, int, bool], ...] = (
@@ -37,6 +39,7 @@ class Report:
     """What init did, one line per thing created."""
 
     created: list[str]
+    kept: list[str] = field(default_factory=list)  # HOME/bin files that are not pyqmail's
 
 
 def default_fqdn() -> str:
@@ -152,8 +155,9 @@ def create_home(home: Home, me: str, ids: Ids | None) -> Report:
     mk = _Maker(ids, report)
     root = home.root
     mk.dir(root, 0o755)
-    for sub in ("control", "users", "bin"):
+    for sub in ("control", "users", "bin", "doc"):
         mk.dir(root / sub, 0o755)
+    mk.file(root / "doc" / QUEUE_UNIT, queue_unit(home))
     c = root / "control"
     mk.file(c / "me", f"{me}\n".encode())
     mk.file(c / "defaultdomain", f"{defaultdomain_of(me)}\n".encode())
@@ -168,4 +172,7 @@ def create_home(home: Home, me: str, ids: Ids | None) -> Report:
     for name in ALIASES:
         mk.file(root / "alias" / f".qmail-{name}", b"./Maildir/\n", 0o644, "alias")
     report.created += create_queue(home, ids).created
+    bins = install_wrappers(home, ids)
+    report.created += bins.created
+    report.kept += bins.kept
     return report

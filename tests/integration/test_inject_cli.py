@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,9 @@ def test_sendmail_bs_speaks_smtp_on_stdin(site: Home) -> None:
     [(todo, mess)] = queued(site)
     assert todo.recipients == (b"c@d.example",)
     assert b"(sendmail-bs@127.0.0.1)" in mess
+    # qmail-smtpd runs as the caller: qmail-queue's line names the uid, not the network
+    first = mess.split(b"\n", 1)[0]
+    assert re.fullmatch(rb"Received: \(qmail \d+ invoked by uid %d\); .*" % os.getuid(), first)
 
 
 def test_sendmail_bp_is_qmail_qread(site: Home) -> None:
@@ -161,3 +165,22 @@ def test_sendmail_bp_is_qmail_qread(site: Home) -> None:
     r = run(site, "sendmail", ["-bp"], b"")
     assert r.returncode == 0, r.stderr
     assert r.stdout == run(site, "qmail-qread", [], b"").stdout
+
+
+@pytest.mark.parametrize("prog", ["qmail-inject", "sendmail"])
+def test_relative_qmailqueue_is_under_the_home(site: Home, prog: str) -> None:
+    """QMAILQUEUE=bin/qmail-queue is the home's (pyqmail init's wrapper), as qmail runs it
+    from the home whatever the caller's directory."""
+    r = run(site, prog, ["x@y.example"], b"Subject: s\n\n", QMAILQUEUE="bin/qmail-queue")
+    assert r.returncode == 0, r.stderr
+    [(todo, _mess)] = queued(site)
+    assert todo.recipients == (b"x@y.example",)
+
+
+def test_qmailqueue_custom_refusal(site: Home, tmp_path: Path) -> None:
+    qq = tmp_path / "qq"
+    qq.write_text("#!/bin/sh\ncat >/dev/null\nprintf %s 'Dno mail from cron today' >&6\nexit 82\n")
+    qq.chmod(0o755)
+    r = run(site, "qmail-inject", ["x@y.example"], b"Subject: s\n\n", QMAILQUEUE=str(qq))
+    assert r.returncode == 100
+    assert r.stderr == b"qmail-inject: fatal: no mail from cron today\n"

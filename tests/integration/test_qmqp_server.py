@@ -5,6 +5,7 @@ codes, tcprules access, and every malformed request."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import subprocess
@@ -19,11 +20,11 @@ from pyqmail import tcprules
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.inject.netstring import decode_one, encode
-from pyqmail.inject.qmqp import QmqpServer, QmqpSubmitter
+from pyqmail.inject.qmqp import QmqpServer, QmqpSubmitter, serve_stdio
 from pyqmail.layout import create_home
 from pyqmail.queue.envelope import format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
-from pyqmail.queue.submit import InProcessSubmitter
+from pyqmail.queue.submit import InProcessSubmitter, ProgramSubmitter
 from pyqmail.queue.writer import QueueError
 from tests.conftest import LoAddresses
 
@@ -409,3 +410,14 @@ def test_serve_stdio(home: Home, data: bytes, code: int, reply_start: bytes | No
         assert reply_start in out.getvalue()
     assert list((home.queue / "pid").iterdir()) == []
     assert len(queued(home)) == (1 if reply_start == b":Kok " else 0)
+
+
+def test_stdio_passes_a_filters_custom_text(home: Home, tmp_path: Path) -> None:
+    """qmail-qmqpd answers an exit-82 QMAILQUEUE's fd-6 text as its D/Z reply."""
+    qq = tmp_path / "qq"
+    qq.write_text("#!/bin/sh\ncat >/dev/null\nprintf %s 'Dspam, go away' >&6\nexit 82\n")
+    qq.chmod(0o755)
+    out = io.BytesIO()
+    req = io.BytesIO(request(b"Subject: x\n\nbody\n", b"a@b.example", [b"c@d.example"]))
+    serve_stdio(req, out, ProgramSubmitter(home, str(qq)), {"TCPREMOTEIP": "127.0.0.1"})
+    assert decode_one(out.getvalue())[0] == b"Dspam, go away"

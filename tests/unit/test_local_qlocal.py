@@ -413,6 +413,25 @@ def test_forward_queue_failure(
     assert user.deliver() == (code, text)
 
 
+@pytest.mark.parametrize(
+    ("fd6", "code", "text"),
+    [
+        ("Dno forwarding here", 100, "Unable to forward message: no forwarding here.\n"),
+        ("Ztry later", 111, "Unable to forward message: try later.\n"),
+    ],
+)
+def test_forward_custom_queue_reply(
+    user: User, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fd6: str, code: int, text: str
+) -> None:
+    """A QMAILQUEUE filter's exit 82 + fd-6 text is qmail-local's D/Z text (qmail.c)."""
+    script = tmp_path / "qq82"
+    script.write_text(f"#!/bin/sh\ncat >/dev/null\nprintf %s '{fd6}' >&6\nexit 82\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("QMAILQUEUE", str(script))
+    user.qmail(".qmail-ext", "&a@x.org\n")
+    assert user.deliver() == (code, text)
+
+
 def test_failed_file_line_stops_forwards(user: User, captured: Path) -> None:
     user.qmail(".qmail-ext", "&a@x.org\n./NoMaildir/\n")
     assert user.deliver()[0] == 111

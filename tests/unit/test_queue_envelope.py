@@ -108,6 +108,8 @@ def test_qq_result(code: int, cls: str, text: str) -> None:
 def test_custom_error_text() -> None:
     assert codes.qq_result(82, "Dgo away") == ("D", "go away")
     assert codes.qq_result(82, "Dx") == ("Z", "qq temporary problem (#4.3.0)")
+    # qmail.c: any first letter other than D is temporary
+    assert codes.qq_result(82, "Xbusy") == ("Z", "busy")
     assert codes.smtp_reply(11) == b"554 envelope address too long for qq (#5.1.3)\r\n"
 
 

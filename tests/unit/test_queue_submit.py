@@ -41,14 +41,15 @@ def test_choice(home: Home) -> None:
 
 
 def test_multi_user_choice_follows_euid(home: Home) -> None:
-    """Not single-user and the queue is not ours: the service; ours: in-process."""
+    """Not single-user and the queue is not ours: the service (root: a child that becomes
+    the queue user, qmail-queue's setuid bit); ours: in-process."""
     multi = Home(home.root, single_user=False)
     st = os.stat(home.queue / "pid")
     sub = QueueSubmitter(multi)
     assert sub.kind == ("in-process" if st.st_uid == os.geteuid() else "service")
     if os.geteuid() == 0:
         os.chown(home.queue / "pid", 12345, -1)
-        assert sub.kind == "service"
+        assert sub.kind == "root"
         os.chown(home.queue / "pid", st.st_uid, -1)
         assert sub.kind == "in-process"
         p = sub.begin()
@@ -113,6 +114,69 @@ def test_program_sees_envelope_on_fd1(home: Home, tmp_path: Path) -> None:
     p = ProgramSubmitter(home, prog).begin()
     p.commit(b"", [b"a@b"])
     assert out.read_bytes() == b"F\0Ta@b\0\0"
+
+
+@pytest.mark.parametrize(
+    ("fd6", "reply"),
+    [
+        ("printf %s 'Dcustom permanent text'", b"554 custom permanent text\r\n"),
+        ("printf %s 'Zcustom temp text'", b"451 custom temp text\r\n"),
+        # a newline the filter adds is not sent on
+        ("echo 'Dno thanks'", b"554 no thanks\r\n"),
+        # a CR LF cannot start a second reply line
+        ("printf 'Dbad\\r\\n250 ok\\r\\n'", b"554 bad  250 ok\r\n"),
+        # only 255 bytes are read
+        ("head -c 5000 /dev/zero | tr '\\0' x | sed 's/^/D/' ", b"554 " + b"x" * 254 + b"\r\n"),
+        # too short: qmail's generic text
+        ("printf D", b"451 qq temporary problem (#4.3.0)\r\n"),
+    ],
+)
+def test_program_custom_reply_on_fd6(home: Home, tmp_path: Path, fd6: str, reply: bytes) -> None:
+    """notqmail: exit 82 with D/Z + text on fd 6 is the reply qmail-smtpd gives."""
+    prog = _script(tmp_path, f"cat >/dev/null\n{fd6} >&6\nexit 82\n")
+    p = ProgramSubmitter(home, prog).begin()
+    p.write(b"x\n")
+    with pytest.raises(QueueError) as ei:
+        p.commit(b"s", [b"r"])
+    assert ei.value.code == 82
+    assert codes.smtp_reply(ei.value.code, ei.value.custom) == reply
+
+
+def test_program_fd6_is_a_pipe_even_if_ours_is_taken(home: Home, tmp_path: Path) -> None:
+    """The parent's own fd 6 (a file here) never reaches the program."""
+    leak = tmp_path / "leak"
+    try:
+        saved: int | None = os.dup(6)  # pytest's capture may own fd 6: put it back after
+    except OSError:
+        saved = None
+    fd = os.open(leak, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.dup2(fd, 6)
+        prog = _script(tmp_path, "printf %s 'Zfrom the pipe' >&6\nexit 82\n")
+        with pytest.raises(QueueError) as ei:
+            ProgramSubmitter(home, prog).begin().commit(b"s", [b"r"])
+        assert ei.value.result() == ("Z", "from the pipe")
+        assert leak.read_bytes() == b""
+    finally:
+        os.close(fd)
+        if saved is None:
+            os.close(6)
+        else:
+            os.dup2(saved, 6)
+            os.close(saved)
+
+
+@pytest.mark.parametrize("name", ["bin/myqq", "myqq"])
+def test_relative_program_is_under_the_home(home: Home, name: str) -> None:
+    """qmail execs QMAILQUEUE after chdir to the home: bin/x is HOME/bin/x, no PATH search."""
+    target = home.root / name
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(f"#!/bin/sh\nexec {QQ}\n")
+    target.chmod(0o755)
+    p = submitter(home, env={"QMAILQUEUE": name}).begin()
+    p.write(b"Subject: relative\n\n")
+    assert p.commit(b"s@x", [b"r@y"]) == 0
+    assert len(_todo(home)) == 1
 
 
 def test_long_address_refused_before_program_runs(home: Home, tmp_path: Path) -> None:

@@ -1,4 +1,6 @@
-"""``pyqmail init DIR [--me FQDN] [--create-users] [--single-user]``: make a home."""
+"""``pyqmail init DIR [--me FQDN] [--create-users] [--single-user] [--sendmail-link [PATH]]``:
+make a home, HOME/bin's qmail commands included, and on request link /usr/sbin/sendmail
+to HOME/bin/sendmail (homebin.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyqmail.home import HomeError, resolve_home
+from pyqmail.homebin import SENDMAIL_LINK, BinError, sendmail_hint, sendmail_link
 from pyqmail.layout import create_home, create_users, default_fqdn
 
 
@@ -18,6 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--me", help="this host's fully qualified name (default: the system's)")
     p.add_argument("--create-users", action="store_true", help="create missing qmail accounts")
     p.add_argument("--single-user", action="store_true", help="everything as the invoking user")
+    p.add_argument(
+        "--sendmail-link",
+        nargs="?",
+        const=str(SENDMAIL_LINK),
+        metavar="PATH",
+        help=f"make PATH (default {SENDMAIL_LINK}) a link to HOME/bin/sendmail",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     home = resolve_home(a.dir or a.home, a.single_user)
@@ -40,12 +51,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 111
     try:
         report = create_home(home, me, ids)
+    except BinError as e:
+        print(f"pyqmail init: fatal: {e}", file=sys.stderr)
+        return 111
     except OSError as e:
         print(f"pyqmail init: fatal: {e.filename}: {e.strerror}", file=sys.stderr)
         return 111
     if not a.quiet:
         for line in made_users + report.created:
             print(f"created {line}")
+        for line in report.kept:
+            print(f"kept {line}: not a pyqmail wrapper")
         if not made_users and not report.created:
             print(f"{home.root}: complete; nothing to do")
+    if a.sendmail_link:
+        try:
+            done, what = sendmail_link(home, Path(a.sendmail_link))
+        except OSError as e:
+            print(f"pyqmail init: unable to link {a.sendmail_link}: {e.strerror}", file=sys.stderr)
+            return 111
+        print(what if done else f"pyqmail init: {what}", file=sys.stdout if done else sys.stderr)
+        return 0 if done else 1
+    hint = sendmail_hint(home)
+    if hint and not a.quiet and not home.single_user:
+        print(hint)
     return 0

@@ -27,7 +27,7 @@ from pyqmail.home import Home, HomeError
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, format_service
 from pyqmail.queue.service import ServiceClient, origin_of, socket_path
-from pyqmail.queue.submit import qmqp_servers
+from pyqmail.queue.submit import drop_to_queue_user, qmqp_servers
 from pyqmail.queue.writer import QueueError, QueueWriter
 
 PROG = "qmail-queue"
@@ -150,9 +150,7 @@ def _main(argv: Sequence[str] | None) -> int:
     origin = origin_of(ruid, ids)
     if os.geteuid() == 0:
         try:
-            os.setgroups([])
-            os.setgid(ids.gid("qmail"))
-            os.setuid(ids.uid("queue"))
+            drop_to_queue_user(ids)
         except OSError as e:
             return _die(codes.HOME_TROUBLE, f"unable to switch to the queue user: {e}")
         return _in_process(home, ruid, origin)

@@ -45,10 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return qread.main([])
     if p.action == "smtp":
-        # on a mini-qmail host the SMTP server's submitter() hands the message to QMQP
-        from pyqmail.cli import smtpd
+        # on a mini-qmail host the SMTP server's submitter() hands the message to QMQP.
+        # qmail's qmail-smtpd runs as the caller here, so qmail-queue writes "invoked by
+        # uid N", not "from network"
+        from pyqmail.smtp.server import run_stdio
 
-        return smtpd.main([])
+        return run_stdio(home, origin="uid")
     from pyqmail.cli import inject
 
     return inject.run(p.args)

@@ -40,7 +40,7 @@ from pyqmail.queue.clean import handle_request
 from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
-from pyqmail.queue.service import QueueService
+from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.send.log import SendLog
@@ -101,7 +101,11 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     assert isinstance(cfg_home, Home)
     home = cfg_home
     svc = QueueService(home, ids=ids)
-    svc.bind((ids.uid("queue"), ids.gid("qmail")))
+    # a standalone queue service (qmail-queue --serve under systemd: users can queue while
+    # pyqmail run is stopped) already answers: leave its socket to it
+    serving = not service_alive(svc.path)
+    if serving:
+        svc.bind((ids.uid("queue"), ids.gid("qmail")))
     _drop(ids.uid("queue"), ids.gid("qmail"))
     os.umask(0o033)
     stop = threading.Event()
@@ -124,6 +128,9 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     threading.Thread(target=sweep, daemon=True).start()
     os.write(ready, b"q")
     os.close(ready)
+    if not serving:
+        stop.wait()
+        return 0
     with contextlib.suppress(OSError):
         svc.serve_forever()
     return 0

@@ -63,12 +63,13 @@ def qq_result(code: int, custom: str | None = None) -> tuple[str, str]:
     """Exit code -> (``"D"`` or ``"Z"``, qmail's text); ``("K", "ok")`` for 0.
 
     ``custom`` is the text a replacement program gave on fd 6 with exit 82
-    (notqmail): used when it is longer than 2 characters and starts with D or Z.
+    (notqmail): used when it is longer than 2 characters; as qmail.c, a first character
+    ``D`` makes it permanent and any other temporary, and the rest is the text.
     """
     if code == OK:
         return ("K", "ok")
-    if code == CUSTOM_ERROR and custom is not None and len(custom) > 2 and custom[0] in "DZ":
-        return (custom[0], custom[1:])
+    if code == CUSTOM_ERROR and custom is not None and len(custom) > 2:
+        return ("D" if custom[0] == "D" else "Z", custom[1:])
     if code in _TEXT:
         return _TEXT[code]
     if 11 <= code <= 40:

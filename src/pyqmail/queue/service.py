@@ -137,6 +137,18 @@ def decode_reply(data: bytes) -> Reply:
         raise FrameError("bad reply") from e
 
 
+def service_alive(path: Path) -> bool:
+    """True if a queue service accepts connections on ``path`` now (a standalone
+    ``qmail-queue --serve``, or ``pyqmail run``'s queue process)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class ServiceClient:
     """Submits messages to a queue service (blocking)."""
 
@@ -258,6 +270,7 @@ class QueueService:
         self._total = 0
         self._count_lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._ino: int | None = None  # the socket file we bound, if any
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -274,6 +287,7 @@ class QueueService:
             pass
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(self.path))
+        self._ino = os.stat(self.path).st_ino
         os.chmod(self.path, 0o666)
         if owner is not None:
             os.chown(self.path, *owner)
@@ -339,8 +353,11 @@ class QueueService:
             self._sock.close()
         if self._thread is not None:
             self._thread.join(5)
+        # only our own socket: another service may have taken the name over since (a
+        # standalone qmail-queue --serve beside pyqmail run), and it stays reachable
         try:
-            os.unlink(self.path)
+            if self._ino is not None and os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
         except OSError:
             pass
 

@@ -4,19 +4,26 @@
 qmail-inject and sendmail, QMQP/QMTP servers, local forwards, bounces; qmail-queue itself
 asks ``qmqp_servers`` the same question):
 
-1. ``QMAILQUEUE`` is set: run that program from the home directory with the message on
-   fd 0 and the envelope on fd 1, and map its exit code (a filter in front of the queue);
+1. ``QMAILQUEUE`` is set: run that program from the home directory (a relative name is
+   a path under the home, as qmail's execv after chdir) with the message on fd 0, the
+   envelope on fd 1 and a pipe on fd 6, and map its exit code (a filter in front of the
+   queue); exit 82 with text on fd 6 is notqmail's custom reply (``D``/``Z`` + text);
 2. ``control/qmqpservers`` lists a server: mini-qmail, a null client with no queue of its
    own; every message goes to the first QMQP server that takes it (inject/qmqpc.py's
    QmqpSubmitter, qmail-queue's exit codes 71-74 on failure). If the file exists but
    cannot be read, every ``begin`` fails with 55 rather than queue locally;
 3. this process may write the queue itself (single-user mode, or it runs as the queue's
    owner): the in-process QueueWriter;
-4. otherwise: the queue service over its Unix socket (service.py), which learns our uid
+4. root in multi-user mode (qmail-inject, sendmail, cron's mail as root): qmail-queue's
+   setuid bit, done by hand: at commit a child forks, drops to qmailq:qmail
+   (``drop_to_queue_user``, which qmail-queue's own command uses too) and writes the
+   spooled message with the in-process writer; its exit code is qmail-queue's. The
+   Received line names the real uid, as qmail-queue's does. No service is needed;
+5. otherwise: the queue service over its Unix socket (service.py), which learns our uid
    from the socket.
 
-1 and 2 are decided when the submitter is made (a daemon decides at start); 3 or 4 at
-each ``begin`` by QueueSubmitter, so a process that drops to the queue user after making
+1 and 2 are decided when the submitter is made (a daemon decides at start); 3, 4 or 5
+at each ``begin`` by QueueSubmitter, so a process that drops to the queue user after making
 its submitter switches to writing in-process.
 
 Each returns a Pending-like object: ``write(bytes)`` (cheap: buffered, or spooled to an
@@ -36,10 +43,10 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from pyqmail.control import ControlError, parse_list, read_file
-from pyqmail.home import Home
+from pyqmail.home import Home, HomeError, Ids
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, check_address, format_input, format_service
-from pyqmail.queue.service import ServiceClient, socket_path
+from pyqmail.queue.service import ServiceClient, origin_of, socket_path
 from pyqmail.queue.writer import QueueError, QueueWriter
 
 
@@ -111,6 +118,46 @@ class _Spooled:
         return tmp
 
 
+_CUSTOM_MAX = 255  # qmail.c reads at most 255 bytes of the fd-6 text
+
+
+def custom_text(raw: bytes) -> str:
+    """A replacement qmail-queue's fd-6 text as one safe reply line.
+
+    qmail copies the bytes into the reply as they are; here every byte outside printable
+    ASCII becomes a space (8-bit bytes a ``?``) so that a CR or LF cannot start a second
+    reply line, and the end is trimmed. The length is kept until the trim so that the
+    "more than 2 characters" rule (queue.md 2.1) counts what the program wrote.
+    """
+    raw = raw[:_CUSTOM_MAX]
+    text = "".join(chr(b) if 32 <= b < 127 else ("?" if b >= 128 else " ") for b in raw)
+    return text[:1] + text[1:].rstrip() if len(text) > 2 else text
+
+
+def program_path(home: Home, program: str) -> str:
+    """QMAILQUEUE as qmail runs it: execv'd from the home, so a relative name (bin/qmail-queue,
+    bin/myqq, even a bare name: no PATH search) is a path under the home."""
+    return program if os.path.isabs(program) else str(home.root / program)
+
+
+def _read_custom(fd: int) -> bytes:
+    """Up to 255 bytes from the read end of the fd-6 pipe, to EOF (qmail_errstr)."""
+    got = b""
+    while len(got) < _CUSTOM_MAX:
+        chunk = os.read(fd, _CUSTOM_MAX - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _move_to_fd6(w: int) -> Callable[[], None]:
+    def child() -> None:  # runs in the child between fork and exec
+        os.dup2(w, 6)
+
+    return child
+
+
 class _ProgramPending(_Spooled):
     def __init__(self, program: str, cwd: Path, received: bytes) -> None:
         super().__init__(received)
@@ -124,23 +171,49 @@ class _ProgramPending(_Spooled):
                 env.write(format_input(sender, recipients))
                 env.flush()
                 env.seek(0)
-                try:
-                    proc = subprocess.Popen(
-                        [self._program], stdin=msg, stdout=env, cwd=self._cwd, close_fds=True
-                    )
-                except OSError as e:
-                    raise QueueError(
-                        codes.EXEC_FAILED, f"unable to run {self._program}: {e}"
-                    ) from e
-                self.qp = proc.pid
-                rc = proc.wait()
+                rc, raw = self._run(msg, env)
         finally:
             msg.close()
         if rc < 0:
             raise QueueError(codes.CRASHED, f"{self._program} killed by signal {-rc}")
         if rc != 0:
-            raise QueueError(rc)
+            custom = custom_text(raw) if rc == codes.CUSTOM_ERROR else None
+            raise QueueError(rc, custom=custom)
         return 0
+
+    def _run(self, msg: IO[bytes], env: IO[bytes]) -> tuple[int, bytes]:
+        """Run the program: message on fd 0, envelope on fd 1, a pipe on fd 6 (notqmail's
+        custom error text); its exit code (negative: a signal) and what it wrote on fd 6."""
+        r, w = os.pipe()
+        try:
+            try:
+                # fd 6 is kept (pass_fds) because preexec puts the pipe there just before
+                # close_fds runs; the parent's own fd 6, if any, is replaced in the child.
+                proc = subprocess.Popen(
+                    [self._program],
+                    stdin=msg,
+                    stdout=env,
+                    cwd=self._cwd,
+                    close_fds=True,
+                    pass_fds=(6,),
+                    preexec_fn=_move_to_fd6(w),
+                )
+            except OSError as e:
+                raise QueueError(codes.EXEC_FAILED, f"unable to run {self._program}: {e}") from e
+            os.close(w)
+            w = -1
+            self.qp = proc.pid
+            try:
+                raw = _read_custom(r)
+            except OSError:
+                raw = b""
+            os.close(r)
+            r = -1
+            return proc.wait(), raw
+        finally:
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
 
 
 class ProgramSubmitter:
@@ -153,7 +226,7 @@ class ProgramSubmitter:
         self.program = program
 
     def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
-        return _ProgramPending(self.program, self.home.root, received)
+        return _ProgramPending(program_path(self.home, self.program), self.home.root, received)
 
 
 class _ServicePending(_Spooled):
@@ -188,6 +261,82 @@ class ServiceSubmitter:
         # origin is decided by the service from our uid (SO_PEERCRED), as qmail-queue
         # decides it from the real uid: a caller cannot claim to be the network.
         return _ServicePending(self.client, received)
+
+
+def drop_to_queue_user(ids: Ids) -> None:
+    """What qmail-queue's setuid bit gives it: become qmailq:qmail with no other groups
+    (the real uid goes too: this process never needs root again). OSError if refused."""
+    os.setgroups([])
+    os.setgid(ids.gid("qmail"))
+    os.setuid(ids.uid("queue"))
+
+
+class _RootPending(_Spooled):
+    """Root's message, written at commit by a child that has become the queue user."""
+
+    def __init__(self, home: Home, ids: Ids, received: bytes) -> None:
+        super().__init__(received)
+        self._home = home
+        self._ids = ids
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+        msg = self._take(sender, recipients)
+        ruid = os.getuid()
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports by its exit code only
+                os._exit(_write_as_queue_user(self._home, self._ids, ruid, msg, sender, recipients))
+        finally:
+            msg.close()
+        self.qp = pid
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            raise QueueError(codes.CRASHED, f"queue writer killed by signal {os.WTERMSIG(status)}")
+        rc = os.waitstatus_to_exitcode(status)
+        if rc != 0:
+            raise QueueError(rc)
+        return 0
+
+
+def _write_as_queue_user(
+    home: Home, ids: Ids, ruid: int, msg: IO[bytes], sender: bytes, recipients: Sequence[bytes]
+) -> int:
+    """The forked child's whole life: drop, write, commit; qmail-queue's exit code."""
+    try:
+        try:
+            drop_to_queue_user(ids)
+        except OSError:
+            return codes.HOME_TROUBLE
+        os.umask(0o033)
+        p = QueueWriter(home).begin(uid=ruid, origin=origin_of(ruid, ids))
+        try:
+            while chunk := msg.read(65536):
+                p.write(chunk)
+        except OSError:
+            p.abort()
+            return codes.READ_ERROR
+        p.commit(sender, recipients)
+        return 0
+    except QueueError as e:
+        return e.code
+    except MemoryError:
+        return codes.NO_MEMORY
+    except BaseException:
+        return codes.INTERNAL_BUG
+
+
+class RootSubmitter:
+    """root in multi-user mode: each commit forks a child that writes as qmailq."""
+
+    kind = "root"
+
+    def __init__(self, home: Home, ids: Ids) -> None:
+        self.home = home
+        self.ids = ids
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+        # origin comes from the real uid in the child, as qmail-queue decides it
+        return _RootPending(self.home, self.ids, received)
 
 
 def can_write_queue(home: Home) -> bool:
@@ -266,13 +415,24 @@ class QueueSubmitter:
 
     @property
     def kind(self) -> str:
-        return "in-process" if self._direct or can_write_queue(self.home) else "service"
+        if self._direct or can_write_queue(self.home):
+            return "in-process"
+        return "root" if self._as_root() else "service"
+
+    def _as_root(self) -> bool:
+        return os.geteuid() == 0 and not self.home.single_user
 
     def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
         if self._direct is None and can_write_queue(self.home):
             self._direct = InProcessSubmitter(self.home, notify=self.notify)
         if self._direct is not None:
             return self._direct.begin(origin=origin, received=received)
+        if self._as_root():
+            try:
+                ids = self.home.ids()
+            except HomeError as e:
+                raise QueueError(codes.HOME_TROUBLE, str(e)) from e
+            return RootSubmitter(self.home, ids).begin(origin=origin, received=received)
         if self._service is None:
             self._service = ServiceSubmitter(self.home)
         return self._service.begin(origin=origin, received=received)

@@ -72,10 +72,11 @@ LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 class _Message:
     """The queue side of one session: at most one message open at a time."""
 
-    __slots__ = ("_error", "_lock", "_pending", "_rcpts", "_sender", "submitter")
+    __slots__ = ("_error", "_lock", "_pending", "_rcpts", "_sender", "origin", "submitter")
 
-    def __init__(self, submitter: qsubmit.Submitter) -> None:
+    def __init__(self, submitter: qsubmit.Submitter, origin: str = "network") -> None:
         self.submitter = submitter
+        self.origin = origin  # qmail-queue's "invoked from network" unless told otherwise
         # commit runs in a worker thread and abort (connection lost) in the loop's: whoever
         # takes the pending entry first owns it, never both.
         self._lock = threading.Lock()
@@ -87,7 +88,7 @@ class _Message:
     def start(self, ev: MessageStart) -> bool:
         self.abort()
         try:
-            self._pending = self.submitter.begin(origin="network", received=ev.received)
+            self._pending = self.submitter.begin(origin=self.origin, received=ev.received)
         except QueueError as e:
             log.warning("queue refused a new message: %s", e)
             return False
@@ -761,9 +762,13 @@ def run_stdio(
     limits: Limits | None = None,
     submitter: qsubmit.Submitter | None = None,
     clock: Callable[[], float] = time.monotonic,
+    origin: str = "network",
 ) -> int:
     """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
-    code: 0 after QUIT, 1 when the session ended any other way or could not start."""
+    code: 0 after QUIT, 1 when the session ended any other way or could not start.
+
+    ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
+    qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
     env = os.environ if env is None else env
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -779,7 +784,7 @@ def run_stdio(
         _drain(infd, outfd)
         return 1
     try:
-        msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)))
+        msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)), origin)
     except Exception as e:
         print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
