@@ -11,7 +11,9 @@ in Maildir/new. Also: the CPU of the whole machine during that time minus smtp-s
   the system one untouched) delivering x@vbench.local through its virtual agent into a
   Maildir (fsynced), as the acceptance check's Postfix does.
 
-Usage: bench/e2e.py [--n 2000] [--sessions 10] [--size 1024] [--runs 3] [--no-postfix]
+Usage: bench/e2e.py [--dir DIR] [--n 2000] [--sessions 10] [--size 1024] [--runs 3]
+[--no-postfix]. DIR holds both MTAs' homes and queues (run on a journalled file system:
+bench/journalled.sh); the file system is printed first.
 Prints one line per MTA (median [min-max]) and the ratio pyqmail/postfix. Needs root for
 Postfix. Both MTAs guarantee a message acknowledged with 250 is on disk (fsync).
 """

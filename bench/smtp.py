@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/smtp.py [--runs 3] [--workers 1] [--quick] [--idle 10000]
     .venv/bin/python bench/smtp.py --root [--runs 3]   # pyqmail run as root, as deployed
+    add --dir /mnt/pyqmail-bench (sh bench/journalled.sh) to run on a journalled ext4
 
 What it does (issue 4):
 
