@@ -24,6 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/fsinfo.py
+
+from bench.fsinfo import add_dir_arg, describe
+
 from pyqmail import cdb, tcprules
 
 
@@ -112,9 +116,11 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=200000)
     ap.add_argument("--rules", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
+    add_dir_arg(ap)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
+        print(describe(tmp))
         print(f"cpu count {os.cpu_count()}, rounds {args.rounds}, medians")
         ours, theirs = bench_build(tmp, args.records, args.rounds)
         print(f"build {args.records} records: {_cmp(ours, theirs, 'tinycdb')}")

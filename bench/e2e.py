@@ -11,7 +11,9 @@ in Maildir/new. Also: the CPU of the whole machine during that time minus smtp-s
   the system one untouched) delivering x@vbench.local through its virtual agent into a
   Maildir (fsynced), as the acceptance check's Postfix does.
 
-Usage: bench/e2e.py [--n 2000] [--sessions 10] [--size 1024] [--runs 3] [--no-postfix]
+Usage: bench/e2e.py [--dir DIR] [--n 2000] [--sessions 10] [--size 1024] [--runs 3]
+[--no-postfix]. DIR holds both MTAs' homes and queues (run on a journalled file system:
+bench/journalled.sh); the file system is printed first.
 Prints one line per MTA (median [min-max]) and the ratio pyqmail/postfix. Needs root for
 Postfix. Both MTAs guarantee a message acknowledged with 250 is on disk (fsync).
 """
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/peers.py
+from bench.fsinfo import add_dir_arg, describe, make_dir
 from tests.peers import PrivatePostfix
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -122,7 +125,7 @@ def runs(port: int, maildir: Path, a: argparse.Namespace) -> list[dict[str, floa
 
 # -- pyqmail ------------------------------------------------------------------------------
 def run_pyqmail(a: argparse.Namespace) -> list[dict[str, float]]:
-    d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-e2e-"))
+    d = make_dir(a.dir, "pyqmail-bench-e2e-")
     env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
     home = d / "q"
     proc: subprocess.Popen[bytes] | None = None
@@ -192,7 +195,7 @@ smtpd_client_message_rate_limit = 0
 
 
 def run_postfix(a: argparse.Namespace) -> list[dict[str, float]]:
-    d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-e2e-postfix-"))
+    d = make_dir(a.dir, "pyqmail-bench-e2e-postfix-")
     d.chmod(0o755)
     port = free_port()
     pfx = postfix_config(d, port)
@@ -225,7 +228,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--no-postfix", action="store_true")
+    add_dir_arg(ap)
     a = ap.parse_args()
+    print(describe(a.dir or tempfile.gettempdir()))
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     if not shutil.which("smtp-source"):
         raise SystemExit("smtp-source (Debian package postfix) is needed")
     mtas: list[tuple[str, Callable[[argparse.Namespace], list[dict[str, float]]]]] = []

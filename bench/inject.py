@@ -22,6 +22,7 @@ import sys
 # concurrent.futures): take bench/ off the import path before any other import.
 _here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))  # the project root, for bench/fsinfo.py
 
 import argparse
 import asyncio
@@ -35,6 +36,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench.fsinfo import add_dir_arg, describe
 
 from pyqmail.control import ControlCache, load
 from pyqmail.home import Home
@@ -195,9 +198,11 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--inject-runs", type=int, default=20)
+    add_dir_arg(ap)
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=a.dir) as d:
         tmp = Path(d)
+        print(describe(tmp))
         bench_inject(new_home(tmp, "inj"), a.inject_runs, a.rounds)
         bench_servers(tmp, a.messages, a.clients, a.rounds)
     return 0

@@ -28,6 +28,7 @@ import sys
 # concurrent.futures): take bench/ off the import path before any other import.
 _here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))  # the project root, for bench/fsinfo.py
 
 import argparse
 import asyncio
@@ -35,10 +36,11 @@ import pwd
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench.fsinfo import add_dir_arg, describe, make_dir
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
@@ -157,10 +159,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--dir", default="/var/tmp")
+    add_dir_arg(ap, "/var/tmp")
     a = ap.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="pyqmail-bench-local-", dir=a.dir))
+    base = make_dir(a.dir, "pyqmail-bench-local-")
+    print(describe(base))
     base.chmod(0o755)
     message = make_message(a.size)
     mess = base / "mess"

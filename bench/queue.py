@@ -14,19 +14,30 @@ queue/raw ratios (raw and queue run back to back, so both see the same load). Us
     python bench/queue.py [--dir DIR] [--duration S] [--rounds N] [--conc 1,8,32,128]
 """
 
+# ruff: noqa: E402  (sys.path is fixed before the imports)
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+# This file's name would shadow the standard library's queue (imported by
+# concurrent.futures through pyqmail.queue.writer): take bench/ off the import path and
+# put the project root (bench/fsinfo.py) on it before any other import.
+_here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
 import platform
 import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench.fsinfo import add_dir_arg, describe, make_dir
 
 from pyqmail.home import Home
 from pyqmail.layout import create_home
@@ -128,7 +139,7 @@ def machine(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", default=None, help="where to put the queue (default: a tmp dir)")
+    add_dir_arg(ap)
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--conc", default="1,8,32,128")
@@ -137,9 +148,10 @@ def main() -> None:
     )
     a = ap.parse_args()
     concs = [int(c) for c in a.conc.split(",")]
-    base = Path(tempfile.mkdtemp(prefix="pyqmail-bench-", dir=a.dir))
+    base = make_dir(a.dir, "pyqmail-bench-")
     print(f"# queue inserts of 4 KiB messages, {machine(base)}")
     print(f"# {a.rounds} rounds x {a.duration:g} s per cell, medians; dir {base}")
+    print(f"# {describe(base)}")
     results: dict[tuple[str, int], list[float]] = {}
     try:
         # Raw and queue alternate in short slices and are compared pairwise, so that

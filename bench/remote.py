@@ -39,10 +39,10 @@ import shutil
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
+from bench.fsinfo import add_dir_arg, describe, make_dir
 from tests.peers import PrivatePostfix
 
 from pyqmail.control import ControlCache
@@ -191,7 +191,7 @@ def queue_count(q: Path) -> int:
 
 
 def run_postfix(args: argparse.Namespace, sink_port: int) -> dict[str, float]:
-    d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-postfix-"))
+    d = make_dir(args.dir, "pyqmail-bench-postfix-")
     d.chmod(0o755)
     port = free_port()
     pfx = postfix_config(d, port, sink_port)
@@ -239,12 +239,14 @@ def main() -> None:
     ap.add_argument("--home")
     ap.add_argument("--msgdir")
     ap.add_argument("--concurrency", type=int, default=20)
+    add_dir_arg(ap)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
 
-    tmp = Path(tempfile.mkdtemp(prefix="pyqmail-bench-remote-"))
+    tmp = make_dir(args.dir, "pyqmail-bench-remote-")
+    print(describe(tmp))
     sinks: list[subprocess.Popen[bytes]] = []
     try:
         home = Home(tmp / "qmail", single_user=True)

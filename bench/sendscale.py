@@ -31,6 +31,7 @@ import sys
 # concurrent.futures): take bench/ off the import path before any other import.
 _here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))  # the project root, for bench/fsinfo.py
 
 import argparse
 import asyncio
@@ -40,6 +41,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from bench.fsinfo import add_dir_arg, describe, make_dir
 
 from pyqmail.control import load
 from pyqmail.home import Home
@@ -132,11 +135,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="0,10000,100000")
     ap.add_argument("--k", type=int, default=2000)
+    add_dir_arg(ap)
     a = ap.parse_args()
+    print(describe(a.dir or tempfile.gettempdir()))
     print(f"{'backlog':>8} {'start s':>8} {'us/msg':>7} {'mem MB':>7} {'B/msg':>6} "
           f"{'new msg/s':>10} {'CPU ms/msg':>11}")  # fmt: skip
     for n in (int(x) for x in a.sizes.split(",")):
-        d = Path(tempfile.mkdtemp(prefix="pyqmail-bench-sendscale-"))
+        d = make_dir(a.dir, "pyqmail-bench-sendscale-")
         try:
             home = Home(d / "q", single_user=True)
             create_home(home, "mx.test.example", None)

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/smtp.py [--runs 3] [--workers 1] [--quick] [--idle 10000]
     .venv/bin/python bench/smtp.py --root [--runs 3]   # pyqmail run as root, as deployed
+    add --dir /mnt/pyqmail-bench (sh bench/journalled.sh) to run on a journalled ext4
 
 What it does (issue 4):
 
@@ -44,7 +45,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/peers.py
 
+from bench.fsinfo import add_dir_arg, describe, make_dir  # noqa: E402
 from tests.peers import PrivatePostfix  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -341,6 +342,7 @@ def main() -> int:
         action="store_true",
         help="pyqmail run as root (multi-user home) instead of pyqmail smtpd; no idle test",
     )
+    add_dir_arg(ap)
     a = ap.parse_args()
     if a.root:
         if os.geteuid() != 0:
@@ -360,7 +362,7 @@ def main() -> int:
     loads = [load for load in loads if load[1] in sizes]
     if a.quick:
         loads = [(n // 10, size, label) for n, size, label in loads]
-    tmp = Path(tempfile.mkdtemp(prefix="pyqmail-bench-smtp-"))
+    tmp = make_dir(a.dir, "pyqmail-bench-smtp-")
     tmp.chmod(0o755)  # Postfix (user postfix) must reach its data directory
     ours: Pyqmail | None = None
     theirs: Postfix | None = None
@@ -372,6 +374,7 @@ def main() -> int:
             + f" on :{ours.port}"
             + ("" if theirs is None else f", Postfix (hold) on :{theirs.port}")
         )
+        print(describe(tmp))
         print(
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
             f"creating a file costs {create_cost(tmp):.0f} us, median of {a.runs} run(s)\n"

@@ -7,16 +7,25 @@ exact bytes and read what comes back, and look at what reached the queue.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from pyqmail.home import Home
+from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
+from tests.conftest import qmail_ids
+from tests.integration.test_run_daemon import listening
+from tests.integration.test_run_daemon import wait_for as wait_until
 
 
 class Raw:
@@ -230,3 +239,36 @@ def wait_for(pred: object, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(pred())  # type: ignore[operator]
+
+
+def root_home(prefix: str) -> Home:
+    """A multi-user home ``q`` (mx.test.example) in a new 0755 temp dir, which the caller
+    removes; a missing qmail account is an error under root (tests.conftest.qmail_ids)."""
+    ids = qmail_ids()
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    home = Home(d / "q", single_user=False)
+    create_home(home, "mx.test.example", ids)
+    return home
+
+
+@contextlib.contextmanager
+def root_run(home: Home, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``pyqmail run`` in multi-user mode (as root) with SMTP on 127.0.0.1:PORT, in a
+    session of its own, its output in ``run.log`` beside the home; yields (process, log)
+    once it listens, and SIGTERMs its process group on the way out."""
+    log = home.root.parent / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    pyqmail = os.path.join(os.path.dirname(sys.executable), "pyqmail")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [pyqmail, "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
+            stdout=out, stderr=out, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: listening(port) or proc.poll() is not None, what="listener")
+        assert proc.poll() is None, log.read_text()
+        yield proc, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)

@@ -8,20 +8,18 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home
-from pyqmail.layout import create_home
-from tests.conftest import free_port, is_root, qmail_ids
-from tests.integration.test_run_daemon import listening, wait_for
+from tests.conftest import free_port, is_root
+from tests.integration.test_run_daemon import wait_for
+from tests.security._support import root_home, root_run
 
 BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason="needs root")]
@@ -33,11 +31,8 @@ LOCALS = ["joe-a;touch${IFS}/tmp/PWNED_R1", "joe-$(touch /tmp/PWNED_R2)", "joe-`
 @pytest.fixture
 def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
     monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
-    ids = qmail_ids()
-    d = Path(tempfile.mkdtemp(prefix="pyqmail-sec-root-"))
-    d.chmod(0o755)
-    home = Home(d / "q", single_user=False)
-    create_home(home, "mx.test.example", ids)
+    home = root_home("pyqmail-sec-root-")
+    d = home.root.parent
     (home.control / "locals").write_text("test.example\n")
     (home.control / "rcpthosts").write_text("test.example\n")
     nobody = pwd.getpwnam("nobody")
@@ -67,16 +62,7 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
 def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int]) -> None:
     home, user, uid = multi
     port = free_port()
-    log = home.root.parent / "run.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
-            stdout=out, stderr=out, env=env, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
-        assert proc.poll() is None, log.read_text()
+    with root_run(home, port) as (_, log):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
             for local in [*LOCALS, "boss", "joe-secret"]:
                 assert s.docmd("MAIL FROM:<carol@elsewhere.example>")[0] == 250
@@ -100,7 +86,4 @@ def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int])
         wait_for(lambda: "Unable_to_open_.qmail-secret" in log.read_text(errors="replace"), 60,
                  "the .qmail-secret deferral")  # fmt: skip
         assert "stolen@elsewhere.example" not in log.read_text(errors="replace")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
     assert "Traceback" not in log.read_text(errors="replace")

@@ -3,8 +3,9 @@
 qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md section 5):
 
 - after preprocessing todo/N: remove ``intd/N`` then ``todo/N`` (clean_todo);
-- removing ``intd/N`` or ``mess/S/N`` keeps the inode in ``spare/`` for the writers
-  (pyqmail's addition, see ``_retire``); every other removal is an unlink;
+- every removal is an unlink, so a finished message's inodes go back to the file
+  system: an inode a delivery program may still hold open (its fd 0 is the message file)
+  is never made into another message's file or envelope, as in qmail;
 - when a message is done: qmail-send removes ``info/S/N`` first (remove_info), then
   qmail-clean removes ``intd/N`` and ``mess/S/N`` (finish_message does all three in that
   order), so a crash in between leaves a mess file with no info and no todo:
@@ -25,9 +26,7 @@ A missing file is not a failure (ENOENT is ignored, as qmail-clean does).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 import time
 from typing import Protocol
 
@@ -40,8 +39,6 @@ StrPath = str | os.PathLike[str]
 class Names(Protocol):
     """The paths of message N that cleaning touches (QueuePaths has them)."""
 
-    @property
-    def root(self) -> StrPath: ...
     def info(self, n: int) -> StrPath: ...
     def intd(self, n: int) -> StrPath: ...
     def mess(self, n: int) -> StrPath: ...
@@ -55,85 +52,16 @@ def _unlink(path: StrPath) -> None:
         pass
 
 
-SPARE = "spare"  # queue/spare: inodes kept for the writers (pyqmail's addition)
-SPARE_MAX = 4096
-_spare_count: dict[str, list[int]] = {}  # spare dir -> [approximate count, retires to rescan]
-
-
-def _retire(paths: Names, path: StrPath, name: str) -> None:
-    """Remove ``path`` (intd/N or mess/S/N) as qmail-clean does, but keep its inode as
-    ``spare/NAME``.
-
-    On a journal-less ext4 every file creation scans past the inodes freed in the last
-    minutes, one by one; a queue frees two inodes per message (its envelope and its
-    message file), so at a steady rate each new file would cost a scan of thousands. The
-    queue writer makes its files from spares instead (queue/writer.py, ``_take_spare``),
-    and only once no other name (an old todo/N or pid name) is left on one. A reused
-    message file gives a new message an old message's number, exactly as the file
-    system does when it reuses the inode: every other file of the old number is gone
-    by then, in qmail's order. Without a spare directory that can be made, or past
-    SPARE_MAX spares, the name is simply unlinked.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(st.st_mode):
-        _unlink(path)  # not a queue file: removed (or refused) as qmail-clean would
-        return
-    if st.st_nlink == 1:
-        # Its last name: nothing of the finished message stays on disk as a file. (An
-        # envelope still named todo/N keeps its bytes until the writer takes it.)
-        try:
-            os.truncate(path, 0)
-        except OSError:
-            _unlink(path)
-            return
-    spare = f"{paths.root}/{SPARE}"
-    count = _spare_count.setdefault(spare, [0, 0])
-    if count[1] <= 0:  # recount now and then: writers in other processes take spares
-        try:
-            count[0] = len(os.listdir(spare))
-        except OSError:
-            count[0] = 0
-        count[1] = 256
-    if count[0] >= SPARE_MAX:
-        _unlink(path)
-        return
-    target = f"{spare}/{name}"
-    try:
-        os.rename(path, target)
-    except FileNotFoundError:
-        if os.path.isdir(spare):
-            return  # the file went meanwhile
-        try:
-            os.mkdir(spare, 0o700)
-            os.rename(path, target)
-        except FileNotFoundError:
-            return
-        except OSError:
-            _unlink(path)
-            return
-    except OSError:
-        _unlink(path)
-        return
-    count[0] += 1
-    count[1] -= 1
-
-
 def clean_todo(paths: Names, n: int) -> None:
-    """After todo/N is preprocessed into info/local/remote: remove intd/N, then todo/N."""
-    _retire(paths, paths.intd(n), f"e{n}")
+    """After todo/N is preprocessed into info/local/remote: unlink intd/N, then todo/N."""
+    _unlink(paths.intd(n))
     _unlink(paths.todo(n))
-    # Now the spare's only name (unless a writer has taken it already): empty it.
-    with contextlib.suppress(OSError):
-        os.truncate(f"{paths.root}/{SPARE}/e{n}", 0)
 
 
 def clean_mess(paths: Names, n: int) -> None:
-    """qmail-clean's ``foop/N``: remove intd/N and mess/S/N."""
-    _retire(paths, paths.intd(n), f"e{n}")
-    _retire(paths, paths.mess(n), f"m{n}")
+    """qmail-clean's ``foop/N``: unlink intd/N and mess/S/N."""
+    _unlink(paths.intd(n))
+    _unlink(paths.mess(n))
 
 
 def remove_info(paths: Names, n: int) -> None:

@@ -35,7 +35,6 @@ import fcntl
 import functools
 import itertools
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -179,11 +178,6 @@ class QueueWriter:
         # synced is the one made, with no open/close or path lookup per message.
         self._dir_lock = threading.Lock()
         self._syncs: dict[str, _GroupSync] = {}
-        # Envelope inodes the cleaner kept (queue/clean.py, _retire_intd): names of
-        # spare/, listed at most once a second while there are none.
-        self._spare_dir = root + "/spare"
-        self._spares: list[str] = []
-        self._spares_next = 0.0
 
     def _dir(self, path: str) -> _GroupSync:
         """The (lazily opened) descriptor and group sync of one queue directory."""
@@ -216,55 +210,6 @@ class QueueWriter:
         if getattr(self, "_owner_pid", None) == os.getpid():
             self.close()
 
-    def _take_spare(self, intd: str) -> int | None:
-        """An open, empty file named ``intd`` (an envelope or a pid name) made from a
-        spare inode (queue/clean.py, ``_retire``), or None.
-
-        The spare is renamed to its new name (atomic: of two writers only one gets it),
-        then used only if that is its one name: right after the cleaner renamed it, the
-        old message's todo/N (or a dead writer's pid name) may still name it, and its
-        bytes stay untouched until that is gone too (then this writer gives the name
-        back and leaves the inode alone)."""
-        if not self._spares:
-            now = time.monotonic()
-            if now < self._spares_next:
-                return None
-            self._spares_next = now + 1.0
-            try:
-                self._spares = os.listdir(self._spare_dir)
-            except OSError:
-                return None
-        if os.path.lexists(intd):
-            return None  # a leftover: the ordinary path deals with it
-        for _ in range(3):
-            try:
-                name = self._spares.pop()
-            except IndexError:
-                return None
-            try:
-                os.rename(f"{self._spare_dir}/{name}", intd)
-            except FileNotFoundError:
-                continue  # another writer took it
-            except OSError:
-                return None
-            fd = -1
-            try:
-                fd = os.open(intd, os.O_WRONLY | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                if st.st_nlink == 1 and stat.S_ISREG(st.st_mode):
-                    os.ftruncate(fd, 0)
-                    os.fchmod(fd, 0o644)
-                    return fd
-            except OSError:
-                pass
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(intd)
-            except OSError:
-                return None
-        return None
-
     def _step(self, state: CrashState) -> None:
         if self.hook is not None:
             self.hook(state)
@@ -288,10 +233,6 @@ class QueueWriter:
         pidpath = ""
         for _ in range(_PID_SEQ_TRIES):
             pidpath = f"{self._pid_dir}{os.getpid()}.{int(now)}.{next(self._seq)}"
-            spare = self._take_spare(pidpath)  # an inode a finished message left
-            if spare is not None:
-                fd = spare
-                break
             try:
                 fd = os.open(pidpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 break
@@ -493,9 +434,6 @@ class Pending:
             self._pidpath = ""
 
     def _create_intd(self, intd: str, n: int) -> int:
-        spare = self._w._take_spare(intd)
-        if spare is not None:
-            return spare
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for attempt in (1, 2):
             try:
