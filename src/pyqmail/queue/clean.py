@@ -13,10 +13,13 @@ qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md se
   info/local files) is finished by removing ``todo/N`` first, so nothing delivers it
   again, then ``intd/N`` and ``mess/S/N`` (finish_direct).
 
+qmail-send's own removals are here too, so that no other module unlinks a queue file:
+leftovers of an interrupted preprocessing (remove_leftovers), a finished channel file
+(remove_channel) and ``bounce/N`` once its bounce is queued (remove_bounce).
+
 Each stops at the first failed unlink and raises its OSError (``filename`` set), as
 qmail-clean answers ``!`` at the first failure; the scheduler logs it and carries on.
-The paths come from anything with QueuePaths' methods (``Names``): the scheduler passes
-its cheaper str-building variant.
+Paths are built with ``QueuePaths.name`` (str, cheap: this is every message's path).
 
 ``handle_request`` speaks qmail-clean's wire protocol for a drop-in qmail-clean:
 ``foop/N\\0`` or ``todo/N\\0`` -> ``+`` done, ``!`` an unlink failed, ``x`` malformed.
@@ -29,23 +32,15 @@ import contextlib
 import os
 import stat
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.queue.recover import OSSIFIED
 
 StrPath = str | os.PathLike[str]
-
-
-class Names(Protocol):
-    """The paths of message N that cleaning touches (QueuePaths has them)."""
-
-    @property
-    def root(self) -> StrPath: ...
-    def info(self, n: int) -> StrPath: ...
-    def intd(self, n: int) -> StrPath: ...
-    def mess(self, n: int) -> StrPath: ...
-    def todo(self, n: int) -> StrPath: ...
+# A client of qmail-clean (``handle_request`` in another process), for a scheduler that may
+# not unlink queue files itself (root mode): ("todo", N) or ("foop", N) -> done.
+Cleaner = Callable[[str, int], Awaitable[bool]]
 
 
 def _unlink(path: StrPath) -> None:
@@ -60,7 +55,7 @@ SPARE_MAX = 4096
 _spare_count: dict[str, list[int]] = {}  # spare dir -> [approximate count, retires to rescan]
 
 
-def _retire(paths: Names, path: StrPath, name: str) -> None:
+def _retire(paths: QueuePaths, path: StrPath, name: str) -> None:
     """Remove ``path`` (intd/N or mess/S/N) as qmail-clean does, but keep its inode as
     ``spare/NAME``.
 
@@ -121,27 +116,44 @@ def _retire(paths: Names, path: StrPath, name: str) -> None:
     count[1] -= 1
 
 
-def clean_todo(paths: Names, n: int) -> None:
+def clean_todo(paths: QueuePaths, n: int) -> None:
     """After todo/N is preprocessed into info/local/remote: remove intd/N, then todo/N."""
-    _retire(paths, paths.intd(n), f"e{n}")
-    _unlink(paths.todo(n))
+    _retire(paths, paths.name("intd", n), f"e{n}")
+    _unlink(paths.name("todo", n))
     # Now the spare's only name (unless a writer has taken it already): empty it.
     with contextlib.suppress(OSError):
         os.truncate(f"{paths.root}/{SPARE}/e{n}", 0)
 
 
-def clean_mess(paths: Names, n: int) -> None:
+def clean_mess(paths: QueuePaths, n: int) -> None:
     """qmail-clean's ``foop/N``: remove intd/N and mess/S/N."""
-    _retire(paths, paths.intd(n), f"e{n}")
-    _retire(paths, paths.mess(n), f"m{n}")
+    _retire(paths, paths.name("intd", n), f"e{n}")
+    _retire(paths, paths.name("mess", n), f"m{n}")
 
 
-def remove_info(paths: Names, n: int) -> None:
+def remove_info(paths: QueuePaths, n: int) -> None:
     """qmail-send's own first step for a finished message: unlink info/S/N."""
-    _unlink(paths.info(n))
+    _unlink(paths.name("info", n))
 
 
-def finish_message(paths: Names, n: int) -> None:
+def remove_leftovers(paths: QueuePaths, n: int) -> None:
+    """Before todo/N is preprocessed (again): unlink info, local and remote of N if they
+    exist, the leftovers of an interrupted earlier attempt (queue.md 4, step 2)."""
+    for kind in ("info", "local", "remote"):
+        _unlink(paths.name(kind, n))
+
+
+def remove_channel(path: StrPath) -> None:
+    """Every recipient in local/S/N or remote/S/N (``path``) has its result: unlink it."""
+    _unlink(path)
+
+
+def remove_bounce(paths: QueuePaths, n: int) -> None:
+    """The bounce of message N is queued (or dropped as a triple bounce): unlink bounce/N."""
+    _unlink(paths.name("bounce", n))
+
+
+def finish_message(paths: QueuePaths, n: int) -> None:
     """A message is done: unlink info/S/N, then intd/N and mess/S/N (OSError on failure).
 
     Channel files (local/remote) and bounce/N must already be gone; the scheduler
@@ -151,9 +163,9 @@ def finish_message(paths: Names, n: int) -> None:
     clean_mess(paths, n)
 
 
-def finish_direct(paths: Names, n: int) -> None:
+def finish_direct(paths: QueuePaths, n: int) -> None:
     """A message delivered straight from todo is done: unlink todo/N, intd/N, mess/S/N."""
-    _unlink(paths.todo(n))
+    _unlink(paths.name("todo", n))
     clean_mess(paths, n)
 
 

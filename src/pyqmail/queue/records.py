@@ -76,10 +76,18 @@ def parse_info(data: bytes, *, strict: bool = False) -> bytes:
     return data[1:] if end < 0 else data[1:end]
 
 
-def read_info(path: StrPath) -> bytes:
-    """The sender recorded in info/S/N (lenient, see ``parse_info``)."""
+def read_info(path: StrPath, *, strict: bool = False) -> bytes:
+    """The sender recorded in info/S/N (lenient unless ``strict``, see ``parse_info``)."""
     with open(path, "rb") as f:
-        return parse_info(f.read())
+        return parse_info(f.read(), strict=strict)
+
+
+def read_info_birth(path: StrPath) -> tuple[bytes, int]:
+    """(sender, birth) for the scheduler: the strict sender and the file's mtime, whole
+    seconds (the birth of the message that qmail-send's retry schedule counts from)."""
+    with open(path, "rb") as f:
+        birth = int(os.fstat(f.fileno()).st_mtime)
+        return parse_info(f.read(), strict=True), birth
 
 
 def format_channel(recipients: Sequence[bytes], done: Sequence[bool] | None = None) -> bytes:
