@@ -22,6 +22,7 @@ from pyqmail.queue.reader import (
 )
 from pyqmail.queue.records import (
     Recipient,
+    append_bounce,
     format_channel,
     iter_channel,
     mark_done,
@@ -31,6 +32,7 @@ from pyqmail.queue.records import (
     parse_info,
     read_channel,
     read_info,
+    read_info_birth,
     set_next_try,
     write_channel,
     write_info,
@@ -224,3 +226,44 @@ def test_finish_message_stops_when_info_stays(home: Home) -> None:
         clean.finish_message(paths, 105)
     assert paths.mess(105).exists() and paths.intd(105).exists()
     os.rmdir(paths.info(105))
+
+
+def test_queue_paths_name_is_the_path_methods_as_str(tmp_path: Path) -> None:
+    paths = QueuePaths(tmp_path / "queue")
+    for kind in ("mess", "info", "local", "remote", "todo", "intd", "bounce"):
+        assert paths.name(kind, 4711) == str(getattr(paths, kind)(4711))
+    assert paths.name("mess", 4711) == f"{tmp_path}/queue/mess/{4711 % 23}/4711"
+    assert paths.name("todo", 4711) == f"{tmp_path}/queue/todo/4711"
+
+
+def test_bounce_file_appended_and_removed(home: Home) -> None:
+    paths = QueuePaths(home.queue)
+    append_bounce(paths.name("bounce", 300), b"<a@x>:\nno\n\n")
+    append_bounce(paths.name("bounce", 300), b"<b@x>:\nno\n\n")
+    assert paths.bounce(300).read_bytes() == b"<a@x>:\nno\n\n<b@x>:\nno\n\n"
+    assert os.stat(paths.bounce(300)).st_mode & 0o777 == 0o600
+    clean.remove_bounce(paths, 300)
+    assert not paths.bounce(300).exists()
+    clean.remove_bounce(paths, 300)  # missing is not an error
+
+
+def test_read_info_birth_and_strict(tmp_path: Path) -> None:
+    p = tmp_path / "info"
+    p.write_bytes(b"Zx\0")
+    assert read_info(p) == b"x" and read_info(p, strict=True) == b""
+    write_info(tmp_path / "i2", b"joe@x")
+    os.utime(tmp_path / "i2", (1000, 1234.5))
+    assert read_info_birth(tmp_path / "i2") == (b"joe@x", 1234)
+
+
+def test_remove_leftovers_and_channel(home: Home) -> None:
+    paths = _msg(home, 301)
+    for kind in ("info", "local", "remote"):
+        Path(paths.name(kind, 301)).write_bytes(b"x")
+    clean.remove_leftovers(paths, 301)
+    assert not any(os.path.exists(paths.name(k, 301)) for k in ("info", "local", "remote"))
+    assert paths.mess(301).exists() and paths.todo(301).exists()
+    clean.remove_leftovers(paths, 301)  # nothing left: fine
+    Path(paths.name("remote", 301)).write_bytes(b"Dx\0")
+    clean.remove_channel(paths.name("remote", 301))
+    assert not paths.remote(301).exists()

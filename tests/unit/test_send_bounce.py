@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from pathlib import Path
 
+from pyqmail.home import Home
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.records import write_info
 from pyqmail.send.bounce import (
     BounceEnvelope,
     bounce_chunks,
     bounce_envelope,
     dying_text,
     paragraph,
+    queue_bounce,
     quote,
     quote2,
+    record_failure,
 )
+from pyqmail.send.log import SendLog
 
 
 def test_paragraph_no_empty_line_inside() -> None:
@@ -120,3 +128,64 @@ def test_newline_in_sender_cannot_start_a_header(tmp_path: Path) -> None:
     assert b"\nX-Evil:" not in out
     assert b'\nTo: "bob-x_X-Evil: injected"@test.example\n' in out
     assert b'\nReturn-Path: <"bob-x_X-Evil: injected"@test.example>\n' in out
+
+
+class _Pending:
+    def __init__(self, sink: list[object]) -> None:
+        self.qp = 77
+        self.sink = sink
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+        self.sink.append((sender, list(recipients), self.data))
+        return 1
+
+    def abort(self) -> None:
+        self.sink.append("aborted")
+
+
+class _Submitter:
+    def __init__(self) -> None:
+        self.sink: list[object] = []
+
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> _Pending:
+        assert origin == "bounce"
+        return _Pending(self.sink)
+
+
+def _message(home: Home, num: int, sender: bytes) -> QueuePaths:
+    paths = QueuePaths(home.queue)
+    paths.mess(num).write_bytes(b"Subject: hi\n\nbody\n")
+    write_info(paths.name("info", num), sender)
+    return paths
+
+
+def test_failures_recorded_then_bounce_queued_and_removed(home: Home) -> None:
+    paths = _message(home, 400, b"joe@test.example")
+    log = SendLog(io.BytesIO())
+    assert record_failure(paths, 400, "a@x.example", "no such user\n", log)
+    assert record_failure(paths, 400, "b@x.example", "mailbox full\n", log)
+    sub = _Submitter()
+    kw = {"bouncefrom": "MAILER-DAEMON", "bouncehost": "mx.test.example", "doublebounce": "@"}
+    assert queue_bounce(paths, 400, sub, log, **kw) == (True, 77)
+    ((sender, rcpts, data),) = sub.sink  # type: ignore[misc]
+    assert (sender, rcpts) == (b"", [b"joe@test.example"])
+    assert b"<a@x.example>:\nno such user\n\n<b@x.example>:\nmailbox full\n\n" in data
+    assert data.endswith(b"Return-Path: <joe@test.example>\nSubject: hi\n\nbody\n")
+    assert not paths.bounce(400).exists()
+
+
+def test_triple_bounce_dropped_and_no_submitter_kept(home: Home) -> None:
+    log = SendLog(io.BytesIO())
+    kw = {"bouncefrom": "MAILER-DAEMON", "bouncehost": "h", "doublebounce": "postmaster@h"}
+    paths = _message(home, 401, b"#@[]")
+    record_failure(paths, 401, "a@x", "no\n", log)
+    assert queue_bounce(paths, 401, None, log, **kw) == (True, None)
+    assert not paths.bounce(401).exists()
+    paths = _message(home, 402, b"joe@test.example")
+    record_failure(paths, 402, "a@x", "no\n", log)
+    assert queue_bounce(paths, 402, None, log, **kw) == (False, -1)  # tried again later
+    assert paths.bounce(402).exists()

@@ -18,6 +18,7 @@ import pytest
 from pyqmail.control import ControlCache, load
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome
+from pyqmail.queue.clean import Cleaner
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.writer import QueueWriter
 from pyqmail.send.log import SendLog
@@ -71,6 +72,7 @@ class Harness:
         agents: Agents,
         clock: Callable[[], float] = time.time,
         direct: bool = True,
+        cleaner: Cleaner | None = None,
     ) -> None:
         self.home = home
         self.agents = agents
@@ -84,6 +86,7 @@ class Harness:
             clock=clock,
             term_timeout=5,
             direct=direct,
+            cleaner=cleaner,
         )
         self.writer = QueueWriter(home, notify=self.sched.notify)
         self.sched.submitter = self.writer
@@ -110,11 +113,12 @@ class Harness:
 
 
 def run(home: Home, body: Callable[[Harness], Awaitable[None]], agents: Agents | None = None,
-        clock: Callable[[], float] = time.time, direct: bool = True) -> Harness:  # fmt: skip
+        clock: Callable[[], float] = time.time, direct: bool = True,
+        cleaner: Cleaner | None = None) -> Harness:  # fmt: skip
     holder: list[Harness] = []
 
     async def main() -> None:
-        h = Harness(home, agents or Agents(), clock, direct)
+        h = Harness(home, agents or Agents(), clock, direct, cleaner)
         holder.append(h)
         await h.sched.start()
         try:
@@ -516,14 +520,13 @@ def test_cleaner_does_every_todo_intd_mess_unlink(home2: Home, direct: bool) -> 
     agents.script["nobody@test.example"] = [Outcome.perm("no\n")]
 
     async def body(h: Harness) -> None:
-        h.sched._cleaner = cleaner
         n1 = await h.queue(b"joe@test.example", [b"alice@test.example"])
         n2 = await h.queue(b"joe@test.example", [b"nobody@test.example"])
         await h.settle()
         assert f"todo/{n1}".encode() in asked and f"foop/{n1}".encode() in asked
         assert f"todo/{n2}".encode() in asked and f"foop/{n2}".encode() in asked
 
-    h = run(home2, body, agents, direct=direct)
+    h = run(home2, body, agents, direct=direct, cleaner=cleaner)
     assert len([c for c in h.agents.calls if c[2] == "joe@test.example"]) == 1  # the bounce
     assert queue_files(home2) == []
 
@@ -535,7 +538,7 @@ def test_reused_message_number_is_not_missed(home2: Home) -> None:
     reused: list[int] = []
 
     async def body(h: Harness) -> None:
-        real = h.sched._remove_finished
+        real = h.sched._direct._remove_finished
 
         def remove_then_reuse(nums: list[int]) -> None:
             real(nums)
@@ -547,7 +550,7 @@ def test_reused_message_number_is_not_missed(home2: Home) -> None:
                 os.link(paths.intd(num), paths.todo(num))
                 h.sched.notify(num)
 
-        h.sched._remove_finished = remove_then_reuse  # type: ignore[method-assign]
+        h.sched._direct._remove_finished = remove_then_reuse  # type: ignore[method-assign]
         await h.queue(b"joe@test.example", [b"alice@test.example"])
         await h.settle()
 

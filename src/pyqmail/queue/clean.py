@@ -14,10 +14,13 @@ qmail-send never unlinks mess/intd/todo itself; it asks qmail-clean (queue.md se
   info/local files) is finished by removing ``todo/N`` first, so nothing delivers it
   again, then ``intd/N`` and ``mess/S/N`` (finish_direct).
 
+qmail-send's own removals are here too, so that no other module unlinks a queue file:
+leftovers of an interrupted preprocessing (remove_leftovers), a finished channel file
+(remove_channel) and ``bounce/N`` once its bounce is queued (remove_bounce).
+
 Each stops at the first failed unlink and raises its OSError (``filename`` set), as
 qmail-clean answers ``!`` at the first failure; the scheduler logs it and carries on.
-The paths come from anything with QueuePaths' methods (``Names``): the scheduler passes
-its cheaper str-building variant.
+Paths are built with ``QueuePaths.name`` (str, cheap: this is every message's path).
 
 ``handle_request`` speaks qmail-clean's wire protocol for a drop-in qmail-clean:
 ``foop/N\\0`` or ``todo/N\\0`` -> ``+`` done, ``!`` an unlink failed, ``x`` malformed.
@@ -28,21 +31,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.queue.recover import OSSIFIED
 
 StrPath = str | os.PathLike[str]
-
-
-class Names(Protocol):
-    """The paths of message N that cleaning touches (QueuePaths has them)."""
-
-    def info(self, n: int) -> StrPath: ...
-    def intd(self, n: int) -> StrPath: ...
-    def mess(self, n: int) -> StrPath: ...
-    def todo(self, n: int) -> StrPath: ...
+# A client of qmail-clean (``handle_request`` in another process), for a scheduler that may
+# not unlink queue files itself (root mode): ("todo", N) or ("foop", N) -> done.
+Cleaner = Callable[[str, int], Awaitable[bool]]
 
 
 def _unlink(path: StrPath) -> None:
@@ -52,24 +49,41 @@ def _unlink(path: StrPath) -> None:
         pass
 
 
-def clean_todo(paths: Names, n: int) -> None:
+def clean_todo(paths: QueuePaths, n: int) -> None:
     """After todo/N is preprocessed into info/local/remote: unlink intd/N, then todo/N."""
-    _unlink(paths.intd(n))
-    _unlink(paths.todo(n))
+    _unlink(paths.name("intd", n))
+    _unlink(paths.name("todo", n))
 
 
-def clean_mess(paths: Names, n: int) -> None:
+def clean_mess(paths: QueuePaths, n: int) -> None:
     """qmail-clean's ``foop/N``: unlink intd/N and mess/S/N."""
-    _unlink(paths.intd(n))
-    _unlink(paths.mess(n))
+    _unlink(paths.name("intd", n))
+    _unlink(paths.name("mess", n))
 
 
-def remove_info(paths: Names, n: int) -> None:
+def remove_info(paths: QueuePaths, n: int) -> None:
     """qmail-send's own first step for a finished message: unlink info/S/N."""
-    _unlink(paths.info(n))
+    _unlink(paths.name("info", n))
 
 
-def finish_message(paths: Names, n: int) -> None:
+def remove_leftovers(paths: QueuePaths, n: int) -> None:
+    """Before todo/N is preprocessed (again): unlink info, local and remote of N if they
+    exist, the leftovers of an interrupted earlier attempt (queue.md 4, step 2)."""
+    for kind in ("info", "local", "remote"):
+        _unlink(paths.name(kind, n))
+
+
+def remove_channel(path: StrPath) -> None:
+    """Every recipient in local/S/N or remote/S/N (``path``) has its result: unlink it."""
+    _unlink(path)
+
+
+def remove_bounce(paths: QueuePaths, n: int) -> None:
+    """The bounce of message N is queued (or dropped as a triple bounce): unlink bounce/N."""
+    _unlink(paths.name("bounce", n))
+
+
+def finish_message(paths: QueuePaths, n: int) -> None:
     """A message is done: unlink info/S/N, then intd/N and mess/S/N (OSError on failure).
 
     Channel files (local/remote) and bounce/N must already be gone; the scheduler
@@ -79,9 +93,9 @@ def finish_message(paths: Names, n: int) -> None:
     clean_mess(paths, n)
 
 
-def finish_direct(paths: Names, n: int) -> None:
+def finish_direct(paths: QueuePaths, n: int) -> None:
     """A message delivered straight from todo is done: unlink todo/N, intd/N, mess/S/N."""
-    _unlink(paths.todo(n))
+    _unlink(paths.name("todo", n))
     clean_mess(paths, n)
 
 

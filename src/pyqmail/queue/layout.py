@@ -2,7 +2,8 @@
 
 A message is named by N, the inode number of its mess file. mess, info, local and
 remote are split into ``N % 23`` subdirectories; todo, intd and bounce are not.
-This module only computes paths; it never touches the disk.
+This module only computes paths; it never touches the disk. ``QueuePaths.name`` is the
+one place a message's path is spelled; the Path-returning methods are built from it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyqmail.home import SPLIT
+
+SPLIT_KINDS = frozenset({"mess", "info", "local", "remote"})
+MESSAGE_KINDS = ("mess", "info", "local", "remote", "todo", "intd", "bounce")
 
 
 class QueuePaths:
@@ -23,34 +27,45 @@ class QueuePaths:
         self.trigger = self.lock / "trigger"
         self.tcpto = self.lock / "tcpto"
         self.sendmutex = self.lock / "sendmutex"
+        root = str(self.root)
+        self._split_prefix = {k: f"{root}/{k}/" for k in MESSAGE_KINDS if k in SPLIT_KINDS}
+        self._prefix = {k: f"{root}/{k}/" for k in MESSAGE_KINDS if k not in SPLIT_KINDS}
 
     def split(self, n: int) -> int:
         """The split subdirectory number of message ``n``."""
         return n % self.nsplit
 
-    def _split_path(self, kind: str, n: int) -> Path:
-        return self.root / kind / str(n % self.nsplit) / str(n)
+    def name(self, kind: str, n: int) -> str:
+        """The path of message ``n``'s file of ``kind`` (one of MESSAGE_KINDS) as a str.
+
+        Built by string formatting, several times cheaper than the Path methods: the
+        scheduler and the cleaner build a handful per message on their hot path.
+        """
+        prefix = self._split_prefix.get(kind)
+        if prefix is not None:
+            return f"{prefix}{n % self.nsplit}/{n}"
+        return f"{self._prefix[kind]}{n}"
 
     def mess(self, n: int) -> Path:
-        return self._split_path("mess", n)
+        return Path(self.name("mess", n))
 
     def info(self, n: int) -> Path:
-        return self._split_path("info", n)
+        return Path(self.name("info", n))
 
     def local(self, n: int) -> Path:
-        return self._split_path("local", n)
+        return Path(self.name("local", n))
 
     def remote(self, n: int) -> Path:
-        return self._split_path("remote", n)
+        return Path(self.name("remote", n))
 
     def todo(self, n: int) -> Path:
-        return self.root / "todo" / str(n)
+        return Path(self.name("todo", n))
 
     def intd(self, n: int) -> Path:
-        return self.root / "intd" / str(n)
+        return Path(self.name("intd", n))
 
     def bounce(self, n: int) -> Path:
-        return self.root / "bounce" / str(n)
+        return Path(self.name("bounce", n))
 
     def dir(self, kind: str) -> Path:
         """``queue/KIND`` (mess, info, local, remote, todo, intd, bounce, pid, lock)."""

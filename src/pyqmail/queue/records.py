@@ -1,9 +1,12 @@
-"""The files qmail-send keeps per message: info/S/N, local/S/N, remote/S/N (queue.md 1, 4, 6).
+"""The files qmail-send writes per message: info/S/N, local/S/N, remote/S/N, bounce/N
+(queue.md 1, 4, 6; send.md 4).
 
 - ``info/S/N``: ``F<sender>\\0``; its mtime is the message's birth time.
 - ``local/S/N`` and ``remote/S/N``: ``T<addr>\\0`` records; a finished recipient has its
   ``T`` overwritten in place by ``D`` (no fsync, as qmail: a crash before the mark
   means a second delivery, never a lost one). mtime = next retry time at shutdown.
+- ``bounce/N``: the failure paragraphs of message N, appended one at a time and fsynced
+  (a failure once recorded must not be lost); removed by queue/clean.py.
 
 Shared by send/ (which writes and marks them), qmail-qread and the cleaners. Writers
 create the file with O_EXCL and fsync it, and by default also fsync the split directory
@@ -73,10 +76,18 @@ def parse_info(data: bytes, *, strict: bool = False) -> bytes:
     return data[1:] if end < 0 else data[1:end]
 
 
-def read_info(path: StrPath) -> bytes:
-    """The sender recorded in info/S/N (lenient, see ``parse_info``)."""
+def read_info(path: StrPath, *, strict: bool = False) -> bytes:
+    """The sender recorded in info/S/N (lenient unless ``strict``, see ``parse_info``)."""
     with open(path, "rb") as f:
-        return parse_info(f.read())
+        return parse_info(f.read(), strict=strict)
+
+
+def read_info_birth(path: StrPath) -> tuple[bytes, int]:
+    """(sender, birth) for the scheduler: the strict sender and the file's mtime, whole
+    seconds (the birth of the message that qmail-send's retry schedule counts from)."""
+    with open(path, "rb") as f:
+        birth = int(os.fstat(f.fileno()).st_mtime)
+        return parse_info(f.read(), strict=True), birth
 
 
 def format_channel(recipients: Sequence[bytes], done: Sequence[bool] | None = None) -> bytes:
@@ -164,6 +175,16 @@ def mark_done(path: StrPath, offset: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         mark_done_fd(fd, offset)
+    finally:
+        os.close(fd)
+
+
+def append_bounce(path: StrPath, paragraph: bytes) -> None:
+    """Append one failure paragraph to bounce/N (created 0600 if needed), fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, paragraph)
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -7,16 +7,30 @@ that bounced, doublebounceto@doublebouncehost with sender ``#@[]``; for a double
 nobody: triple bounce), and the bounce message itself, produced as chunks so the original
 message is streamed, never held. The fixed sentences are qmail-send's own, since bounce
 parsers key on them.
+
+Also the bounce's file work, for the scheduler: ``record_failure`` appends a paragraph to
+bounce/N (queue/records.py, fsynced: a recorded failure is never lost, and one that
+cannot be recorded is not marked done), and ``queue_bounce`` (a worker thread's job)
+queues the bounce through the submitter with origin "bounce" and only then removes
+bounce/N (queue/clean.py), so a failure anywhere leaves bounce/N to be tried again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyqmail.qdate import date822
-from pyqmail.send.todo import bounce_address, encode
+from pyqmail.queue import clean, records
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.send.log import SendLog
+from pyqmail.send.todo import bounce_address, decode, encode
+
+if TYPE_CHECKING:
+    from pyqmail.send.manager import SubmitterLike
 
 TOO_LONG = "I'm not going to try again; this message has been in the queue too long.\n"
 DOUBLE_BOUNCE_SENDER = "#@[]"
@@ -174,3 +188,72 @@ def bounce_chunks(
     yield _BELOW_DOUBLE if env.double else _BELOW
     yield b"Return-Path: <" + quote2(_one_line(bounce_address(original_sender))) + b">\n"
     yield from _file_chunks(mess_file)
+
+
+def record_failure(
+    paths: QueuePaths, num: int, shown_recipient: str, text: str, log: SendLog
+) -> bool:
+    """Append the failure paragraph to bounce/N durably; False (and qmail's alert) if not."""
+    try:
+        records.append_bounce(paths.name("bounce", num), paragraph(shown_recipient, text))
+    except OSError:
+        log.alert("unable to append to bounce message; HELP! sleeping...")
+        return False
+    return True
+
+
+def queue_bounce(
+    paths: QueuePaths,
+    num: int,
+    submitter: SubmitterLike | None,
+    log: SendLog,
+    *,
+    bouncefrom: str,
+    bouncehost: str,
+    doublebounce: str,
+) -> tuple[bool, int | None]:
+    """Worker thread: queue the bounce of ``num`` (or drop a triple bounce); unlink bounce/N.
+
+    Returns (done, qp): qp of the queued bounce, None for a triple bounce, -1 if none
+    was queued. Warnings are written from here; the caller logs the bounce itself.
+    """
+    info = paths.name("info", num)
+    try:
+        sender = decode(records.read_info(info, strict=True))
+    except OSError as e:
+        log.warning(f"unable to read {info}: {e.strerror}")
+        return False, -1
+    env = bounce_envelope(sender, doublebounce)
+    qp: int | None = None
+    if env is not None:
+        if submitter is None:
+            log.warning("unable to start qmail-queue, will try later")
+            return False, -1
+        try:
+            pending = submitter.begin(origin="bounce")
+        except Exception:
+            log.warning("unable to start qmail-queue, will try later")
+            return False, -1
+        try:
+            for chunk in bounce_chunks(
+                env,
+                sender,
+                Path(paths.name("bounce", num)),
+                Path(paths.name("mess", num)),
+                bouncefrom=bouncefrom,
+                bouncehost=bouncehost,
+            ):
+                pending.write(chunk)
+            pending.commit(encode(env.sender), [encode(env.recipient)])
+        except Exception:
+            with contextlib.suppress(Exception):
+                pending.abort()
+            log.warning("trouble injecting bounce message, will try later")
+            return False, -1
+        qp = pending.qp
+    try:
+        clean.remove_bounce(paths, num)
+    except OSError as e:
+        log.unlink_warning(e)
+        return False, qp
+    return True, qp

@@ -102,5 +102,9 @@ class SendLog:
     def warning(self, text: str) -> None:
         self.line(b"warning: " + text.encode("utf-8", "surrogateescape"))
 
+    def unlink_warning(self, e: OSError) -> None:
+        """qmail-send's ``warning: unable to unlink FILE: REASON`` for a failed removal."""
+        self.warning(f"unable to unlink {e.filename}: {e.strerror}")
+
     def exiting(self) -> None:
         self.line(b"status: exiting")

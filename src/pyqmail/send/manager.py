@@ -1,19 +1,19 @@
-"""qmail-send as an asyncio scheduler: todo -> info/local/remote -> deliveries -> done.
+"""qmail-send as an asyncio scheduler: the event loop, the job queues and concurrency.
 
-Owns the life of a queued message after ``todo/N`` exists (queue.md 4-6, send.md):
+Owns the life of a queued message after ``todo/N`` exists (queue.md 4-6, send.md), and
+hands each piece of file work to the module that owns it:
 
-- preprocessing: woken in-process by the queue writer's ``notify`` (thread-safe), by a
-  byte in ``lock/trigger`` and by a scan at start and every 1500 s; recipients are routed
-  (todo.py), ``info``, ``local`` and ``remote`` are written O_EXCL and fsynced with their
-  directories, and only then are ``intd/N`` and ``todo/N`` removed. Entries are handled in
-  batches in a worker thread so the fsyncs of many messages share a journal commit.
+- todo: woken in-process by the queue writer's ``notify`` (thread-safe), by a byte in
+  ``lock/trigger`` and by a scan at start and every 1500 s; entries are preprocessed in
+  batches in a worker thread (preprocess.py), then scheduled, delivered directly
+  (direct.py) or finished.
 - delivery: one min-heap per channel (schedule.py), concurrencylocal/remote delivery slots
-  (0 holds the channel), one job per message and channel, each ``T`` record one delivery
-  (remote recipients of one host with the same sender share one SMTP transaction, each
-  still logged and numbered as its own delivery), results marked by overwriting ``T`` with
-  ``D`` in place, deferrals retried at ``nextretry``; a dying job's deferrals fail.
-- completion: a QSBMF bounce queued through the submitter with origin "bounce", double
-  and triple bounces, ``end msg``, then info, mess and intd removed.
+  (0 holds the channel), one job per message and channel (job.py), each ``T`` record one
+  delivery (remote recipients of one host with the same sender share one SMTP
+  transaction, each still logged and numbered as its own delivery), results marked by
+  overwriting ``T`` with ``D`` in place, deferrals retried at ``nextretry``; a dying job's
+  deferrals fail, each failure is added to bounce/N (bounce.py).
+- completion: the bounce queued (bounce.py), ``end msg``, then info, mess and intd removed.
 - start-up: exclusive flock on ``lock/sendmutex``; the schedule rebuilt from info/local/remote
   (the channel file's mtime is its next try), O(n log n) once; O(log n) per event after.
 - signals (wired by the daemon): ``reload`` (HUP: routing, concurrency, lifetime, bounce
@@ -22,54 +22,52 @@ Owns the life of a queued message after ``todo/N`` exists (queue.md 4-6, send.md
 
 Agents are plain async callables so the daemon passes the real LocalSpawner/RemoteAgent
 and unit tests pass small functions; an agent that raises counts as a temporary failure.
+Queue files are read and written only through queue/records.py and removed only through
+queue/clean.py or the ``cleaner`` (qmail-clean in another process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from pyqmail.control import Control
-from pyqmail.durable import fsync_dir, write_all
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
 from pyqmail.queue import clean, records
+from pyqmail.queue.clean import Cleaner
 from pyqmail.queue.layout import QueuePaths, msgnum
-from pyqmail.send.bounce import bounce_chunks, bounce_envelope, dying_text, paragraph
+from pyqmail.send import bounce
+from pyqmail.send.direct import After, DirectDeliveries
+from pyqmail.send.job import Job, Record
 from pyqmail.send.log import SendLog
+from pyqmail.send.preprocess import Preprocessed, preprocess_batch
 from pyqmail.send.schedule import (
     CHANNEL_NAMES,
     CHANNELS,
     LOCAL,
-    REMOTE,
     Entry,
     PrioQueue,
     dying,
     nextretry,
 )
-from pyqmail.send.todo import Routing, TodoError, decode, encode, parse_todo, verp_sender
+from pyqmail.send.todo import Routing, decode, verp_sender
 
 LocalDeliver = Callable[[Path, str, str], Awaitable[Outcome]]
-# qmail-clean's requests, for a scheduler that may not unlink queue files itself (root mode):
-# ("todo", N) removes intd/N then todo/N; ("foop", N) removes intd/N and mess/S/N.
-Cleaner = Callable[[str, int], Awaitable[bool]]
 RemoteDeliver = Callable[[Path, str, list[str]], Awaitable[list[Outcome]]]
 
 TODO_SCAN_INTERVAL = 1500.0  # qmail-send: todo scanned at least this often
 SYSERR_RETRY = 123.0  # qmail-send: an item that hit a system error is retried this much later
 TODO_BATCH = 256
 REMOTE_BATCH = 50  # recipients of one host in one SMTP transaction
-FAST_PER_SLOT = 4  # messages delivered straight from todo, per concurrencylocal slot
-FAST_MAX_RCPTS = 16  # more local recipients than this always go through info/local
 REPORTMAX = 10000  # qmail-send truncates a delivery report to this many bytes
 _TEXT_INTERNAL = "Sorry, an internal error occurred while delivering. (#4.3.0)\n"
 
@@ -113,75 +111,6 @@ class Settings:
         )
 
 
-@dataclass(slots=True)
-class _Pre:
-    """The outcome of preprocessing one todo entry (worker thread -> loop)."""
-
-    num: int
-    size: int = 0
-    sender: str = ""
-    qp: int | None = None
-    uid: int | None = None
-    channels: int = 0  # bit mask of channels with a file
-    warning: str = ""
-    fast: list[str] | None = None  # local recipients to deliver straight from todo
-
-
-@dataclass(slots=True)
-class _Record:
-    offset: int  # of the T byte in the channel file; -1 for a direct delivery
-    recipient: str
-    done: bool = False
-
-
-@dataclass
-class _Job:
-    """One message on one channel, for one pass through its file."""
-
-    channel: int
-    num: int
-    sender: str
-    retry: int
-    dying: bool
-    fd: int
-    records: list[_Record]
-    left: int = 0  # T records still T after this pass
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-class _Paths:
-    """QueuePaths as plain strings: the scheduler builds several per message (and passes
-    these to queue/clean.py and queue/records.py, which take str or Path)."""
-
-    def __init__(self, qp: QueuePaths) -> None:
-        self.root = str(qp.root)
-        self.n = qp.nsplit
-
-    def info(self, n: int) -> str:
-        return f"{self.root}/info/{n % self.n}/{n}"
-
-    def local(self, n: int) -> str:
-        return f"{self.root}/local/{n % self.n}/{n}"
-
-    def remote(self, n: int) -> str:
-        return f"{self.root}/remote/{n % self.n}/{n}"
-
-    def chan(self, c: int, n: int) -> str:
-        return self.local(n) if c == LOCAL else self.remote(n)
-
-    def mess(self, n: int) -> str:
-        return f"{self.root}/mess/{n % self.n}/{n}"
-
-    def todo(self, n: int) -> str:
-        return f"{self.root}/todo/{n}"
-
-    def intd(self, n: int) -> str:
-        return f"{self.root}/intd/{n}"
-
-    def bounce(self, n: int) -> str:
-        return f"{self.root}/bounce/{n}"
-
-
 class Scheduler:
     """qmail-send's job, in-process. Construct, ``await start()``, and ``await stop()``."""
 
@@ -203,7 +132,6 @@ class Scheduler:
     ) -> None:
         self.home = home
         self.paths = QueuePaths(home.queue)
-        self._p = _Paths(self.paths)
         self._control = control
         self._local = local
         self._remote = remote
@@ -213,13 +141,17 @@ class Scheduler:
         self._term_timeout = term_timeout
         self._scan_interval = scan_interval
         self._use_trigger = use_trigger
-        self._direct = direct
         self._cleaner = cleaner
-        self._fast: dict[int, _Job | None] = {}  # numbers held by direct deliveries
-        self._finished: list[int] = []  # direct deliveries done, files not yet removed
+        self._direct = DirectDeliveries(
+            self.paths,
+            self.log,
+            enabled=direct,
+            cleaner=cleaner,
+            spawn=self._spawn,
+            on_release=self._number_free,
+        )
         self._in_batch: set[int] = set()  # numbers being preprocessed in the worker thread
         self._renotify: set[int] = set()  # notified while busy: look again when free
-        self._draining = False
         self.settings = Settings.from_control(control())
         self._heaps = [PrioQueue(), PrioQueue()]
         self._used = [0, 0]  # deliveries in flight per channel
@@ -336,10 +268,10 @@ class Scheduler:
     def _persist_schedule(self) -> None:
         """Each pending channel file's atime/mtime := its next try (read back at start)."""
         for c in CHANNELS:
-            path = self.paths.local if c == LOCAL else self.paths.remote
+            kind = CHANNEL_NAMES[c]
             for e in self._heaps[c]:
                 with contextlib.suppress(OSError):
-                    os.utime(path(e.num), (e.when, e.when))
+                    records.set_next_try(self.paths.name(kind, e.num), e.when)
 
     # ---------------------------------------------------------------- signals
 
@@ -362,7 +294,7 @@ class Scheduler:
         """todo/N wants preprocessing. If N is busy (in the batch being preprocessed, or a
         direct delivery still holding the number), remember it: when N is free again and
         todo/N still exists, it is a new message that reused the inode."""
-        if num in self._fast or num in self._in_batch:
+        if num in self._direct or num in self._in_batch:
             self._renotify.add(num)
             return
         self._todo.add(num)
@@ -371,9 +303,9 @@ class Scheduler:
 
     def _number_free(self, num: int) -> None:
         """N left the batch or the direct deliveries: take up a notify that was held back."""
-        if num in self._renotify and num not in self._fast and num not in self._in_batch:
+        if num in self._renotify and num not in self._direct and num not in self._in_batch:
             self._renotify.discard(num)
-            if os.path.exists(self._p.todo(num)):
+            if os.path.exists(self.paths.name("todo", num)):
                 self._add_todo(num)
 
     def alarm(self) -> None:
@@ -413,7 +345,8 @@ class Scheduler:
                 if num is None or num in todo:
                     continue
                 mask = 0
-                for c, path in ((LOCAL, self.paths.local(num)), (REMOTE, self.paths.remote(num))):
+                for c in CHANNELS:
+                    path = self.paths.name(CHANNEL_NAMES[c], num)
                     try:
                         st = os.stat(path)
                     except FileNotFoundError:
@@ -454,7 +387,7 @@ class Scheduler:
                 next_scan = now + self._scan_interval
                 self._preprocessing = True
                 try:
-                    names = await loop.run_in_executor(None, os.listdir, self._p.root + "/todo")
+                    names = await loop.run_in_executor(None, os.listdir, self.paths.dir("todo"))
                 except OSError as e:
                     self.log.alert(f"unable to opendir todo: {e.strerror}")
                     names = []
@@ -477,12 +410,12 @@ class Scheduler:
             batch = sorted(self._todo)[:TODO_BATCH]
             self._todo.difference_update(batch)
             routing = self.settings.routing
-            fast_budget = self._fast_limit() - len(self._fast)
+            budget = self._direct.budget(self.settings.concurrency[LOCAL])
             self._preprocessing = True
             self._in_batch.update(batch)
             try:
                 results = await loop.run_in_executor(
-                    None, self._preprocess_batch, batch, routing, fast_budget
+                    None, self._preprocess_batch, batch, routing, budget
                 )
             except BaseException:
                 self._in_batch.difference_update(batch)
@@ -490,15 +423,15 @@ class Scheduler:
             finally:
                 self._preprocessing = False
             for pre in results:  # direct deliveries hold their number from here on
-                if not pre.warning and pre.fast is not None:
-                    self._fast[pre.num] = None
+                if not pre.warning and pre.direct is not None:
+                    self._direct.hold(pre.num)
             self._in_batch.difference_update(batch)
             for num in batch:
                 self._number_free(num)
             now_s = self._clock()
             if self._cleaner is not None:
                 for pre in results:
-                    if not pre.warning and pre.fast is None:
+                    if not pre.warning and pre.direct is None:
                         await self._cleaner("todo", pre.num)
             for pre in results:
                 if pre.warning:
@@ -506,8 +439,8 @@ class Scheduler:
                     continue
                 self.log.new_msg(pre.num)
                 self.log.info_msg(pre.num, pre.size, pre.sender, pre.qp, pre.uid)
-                if pre.fast is not None:
-                    self._start_fast(pre)
+                if pre.direct is not None:
+                    self._start_direct(pre, pre.direct)
                 elif pre.channels:
                     self._pending_chan[pre.num] = pre.channels
                     for c in CHANNELS:
@@ -517,233 +450,43 @@ class Scheduler:
                 else:
                     self._messdone(pre.num)
 
-    def _fast_limit(self) -> int:
-        """How many messages may be delivered straight from todo at once (0: never)."""
-        if not self._direct:
-            return 0
-        return FAST_PER_SLOT * self.settings.concurrency[LOCAL]
-
-    def _preprocess_batch(self, nums: list[int], routing: Routing, fast_budget: int) -> list[_Pre]:
-        """Worker thread: write info/local/remote for each, fsync, then remove the todos.
-
-        Up to ``fast_budget`` messages whose recipients are all local get no files at all:
-        they are delivered straight from todo (see ``_start_fast``).
-        """
-        results = []
-        for n in nums:
-            pre = self._preprocess(n, routing, fast_budget > 0)
-            if pre.fast is not None:
-                fast_budget -= 1
-            results.append(pre)
-        ok = [p for p in results if not p.warning and p.fast is None]
-        dirs: set[str] = set()
-        for p in ok:
-            dirs.add(os.path.dirname(self._p.info(p.num)))
-            if p.channels & 1:
-                dirs.add(os.path.dirname(self._p.local(p.num)))
-            if p.channels & 2:
-                dirs.add(os.path.dirname(self._p.remote(p.num)))
-        try:
-            for d in dirs:
-                fsync_dir(d)
-        except OSError as e:
-            for p in ok:
-                p.warning = f"trouble fsyncing message {p.num}: {e.strerror}; will retry"
-            return results
-        if self._cleaner is None:
-            for p in ok:
-                self._clean_todo(p.num)
-        return [p for p in results if p.warning != "gone"]
-
-    def _clean_todo(self, num: int) -> None:
-        # qmail-clean's "todo/N": intd first, then todo (the message is now in info/).
-        try:
-            clean.clean_todo(self._p, num)
-        except OSError as e:
-            self._unlink_warning(e)
-
-    def _unlink_warning(self, e: OSError) -> None:
-        self.log.warning(f"unable to unlink {e.filename}: {e.strerror}")
-
-    def _preprocess(self, num: int, routing: Routing, fast_ok: bool) -> _Pre:
-        pre = _Pre(num)
-        p = self._p
-        try:
-            with open(p.todo(num), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            pre.warning = "gone"  # already handled (a scan raced a notify)
-            return pre
-        except OSError as e:
-            pre.warning = f"unable to open todo/{num}: {e.strerror}"
-            return pre
-        try:
-            env = parse_todo(data)
-        except TodoError as e:
-            pre.warning = f"{e} in todo/{num}"
-            return pre
-        try:
-            pre.size = os.stat(p.mess(num)).st_size
-        except OSError as e:
-            pre.warning = f"unable to stat mess/{num % p.n}/{num}: {e.strerror}"
-            return pre
-        pre.sender, pre.qp, pre.uid = env.sender, env.qp, env.uid
-        routed = [routing.route(rcpt) for rcpt in env.recipients]
-        targets = (p.info(num), p.local(num), p.remote(num))
-        try:
-            for path in targets:  # leftovers of an earlier, interrupted attempt
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-        except OSError as e:
-            pre.warning = f"unable to unlink leftovers of {num}: {e.strerror}"
-            return pre
-        if (
-            fast_ok
-            and routed
-            and len(routed) <= FAST_MAX_RCPTS
-            and all(c == LOCAL for c, _ in routed)
-        ):
-            pre.fast = [a for _, a in routed]
-            return pre
-        chans: list[list[bytes]] = [[], []]
-        for c, addr in routed:
-            chans[c].append(encode(addr))
-        try:
-            records.write_info(targets[0], encode(env.sender), sync_dir=False)
-            for c in CHANNELS:
-                if chans[c]:
-                    records.write_channel(targets[1 + c], chans[c], sync_dir=False)
-                    pre.channels |= 1 << c
-        except OSError as e:
-            pre.warning = f"trouble writing info/local/remote for {num}: {e.strerror}"
-        return pre
+    def _preprocess_batch(
+        self, nums: list[int], routing: Routing, direct_budget: int
+    ) -> list[Preprocessed]:
+        """Worker thread: preprocess.py's batch; its todos removed here unless a cleaner does it."""
+        return preprocess_batch(
+            self.paths,
+            nums,
+            routing,
+            direct_budget=direct_budget,
+            clean_todo=self._cleaner is None,
+            log=self.log,
+        )
 
     # ---------------------------------------------------------------- direct delivery
 
-    def _start_fast(self, pre: _Pre) -> None:
-        """Deliver a new all-local message straight from todo, without info/local files.
+    def _start_direct(self, pre: Preprocessed, recipients: list[str]) -> None:
+        """Deliver a new all-local message straight from todo (direct.py)."""
+        job = self._direct.start(pre.num, pre.sender, recipients, int(self._clock()))
+        self._spawn(self._direct_job(job))
 
-        todo/N stays until every recipient has a result, so a crash meanwhile only means
-        the message is preprocessed again at start (delivered twice at worst, the window
-        qmail has between a delivery and its mark). If every delivery succeeds, the message
-        is finished at once; otherwise info and local are written with the results so far
-        (``D`` marks), fsynced, todo removed, and the rest goes the normal way.
-        """
-        assert pre.fast is not None
-        now = int(self._clock())
-        job = _Job(
-            LOCAL,
-            pre.num,
-            pre.sender,
-            nextretry(now, now, LOCAL),
-            False,
-            -1,
-            [_Record(-1, r) for r in pre.fast],
-        )
-        self._fast[pre.num] = job
-        task = asyncio.create_task(self._fast_job(job))
-        self._jobs.add(task)
-        task.add_done_callback(self._job_finished)
-
-    async def _fast_job(self, job: _Job) -> None:
+    async def _direct_job(self, job: Job) -> None:
         self._active[LOCAL] += 1
         try:
             await self._run_deliveries(job)
         except asyncio.CancelledError:
-            self._fast.pop(job.num, None)  # todo/N remains: handled again at the next start
+            self._direct.drop(job.num)  # todo/N remains: handled again at the next start
             raise
         finally:
             self._active[LOCAL] -= 1
             self._wake[LOCAL].set()
-        assert self._loop is not None
-        num = job.num
-        if not job.left and not os.path.exists(self._p.bounce(num)):
-            self.log.end_msg(num)
-            # The number stays in _fast until todo/N is gone, so no scan takes it again.
-            if self._cleaner is None:
-                self._queue_removal(num)
-                return
-            try:
-                if await self._cleaner("todo", num):
-                    await self._cleaner("foop", num)
-            finally:
-                self._release_fast(num)
-            return
-        ok = await self._loop.run_in_executor(None, self._fast_fallback, job)
-        if not ok:
-            self._fast.pop(num, None)
-            return  # todo/N remains; the next todo scan starts it again
-        if self._cleaner is not None:
-            await self._cleaner("todo", num)
-        self._release_fast(num)
-        if job.left:
-            self._pending_chan[num] = 1 << LOCAL
-            self._heaps[LOCAL].push(job.retry, num)
+        after = await self._direct.settle(job)
+        if after is After.REQUEUE:
+            self._pending_chan[job.num] = 1 << LOCAL
+            self._heaps[LOCAL].push(job.retry, job.num)
             self._wake[LOCAL].set()
-        else:
-            self._messdone(num)
-
-    def _release_fast(self, num: int) -> None:
-        """Forget a direct delivery. Its mess inode may already be reused by a new message
-        whose notify was held back while the number was reserved."""
-        self._fast.pop(num, None)
-        self._number_free(num)
-
-    def _queue_removal(self, num: int) -> None:
-        """Remove a finished direct delivery's files off the event loop (an unlink may wait
-        for the disk), many per worker-thread hand-off when busy."""
-        self._finished.append(num)
-        if not self._draining:
-            self._draining = True
-            task = asyncio.create_task(self._drain_removals())
-            self._jobs.add(task)
-            task.add_done_callback(self._job_finished)
-
-    async def _drain_removals(self) -> None:
-        assert self._loop is not None
-        try:
-            while self._finished:
-                batch, self._finished = self._finished, []
-                try:
-                    await self._loop.run_in_executor(None, self._remove_finished, batch)
-                finally:
-                    for num in batch:
-                        self._release_fast(num)
-        finally:
-            self._draining = False
-
-    def _remove_finished(self, nums: list[int]) -> None:
-        """Worker thread: directly delivered messages are done; todo first, so that once it
-        is gone nothing delivers the message again, then intd and mess."""
-        for num in nums:
-            try:
-                clean.finish_direct(self._p, num)
-            except OSError as e:
-                self._unlink_warning(e)
-
-    def _fast_fallback(self, job: _Job) -> bool:
-        """Worker thread: write info and local (with D marks) durably, then clean todo."""
-        num = job.num
-        try:
-            records.write_info(self._p.info(num), encode(job.sender), sync_dir=False)
-            if job.left:
-                records.write_channel(
-                    self._p.local(num),
-                    [encode(r.recipient) for r in job.records],
-                    done=[r.done for r in job.records],
-                    sync_dir=False,
-                )
-            fsync_dir(os.path.dirname(self._p.info(num)))
-            fsync_dir(os.path.dirname(self._p.local(num)))
-        except OSError as e:
-            self.log.warning(f"trouble writing info/local for {num}: {e.strerror}; will retry")
-            for path in (self._p.info(num), self._p.local(num)):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            return False
-        if self._cleaner is None:
-            self._clean_todo(num)
-        return True
+        elif after is After.MESSDONE:
+            self._messdone(job.num)
 
     # ---------------------------------------------------------------- channels
 
@@ -769,7 +512,11 @@ class Scheduler:
 
     def _start_job(self, c: int, num: int) -> None:
         self._active[c] += 1
-        task = asyncio.create_task(self._job(c, num))
+        self._spawn(self._job(c, num))
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        """Run ``coro`` as a job: awaited by ``stop``, counted as work by ``idle``."""
+        task = asyncio.create_task(coro)
         self._jobs.add(task)
         task.add_done_callback(self._job_finished)
 
@@ -783,31 +530,29 @@ class Scheduler:
         self._heaps[c].push(self._clock() + delay, num)
         self._wake[c].set()
 
-    def _open_job(self, c: int, num: int) -> _Job | None:
+    def _open_job(self, c: int, num: int) -> Job | None:
         recent = int(self._clock())
-        info = self._p.info(num)
+        info = self.paths.name("info", num)
         try:
-            with open(info, "rb") as f:
-                birth = int(os.fstat(f.fileno()).st_mtime)
-                raw = f.read()
+            raw, birth = records.read_info_birth(info)
         except OSError as e:
             self.log.warning(f"unable to open {info}: {e.strerror}")
             return None
-        sender = decode(records.parse_info(raw, strict=True))
-        path = self._p.chan(c, num)
+        sender = decode(raw)
+        path = self.paths.name(CHANNEL_NAMES[c], num)
         try:
             fd, data = records.open_channel(path)
         except OSError as e:
             self.log.warning(f"unable to open {path}: {e.strerror}")
             return None
-        recs: list[_Record] = []
+        recs: list[Record] = []
         for pos, kind, addr in records.iter_channel(data):
             if kind == b"T":
-                recs.append(_Record(pos, decode(addr)))
+                recs.append(Record(pos, decode(addr)))
             elif kind != b"D":
                 self.log.warning(f"unknown record type in {path}")
         s = self.settings
-        return _Job(
+        return Job(
             c,
             num,
             sender,
@@ -835,7 +580,7 @@ class Scheduler:
             os.close(job.fd)
         self._job_done(job)
 
-    async def _run_deliveries(self, job: _Job) -> None:
+    async def _run_deliveries(self, job: Job) -> None:
         c = job.channel
         for group in self._groups(job):
             await self._acquire(c)
@@ -847,10 +592,10 @@ class Scheduler:
         if job.tasks:
             await asyncio.gather(*job.tasks)
 
-    def _groups(self, job: _Job) -> Iterable[list[_Record]]:
+    def _groups(self, job: Job) -> Iterable[list[Record]]:
         if job.channel == LOCAL or job.sender.endswith("-@[]"):
             return [[r] for r in job.records]
-        by_host: dict[str, list[list[_Record]]] = {}
+        by_host: dict[str, list[list[Record]]] = {}
         for r in job.records:
             host = r.recipient[r.recipient.rfind("@") + 1 :].lower()
             lists = by_host.setdefault(host, [[]])
@@ -874,9 +619,9 @@ class Scheduler:
         conc = self.settings.concurrency
         self.log.status((self._used[0], self._used[1]), conc, self._exiting)
 
-    async def _deliver(self, job: _Job, group: list[_Record]) -> None:
+    async def _deliver(self, job: Job, group: list[Record]) -> None:
         c = job.channel
-        mess = Path(self._p.mess(job.num))
+        mess = Path(self.paths.name("mess", job.num))
         ids = []
         for r in group:
             self._delivery_id += 1
@@ -903,10 +648,10 @@ class Scheduler:
         self._release(c)
         self._log_status()
 
-    def _record(self, job: _Job, did: int, rec: _Record, out: Outcome) -> None:
+    def _record(self, job: Job, did: int, rec: Record, out: Outcome) -> None:
         status, text = out.status, out.text[:REPORTMAX]
         if status is Status.TEMP and job.dying:
-            status, text = Status.PERM, dying_text(text)
+            status, text = Status.PERM, bounce.dying_text(text)
         self.log.result(did, status.value, text)
         if status is Status.TEMP:
             self.stats["deferred"] += 1
@@ -915,7 +660,7 @@ class Scheduler:
         if status is Status.PERM:
             self.stats["failed"] += 1
             shown = self.settings.routing.strip_virtual(rec.recipient)
-            if not self._add_bounce(job.num, paragraph(shown, text)):
+            if not bounce.record_failure(self.paths, job.num, shown, text, self.log):
                 job.left += 1  # not recorded: try the recipient again rather than lose it
                 return
         else:
@@ -931,31 +676,15 @@ class Scheduler:
                 "message will be delivered twice!"
             )
 
-    def _add_bounce(self, num: int, para: bytes) -> bool:
-        """Append a failure paragraph to bounce/N durably (it must not be lost)."""
-        try:
-            fd = os.open(self._p.bounce(num), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                write_all(fd, para)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            self.log.alert("unable to append to bounce message; HELP! sleeping...")
-            return False
-        return True
-
-    def _job_done(self, job: _Job) -> None:
+    def _job_done(self, job: Job) -> None:
         c, num = job.channel, job.num
         if job.left:
             self._heaps[c].push(job.retry if not self._exiting else self._clock(), num)
             self._wake[c].set()
             return
-        path = self._p.chan(c, num)
+        path = self.paths.name(CHANNEL_NAMES[c], num)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            clean.remove_channel(path)
         except OSError as e:
             self.log.warning(f"unable to unlink {path}: {e.strerror}")
             self._retry_later(c, num)
@@ -971,14 +700,27 @@ class Scheduler:
 
     def _messdone(self, num: int) -> None:
         """No channel file left: bounce if needed, log end msg, remove the message."""
-        task = asyncio.create_task(self._messdone_async(num))
-        self._jobs.add(task)
-        task.add_done_callback(self._job_finished)
+        self._spawn(self._messdone_async(num))
 
     async def _messdone_async(self, num: int) -> None:
-        if os.path.exists(self._p.bounce(num)):
+        if os.path.exists(self.paths.name("bounce", num)):
             assert self._loop is not None
-            ok, qp = await self._loop.run_in_executor(None, self._inject_bounce, num)
+            s = self.settings
+            ok, qp = await self._loop.run_in_executor(
+                None,
+                functools.partial(
+                    bounce.queue_bounce,
+                    self.paths,
+                    num,
+                    self.submitter,
+                    self.log,
+                    bouncefrom=s.bouncefrom,
+                    bouncehost=s.bouncehost,
+                    doublebounce=s.doublebounce,
+                ),
+            )
+            if qp is not None and qp >= 0:
+                self.stats["bounced"] += 1
             if qp is None:
                 self.log.triple_bounce(num)
             elif qp >= 0:
@@ -990,11 +732,11 @@ class Scheduler:
         # info first: a crash after it leaves an unreferenced mess that recovery removes
         try:
             if self._cleaner is None:
-                clean.finish_message(self._p, num)
+                clean.finish_message(self.paths, num)
                 return
-            clean.remove_info(self._p, num)
+            clean.remove_info(self.paths, num)
         except OSError as e:
-            self._unlink_warning(e)
+            self.log.unlink_warning(e)
             return  # info stays: the message is finished again at the next start
         await self._cleaner("foop", num)
 
@@ -1011,59 +753,6 @@ class Scheduler:
 
         handle = self._loop.call_later(delay, fire)
         self._done_retry.add(handle)
-
-    def _inject_bounce(self, num: int) -> tuple[bool, int | None]:
-        """Worker thread: queue the bounce of ``num`` (or drop a triple bounce); unlink bounce/N.
-
-        Returns (done, qp): qp of the queued bounce, None for a triple bounce, -1 if none
-        was queued. Warnings are written from here; the loop logs the bounce itself.
-        """
-        s = self.settings
-        info = self._p.info(num)
-        bounce = self._p.bounce(num)
-        try:
-            with open(info, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            self.log.warning(f"unable to read {info}: {e.strerror}")
-            return False, -1
-        sender = decode(records.parse_info(raw, strict=True))
-        env = bounce_envelope(sender, s.doublebounce)
-        qp: int | None = None
-        if env is not None:
-            if self.submitter is None:
-                self.log.warning("unable to start qmail-queue, will try later")
-                return False, -1
-            try:
-                pending = self.submitter.begin(origin="bounce")
-            except Exception:
-                self.log.warning("unable to start qmail-queue, will try later")
-                return False, -1
-            try:
-                for chunk in bounce_chunks(
-                    env,
-                    sender,
-                    Path(bounce),
-                    Path(self._p.mess(num)),
-                    bouncefrom=s.bouncefrom,
-                    bouncehost=s.bouncehost,
-                ):
-                    pending.write(chunk)
-                pending.commit(encode(env.sender), [encode(env.recipient)])
-            except Exception:
-                with contextlib.suppress(Exception):
-                    pending.abort()
-                self.log.warning("trouble injecting bounce message, will try later")
-                return False, -1
-            self.stats["bounced"] += 1
-            qp = pending.qp
-        try:
-            os.unlink(bounce)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                self.log.warning(f"unable to unlink {bounce}: {e.strerror}")
-                return False, qp
-        return True, qp
 
     # ---------------------------------------------------------------- idleness
 

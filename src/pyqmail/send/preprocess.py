@@ -1,0 +1,145 @@
+"""qmail-send's todo processing: ``todo/N`` -> ``info/S/N``, ``local/S/N``, ``remote/S/N``.
+
+Owns the file work of preprocessing (queue.md 4), run in a worker thread on a batch of
+todo entries so the fsyncs of many messages share a journal commit:
+
+1. read todo/N (gone: a scan raced a notify, silently dropped) and parse it (todo.py);
+   stat mess/S/N for the size the log shows;
+2. route every recipient (todo.py's Routing) and unlink leftovers of an earlier attempt;
+3. either keep a message for direct delivery (direct.py decides which qualify, up to a
+   budget: no files are written for it, todo/N stays), or create info and the channel
+   files O_EXCL, each fsynced (queue/records.py);
+4. fsync every split directory touched, once per batch, and only then have intd/N and
+   todo/N removed (queue/clean.py), unless a separate cleaner (root mode's qmail-clean)
+   does that: the caller asks it after the batch.
+
+Invariant: todo/N is removed only after info and every channel file of N are on disk;
+any failure leaves todo/N for the next scan, and doing it again is harmless (step 2).
+Results go back to the event loop as :class:`Preprocessed` values; nothing here logs
+except a failed removal.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pyqmail.durable import fsync_dir
+from pyqmail.queue import clean, records
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.send import direct
+from pyqmail.send.log import SendLog
+from pyqmail.send.schedule import CHANNEL_NAMES, CHANNELS
+from pyqmail.send.todo import Routing, TodoError, encode, parse_todo
+
+GONE = "gone"  # the warning of an entry already handled: dropped from the results
+
+
+@dataclass(slots=True)
+class Preprocessed:
+    """The outcome of preprocessing one todo entry (worker thread -> loop)."""
+
+    num: int
+    size: int = 0
+    sender: str = ""
+    qp: int | None = None
+    uid: int | None = None
+    channels: int = 0  # bit mask of channels with a file
+    warning: str = ""  # set: nothing was done; log it, todo/N stays for the next scan
+    direct: list[str] | None = None  # local recipients to deliver straight from todo
+
+
+def preprocess_batch(
+    paths: QueuePaths,
+    nums: list[int],
+    routing: Routing,
+    *,
+    direct_budget: int,
+    clean_todo: bool,
+    log: SendLog,
+) -> list[Preprocessed]:
+    """Preprocess ``nums``; fsync the directories; remove their todos if ``clean_todo``.
+
+    Up to ``direct_budget`` messages that qualify get no files at all: they are kept for
+    direct delivery (``Preprocessed.direct``). Entries found gone are left out.
+    """
+    results = []
+    for n in nums:
+        pre = preprocess(paths, n, routing, direct_ok=direct_budget > 0)
+        if pre.direct is not None:
+            direct_budget -= 1
+        results.append(pre)
+    ok = [p for p in results if not p.warning and p.direct is None]
+    dirs: set[str] = set()
+    for p in ok:
+        dirs.add(os.path.dirname(paths.name("info", p.num)))
+        if p.channels & 1:
+            dirs.add(os.path.dirname(paths.name("local", p.num)))
+        if p.channels & 2:
+            dirs.add(os.path.dirname(paths.name("remote", p.num)))
+    try:
+        for d in dirs:
+            fsync_dir(d)
+    except OSError as e:
+        for p in ok:
+            p.warning = f"trouble fsyncing message {p.num}: {e.strerror}; will retry"
+        return results
+    if clean_todo:
+        for p in ok:
+            remove_todo(paths, p.num, log)
+    return [p for p in results if p.warning != GONE]
+
+
+def remove_todo(paths: QueuePaths, num: int, log: SendLog) -> None:
+    """qmail-clean's "todo/N": intd first, then todo (the message is now in info/)."""
+    try:
+        clean.clean_todo(paths, num)
+    except OSError as e:
+        log.unlink_warning(e)
+
+
+def preprocess(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool) -> Preprocessed:
+    """One todo entry: its info and channel files written and fsynced (directories not)."""
+    pre = Preprocessed(num)
+    try:
+        with open(paths.name("todo", num), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        pre.warning = GONE  # already handled (a scan raced a notify)
+        return pre
+    except OSError as e:
+        pre.warning = f"unable to open todo/{num}: {e.strerror}"
+        return pre
+    try:
+        env = parse_todo(data)
+    except TodoError as e:
+        pre.warning = f"{e} in todo/{num}"
+        return pre
+    try:
+        pre.size = os.stat(paths.name("mess", num)).st_size
+    except OSError as e:
+        pre.warning = f"unable to stat mess/{paths.split(num)}/{num}: {e.strerror}"
+        return pre
+    pre.sender, pre.qp, pre.uid = env.sender, env.qp, env.uid
+    routed = [routing.route(rcpt) for rcpt in env.recipients]
+    try:
+        clean.remove_leftovers(paths, num)
+    except OSError as e:
+        pre.warning = f"unable to unlink leftovers of {num}: {e.strerror}"
+        return pre
+    if direct_ok and direct.qualifies(routed):
+        pre.direct = [a for _, a in routed]
+        return pre
+    chans: list[list[bytes]] = [[], []]
+    for c, addr in routed:
+        chans[c].append(encode(addr))
+    try:
+        records.write_info(paths.name("info", num), encode(env.sender), sync_dir=False)
+        for c in CHANNELS:
+            if chans[c]:
+                path = paths.name(CHANNEL_NAMES[c], num)
+                records.write_channel(path, chans[c], sync_dir=False)
+                pre.channels |= 1 << c
+    except OSError as e:
+        pre.warning = f"trouble writing info/local/remote for {num}: {e.strerror}"
+    return pre
