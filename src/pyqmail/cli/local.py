@@ -1,7 +1,8 @@
 """qmail-local [-nN] user home local dash ext domain sender defaultdelivery (local.md 3).
 
 The message is on fd 0 (copied to a temporary file first if fd 0 cannot seek); the
-report goes to stdout/stderr; the exit code is 0, 100 or 111. ``PYQMAIL_PROGRAM_TIMEOUT``
+report goes to stdout/stderr; the exit code is 0, 100 or 111 (a usage error is 100,
+as in qmail). ``PYQMAIL_PROGRAM_TIMEOUT``
 (seconds) bounds each ``|program``.
 """
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(args)
     if req is None:
         print(USAGE, file=sys.stderr)
-        return 112
+        return 100  # qmail-local's usage() exits 100 (a permanent failure)
     timeout = os.environ.get("PYQMAIL_PROGRAM_TIMEOUT")
     if timeout:
         try:
