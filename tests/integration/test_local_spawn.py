@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import os
+import pwd
 import shutil
 import tempfile
 import time
@@ -271,6 +274,35 @@ def test_user_a_cannot_write_where_only_b_may(
     assert got[2].status is Status.TEMP and "Permission denied" in got[2].text  # from touch
     assert os.listdir(b / "Maildir" / "new") == []
     assert not (b / "mbox").exists() and not (b / "owned").exists()
+
+
+def _member_of_a_group() -> tuple[str, int]:
+    """An account some group lists as a member (getgrouplist would add that group)."""
+    for g in grp.getgrall():
+        for name in g.gr_mem:
+            with contextlib.suppress(KeyError):
+                if pwd.getpwnam(name).pw_gid != g.gr_gid:
+                    return name, g.gr_gid
+    raise AssertionError("no account with a supplementary group on this machine")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_delivery_gets_the_primary_gid_only(
+    multi: Home, mess: Path, pub: Path, reuse: bool
+) -> None:
+    """qmail-lspawn sets the groups to the gid alone; the account's other groups (here
+    the one /etc/group lists it in) never reach its deliveries."""
+    name, extra = _member_of_a_group()
+    a = _user_home(pub, "a", A_UID)
+    (a / ".qmail-ext").write_text("|grep ^Groups: /proc/self/status > groups.out\n")
+    _assign(multi, [f"+a-:{name}:{A_UID}:{A_UID}:{a}:-::"])
+    assert extra in os.getgrouplist(name, A_UID)
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-ext@h")) == Outcome.ok("did 0+0+1\n")
+    assert (a / "groups.out").read_text().split() == ["Groups:", str(A_UID)]
 
 
 @pytest.mark.root

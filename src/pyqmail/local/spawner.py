@@ -7,15 +7,15 @@ so that forking it copies little. It keeps root (unless started as an ordinary u
 For each request the spawner (as root, single-threaded) checks the message, looks the
 recipient up (users/cdb kept open, then qmail-getpw's rules) and refuses uid 0 in
 multi-user mode. The delivery itself runs in a process forked from the spawner that has
-dropped to the user's gid, supplementary groups and uid *before* it is given anything
+dropped to the user's uid and gid (and no supplementary group but that gid, as
+qmail-lspawn's setgroups(1, &gid)) *before* it is given anything
 of the user's: the message arrives as a descriptor, the report goes to a pipe, every other
 descriptor is closed (no user code can reach the spawner's socket), and it runs
 qmail-local's algorithm in-process.
 
 Two ways to get that process (``reuse``):
 
-* reuse (default): a worker per identity (uid, gid, user name; the supplementary groups
-  are read when the worker starts, so a group change reaches new workers). A worker
+* reuse (default): a worker per identity (uid, gid). A worker
   serves one delivery at a time and is given the next delivery for the same identity;
   all busy means a new one is forked. Idle workers are capped (``MAX_IDLE``, least
   recently used retired first) and every worker is retired after ``worker_deliveries``
@@ -63,7 +63,7 @@ MAX_IDLE = 32  # idle workers kept at most (all identities together)
 _CRASHED = -1
 _OWN_MAX = qlocal.TRUNCREPORT + 1  # enough of qmail-local's own lines to know they are long
 
-Identity = tuple[int, int, str]  # uid, gid, user name (for the supplementary groups)
+Identity = tuple[int, int]  # uid, gid
 CONTROL_TTL = 1.0  # seconds a defaultdelivery value is used before control/ is checked
 
 
@@ -239,7 +239,7 @@ class Spawner:
         if self.drop:
             if info.uid == 0:
                 return qlocal.outcome_of(users.QLX_ROOT, b"")
-            ident = (info.uid, info.gid, info.user)
+            ident = (info.uid, info.gid)
         try:
             mfd = os.open(mess, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -326,13 +326,9 @@ class Spawner:
         os.close(devnull)
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
         if ident is not None:
-            uid, gid, user = ident
+            uid, gid = ident
             try:
-                groups = os.getgrouplist(user, gid)
-            except (KeyError, OSError):
-                groups = [gid]
-            try:
-                os.setgroups(groups)
+                os.setgroups([gid])  # qmail-lspawn: the primary gid only, no initgroups
                 os.setgid(gid)
                 os.setuid(uid)
             except OSError:
