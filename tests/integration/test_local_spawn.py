@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.local import users
-from pyqmail.local.spawn import LocalSpawner
+from pyqmail.local.spawn import CHECK_SOURCE, LocalSpawner
 from pyqmail.outcome import Outcome, Status
 from tests.conftest import is_root
 
@@ -274,6 +275,48 @@ def test_user_a_cannot_write_where_only_b_may(
     assert got[2].status is Status.TEMP and "Permission denied" in got[2].text  # from touch
     assert os.listdir(b / "Maildir" / "new") == []
     assert not (b / "mbox").exists() and not (b / "owned").exists()
+
+
+@pytest.mark.parametrize("where", ["home/pyqmail.py", "home/select.py", "PYTHONPATH/select.py"])
+def test_spawner_imports_nothing_from_home_or_pythonpath(
+    home: Home, mess: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The spawner keeps root: a module planted in the qmail home (its cwd) or in a
+    directory named by PYTHONPATH must not shadow pyqmail or the standard library."""
+    marker = tmp_path / "imported"
+    plant = home.root if where.startswith("home/") else tmp_path / "pp"
+    plant.mkdir(exist_ok=True)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "pp"))
+    (plant / where.split("/")[1]).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "root@h")) == Outcome.ok("did 1+0+0\n")
+    assert not marker.exists()
+
+
+def test_import_path_check(tmp_path: Path) -> None:
+    ns: dict[str, Any] = {}
+    exec(CHECK_SOURCE, ns)
+    unsafe = ns["unsafe"]
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    d.chmod(0o755)
+    assert unsafe(str(d / "sub")) is None
+    assert unsafe(str(d / "missing")) is None  # nobody else may create it
+    d.chmod(0o777)  # others may rename sub away and put their own in its place
+    assert unsafe(str(d / "sub")) == str(d)
+    assert unsafe(str(d / "missing")) == str(d)
+    d.chmod(0o1777)  # sticky: what root owns inside stays root's
+    assert unsafe(str(d / "sub")) is None
+    assert unsafe(str(d)) == str(d)  # but modules may be added to d itself
+    assert unsafe(str(d / "missing")) == str(d)
+    d.chmod(0o755)
+    (d / "sub").chmod(0o775)
+    assert unsafe(str(d / "sub")) == str(d / "sub")
+    (d / "sub").chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(d / "sub", 65534, 65534)
+        assert unsafe(str(d / "sub")) == str(d / "sub")
 
 
 def _member_of_a_group() -> tuple[str, int]:

@@ -1,6 +1,6 @@
 """The local delivery spawner process (qmail-lspawn's loop); spawn.py is its client.
 
-It runs as its own lean interpreter (``python -m pyqmail.local.spawner``, started by
+It runs as its own lean, isolated interpreter (``python -I``, started by
 :meth:`pyqmail.local.spawn.LocalSpawner.start`) importing only what local delivery needs,
 so that forking it copies little. It keeps root (unless started as an ordinary user).
 
@@ -470,7 +470,7 @@ def _max_fd() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pyqmail.local.spawner CTRLFD HOME SINGLE PTIMEOUT LTIMEOUT OWNER WD REUSE``."""
+    """``CTRLFD HOME SINGLE PTIMEOUT LTIMEOUT OWNER WD REUSE`` (spawn.py starts it)."""
     fd, cfg = Config.parse(list(sys.argv[1:] if argv is None else argv))
     Spawner(cfg, fd).serve()
     return 0
