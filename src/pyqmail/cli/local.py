@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from pyqmail.cli.common import split_home_args
+from pyqmail.local.program import exec_environment
 from pyqmail.local.qlocal import parse_args, run
 
 USAGE = (
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 111
     os.umask(0o077)
     sys.stdout.flush()
-    return run(req, _seekable_stdin(), home)
+    return run(req, _seekable_stdin(), home, environ=exec_environment())
 
 
 if __name__ == "__main__":
