@@ -8,6 +8,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -160,7 +161,46 @@ def test_hanging_program_is_killed(home: Home, mess: Path) -> None:
     start = time.monotonic()
     got = _run(sp, lambda: sp.deliver(mess, "s@x", "hang@h"))
     assert time.monotonic() - start < 30
-    assert got == Outcome.temp("Timeout on program delivery after 1 seconds. (#4.3.0)\n")
+    assert got == Outcome.temp("Timeout on local delivery after 1 seconds. (#4.3.0)\n")
+    for name in ("bg.pid", "fg.pid"):
+        assert _gone(int((home.alias / name).read_text()))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("stop", ["kill -STOP $PPID", "kill -STOP $$ $PPID"])
+def test_a_program_that_stops_its_worker_is_killed_and_the_slot_freed(
+    home: Home, mess: Path, reuse: bool, stop: str
+) -> None:
+    """The limit is the spawner's: a program that stops the delivery process (which
+    runs as the user) and itself still ends with the whole group killed, a deferral,
+    and the spawner free for the next delivery."""
+    (home.alias / ".qmail-stop").write_text(
+        f"|echo before; sleep 300 & echo $! > bg.pid; echo $$ > fg.pid; {stop}; sleep 300\n"
+    )
+    sp = LocalSpawner(home, ControlCache(home), program_timeout=1.0, reuse=reuse)
+    sp.start()
+    start = time.monotonic()
+
+    async def go() -> list[Outcome]:
+        first = await sp.deliver(mess, "s@x", "stop@h")
+        return [first, await sp.deliver(mess, "s@x", "root@h")]
+
+    async def bounded() -> list[Outcome]:
+        try:
+            return await asyncio.wait_for(go(), 30)
+        except TimeoutError:
+            assert sp.pid is not None
+            os.kill(sp.pid, signal.SIGKILL)  # lets close() return; the test fails anyway
+            raise
+        finally:
+            await sp.close()
+
+    got = asyncio.run(bounded())
+    assert time.monotonic() - start < 30
+    assert got == [
+        Outcome.temp("before\nTimeout on local delivery after 1 seconds. (#4.3.0)\n"),
+        Outcome.ok("did 1+0+0\n"),
+    ]
     for name in ("bg.pid", "fg.pid"):
         assert _gone(int((home.alias / name).read_text()))
 

@@ -73,11 +73,15 @@ def run(
     env: Mapping[bytes, bytes],
     *,
     cwd: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = DEFAULT_TIMEOUT,
     stdout: int = 1,
     stderr: int = 2,
 ) -> bool:
     """Run ``command``; True when it exited 99 (ignore the following lines).
+
+    ``timeout`` None: no limit here, and the program stays in this process's group, so
+    that the caller (the spawner, which sets a limit on the whole delivery) can kill
+    this process and the program together with one killpg.
 
     Raises DeliveryFailure: 100 for qmail's permanent exit codes, 111 otherwise; the text
     is empty (the program's own output is the report) except for a crash or a timeout.
@@ -95,7 +99,7 @@ def run(
             env=dict(env),
             cwd=None if cwd is None else cwd.encode("utf-8", "surrogateescape"),
             close_fds=True,
-            process_group=0,
+            process_group=None if timeout is None else 0,
         )
     except OSError as e:
         raise temp(f"Unable to run /bin/sh: {strerror(e)}. (#4.3.0)") from e
@@ -106,7 +110,10 @@ def run(
         proc.wait()
         raise temp(f"Timeout on program delivery after {timeout:g} seconds. (#4.3.0)") from None
     except BaseException:
-        kill_group(proc.pid)
+        if timeout is None:
+            proc.kill()
+        else:
+            kill_group(proc.pid)
         proc.wait()
         raise
     if code < 0:

@@ -55,7 +55,7 @@ class Request:
     sender: str
     defaultdelivery: str
     dry_run: bool = False
-    program_timeout: float = program.DEFAULT_TIMEOUT
+    program_timeout: float | None = program.DEFAULT_TIMEOUT  # None: the caller's business
     lock_timeout: float = 30.0
     maildir_timeout: float = maildir.MAILDIR_TIMEOUT
 
