@@ -598,9 +598,15 @@ def test_truncate_report() -> None:
 def test_parse_args() -> None:
     r = qlocal.parse_args(["-n", "--", "u", "/h", "l", "-", "e", "d", "s", "./M/"])
     assert r is not None and r.dry_run and r.home == "/h" and r.dash == "-"
-    assert qlocal.parse_args(["u", "rel", "l", "-", "e", "d", "s", "x"]) is None
-    assert qlocal.parse_args(["u", "/h"]) is None
-    assert qlocal.parse_args(["-x", "u", "/h", "l", "-", "e", "d", "s", "x"]) is None
+    assert not qlocal.parse_args(["-nN", "u", "/h", "l", "-", "e", "d", "s", "x"]).dry_run
+    for bad, why in (
+        (["u", "rel", "l", "-", "e", "d", "s", "x"], ""),
+        (["u", "/h"], ""),
+        (["-x", "u", "/h", "l", "-", "e", "d", "s", "x"], "illegal option -- x"),
+    ):
+        with pytest.raises(qlocal.UsageError) as e:
+            qlocal.parse_args(bad)
+        assert str(e.value) == why
 
 
 def test_sigpipe_default_for_programs(user: User) -> None:

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from pyqmail.cli.common import split_home_args
 from pyqmail.local.program import exec_environment
-from pyqmail.local.qlocal import parse_args, run
+from pyqmail.local.qlocal import UsageError, parse_args, run
 
 USAGE = (
     "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
@@ -37,8 +37,11 @@ def _seekable_stdin() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     home, args = split_home_args(sys.argv[1:] if argv is None else argv)
-    req = parse_args(args)
-    if req is None:
+    try:
+        req = parse_args(args)
+    except UsageError as e:
+        if str(e):
+            print(f"qmail-local: {e}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 100  # qmail-local's usage() exits 100 (a permanent failure)
     timeout = os.environ.get("PYQMAIL_PROGRAM_TIMEOUT")

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pyqmail.home import Home
+from pyqmail.inject.getopt import Getopt, GetoptError
 from pyqmail.local import dotqmail, maildir, mbox, program
 from pyqmail.local.dotqmail import DotQmailError, Kind
 from pyqmail.local.failure import PERM, TEMP, DeliveryFailure, strerror
@@ -459,22 +460,22 @@ def deliver(req: Request, msg_fd: int, qhome: Home) -> Outcome:
     return outcome_of(code, text)
 
 
-def parse_args(argv: Sequence[str]) -> Request | None:
-    """``[-nN] user home local dash ext domain sender defaultdelivery``; None = usage."""
-    args = list(argv)
+class UsageError(Exception):
+    """qmail-local's usage error; ``str()`` is getopt's complaint first, if any
+    (``illegal option -- x``), which qmail-local prints before its usage line."""
+
+
+def parse_args(argv: Sequence[str]) -> Request:
+    """``[-nN] user home local dash ext domain sender defaultdelivery``; raises UsageError."""
+    opts = Getopt(argv, "nN", "")
     dry = False
-    while args and args[0].startswith("-") and args[0] != "-":
-        opt = args.pop(0)
-        if opt == "--":
-            break
-        for ch in opt[1:]:
-            if ch == "n":
-                dry = True
-            elif ch == "N":
-                dry = False
-            else:
-                return None
+    try:
+        for letter, _arg in opts:
+            dry = letter == "n"
+    except GetoptError as e:
+        raise UsageError(str(e)) from None
+    args = opts.rest
     if len(args) != 8 or not args[1].startswith("/"):
-        return None
+        raise UsageError("")
     user, home, local, dash, ext, host, sender, dd = args
     return Request(user, home, local, dash, ext, host, sender, dd, dry_run=dry)
