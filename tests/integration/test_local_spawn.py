@@ -9,6 +9,8 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.local import users
-from pyqmail.local.spawn import CHECK_SOURCE, LocalSpawner
+from pyqmail.local.spawn import BOOT, CHECK_SOURCE, LocalSpawner
 from pyqmail.outcome import Outcome, Status
 from tests.conftest import is_root
 
@@ -357,6 +359,37 @@ def test_import_path_check(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         os.chown(d / "sub", 65534, 65534)
         assert unsafe(str(d / "sub")) == str(d / "sub")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="the check guards a root process")
+@pytest.mark.parametrize("what", ["writable dir", "writable .pth", "foreign .pth"])
+def test_boot_refuses_a_site_directory_others_can_write(tmp_path: Path, what: str) -> None:
+    """A site-packages directory (or .pth file, which runs code) that another account
+    could write is refused before anything in it runs."""
+    site = tmp_path / "site"
+    site.mkdir(mode=0o755)
+    marker = tmp_path / "ran"
+    pth = site / "evil.pth"
+    pth.write_text(f"import os; open({str(marker)!r}, 'w').close()\n")
+    pth.chmod(0o644)
+    bad = pth
+    if what == "writable dir":
+        site.chmod(0o777)
+        bad = site
+    elif what == "writable .pth":
+        pth.chmod(0o666)
+    else:
+        os.chown(pth, 65534, 65534)
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", BOOT, str(site), "3", "/nonexistent", "1"],
+        capture_output=True, cwd="/", timeout=60,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (
+        111,
+        f"qmail-lspawn: fatal: {bad} is writable by another account\n".encode(),
+    )
+    assert not marker.exists()
 
 
 def _member_of_a_group() -> tuple[str, int]:

@@ -1,6 +1,6 @@
 """The local delivery spawner process (qmail-lspawn's loop); spawn.py is its client.
 
-It runs as its own lean, isolated interpreter (``python -I``, started by
+It runs as its own lean, isolated interpreter (``python -I -S``, started by
 :meth:`pyqmail.local.spawn.LocalSpawner.start`) importing only what local delivery needs,
 so that forking it copies little. It keeps root (unless started as an ordinary user).
 
