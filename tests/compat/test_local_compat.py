@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(
 
 MSG = b"Received: x\nDelivered-To: other@x\nSubject: t\n\nFrom x\n>From y\nbody\nlast"
 
+_DUMP = '|tr "\\0" "\\n" < /proc/$$/environ | grep -v -e ^UFLINE= -e ^HOME= | sort > env\n'
+
 CASES: list[tuple[str, str, dict[str, str], dict[str, object]]] = [
     ("ext", "-", {".qmail-ext": "./Maildir/\n./mbox\n"}, {}),
     ("ext", "-", {".qmail-default": '|echo "$LOCAL|$EXT|$EXT2|$DEFAULT|$HOST2|$HOST3"\n'}, {}),
@@ -58,6 +60,10 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, object]]] = [
     ("ext", "-", {".qmail-ext": "./Maildir/\n"}, {"dry": True}),
     ("ext", "-", {".qmail-ext": "|cat\n&a@b\nc\n./mb\n"}, {"dry": True, "sticky": True}),
     ("", "", {}, {"dd": ""}),
+    # the exact environment a program gets: what qmail-local was given (DEFAULT too,
+    # when no default file matched) plus its own variables; no LC_CTYPE from Python
+    ("ext", "-", {".qmail-ext": _DUMP}, {"env": {"DEFAULT": "given", "FOO": "a=b"}}),
+    ("d-Y", "-", {".qmail-d-default": _DUMP}, {"env": {"DEFAULT": "given"}}),
 ]  # fmt: skip
 
 _DATE = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d \d{4}")
@@ -105,11 +111,26 @@ def _run(prog: Path, base: Path, case: tuple[str, str, dict[str, str], dict[str,
     with open(base / "m", "rb") as m:
         r = subprocess.run(
             argv, stdin=m, capture_output=True, timeout=60,
-            env={"PATH": "/usr/bin:/bin", "QMAILQUEUE": "/bin/true"},
+            env={"PATH": "/usr/bin:/bin", "QMAILQUEUE": "/bin/true", **opt.get("env", {})},  # type: ignore[dict-item]
         )  # fmt: skip
     here = str(base).encode()
     out, err = (_norm(x).replace(here, b"BASE") for x in (r.stdout, r.stderr))
     return r.returncode, out, err, _snapshot(home)
+
+
+def test_usage_errors_exit_100() -> None:
+    for args in (["a", "b"], ["-x", "u", "/h", "l", "", "", "d", "s", "x"],
+                 ["u", "relative", "l", "", "", "d", "s", "x"]):  # fmt: skip
+        ours, ref = (
+            subprocess.run([str(p), *args], capture_output=True, timeout=60, env={})
+            for p in (OURS, REF)
+        )
+        assert (ours.returncode, ours.stdout, ours.stderr) == (
+            ref.returncode,
+            ref.stdout,
+            ref.stderr,
+        )
+        assert ours.returncode == 100
 
 
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])

@@ -96,8 +96,52 @@ def test_qmail_local_command(joe: Path, tmp_path: Path) -> None:
         0,
         b"program echo out; echo err >&2\nmaildir ./Maildir/\ndid 1+0+1\n",
     )
-    r = run(["qmail-local", "joe", "relative", "l", "", "", "d", "s", "x"])
-    assert r.returncode == 112 and b"usage" in r.stderr
+    usage = b"qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender"
+    for bad in (["joe", "relative", "l", "", "", "d", "s", "x"], ["joe"], ["-x", *args[2:]]):
+        r = run(["qmail-local", *bad])
+        assert r.returncode == 100  # qmail's usage() exits 100
+        assert r.stderr.startswith(b"qmail-local: illegal option -- x\n" * (bad[0] == "-x") + usage)
+
+
+def test_qmail_local_program_environment(joe: Path) -> None:
+    """The command passes on exactly what it was started with (DEFAULT too, when no
+    default file matched) plus its own variables; Python's LC_CTYPE coercion (PEP 538,
+    no locale set) never reaches the program."""
+    (joe / ".qmail-ext").write_text("|cat /proc/$$/environ > env.out\n")
+    (joe / ".qmail-d-default").write_text("|cat /proc/$$/environ > default.out\n")
+    given = {"PATH": "/usr/bin:/bin", "DEFAULT": "given", "FOO": "bar=baz"}
+    for local, ext in (("joe-ext", "ext"), ("joe-d-Y", "d-Y")):
+        r = subprocess.run(
+            [str(BIN / "qmail-local"), "--", "joe", str(joe), local, "-", ext, "h", "", "./M/"],
+            input=MSG, capture_output=True, env=given, timeout=60,
+        )  # fmt: skip
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"did 0+0+1\n", b"")
+    own = {
+        "USER": "joe", "HOME": str(joe), "HOST": "h", "HOST2": "h", "HOST3": "h", "HOST4": "h",
+        "SENDER": "", "NEWSENDER": "", "RPLINE": "Return-Path: <>\n",
+    }  # fmt: skip
+    for name, local, ext, default in (
+        ("env.out", "joe-ext", "ext", "given"),
+        ("default.out", "joe-d-Y", "d-Y", "Y"),
+    ):
+        env = dict(x.split("=", 1) for x in (joe / name).read_text().split("\0") if x)
+        assert env.pop("UFLINE").startswith("From MAILER-DAEMON ")
+        assert env == {
+            **given, **own, "LOCAL": local, "RECIPIENT": f"{local}@h", "EXT": ext,
+            "EXT2": ext.partition("-")[2], "EXT3": "", "EXT4": "", "DEFAULT": default,
+            "DTLINE": f"Delivered-To: {local}@h\n",
+        }  # fmt: skip
+
+
+def test_qmail_local_refuses_a_function_definition(joe: Path) -> None:
+    (joe / ".qmail-ext").write_text("|touch ran\n")
+    r = run(["qmail-local", "--", "joe", str(joe), "joe-ext", "-", "ext", "h", "() { :;}", "x"])
+    assert (r.returncode, r.stdout) == (100, b"")
+    assert r.stderr == (
+        b"Sorry, $SENDER would look like a shell function definition to a program;"
+        b" I won't run one with it. (#5.7.1)\n"
+    )
+    assert not (joe / "ran").exists()
 
 
 def test_qmail_local_program_timeout_env(joe: Path) -> None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import os
+import pwd
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +23,7 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.local import users
-from pyqmail.local.spawn import LocalSpawner
+from pyqmail.local.spawn import BOOT, CHECK_SOURCE, LocalSpawner
 from pyqmail.outcome import Outcome, Status
 from tests.conftest import is_root
 
@@ -156,7 +163,46 @@ def test_hanging_program_is_killed(home: Home, mess: Path) -> None:
     start = time.monotonic()
     got = _run(sp, lambda: sp.deliver(mess, "s@x", "hang@h"))
     assert time.monotonic() - start < 30
-    assert got == Outcome.temp("Timeout on program delivery after 1 seconds. (#4.3.0)\n")
+    assert got == Outcome.temp("Timeout on local delivery after 1 seconds. (#4.3.0)\n")
+    for name in ("bg.pid", "fg.pid"):
+        assert _gone(int((home.alias / name).read_text()))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("stop", ["kill -STOP $PPID", "kill -STOP $$ $PPID"])
+def test_a_program_that_stops_its_worker_is_killed_and_the_slot_freed(
+    home: Home, mess: Path, reuse: bool, stop: str
+) -> None:
+    """The limit is the spawner's: a program that stops the delivery process (which
+    runs as the user) and itself still ends with the whole group killed, a deferral,
+    and the spawner free for the next delivery."""
+    (home.alias / ".qmail-stop").write_text(
+        f"|echo before; sleep 300 & echo $! > bg.pid; echo $$ > fg.pid; {stop}; sleep 300\n"
+    )
+    sp = LocalSpawner(home, ControlCache(home), program_timeout=1.0, reuse=reuse)
+    sp.start()
+    start = time.monotonic()
+
+    async def go() -> list[Outcome]:
+        first = await sp.deliver(mess, "s@x", "stop@h")
+        return [first, await sp.deliver(mess, "s@x", "root@h")]
+
+    async def bounded() -> list[Outcome]:
+        try:
+            return await asyncio.wait_for(go(), 30)
+        except TimeoutError:
+            assert sp.pid is not None
+            os.kill(sp.pid, signal.SIGKILL)  # lets close() return; the test fails anyway
+            raise
+        finally:
+            await sp.close()
+
+    got = asyncio.run(bounded())
+    assert time.monotonic() - start < 30
+    assert got == [
+        Outcome.temp("before\nTimeout on local delivery after 1 seconds. (#4.3.0)\n"),
+        Outcome.ok("did 1+0+0\n"),
+    ]
     for name in ("bg.pid", "fg.pid"):
         assert _gone(int((home.alias / name).read_text()))
 
@@ -271,6 +317,108 @@ def test_user_a_cannot_write_where_only_b_may(
     assert got[2].status is Status.TEMP and "Permission denied" in got[2].text  # from touch
     assert os.listdir(b / "Maildir" / "new") == []
     assert not (b / "mbox").exists() and not (b / "owned").exists()
+
+
+@pytest.mark.parametrize("where", ["home/pyqmail.py", "home/select.py", "PYTHONPATH/select.py"])
+def test_spawner_imports_nothing_from_home_or_pythonpath(
+    home: Home, mess: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The spawner keeps root: a module planted in the qmail home (its cwd) or in a
+    directory named by PYTHONPATH must not shadow pyqmail or the standard library."""
+    marker = tmp_path / "imported"
+    plant = home.root if where.startswith("home/") else tmp_path / "pp"
+    plant.mkdir(exist_ok=True)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "pp"))
+    (plant / where.split("/")[1]).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    sp = LocalSpawner(home, ControlCache(home))
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "root@h")) == Outcome.ok("did 1+0+0\n")
+    assert not marker.exists()
+
+
+def test_import_path_check(tmp_path: Path) -> None:
+    ns: dict[str, Any] = {}
+    exec(CHECK_SOURCE, ns)
+    unsafe = ns["unsafe"]
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    d.chmod(0o755)
+    assert unsafe(str(d / "sub")) is None
+    assert unsafe(str(d / "missing")) is None  # nobody else may create it
+    d.chmod(0o777)  # others may rename sub away and put their own in its place
+    assert unsafe(str(d / "sub")) == str(d)
+    assert unsafe(str(d / "missing")) == str(d)
+    d.chmod(0o1777)  # sticky: what root owns inside stays root's
+    assert unsafe(str(d / "sub")) is None
+    assert unsafe(str(d)) == str(d)  # but modules may be added to d itself
+    assert unsafe(str(d / "missing")) == str(d)
+    d.chmod(0o755)
+    (d / "sub").chmod(0o775)
+    assert unsafe(str(d / "sub")) == str(d / "sub")
+    (d / "sub").chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(d / "sub", 65534, 65534)
+        assert unsafe(str(d / "sub")) == str(d / "sub")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="the check guards a root process")
+@pytest.mark.parametrize("what", ["writable dir", "writable .pth", "foreign .pth"])
+def test_boot_refuses_a_site_directory_others_can_write(tmp_path: Path, what: str) -> None:
+    """A site-packages directory (or .pth file, which runs code) that another account
+    could write is refused before anything in it runs."""
+    site = tmp_path / "site"
+    site.mkdir(mode=0o755)
+    marker = tmp_path / "ran"
+    pth = site / "evil.pth"
+    pth.write_text(f"import os; open({str(marker)!r}, 'w').close()\n")
+    pth.chmod(0o644)
+    bad = pth
+    if what == "writable dir":
+        site.chmod(0o777)
+        bad = site
+    elif what == "writable .pth":
+        pth.chmod(0o666)
+    else:
+        os.chown(pth, 65534, 65534)
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", BOOT, str(site), "3", "/nonexistent", "1"],
+        capture_output=True, cwd="/", timeout=60,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (
+        111,
+        f"qmail-lspawn: fatal: {bad} is writable by another account\n".encode(),
+    )
+    assert not marker.exists()
+
+
+def _member_of_a_group() -> tuple[str, int]:
+    """An account some group lists as a member (getgrouplist would add that group)."""
+    for g in grp.getgrall():
+        for name in g.gr_mem:
+            with contextlib.suppress(KeyError):
+                if pwd.getpwnam(name).pw_gid != g.gr_gid:
+                    return name, g.gr_gid
+    raise AssertionError("no account with a supplementary group on this machine")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_delivery_gets_the_primary_gid_only(
+    multi: Home, mess: Path, pub: Path, reuse: bool
+) -> None:
+    """qmail-lspawn sets the groups to the gid alone; the account's other groups (here
+    the one /etc/group lists it in) never reach its deliveries."""
+    name, extra = _member_of_a_group()
+    a = _user_home(pub, "a", A_UID)
+    (a / ".qmail-ext").write_text("|grep ^Groups: /proc/self/status > groups.out\n")
+    _assign(multi, [f"+a-:{name}:{A_UID}:{A_UID}:{a}:-::"])
+    assert extra in os.getgrouplist(name, A_UID)
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
+    sp.start()
+    assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-ext@h")) == Outcome.ok("did 0+0+1\n")
+    assert (a / "groups.out").read_text().split() == ["Groups:", str(A_UID)]
 
 
 @pytest.mark.root

@@ -253,12 +253,16 @@ def root_home(prefix: str) -> Home:
 
 
 @contextlib.contextmanager
-def root_run(home: Home, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def root_run(
+    home: Home, port: int, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """``pyqmail run`` in multi-user mode (as root) with SMTP on 127.0.0.1:PORT, in a
     session of its own, its output in ``run.log`` beside the home; yields (process, log)
-    once it listens, and SIGTERMs its process group on the way out."""
+    once it listens, and SIGTERMs its process group on the way out. ``env``: the
+    environment to start it with (default: this one), less PYQMAIL_SINGLE_USER."""
     log = home.root.parent / "run.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    env = {k: v for k, v in (os.environ if env is None else env).items()}
+    env.pop("PYQMAIL_SINGLE_USER", None)
     pyqmail = os.path.join(os.path.dirname(sys.executable), "pyqmail")
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -86,6 +86,47 @@ def test_hostile_local_parts_through_smtp_reach_programs_as_env_only(
         assert found == [], found
 
 
+def test_program_environment_in_the_daemon(mta: Mta, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qmail's rc starts qmail-start under ``env -`` with PATH alone: a program sees
+    PATH = HOME/bin + the system's, pyqmail's home, and qmail-local's variables; none
+    of the starter's environment (OLDPWD, DEFAULT...) and not the LC_CTYPE that the
+    daemon's Python start-up adds when no locale is set."""
+    for name in ("LANG", "LC_ALL", "LC_CTYPE", "QMAILQUEUE", "PYQMAIL_QUEUE_SOCKET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OLDPWD", "/root")
+    monkeypatch.setenv("DEFAULT", "from-the-starter")
+    alice = mta.users["alice"]
+    (alice / ".qmail-env").write_text("|cat /proc/$$/environ > env.tmp; mv env.tmp env.out\n")
+    mta.start()
+    mta.send("carol@elsewhere.example", ["alice-env@test.example"])
+    out = alice / "env.out"
+    wait_for(out.exists, 60, "env.out")
+    env = dict(x.split(b"=", 1) for x in out.read_bytes().split(b"\0") if x)
+    assert env.pop(b"UFLINE").startswith(b"From carol@elsewhere.example ")
+    root = str(mta.home.root).encode()
+    assert env == {
+        b"PATH": root + b"/bin:/usr/local/bin:/usr/bin:/bin",
+        b"PYQMAIL_HOME": root,
+        b"PYQMAIL_SINGLE_USER": b"1",
+        b"USER": b"alice",
+        b"HOME": str(alice).encode(),
+        b"LOCAL": b"alice-env",
+        b"HOST": b"test.example",
+        b"HOST2": b"test",
+        b"HOST3": b"test",
+        b"HOST4": b"test",
+        b"RECIPIENT": b"alice-env@test.example",
+        b"SENDER": b"carol@elsewhere.example",
+        b"NEWSENDER": b"carol@elsewhere.example",
+        b"EXT": b"env",
+        b"EXT2": b"",
+        b"EXT3": b"",
+        b"EXT4": b"",
+        b"DTLINE": b"Delivered-To: alice-env@test.example\n",
+        b"RPLINE": b"Return-Path: <carol@elsewhere.example>\n",
+    }
+
+
 def _paragraphs(bounce: bytes) -> list[bytes]:
     _, _, body = bounce.partition(b"\n\n")
     text = body.split(b"--- Below this line is a copy of the message.", 1)[0]

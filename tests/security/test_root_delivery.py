@@ -39,7 +39,8 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
     user = d / "nobody"
     (user / "dumps").mkdir(parents=True)
     (user / ".qmail-default").write_text('|env -0 > "dumps/$$"\n')
-    for p in (user, user / "dumps", user / ".qmail-default"):
+    (user / ".qmail-envdump").write_text("|cat /proc/$$/environ > env.tmp; mv env.tmp env.out\n")
+    for p in (user, user / "dumps", user / ".qmail-default", user / ".qmail-envdump"):
         os.chown(p, nobody.pw_uid, nobody.pw_gid)
     # the user's own symlink to a file only root may read: opened as the user, it fails
     secret = d / "secret"
@@ -62,9 +63,13 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path, int]]:
 def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int]) -> None:
     home, user, uid = multi
     port = free_port()
-    with root_run(home, port) as (_, log):
+    # none of the starter's environment (OLDPWD, DEFAULT, its locale) reaches a program
+    env = {k: v for k, v in os.environ.items() if k not in ("LANG", "LC_ALL", "LC_CTYPE")}
+    env.update(OLDPWD="/root", DEFAULT="from-the-starter")
+    env.pop("QMAILQUEUE", None)
+    with root_run(home, port, env=env) as (_, log):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            for local in [*LOCALS, "boss", "joe-secret"]:
+            for local in [*LOCALS, "boss", "joe-secret", "joe-envdump"]:
                 assert s.docmd("MAIL FROM:<carol@elsewhere.example>")[0] == 250
                 # quoted, as RFC 5321 needs for these; queued and delivered unquoted
                 assert s.docmd(f'RCPT TO:<"{local}"@test.example>')[0] == 250
@@ -81,6 +86,19 @@ def test_hostile_local_parts_via_the_root_spawner(multi: tuple[Home, Path, int])
         assert seen == set(LOCALS)
         for root in (Path("/tmp"), user, home.root):
             assert list(root.glob("PWNED_R*")) == []
+        wait_for((user / "env.out").exists, 60, "env.out")
+        got = dict(x.split(b"=", 1) for x in (user / "env.out").read_bytes().split(b"\0") if x)
+        assert got.pop(b"UFLINE").startswith(b"From carol@elsewhere.example ")
+        qroot = str(home.root).encode()
+        assert got == {
+            b"PATH": qroot + b"/bin:/usr/local/bin:/usr/bin:/bin", b"PYQMAIL_HOME": qroot,
+            b"USER": b"nobody", b"HOME": str(user).encode(), b"LOCAL": b"joe-envdump",
+            b"HOST": b"test.example", b"HOST2": b"test", b"HOST3": b"test", b"HOST4": b"test",
+            b"RECIPIENT": b"joe-envdump@test.example", b"SENDER": b"carol@elsewhere.example",
+            b"NEWSENDER": b"carol@elsewhere.example", b"EXT": b"envdump", b"EXT2": b"",
+            b"EXT3": b"", b"EXT4": b"", b"DTLINE": b"Delivered-To: joe-envdump@test.example\n",
+            b"RPLINE": b"Return-Path: <carol@elsewhere.example>\n",
+        }  # fmt: skip
         wait_for(lambda: "deliveries_as_root" in log.read_text(errors="replace"), 60, "deferral")
         assert not (user.parent / "boss" / "PWNED_AS_ROOT").exists()
         wait_for(lambda: "Unable_to_open_.qmail-secret" in log.read_text(errors="replace"), 60,

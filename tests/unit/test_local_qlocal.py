@@ -61,6 +61,7 @@ class User:
         dry_run: bool = False,
         timeout: float = 60.0,
         lock_timeout: float = 30.0,
+        environ: dict[bytes, bytes] | None = None,
     ) -> tuple[int, str]:
         req = Request(
             "joe", str(self.dir), local, dash, ext, host, sender, dd, dry_run, timeout, lock_timeout
@@ -69,7 +70,13 @@ class User:
             m.write(msg)
             m.flush()
             code = qlocal.run(
-                req, m.fileno(), self.qhome, out=rep.fileno(), err=rep.fileno(), now=NOW
+                req,
+                m.fileno(),
+                self.qhome,
+                out=rep.fileno(),
+                err=rep.fileno(),
+                now=NOW,
+                environ=environ,
             )
             rep.seek(0)
             return code, rep.read().decode()
@@ -322,6 +329,98 @@ def test_program_environment(user: User) -> None:
     assert (user.dir / "stdin.out").read_bytes() == MSG  # no Return-Path, no Delivered-To
 
 
+def _proc_environ(path: Path) -> dict[str, str]:
+    items = path.read_bytes().split(b"\0")
+    return dict(x.decode().split("=", 1) for x in items if x)
+
+
+def test_program_environment_is_exactly_qmails(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No environ given (the daemon): PATH, PYQMAIL_HOME and qmail-local's variables;
+    nothing of this process's own environment, DEFAULT included."""
+    monkeypatch.setenv("OLDPWD", "/root")
+    monkeypatch.setenv("DEFAULT", "from-the-caller")
+    monkeypatch.setenv("LC_CTYPE", "C.UTF-8")
+    monkeypatch.delenv("QMAILQUEUE", raising=False)
+    monkeypatch.delenv("PYQMAIL_QUEUE_SOCKET", raising=False)
+    user.qmail(".qmail-ext", "|cat /proc/$$/environ > env.out\n")  # what sh was given
+    assert user.deliver("joe-ext", "ext", host="a.b", sender="") == (0, "did 0+0+1\n")
+    root = str(user.qhome.root)
+    assert _proc_environ(user.dir / "env.out") == {
+        "PATH": f"{root}/bin:/usr/local/bin:/usr/bin:/bin",
+        "PYQMAIL_HOME": root,
+        **({"PYQMAIL_SINGLE_USER": "1"} if user.qhome.single_user else {}),
+        "USER": "joe",
+        "HOME": str(user.dir),
+        "LOCAL": "joe-ext",
+        "HOST": "a.b",
+        "HOST2": "a",
+        "HOST3": "a",
+        "HOST4": "a",
+        "RECIPIENT": "joe-ext@a.b",
+        "SENDER": "",
+        "NEWSENDER": "",
+        "EXT": "ext",
+        "EXT2": "",
+        "EXT3": "",
+        "EXT4": "",
+        "DTLINE": "Delivered-To: joe-ext@a.b\n",
+        "RPLINE": "Return-Path: <>\n",
+        "UFLINE": f"From MAILER-DAEMON {mbox_date(NOW)}\n",
+    }
+    monkeypatch.setenv("QMAILQUEUE", "/x/qq")  # the queue the daemon's forwards use too
+    assert user.deliver("joe-ext", "ext") == (0, "did 0+0+1\n")
+    assert _proc_environ(user.dir / "env.out")["QMAILQUEUE"] == "/x/qq"
+
+
+def test_default_given_to_qmail_local_is_passed_on(user: User) -> None:
+    """qmail-local sets DEFAULT only when a default file matched; otherwise the one it
+    was started with reaches the program (as in qmail)."""
+    user.qmail(".qmail-ext", '|printf "%s" "$DEFAULT" > ext.out\n')
+    user.qmail(".qmail-x-default", '|printf "%s" "$DEFAULT" > default.out\n')
+    base = {b"PATH": b"/usr/bin:/bin", b"DEFAULT": b"given"}
+    assert user.deliver("joe-ext", "ext", environ=base) == (0, "did 0+0+1\n")
+    assert user.deliver("joe-x-y", "x-y", environ=base) == (0, "did 0+0+1\n")
+    assert (user.dir / "ext.out").read_text() == "given"
+    assert (user.dir / "default.out").read_text() == "y"
+
+
+@pytest.mark.parametrize(
+    ("local", "dash", "ext", "host", "sender", "given", "var"),
+    [
+        ("joe-x", "-", "x", "example.com", "() { :;}; touch pwned", None, "SENDER"),
+        ("joe-x", "-", "x", "example.com", " ()  {  :;}", None, "SENDER"),
+        ("() { :;}; touch pwned", "", "", "example.com", "s@x", None, "LOCAL"),
+        ("joe-() { :;}", "-", "() { :;}", "example.com", "s@x", None, "EXT"),
+        ("joe-x-() { :;}", "-", "x-() { :;}", "example.com", "s@x", None, "EXT2"),
+        ("joe-x", "-", "x", "() { :;}.example", "s@x", None, "HOST"),
+        ("joe-x", "-", "x", "example.com", "s@x", b"() { :;}; touch pwned", "DEFAULT"),
+    ],
+)
+def test_function_definitions_never_reach_a_program(
+    user: User,
+    local: str,
+    dash: str,
+    ext: str,
+    host: str,
+    sender: str,
+    given: bytes | None,
+    var: str,
+) -> None:
+    """Shellshock (CVE-2014-6271) in depth: bash imports ``() {`` values as functions.
+    The delivery is refused before anything is delivered, even the Maildir line."""
+    text = "./Maildir/\n|touch ran\n"
+    for name in (".qmail", ".qmail-x", ".qmail-default", ".qmail-x-default"):
+        user.qmail(name, text)
+    environ = {b"PATH": b"/usr/bin:/bin"} if given is None else {b"DEFAULT": given}
+    code, report = user.deliver(local, ext, dash=dash, host=host, sender=sender, environ=environ)
+    assert (code, report) == (
+        100,
+        f"Sorry, ${var} would look like a shell function definition to a program;"
+        " I won't run one with it. (#5.7.1)\n",
+    )
+    assert user.maildir() == [] and not (user.dir / "ran").exists()
+
+
 def test_host_parts_without_dots(user: User) -> None:
     user.qmail(".qmail-ext", '|echo "$HOST2 $HOST3 $HOST4 [$EXT2]"\n')
     assert user.deliver(host="localhost")[1] == "localhost localhost localhost []\ndid 0+0+1\n"
@@ -518,9 +617,15 @@ def test_truncate_report() -> None:
 def test_parse_args() -> None:
     r = qlocal.parse_args(["-n", "--", "u", "/h", "l", "-", "e", "d", "s", "./M/"])
     assert r is not None and r.dry_run and r.home == "/h" and r.dash == "-"
-    assert qlocal.parse_args(["u", "rel", "l", "-", "e", "d", "s", "x"]) is None
-    assert qlocal.parse_args(["u", "/h"]) is None
-    assert qlocal.parse_args(["-x", "u", "/h", "l", "-", "e", "d", "s", "x"]) is None
+    assert not qlocal.parse_args(["-nN", "u", "/h", "l", "-", "e", "d", "s", "x"]).dry_run
+    for bad, why in (
+        (["u", "rel", "l", "-", "e", "d", "s", "x"], ""),
+        (["u", "/h"], ""),
+        (["-x", "u", "/h", "l", "-", "e", "d", "s", "x"], "illegal option -- x"),
+    ):
+        with pytest.raises(qlocal.UsageError) as e:
+            qlocal.parse_args(bad)
+        assert str(e.value) == why
 
 
 def test_sigpipe_default_for_programs(user: User) -> None:

@@ -1,7 +1,8 @@
 """qmail-local [-nN] user home local dash ext domain sender defaultdelivery (local.md 3).
 
 The message is on fd 0 (copied to a temporary file first if fd 0 cannot seek); the
-report goes to stdout/stderr; the exit code is 0, 100 or 111. ``PYQMAIL_PROGRAM_TIMEOUT``
+report goes to stdout/stderr; the exit code is 0, 100 or 111 (a usage error is 100,
+as in qmail). ``PYQMAIL_PROGRAM_TIMEOUT``
 (seconds) bounds each ``|program``.
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from pyqmail.cli.common import split_home_args
-from pyqmail.local.qlocal import parse_args, run
+from pyqmail.local.program import exec_environment
+from pyqmail.local.qlocal import UsageError, parse_args, run
 
 USAGE = (
     "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
@@ -35,10 +37,13 @@ def _seekable_stdin() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     home, args = split_home_args(sys.argv[1:] if argv is None else argv)
-    req = parse_args(args)
-    if req is None:
+    try:
+        req = parse_args(args)
+    except UsageError as e:
+        if str(e):
+            print(f"qmail-local: {e}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
-        return 112
+        return 100  # qmail-local's usage() exits 100 (a permanent failure)
     timeout = os.environ.get("PYQMAIL_PROGRAM_TIMEOUT")
     if timeout:
         try:
@@ -48,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 111
     os.umask(0o077)
     sys.stdout.flush()
-    return run(req, _seekable_stdin(), home)
+    return run(req, _seekable_stdin(), home, environ=exec_environment())
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ the user's home as a directory descriptor, so deliveries in parallel threads do 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +53,7 @@ class InProcessLocal:
         ctl: ControlCache,
         *,
         workers: int = 32,
-        program_timeout: float = program.DEFAULT_TIMEOUT,
+        program_timeout: float | None = program.DEFAULT_TIMEOUT,
         lock_timeout: float = 30.0,
     ) -> None:
         self.home = home
@@ -144,15 +147,31 @@ class WorkerPoolLocal:
     the daemon has threads. Requests and replies are length-prefixed frames on one socket
     pair per worker (``mess\\0sender\\0recipient`` / letter + text); a worker serves one
     delivery at a time and exits when its socket closes.
+
+    The time limit on a delivery (``program_timeout``) is kept here, not in the worker,
+    which a program could stop (``kill -STOP $PPID``): each worker leads its own process
+    group with its programs in it; past the limit the group is SIGKILLed, the delivery
+    deferred, and the worker replaced by a fresh interpreter (``python -I``; the daemon
+    has threads by then, so it is not forked).
     """
 
-    def __init__(self, home: Home, ctl: ControlCache, *, workers: int = 10) -> None:
+    def __init__(
+        self,
+        home: Home,
+        ctl: ControlCache,
+        *,
+        workers: int = 10,
+        program_timeout: float = program.DEFAULT_TIMEOUT,
+    ) -> None:
         self.home = home
         self.ctl = ctl
         self.workers = max(1, workers)
-        self._agent = InProcessLocal(home, ctl, workers=1)
+        self.program_timeout = program_timeout
+        self._agent = InProcessLocal(home, ctl, workers=1, program_timeout=None)
         self._socks: list[socket.socket] = []
         self._pids: list[int] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._pid_of: dict[int, int] = {}  # worker index -> pid (its process group)
         self._idle: asyncio.Queue[int] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._streams: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
@@ -173,10 +192,15 @@ class WorkerPoolLocal:
                 finally:
                     os._exit(code)
             theirs.close()
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)  # as the child does: whichever runs first
+            self._pid_of[len(self._socks)] = pid
             self._socks.append(ours)
             self._pids.append(pid)
 
     def _serve(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # its own group, with its programs: the daemon's limit kills both
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, signal.SIG_IGN)  # the daemon decides; EOF ends the worker
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -218,8 +242,12 @@ class WorkerPoolLocal:
         try:
             writer.write(_LEN.pack(len(payload)) + payload)
             await writer.drain()
-            head = await reader.readexactly(_LEN.size)
-            body = await reader.readexactly(_LEN.unpack(head)[0])
+            body = await asyncio.wait_for(_read_frame(reader), self.program_timeout)
+        except TimeoutError:  # (an OSError: first)
+            await self._replace(i)
+            return Outcome.temp(
+                f"Timeout on local delivery after {self.program_timeout:g} seconds. (#4.3.0)\n"
+            )
         except (OSError, asyncio.IncompleteReadError):
             self._streams.pop(i, None)  # the worker is gone; the others carry on
             return Outcome.temp("qmail-local crashed.\n")
@@ -232,6 +260,34 @@ class WorkerPoolLocal:
             return Outcome.perm(text)
         return Outcome.temp(text)
 
+    async def _replace(self, i: int) -> None:
+        """Kill worker ``i``'s process group (it and its programs) and start another."""
+        assert self._idle is not None
+        _reader, writer = self._streams.pop(i)
+        writer.close()
+        pid = self._pid_of.pop(i, None)
+        if pid is not None:
+            program.kill_group(pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _WORKER_BOOT, str(theirs.fileno()),
+                 str(self.home.root), "1" if self.home.single_user else "0"],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                process_group=0,
+            )  # fmt: skip
+        except OSError:
+            ours.close()
+            return  # one worker fewer; the others carry on
+        finally:
+            theirs.close()
+        self._procs.append(proc)
+        self._pid_of[i] = proc.pid
+        self._socks.append(ours)
+        ours.setblocking(False)
+        self._streams[i] = await asyncio.open_connection(sock=ours)
+        self._idle.put_nowait(i)
+
     async def close(self) -> None:
         for _, writer in self._streams.values():
             writer.close()
@@ -242,6 +298,25 @@ class WorkerPoolLocal:
         for pid in self._pids:
             await loop.run_in_executor(None, _reap, pid)
         self._pids.clear()
+        for proc in self._procs:
+            await loop.run_in_executor(None, proc.wait)
+        self._procs.clear()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readexactly(_LEN.size)
+    return await reader.readexactly(_LEN.unpack(head)[0])
+
+
+_WORKER_BOOT = "import sys; from pyqmail.daemon.local import worker_main; worker_main(sys.argv[1:])"
+
+
+def worker_main(argv: list[str]) -> None:
+    """A replacement worker in its own interpreter: ``FD HOME SINGLE`` (see _replace)."""
+    fd, root, single = argv
+    home = Home(Path(root), single_user=single == "1")
+    pool = WorkerPoolLocal(home, ControlCache(home), workers=1)
+    pool._serve(socket.socket(fileno=int(fd)))
 
 
 def _reap(pid: int) -> None:

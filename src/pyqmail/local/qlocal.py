@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pyqmail.home import Home
+from pyqmail.inject.getopt import Getopt, GetoptError
 from pyqmail.local import dotqmail, maildir, mbox, program
 from pyqmail.local.dotqmail import DotQmailError, Kind
 from pyqmail.local.failure import PERM, TEMP, DeliveryFailure, strerror
@@ -55,7 +56,7 @@ class Request:
     sender: str
     defaultdelivery: str
     dry_run: bool = False
-    program_timeout: float = program.DEFAULT_TIMEOUT
+    program_timeout: float | None = program.DEFAULT_TIMEOUT  # None: the caller's business
     lock_timeout: float = 30.0
     maildir_timeout: float = maildir.MAILDIR_TIMEOUT
 
@@ -199,8 +200,12 @@ def run(
     now: float | None = None,
     sink: bytearray | None = None,
     program_out: int | None = None,
+    environ: Mapping[bytes, bytes] | None = None,
 ) -> int:
     """Deliver the message on ``msg_fd`` (seekable) as qmail-local would; the exit code.
+
+    Programs get ``environ`` plus qmail-local's variables; None means the daemon's
+    minimal environment (:func:`program.daemon_environment`), not this process's.
 
     The report goes to ``out`` and ``err``. A caller that collects it may instead pass
     ``sink`` (qmail-local's own lines are appended there) and ``program_out`` (programs'
@@ -209,8 +214,10 @@ def run(
     program output + sink is the report in order.
     """
     rep = _Report(out, err, sink, program_out)
+    if environ is None:
+        environ = program.daemon_environment(str(qhome.root), qhome.single_user)
     try:
-        return _run(req, msg_fd, qhome, rep, time.time() if now is None else now)
+        return _run(req, msg_fd, qhome, rep, time.time() if now is None else now, environ)
     except DeliveryFailure as f:
         rep.error(f.text)
         return f.code
@@ -222,7 +229,9 @@ def run(
         return TEMP
 
 
-def _run(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float) -> int:
+def _run(
+    req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, environ: Mapping[bytes, bytes]
+) -> int:
     try:
         hfd = os.open(_b(req.home), os.O_PATH | os.O_DIRECTORY)
     except OSError as e:
@@ -230,12 +239,20 @@ def _run(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float) -> in
             TEMP, f"Unable to switch to {req.home}: {strerror(e)}. (#4.3.0)"
         ) from e
     try:
-        return _run_in(req, msg_fd, qhome, rep, now, hfd)
+        return _run_in(req, msg_fd, qhome, rep, now, hfd, environ)
     finally:
         os.close(hfd)
 
 
-def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hfd: int) -> int:
+def _run_in(
+    req: Request,
+    msg_fd: int,
+    qhome: Home,
+    rep: _Report,
+    now: float,
+    hfd: int,
+    environ: Mapping[bytes, bytes],
+) -> int:
     st = os.fstat(hfd)
     if st.st_mode & 0o002:
         raise DeliveryFailure(TEMP, "Uh-oh: home directory is writable. (#4.7.0)")
@@ -271,14 +288,16 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
             else:
                 newsender = f"{req.local}-owner@{req.host}"
 
-    env: dict[bytes, bytes] | None = None  # built for the first program line
-
     content = chosen.content
     forward_only = chosen.forward_only
     if not content:
         content = _b(req.defaultdelivery)
         forward_only = False
     instructions = dotqmail.parse(content)
+    env: dict[bytes, bytes] = {}
+    if not req.dry_run and any(ins.kind is Kind.PROGRAM for ins in instructions):
+        # before anything is delivered: a refusal must not follow a partial delivery
+        env = _environment(req, dt, rp, uf, newsender, chosen.default, environ)
 
     files = forwards = programs = 0
     recipients: list[str] = []
@@ -309,8 +328,6 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
             if req.dry_run:
                 rep.say(_b(f"program {ins.arg}\n"))
                 continue
-            if env is None:
-                env = _environment(req, dt, rp, uf, newsender, chosen.default)
             if program.run(
                 ins.arg,
                 msg_fd,
@@ -338,10 +355,21 @@ def _run_in(req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, hf
 
 
 def _environment(
-    req: Request, dt: bytes, rp: bytes, uf: bytes, newsender: str, default: str | None
+    req: Request,
+    dt: bytes,
+    rp: bytes,
+    uf: bytes,
+    newsender: str,
+    default: str | None,
+    base: Mapping[bytes, bytes],
 ) -> dict[bytes, bytes]:
-    env = dict(os.environb)
-    env.pop(b"DEFAULT", None)
+    """``base`` plus qmail-local's variables (local.md 3.9). As in qmail, DEFAULT is set
+    only when a ``default`` file matched; otherwise one in ``base`` is passed on.
+
+    Refuses (permanently) a value that bash would read as a function definition: an
+    address from a queue that no door of ours checked (real qmail's, a local injection)
+    must not define a function in a program's shell (Shellshock, CVE-2014-6271)."""
+    env = dict(base)
     values = {
         "HOST": req.host,
         "HOME": req.home,
@@ -365,7 +393,20 @@ def _environment(
     env[b"DTLINE"] = dt
     env[b"RPLINE"] = rp
     env[b"UFLINE"] = uf
+    for key in (*values, "DEFAULT"):
+        if _function_like(env.get(key.encode(), b"")):
+            raise DeliveryFailure(
+                PERM,
+                f"Sorry, ${key} would look like a shell function definition to a program;"
+                " I won't run one with it. (#5.7.1)",
+            )
     return env
+
+
+def _function_like(value: bytes) -> bool:
+    """bash imports a variable whose value starts with ``() {`` as a function; refuse a
+    wider net (any leading blanks, any ``()``) since a value has no business looking so."""
+    return value.lstrip(b" \t\n").startswith(b"()")
 
 
 # --- qmail-lspawn's view of the result ----------------------------------------------------
@@ -419,22 +460,22 @@ def deliver(req: Request, msg_fd: int, qhome: Home) -> Outcome:
     return outcome_of(code, text)
 
 
-def parse_args(argv: Sequence[str]) -> Request | None:
-    """``[-nN] user home local dash ext domain sender defaultdelivery``; None = usage."""
-    args = list(argv)
+class UsageError(Exception):
+    """qmail-local's usage error; ``str()`` is getopt's complaint first, if any
+    (``illegal option -- x``), which qmail-local prints before its usage line."""
+
+
+def parse_args(argv: Sequence[str]) -> Request:
+    """``[-nN] user home local dash ext domain sender defaultdelivery``; raises UsageError."""
+    opts = Getopt(argv, "nN", "")
     dry = False
-    while args and args[0].startswith("-") and args[0] != "-":
-        opt = args.pop(0)
-        if opt == "--":
-            break
-        for ch in opt[1:]:
-            if ch == "n":
-                dry = True
-            elif ch == "N":
-                dry = False
-            else:
-                return None
+    try:
+        for letter, _arg in opts:
+            dry = letter == "n"
+    except GetoptError as e:
+        raise UsageError(str(e)) from None
+    args = opts.rest
     if len(args) != 8 or not args[1].startswith("/"):
-        return None
+        raise UsageError("")
     user, home, local, dash, ext, host, sender, dd = args
     return Request(user, home, local, dash, ext, host, sender, dd, dry_run=dry)

@@ -3,12 +3,12 @@ docs/architecture.md: ``LocalSpawner(home, ctl).start()`` then ``await deliver(m
 sender, recipient) -> Outcome`` with many deliveries in flight, ``await close()``.
 
 :meth:`LocalSpawner.start` starts :mod:`pyqmail.local.spawner` as a separate lean
-process (fork + exec of ``python -m pyqmail.local.spawner``, the socket pair's end
-inherited) which runs each delivery in a process forked from it and dropped to the
-recipient's ids (reused for the same ids with ``reuse=True``, the default; a fresh one
-per delivery, qmail-lspawn's way, with ``reuse=False``). Call it while still root. How
-many deliveries run at once is the scheduler's business (concurrencylocal); the spawner
-forks whatever it is asked.
+process (fork + exec of ``python -I -S -c BOOT`` in ``/``, the socket pair's end inherited;
+BOOT checks the import path, then runs the spawner's ``main``) which runs each delivery
+in a process forked from it and dropped to the recipient's ids (reused for the same ids
+with ``reuse=True``, the default; a fresh one per delivery, qmail-lspawn's way, with
+``reuse=False``). Call it while still root. How many deliveries run at once is the
+scheduler's business (concurrencylocal); the spawner forks whatever it is asked.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import site
 import socket
 import subprocess
 import sys
@@ -32,6 +33,58 @@ from pyqmail.outcome import Outcome, Status
 __all__ = ["LocalSpawner", "split_recipient"]
 
 _DIED = Outcome.temp("Unable to talk to the local delivery spawner. (#4.3.0)\n")
+
+# The spawner keeps root, so it starts isolated (``-I``: no PYTHONPATH, no user site, no
+# script or current directory on sys.path; ``-S``: site-packages not yet added, their
+# list comes from this process) in ``/``.
+# BOOT refuses to run if another account could write a directory it imports from (or
+# one above it: a directory writable by others and not sticky lets them rename the path
+# away; a sticky one such as /tmp only protects what root owns in it), then checks each
+# site-packages directory and its .pth files (which run code) before adding it, and the
+# path again before it imports pyqmail. Source text, not a function: it must run before
+# pyqmail itself is imported.
+CHECK_SOURCE = """
+import os, stat, sys
+def unsafe(entry):
+    me = os.geteuid()
+    p, first = os.path.abspath(entry), True
+    while True:
+        try:
+            st = os.stat(p)
+        except OSError:
+            st = None  # not there: whoever may create it is judged one level up
+        if st is not None:
+            if st.st_uid not in (0, me):
+                return p
+            if st.st_mode & 0o022 and (first or not st.st_mode & stat.S_ISVTX):
+                return p
+            first = False
+        up = os.path.dirname(p)
+        if up == p:
+            return None
+        p = up
+"""
+BOOT = (
+    CHECK_SOURCE
+    + """
+def check(paths):
+    for path in paths if os.geteuid() == 0 else ():
+        bad = unsafe(path)
+        if bad is not None:
+            sys.stderr.write("qmail-lspawn: fatal: %s is writable by another account\\n" % bad)
+            sys.exit(111)
+check(sys.path)
+import site
+for sitedir in sys.argv[1].split(os.pathsep) if sys.argv[1] else ():
+    if os.path.isdir(sitedir):
+        check([sitedir])
+        check([os.path.join(sitedir, n) for n in os.listdir(sitedir) if n.endswith(".pth")])
+        site.addsitedir(sitedir)
+check(sys.path)
+from pyqmail.local.spawner import main
+sys.exit(main(sys.argv[2:]))
+"""
+)
 
 
 # --- the daemon's side ------------------------------------------------------------------
@@ -88,10 +141,10 @@ class LocalSpawner:
         )
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pyqmail.local.spawner", *cfg.argv(theirs.fileno())],
+                [sys.executable, "-I", "-S", "-c", BOOT, _site_dirs(), *cfg.argv(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
-                cwd=self.home.root,
+                cwd="/",
             )
         finally:
             theirs.close()
@@ -171,6 +224,12 @@ class LocalSpawner:
         if self._proc is not None:
             proc, self._proc = self._proc, None
             await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+
+def _site_dirs() -> str:
+    """This interpreter's site-packages (a venv's, with -S the child cannot know them),
+    for BOOT to check and add; never the user site directory."""
+    return os.pathsep.join(site.getsitepackages())
 
 
 def _drain(sock: socket.socket) -> None:

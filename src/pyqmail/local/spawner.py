@@ -1,21 +1,21 @@
 """The local delivery spawner process (qmail-lspawn's loop); spawn.py is its client.
 
-It runs as its own lean interpreter (``python -m pyqmail.local.spawner``, started by
+It runs as its own lean, isolated interpreter (``python -I -S``, started by
 :meth:`pyqmail.local.spawn.LocalSpawner.start`) importing only what local delivery needs,
 so that forking it copies little. It keeps root (unless started as an ordinary user).
 
 For each request the spawner (as root, single-threaded) checks the message, looks the
 recipient up (users/cdb kept open, then qmail-getpw's rules) and refuses uid 0 in
 multi-user mode. The delivery itself runs in a process forked from the spawner that has
-dropped to the user's gid, supplementary groups and uid *before* it is given anything
+dropped to the user's uid and gid (and no supplementary group but that gid, as
+qmail-lspawn's setgroups(1, &gid)) *before* it is given anything
 of the user's: the message arrives as a descriptor, the report goes to a pipe, every other
 descriptor is closed (no user code can reach the spawner's socket), and it runs
 qmail-local's algorithm in-process.
 
 Two ways to get that process (``reuse``):
 
-* reuse (default): a worker per identity (uid, gid, user name; the supplementary groups
-  are read when the worker starts, so a group change reaches new workers). A worker
+* reuse (default): a worker per identity (uid, gid). A worker
   serves one delivery at a time and is given the next delivery for the same identity;
   all busy means a new one is forked. Idle workers are capped (``MAX_IDLE``, least
   recently used retired first) and every worker is retired after ``worker_deliveries``
@@ -24,6 +24,13 @@ Two ways to get that process (``reuse``):
 * no reuse: qmail-lspawn's model, a fresh child per delivery.
 
 In single-user mode nobody's ids change; the identity is always the spawner's own.
+
+Each delivery process leads its own process group, and its programs stay in it. The
+limit on a delivery (``program_timeout``, 24 hours by default) is kept here, not in the
+delivery process, which runs as the user and could be stopped by its own program
+(``kill -STOP $PPID``) and hold a concurrencylocal slot for ever: when it passes, the
+spawner SIGKILLs the whole group and reports a temporary failure, as qmail does for a
+timeout.
 
 Either way the spawner keeps at most 3000 bytes of the report (qmail-lspawn), does not
 wait for a program's background process that still holds the report pipe, maps the
@@ -53,7 +60,7 @@ from pathlib import Path
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.local import qlocal, users
+from pyqmail.local import program, qlocal, users
 from pyqmail.outcome import Outcome
 
 HEAD = struct.Struct("!II")
@@ -63,7 +70,7 @@ MAX_IDLE = 32  # idle workers kept at most (all identities together)
 _CRASHED = -1
 _OWN_MAX = qlocal.TRUNCREPORT + 1  # enough of qmail-local's own lines to know they are long
 
-Identity = tuple[int, int, str]  # uid, gid, user name (for the supplementary groups)
+Identity = tuple[int, int]  # uid, gid
 CONTROL_TTL = 1.0  # seconds a defaultdelivery value is used before control/ is checked
 
 
@@ -116,6 +123,8 @@ class _Job:
     eof: bool = False
     code: int | None = None  # qmail-local's exit code, _CRASHED if it died
     tail: bytes = b""  # qmail-local's own lines, which follow every program's output
+    deadline: float = float("inf")  # time.monotonic() after which its group is killed
+    timed_out: bool = False
 
 
 @dataclass
@@ -166,14 +175,33 @@ class Spawner:
         gc.freeze()  # forked workers share these objects; keep the collector off them
         self._watch(self.ctrl, self._on_ctrl)
         while not (self.closing and self.jobs == 0):
-            for fd, _ev in self.poller.poll():
+            for fd, _ev in self.poller.poll(self._next_timeout()):
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler()
+            self._kill_late()
         for w in list(self.workers.values()):
             w.sock.close()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(w.pid, 0)
+
+    def _next_timeout(self) -> int | None:
+        """Milliseconds until the next delivery's limit (None: no delivery running)."""
+        deadlines = [w.job.deadline for w in self.workers.values() if w.job and not w.job.timed_out]
+        if not deadlines:
+            return None
+        left = min(deadlines) - time.monotonic()
+        return max(0, min(int(left * 1000) + 1, 3_600_000))
+
+    def _kill_late(self) -> None:
+        """SIGKILL the process group of every delivery past its limit. Its pidfd then
+        reports the death, and _finish answers with the timeout (a temporary failure)."""
+        now = time.monotonic()
+        for w in self.workers.values():
+            job = w.job
+            if job is not None and not job.timed_out and now >= job.deadline:
+                job.timed_out = True
+                program.kill_group(w.pid)
 
     def _watch(self, fd: int, handler: Callable[[], None]) -> None:
         self.handlers[fd] = handler
@@ -239,7 +267,7 @@ class Spawner:
         if self.drop:
             if info.uid == 0:
                 return qlocal.outcome_of(users.QLX_ROOT, b"")
-            ident = (info.uid, info.gid, info.user)
+            ident = (info.uid, info.gid)
         try:
             mfd = os.open(mess, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -254,7 +282,7 @@ class Spawner:
                 rfd, wfd = os.pipe2(os.O_CLOEXEC)
             except OSError:
                 return Outcome.temp("qmail-spawn unable to create pipe. (#4.3.0)\n")
-            job = _Job(rid, rfd)
+            job = _Job(rid, rfd, deadline=time.monotonic() + self.cfg.program_timeout)
             fields = (info.user, info.home, local, info.dash, info.ext, domain, sender)
             payload = b"\0".join(users.enc(f) for f in (*fields, defaultdelivery))
             try:
@@ -303,6 +331,8 @@ class Spawner:
             finally:
                 os._exit(code)
         theirs.close()
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # as the child does: whichever runs first
         worker = _Worker(ident, pid, ours, os.pidfd_open(pid), one_shot)
         self.workers[pid] = worker
         self._watch(ours.fileno(), lambda: self._on_worker_reply(worker))
@@ -311,6 +341,8 @@ class Spawner:
 
     def _worker_main(self, sock_fd: int, ident: Identity | None, one_shot: bool) -> int:
         """A worker: drop to the identity, then serve deliveries until EOF."""
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # its own group: the spawner's limit kills it and its programs
         if one_shot:
             gc.disable()  # short-lived: a collection would only copy shared pages
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -326,13 +358,9 @@ class Spawner:
         os.close(devnull)
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
         if ident is not None:
-            uid, gid, user = ident
+            uid, gid = ident
             try:
-                groups = os.getgrouplist(user, gid)
-            except (KeyError, OSError):
-                groups = [gid]
-            try:
-                os.setgroups(groups)
+                os.setgroups([gid])  # qmail-lspawn: the primary gid only, no initgroups
                 os.setgid(gid)
                 os.setuid(uid)
             except OSError:
@@ -371,7 +399,7 @@ class Spawner:
             domain,
             sender,
             defaultdelivery,
-            program_timeout=self.cfg.program_timeout,
+            program_timeout=None,  # the spawner keeps the limit (_kill_late)
             lock_timeout=self.cfg.lock_timeout,
         )
         try:
@@ -389,7 +417,8 @@ class Spawner:
             return  # the pidfd handler deals with a dead worker
         job = worker.job
         worker.job = None
-        if worker.one_shot or worker.deliveries >= self.cfg.worker_deliveries:
+        late = job is not None and job.timed_out  # killed: never idle
+        if late or worker.one_shot or worker.deliveries >= self.cfg.worker_deliveries:
             self._retire(worker)
         else:
             self.idle[worker.pid] = worker
@@ -461,9 +490,18 @@ class Spawner:
         if not job.eof:
             self._close_report(job)
         code = None if job.code == _CRASHED else job.code
-        self._reply(job.rid, qlocal.outcome_of(code, bytes(job.report) + job.tail))
+        report = bytes(job.report) + job.tail
+        if job.timed_out:  # what the programs said, then why it stopped (within 3000 bytes)
+            text = _timeout_text(self.cfg.program_timeout)
+            code = 111
+            report = report[: qlocal.TRUNCREPORT - len(text)] + text
+        self._reply(job.rid, qlocal.outcome_of(code, report))
         job.rid = -1
         self.jobs -= 1
+
+
+def _timeout_text(limit: float) -> bytes:
+    return f"Timeout on local delivery after {limit:g} seconds. (#4.3.0)\n".encode()
 
 
 def _max_fd() -> int:
@@ -474,7 +512,7 @@ def _max_fd() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pyqmail.local.spawner CTRLFD HOME SINGLE PTIMEOUT LTIMEOUT OWNER WD REUSE``."""
+    """``CTRLFD HOME SINGLE PTIMEOUT LTIMEOUT OWNER WD REUSE`` (spawn.py starts it)."""
     fd, cfg = Config.parse(list(sys.argv[1:] if argv is None else argv))
     Spawner(cfg, fd).serve()
     return 0
