@@ -7,6 +7,7 @@ import pwd
 import shutil
 import signal
 import smtplib
+import stat
 import subprocess
 import sys
 import tempfile
@@ -119,3 +120,105 @@ def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -
     assert "status: exiting" in text and "alert" not in text
     for kind in ("todo", "intd", "info", "local", "remote", "bounce"):
         assert not any(files(d) for d in [home.queue / kind, *(home.queue / kind).glob("*")])
+
+
+# -- root never follows a path that a lesser account controls -------------------------------
+
+
+def _start(home: Home, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = home.root.parent / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(home.root), *args],
+            stdout=out, stderr=out, env=env, start_new_session=True,
+        )  # fmt: skip
+    return proc, log
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def _outside(home: Home, name: str) -> Path:
+    """A root-owned directory beside the home, which no qmail user may write."""
+    d = home.root.parent / name
+    d.mkdir(mode=0o755)
+    return d
+
+
+def _plant_dir(queue_dir: Path, target: Path, owner: int) -> None:
+    """What the queue's owner can do: swap its directory for a symlink."""
+    queue_dir.rename(queue_dir.with_name(queue_dir.name + ".real"))
+    queue_dir.symlink_to(target)
+    os.lchown(queue_dir, owner, -1)
+
+
+def test_start_up_clean_follows_no_symlink_out_of_the_queue(
+    root_home: tuple[Home, Path],
+) -> None:
+    home, _ = root_home
+    qmailq = home.ids().uid("queue")
+    victims = []
+    for sub, name in (("pid", "1.1.1"), ("intd", "99999"), ("mess/0", "23")):
+        out = _outside(home, sub.replace("/", "-"))
+        victim = out / name
+        victim.write_text("precious\n")
+        os.utime(victim, (1, 1))  # old enough for every rule of the clean
+        victims.append(victim)
+        _plant_dir(home.queue / sub, out, qmailq)
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        # the smtpd part starts only once the queue part (which cleans) is ready
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        assert proc.poll() is None, log.read_text()
+    finally:
+        _stop(proc)
+    for victim in victims:
+        assert victim.read_text() == "precious\n", victim
+
+
+def test_queue_socket_is_made_by_qmailq_not_through_symlinks(
+    root_home: tuple[Home, Path],
+) -> None:
+    home, _ = root_home
+    ids = home.ids()
+    run = home.root / "run"
+    run.mkdir(mode=0o755)
+    os.chown(run, ids.uid("queue"), ids.gid("qmail"))
+    target = _outside(home, "elsewhere") / "file"
+    target.write_bytes(b"x")
+    target.chmod(0o600)
+    (run / "qmail-queue.sock").symlink_to(target)
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        assert proc.poll() is None, log.read_text()
+        sock = run / "qmail-queue.sock"
+        st = os.lstat(sock)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (st.st_uid, st.st_gid) == (ids.uid("queue"), ids.gid("qmail"))
+    finally:
+        _stop(proc)
+    st = target.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o600)
+
+
+def test_run_directory_symlink_is_refused(root_home: tuple[Home, Path]) -> None:
+    home, _ = root_home
+    elsewhere = _outside(home, "elsewhere")
+    (home.root / "run").symlink_to(elsewhere)
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        rc = proc.wait(60)
+    finally:
+        _stop(proc)
+    assert rc == 111, log.read_text()
+    st = elsewhere.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o755)
+    assert list(elsewhere.iterdir()) == []

@@ -31,10 +31,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from pyqmail.control import load
-from pyqmail.home import HomeError, Ids
+from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.queue.clean import handle_request
 from pyqmail.queue.committer import CommitProcess
@@ -82,6 +83,46 @@ def _child(target: Callable[[], int]) -> int:
 # -- queue: the service and qmail-clean ---------------------------------------------------
 
 
+def _clean_at_start(home: Home, ids: Ids) -> None:
+    """What a crash left in the queue, removed before any part starts, never as root.
+
+    The queue's directories are qmailq's and info/ is qmails's, and the clean must look at
+    both, so a child keeps root only as its real and saved uid (which neither user can
+    signal or trace) and acts as qmailq, becoming qmails just to ask whether info/S/N
+    exists. A symlink planted by either user then leads only to what that user may do.
+    """
+    queue, send, qmail = ids.uid("queue"), ids.uid("send"), ids.gid("qmail")
+
+    def as_user(uid: int) -> None:
+        os.seteuid(0)
+        os.seteuid(uid)
+
+    def info_exists(path: Path) -> bool:
+        as_user(send)
+        try:
+            os.lstat(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # when in doubt, the message is queued
+        finally:
+            as_user(queue)
+
+    def target() -> int:
+        os.setgroups([])
+        os.setgid(qmail)
+        os.setresuid(0, queue, 0)
+        os.umask(0o077)
+        clean_stale(QueuePaths(home.queue), info_exists=info_exists)
+        return 0
+
+    pid = _child(target)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        print("warning: the start-up clean of the queue failed", file=sys.stderr, flush=True)
+
+
 def _serve_clean(sock: socket.socket, paths: QueuePaths) -> None:
     """qmail-clean on a socket: NUL-terminated requests, one-byte replies, until EOF."""
     buf = b""
@@ -101,9 +142,12 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     assert isinstance(cfg_home, Home)
     home = cfg_home
     svc = QueueService(home, ids=ids)
-    svc.bind((ids.uid("queue"), ids.gid("qmail")))
+    svc.prepare_dir((ids.uid("queue"), ids.gid("qmail")))
+    # Everything under queue/ and run/ is qmailq's: root touches no name in them.
     _drop(ids.uid("queue"), ids.gid("qmail"))
     os.umask(0o033)
+    paths = QueuePaths(home.queue)
+    svc.bind()
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -113,7 +157,6 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    paths = QueuePaths(home.queue)
     threading.Thread(target=_serve_clean, args=(clean_sock, paths), daemon=True).start()
 
     def sweep() -> None:  # what crashed writers left, as qmail-clean and qmail-send do
@@ -317,7 +360,7 @@ def run_split(cfg: object) -> int:
         print(f"alert: cannot start: unable to switch to queue directory {home.queue}",
               file=sys.stderr)  # fmt: skip
         return 111
-    clean_stale(QueuePaths(home.queue))
+    _clean_at_start(home, ids)
     clean_send, clean_queue = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pids: dict[str, int] = {}
 
