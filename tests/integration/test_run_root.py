@@ -7,6 +7,7 @@ import pwd
 import shutil
 import signal
 import smtplib
+import socket
 import stat
 import subprocess
 import sys
@@ -142,6 +143,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait(60)
 
 
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
 def _outside(home: Home, name: str) -> Path:
     """A root-owned directory beside the home, which no qmail user may write."""
     d = home.root.parent / name
@@ -222,3 +237,40 @@ def test_run_directory_symlink_is_refused(root_home: tuple[Home, Path]) -> None:
     st = elsewhere.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o755)
     assert list(elsewhere.iterdir()) == []
+
+
+def _listen_inode(port: int) -> str | None:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":
+            return f[9]
+    return None
+
+
+def test_no_listener_accepts_before_its_process_dropped(root_home: tuple[Home, Path]) -> None:
+    home, _ = root_home
+    ports = [free_port() for _ in range(24)]
+    args = ["--smtp", f"127.0.0.1:{ports[0]}"]
+    for p in ports[1:]:
+        args += ["--qmtp", f"127.0.0.1:{p}"]
+    proc, log = _start(home, *args)
+    try:
+        # connect to the first listener as early as it lets us, then see who holds it
+        with socket.socket() as c:
+            while c.connect_ex(("127.0.0.1", ports[0])) != 0:
+                assert proc.poll() is None, log.read_text()
+            inode = _listen_inode(ports[0])
+            holders = [
+                p
+                for p in [proc.pid, *_descendants(proc.pid)]
+                if any(
+                    os.readlink(f) == f"socket:[{inode}]"
+                    for f in Path(f"/proc/{p}/fd").iterdir()
+                    if f.is_symlink()
+                )
+            ]
+            uids = [ids_of(p)[0] for p in holders]
+        assert holders and 0 not in uids, uids
+        assert all(listening(p) for p in ports)
+    finally:
+        _stop(proc)

@@ -285,21 +285,24 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         servers: list[asyncio.AbstractServer] = []
         smtp = _DaemonSmtpServer(home, ctl, committer)
         for host, port in cfg.smtp:
-            servers.append(await smtp.start(host, port))
+            servers.append(await smtp.start(host, port, start_serving=False))
         if cfg.qmqp:
             from pyqmail.inject.qmqp import QmqpServer
 
             qmqp = QmqpServer(home, ctl, submitter)
             for host, port in cfg.qmqp:
-                servers.append(await qmqp.start(host, port))
+                servers.append(await qmqp.start(host, port, start_serving=False))
         if cfg.qmtp:
             from pyqmail.inject.qmtp import QmtpServer
 
             qmtp = QmtpServer(home, ctl, submitter)
             for host, port in cfg.qmtp:
-                servers.append(await qmtp.start(host, port))
-        # bound as root; nothing has been read from the network yet
+                servers.append(await qmtp.start(host, port, start_serving=False))
+        # Bound as root but not yet listening: no connection is accepted, and no byte
+        # read, before every listener's process has dropped to qmaild.
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
+        for s in servers:
+            await s.start_serving()
         os.write(ready, b"d")
         os.close(ready)
         stop = asyncio.Event()
