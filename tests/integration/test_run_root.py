@@ -196,6 +196,43 @@ def test_start_up_clean_follows_no_symlink_out_of_the_queue(
         assert victim.read_text() == "precious\n", victim
 
 
+def test_tcpto_symlink_does_not_change_a_root_file(root_home: tuple[Home, Path]) -> None:
+    home, _ = root_home
+    ids = home.ids()
+    secret = _outside(home, "etc") / "shadow"
+    secret.write_bytes(b"root:secret\n")
+    secret.chmod(0o600)
+    tcpto = home.queue / "lock" / "tcpto"
+    tcpto.unlink()
+    tcpto.symlink_to(secret)
+    os.lchown(tcpto, ids.uid("queue"), -1)
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        agents = lambda: [  # noqa: E731
+            p for p in _descendants(proc.pid) if ids_of(p)[0] == ids.uid("remote")
+        ]
+        wait_for(lambda: bool(agents()) or proc.poll() is not None, what="the remote agent")
+        assert proc.poll() is None, log.read_text()
+    finally:
+        _stop(proc)
+    st = secret.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o600)
+    assert secret.read_bytes() == b"root:secret\n"
+
+
+def test_tcpto_is_qmailrs_from_init(root_home: tuple[Home, Path]) -> None:
+    home, _ = root_home
+    ids = home.ids()
+    st = (home.queue / "lock" / "tcpto").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (
+        ids.uid("remote"),
+        ids.gid("qmail"),
+        0o644,
+    )
+
+
 def test_queue_socket_is_made_by_qmailq_not_through_symlinks(
     root_home: tuple[Home, Path],
 ) -> None:
@@ -274,3 +311,35 @@ def test_no_listener_accepts_before_its_process_dropped(root_home: tuple[Home, P
         assert all(listening(p) for p in ports)
     finally:
         _stop(proc)
+
+
+def test_remote_agent_runs_as_qmailr_and_delivers(root_home: tuple[Home, Path]) -> None:
+    from tests.integration.test_e2e_mail import Sink
+
+    home, _ = root_home
+    ids = home.ids()
+    sink = Sink(home.root.parent)
+    try:
+        (home.control / "smtproutes").write_text(f"remote.example:127.0.0.1:{sink.port}\n")
+        port = free_port()
+        proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+        try:
+            wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+            assert proc.poll() is None, log.read_text()
+            agents = [p for p in _descendants(proc.pid) if ids_of(p)[0] == ids.uid("remote")]
+            assert len(agents) == 1
+            assert ids_of(agents[0]) == (ids.uid("remote"), ids.gid("qmail"))
+            status = Path(f"/proc/{agents[0]}/status").read_text().splitlines()
+            (groups,) = [ln.split()[1:] for ln in status if ln.startswith("Groups:")]
+            assert groups == []  # none of root's or qmails's supplementary groups
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+                s.sendmail("joe@test.example", ["x@remote.example"], "Subject: out\r\n\r\nx\r\n")
+            wait_for(lambda: bool(files(sink.dump)), what="the sink")
+            assert b"Subject: out" in files(sink.dump)[0].read_bytes()
+            wait_for(lambda: "end msg" in log.read_text(), what="end msg")
+        finally:
+            rc = _stop(proc)
+        assert rc == 0, log.read_text()
+        assert ": success: " in log.read_text()
+    finally:
+        sink.close()

@@ -6,8 +6,9 @@ qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
   every new message (SMTP, bounces, local users' forwards), and a qmail-clean speaking
   qmail-clean's bytes (``todo/N``/``foop/N`` + NUL, one-byte reply) on a socket pair to
   the scheduler, since only the queue user may remove todo, intd and mess files;
-- **send** (qmails:qmail): the scheduler and the remote agent; before dropping it starts
-  the local spawner, which keeps root and drops to each recipient per delivery;
+- **send** (qmails:qmail): the scheduler; before dropping it starts the local spawner,
+  which keeps root and drops to each recipient per delivery, and the remote agent
+  (remote/agentproc.py), which runs as qmailr:qmail as qmail-rspawn does;
 - **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped.
   SMTP's messages go to a committer process (queue/committer.py) started before the drop
   to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
@@ -43,7 +44,7 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.service import QueueService
 from pyqmail.queue.submit import ServiceSubmitter
-from pyqmail.remote.deliver import RemoteAgent
+from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
 
@@ -209,19 +210,25 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
     ctl = SteadyControl(home, log=log)
     spawner = LocalSpawner(home, ctl, message_owner=ids.uid("queue"))
     spawner.start()  # forks the root spawner before this process has threads
-    # The remote agent runs in this process (qmails), not as qmailr: lock/tcpto is made
-    # writable by group qmail so it can still remember unreachable hosts.
-    tcpto = QueuePaths(home.queue).tcpto
-    with contextlib.suppress(OSError):
-        os.chown(tcpto, ids.uid("remote"), ids.gid("qmail"))
-        os.chmod(tcpto, 0o664)
+    # The remote agent runs as qmailr in a process of its own (qmail-rspawn's place),
+    # holding lock/tcpto, which is qmailr's from init: root touches nothing in lock/.
+    agent = RemoteProcess(home)
+    agent.start((ids.uid("remote"), ids.gid("qmail")))
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        agent = RemoteAgent(home, ctl)
-        agent.reset_tcpto()  # qmail-rspawn zeroes lock/tcpto when qmail starts
+        stop = asyncio.Event()
+        lost = False
+
+        def on_lost() -> None:
+            nonlocal lost
+            lost = True
+            log.alert("lost connection to the remote agent")
+            stop.set()
+
+        agent.on_lost = on_lost
         sched = Scheduler(
             home,
             lambda: load(home),
@@ -232,11 +239,15 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
             term_timeout=stop_timeout,
             cleaner=SocketCleaner(clean_sock),
         )
-        stop = asyncio.Event()
+
+        reloads: set[asyncio.Task[None]] = set()
 
         def hup() -> None:
             ctl.refresh()
             sched.reload()
+            t = loop.create_task(agent.reload())
+            reloads.add(t)
+            t.add_done_callback(reloads.discard)
 
         for sig, fn in ((signal.SIGTERM, stop.set), (signal.SIGHUP, hup),
                         (signal.SIGALRM, sched.alarm)):  # fmt: skip
@@ -251,7 +262,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
         await sched.stop()
         await agent.close()
         await spawner.close()
-        return 0
+        return 111 if lost else 0
 
     loop = _new_loop()
     try:
