@@ -9,11 +9,18 @@ qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
 - **send** (qmails:qmail): the scheduler; before dropping it starts the local spawner,
   which keeps root and drops to each recipient per delivery, and the remote agent
   (remote/agentproc.py), which runs as qmailr:qmail as qmail-rspawn does;
-- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped.
+- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root but not
+  listening (start_serving=False) until the process has dropped, so no client is ever
+  accepted, nor a byte of it read, as root.
   SMTP's messages go to a committer process (queue/committer.py) started before the drop
   to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
   that child dies, queue through the service. Either way the Received line says "invoked
   from network" and the envelope names qmaild's uid.
+
+Root never names a path inside a directory that a qmail user owns (queue/, run/, lock/):
+before the parts start, a child acting as qmailq (and qmails, just to look in info/)
+removes what a crash left (queue/recover.py); root makes run/ through descriptors and
+the queue part binds its socket there after its drop; lock/tcpto is qmailr's from init.
 
 The supervisor stays root only to wait and to relay signals: TERM/INT stop the listeners,
 then the scheduler (in-flight deliveries finish, bounded), then the queue; HUP goes to the
