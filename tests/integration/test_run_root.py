@@ -343,3 +343,20 @@ def test_remote_agent_runs_as_qmailr_and_delivers(root_home: tuple[Home, Path]) 
         assert ": success: " in log.read_text()
     finally:
         sink.close()
+
+
+def test_losing_the_remote_agent_stops_the_mta(root_home: tuple[Home, Path]) -> None:
+    home, _ = root_home
+    ids = home.ids()
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        agents = [p for p in _descendants(proc.pid) if ids_of(p)[0] == ids.uid("remote")]
+        assert len(agents) == 1, log.read_text()
+        os.kill(agents[0], signal.SIGKILL)
+        rc = proc.wait(60)
+    finally:
+        _stop(proc)
+    assert rc == 111
+    assert "lost connection to the remote agent" in log.read_text()

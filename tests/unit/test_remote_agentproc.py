@@ -91,3 +91,17 @@ def test_a_dead_agent_fails_deliveries_temporarily_and_is_reported(home: Home) -
     first, later = asyncio.run(main())
     assert [o.status for o in first + later] == [Status.TEMP] * 3
     assert lost == [True]
+
+
+def test_an_agent_lost_while_idle_is_noticed_without_a_delivery(home: Home) -> None:
+    async def main() -> None:
+        lost = asyncio.Event()
+        agent = RemoteProcess(home, on_lost=lost.set)
+        agent.start()
+        agent.watch()
+        assert agent.pid is not None
+        os.kill(agent.pid, signal.SIGKILL)
+        await asyncio.wait_for(lost.wait(), 30)
+        await agent.close()
+
+    asyncio.run(main())

@@ -236,6 +236,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
             stop.set()
 
         agent.on_lost = on_lost
+        agent.watch()
         sched = Scheduler(
             home,
             lambda: load(home),

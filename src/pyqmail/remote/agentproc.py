@@ -157,13 +157,18 @@ class RemoteProcess:
     def reset_tcpto(self) -> None:
         """Nothing to do here: the agent zeroes lock/tcpto as it starts."""
 
+    def watch(self) -> None:
+        """Start reading the agent's replies in the running loop (at the latest, the
+        first delivery does), so that an agent lost while idle is noticed at once."""
+        if self._reader is None and self._sock is not None:
+            self._sock.setblocking(False)
+            self._send_lock = asyncio.Lock()
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies(self._sock))
+
     async def _send(self, rid: int, kind: bytes, payload: bytes) -> bool:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
-        if self._reader is None:
-            self._sock.setblocking(False)
-            self._send_lock = asyncio.Lock()
-            self._reader = loop.create_task(self._read_replies(self._sock))
+        self.watch()
         assert self._send_lock is not None
         try:
             async with self._send_lock:
