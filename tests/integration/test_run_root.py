@@ -361,3 +361,31 @@ def test_losing_the_remote_agent_stops_the_mta(root_home: tuple[Home, Path]) -> 
         _stop(proc)
     assert rc == 111
     assert "lost connection to the remote agent" in log.read_text()
+
+
+def _processes_of(home: Home) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(home.root).encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def test_a_term_during_start_up_leaves_no_part_running(root_home: tuple[Home, Path]) -> None:
+    home, _ = root_home
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        wait_for(lambda: bool(_descendants(proc.pid)) or proc.poll() is not None, what="a part")
+        proc.send_signal(signal.SIGTERM)  # the supervisor is still starting the parts
+        rc = proc.wait(60)
+        wait_for(lambda: not _processes_of(home), what="every part to stop", timeout=60)
+        assert rc == 0, log.read_text()
+    finally:
+        _stop(proc)
+        for pid in _processes_of(home):  # what the old supervisor orphaned
+            os.kill(pid, signal.SIGKILL)

@@ -77,6 +77,8 @@ def _child(target: Callable[[], int]) -> int:
     if pid == 0:
         code = 111
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # not the supervisor's handlers
+                signal.signal(sig, signal.SIG_DFL)
             code = target()
         except BaseException as e:  # never return into the supervisor's code
             with contextlib.suppress(Exception):
@@ -382,6 +384,14 @@ def run_split(cfg: object) -> int:
         print(f"alert: cannot start: unable to switch to queue directory {home.queue}",
               file=sys.stderr)  # fmt: skip
         return 111
+    stopping = False
+
+    def stop_early(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True  # a TERM while the parts start: stop them once they are up
+
+    signal.signal(signal.SIGTERM, stop_early)
+    signal.signal(signal.SIGINT, stop_early)
     _clean_at_start(home, ids)
     clean_send, clean_queue = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pids: dict[str, int] = {}
@@ -419,12 +429,13 @@ def run_split(cfg: object) -> int:
             term_all()
             return 111
 
-    stopping = False
+    waiting = False
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        raise _Stop  # out of waitpid, which Python would otherwise resume
+        if waiting:  # only there: raised anywhere else, it would skip term_all
+            raise _Stop  # out of waitpid, which Python would otherwise resume
 
     def relay(signum: int, frame: FrameType | None) -> None:
         targets = ("send", "smtpd") if signum == signal.SIGHUP else ("send",)
@@ -440,11 +451,16 @@ def run_split(cfg: object) -> int:
     code = 0
     while not stopping:
         try:
+            waiting = True
+            if stopping:
+                break
             pid, status = os.waitpid(-1, 0)
         except _Stop:
             break
         except ChildProcessError:
             break
+        finally:
+            waiting = False
         name = next((n for n, p in pids.items() if p == pid), None)
         if name is None:
             continue
