@@ -8,12 +8,16 @@ belongs to the invoking user with the same modes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyqmail.durable import write_all
 from pyqmail.home import GROUP_ROLES, SPLIT, USER_ROLES, Home, Ids
 from pyqmail.homebin import QUEUE_UNIT, install_wrappers, queue_unit
 
@@ -99,43 +103,108 @@ def create_users() -> list[str]:
 
 
 class _Maker:
-    def __init__(self, ids: Ids | None, report: Report) -> None:
+    """Makes what is missing under ``base`` (the home) without following a symlink below
+    it: init may run as root over a home whose queue/ is qmailq's, so every name is
+    reached from a descriptor of ``base`` one directory at a time (O_NOFOLLOW), and
+    modes and owners are set through descriptors of what was just made, never by path."""
+
+    def __init__(self, ids: Ids | None, report: Report, base: Path) -> None:
         self.ids = ids
         self.report = report
+        self.base = base
 
-    def _own(self, path: Path, user: str, group: str) -> None:
+    def _own(self, fd: int, user: str, group: str) -> None:
         if self.ids is not None and not self.ids.single_user and os.geteuid() == 0:
-            os.lchown(path, self.ids.uid(user), self.ids.gid(group))
+            os.fchown(fd, self.ids.uid(user), self.ids.gid(group))
+
+    def _set(self, parent: int, name: str, flags: int, kind: Callable[[int], bool], mode: int,
+             owner: tuple[str, str]) -> None:  # fmt: skip
+        """Mode and owner of what was just made, through a descriptor of it."""
+        fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            if not kind(os.fstat(fd).st_mode):
+                raise OSError(f"{name} was replaced while it was made")
+            os.fchmod(fd, mode)
+            self._own(fd, *owner)
+        finally:
+            os.close(fd)
+
+    def _parent(self, path: Path) -> tuple[int, str]:
+        """A descriptor of ``path``'s directory, reached from ``base``, and its last name."""
+        if path == self.base:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path.parent, _DIR), path.name
+        parts = path.relative_to(self.base).parts
+        self.base.mkdir(parents=True, exist_ok=True)  # (create_queue alone)
+        fd = os.open(self.base, _DIR)
+        try:
+            for part in parts[:-1]:
+                sub = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1]
 
     def dir(self, path: Path, mode: int, user: str = "owner", group: str = "qmail") -> None:
-        if not path.is_dir():
-            path.mkdir(parents=True, exist_ok=True)
-            os.chmod(path, mode)
-            self._own(path, user, group)
-            self.report.created.append(str(path) + "/")
+        parent, name = self._parent(path)
+        try:
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                return
+            self._set(parent, name, _DIR, stat.S_ISDIR, mode, (user, group))
+        finally:
+            os.close(parent)
+        self.report.created.append(str(path) + "/")
 
     def file(self, path: Path, content: bytes, mode: int = 0o644, user: str = "owner",
              group: str = "qmail") -> None:  # fmt: skip
-        if not path.exists():
-            tmp = path.with_name(path.name + ".init-tmp")
-            tmp.write_bytes(content)
-            os.chmod(tmp, mode)
-            self._own(tmp, user, group)
-            os.rename(tmp, path)
-            self.report.created.append(str(path))
+        parent, name = self._parent(path)
+        try:
+            try:
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+                return  # there already (whatever it is, it is not replaced)
+            except FileNotFoundError:
+                pass
+            tmp = name + ".init-tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(tmp, flags, 0o600, dir_fd=parent)
+            try:
+                write_all(fd, content)
+                os.fchmod(fd, mode)
+                self._own(fd, user, group)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        finally:
+            os.close(parent)
+        self.report.created.append(str(path))
 
     def fifo(self, path: Path, mode: int, user: str, group: str = "qmail") -> None:
-        if not path.exists():
-            os.mkfifo(path)
-            os.chmod(path, mode)
-            self._own(path, user, group)
-            self.report.created.append(str(path))
+        parent, name = self._parent(path)
+        try:
+            try:
+                os.mkfifo(name, 0o600, dir_fd=parent)
+            except FileExistsError:
+                return
+            flags = os.O_RDONLY | os.O_NONBLOCK
+            self._set(parent, name, flags, stat.S_ISFIFO, mode, (user, group))
+        finally:
+            os.close(parent)
+        self.report.created.append(str(path))
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY
 
 
 def create_queue(home: Home, ids: Ids | None) -> Report:
     """Create queue/ with its split subdirectories and lock files (missing parts only)."""
     report = Report([])
-    mk = _Maker(ids, report)
+    mk = _Maker(ids, report, home.root)
     q = home.queue
     for name, role, mode, split in QUEUE_DIRS:
         d = q / name if name else q
@@ -152,7 +221,7 @@ def create_queue(home: Home, ids: Ids | None) -> Report:
 def create_home(home: Home, me: str, ids: Ids | None) -> Report:
     """Make every missing part of a home; ``me`` fills the config-fast files."""
     report = Report([])
-    mk = _Maker(ids, report)
+    mk = _Maker(ids, report, home.root)
     root = home.root
     mk.dir(root, 0o755)
     for sub in ("control", "users", "bin", "doc"):

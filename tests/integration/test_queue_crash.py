@@ -317,3 +317,22 @@ def test_clean_stale_races_live_writers(home: Home) -> None:
         assert parse_todo(paths.todo(n).read_bytes()).recipients == tuple(RCPTS)
         expect |= {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
     assert queue_files(home) == expect
+
+
+@pytest.mark.parametrize("where", ["pid/1.1.1", "mess/0/23"])
+def test_clean_never_opens_what_a_symlink_points_at(home: Home, tmp_path: Path, where: str) -> None:
+    """A symlink planted in the queue could name a FIFO or a device: opening it (to test
+    the writer's lock) is already an action on it, so the clean opens no symlink. Here
+    the target is a file this test holds locked: a clean that opened it would count it
+    as a live writer's."""
+    import fcntl
+
+    target = tmp_path / "target"
+    target.write_bytes(b"x")
+    link = home.queue / where
+    link.symlink_to(target)
+    with open(target, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        report = clean_stale(QueuePaths(home.queue))
+    assert report.kept_locked == 0
+    assert target.read_bytes() == b"x"

@@ -124,3 +124,50 @@ def test_create_home_single_user_owns_nothing_special(tmp_path: Path) -> None:
     report = create_home(h, "mx.test.example", None)
     assert str(h.root / "control" / "me") in report.created
     assert (h.root / "queue" / "mess" / "0").stat().st_uid == os.getuid()
+
+
+def _root_home(tmp_path: Path) -> tuple[Home, int, Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    h = Home(tmp_path / "q", single_user=False)
+    try:
+        ids = h.ids()
+    except HomeError as e:
+        pytest.skip(str(e))
+    create_home(h, "mx.test.example", ids)
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    return h, ids.uid("queue"), outside
+
+
+@pytest.mark.root
+def test_init_again_writes_nothing_through_a_symlink_the_queue_owner_planted(
+    tmp_path: Path,
+) -> None:
+    h, qmailq, outside = _root_home(tmp_path)
+    victim = outside / "shadow"
+    victim.write_bytes(b"root:secret\n")
+    victim.chmod(0o600)
+    lock = h.queue / "lock"
+    (lock / "tcpto").unlink()  # what qmailq may do in its lock/
+    (lock / "tcpto.init-tmp").symlink_to(victim)
+    os.lchown(lock / "tcpto.init-tmp", qmailq, -1)
+    (lock / "trigger").unlink()
+    create_home(h, "mx.test.example", h.ids())
+    st = victim.stat()
+    assert (st.st_uid, st.st_mode & 0o7777, victim.read_bytes()) == (0, 0o600, b"root:secret\n")
+    t = os.lstat(lock / "tcpto")
+    assert stat.S_ISREG(t.st_mode) and t.st_uid == h.ids().uid("remote") and t.st_size == 1024
+    assert stat.S_ISFIFO(os.lstat(lock / "trigger").st_mode)
+
+
+@pytest.mark.root
+def test_init_again_makes_no_directory_through_a_planted_symlink(tmp_path: Path) -> None:
+    h, qmailq, outside = _root_home(tmp_path)
+    mess = h.queue / "mess"
+    mess.rename(h.queue / "mess.real")
+    mess.symlink_to(outside)
+    os.lchown(mess, qmailq, -1)
+    with pytest.raises(OSError):
+        create_home(h, "mx.test.example", h.ids())
+    assert list(outside.iterdir()) == []

@@ -296,3 +296,38 @@ def test_a_10mb_envelope_streams_into_intd(home: Home, svc: QueueService) -> Non
     assert peak < 2 << 20, f"{peak} bytes traced at the peak"
     todo = parse_todo((home.queue / "todo" / n.decode()).read_bytes())
     assert todo.recipients == tuple(addr)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("plant", ["writable parent", "symlink"])
+def test_root_makes_the_socket_directory_only_where_no_one_else_can_act(
+    home: Home, tmp_path: Path, plant: str
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    parent = tmp_path / "p"
+    parent.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    if plant == "writable parent":
+        parent.chmod(0o777)  # anyone could swap run/ for a symlink between two calls
+    else:
+        parent.chmod(0o755)
+        (parent / "run").symlink_to(elsewhere)
+    svc = QueueService(home, path=parent / "run" / "qmail-queue.sock")
+    with pytest.raises(OSError):
+        svc.prepare_dir((12345, 12345))
+    st = elsewhere.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
+    assert plant == "symlink" or not (parent / "run").exists()
+
+
+@pytest.mark.root
+def test_root_made_socket_directory_belongs_to_the_queue_user(home: Home, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    tmp_path.chmod(0o755)
+    svc = QueueService(home, path=tmp_path / "run" / "qmail-queue.sock")
+    svc.prepare_dir((12345, 23456))
+    st = os.lstat(tmp_path / "run")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (12345, 23456, 0o755)

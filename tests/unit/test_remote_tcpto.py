@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
+
 from pyqmail.remote.tcpto import SIZE, Entry, Tcpto, format_entries, parse
 
 
@@ -112,3 +114,19 @@ def test_clear_and_format(tmp_path: Path) -> None:
     )
     t.clear()
     assert t.path.read_bytes() == bytes(SIZE)
+
+
+def test_a_symlink_in_place_of_the_table_is_never_followed(tmp_path: Path) -> None:
+    # lock/ is the queue owner's; qmail-tcpok and qmail-tcpto may run as root
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\x7f\0\0\x01\x05" + b"x" * (SIZE - 5))
+    link = tmp_path / "tcpto"
+    link.symlink_to(victim)
+    t = Tcpto(link)
+    with pytest.raises(OSError):
+        t.clear()
+    t.record("127.0.0.1", True)
+    assert not t.is_down("127.0.0.1")
+    with pytest.raises(OSError):
+        t.entries()
+    assert victim.read_bytes() == b"\x7f\0\0\x01\x05" + b"x" * (SIZE - 5)

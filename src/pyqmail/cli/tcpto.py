@@ -7,14 +7,14 @@ import time
 from collections.abc import Sequence
 
 from pyqmail.cli.common import fatal, split_home_args
-from pyqmail.remote.tcpto import format_entries
+from pyqmail.remote.tcpto import format_entries, read_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     home, _ = split_home_args(list(sys.argv[1:] if argv is None else argv))
     path = home.queue / "lock" / "tcpto"
     try:
-        data = path.read_bytes()
+        data = read_table(path)
     except OSError as e:
         return fatal("qmail-tcpto", f"unable to read {path}: {e.strerror}")
     sys.stdout.write(format_entries(data, int(time.time())))

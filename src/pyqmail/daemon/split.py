@@ -6,13 +6,21 @@ qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
   every new message (SMTP, bounces, local users' forwards), and a qmail-clean speaking
   qmail-clean's bytes (``todo/N``/``foop/N`` + NUL, one-byte reply) on a socket pair to
   the scheduler, since only the queue user may remove todo, intd and mess files;
-- **send** (qmails:qmail): the scheduler and the remote agent; before dropping it starts
-  the local spawner, which keeps root and drops to each recipient per delivery;
-- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped.
+- **send** (qmails:qmail): the scheduler; before dropping it starts the local spawner,
+  which keeps root and drops to each recipient per delivery, and the remote agent
+  (remote/agentproc.py), which runs as qmailr:qmail as qmail-rspawn does;
+- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root but not
+  listening (start_serving=False) until the process has dropped, so no client is ever
+  accepted, nor a byte of it read, as root.
   SMTP's messages go to a committer process (queue/committer.py) started before the drop
   to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
   that child dies, queue through the service. Either way the Received line says "invoked
   from network" and the envelope names qmaild's uid.
+
+Root never names a path inside a directory that a qmail user owns (queue/, run/, lock/):
+before the parts start, a child acting as qmailq (and qmails, just to look in info/)
+removes what a crash left (queue/recover.py); root makes run/ through descriptors and
+the queue part binds its socket there after its drop; lock/tcpto is qmailr's from init.
 
 The supervisor stays root only to wait and to relay signals: TERM/INT stop the listeners,
 then the scheduler (in-flight deliveries finish, bounded), then the queue; HUP goes to the
@@ -31,10 +39,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from pyqmail.control import load
-from pyqmail.home import HomeError, Ids
+from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.queue.clean import handle_request
 from pyqmail.queue.committer import CommitProcess
@@ -42,7 +51,7 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
-from pyqmail.remote.deliver import RemoteAgent
+from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
 
@@ -68,6 +77,8 @@ def _child(target: Callable[[], int]) -> int:
     if pid == 0:
         code = 111
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # not the supervisor's handlers
+                signal.signal(sig, signal.SIG_DFL)
             code = target()
         except BaseException as e:  # never return into the supervisor's code
             with contextlib.suppress(Exception):
@@ -80,6 +91,46 @@ def _child(target: Callable[[], int]) -> int:
 
 
 # -- queue: the service and qmail-clean ---------------------------------------------------
+
+
+def _clean_at_start(home: Home, ids: Ids) -> None:
+    """What a crash left in the queue, removed before any part starts, never as root.
+
+    The queue's directories are qmailq's and info/ is qmails's, and the clean must look at
+    both, so a child keeps root only as its real and saved uid (which neither user can
+    signal or trace) and acts as qmailq, becoming qmails just to ask whether info/S/N
+    exists. A symlink planted by either user then leads only to what that user may do.
+    """
+    queue, send, qmail = ids.uid("queue"), ids.uid("send"), ids.gid("qmail")
+
+    def as_user(uid: int) -> None:
+        os.seteuid(0)
+        os.seteuid(uid)
+
+    def info_exists(path: Path) -> bool:
+        as_user(send)
+        try:
+            os.lstat(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # when in doubt, the message is queued
+        finally:
+            as_user(queue)
+
+    def target() -> int:
+        os.setgroups([])
+        os.setgid(qmail)
+        os.setresuid(0, queue, 0)
+        os.umask(0o077)
+        clean_stale(QueuePaths(home.queue), info_exists=info_exists)
+        return 0
+
+    pid = _child(target)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        print("warning: the start-up clean of the queue failed", file=sys.stderr, flush=True)
 
 
 def _serve_clean(sock: socket.socket, paths: QueuePaths) -> None:
@@ -101,13 +152,16 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     assert isinstance(cfg_home, Home)
     home = cfg_home
     svc = QueueService(home, ids=ids)
+    svc.prepare_dir((ids.uid("queue"), ids.gid("qmail")))
+    # Everything under queue/ and run/ is qmailq's: root touches no name in them.
+    _drop(ids.uid("queue"), ids.gid("qmail"))
+    os.umask(0o033)
+    paths = QueuePaths(home.queue)
     # a standalone queue service (qmail-queue --serve under systemd: users can queue while
     # pyqmail run is stopped) already answers: leave its socket to it
     serving = not service_alive(svc.path)
     if serving:
-        svc.bind((ids.uid("queue"), ids.gid("qmail")))
-    _drop(ids.uid("queue"), ids.gid("qmail"))
-    os.umask(0o033)
+        svc.bind()
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -117,7 +171,6 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    paths = QueuePaths(home.queue)
     threading.Thread(target=_serve_clean, args=(clean_sock, paths), daemon=True).start()
 
     def sweep() -> None:  # what crashed writers left, as qmail-clean and qmail-send do
@@ -173,19 +226,26 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
     ctl = SteadyControl(home, log=log)
     spawner = LocalSpawner(home, ctl, message_owner=ids.uid("queue"))
     spawner.start()  # forks the root spawner before this process has threads
-    # The remote agent runs in this process (qmails), not as qmailr: lock/tcpto is made
-    # writable by group qmail so it can still remember unreachable hosts.
-    tcpto = QueuePaths(home.queue).tcpto
-    with contextlib.suppress(OSError):
-        os.chown(tcpto, ids.uid("remote"), ids.gid("qmail"))
-        os.chmod(tcpto, 0o664)
+    # The remote agent runs as qmailr in a process of its own (qmail-rspawn's place),
+    # holding lock/tcpto, which is qmailr's from init: root touches nothing in lock/.
+    agent = RemoteProcess(home)
+    agent.start((ids.uid("remote"), ids.gid("qmail")))
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        agent = RemoteAgent(home, ctl)
-        agent.reset_tcpto()  # qmail-rspawn zeroes lock/tcpto when qmail starts
+        stop = asyncio.Event()
+        lost = False
+
+        def on_lost() -> None:
+            nonlocal lost
+            lost = True
+            log.alert("lost connection to the remote agent")
+            stop.set()
+
+        agent.on_lost = on_lost
+        agent.watch()
         sched = Scheduler(
             home,
             lambda: load(home),
@@ -196,11 +256,15 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
             term_timeout=stop_timeout,
             cleaner=SocketCleaner(clean_sock),
         )
-        stop = asyncio.Event()
+
+        reloads: set[asyncio.Task[None]] = set()
 
         def hup() -> None:
             ctl.refresh()
             sched.reload()
+            t = loop.create_task(agent.reload())
+            reloads.add(t)
+            t.add_done_callback(reloads.discard)
 
         for sig, fn in ((signal.SIGTERM, stop.set), (signal.SIGHUP, hup),
                         (signal.SIGALRM, sched.alarm)):  # fmt: skip
@@ -215,7 +279,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
         await sched.stop()
         await agent.close()
         await spawner.close()
-        return 0
+        return 111 if lost else 0
 
     loop = _new_loop()
     try:
@@ -249,13 +313,13 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         servers: list[asyncio.AbstractServer] = []
         smtp = _DaemonSmtpServer(home, ctl, committer)
         for host, port in cfg.smtp:
-            servers.append(await smtp.start(host, port))
+            servers.append(await smtp.start(host, port, start_serving=False))
         if cfg.qmqp:
             from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
 
             qmqp = QmqpServer(home, ctl, submitter)
             for host, port in cfg.qmqp:
-                servers.append(await qmqp.start(host, port))
+                servers.append(await qmqp.start(host, port, start_serving=False))
             if (note := loopback_only_note(home, qmqp.rules)) is not None:
                 print(f"warning: {note}", file=sys.stderr, flush=True)
         if cfg.qmtp:
@@ -263,9 +327,12 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
 
             qmtp = QmtpServer(home, ctl, submitter)
             for host, port in cfg.qmtp:
-                servers.append(await qmtp.start(host, port))
-        # bound as root; nothing has been read from the network yet
+                servers.append(await qmtp.start(host, port, start_serving=False))
+        # Bound as root but not yet listening: no connection is accepted, and no byte
+        # read, before every listener's process has dropped to qmaild.
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
+        for s in servers:
+            await s.start_serving()
         os.write(ready, b"d")
         os.close(ready)
         stop = asyncio.Event()
@@ -326,7 +393,15 @@ def run_split(cfg: object) -> int:
         print(f"alert: cannot start: unable to switch to queue directory {home.queue}",
               file=sys.stderr)  # fmt: skip
         return 111
-    clean_stale(QueuePaths(home.queue))
+    stopping = False
+
+    def stop_early(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True  # a TERM while the parts start: stop them once they are up
+
+    signal.signal(signal.SIGTERM, stop_early)
+    signal.signal(signal.SIGINT, stop_early)
+    _clean_at_start(home, ids)
     clean_send, clean_queue = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pids: dict[str, int] = {}
 
@@ -363,12 +438,13 @@ def run_split(cfg: object) -> int:
             term_all()
             return 111
 
-    stopping = False
+    waiting = False
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        raise _Stop  # out of waitpid, which Python would otherwise resume
+        if waiting:  # only there: raised anywhere else, it would skip term_all
+            raise _Stop  # out of waitpid, which Python would otherwise resume
 
     def relay(signum: int, frame: FrameType | None) -> None:
         targets = ("send", "smtpd") if signum == signal.SIGHUP else ("send",)
@@ -384,11 +460,16 @@ def run_split(cfg: object) -> int:
     code = 0
     while not stopping:
         try:
+            waiting = True
+            if stopping:
+                break
             pid, status = os.waitpid(-1, 0)
         except _Stop:
             break
         except ChildProcessError:
             break
+        finally:
+            waiting = False
         name = next((n for n, p in pids.items() if p == pid), None)
         if name is None:
             continue

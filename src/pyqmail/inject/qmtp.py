@@ -447,8 +447,14 @@ class QmtpServer:
         self._sem = asyncio.Semaphore(max_conns)
         self._per_ip = PerIp(max_per_ip)
 
-    async def start(self, host: str, port: int) -> asyncio.AbstractServer:
-        return await asyncio.start_server(self._client, host, port, reuse_address=True)
+    async def start(
+        self, host: str, port: int, *, start_serving: bool = True
+    ) -> asyncio.AbstractServer:
+        """Listen on ``host:port``; with ``start_serving=False`` the socket is bound but
+        accepts nothing until ``await server.start_serving()`` (after a privilege drop)."""
+        return await asyncio.start_server(
+            self._client, host, port, reuse_address=True, start_serving=start_serving
+        )
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -37,7 +37,9 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyqmail.queue.layout import QueuePaths, msgnum
 
@@ -86,11 +88,16 @@ def _unlink(paths: QueuePaths, rel: str, report: CleanReport) -> None:
 
 
 def _writer_gone(path: str) -> bool | None:
-    """True if no process holds the writer's flock on ``path``; None if it is missing."""
+    """True if no process holds the writer's flock on ``path``; None if it is missing
+    or is not a writer's file (a symlink is never opened: no writer makes one)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
@@ -131,16 +138,39 @@ def _old(path: str, now: float, age: float) -> bool:
         return False
 
 
-def _queued(paths: QueuePaths, n: int) -> bool:
-    return paths.todo(n).exists() or paths.info(n).exists()
+InfoCheck = Callable[[Path], bool]
+
+
+def _info_exists(path: Path) -> bool:
+    """Whether info/S/N exists; True (keep the message) when this user may not look,
+    as the queue's owner may not in info/, which is qmail-send's."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _queued(paths: QueuePaths, n: int, info_exists: InfoCheck) -> bool:
+    return paths.todo(n).exists() or info_exists(paths.info(n))
 
 
 def clean_stale(
-    paths: QueuePaths, *, now: float | None = None, ossified: float = OSSIFIED
+    paths: QueuePaths,
+    *,
+    now: float | None = None,
+    ossified: float = OSSIFIED,
+    info_exists: InfoCheck = _info_exists,
 ) -> CleanReport:
     """Remove what crashed writers left: pid files, unclaimed mess, intd without todo.
 
     Safe to run while writers and qmail-send are running (see the module docstring).
+    Run it as the queue's owner, never as root: the directories are that user's, and a
+    symlink planted in place of one would point root's unlinks elsewhere. The queue's
+    owner may not read info/; ``info_exists`` answers for it (as qmail-send's user),
+    else every message whose todo/N is gone counts as queued.
     """
     now = time.time() if now is None else now
     report = CleanReport()
@@ -172,7 +202,7 @@ def clean_stale(
             same = os.stat(m).st_ino == ino
         except FileNotFoundError:
             same = False
-        if same and not _queued(paths, ino):
+        if same and not _queued(paths, ino, info_exists):
             _unlink(paths, f"intd/{ino}", report)
             _unlink(paths, f"mess/{paths.split(ino)}/{ino}", report)
     # mess without todo/info and without a pid name: not a pyqmail writer's (see above).
@@ -184,7 +214,7 @@ def clean_stale(
             continue
         for name in names:
             n = msgnum(name)
-            if n is None or _queued(paths, n):
+            if n is None or _queued(paths, n, info_exists):
                 continue
             mp = str(d / name)
             gone = _writer_gone(mp)
@@ -201,7 +231,7 @@ def clean_stale(
                     else:
                         report.kept_locked += 1
                 continue
-            if _queued(paths, n):  # committed while we looked
+            if _queued(paths, n, info_exists):  # committed while we looked
                 continue
             _unlink(paths, f"intd/{n}", report)
             _unlink(paths, f"mess/{d.name}/{n}", report)

@@ -274,13 +274,37 @@ class QueueService:
         self._thread: threading.Thread | None = None
         self._closing = False
 
-    def bind(self, owner: tuple[int, int] | None = None) -> None:
-        """Create the socket (mode 0666); ``owner`` = (uid, gid) for its directory."""
+    def prepare_dir(self, owner: tuple[int, int]) -> None:
+        """As root: make the socket's directory (0755, owned by ``owner``) if need be.
+
+        Root never acts on a name a lesser account controls: the directory is made and
+        opened relative to a descriptor of its parent, which must be root's and writable
+        by no one else, without following a symlink, and changed through that descriptor.
+        The socket itself is made by :meth:`bind` after the drop to ``owner``.
+        """
         d = self.path.parent
-        d.mkdir(parents=True, exist_ok=True)
-        if owner is not None:
-            os.chown(d, *owner)
-            os.chmod(d, 0o755)
+        parent = os.open(d.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            st = os.fstat(parent)
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                raise OSError(f"{d.parent} is not root's alone: not making {d.name} in it")
+            try:
+                os.mkdir(d.name, 0o755, dir_fd=parent)
+            except FileExistsError:
+                pass
+            fd = os.open(d.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            os.fchown(fd, *owner)
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+
+    def bind(self) -> None:
+        """Create the socket (mode 0666), as the user that will serve it (never root in
+        multi-user mode: the directory belongs to the queue user)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -289,8 +313,6 @@ class QueueService:
         s.bind(str(self.path))
         self._ino = os.stat(self.path).st_ino
         os.chmod(self.path, 0o666)
-        if owner is not None:
-            os.chown(self.path, *owner)
         s.listen(128)
         self._sock = s
 
@@ -465,8 +487,8 @@ class _EnvelopeReader:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pyqmail.queue.service [--home H] [--single-user] [--socket P]``.
 
-    As root in multi-user mode: binds the socket, drops to qmailq:qmail, cleans stale
-    leftovers, then serves until killed.
+    As root in multi-user mode: makes the socket's directory, drops to qmailq:qmail, binds
+    the socket, cleans stale leftovers, then serves until killed.
     """
     ap = argparse.ArgumentParser(prog="pyqmail-queue-service")
     ap.add_argument("--home")
@@ -481,11 +503,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 111
     svc = QueueService(home, path=Path(a.socket) if a.socket else None, ids=ids)
     drop = os.geteuid() == 0 and not ids.single_user
-    svc.bind((ids.uid("queue"), ids.gid("qmail")) if drop else None)
     if drop:
+        svc.prepare_dir((ids.uid("queue"), ids.gid("qmail")))
         os.setgroups([])
         os.setgid(ids.gid("qmail"))
         os.setuid(ids.uid("queue"))
+    svc.bind()
     os.umask(0o033)
     clean_stale(QueuePaths(home.queue))
     print(f"pyqmail-queue-service: listening on {svc.path}", file=sys.stderr, flush=True)

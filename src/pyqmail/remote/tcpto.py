@@ -14,6 +14,9 @@ qmail-tcpok and a real qmail-remote can share the file:
   timeout was under 120 s ago, or takes a free record, else evicts the record with the
   smallest ``when + count * 1024``.
 
+The file is never opened through a symlink: qmail-tcpok and qmail-tcpto may run as root,
+and lock/ belongs to the queue's owner.
+
 IPv6 addresses are not recorded (qmail's format has room for IPv4 only); they are always
 tried. An unreadable or missing file turns the table off, as in qmail.
 """
@@ -76,7 +79,7 @@ class Tcpto:
 
     def _locked(self) -> int | None:
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NOCTTY)
         except OSError:
             return None
         try:
@@ -170,7 +173,17 @@ class Tcpto:
             os.close(fd)
 
     def entries(self) -> list[Entry]:
-        return parse(self.path.read_bytes())
+        return parse(read_table(self.path))
+
+
+def read_table(path: Path) -> bytes:
+    """The table's bytes; never through a symlink (qmail-tcpto may run as root, and
+    lock/ is the queue owner's)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+    try:
+        return os.pread(fd, SIZE, 0)
+    finally:
+        os.close(fd)
 
 
 def _key(ip: str) -> bytes | None:

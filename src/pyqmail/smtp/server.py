@@ -330,8 +330,13 @@ class SmtpServer:
             self.base_env["DATABYTES"] = os.environ["DATABYTES"]
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
 
-    async def start(self, host: str, port: int) -> asyncio.AbstractServer:
-        """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any)."""
+    async def start(
+        self, host: str, port: int, *, start_serving: bool = True
+    ) -> asyncio.AbstractServer:
+        """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any).
+
+        With ``start_serving=False`` the socket is bound but accepts nothing until
+        ``await server.start_serving()`` (the daemon's root mode: after the drop)."""
         self._use_commit_process()
         try:
             if self.control().rcpthosts is None:
@@ -349,6 +354,7 @@ class SmtpServer:
             backlog=1024,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
+            start_serving=start_serving,
         )
         self._servers.append(server)
         return server
