@@ -236,19 +236,27 @@ def test_permission_denied_raises_control_error(home: Home) -> None:
         return
     for d in [home.root, *home.root.parents]:  # let nobody reach control/
         os.chmod(d, os.stat(d).st_mode | 0o011)
+    r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        code = 1
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(r)
+        said = b"no ControlError"
         try:
             os.setgid(65534)
             os.setuid(65534)
             load(home)
         except ControlError as err:
-            code = 0 if err.name == "rcpthosts" and "Permission denied" in str(err) else 2
+            said = f"{err.name}: {err}".encode()
+        except BaseException as err:
+            said = repr(err).encode()
         finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+            os.write(w, said)
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
+    assert said.startswith("rcpthosts: ") and "Permission denied" in said, said
 
 
 def test_missing_control_dir_is_all_defaults(tmp_path: Path) -> None:
