@@ -39,7 +39,7 @@ from pathlib import Path
 from pyqmail import cdb, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, domain_keys, load, read_file
 from pyqmail.home import Home
-from pyqmail.inject import qmqp
+from pyqmail.smtp import qmqpd
 
 
 class Severity(Enum):
@@ -467,7 +467,7 @@ def notes(home: Home) -> list[str]:
     what an operator may not expect. Printed by ``pyqmail check`` and at ``pyqmail run``'s
     start."""
     out: list[str] = []
-    if home.control.is_dir() and (note := qmqp.loopback_only_note(home)) is not None:
+    if home.control.is_dir() and (note := qmqpd.loopback_only_note(home)) is not None:
         out.append(note)
     return out
 

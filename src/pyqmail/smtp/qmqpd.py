@@ -22,7 +22,7 @@ Owns:
   ``control/tcp.qmqp.cdb`` (tcpserver's rules) when present, and for loopback clients
   only (127.0.0.0/8, ::1) when it is not: QMQP has no recipient check, so an open QMQP
   port is an open relay.
-* the client (qmail-qmqpc, mini-qmail's QmqpSubmitter) lives in qmqpc.py, without
+* the client (qmail-qmqpc, mini-qmail's QmqpSubmitter) lives in queue/qmqpc.py, without
   asyncio, and is re-exported here.
 
 QMQP servers accept mail for any recipient: they are for trusted clients only, so the
@@ -39,17 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, netaddr, tcprules
+from pyqmail import cdb, netaddr, netstring, tcprules
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.inject import netstring
-from pyqmail.inject.netstring import NetstringError
-from pyqmail.inject.qmqpc import QmqpSubmitter, send_request, server_list  # noqa: F401
 from pyqmail.mailbox import queue_form
+from pyqmail.netstring import NetstringError
 from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
 from pyqmail.queue.envelope import MAX_RECIPIENTS
+from pyqmail.queue.qmqpc import QmqpSubmitter, send_request, server_list  # noqa: F401
 from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.session import safe
