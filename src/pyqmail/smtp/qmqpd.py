@@ -34,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, netaddr, netstring, tcprules
+from pyqmail import listener, netstring
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
@@ -310,32 +310,6 @@ def serve_stdio(
 # -- the asyncio listener ------------------------------------------------------------
 
 
-def _peer_env(writer: asyncio.StreamWriter, me: str | None) -> dict[str, str]:
-    peer = writer.get_extra_info("peername") or ("unknown", 0)
-    sock = writer.get_extra_info("sockname") or ("unknown", 0)
-    env = {"TCPREMOTEIP": str(peer[0]), "TCPLOCALIP": str(sock[0]),
-           "TCPREMOTEPORT": str(peer[1]), "TCPLOCALPORT": str(sock[1]), "PROTO": "TCP"}  # fmt: skip
-    if me:
-        env["TCPLOCALHOST"] = me
-    return env
-
-
-def rules_decision(
-    rules: Path | None, env: dict[str, str], *, loopback_only: bool = False
-) -> tcprules.Decision:
-    """tcpserver's access decision for this client. A missing rules file allows every
-    client, or with ``loopback_only`` (QMQP) loopback clients only."""
-    if rules is None:
-        return tcprules.Decision(True, {}, None)
-    try:
-        return tcprules.lookup_file(rules, env["TCPREMOTEIP"], None, None)
-    except FileNotFoundError:
-        allow = not loopback_only or netaddr.is_loopback(env["TCPREMOTEIP"])
-        return tcprules.Decision(allow, {}, None)
-    except (OSError, cdb.CdbError):
-        return tcprules.Decision(False, {}, None)  # tcpserver drops the client
-
-
 def loopback_only_note(home: Home, rules: Path | None = None) -> str | None:
     """What ``pyqmail check`` and the daemon's start-up log say when the QMQP listener
     serves loopback clients only (no rules file); None when rules decide."""
@@ -346,34 +320,6 @@ def loopback_only_note(home: Home, rules: Path | None = None) -> str | None:
         f"QMQP serves loopback clients only (127.0.0.0/8, ::1): there is no {path}; "
         "to let other hosts in, list them in control/tcp.qmqp and run tcprules"
     )
-
-
-class PerIp:
-    """Connections per client (an IPv4 address, an IPv6 /64: ``key``); one over the
-    limit is closed at once."""
-
-    def __init__(self, limit: int, key: Callable[[str], str] = netaddr.limit_key) -> None:
-        self.limit = limit
-        self.key = key
-        self.count: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, ip: str) -> Iterator[bool]:
-        """Yields False (and counts nothing) when ``ip``'s key is at its limit."""
-        ip = self.key(ip)
-        n = self.count.get(ip, 0)
-        if n >= self.limit:
-            yield False
-            return
-        self.count[ip] = n + 1
-        try:
-            yield True
-        finally:
-            left = self.count[ip] - 1
-            if left:
-                self.count[ip] = left
-            else:
-                del self.count[ip]
 
 
 class QmqpServer:
@@ -395,10 +341,11 @@ class QmqpServer:
         self.ctl = ctl
         self.submitter = submitter
         self.rules = rules if rules is not None else home.control / "tcp.qmqp.cdb"
+        self._rules = listener.Rules(self.rules, loopback_only=True)
         self.limit = limit
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
-        self._per_ip = PerIp(max_per_ip)
+        self._per_ip = listener.PerIp(max_per_ip)
         self.served = 0
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
@@ -411,9 +358,11 @@ class QmqpServer:
                     me = self.ctl.get().me
                 except Exception:
                     me = None
-                env = _peer_env(writer, me)
-                decision = rules_decision(self.rules, env, loopback_only=True)
-                if not decision.allow:
+                env = listener.peer_env(
+                    writer.get_extra_info("peername"), writer.get_extra_info("sockname"), me
+                )
+                decision = self._rules.decide(env["TCPREMOTEIP"])
+                if decision is None or not decision.allow:
                     return
                 env.update(decision.env)
                 with self._per_ip.hold(env["TCPREMOTEIP"]) as ok:

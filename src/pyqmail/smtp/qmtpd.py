@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, netstring
+from pyqmail import cdb, listener, netstring
 from pyqmail.control import Control, ControlCache, domain_keys
 from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
@@ -45,11 +45,8 @@ from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.qmqpd import (
     CHUNK,
     SESSION_TIMEOUT,
-    PerIp,
-    _peer_env,
     received_line,
     reply_for,
-    rules_decision,
 )
 
 PORT = 209
@@ -436,9 +433,10 @@ class QmtpServer:
         self.ctl = ctl
         self.submitter = submitter
         self.rules = rules if rules is not None else home.control / "tcp.qmtp.cdb"
+        self._rules = listener.Rules(self.rules)
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
-        self._per_ip = PerIp(max_per_ip)
+        self._per_ip = listener.PerIp(max_per_ip)
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         return await asyncio.start_server(self._client, host, port, reuse_address=True)
@@ -447,9 +445,11 @@ class QmtpServer:
         try:
             async with self._sem:
                 ctl = self.ctl.get()
-                env = _peer_env(writer, ctl.me)
-                decision = rules_decision(self.rules, env)
-                if not decision.allow:
+                env = listener.peer_env(
+                    writer.get_extra_info("peername"), writer.get_extra_info("sockname"), ctl.me
+                )
+                decision = self._rules.decide(env["TCPREMOTEIP"])
+                if decision is None or not decision.allow:
                     return
                 env.update(decision.env)
                 more = open_more(self.home)

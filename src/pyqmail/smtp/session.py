@@ -15,23 +15,22 @@ variables). It owns the decisions qmail-smtpd makes from them (smtpd.md sections
 * the Received line with qmail's ``?`` substitution.
 
 No I/O happens here except what the caller hands in (the control snapshot, an open cdb
-reader, the set of local addresses); :func:`local_addresses` and :class:`CdbCache` are
-the small helpers the adapters use to get those.
+reader, the set of local addresses); :func:`local_addresses` is the small helper the
+adapters use to get those (and ``listener.CdbCache``, re-exported here, the open cdbs).
 """
 
 from __future__ import annotations
 
 import fcntl
 import ipaddress
-import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from pyqmail import cdb
 from pyqmail.control import Control, domain_keys
+from pyqmail.listener import CdbCache as CdbCache  # its home was here; adapters use it
 from pyqmail.qdate import date822
 from pyqmail.smtp.address import domain_of, ip_literal
 
@@ -207,42 +206,3 @@ def local_addresses() -> frozenset[IPAddress]:
         pass
     out.add(ipaddress.IPv4Address("127.0.0.1"))
     return frozenset(out)
-
-
-class CdbCache:
-    """An open cdb that is reopened when its file changes.
-
-    The file is stat'ed at most once every ``ttl`` seconds (0: on every use, which is what
-    tcpserver's reopen per connection amounts to).
-    """
-
-    def __init__(self, path: Path, ttl: float = 0.0) -> None:
-        self.path = path
-        self.ttl = ttl
-        self._key: tuple[int, int, int] | None = None
-        self._reader: cdb.Reader | None = None
-        self._checked = -1e9
-
-    def get(self) -> cdb.Reader | None:
-        """The current reader, or None if the file does not exist. OSError if unreadable."""
-        if self.ttl > 0:
-            now = time.monotonic()
-            if now - self._checked < self.ttl:
-                return self._reader
-            self._checked = now
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._close()
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._reader is None or key != self._key:
-            self._close()
-            self._reader = cdb.Reader.open(self.path)
-            self._key = key
-        return self._reader
-
-    def _close(self) -> None:
-        # Sessions may still hold the old reader: let it go with its last user.
-        self._reader = None
-        self._key = None
