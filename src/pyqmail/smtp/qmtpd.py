@@ -20,7 +20,8 @@ Owns:
   reads replies sees the first recipient refused and the others unanswered (temporary).
   So at most about 10 MB of envelope is held; the message is streamed to the queue.
 * :class:`QmtpPolicy` — what qmail-qmtpd shares with qmail-smtpd: rcpthosts and
-  morercpthosts.cdb, RELAYCLIENT appended to each recipient, databytes/DATABYTES.
+  morercpthosts.cdb, RELAYCLIENT appended to each recipient, databytes/DATABYTES; the
+  rules themselves are policy.py's, the same objects SMTP uses.
 * :func:`serve_stdio` (qmail-qmtpd) and :class:`QmtpServer` (``pyqmail run --qmtp``).
 """
 
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, listener, netstring
-from pyqmail.control import Control, ControlCache, domain_keys
+from pyqmail import cdb, listener, netstring, policy
+from pyqmail.control import Control, ControlCache
 from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
 from pyqmail.netstring import NetstringError
@@ -267,38 +268,16 @@ class QmtpReceiver:
 # -- policy ------------------------------------------------------------------------------
 
 
-def _scan_ulong(text: str) -> int:
-    digits = ""
-    for ch in text:
-        if not "0" <= ch <= "9":
-            break
-        digits += ch
-    return int(digits) if digits else 0
-
-
 class QmtpPolicy:
     """rcpthosts, morercpthosts.cdb, RELAYCLIENT and databytes, as qmail-qmtpd uses them."""
 
     def __init__(self, ctl: Control, env: Mapping[str, str], more: cdb.Reader | None) -> None:
-        self.rcpthosts = ctl.rcpthosts
-        self.more = more
-        rc = env.get("RELAYCLIENT")
-        self.relayclient = None if rc is None else rc.encode("utf-8", "surrogateescape")
-        self.databytes = _scan_ulong(env["DATABYTES"]) if "DATABYTES" in env else ctl.databytes
+        self.rcpthosts = policy.RcptHosts.of(ctl, more)
+        self.relayclient = policy.relayclient(env)
+        self.databytes = policy.databytes(ctl, env)
 
     def allowed(self, rcpt: bytes) -> bool:
-        if self.relayclient is not None or self.rcpthosts is None:
-            return True
-        at = rcpt.rfind(b"@")
-        if at < 0:
-            return True
-        keys = domain_keys(rcpt[at + 1 :].decode("utf-8", "surrogateescape"))
-        if any(k in self.rcpthosts for k in keys):
-            return True
-        more = self.more
-        return more is not None and any(
-            more.get(k.encode("utf-8", "surrogateescape")) is not None for k in keys
-        )
+        return self.relayclient is not None or self.rcpthosts.allowed(rcpt)
 
     def check(self, rcpt: bytes | None) -> tuple[bytes | None, bytes | None]:
         """(the recipient to queue, None) or (None, the D reply)."""

@@ -6,11 +6,12 @@ variables). It owns the decisions qmail-smtpd makes from them (smtpd.md sections
 6, 7 and 8):
 
 * ``smtpgreeting`` (falls back to ``me``; neither present = cannot run: 421),
-* databytes: ``control/databytes``, overridden by ``$DATABYTES``,
+* databytes: ``control/databytes``, overridden by ``$DATABYTES`` (policy.py),
 * badmailfrom: the whole address or ``@domain``, case-insensitive,
 * relay control: ``$RELAYCLIENT`` set (even empty) skips it and is appended to every
   recipient; else a recipient without ``@`` passes, and one with a domain must be in
-  rcpthosts (exact or ``.suffix``) or morercpthosts.cdb; no rcpthosts = open relay,
+  rcpthosts (exact or ``.suffix``) or morercpthosts.cdb; no rcpthosts = open relay
+  (policy.py's RcptHosts, shared with QMTP),
 * ``[ip]`` literals naming one of our addresses become localiphost,
 * the Received line with qmail's ``?`` substitution.
 
@@ -28,8 +29,8 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 
-from pyqmail import cdb
-from pyqmail.control import Control, domain_keys
+from pyqmail import cdb, policy
+from pyqmail.control import Control
 from pyqmail.listener import CdbCache as CdbCache  # its home was here; adapters use it
 from pyqmail.qdate import date822
 from pyqmail.smtp.address import domain_of, ip_literal
@@ -50,15 +51,6 @@ def safe(text: bytes) -> bytes:
     return text.translate(_SAFE_TABLE)
 
 
-def _scan_ulong(text: str) -> int:
-    digits = ""
-    for ch in text:
-        if not "0" <= ch <= "9":
-            break
-        digits += ch
-    return int(digits) if digits else 0
-
-
 class Session:
     """The policy of one SMTP connection. See the module docstring."""
 
@@ -66,7 +58,6 @@ class Session:
         "_bmf",
         "_local_ips",
         "_localiphost",
-        "_more",
         "_rcpthosts",
         "_tcplocalip",
         "_when",
@@ -92,18 +83,14 @@ class Session:
         if greeting is None:
             raise SessionError("neither control/smtpgreeting nor control/me exists")
         self.greeting = greeting
-        databytes = ctl.databytes
-        if "DATABYTES" in env:
-            databytes = _scan_ulong(env["DATABYTES"])
-        self.databytes = databytes
+        self.databytes = policy.databytes(ctl, env)
         self.remote_ip = env.get("TCPREMOTEIP") or "unknown"
         self.remote_host = env.get("TCPREMOTEHOST") or "unknown"
         self.remote_info = env.get("TCPREMOTEINFO")
         self.local_host = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
-        rc = env.get("RELAYCLIENT")
-        self.relayclient = None if rc is None else _b(rc)
-        self._bmf, self._rcpthosts = _encoded(ctl)
-        self._more = morercpthosts
+        self.relayclient = policy.relayclient(env)
+        self._bmf = _badmailfrom(ctl)
+        self._rcpthosts = policy.RcptHosts.of(ctl, morercpthosts)
         self._localiphost = None if ctl.localiphost is None else _b(ctl.localiphost)
         self._local_ips = local_ips
         self._tcplocalip = env.get("TCPLOCALIP", "")
@@ -121,17 +108,7 @@ class Session:
 
     def rcpt_allowed(self, rcpt: bytes) -> bool:
         """Relay control for one recipient (RELAYCLIENT is the caller's first check)."""
-        if self.relayclient is not None or self._rcpthosts is None:
-            return True
-        at = rcpt.rfind(b"@")
-        if at < 0:
-            return True
-        domain = rcpt[at + 1 :].decode("ascii", "replace")
-        keys = [k.encode("ascii", "replace") for k in domain_keys(domain)]
-        if any(k in self._rcpthosts for k in keys):
-            return True
-        more = self._more
-        return more is not None and any(more.get(k) is not None for k in keys)
+        return self.relayclient is not None or self._rcpthosts.allowed(rcpt)
 
     def rewrite_literal(self, address: bytes) -> bytes:
         """``user@[one of our IPs]`` -> ``user@localiphost`` (qmail-smtpd's addrparse)."""
@@ -165,20 +142,19 @@ def _b(s: str) -> bytes:
 
 
 _ANY = ipaddress.IPv4Address("0.0.0.0")
-_ENCODED: dict[int, tuple[Control, frozenset[bytes], frozenset[bytes] | None]] = {}
+_ENCODED: dict[int, tuple[Control, frozenset[bytes]]] = {}
 
 
-def _encoded(ctl: Control) -> tuple[frozenset[bytes], frozenset[bytes] | None]:
-    """badmailfrom and rcpthosts as byte sets, computed once per control snapshot."""
+def _badmailfrom(ctl: Control) -> frozenset[bytes]:
+    """badmailfrom as a byte set, computed once per control snapshot."""
     hit = _ENCODED.get(id(ctl))
     if hit is not None and hit[0] is ctl:
-        return hit[1], hit[2]
+        return hit[1]
     bmf = frozenset(_b(x) for x in ctl.badmailfrom)
-    rcpthosts = None if ctl.rcpthosts is None else frozenset(_b(x) for x in ctl.rcpthosts)
     if len(_ENCODED) > 8:
         _ENCODED.clear()
-    _ENCODED[id(ctl)] = (ctl, bmf, rcpthosts)
-    return bmf, rcpthosts
+    _ENCODED[id(ctl)] = (ctl, bmf)
+    return bmf
 
 
 def local_addresses() -> frozenset[IPAddress]:
