@@ -23,9 +23,10 @@ from pyqmail.layout import create_home
 from pyqmail.netstring import decode_one, encode
 from pyqmail.queue.envelope import format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.qmqpc import QmqpSubmitter
 from pyqmail.queue.submit import InProcessSubmitter, ProgramSubmitter
 from pyqmail.queue.writer import QueueError
-from pyqmail.smtp.qmqpd import QmqpServer, QmqpSubmitter, serve_stdio
+from pyqmail.smtp.qmqpd import QmqpServer, serve_stdio
 from tests.conftest import LoAddresses
 
 BIN = Path(sys.executable).parent

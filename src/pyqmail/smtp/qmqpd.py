@@ -1,4 +1,4 @@
-"""QMQP (inject.md section 3): the mini-qmail client and the server.
+"""QMQP (inject.md section 3): the server, qmail-qmqpd and the listener.
 
 One request per connection::
 
@@ -23,7 +23,7 @@ Owns:
   only (127.0.0.0/8, ::1) when it is not: QMQP has no recipient check, so an open QMQP
   port is an open relay.
 * the client (qmail-qmqpc, mini-qmail's QmqpSubmitter) lives in queue/qmqpc.py, without
-  asyncio, and is re-exported here.
+  asyncio.
 
 QMQP servers accept mail for any recipient: they are for trusted clients only, so the
 listener is closed to every non-loopback client until tcp.qmqp.cdb names them.
@@ -48,14 +48,12 @@ from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
 from pyqmail.queue.envelope import MAX_RECIPIENTS
-from pyqmail.queue.qmqpc import QmqpSubmitter, send_request, server_list  # noqa: F401
 from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.session import safe
 
 PORT = 628
 MAX_LENGTH = 200_000_000  # qmail-qmqpd's limit on any length
-CONNECT_TIMEOUT = 10.0
 SESSION_TIMEOUT = 3600.0  # qmail-qmqpd's alarm
 ADDRESS_LIMIT = 1000
 CHUNK = 65536
