@@ -43,11 +43,11 @@ from pyqmail.control import ControlCache, load
 from pyqmail.home import Home
 from pyqmail.inject.headers import read_header
 from pyqmail.inject.inject import Options, Settings, prepare
-from pyqmail.inject.netstring import decode_one, encode
-from pyqmail.inject.qmqp import QmqpServer
-from pyqmail.inject.qmtp import QmtpServer
 from pyqmail.layout import create_home
+from pyqmail.netstring import decode_one, encode
 from pyqmail.queue.submit import InProcessSubmitter
+from pyqmail.smtp.qmqpd import QmqpServer
+from pyqmail.smtp.qmtpd import QmtpServer
 
 REF = Path("/var/qmail-ref/bin/qmail-inject")
 BODY = b"x" * 2000 + b"\n"

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pyqmail import cdb, tcprules
-from pyqmail.control import KNOWN_FILES, Control, ControlError, domain_keys, load, read_file
+from pyqmail import cdb, policy, tcprules
+from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
-from pyqmail.inject import qmqp
+from pyqmail.smtp import qmqpd
 
 
 class Severity(Enum):
@@ -170,10 +170,9 @@ class _Checker:
         self._newmrh_fresh()
 
     def _listed(self, ctl: Control, mrh: cdb.Reader | None, domain: str) -> bool:
-        keys = domain_keys(domain)
-        if ctl.rcpthosts is not None and any(k in ctl.rcpthosts for k in keys):
-            return True
-        return mrh is not None and any(mrh.get(k.encode()) is not None for k in keys)
+        """Would SMTP and QMTP take mail for ``domain`` from a client that may not relay?"""
+        probe = b"x@" + domain.encode("utf-8", "surrogateescape")
+        return policy.RcptHosts.of(ctl, mrh).allowed(probe)
 
     def _domains_listed(self, ctl: Control, mrh: cdb.Reader | None) -> None:
         if ctl.rcpthosts is None:
@@ -467,7 +466,7 @@ def notes(home: Home) -> list[str]:
     what an operator may not expect. Printed by ``pyqmail check`` and at ``pyqmail run``'s
     start."""
     out: list[str] = []
-    if home.control.is_dir() and (note := qmqp.loopback_only_note(home)) is not None:
+    if home.control.is_dir() and (note := qmqpd.loopback_only_note(home)) is not None:
         out.append(note)
     return out
 

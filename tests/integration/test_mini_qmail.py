@@ -19,12 +19,11 @@ import pytest
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.inject.qmqp import QmqpServer
-from pyqmail.inject.qmqpc import QmqpSubmitter
 from pyqmail.layout import create_home
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import format_input
 from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.qmqpc import QmqpSubmitter
 from pyqmail.queue.submit import (
     InProcessSubmitter,
     ProgramSubmitter,
@@ -33,6 +32,7 @@ from pyqmail.queue.submit import (
     submitter,
 )
 from pyqmail.queue.writer import QueueError
+from pyqmail.smtp.qmqpd import QmqpServer
 from tests.integration.test_qmqp_server import Listener, queued
 
 BIN = Path(sys.executable).parent

@@ -19,13 +19,14 @@ import pytest
 from pyqmail import tcprules
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.inject.netstring import decode_one, encode
-from pyqmail.inject.qmqp import QmqpServer, QmqpSubmitter, serve_stdio
 from pyqmail.layout import create_home
+from pyqmail.netstring import decode_one, encode
 from pyqmail.queue.envelope import format_input, parse_todo
 from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.qmqpc import QmqpSubmitter
 from pyqmail.queue.submit import InProcessSubmitter, ProgramSubmitter
 from pyqmail.queue.writer import QueueError
+from pyqmail.smtp.qmqpd import QmqpServer, serve_stdio
 from tests.conftest import LoAddresses
 
 BIN = Path(sys.executable).parent
@@ -360,7 +361,7 @@ def test_connect_timeout_is_72() -> None:
     """A server whose accept queue is full drops our SYN: qmail-qmqpc's 72."""
     import io
 
-    from pyqmail.inject.qmqpc import send_request
+    from pyqmail.queue.qmqpc import send_request
 
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -399,7 +400,7 @@ def test_connect_timeout_is_72() -> None:
 def test_serve_stdio(home: Home, data: bytes, code: int, reply_start: bytes | None) -> None:
     import io
 
-    from pyqmail.inject.qmqp import serve_stdio
+    from pyqmail.smtp.qmqpd import serve_stdio
 
     out = io.BytesIO()
     env = {"TCPREMOTEIP": "10.0.0.9", "TCPLOCALHOST": "mx.test.example"}

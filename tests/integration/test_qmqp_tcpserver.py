@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pyqmail.home import Home
-from pyqmail.inject.netstring import decode_all, encode
 from pyqmail.layout import create_home
+from pyqmail.netstring import decode_all, encode
 from pyqmail.queue.envelope import format_input
 from tests.conftest import free_port, require_tools
 from tests.integration.test_qmqp_server import queued

@@ -11,12 +11,12 @@ import pytest
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.inject.qmtp import QmtpServer
 from pyqmail.layout import create_home
 from pyqmail.outcome import Status
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.submit import InProcessSubmitter
 from pyqmail.remote import deliver
+from pyqmail.smtp.qmtpd import QmtpServer
 from tests.integration.test_qmqp_server import Listener, queued
 
 

@@ -15,11 +15,12 @@ import pytest
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.inject.netstring import decode_all, encode
-from pyqmail.inject.qmtp import QmtpServer, deliver_qmtp
 from pyqmail.layout import create_home
+from pyqmail.netstring import decode_all, encode
 from pyqmail.outcome import Status
 from pyqmail.queue.submit import InProcessSubmitter
+from pyqmail.remote.qmtp import deliver_qmtp
+from pyqmail.smtp.qmtpd import QmtpServer
 from tests.integration.test_qmqp_server import Listener, exchange, queued
 
 BIN = Path(sys.executable).parent
@@ -134,7 +135,7 @@ def test_qmail_qmtpd_on_stdio(hosts: tuple[Home, Home, Listener]) -> None:
 
 def test_qmtproutes_syntax(home: Home) -> None:
     from pyqmail.control import load
-    from pyqmail.inject.qmtp import qmtp_route
+    from pyqmail.remote.qmtp import qmtp_route
 
     (home.control / "qmtproutes").write_text(
         "b.example:10.0.0.2\n.sub.example:relay.example:2209\nno.sub.example:\n"
@@ -153,7 +154,7 @@ def test_qmtproutes_syntax(home: Home) -> None:
 
 
 def test_deliver_route_tries_each_address(hosts: tuple[Home, Home, Listener]) -> None:
-    from pyqmail.inject.qmtp import deliver_route
+    from pyqmail.remote.qmtp import deliver_route
     from pyqmail.remote.routes import Route
 
     a, b, lst = hosts
@@ -170,7 +171,7 @@ def test_qmtp_serve_stdio_in_process(home: Home) -> None:
     import io
 
     from pyqmail.control import load
-    from pyqmail.inject.qmtp import QmtpPolicy, serve_stdio
+    from pyqmail.smtp.qmtpd import QmtpPolicy, serve_stdio
 
     (home.control / "rcpthosts").write_text("mx.test.example\n")
     policy = QmtpPolicy(load(home), {}, None)

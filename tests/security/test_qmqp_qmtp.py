@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.home import Home
-from pyqmail.inject.netstring import encode as ns
+from pyqmail.netstring import encode as ns
 from tests.conftest import free_port
 from tests.security._support import queued
 
@@ -183,7 +183,7 @@ def _qmtp(msg: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:
 
 
 def _qmtp_replies(out: bytes) -> list[bytes]:
-    from pyqmail.inject.netstring import decode_all
+    from pyqmail.netstring import decode_all
 
     return decode_all(out)
 

@@ -100,8 +100,8 @@ NS_PIECES = [b"0:", b"1:", b"3:", b"10:", b"999:", b",", b":", b"a@b", b"\x00", 
     cut=st.integers(min_value=1, max_value=20),
 )
 def test_random_qmqp_and_qmtp_input_never_crashes(parts, cut) -> None:  # type: ignore[no-untyped-def]
-    from pyqmail.inject.qmqp import QmqpReceiver, Request
-    from pyqmail.inject.qmtp import Envelope, QmtpReceiver
+    from pyqmail.smtp.qmqpd import QmqpReceiver, Request
+    from pyqmail.smtp.qmtpd import Envelope, QmtpReceiver
 
     data = b"".join(parts)
     qmqp, qmtp = QmqpReceiver(limit=10_000), QmtpReceiver(limit=10_000)

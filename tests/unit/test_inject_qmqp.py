@@ -6,8 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyqmail.inject.netstring import BAD_LENGTH_FIELD, encode
-from pyqmail.inject.qmqp import (
+from pyqmail.mailbox import queue_form
+from pyqmail.netstring import BAD_LENGTH_FIELD, encode
+from pyqmail.queue.envelope import MAX_RECIPIENTS
+from pyqmail.queue.qmqpc import server_list
+from pyqmail.smtp.qmqpd import (
     TOO_BIG,
     TOO_MANY_RECIPIENTS,
     MessageData,
@@ -15,10 +18,7 @@ from pyqmail.inject.qmqp import (
     Refused,
     Request,
     received_line,
-    server_list,
 )
-from pyqmail.mailbox import queue_form
-from pyqmail.queue.envelope import MAX_RECIPIENTS
 
 
 def req(message: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:

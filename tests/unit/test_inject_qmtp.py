@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from pyqmail.control import load
 from pyqmail.home import Home
-from pyqmail.inject.netstring import BAD_LENGTH_FIELD, encode
-from pyqmail.inject.qmtp import (
+from pyqmail.netstring import BAD_LENGTH_FIELD, encode
+from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
+from pyqmail.smtp.qmtpd import (
     BAD_RECIPIENT,
     NOT_RCPTHOST,
     TOO_MANY_RECIPIENTS,
@@ -21,7 +22,6 @@ from pyqmail.inject.qmtp import (
     QmtpPolicy,
     QmtpReceiver,
 )
-from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
 
 
 def msg(body: bytes, sender: bytes, rcpts: list[bytes], mode: bytes = b"\n") -> bytes:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyqmail.inject import netstring
-from pyqmail.inject.netstring import NetstringError
+from pyqmail import netstring
+from pyqmail.netstring import NetstringError
 
 
 def test_encode() -> None:

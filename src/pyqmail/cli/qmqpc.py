@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 from pyqmail.cli.common import split_home_args
 from pyqmail.control import ControlError, load
-from pyqmail.inject.qmqpc import CHUNK, send_request, server_list
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, parse_envelope
+from pyqmail.queue.qmqpc import CHUNK, send_request, server_list
 
 PROG = "qmail-qmqpc"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from pyqmail.cli.common import serve_listener, split_home_args
 from pyqmail.control import ControlCache
 from pyqmail.home import resolve_home
-from pyqmail.inject.qmqp import QmqpServer, loopback_only_note, serve_stdio
 from pyqmail.queue.submit import submitter
+from pyqmail.smtp.qmqpd import QmqpServer, loopback_only_note, serve_stdio
 
 PROG = "qmail-qmqpd"
 

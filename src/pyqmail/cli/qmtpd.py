@@ -18,8 +18,8 @@ from pathlib import Path
 from pyqmail.cli.common import serve_listener, split_home_args
 from pyqmail.control import ControlCache, ControlError, load
 from pyqmail.home import resolve_home
-from pyqmail.inject.qmtp import QmtpPolicy, QmtpServer, open_more, serve_stdio
 from pyqmail.queue.submit import submitter
+from pyqmail.smtp.qmtpd import QmtpPolicy, QmtpServer, open_more, serve_stdio
 
 PROG = "qmail-qmtpd"
 

@@ -163,7 +163,7 @@ class Daemon:
             server = await smtp.start(host, port)
             self._record(server, "smtp")
         if self.cfg.qmqp:
-            from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
+            from pyqmail.smtp.qmqpd import QmqpServer, loopback_only_note
 
             qmqp = QmqpServer(self.home, self.ctl, submitter)
             for host, port in self.cfg.qmqp:
@@ -171,7 +171,7 @@ class Daemon:
             if (note := loopback_only_note(self.home, qmqp.rules)) is not None:
                 self.log.warning(note)
         if self.cfg.qmtp:
-            from pyqmail.inject.qmtp import QmtpServer
+            from pyqmail.smtp.qmtpd import QmtpServer
 
             qmtp = QmtpServer(self.home, self.ctl, submitter)
             for host, port in self.cfg.qmtp:

@@ -315,7 +315,7 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         for host, port in cfg.smtp:
             servers.append(await smtp.start(host, port, start_serving=False))
         if cfg.qmqp:
-            from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
+            from pyqmail.smtp.qmqpd import QmqpServer, loopback_only_note
 
             qmqp = QmqpServer(home, ctl, submitter)
             for host, port in cfg.qmqp:
@@ -323,7 +323,7 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
             if (note := loopback_only_note(home, qmqp.rules)) is not None:
                 print(f"warning: {note}", file=sys.stderr, flush=True)
         if cfg.qmtp:
-            from pyqmail.inject.qmtp import QmtpServer
+            from pyqmail.smtp.qmtpd import QmtpServer
 
             qmtp = QmtpServer(home, ctl, submitter)
             for host, port in cfg.qmtp:

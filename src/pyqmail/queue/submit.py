@@ -9,7 +9,7 @@ asks ``qmqp_servers`` the same question):
    envelope on fd 1 and a pipe on fd 6, and map its exit code (a filter in front of the
    queue); exit 82 with text on fd 6 is notqmail's custom reply (``D``/``Z`` + text);
 2. ``control/qmqpservers`` lists a server: mini-qmail, a null client with no queue of its
-   own; every message goes to the first QMQP server that takes it (inject/qmqpc.py's
+   own; every message goes to the first QMQP server that takes it (queue/qmqpc.py's
    QmqpSubmitter, qmail-queue's exit codes 71-74 on failure). If the file exists but
    cannot be read, every ``begin`` fails with 55 rather than queue locally;
 3. this process may write the queue itself (single-user mode, or it runs as the queue's
@@ -393,7 +393,7 @@ def submitter(
         except ControlError as e:
             return _Unconfigured(e)
     if qmqpservers:
-        from pyqmail.inject.qmqpc import QmqpSubmitter  # inject/qmqpc.py imports this module
+        from pyqmail.queue.qmqpc import QmqpSubmitter  # mini-qmail only: imported when used
 
         return QmqpSubmitter(qmqpservers)
     return QueueSubmitter(home, notify=notify)

@@ -209,8 +209,8 @@ class RemoteAgent:
             return None  # the SMTP path reports it
         if not ctl.qmtproutes:
             return None
-        # Imported here: inject/ imports remote/, and most sites have no qmtproutes.
-        from pyqmail.inject import qmtp
+        # Imported here: most sites have no qmtproutes.
+        from pyqmail.remote import qmtp
 
         try:
             route = qmtp.qmtp_route(ctl, host)

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
-from pyqmail import cdb, netaddr, tcprules
+from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import codes
@@ -138,16 +138,6 @@ class _Message:
                 p.abort()
             except Exception:
                 log.exception("queue abort failed")
-
-
-def _peer_ip(addr: object) -> tuple[str, str]:
-    """(ip, port) as tcpserver writes them; IPv4-mapped IPv6 becomes plain IPv4."""
-    if not isinstance(addr, tuple) or len(addr) < 2:
-        return "unknown", "0"
-    ip = str(addr[0])
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return ip, str(addr[1])
 
 
 _Job = tuple[Pending, bytes, Sequence[bytes], "asyncio.Future[bytes]"]
@@ -301,12 +291,10 @@ class SmtpServer:
         self._held_back: set[_SmtpProtocol] = set()  # not read while the committer lags
         self.rules_path = rules if rules is not None else home.control / "tcp.smtp.cdb"
         self.max_conns = max_conns
-        self.max_per_ip = max_per_ip
         # Loopback clients are local programs, exempt from the per-IP limit as Postfix
         # exempts $mynetworks (smtpd_client_event_limit_exceptions); the total still holds.
-        self.limit_loopback = limit_loopback
         # What max_per_ip counts: an IPv4 address, an IPv6 /64 (netaddr.limit_key).
-        self.ip_key = ip_key
+        self.per_ip = listener.PerIp(max_per_ip, ip_key, exempt_loopback=not limit_loopback)
         self.limits = limits or Limits()
         self.greet_delay = greet_delay
         self.linger = linger
@@ -321,8 +309,7 @@ class SmtpServer:
         self._ctl: Control | None = None
         self._ctl_at = 0.0
         self.conns = 0
-        self.per_ip: dict[str, int] = {}
-        self._rules = CdbCache(self.rules_path, control_ttl)
+        self._rules = listener.Rules(self.rules_path, ttl=control_ttl)
         self._more = CdbCache(home.control / "morercpthosts.cdb", control_ttl)
         self._servers: list[asyncio.AbstractServer] = []
         self.base_env: dict[str, str] = {}
@@ -363,16 +350,7 @@ class SmtpServer:
 
     def decide(self, ip: str) -> tcprules.Decision | None:
         """The tcprules decision; None when the rules file cannot be read (drop)."""
-        try:
-            reader = self._rules.get()
-            if reader is None:
-                return tcprules.Decision(True, {}, None)
-            return tcprules.lookup(reader, ip)
-        except (OSError, cdb.CdbError) as e:
-            log.warning(
-                "dropping connection from %s, unable to read %s: %s", ip, self.rules_path, e
-            )
-            return None
+        return self._rules.decide(ip)
 
     def control(self) -> Control:
         """The control snapshot, re-checked at most every ``control_ttl`` seconds.
@@ -474,20 +452,15 @@ class _SmtpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         srv = self.server
-        ip, port = _peer_ip(transport.get_extra_info("peername"))
-        lip, lport = _peer_ip(transport.get_extra_info("sockname"))
-        self.ip = ip
-        key = self.ip_key = srv.ip_key(ip)
-        if srv.conns >= srv.max_conns or (
-            srv.per_ip.get(key, 0) >= srv.max_per_ip
-            and (srv.limit_loopback or not netaddr.is_loopback(ip))
-        ):
+        peername = transport.get_extra_info("peername")
+        ip = listener.peer_address(peername)[0]
+        key = srv.per_ip.take(ip) if srv.conns < srv.max_conns else None
+        if key is None:
             transport.write(replies.TOO_MANY_CONNS)
-            self.ip = ""
             self._close_now()
             return
+        self.ip, self.ip_key = ip, key
         srv.conns += 1
-        srv.per_ip[key] = srv.per_ip.get(key, 0) + 1
         try:
             decision = srv.decide(ip)
             if decision is None or not decision.allow:
@@ -501,13 +474,8 @@ class _SmtpProtocol(asyncio.Protocol):
                 transport.write(replies.CONTROLS)
                 self._close_now()
                 return
-            ctl_me = ctl.me
             self.timeout_s = float(ctl.timeoutsmtpd)
-            env.update(
-                PROTO="TCP", TCPLOCALIP=lip, TCPLOCALPORT=lport, TCPREMOTEIP=ip, TCPREMOTEPORT=port
-            )
-            if ctl_me:
-                env["TCPLOCALHOST"] = ctl_me
+            env.update(listener.peer_env(peername, transport.get_extra_info("sockname"), ctl.me))
             env.update(decision.env)
             try:
                 session = srv.session(env, ctl)
@@ -585,11 +553,7 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.ip:
             srv = self.server
             srv.conns -= 1
-            n = srv.per_ip.get(self.ip_key, 1) - 1
-            if n <= 0:
-                srv.per_ip.pop(self.ip_key, None)
-            else:
-                srv.per_ip[self.ip_key] = n
+            srv.per_ip.give_back(self.ip_key)
             self.ip = ""
         self.conn = None
         self.closing = True

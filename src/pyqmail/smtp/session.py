@@ -6,32 +6,32 @@ variables). It owns the decisions qmail-smtpd makes from them (smtpd.md sections
 6, 7 and 8):
 
 * ``smtpgreeting`` (falls back to ``me``; neither present = cannot run: 421),
-* databytes: ``control/databytes``, overridden by ``$DATABYTES``,
+* databytes: ``control/databytes``, overridden by ``$DATABYTES`` (policy.py),
 * badmailfrom: the whole address or ``@domain``, case-insensitive,
 * relay control: ``$RELAYCLIENT`` set (even empty) skips it and is appended to every
   recipient; else a recipient without ``@`` passes, and one with a domain must be in
-  rcpthosts (exact or ``.suffix``) or morercpthosts.cdb; no rcpthosts = open relay,
+  rcpthosts (exact or ``.suffix``) or morercpthosts.cdb; no rcpthosts = open relay
+  (policy.py's RcptHosts, shared with QMTP),
 * ``[ip]`` literals naming one of our addresses become localiphost,
 * the Received line with qmail's ``?`` substitution.
 
 No I/O happens here except what the caller hands in (the control snapshot, an open cdb
-reader, the set of local addresses); :func:`local_addresses` and :class:`CdbCache` are
-the small helpers the adapters use to get those.
+reader, the set of local addresses); :func:`local_addresses` is the small helper the
+adapters use to get those (and ``listener.CdbCache``, re-exported here, the open cdbs).
 """
 
 from __future__ import annotations
 
 import fcntl
 import ipaddress
-import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
-from pyqmail import cdb
-from pyqmail.control import Control, domain_keys
+from pyqmail import cdb, policy
+from pyqmail.control import Control
+from pyqmail.listener import CdbCache as CdbCache  # its home was here; adapters use it
 from pyqmail.qdate import date822
 from pyqmail.smtp.address import domain_of, ip_literal
 
@@ -51,15 +51,6 @@ def safe(text: bytes) -> bytes:
     return text.translate(_SAFE_TABLE)
 
 
-def _scan_ulong(text: str) -> int:
-    digits = ""
-    for ch in text:
-        if not "0" <= ch <= "9":
-            break
-        digits += ch
-    return int(digits) if digits else 0
-
-
 class Session:
     """The policy of one SMTP connection. See the module docstring."""
 
@@ -67,7 +58,6 @@ class Session:
         "_bmf",
         "_local_ips",
         "_localiphost",
-        "_more",
         "_rcpthosts",
         "_tcplocalip",
         "_when",
@@ -93,18 +83,14 @@ class Session:
         if greeting is None:
             raise SessionError("neither control/smtpgreeting nor control/me exists")
         self.greeting = greeting
-        databytes = ctl.databytes
-        if "DATABYTES" in env:
-            databytes = _scan_ulong(env["DATABYTES"])
-        self.databytes = databytes
+        self.databytes = policy.databytes(ctl, env)
         self.remote_ip = env.get("TCPREMOTEIP") or "unknown"
         self.remote_host = env.get("TCPREMOTEHOST") or "unknown"
         self.remote_info = env.get("TCPREMOTEINFO")
         self.local_host = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
-        rc = env.get("RELAYCLIENT")
-        self.relayclient = None if rc is None else _b(rc)
-        self._bmf, self._rcpthosts = _encoded(ctl)
-        self._more = morercpthosts
+        self.relayclient = policy.relayclient(env)
+        self._bmf = _badmailfrom(ctl)
+        self._rcpthosts = policy.RcptHosts.of(ctl, morercpthosts)
         self._localiphost = None if ctl.localiphost is None else _b(ctl.localiphost)
         self._local_ips = local_ips
         self._tcplocalip = env.get("TCPLOCALIP", "")
@@ -122,17 +108,7 @@ class Session:
 
     def rcpt_allowed(self, rcpt: bytes) -> bool:
         """Relay control for one recipient (RELAYCLIENT is the caller's first check)."""
-        if self.relayclient is not None or self._rcpthosts is None:
-            return True
-        at = rcpt.rfind(b"@")
-        if at < 0:
-            return True
-        domain = rcpt[at + 1 :].decode("ascii", "replace")
-        keys = [k.encode("ascii", "replace") for k in domain_keys(domain)]
-        if any(k in self._rcpthosts for k in keys):
-            return True
-        more = self._more
-        return more is not None and any(more.get(k) is not None for k in keys)
+        return self.relayclient is not None or self._rcpthosts.allowed(rcpt)
 
     def rewrite_literal(self, address: bytes) -> bytes:
         """``user@[one of our IPs]`` -> ``user@localiphost`` (qmail-smtpd's addrparse)."""
@@ -166,20 +142,19 @@ def _b(s: str) -> bytes:
 
 
 _ANY = ipaddress.IPv4Address("0.0.0.0")
-_ENCODED: dict[int, tuple[Control, frozenset[bytes], frozenset[bytes] | None]] = {}
+_ENCODED: dict[int, tuple[Control, frozenset[bytes]]] = {}
 
 
-def _encoded(ctl: Control) -> tuple[frozenset[bytes], frozenset[bytes] | None]:
-    """badmailfrom and rcpthosts as byte sets, computed once per control snapshot."""
+def _badmailfrom(ctl: Control) -> frozenset[bytes]:
+    """badmailfrom as a byte set, computed once per control snapshot."""
     hit = _ENCODED.get(id(ctl))
     if hit is not None and hit[0] is ctl:
-        return hit[1], hit[2]
+        return hit[1]
     bmf = frozenset(_b(x) for x in ctl.badmailfrom)
-    rcpthosts = None if ctl.rcpthosts is None else frozenset(_b(x) for x in ctl.rcpthosts)
     if len(_ENCODED) > 8:
         _ENCODED.clear()
-    _ENCODED[id(ctl)] = (ctl, bmf, rcpthosts)
-    return bmf, rcpthosts
+    _ENCODED[id(ctl)] = (ctl, bmf)
+    return bmf
 
 
 def local_addresses() -> frozenset[IPAddress]:
@@ -207,42 +182,3 @@ def local_addresses() -> frozenset[IPAddress]:
         pass
     out.add(ipaddress.IPv4Address("127.0.0.1"))
     return frozenset(out)
-
-
-class CdbCache:
-    """An open cdb that is reopened when its file changes.
-
-    The file is stat'ed at most once every ``ttl`` seconds (0: on every use, which is what
-    tcpserver's reopen per connection amounts to).
-    """
-
-    def __init__(self, path: Path, ttl: float = 0.0) -> None:
-        self.path = path
-        self.ttl = ttl
-        self._key: tuple[int, int, int] | None = None
-        self._reader: cdb.Reader | None = None
-        self._checked = -1e9
-
-    def get(self) -> cdb.Reader | None:
-        """The current reader, or None if the file does not exist. OSError if unreadable."""
-        if self.ttl > 0:
-            now = time.monotonic()
-            if now - self._checked < self.ttl:
-                return self._reader
-            self._checked = now
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._close()
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._reader is None or key != self._key:
-            self._close()
-            self._reader = cdb.Reader.open(self.path)
-            self._key = key
-        return self._reader
-
-    def _close(self) -> None:
-        # Sessions may still hold the old reader: let it go with its last user.
-        self._reader = None
-        self._key = None

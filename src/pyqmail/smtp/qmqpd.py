@@ -1,4 +1,4 @@
-"""QMQP (inject.md section 3): the mini-qmail client and the server.
+"""QMQP (inject.md section 3): the server, qmail-qmqpd and the listener.
 
 One request per connection::
 
@@ -22,8 +22,8 @@ Owns:
   ``control/tcp.qmqp.cdb`` (tcpserver's rules) when present, and for loopback clients
   only (127.0.0.0/8, ::1) when it is not: QMQP has no recipient check, so an open QMQP
   port is an open relay.
-* the client (qmail-qmqpc, mini-qmail's QmqpSubmitter) lives in qmqpc.py, without
-  asyncio, and is re-exported here.
+* the client (qmail-qmqpc, mini-qmail's QmqpSubmitter) lives in queue/qmqpc.py, without
+  asyncio.
 
 QMQP servers accept mail for any recipient: they are for trusted clients only, so the
 listener is closed to every non-loopback client until tcp.qmqp.cdb names them.
@@ -34,18 +34,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, netaddr, tcprules
+from pyqmail import listener, netstring
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.inject import netstring
-from pyqmail.inject.netstring import NetstringError
-from pyqmail.inject.qmqpc import QmqpSubmitter, send_request, server_list  # noqa: F401
 from pyqmail.mailbox import queue_form
+from pyqmail.netstring import NetstringError
 from pyqmail.qdate import date822
 from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
@@ -56,7 +54,6 @@ from pyqmail.smtp.session import safe
 
 PORT = 628
 MAX_LENGTH = 200_000_000  # qmail-qmqpd's limit on any length
-CONNECT_TIMEOUT = 10.0
 SESSION_TIMEOUT = 3600.0  # qmail-qmqpd's alarm
 ADDRESS_LIMIT = 1000
 CHUNK = 65536
@@ -311,32 +308,6 @@ def serve_stdio(
 # -- the asyncio listener ------------------------------------------------------------
 
 
-def _peer_env(writer: asyncio.StreamWriter, me: str | None) -> dict[str, str]:
-    peer = writer.get_extra_info("peername") or ("unknown", 0)
-    sock = writer.get_extra_info("sockname") or ("unknown", 0)
-    env = {"TCPREMOTEIP": str(peer[0]), "TCPLOCALIP": str(sock[0]),
-           "TCPREMOTEPORT": str(peer[1]), "TCPLOCALPORT": str(sock[1]), "PROTO": "TCP"}  # fmt: skip
-    if me:
-        env["TCPLOCALHOST"] = me
-    return env
-
-
-def rules_decision(
-    rules: Path | None, env: dict[str, str], *, loopback_only: bool = False
-) -> tcprules.Decision:
-    """tcpserver's access decision for this client. A missing rules file allows every
-    client, or with ``loopback_only`` (QMQP) loopback clients only."""
-    if rules is None:
-        return tcprules.Decision(True, {}, None)
-    try:
-        return tcprules.lookup_file(rules, env["TCPREMOTEIP"], None, None)
-    except FileNotFoundError:
-        allow = not loopback_only or netaddr.is_loopback(env["TCPREMOTEIP"])
-        return tcprules.Decision(allow, {}, None)
-    except (OSError, cdb.CdbError):
-        return tcprules.Decision(False, {}, None)  # tcpserver drops the client
-
-
 def loopback_only_note(home: Home, rules: Path | None = None) -> str | None:
     """What ``pyqmail check`` and the daemon's start-up log say when the QMQP listener
     serves loopback clients only (no rules file); None when rules decide."""
@@ -347,34 +318,6 @@ def loopback_only_note(home: Home, rules: Path | None = None) -> str | None:
         f"QMQP serves loopback clients only (127.0.0.0/8, ::1): there is no {path}; "
         "to let other hosts in, list them in control/tcp.qmqp and run tcprules"
     )
-
-
-class PerIp:
-    """Connections per client (an IPv4 address, an IPv6 /64: ``key``); one over the
-    limit is closed at once."""
-
-    def __init__(self, limit: int, key: Callable[[str], str] = netaddr.limit_key) -> None:
-        self.limit = limit
-        self.key = key
-        self.count: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, ip: str) -> Iterator[bool]:
-        """Yields False (and counts nothing) when ``ip``'s key is at its limit."""
-        ip = self.key(ip)
-        n = self.count.get(ip, 0)
-        if n >= self.limit:
-            yield False
-            return
-        self.count[ip] = n + 1
-        try:
-            yield True
-        finally:
-            left = self.count[ip] - 1
-            if left:
-                self.count[ip] = left
-            else:
-                del self.count[ip]
 
 
 class QmqpServer:
@@ -396,10 +339,11 @@ class QmqpServer:
         self.ctl = ctl
         self.submitter = submitter
         self.rules = rules if rules is not None else home.control / "tcp.qmqp.cdb"
+        self._rules = listener.Rules(self.rules, loopback_only=True)
         self.limit = limit
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
-        self._per_ip = PerIp(max_per_ip)
+        self._per_ip = listener.PerIp(max_per_ip)
         self.served = 0
 
     async def start(
@@ -418,9 +362,11 @@ class QmqpServer:
                     me = self.ctl.get().me
                 except Exception:
                     me = None
-                env = _peer_env(writer, me)
-                decision = rules_decision(self.rules, env, loopback_only=True)
-                if not decision.allow:
+                env = listener.peer_env(
+                    writer.get_extra_info("peername"), writer.get_extra_info("sockname"), me
+                )
+                decision = self._rules.decide(env["TCPREMOTEIP"])
+                if decision is None or not decision.allow:
                     return
                 env.update(decision.env)
                 with self._per_ip.hold(env["TCPREMOTEIP"]) as ok:

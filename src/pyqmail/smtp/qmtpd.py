@@ -1,5 +1,5 @@
-"""QMTP (inject.md section 4): the server (qmail-qmtpd and the listener) and the client
-used for remote delivery where control/qmtproutes says so.
+"""QMTP (inject.md section 4): the server, qmail-qmtpd and the listener. The client used
+for remote delivery where control/qmtproutes says so is remote/qmtp.py.
 
 Several messages per connection, each::
 
@@ -20,44 +20,35 @@ Owns:
   reads replies sees the first recipient refused and the others unanswered (temporary).
   So at most about 10 MB of envelope is held; the message is streamed to the queue.
 * :class:`QmtpPolicy` — what qmail-qmtpd shares with qmail-smtpd: rcpthosts and
-  morercpthosts.cdb, RELAYCLIENT appended to each recipient, databytes/DATABYTES.
+  morercpthosts.cdb, RELAYCLIENT appended to each recipient, databytes/DATABYTES; the
+  rules themselves are policy.py's, the same objects SMTP uses.
 * :func:`serve_stdio` (qmail-qmtpd) and :class:`QmtpServer` (``pyqmail run --qmtp``).
-* :func:`deliver_qmtp` — the client: one message to one host, one Outcome per
-  recipient, with qmail-remote's kind of texts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb
-from pyqmail.control import Control, ControlCache, domain_keys
+from pyqmail import cdb, listener, netstring, policy
+from pyqmail.control import Control, ControlCache
 from pyqmail.home import Home
-from pyqmail.inject import netstring
-from pyqmail.inject.netstring import NetstringError
-from pyqmail.inject.qmqp import (
-    CHUNK,
-    SESSION_TIMEOUT,
-    PerIp,
-    _peer_env,
-    received_line,
-    reply_for,
-    rules_decision,
-)
-from pyqmail.mailbox import queue_form, quote
-from pyqmail.outcome import Outcome
+from pyqmail.mailbox import queue_form
+from pyqmail.netstring import NetstringError
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
 from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
-from pyqmail.remote import routes
-from pyqmail.remote.routes import Route
+from pyqmail.smtp.qmqpd import (
+    CHUNK,
+    SESSION_TIMEOUT,
+    received_line,
+    reply_for,
+)
 
 PORT = 209
 MAX_LENGTH = 2_000_000_000
@@ -277,38 +268,16 @@ class QmtpReceiver:
 # -- policy ------------------------------------------------------------------------------
 
 
-def _scan_ulong(text: str) -> int:
-    digits = ""
-    for ch in text:
-        if not "0" <= ch <= "9":
-            break
-        digits += ch
-    return int(digits) if digits else 0
-
-
 class QmtpPolicy:
     """rcpthosts, morercpthosts.cdb, RELAYCLIENT and databytes, as qmail-qmtpd uses them."""
 
     def __init__(self, ctl: Control, env: Mapping[str, str], more: cdb.Reader | None) -> None:
-        self.rcpthosts = ctl.rcpthosts
-        self.more = more
-        rc = env.get("RELAYCLIENT")
-        self.relayclient = None if rc is None else rc.encode("utf-8", "surrogateescape")
-        self.databytes = _scan_ulong(env["DATABYTES"]) if "DATABYTES" in env else ctl.databytes
+        self.rcpthosts = policy.RcptHosts.of(ctl, more)
+        self.relayclient = policy.relayclient(env)
+        self.databytes = policy.databytes(ctl, env)
 
     def allowed(self, rcpt: bytes) -> bool:
-        if self.relayclient is not None or self.rcpthosts is None:
-            return True
-        at = rcpt.rfind(b"@")
-        if at < 0:
-            return True
-        keys = domain_keys(rcpt[at + 1 :].decode("utf-8", "surrogateescape"))
-        if any(k in self.rcpthosts for k in keys):
-            return True
-        more = self.more
-        return more is not None and any(
-            more.get(k.encode("utf-8", "surrogateescape")) is not None for k in keys
-        )
+        return self.relayclient is not None or self.rcpthosts.allowed(rcpt)
 
     def check(self, rcpt: bytes | None) -> tuple[bytes | None, bytes | None]:
         """(the recipient to queue, None) or (None, the D reply)."""
@@ -443,9 +412,10 @@ class QmtpServer:
         self.ctl = ctl
         self.submitter = submitter
         self.rules = rules if rules is not None else home.control / "tcp.qmtp.cdb"
+        self._rules = listener.Rules(self.rules)
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
-        self._per_ip = PerIp(max_per_ip)
+        self._per_ip = listener.PerIp(max_per_ip)
 
     async def start(
         self, host: str, port: int, *, start_serving: bool = True
@@ -460,9 +430,11 @@ class QmtpServer:
         try:
             async with self._sem:
                 ctl = self.ctl.get()
-                env = _peer_env(writer, ctl.me)
-                decision = rules_decision(self.rules, env)
-                if not decision.allow:
+                env = listener.peer_env(
+                    writer.get_extra_info("peername"), writer.get_extra_info("sockname"), ctl.me
+                )
+                decision = self._rules.decide(env["TCPREMOTEIP"])
+                if decision is None or not decision.allow:
                     return
                 env.update(decision.env)
                 more = open_more(self.home)
@@ -519,133 +491,3 @@ class QmtpServer:
 
     def _begin(self, env: Mapping[str, str]) -> PendingLike:
         return self.submitter.begin(origin="network", received=received_line("QMTP", env))
-
-
-# -- the client --------------------------------------------------------------------------
-
-
-def _b(s: str | bytes) -> bytes:
-    return s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
-
-
-async def _attempt(
-    host_ip: str,
-    port: int,
-    mess_path: Path | str,
-    sender: bytes,
-    recipients: list[bytes],
-    timeouts: tuple[float, float],
-) -> list[Outcome] | None:
-    """One connection; None if it could not be made (the caller tries the next address)."""
-    connect_timeout, data_timeout = timeouts
-    try:
-        size = os.path.getsize(mess_path)
-        f = open(mess_path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        text = f"Unable to read message file: {e.strerror}. (#4.3.0)"
-        return [Outcome.temp(text)] * len(recipients)
-    got: list[bytes] = []
-    try:
-        try:
-            async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(host_ip, port)
-        except (OSError, TimeoutError):
-            return None
-        try:
-            async with asyncio.timeout(data_timeout):
-                writer.write(b"%d:\n" % (size + 1))
-                while chunk := f.read(CHUNK):
-                    writer.write(chunk)
-                    await writer.drain()
-                writer.write(b"," + netstring.encode(quote(sender)))
-                writer.write(netstring.encode(netstring.encode_all([quote(r) for r in recipients])))
-                await writer.drain()
-                buf = bytearray()
-                while len(got) < len(recipients):
-                    item = netstring.decode_one(buf, 0, 1 << 16)
-                    if item is None:
-                        data = await reader.read(4096)
-                        if not data:
-                            break
-                        buf += data
-                        continue
-                    got.append(item[0])
-                    del buf[: item[1]]
-        except (OSError, TimeoutError, NetstringError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-    finally:
-        f.close()
-    return [_outcome(host_ip, got[i] if i < len(got) else None) for i in range(len(recipients))]
-
-
-def _outcome(host_ip: str, reply: bytes | None) -> Outcome:
-    if reply is None:
-        return Outcome.temp(f"Connected to {host_ip} but connection died. (#4.4.2)")
-    text = reply[1:].decode("utf-8", "replace")
-    if reply[:1] == b"K":
-        return Outcome.ok(f"{host_ip} accepted message./Remote host said: {text}")
-    if reply[:1] == b"D":
-        return Outcome.perm(f"{host_ip} does not like recipient./Remote host said: {text}")
-    return Outcome.temp(f"{host_ip} does not like recipient./Remote host said: {text}")
-
-
-def _no_connection(recipients: Sequence[object], ips: Sequence[str]) -> list[Outcome]:
-    text = f"Sorry, I wasn't able to establish a QMTP connection to {', '.join(ips)}. (#4.4.1)"
-    return [Outcome.temp(text)] * len(recipients)
-
-
-async def deliver_qmtp(
-    host_ip: str,
-    port: int,
-    mess_path: Path | str,
-    sender: str | bytes,
-    recipients: Sequence[str | bytes],
-    timeouts: tuple[float, float] = (60.0, 1200.0),
-) -> list[Outcome]:
-    """Send the queued message at ``mess_path`` (LF lines) to one QMTP server.
-
-    ``timeouts`` = (connect, each read or write) in seconds, as control/timeoutconnect and
-    control/timeoutremote. Returns one Outcome per recipient, in order; a connection that
-    fails or dies makes every unanswered recipient a temporary failure."""
-    rcpts = [_b(r) for r in recipients]
-    out = await _attempt(host_ip, port, mess_path, _b(sender), rcpts, timeouts)
-    return _no_connection(rcpts, [host_ip]) if out is None else out
-
-
-# -- control/qmtproutes ------------------------------------------------------------------
-
-
-def qmtp_route(ctl: Control, host: str) -> Route | None:
-    """control/qmtproutes for ``host``: smtproutes' syntax and lookup order (the host,
-    each ``.suffix``, then the empty key; ``domain:`` = no QMTP route), default port 209.
-    None: deliver by SMTP. Raises routes.RouteError for a bad port."""
-    if not ctl.qmtproutes:
-        return None
-    for key in [*domain_keys(host), ""]:
-        if key in ctl.qmtproutes:
-            value = ctl.qmtproutes[key]
-            if value and ":" not in value.rpartition("]")[2]:
-                value += f":{PORT}"
-            return routes.parse_relay(value)
-    return None
-
-
-async def deliver_route(
-    route: Route,
-    ips: Sequence[str],
-    mess_path: Path | str,
-    sender: str | bytes,
-    recipients: Sequence[str | bytes],
-    timeouts: tuple[float, float],
-) -> list[Outcome]:
-    """Deliver over QMTP to the first of ``ips`` (the route's addresses) that answers."""
-    rcpts = [_b(r) for r in recipients]
-    for ip in ips:
-        out = await _attempt(ip, route.port, mess_path, _b(sender), rcpts, timeouts)
-        if out is not None:
-            return out
-    return _no_connection(rcpts, list(ips) or [route.relay])

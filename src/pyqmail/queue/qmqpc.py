@@ -8,7 +8,7 @@ conversation; 55 when no server is configured). Whether a host is a mini-qmail n
 client at all is decided in one place for every caller: queue/submit.py's ``submitter``
 (QMAILQUEUE, else QMQP when control/qmqpservers lists a server, else the local queue).
 
-Kept apart from the server (qmqp.py) so that qmail-inject does not import asyncio.
+Kept apart from the server (smtp/qmqpd.py) so that qmail-inject does not import asyncio.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from pyqmail.inject import netstring
-from pyqmail.inject.netstring import NetstringError
+from pyqmail import netstring
 from pyqmail.mailbox import quote
+from pyqmail.netstring import NetstringError
 from pyqmail.queue import codes
-from pyqmail.queue.submit import PendingLike
 from pyqmail.queue.writer import QueueError
+
+if TYPE_CHECKING:  # queue/submit.py imports this module
+    from pyqmail.queue.submit import PendingLike
 
 PORT = 628
 CONNECT_TIMEOUT = 10.0

@@ -1,7 +1,8 @@
 """Netstrings (``<decimal length>:<bytes>,``), the framing of QMQP and QMTP.
 
-Owns encoding and the incremental reading of a length prefix. The protocol cores in
-qmqp.py and qmtp.py drive these over their own buffers; nothing here does I/O.
+Owns encoding and the incremental reading of a length prefix. The QMQP and QMTP servers
+(smtp/qmqpd.py, smtp/qmtpd.py) and clients (queue/qmqpc.py, remote/qmtp.py) drive these
+over their own buffers; nothing here does I/O.
 
 A length prefix is decimal digits then ``:``. Anything else where a digit is due is a
 protocol error (:class:`NetstringError` code 100, as notqmail 1.09's qmail-qmqpd exits);
