@@ -1,4 +1,4 @@
-"""Client addresses as the listeners judge them.
+"""Client addresses as the listeners judge them, and the addresses they listen on.
 
 Owns two questions every listener (SMTP, QMQP, QMTP) asks of a peer's address text:
 
@@ -9,6 +9,11 @@ Owns two questions every listener (SMTP, QMQP, QMTP) asks of a peer's address te
   one site holds 2^64 addresses and would otherwise take every slot by rotating them),
   IPv4-mapped IPv6 as the IPv4 address it carries. Text that is not an address (a Unix
   socket, "unknown") counts as itself.
+
+and one about the listener's own address:
+
+* :func:`parse_listen` — a listen address (``ADDR:PORT``, ``[V6]:PORT``, ...) -> (host,
+  port), for ``pyqmail run`` and the servers' ``--listen`` modes.
 """
 
 from __future__ import annotations
@@ -38,3 +43,43 @@ def limit_key(ip: str) -> str:
     if isinstance(addr, ipaddress.IPv4Address):
         return str(addr)
     return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
+def parse_listen(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """A listen address -> (host, port). Raises ValueError with the reason.
+
+    ``ADDR:PORT``, ``[V6]:PORT``, ``V6-ADDRESS:PORT`` (the last colon splits), ``:PORT``;
+    with a ``default_port`` (``pyqmail run``) also ``ADDR``, ``[V6]`` and a bare IPv6
+    address, which then is never split (write ``[::1]:25`` for a port). ``""``,
+    ``0`` and ``*`` as the host mean every IPv4 address (``0.0.0.0``).
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad listen address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad listen address {text!r}")
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        host, port = (host, port_text) if sep else (text, None)
+        if default_port is not None and _is_ipv6(text):
+            host, port = text, None  # a bare IPv6 address: its last group is not a port
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"bad listen address {text!r}: no port")
+        port = str(default_port)
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad port in {text!r}")
+    if host in ("", "0", "*"):
+        host = "0.0.0.0"
+    return host, int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from pyqmail.home import Home, resolve_home
+from pyqmail.netaddr import parse_listen as parse_listen  # its home is netaddr.py
 
 ListenerStart = Callable[[str, int], Awaitable[asyncio.AbstractServer]]
 
@@ -46,46 +46,6 @@ def fatal(prog: str, message: str, code: int = 111) -> int:
 
 def warn(prog: str, message: str) -> None:
     print(f"{prog}: warning: {message}", file=sys.stderr)
-
-
-def parse_listen(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """A listen address -> (host, port). Raises ValueError with the reason.
-
-    ``ADDR:PORT``, ``[V6]:PORT``, ``V6-ADDRESS:PORT`` (the last colon splits), ``:PORT``;
-    with a ``default_port`` (``pyqmail run``) also ``ADDR``, ``[V6]`` and a bare IPv6
-    address, which then is never split (write ``[::1]:25`` for a port). ``""``,
-    ``0`` and ``*`` as the host mean every IPv4 address (``0.0.0.0``).
-    """
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"bad listen address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad listen address {text!r}")
-        port = rest[1:] if rest else None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        host, port = (host, port_text) if sep else (text, None)
-        if default_port is not None and _is_ipv6(text):
-            host, port = text, None  # a bare IPv6 address: its last group is not a port
-    if port is None:
-        if default_port is None:
-            raise ValueError(f"bad listen address {text!r}: no port")
-        port = str(default_port)
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"bad port in {text!r}")
-    if host in ("", "0", "*"):
-        host = "0.0.0.0"
-    return host, int(port)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def serve_listener(prog: str, listen: str, start: ListenerStart) -> int:
