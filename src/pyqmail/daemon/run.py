@@ -1,9 +1,10 @@
 """``pyqmail run``: the whole MTA in the foreground (qmail-start + its daemons, as asyncio).
 
-Owns the wiring and the order of start-up and shutdown:
+The one-process arrangement of the parts in daemon/parts.py, and ``run(cfg)``, which
+picks it or daemon/split.py's. Owns the order of start-up and shutdown in one process:
 
-1. resolve the home, read the controls once (``alert: cannot start: unable to read
-   controls`` otherwise), remove what a crash left in the queue (queue/recover.py);
+1. the checks (``alert: cannot start: unable to read controls`` and the like), then
+   remove what a crash left in the queue (queue/recover.py);
 2. fork the local delivery workers (before any thread exists);
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
    schedule; the submitter wakes it in-process; the SMTP, QMQP and QMTP listeners bind;

@@ -1,6 +1,7 @@
 """``pyqmail run`` started as root in multi-user mode: one process per qmail identity.
 
-qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
+The root arrangement of the parts in daemon/parts.py: it decides which process each part
+runs in, as which user, and when each drops. qmail-start's separation (layout.md 4 and 6):
 
 - **queue** (qmailq:qmail): the queue service (queue/service.py) on its Unix socket writes
   every new message (SMTP, bounces, local users' forwards), and a qmail-clean speaking
