@@ -1,4 +1,4 @@
-"""Client addresses as the listeners judge them.
+"""Client addresses as the listeners judge them, and the addresses they listen on.
 
 Owns two questions every listener (SMTP, QMQP, QMTP) asks of a peer's address text:
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.cli.common import parse_listen
 from pyqmail.home import Home
+from pyqmail.listener import parse_listen
 from tests.conftest import free_port, require_ipv6_loopback, write_control
 from tests.integration.test_remote_peers import Peer, Script
 

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from pyqmail import cdb
-from pyqmail.cli.common import parse_listen
 from pyqmail.control import load
 from pyqmail.home import Home
+from pyqmail.listener import parse_listen
 from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses, safe
 from tests.conftest import write_control
 

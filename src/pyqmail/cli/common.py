@@ -7,7 +7,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from pyqmail.home import Home, resolve_home
-from pyqmail.listener import parse_listen as parse_listen  # daemon/run.py imports it here
+from pyqmail.listener import parse_listen
 
 ListenerStart = Callable[[str, int], Awaitable[asyncio.AbstractServer]]
 

@@ -5,7 +5,7 @@ what tcpserver set (TCPREMOTEIP, TCPREMOTEHOST, TCPREMOTEINFO, TCPLOCALIP, TCPLO
 RELAYCLIENT, DATABYTES, QMAILQUEUE). Extra arguments (a checkpassword program, as AUTH
 patches take) are ignored, as qmail-smtpd ignores them.
 
-With ``--listen`` it is the asyncio listener alone (what ``pyqmail run`` embeds), with
+With ``--listen`` it is the asyncio listener alone (smtp/listen.py), with
 ``--rules CDB`` (default HOME/control/tcp.smtp.cdb), ``--max-conns``, ``--max-per-ip``
 (loopback clients exempt unless ``--limit-loopback``), ``--greet-delay`` (talking before
 the greeting gets 554), ``--control-ttl`` (how often control/ and the cdbs are re-checked)
@@ -17,16 +17,13 @@ bound (per worker).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pyqmail.cli.common import fatal, split_home_args
-from pyqmail.home import Home, resolve_home
+from pyqmail.home import resolve_home
+from pyqmail.listener import parse_listen
 
 PROG = "pyqmail smtpd"
 
@@ -61,109 +58,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ns = p.parse_args(args)
     home = resolve_home(ns.home, ns.single_user)
-    from pyqmail.cli.common import parse_listen
-
     try:
         addrs = [parse_listen(a) for a in ns.listen]
     except ValueError as e:
         return fatal(PROG, str(e), 100)
     if ns.workers < 1 or ns.max_conns < 1 or ns.max_per_ip < 1:
         return fatal(PROG, "--workers, --max-conns and --max-per-ip must be positive", 100)
-    logging.basicConfig(level=logging.WARNING, format="pyqmail smtpd: %(message)s")
-    if ns.workers == 1:
-        return _serve(home, ns, addrs, ns.max_conns, reuse=False)
-    children: list[int] = []
-    share = max(1, ns.max_conns // ns.workers)
-    for _ in range(ns.workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 111
-            try:
-                code = _serve(home, ns, addrs, share, reuse=True)
-            finally:
-                os._exit(code)
-        children.append(pid)
+    from pyqmail.smtp.listen import ListenOptions, serve
 
-    def _stop(signum: int, _frame: object) -> None:
-        for c in children:
-            try:
-                os.kill(c, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    worst = 0
-    for c in children:
-        _, status = os.waitpid(c, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status))
-    return worst
-
-
-def _serve(
-    home: Home, ns: argparse.Namespace, addrs: list[tuple[str, int]], max_conns: int, *, reuse: bool
-) -> int:
-    from pyqmail.control import ControlCache
-    from pyqmail.queue.submit import submitter
-    from pyqmail.smtp.server import SmtpServer, install_uvloop
-
-    install_uvloop()
-    ctl = ControlCache(home)
-    try:
-        ctl.get()
-    except Exception as e:
-        return fatal(PROG, f"unable to read controls: {e}")
-    _raise_nofile()
-    server = SmtpServer(
-        home,
-        ctl,
-        submitter(home),
+    opts = ListenOptions(
         rules=ns.rules,
-        max_conns=max_conns,
+        max_conns=ns.max_conns,
         max_per_ip=ns.max_per_ip,
-        greet_delay=ns.greet_delay,
-        reuse_port=reuse,
-        control_ttl=ns.control_ttl,
         limit_loopback=ns.limit_loopback,
+        greet_delay=ns.greet_delay,
+        workers=ns.workers,
+        control_ttl=ns.control_ttl,
     )
-
-    async def run() -> int:
-        loop = asyncio.get_running_loop()
-        stop = loop.create_future()
-
-        def _stop() -> None:
-            if not stop.done():
-                stop.set_result(None)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, _stop)
-        try:
-            servers = [await server.start(h, port) for h, port in addrs]
-        except OSError as e:
-            return fatal(PROG, f"unable to bind: {e}")
-        for s in servers:
-            for sock in getattr(s, "sockets", ()):
-                name = sock.getsockname()
-                # one write(2) per line: acceptor processes share the stream (--workers)
-                sys.stderr.flush()
-                os.write(2, f"{PROG}: listening on {name[0]}:{name[1]}\n".encode())
-        await stop
-        for s in servers:
-            s.close()
-        await server.aclose()  # the messages being committed get their replies
-        return 0
-
-    return asyncio.run(run())
-
-
-def _raise_nofile() -> None:
-    """Thousands of connections need thousands of descriptors: raise the soft limit."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):
-            pass
+    return serve(home, addrs, opts)

@@ -1,6 +1,7 @@
 """``pyqmail run`` started as root in multi-user mode: one process per qmail identity.
 
-qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
+The root arrangement of the parts in daemon/parts.py: it decides which process each part
+runs in, as which user, and when each drops. qmail-start's separation (layout.md 4 and 6):
 
 - **queue** (qmailq:qmail): the queue service (queue/service.py) on its Unix socket writes
   every new message (SMTP, bounces, local users' forwards), and a qmail-clean speaking
@@ -42,7 +43,18 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from pyqmail.control import load
+from pyqmail.daemon.parts import (
+    CleanSweep,
+    RunConfig,
+    RunError,
+    SteadyControl,
+    check_home,
+    make_scheduler,
+    start_listeners,
+    start_sending,
+    stop_sending,
+)
+from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.queue.clean import handle_request
@@ -53,10 +65,8 @@ from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send.log import SendLog
-from pyqmail.send.manager import Scheduler, StartError
 
 READY_TIMEOUT = 30.0
-CLEAN_INTERVAL = 76431.0  # qmail-send's period for removing what crashed writers left
 
 
 class _Stop(Exception):
@@ -146,11 +156,7 @@ def _serve_clean(sock: socket.socket, paths: QueuePaths) -> None:
             sock.sendall(handle_request(paths, req))
 
 
-def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: int) -> int:
-    from pyqmail.home import Home
-
-    assert isinstance(cfg_home, Home)
-    home = cfg_home
+def _queue_main(home: Home, ids: Ids, clean_sock: socket.socket, ready: int) -> int:
     svc = QueueService(home, ids=ids)
     svc.prepare_dir((ids.uid("queue"), ids.gid("qmail")))
     # Everything under queue/ and run/ is qmailq's: root touches no name in them.
@@ -163,9 +169,11 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     if serving:
         svc.bind()
     stop = threading.Event()
+    sweep = CleanSweep(paths)  # what crashed writers left, as qmail-clean and qmail-send do
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        sweep.stop()
         svc.close()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -173,12 +181,7 @@ def _queue_main(cfg_home: object, ids: Ids, clean_sock: socket.socket, ready: in
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=_serve_clean, args=(clean_sock, paths), daemon=True).start()
 
-    def sweep() -> None:  # what crashed writers left, as qmail-clean and qmail-send do
-        while not stop.wait(CLEAN_INTERVAL):
-            with contextlib.suppress(OSError):
-                clean_stale(paths)
-
-    threading.Thread(target=sweep, daemon=True).start()
+    sweep.start()
     os.write(ready, b"q")
     os.close(ready)
     if not serving:
@@ -217,11 +220,7 @@ class SocketCleaner:
 # -- send: scheduler, remote agent, local spawner -----------------------------------------
 
 
-def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: float) -> int:
-    from pyqmail.daemon.run import SteadyControl, _new_loop
-    from pyqmail.home import Home
-
-    assert isinstance(home, Home)
+def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: float) -> int:
     log = SendLog()
     ctl = SteadyControl(home, log=log)
     spawner = LocalSpawner(home, ctl, message_owner=ids.uid("queue"))
@@ -246,14 +245,13 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
 
         agent.on_lost = on_lost
         agent.watch()
-        sched = Scheduler(
+        sched = make_scheduler(
             home,
-            lambda: load(home),
-            local=spawner.deliver,
-            remote=agent.deliver,
+            spawner,
+            agent,
+            log,
+            stop_timeout=stop_timeout,
             submitter=ServiceSubmitter(home),
-            log=log,
-            term_timeout=stop_timeout,
             cleaner=SocketCleaner(clean_sock),
         )
 
@@ -271,17 +269,14 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
             loop.add_signal_handler(sig, fn)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor relays a Ctrl-C as TERM
         try:
-            await sched.start()
-        except StartError as e:
-            log.alert(f"cannot start: {e}")
+            await start_sending(sched, log)
+        except RunError:
             return 111
         await stop.wait()
-        await sched.stop()
-        await agent.close()
-        await spawner.close()
+        await stop_sending(sched, spawner, agent)
         return 111 if lost else 0
 
-    loop = _new_loop()
+    loop = new_loop()
     try:
         return loop.run_until_complete(main())
     finally:
@@ -291,11 +286,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
 # -- smtpd: the listeners -----------------------------------------------------------------
 
 
-def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
-    from pyqmail.daemon.run import RunConfig, SteadyControl, _DaemonSmtpServer, _new_loop
-    from pyqmail.home import Home
-
-    assert isinstance(home, Home) and isinstance(cfg, RunConfig)
+def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
     ctl = SteadyControl(home)
     submitter = ServiceSubmitter(home)
     # SMTP's messages go to a committer process started now, as root, to run as the
@@ -310,29 +301,13 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        servers: list[asyncio.AbstractServer] = []
-        smtp = _DaemonSmtpServer(home, ctl, committer)
-        for host, port in cfg.smtp:
-            servers.append(await smtp.start(host, port, start_serving=False))
-        if cfg.qmqp:
-            from pyqmail.smtp.qmqpd import QmqpServer, loopback_only_note
-
-            qmqp = QmqpServer(home, ctl, submitter)
-            for host, port in cfg.qmqp:
-                servers.append(await qmqp.start(host, port, start_serving=False))
-            if (note := loopback_only_note(home, qmqp.rules)) is not None:
-                print(f"warning: {note}", file=sys.stderr, flush=True)
-        if cfg.qmtp:
-            from pyqmail.smtp.qmtpd import QmtpServer
-
-            qmtp = QmtpServer(home, ctl, submitter)
-            for host, port in cfg.qmtp:
-                servers.append(await qmtp.start(host, port, start_serving=False))
         # Bound as root but not yet listening: no connection is accepted, and no byte
         # read, before every listener's process has dropped to qmaild.
+        listeners = await start_listeners(
+            cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False
+        )
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
-        for s in servers:
-            await s.start_serving()
+        await listeners.start_serving()
         os.write(ready, b"d")
         os.close(ready)
         stop = asyncio.Event()
@@ -340,19 +315,18 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         loop.add_signal_handler(signal.SIGHUP, ctl.refresh)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         await stop.wait()
-        for s in servers:
-            s.close()
-        for s in servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 5)
-        await smtp.aclose()  # the messages being committed get their replies
+        await listeners.close()
         return 0
 
-    loop = _new_loop()
+    loop = new_loop()
     try:
         return loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 # -- the supervisor ------------------------------------------------------------------------
@@ -373,25 +347,14 @@ def _wait_ready(fd: int, what: str) -> None:
     raise OSError(f"the {what} part did not come up")
 
 
-def run_split(cfg: object) -> int:
+def run_split(cfg: RunConfig) -> int:
     """Run the parts as separate processes under their qmail users; the exit code."""
-    from pyqmail.daemon.run import RunConfig
-
-    assert isinstance(cfg, RunConfig)
     home = cfg.home
     try:
         ids = home.ids()
-    except HomeError as e:
+        check_home(home)
+    except (HomeError, RunError) as e:
         print(f"alert: cannot start: {e}", file=sys.stderr)
-        return 111
-    try:
-        load(home)
-    except Exception as e:
-        print(f"alert: cannot start: unable to read controls: {e}", file=sys.stderr)
-        return 111
-    if not home.queue.is_dir():
-        print(f"alert: cannot start: unable to switch to queue directory {home.queue}",
-              file=sys.stderr)  # fmt: skip
         return 111
     stopping = False
 
@@ -427,7 +390,7 @@ def run_split(cfg: object) -> int:
         return 111
     pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg.stop_timeout))
     clean_send.close()
-    if cfg.smtp or cfg.qmqp or cfg.qmtp:
+    if cfg.listens():
         r, w = os.pipe()
         pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w))
         os.close(w)

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from pyqmail.control import ControlCache
+from pyqmail.eventloop import new_loop
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
 
@@ -295,9 +296,7 @@ def _child(home: Home, sock: socket.socket) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.umask(0o077)
     sock.setblocking(False)
-    from pyqmail.daemon.run import _new_loop
-
-    loop = _new_loop()
+    loop = new_loop()
     try:
         return loop.run_until_complete(_serve(home, sock))
     finally:
