@@ -48,7 +48,7 @@ def queue_files(home: Home) -> set[str]:
 async def send(proc: CommitProcess, body: bytes, sender: bytes, rcpts: list[bytes]) -> Reply:
     p = proc.begin(received=b"Received: from test\n")
     p.write(body)
-    return await p.commit_async(sender, rcpts)
+    return await p.commit(sender, rcpts)
 
 
 def test_message_is_queued_by_the_child(home: Home) -> None:
@@ -103,7 +103,7 @@ def test_large_message_in_many_frames(home: Home) -> None:
             p = proc.begin()
             for i in range(0, len(body), 100_000):
                 p.write(body[i : i + 100_000])
-            return await p.commit_async(b"", [b"r@x.org"])
+            return await p.commit(b"", [b"r@x.org"])
         finally:
             await proc.close()
 
@@ -141,7 +141,7 @@ def test_child_killed_mid_message_fails_it_and_a_new_child_takes_over(home: Home
             first = proc.pid
             await asyncio.sleep(0.3)  # the child has made the message's files
             os.kill(first, signal.SIGKILL)
-            lost = await p.commit_async(b"", [b"r@x.org"])
+            lost = await p.commit(b"", [b"r@x.org"])
             after = await send(proc, BODY, b"", [b"r@x.org"])
             return lost, after, first, proc.pid
         finally:
@@ -166,7 +166,7 @@ def test_close_waits_for_messages_in_flight(home: Home) -> None:
         proc = CommitProcess(home)
         p = proc.begin()
         p.write(BODY)
-        fut = p.commit_async(b"", [b"r@x.org"])
+        fut = p.commit(b"", [b"r@x.org"])
         await proc.close()
         assert fut.done()
         return fut.result()
@@ -212,7 +212,7 @@ def test_backlog_pauses_and_resumes(home: Home, monkeypatch: pytest.MonkeyPatch)
                 p.write(chunk)
             paused = proc.paused
             os.kill(proc.pid, signal.SIGCONT)
-            r = await p.commit_async(b"", [b"r@x.org"])
+            r = await p.commit(b"", [b"r@x.org"])
             return paused, r
         finally:
             await proc.close()

@@ -34,6 +34,7 @@ from pyqmail.control import ControlCache, ControlError, Finding, load
 from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home, warn_if_root_single_user
 from pyqmail.queue import submit as qsubmit
+from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.remote.deliver import RemoteAgent
@@ -156,7 +157,7 @@ class Daemon:
             await agent.close()
             await spawner.close()
 
-    async def _listen(self, submitter: qsubmit.Submitter) -> None:
+    async def _listen(self, submitter: BlockingSubmitter) -> None:
         smtp = _server_class()(self.home, self.ctl, submitter)
         self.smtp = smtp
         for host, port in self.cfg.smtp:

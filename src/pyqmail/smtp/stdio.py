@@ -5,7 +5,7 @@ the next read and written whole with the write timeout (:class:`_Writer`, qmail'
 substdio), and the half-close with a short drain of the client's input at the end
 (:func:`_drain`), so that a last reply is not destroyed by an RST. The conversation is
 :class:`~pyqmail.smtp.protocol.SmtpServerConnection`, the queue side the listener's
-``_Message``; the environment is the one tcpserver set.
+``_Message`` committing with the contract's blocking form; the environment is the one tcpserver set.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pyqmail import cdb
 from pyqmail.control import ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import submit as qsubmit
+from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
     Close,
@@ -36,7 +37,7 @@ from pyqmail.smtp.protocol import (
     Send,
     SmtpServerConnection,
 )
-from pyqmail.smtp.server import LINGER, _Message
+from pyqmail.smtp.server import LINGER, _Message, smtp_reply
 from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses
 
 log = logging.getLogger("pyqmail.smtpd")
@@ -49,7 +50,7 @@ def run_stdio(
     infd: int = 0,
     outfd: int = 1,
     limits: Limits | None = None,
-    submitter: qsubmit.Submitter | None = None,
+    submitter: BlockingSubmitter | None = None,
     clock: Callable[[], float] = time.monotonic,
     origin: str = "network",
 ) -> int:
@@ -98,7 +99,7 @@ def run_stdio(
                     break
                 elif kind is MessageEnd:
                     out.flush()
-                    events = conn.message_result(msg.commit())
+                    events = conn.message_result(smtp_reply(msg.commit_blocking()))
                     break
                 elif kind is MessageAbort:
                     msg.abort()
