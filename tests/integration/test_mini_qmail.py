@@ -101,7 +101,7 @@ def test_bounce_through_submitter_goes_to_central(
     """What the scheduler does with the submitter the daemon made: origin "bounce"."""
     p = submitter(null, env={}).begin(origin="bounce")
     p.write(MSG)
-    assert p.commit(b"", [b"poster@test.example"]) == 0
+    assert p.commit_blocking(b"", [b"poster@test.example"]).code == 0
     [(sender, rcpts, mess)] = queued(central[0])
     assert (sender, rcpts) == (b"", (b"poster@test.example",))
     assert mess.endswith(MSG)

@@ -35,7 +35,8 @@ def pair(tmp_path: Path) -> Iterator[tuple[Home, Home, Listener]]:
 def _queue(a: Home) -> Path:
     p = InProcessSubmitter(a).begin()
     p.write(b"Subject: over qmtp\n\nhello\n")
-    return QueuePaths(a.queue).mess(p.commit(b"s@a.test.example", [b"u@b.test.example"]))
+    n = p.commit_blocking(b"s@a.test.example", [b"u@b.test.example"]).msgnum
+    return QueuePaths(a.queue).mess(n)
 
 
 def test_remote_agent_uses_qmtp_for_a_qmtproutes_domain(pair: tuple[Home, Home, Listener]) -> None:

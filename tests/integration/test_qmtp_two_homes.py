@@ -41,7 +41,7 @@ def hosts(tmp_path: Path) -> Iterator[tuple[Home, Home, Listener]]:
 def queue_on_a(a: Home, body: bytes) -> Path:
     p = InProcessSubmitter(a).begin()
     p.write(body)
-    n = p.commit(b"s@a.test.example", [b"x@b.test.example"])
+    n = p.commit_blocking(b"s@a.test.example", [b"x@b.test.example"]).msgnum
     from pyqmail.queue.layout import QueuePaths
 
     return QueuePaths(a.queue).mess(n)

@@ -173,9 +173,9 @@ def test_serve(home: Home, tmp_path: Path) -> None:
         assert b"listening on" in svc.stderr.readline()
         p = ServiceSubmitter(home, sock).begin()
         p.write(b"via service\n")
-        n = p.commit(b"a@b", [b"c@d"])
-        assert QueuePaths(home.queue).mess(n).read_bytes().endswith(b"\nvia service\n")
-        assert p.qp == os.getpid()
+        r = p.commit_blocking(b"a@b", [b"c@d"])
+        assert QueuePaths(home.queue).mess(r.msgnum).read_bytes().endswith(b"\nvia service\n")
+        assert r.qp == os.getpid()
     finally:
         svc.terminate()
         assert svc.wait(10) == 0

@@ -48,7 +48,14 @@ def queue_files(home: Home) -> set[str]:
 async def send(proc: CommitProcess, body: bytes, sender: bytes, rcpts: list[bytes]) -> Reply:
     p = proc.begin(received=b"Received: from test\n")
     p.write(body)
-    return await p.commit_async(sender, rcpts)
+    return await p.commit(sender, rcpts)
+
+
+def _ignored(pid: int) -> set[int]:
+    """The signals ``pid`` ignores (SigIgn in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
 
 
 def test_message_is_queued_by_the_child(home: Home) -> None:
@@ -103,7 +110,7 @@ def test_large_message_in_many_frames(home: Home) -> None:
             p = proc.begin()
             for i in range(0, len(body), 100_000):
                 p.write(body[i : i + 100_000])
-            return await p.commit_async(b"", [b"r@x.org"])
+            return await p.commit(b"", [b"r@x.org"])
         finally:
             await proc.close()
 
@@ -133,32 +140,36 @@ def test_abort_and_refused_envelope_leave_nothing(home: Home) -> None:
 
 
 def test_child_killed_mid_message_fails_it_and_a_new_child_takes_over(home: Home) -> None:
-    async def go() -> tuple[Reply, Reply, int, int]:
+    async def go() -> tuple[Reply, Reply, Reply, int, int]:
         proc = CommitProcess(home)
         try:
             p = proc.begin()
             p.write(BODY)
             first = proc.pid
-            await asyncio.sleep(0.3)  # the child has made the message's files
+            # The child takes frames in order: once a later message is answered, it has
+            # made this one's files.
+            marker = await send(proc, BODY, b"", [b"r@x.org"])
             os.kill(first, signal.SIGKILL)
-            lost = await p.commit_async(b"", [b"r@x.org"])
+            lost = await p.commit(b"", [b"r@x.org"])
             after = await send(proc, BODY, b"", [b"r@x.org"])
-            return lost, after, first, proc.pid
+            return marker, lost, after, first, proc.pid
         finally:
             await proc.close()
 
-    lost, after, first, second = run(go)
+    marker, lost, after, first, second = run(go)
+    assert marker.code == 0 and marker.qp == first
     assert lost.code == codes.CRASHED
     assert codes.smtp_reply(lost.code) == b"451 qq crashed (#4.3.0)\r\n"
     assert after.code == 0 and second != first
     paths = QueuePaths(home.queue)
-    assert os.listdir(home.queue / "todo") == [str(after.msgnum)]
-    n = after.msgnum
-    left = queue_files(home) - {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+    queued = {str(marker.msgnum), str(after.msgnum)}
+    assert set(os.listdir(home.queue / "todo")) == queued
+    kept = {f"{d}/{n}" for n in (marker.msgnum, after.msgnum) for d in ("intd", "todo")}
+    kept |= {f"mess/{n % 23}/{n}" for n in (marker.msgnum, after.msgnum)}
+    left = queue_files(home) - kept
     assert any(f.startswith("pid/") for f in left) and any(f.startswith("mess/") for f in left)
-    clean_stale(paths)  # what the dead child began goes, the queued message stays
-    n = after.msgnum
-    assert queue_files(home) == {f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"}
+    clean_stale(paths)  # what the dead child began goes, the queued messages stay
+    assert queue_files(home) == kept
 
 
 def test_close_waits_for_messages_in_flight(home: Home) -> None:
@@ -166,7 +177,7 @@ def test_close_waits_for_messages_in_flight(home: Home) -> None:
         proc = CommitProcess(home)
         p = proc.begin()
         p.write(BODY)
-        fut = p.commit_async(b"", [b"r@x.org"])
+        fut = p.commit(b"", [b"r@x.org"])
         await proc.close()
         assert fut.done()
         return fut.result()
@@ -205,14 +216,14 @@ def test_backlog_pauses_and_resumes(home: Home, monkeypatch: pytest.MonkeyPatch)
         proc.on_resume = lambda: resumed.append(time.monotonic())
         try:
             p = proc.begin()
-            await asyncio.sleep(0.3)
+            assert (await send(proc, BODY, b"", [b"r@x.org"])).code == 0  # the child is up
             os.kill(proc.pid, signal.SIGSTOP)
             chunk = b"x" * 65536 + b"\n"
             while not proc.paused:
                 p.write(chunk)
             paused = proc.paused
             os.kill(proc.pid, signal.SIGCONT)
-            r = await p.commit_async(b"", [b"r@x.org"])
+            r = await p.commit(b"", [b"r@x.org"])
             return paused, r
         finally:
             await proc.close()
@@ -230,10 +241,13 @@ def test_child_ignores_signals_meant_for_the_listener(home: Home) -> None:
         proc = CommitProcess(home)
         proc.start()
         try:
-            first = await send(proc, BODY, b"", [b"r@x.org"])
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            first = await send(proc, BODY, b"", [b"r@x.org"])  # past its signal set-up
+            sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            # An ignored signal is discarded when it is sent (nothing stays pending), so
+            # once the kernel says they are ignored, the kills below have had their effect.
+            assert _ignored(proc.pid) >= set(sigs)
+            for sig in sigs:
                 os.kill(proc.pid, sig)
-            await asyncio.sleep(0.2)
             return proc.pid, first, await send(proc, BODY, b"", [b"r@x.org"])
         finally:
             await proc.close()

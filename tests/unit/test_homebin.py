@@ -83,7 +83,7 @@ def test_bin_qmail_queue_as_qmailqueue(home: Home) -> None:
     """QMAILQUEUE=bin/qmail-queue (qmail's usual filter tail) queues into this home."""
     p = submit.submitter(home, env={"QMAILQUEUE": "bin/qmail-queue"}).begin()
     p.write(b"Subject: through bin\n\nx\n")
-    assert p.commit(b"a@b.example", [b"c@d.example"]) == 0
+    assert p.commit_blocking(b"a@b.example", [b"c@d.example"]).code == 0
     (todo,) = _todo(home)
     assert parse_todo(todo).recipients == (b"c@d.example",)
 

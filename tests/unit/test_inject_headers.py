@@ -13,6 +13,7 @@ from pyqmail.home import Home
 from pyqmail.inject.address import Rewriter
 from pyqmail.inject.headers import read_header
 from pyqmail.inject.inject import CHUNK, InjectError, Options, Settings, inject, prepare
+from pyqmail.queue.contract import Reply
 
 ENV = {"USER": "robot", "QMAILDEFAULTHOST": "dh", "QMAILDEFAULTDOMAIN": "dd.example",
        "QMAILPLUSDOMAIN": "pd.example", "QMAILIDHOST": "id.example"}  # fmt: skip
@@ -102,9 +103,9 @@ class _CountingSink:
         self.total += len(data)
         self.biggest = max(self.biggest, len(data))
 
-    def commit(self, sender: bytes, recipients: list[bytes]) -> int:
+    def commit_blocking(self, sender: bytes, recipients: list[bytes]) -> Reply:
         self.committed = (sender, list(recipients))
-        return 1
+        return Reply(0, 0, 1)
 
     def abort(self) -> None:
         raise AssertionError("abort")

@@ -20,6 +20,7 @@ from pyqmail.control import load
 from pyqmail.home import Home
 from pyqmail.inject.inject import InjectError, Settings, inject, parse_args
 from pyqmail.qdate import date822
+from pyqmail.queue.contract import Reply
 
 NOW = 1_700_000_000.0
 PID = 4242
@@ -2457,10 +2458,10 @@ class _Capture:
     def write(self, data: bytes) -> None:
         self.data += data
 
-    def commit(self, sender: bytes, recipients: list[bytes]) -> int:
+    def commit_blocking(self, sender: bytes, recipients: list[bytes]) -> Reply:
         self.envelope = b"F" + sender + b"\0" + b"".join(b"T" + r + b"\0" for r in recipients)
         self.envelope += b"\0"
-        return 0
+        return Reply(0)
 
     def abort(self) -> None:
         pass

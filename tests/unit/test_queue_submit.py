@@ -21,7 +21,6 @@ from pyqmail.queue.submit import (
     ServiceSubmitter,
     submitter,
 )
-from pyqmail.queue.writer import Pending, QueueError
 
 QQ = str(Path(sys.executable).with_name("qmail-queue"))
 
@@ -53,15 +52,16 @@ def test_multi_user_choice_follows_euid(home: Home) -> None:
         os.chown(home.queue / "pid", st.st_uid, -1)
         assert sub.kind == "in-process"
         p = sub.begin()
-        assert isinstance(p, Pending)
+        assert isinstance(p, submit._InProcess)
         p.abort()
 
 
 def test_in_process(home: Home) -> None:
     p = submitter(home, env={}).begin(origin="network")
     p.write(b"hi\n")
-    n = p.commit(b"s@x", [b"r@y"])
-    assert n == p.msgnum and p.qp == os.getpid()
+    r = p.commit_blocking(b"s@x", [b"r@y"])
+    n = r.msgnum
+    assert n > 0 and r.qp == os.getpid()
     assert _todo(home) == [str(n)]
     assert b"invoked from network" in QueuePaths(home.queue).mess(n).read_bytes()
 
@@ -77,8 +77,8 @@ def test_program_runs_real_qmail_queue(home: Home, tmp_path: Path) -> None:
     prog = _script(tmp_path, f'[ "$(pwd)" = "{home.root}" ] || exit 61\nexec {QQ}\n')
     p = submitter(home, env={"QMAILQUEUE": prog}).begin(received=b"X-Extra: 1\n")
     p.write(b"Subject: via program\n\nbody\n")
-    assert p.commit(b"s@x", [b"r1@y", b"r2@y"]) == 0
-    assert p.qp > 0
+    r = p.commit_blocking(b"s@x", [b"r1@y", b"r2@y"])
+    assert r.code == 0 and r.msgnum == 0 and r.qp > 0
     (name,) = _todo(home)
     n = int(name)
     t = parse_todo(QueuePaths(home.queue).todo(n).read_bytes())
@@ -94,25 +94,23 @@ def test_program_exit_codes(home: Home, tmp_path: Path, script: str, code: int) 
     prog = _script(tmp_path, "cat >/dev/null\n" + script + "\n")
     p = ProgramSubmitter(home, prog).begin()
     p.write(b"x\n")
-    with pytest.raises(QueueError) as ei:
-        p.commit(b"s", [b"r"])
-    assert ei.value.code == code
+    r = p.commit_blocking(b"s", [b"r"])
+    assert r.code == code
     if code == codes.CRASHED:
-        assert ei.value.result() == ("Z", "qq crashed (#4.3.0)")
+        assert r.result() == ("Z", "qq crashed (#4.3.0)")
 
 
 def test_program_missing(home: Home, tmp_path: Path) -> None:
     p = ProgramSubmitter(home, str(tmp_path / "nope")).begin()
-    with pytest.raises(QueueError) as ei:
-        p.commit(b"s", [b"r"])
-    assert ei.value.code == 120
+    r = p.commit_blocking(b"s", [b"r"])
+    assert r.code == 120
 
 
 def test_program_sees_envelope_on_fd1(home: Home, tmp_path: Path) -> None:
     out = tmp_path / "env"
     prog = _script(tmp_path, f"cat >/dev/null; cat <&1 >{out}\n")
     p = ProgramSubmitter(home, prog).begin()
-    p.commit(b"", [b"a@b"])
+    p.commit_blocking(b"", [b"a@b"])
     assert out.read_bytes() == b"F\0Ta@b\0\0"
 
 
@@ -136,10 +134,9 @@ def test_program_custom_reply_on_fd6(home: Home, tmp_path: Path, fd6: str, reply
     prog = _script(tmp_path, f"cat >/dev/null\n{fd6} >&6\nexit 82\n")
     p = ProgramSubmitter(home, prog).begin()
     p.write(b"x\n")
-    with pytest.raises(QueueError) as ei:
-        p.commit(b"s", [b"r"])
-    assert ei.value.code == 82
-    assert codes.smtp_reply(ei.value.code, ei.value.custom) == reply
+    r = p.commit_blocking(b"s", [b"r"])
+    assert r.code == 82
+    assert codes.smtp_reply(r.code, r.custom) == reply
 
 
 def test_program_fd6_is_a_pipe_even_if_ours_is_taken(home: Home, tmp_path: Path) -> None:
@@ -153,9 +150,8 @@ def test_program_fd6_is_a_pipe_even_if_ours_is_taken(home: Home, tmp_path: Path)
     try:
         os.dup2(fd, 6)
         prog = _script(tmp_path, "printf %s 'Zfrom the pipe' >&6\nexit 82\n")
-        with pytest.raises(QueueError) as ei:
-            ProgramSubmitter(home, prog).begin().commit(b"s", [b"r"])
-        assert ei.value.result() == ("Z", "from the pipe")
+        r = ProgramSubmitter(home, prog).begin().commit_blocking(b"s", [b"r"])
+        assert r.result() == ("Z", "from the pipe")
         assert leak.read_bytes() == b""
     finally:
         os.close(fd)
@@ -175,7 +171,7 @@ def test_relative_program_is_under_the_home(home: Home, name: str) -> None:
     target.chmod(0o755)
     p = submitter(home, env={"QMAILQUEUE": name}).begin()
     p.write(b"Subject: relative\n\n")
-    assert p.commit(b"s@x", [b"r@y"]) == 0
+    assert p.commit_blocking(b"s@x", [b"r@y"]).code == 0
     assert len(_todo(home)) == 1
 
 
@@ -183,9 +179,8 @@ def test_long_address_refused_before_program_runs(home: Home, tmp_path: Path) ->
     marker = tmp_path / "ran"
     prog = _script(tmp_path, f"touch {marker}\n")
     p = ProgramSubmitter(home, prog).begin()
-    with pytest.raises(QueueError) as ei:
-        p.commit(b"a" * 2000, [b"r"])
-    assert ei.value.code == 11 and not marker.exists()
+    r = p.commit_blocking(b"a" * 2000, [b"r"])
+    assert r.code == 11 and not marker.exists()
 
 
 @pytest.fixture
@@ -201,8 +196,9 @@ def test_service_queues_with_peer_uid(home: Home, service: QueueService) -> None
     sub = ServiceSubmitter(home, service.path)
     p = sub.begin()
     p.write(b"Subject: s\n\n" + b"x" * 3_000_000)
-    n = p.commit(b"s@x", [b"r@y"])
-    assert p.qp == os.getpid() and n == p.msgnum > 0
+    r = p.commit_blocking(b"s@x", [b"r@y"])
+    n = r.msgnum
+    assert r.qp == os.getpid() and n > 0
     mess = QueuePaths(home.queue).mess(n).read_bytes()
     assert mess.startswith(
         f"Received: (qmail {os.getpid()} invoked by uid {os.getuid()}); ".encode()
@@ -215,9 +211,8 @@ def test_service_refusals_leave_nothing(home: Home, service: QueueService) -> No
     sub = ServiceSubmitter(home, service.path)
     p = sub.begin()
     p.write(b"x\n")
-    with pytest.raises(QueueError) as ei:
-        p.commit(b"s", [b"r" * 1500])
-    assert ei.value.code == 11
+    r = p.commit_blocking(b"s", [b"r" * 1500])
+    assert r.code == 11
     # raw protocol: envelope with bad format and a connection dropped mid-message
     r = sub.client.submit([b"x\n"], b"Tr\0\0")
     assert r.code == 91
@@ -228,9 +223,8 @@ def test_service_refusals_leave_nothing(home: Home, service: QueueService) -> No
 
 def test_service_unreachable(home: Home, tmp_path: Path) -> None:
     p = ServiceSubmitter(home, tmp_path / "none.sock").begin()
-    with pytest.raises(QueueError) as ei:
-        p.commit(b"s", [b"r"])
-    assert ei.value.code == 62
+    r = p.commit_blocking(b"s", [b"r"])
+    assert r.code == 62
 
 
 def test_service_client_gone_mid_envelope(home: Home, service: QueueService) -> None:

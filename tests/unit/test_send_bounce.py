@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyqmail.home import Home
+from pyqmail.queue.contract import Reply
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.records import write_info
 from pyqmail.send.bounce import (
@@ -139,9 +140,9 @@ class _Pending:
     def write(self, data: bytes) -> None:
         self.data += data
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+    def commit_blocking(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         self.sink.append((sender, list(recipients), self.data))
-        return 1
+        return Reply(0, self.qp, 1)
 
     def abort(self) -> None:
         self.sink.append("aborted")

@@ -20,6 +20,7 @@ from pyqmail.home import Home
 from pyqmail.outcome import Outcome
 from pyqmail.queue.clean import Cleaner
 from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.submit import InProcessSubmitter
 from pyqmail.queue.writer import QueueWriter
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
@@ -88,8 +89,9 @@ class Harness:
             direct=direct,
             cleaner=cleaner,
         )
-        self.writer = QueueWriter(home, notify=self.sched.notify)
-        self.sched.submitter = self.writer
+        submitter = InProcessSubmitter(home, notify=self.sched.notify)
+        self.writer = submitter.writer
+        self.sched.submitter = submitter
 
     async def queue(
         self, sender: bytes, rcpts: list[bytes], body: bytes = b"Subject: t\n\nhi\n"

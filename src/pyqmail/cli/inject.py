@@ -10,6 +10,7 @@ from pyqmail.cli.common import fatal, split_home_args
 from pyqmail.control import ControlError, load
 from pyqmail.inject.inject import InjectError, Options, Settings, Sink, inject, parse_args
 from pyqmail.queue.codes import qq_result
+from pyqmail.queue.contract import Reply
 from pyqmail.queue.submit import submitter
 from pyqmail.queue.writer import QueueError
 
@@ -22,9 +23,9 @@ class _Stdout:
     def write(self, data: bytes) -> None:
         sys.stdout.buffer.write(data)
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+    def commit_blocking(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         sys.stdout.buffer.flush()
-        return 0
+        return Reply(0)
 
     def abort(self) -> None:
         sys.stdout.buffer.flush()

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # on a mini-qmail host the SMTP server's submitter() hands the message to QMQP.
         # qmail's qmail-smtpd runs as the caller here, so qmail-queue writes "invoked by
         # uid N", not "from network"
-        from pyqmail.smtp.server import run_stdio
+        from pyqmail.smtp.stdio import run_stdio
 
         return run_stdio(home, origin="uid")
     from pyqmail.cli import inject

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--listen" or a.startswith("--listen=") for a in args):
         home, _rest = split_home_args(args)
-        from pyqmail.smtp.server import run_stdio
+        from pyqmail.smtp.stdio import run_stdio
 
         return run_stdio(home)
     p = argparse.ArgumentParser(prog=PROG, description="the SMTP listener")

@@ -39,11 +39,11 @@ from pyqmail.control import Control, ControlCache, ControlError, Finding, load
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome
 from pyqmail.queue.clean import Cleaner
+from pyqmail.queue.contract import BlockingSubmitter, Submitter
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
-from pyqmail.queue.submit import Submitter
 from pyqmail.send.log import SendLog
-from pyqmail.send.manager import Scheduler, StartError, SubmitterLike
+from pyqmail.send.manager import Scheduler, StartError
 from pyqmail.smtp.server import SmtpServer
 from pyqmail.tcprules import Decision
 
@@ -152,7 +152,7 @@ class Listeners:
 async def start_listeners(
     cfg: RunConfig,
     ctl: ControlCache,
-    submitter: Submitter,
+    submitter: BlockingSubmitter,
     *,
     warn: Callable[[str], None],
     smtp_submitter: Submitter | None = None,
@@ -211,7 +211,7 @@ def make_scheduler(
     log: SendLog,
     *,
     stop_timeout: float,
-    submitter: SubmitterLike | None = None,
+    submitter: BlockingSubmitter | None = None,
     cleaner: Cleaner | None = None,
 ) -> Scheduler:
     """qmail-send over the two agents; it re-reads the controls itself (``load``)."""

@@ -33,6 +33,7 @@ from pyqmail.inject.headers import (
     read_header,
 )
 from pyqmail.qdate import date822
+from pyqmail.queue.contract import Reply
 
 CHUNK = 65536
 
@@ -46,10 +47,10 @@ class InjectError(Exception):
 
 
 class Sink(Protocol):
-    """Where the message goes: a queue Pending, a QMQP client, or stdout for -n."""
+    """Where the message goes: a queue submission (queue/contract.py), or stdout for -n."""
 
     def write(self, data: bytes) -> None: ...
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int: ...
+    def commit_blocking(self, sender: bytes, recipients: Sequence[bytes]) -> Reply: ...
     def abort(self) -> None: ...
 
 
@@ -342,7 +343,10 @@ def inject(
             last = chunk[-1:]
         if last not in (b"", b"\n"):
             sink.write(b"\n")  # qmail-inject ends an unterminated last line
-        return sink.commit(_b(prepared.sender), [_b(r) for r in prepared.recipients])
+        reply = sink.commit_blocking(_b(prepared.sender), [_b(r) for r in prepared.recipients])
+        if not reply.ok:
+            raise reply.error()
+        return reply.msgnum
     except BaseException:
         sink.abort()
         raise

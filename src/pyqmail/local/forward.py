@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from pyqmail.home import Home
 from pyqmail.local.failure import PERM, TEMP, DeliveryFailure, strerror, temp
-from pyqmail.queue.submit import Submitter, submitter
-from pyqmail.queue.writer import QueueError
+from pyqmail.queue.contract import BlockingSubmitter, QueueError
+from pyqmail.queue.submit import submitter
 
 
 def _bytes(s: str) -> bytes:
@@ -28,7 +28,7 @@ def forward(
     sender: str,
     recipients: Sequence[str],
     *,
-    queue: Submitter | None = None,
+    queue: BlockingSubmitter | None = None,
 ) -> int:
     """Queue DTLINE + the message on ``msg_fd`` to ``recipients``; returns the qp."""
     sub = queue if queue is not None else submitter(home)
@@ -47,13 +47,16 @@ def forward(
                 break
             pending.write(chunk)
             offset += len(chunk)
-        pending.commit(_bytes(sender), [_bytes(r) for r in recipients])
     except QueueError as e:
+        pending.abort()
         raise _failure(e) from e
     except OSError as e:
         pending.abort()
         raise temp(f"Unable to forward message: {strerror(e)}.") from e
-    return pending.qp
+    reply = pending.commit_blocking(_bytes(sender), [_bytes(r) for r in recipients])
+    if not reply.ok:
+        raise _failure(reply.error())
+    return reply.qp
 
 
 def _failure(e: QueueError) -> DeliveryFailure:

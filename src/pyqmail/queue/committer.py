@@ -51,9 +51,9 @@ from collections.abc import Callable, Sequence
 
 from pyqmail.home import Home, HomeError, resolve_home
 from pyqmail.queue import codes
+from pyqmail.queue.contract import Reply, Submission, Submitter
 from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, format_input
-from pyqmail.queue.service import Reply, decode_reply, encode_reply_body
-from pyqmail.queue.submit import PendingLike, Submitter
+from pyqmail.queue.service import decode_reply, encode_reply_body
 from pyqmail.queue.writer import Pending, QueueError, QueueWriter, commit_many, poke_trigger
 
 log = logging.getLogger("pyqmail.committer")
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class CommitProcess:
-    """The listener's side: a Submitter whose messages the child commits.
+    """The listener's side: a Submitter (queue/contract.py) whose messages the child commits.
 
     ``begin`` starts the child if none is running. ``notify(msgnum)`` is called in the
     event loop for each queued message (the daemon's in-process wake-up of its
@@ -266,7 +266,7 @@ class CommitProcess:
 
     # -- Submitter
 
-    def begin(self, *, origin: str = "network", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "network", received: bytes = b"") -> Submission:
         if self._sock is None:
             if self.user is not None and self.fallback is not None:
                 # root mode: only the listener's start, as root, can make the child
@@ -496,7 +496,9 @@ def _fork_as(
 
 
 class ProcPending:
-    """One message on its way to the child (the PendingLike of CommitProcess)."""
+    """One message on its way to the child (the Submission of CommitProcess).
+
+    It commits only from the event loop that owns the link: there is no blocking form."""
 
     __slots__ = ("_done", "_gen", "_ident", "_proc", "msgnum", "qp")
 
@@ -517,7 +519,7 @@ class ProcPending:
         for i in range(0, len(data), MAX_FRAME):
             send(frame(DATA, self._ident, data[i : i + MAX_FRAME]))
 
-    def commit_async(self, sender: bytes, recipients: Sequence[bytes]) -> asyncio.Future[Reply]:
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> asyncio.Future[Reply]:
         """Send the envelope; the future's Reply comes once the message is durable."""
         if self._done:
             raise RuntimeError("commit after commit or abort")
@@ -530,9 +532,6 @@ class ProcPending:
         proc._futures[self._ident] = fut
         proc._send(frame(COMMIT, self._ident, format_input(sender, recipients)))
         return fut
-
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
-        raise RuntimeError("ProcPending commits from an event loop: use commit_async")
 
     def abort(self) -> None:
         if not self._done:

@@ -24,10 +24,10 @@ from pyqmail import netstring
 from pyqmail.mailbox import quote
 from pyqmail.netstring import NetstringError
 from pyqmail.queue import codes
-from pyqmail.queue.writer import QueueError
+from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply
 
 if TYPE_CHECKING:  # queue/submit.py imports this module
-    from pyqmail.queue.submit import PendingLike
+    pass
 
 PORT = 628
 CONNECT_TIMEOUT = 10.0
@@ -133,7 +133,7 @@ def _read_reply(sock: socket.socket) -> bytes:
 
 
 @dataclass
-class _QmqpPending:
+class _QmqpPending(BlockingSubmission):
     """A message spooled for QMQP; commit sends it (blocking)."""
 
     servers: list[tuple[str, int]]
@@ -161,7 +161,7 @@ class _QmqpPending:
             self._tmp.close()
             self._tmp = None
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+    def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         if self._tmp is None:
             raise RuntimeError("commit after commit or abort")
         tmp, self._tmp = self._tmp, None
@@ -175,9 +175,7 @@ class _QmqpPending:
                 connect_timeout=self.connect_timeout,
             )  # fmt: skip
         self.reply = text
-        if code != 0:
-            raise QueueError(code)
-        return 0
+        return Reply(code, 0, 0, text)
 
 
 class QmqpSubmitter:
@@ -195,5 +193,5 @@ class QmqpSubmitter:
         self.servers = server_list(servers, port)
         self.connect_timeout = connect_timeout
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
         return _QmqpPending(self.servers, self.connect_timeout, received)

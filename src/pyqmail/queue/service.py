@@ -40,12 +40,12 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
+from pyqmail.queue.contract import Reply as Reply  # the service answers with the contract's Reply
 from pyqmail.queue.envelope import (
     MAX_ENVELOPE,
     EnvelopeError,
@@ -103,14 +103,6 @@ def read_netstring(f: IO[bytes], limit: int) -> bytes:
     if len(data) != n or f.read(1) != b",":
         raise FrameError("truncated netstring")
     return data
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    qp: int
-    msgnum: int
-    text: str = ""
 
 
 def encode_reply_body(r: Reply) -> bytes:

@@ -26,41 +26,34 @@ asks ``qmqp_servers`` the same question):
 at each ``begin`` by QueueSubmitter, so a process that drops to the queue user after making
 its submitter switches to writing in-process.
 
-Each returns a Pending-like object: ``write(bytes)`` (cheap: buffered, or spooled to an
-unlinked temporary file), ``commit(sender, recipients) -> msgnum`` (blocking; run it in
-a worker thread from asyncio; raises QueueError with qmail's code), ``abort()``, and
-``qp``. For the program and the service, ``qp`` and ``msgnum`` are known only after the
-commit (qp = the program's pid, or the service's; msgnum = 0 when a program queued it).
+Each is a :class:`~pyqmail.queue.contract.BlockingSubmitter` (queue/contract.py): its
+submissions are written cheaply (buffered, or spooled to an unlinked temporary file),
+and their commit returns a :class:`~pyqmail.queue.contract.Reply` (awaited from an event
+loop, or ``commit_blocking``). For the program and the service, ``qp`` and ``msgnum``
+are known only after the commit (qp = the program's pid, or the service's; msgnum = 0
+when a program queued it). The in-process writer's commits from an event loop are
+batched by one thread (queue/committhread.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
 from pyqmail.control import ControlError, parse_list, read_file
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.queue import codes
+from pyqmail.queue.committhread import COMMIT_THREAD
+from pyqmail.queue.contract import BlockingSubmission, BlockingSubmitter, Reply
+from pyqmail.queue.contract import Submitter as Submitter  # for the callers of submitter()
 from pyqmail.queue.envelope import EnvelopeError, check_address, format_input, format_service
 from pyqmail.queue.service import ServiceClient, origin_of, socket_path
-from pyqmail.queue.writer import QueueError, QueueWriter
-
-
-class PendingLike(Protocol):
-    msgnum: int
-    qp: int
-
-    def write(self, data: bytes) -> None: ...
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int: ...
-    def abort(self) -> None: ...
-
-
-class Submitter(Protocol):
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike: ...
+from pyqmail.queue.writer import Pending, QueueError, QueueWriter
 
 
 class InProcessSubmitter:
@@ -71,18 +64,36 @@ class InProcessSubmitter:
     def __init__(self, home: Home, *, notify: Callable[[int], None] | None = None) -> None:
         self.writer = QueueWriter(home, notify=notify)
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
-        return self.writer.begin(origin=origin, received=received)
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+        return _InProcess(self.writer.begin(origin=origin, received=received))
 
 
-class _Spooled:
+class _InProcess(BlockingSubmission):
+    """The writer's Pending; from an event loop it commits in the thread's next batch."""
+
+    __slots__ = ("_p", "qp")
+
+    def __init__(self, p: Pending) -> None:
+        self._p = p
+        self.qp = p.qp
+
+    def write(self, data: bytes) -> None:
+        self._p.write(data)
+
+    def abort(self) -> None:
+        self._p.abort()
+
+    def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
+        return Reply(codes.OK, self.qp, self._p.commit(sender, recipients))
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> asyncio.Future[Reply]:
+        return COMMIT_THREAD.submit(asyncio.get_running_loop(), self._p, sender, recipients)
+
+
+class _Spooled(BlockingSubmission):
     """Message bytes spooled to an unlinked temporary file until commit."""
 
-    msgnum: int
-    qp: int
-
     def __init__(self, received: bytes) -> None:
-        self.msgnum = 0
         self.qp = 0
         self._tmp: IO[bytes] | None = tempfile.TemporaryFile(buffering=65536)  # noqa: SIM115
         if received:
@@ -164,7 +175,7 @@ class _ProgramPending(_Spooled):
         self._program = program
         self._cwd = cwd
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+    def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         msg = self._take(sender, recipients)
         try:
             with tempfile.TemporaryFile() as env:
@@ -175,11 +186,9 @@ class _ProgramPending(_Spooled):
         finally:
             msg.close()
         if rc < 0:
-            raise QueueError(codes.CRASHED, f"{self._program} killed by signal {-rc}")
-        if rc != 0:
-            custom = custom_text(raw) if rc == codes.CUSTOM_ERROR else None
-            raise QueueError(rc, custom=custom)
-        return 0
+            return Reply(codes.CRASHED, self.qp, 0, f"{self._program} killed by signal {-rc}")
+        # exit 82: the fd-6 text is the reply (notqmail); the exit code alone otherwise
+        return Reply(rc, self.qp, 0, custom_text(raw) if rc == codes.CUSTOM_ERROR else "")
 
     def _run(self, msg: IO[bytes], env: IO[bytes]) -> tuple[int, bytes]:
         """Run the program: message on fd 0, envelope on fd 1, a pipe on fd 6 (notqmail's
@@ -225,7 +234,7 @@ class ProgramSubmitter:
         self.home = home
         self.program = program
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
         return _ProgramPending(program_path(self.home, self.program), self.home.root, received)
 
 
@@ -234,7 +243,7 @@ class _ServicePending(_Spooled):
         super().__init__(received)
         self._client = client
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+    def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         msg = self._take(sender, recipients)
         try:
             reply = self._client.submit(
@@ -243,10 +252,7 @@ class _ServicePending(_Spooled):
         finally:
             msg.close()
         self.qp = reply.qp
-        if reply.code != 0:
-            raise QueueError(reply.code, reply.text)
-        self.msgnum = reply.msgnum
-        return reply.msgnum
+        return reply
 
 
 class ServiceSubmitter:
@@ -257,7 +263,7 @@ class ServiceSubmitter:
     def __init__(self, home: Home, path: Path | None = None) -> None:
         self.client = ServiceClient(path or socket_path(home))
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
         # origin is decided by the service from our uid (SO_PEERCRED), as qmail-queue
         # decides it from the real uid: a caller cannot claim to be the network.
         return _ServicePending(self.client, received)
@@ -279,7 +285,7 @@ class _RootPending(_Spooled):
         self._home = home
         self._ids = ids
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int:
+    def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         msg = self._take(sender, recipients)
         ruid = os.getuid()
         try:
@@ -291,11 +297,9 @@ class _RootPending(_Spooled):
         self.qp = pid
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
-            raise QueueError(codes.CRASHED, f"queue writer killed by signal {os.WTERMSIG(status)}")
-        rc = os.waitstatus_to_exitcode(status)
-        if rc != 0:
-            raise QueueError(rc)
-        return 0
+            why = f"queue writer killed by signal {os.WTERMSIG(status)}"
+            return Reply(codes.CRASHED, pid, 0, why)
+        return Reply(os.waitstatus_to_exitcode(status), pid)
 
 
 def _write_as_queue_user(
@@ -334,7 +338,7 @@ class RootSubmitter:
         self.home = home
         self.ids = ids
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
         # origin comes from the real uid in the child, as qmail-queue decides it
         return _RootPending(self.home, self.ids, received)
 
@@ -368,7 +372,7 @@ class _Unconfigured:
     def __init__(self, error: ControlError) -> None:
         self.error = error
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
         raise QueueError(codes.CONFIG_ERROR, str(self.error))
 
 
@@ -378,7 +382,7 @@ def submitter(
     notify: Callable[[int], None] | None = None,
     env: Mapping[str, str] | None = None,
     qmqpservers: Sequence[str] | None = None,
-) -> Submitter:
+) -> BlockingSubmitter:
     """The Submitter this process should use (module docstring); ``env`` for tests.
 
     ``qmqpservers``: control/qmqpservers as the caller already loaded it (qmail-inject
@@ -422,7 +426,7 @@ class QueueSubmitter:
     def _as_root(self) -> bool:
         return os.geteuid() == 0 and not self.home.single_user
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> PendingLike:
+    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
         if self._direct is None and can_write_queue(self.home):
             self._direct = InProcessSubmitter(self.home, notify=self.notify)
         if self._direct is not None:

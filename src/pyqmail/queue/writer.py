@@ -44,7 +44,7 @@ from pyqmail import qdate
 from pyqmail.durable import write_all
 from pyqmail.home import Home
 from pyqmail.queue import codes
-from pyqmail.queue.codes import qq_result
+from pyqmail.queue.contract import QueueError as QueueError  # its home before the contract
 from pyqmail.queue.envelope import EnvelopeError, check_address, format_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
@@ -54,26 +54,6 @@ Hook = Callable[[CrashState], None]
 ORIGINS = ("uid", "network", "bounce", "alias")
 _BUFSIZE = 65536
 _PID_SEQ_TRIES = 1000
-
-
-class QueueError(Exception):
-    """A refused or failed queue insertion; ``code`` is qmail-queue's exit code.
-
-    ``custom`` is a replacement program's fd-6 text (exit 82, notqmail).
-    """
-
-    def __init__(self, code: int, message: str = "", custom: str | None = None) -> None:
-        super().__init__(message or qq_result(code, custom)[1])
-        self.code = code
-        self.custom = custom
-
-    def result(self) -> tuple[str, str]:
-        """(``"D"`` or ``"Z"``, qmail's text for the caller to report)."""
-        return qq_result(self.code, self.custom)
-
-    @property
-    def permanent(self) -> bool:
-        return self.result()[0] == "D"
 
 
 def received_line(qp: int, origin: str, uid: int, when: float) -> bytes:

@@ -30,7 +30,7 @@ from pyqmail.send.log import SendLog
 from pyqmail.send.todo import bounce_address, decode, encode
 
 if TYPE_CHECKING:
-    from pyqmail.send.manager import SubmitterLike
+    from pyqmail.queue.contract import BlockingSubmitter
 
 TOO_LONG = "I'm not going to try again; this message has been in the queue too long.\n"
 DOUBLE_BOUNCE_SENDER = "#@[]"
@@ -205,7 +205,7 @@ def record_failure(
 def queue_bounce(
     paths: QueuePaths,
     num: int,
-    submitter: SubmitterLike | None,
+    submitter: BlockingSubmitter | None,
     log: SendLog,
     *,
     bouncefrom: str,
@@ -244,13 +244,16 @@ def queue_bounce(
                 bouncehost=bouncehost,
             ):
                 pending.write(chunk)
-            pending.commit(encode(env.sender), [encode(env.recipient)])
         except Exception:
             with contextlib.suppress(Exception):
                 pending.abort()
             log.warning("trouble injecting bounce message, will try later")
             return False, -1
-        qp = pending.qp
+        reply = pending.commit_blocking(encode(env.sender), [encode(env.recipient)])
+        if not reply.ok:
+            log.warning("trouble injecting bounce message, will try later")
+            return False, -1
+        qp = reply.qp
     try:
         clean.remove_bounce(paths, num)
     except OSError as e:

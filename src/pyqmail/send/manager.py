@@ -34,16 +34,16 @@ import fcntl
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from pyqmail.control import Control
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
 from pyqmail.queue import clean, records
 from pyqmail.queue.clean import Cleaner
+from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.send import bounce
 from pyqmail.send.direct import After, DirectDeliveries
@@ -74,18 +74,6 @@ _TEXT_INTERNAL = "Sorry, an internal error occurred while delivering. (#4.3.0)\n
 
 class StartError(Exception):
     """qmail-send cannot start; the text is qmail's ``alert: cannot start: ...`` reason."""
-
-
-class PendingLike(Protocol):
-    qp: int
-
-    def write(self, data: bytes) -> None: ...
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> int: ...
-    def abort(self) -> None: ...
-
-
-class SubmitterLike(Protocol):
-    def begin(self, *, origin: str = ..., received: bytes = ...) -> PendingLike: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +109,7 @@ class Scheduler:
         *,
         local: LocalDeliver,
         remote: RemoteDeliver,
-        submitter: SubmitterLike | None = None,
+        submitter: BlockingSubmitter | None = None,
         log: SendLog | None = None,
         clock: Callable[[], float] = time.time,
         term_timeout: float = 60.0,

@@ -45,10 +45,9 @@ from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
 from pyqmail.netstring import NetstringError
 from pyqmail.qdate import date822
-from pyqmail.queue import codes
 from pyqmail.queue.codes import qq_result
+from pyqmail.queue.contract import BlockingSubmission, BlockingSubmitter
 from pyqmail.queue.envelope import MAX_RECIPIENTS
-from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.session import safe
 
@@ -235,7 +234,7 @@ def reply_for(code: int, qp: int, when: float | None = None, custom: str | None 
     return letter.encode() + text.encode()
 
 
-def _finish(pending: PendingLike, req: Request) -> bytes:
+def _finish(pending: BlockingSubmission, req: Request) -> bytes:
     """Commit or refuse a complete request (blocking: the queue's fsyncs)."""
     if req.bad:
         pending.abort()
@@ -243,14 +242,9 @@ def _finish(pending: PendingLike, req: Request) -> bytes:
     if not req.recipients:
         pending.abort()
         return NO_RECIPIENTS
-    try:
-        pending.commit(req.sender, req.recipients)
-    except QueueError as e:
-        return reply_for(e.code, pending.qp, custom=e.custom)
-    except Exception:  # never a traceback to the peer: an unexpected error is temporary
-        pending.abort()
-        return reply_for(codes.INTERNAL_BUG, 0)
-    return reply_for(0, pending.qp)
+    # never a traceback to the peer: an unexpected error is a temporary failure
+    r = pending.commit_blocking(req.sender, req.recipients)
+    return reply_for(r.code, r.qp, custom=r.custom)
 
 
 # -- qmail-qmqpd on stdin/stdout ---------------------------------------------------
@@ -259,14 +253,14 @@ def _finish(pending: PendingLike, req: Request) -> bytes:
 def serve_stdio(
     rfile: BinaryIO,
     wfile: BinaryIO,
-    submitter: Submitter,
+    submitter: BlockingSubmitter,
     env: Mapping[str, str],
     *,
     limit: int = MAX_LENGTH,
 ) -> int:
     """One QMQP request on ``rfile``/``wfile``; returns qmail-qmqpd's exit code."""
     rx = QmqpReceiver(limit)
-    pending: PendingLike | None = None
+    pending: BlockingSubmission | None = None
     try:
         while True:
             data = rfile.read1(CHUNK) if hasattr(rfile, "read1") else rfile.read(CHUNK)
@@ -327,7 +321,7 @@ class QmqpServer:
         self,
         home: Home,
         ctl: ControlCache,
-        submitter: Submitter,
+        submitter: BlockingSubmitter,
         *,
         rules: Path | None = None,
         limit: int = MAX_LENGTH,
@@ -384,7 +378,7 @@ class QmqpServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: dict[str, str]
     ) -> None:
         rx = QmqpReceiver(self.limit)
-        pending: PendingLike | None = None
+        pending: BlockingSubmission | None = None
         loop = asyncio.get_running_loop()
         try:
             while not rx.finished:
@@ -414,5 +408,5 @@ class QmqpServer:
             if pending is not None:
                 pending.abort()
 
-    def _begin(self, env: Mapping[str, str]) -> PendingLike:
+    def _begin(self, env: Mapping[str, str]) -> BlockingSubmission:
         return self.submitter.begin(origin="network", received=received_line("QMQP", env))

@@ -39,9 +39,8 @@ from pyqmail.control import Control, ControlCache
 from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
 from pyqmail.netstring import NetstringError
-from pyqmail.queue import codes
+from pyqmail.queue.contract import BlockingSubmission, BlockingSubmitter
 from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
-from pyqmail.queue.submit import PendingLike, Submitter
 from pyqmail.queue.writer import QueueError
 from pyqmail.smtp.qmqpd import (
     CHUNK,
@@ -302,7 +301,7 @@ def open_more(home: Home) -> cdb.Reader | None:
 class _Message:
     """One message being received: its Pending and its size against databytes."""
 
-    def __init__(self, pending: PendingLike, databytes: int) -> None:
+    def __init__(self, pending: BlockingSubmission, databytes: int) -> None:
         self.pending = pending
         self.size = 0
         self.databytes = databytes
@@ -337,14 +336,8 @@ def _finish(msg: _Message, env: Envelope, policy: QmtpPolicy) -> list[bytes]:
         msg.pending.abort()
         final = TOO_BIG
     else:
-        try:
-            msg.pending.commit(sender, accepted)
-            final = reply_for(0, msg.pending.qp)
-        except QueueError as e:
-            final = reply_for(e.code, msg.pending.qp, custom=e.custom)
-        except Exception:
-            msg.pending.abort()
-            final = reply_for(codes.INTERNAL_BUG, 0)
+        q = msg.pending.commit_blocking(sender, accepted)
+        final = reply_for(q.code, q.qp, custom=q.custom)
     return [final if r is None else r for r in replies]
 
 
@@ -354,7 +347,7 @@ def _finish(msg: _Message, env: Envelope, policy: QmtpPolicy) -> list[bytes]:
 def serve_stdio(
     rfile: BinaryIO,
     wfile: BinaryIO,
-    submitter: Submitter,
+    submitter: BlockingSubmitter,
     policy: QmtpPolicy,
     env: Mapping[str, str],
 ) -> int:
@@ -401,7 +394,7 @@ class QmtpServer:
         self,
         home: Home,
         ctl: ControlCache,
-        submitter: Submitter,
+        submitter: BlockingSubmitter,
         *,
         rules: Path | None = None,
         max_conns: int = 100,
@@ -489,5 +482,5 @@ class QmtpServer:
             if msg is not None:
                 msg.pending.abort()
 
-    def _begin(self, env: Mapping[str, str]) -> PendingLike:
+    def _begin(self, env: Mapping[str, str]) -> BlockingSubmission:
         return self.submitter.begin(origin="network", received=received_line("QMTP", env))

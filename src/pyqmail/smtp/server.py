@@ -1,7 +1,7 @@
-"""The adapters that put the SMTP conversation on a socket: asyncio listener and stdio.
+"""The asyncio SMTP listener (the stdio adapter, qmail-smtpd under tcpserver, is smtp/stdio.py).
 
 Both drive :class:`~pyqmail.smtp.protocol.SmtpServerConnection` and hand the message to a
-queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about SMTP.
+queue :class:`~pyqmail.queue.contract.Submitter`; neither decides anything about SMTP.
 
 * :class:`SmtpServer` is the listener ``pyqmail run`` and ``pyqmail smtpd --listen`` use:
   asyncio (uvloop when installed), IPv4 and IPv6, one tcprules lookup per connection in
@@ -14,11 +14,10 @@ queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about S
   job, commits whatever has gathered in one batch with ``writer.commit_many``), so no
   thread of the listener competes with the loop for the GIL; a client is held back
   while that process lags. ``PYQMAIL_SMTP_COMMIT=thread`` keeps the writer in this
-  process with one committer thread instead. Other submitters' commits run in a worker
-  thread each.
-  ``250 ok`` is written only after the message's commit returned.
-* :func:`run_stdio` is ``qmail-smtpd`` under tcpserver: the socket on fd 0/1 and the
-  environment tcpserver set.
+  process with one committer thread instead (queue/committhread.py). Whatever the
+  submitter, a message's commit is one ``await`` of the queue contract
+  (queue/contract.py), and ``250 ok`` is written only after it returned.
+* ``qmail-smtpd`` under tcpserver (the socket on fd 0/1) is :func:`pyqmail.smtp.stdio.run_stdio`.
 
 An unexpected exception never reaches the client: it is logged and the client gets a 451
 and the connection is closed; any message in progress is aborted (nothing queued).
@@ -28,28 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import select
-import signal
-import socket
-import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import cast
+from typing import Generic, Protocol, TypeVar, cast
 
 from pyqmail import cdb, listener, netaddr, tcprules
-from pyqmail.control import Control, ControlCache, ControlError, load
+from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
-from pyqmail.queue.committer import CommitProcess, ProcPending
-from pyqmail.queue.writer import Pending, QueueError, commit_many
+from pyqmail.queue.committer import CommitProcess
+from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply, Submission, Submitter
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
     Close,
@@ -68,22 +59,26 @@ log = logging.getLogger("pyqmail.smtpd")
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 
+_S = TypeVar("_S", bound=Submission)
+_S_co = TypeVar("_S_co", bound=Submission, covariant=True)
 
-class _Message:
+
+class _Opens(Protocol[_S_co]):
+    def begin(self, *, origin: str = ..., received: bytes = ...) -> _S_co: ...
+
+
+class _Message(Generic[_S]):
     """The queue side of one session: at most one message open at a time."""
 
-    __slots__ = ("_error", "_lock", "_pending", "_rcpts", "_sender", "origin", "submitter")
+    __slots__ = ("_error", "_pending", "_rcpts", "_sender", "origin", "submitter")
 
-    def __init__(self, submitter: qsubmit.Submitter, origin: str = "network") -> None:
+    def __init__(self, submitter: _Opens[_S], origin: str = "network") -> None:
         self.submitter = submitter
         self.origin = origin  # qmail-queue's "invoked from network" unless told otherwise
-        # commit runs in a worker thread and abort (connection lost) in the loop's: whoever
-        # takes the pending entry first owns it, never both.
-        self._lock = threading.Lock()
-        self._pending: qsubmit.PendingLike | None = None
+        self._pending: _S | None = None
         self._sender = b""
         self._rcpts: tuple[bytes, ...] = ()
-        self._error: bytes | None = None
+        self._error: Reply | None = None
 
     def start(self, ev: MessageStart) -> bool:
         self.abort()
@@ -105,34 +100,39 @@ class _Message:
         try:
             p.write(data)
         except QueueError as e:
-            self._error = codes.smtp_reply(e.code, e.custom)
+            self._error = Reply.of(e)
         except Exception:
             log.exception("queue write failed")
-            self._error = codes.smtp_reply(codes.WRITE_ERROR)
+            self._error = Reply(codes.WRITE_ERROR)
 
-    def take(self) -> tuple[qsubmit.PendingLike, bytes, tuple[bytes, ...]] | bytes:
+    def _take(self) -> _S | Reply:
         """Take the open message for committing (its owner from now on: a later abort
         does nothing), or the reply when there is nothing to commit."""
-        with self._lock:
-            p, self._pending = self._pending, None
+        p, self._pending = self._pending, None
         if p is None:
-            return codes.smtp_reply(codes.INTERNAL_BUG)
+            return Reply(codes.INTERNAL_BUG)
         if self._error is not None:
             with contextlib.suppress(Exception):
                 p.abort()
             return self._error
-        return p, self._sender, self._rcpts
+        return p
 
-    def commit(self) -> bytes:
-        """Blocking: make the message durable; the reply line for the client."""
-        job = self.take()
-        if isinstance(job, bytes):
-            return job
-        return _commit_other(*job)
+    async def commit(self) -> Reply:
+        """Make the message durable (from the event loop); the queue's reply."""
+        p = self._take()
+        if isinstance(p, Reply):
+            return p
+        return await p.commit(self._sender, self._rcpts)
+
+    def commit_blocking(self: _Message[BlockingSubmission]) -> Reply:
+        """The same without an event loop (qmail-smtpd on stdio)."""
+        p = self._take()
+        if isinstance(p, Reply):
+            return p
+        return p.commit_blocking(self._sender, self._rcpts)
 
     def abort(self) -> None:
-        with self._lock:
-            p, self._pending = self._pending, None
+        p, self._pending = self._pending, None
         if p is not None:
             try:
                 p.abort()
@@ -140,122 +140,11 @@ class _Message:
                 log.exception("queue abort failed")
 
 
-_Job = tuple[Pending, bytes, Sequence[bytes], "asyncio.Future[bytes]"]
-
-
-class _Committer:
-    """One thread committing the in-process writer's messages, in batches.
-
-    ``submit`` (event loop) queues a message and returns a future for its reply line;
-    the thread takes everything queued, commits it with ``commit_many`` (grouped by
-    writer), and resolves the batch's futures with one call into the loop. The thread
-    is woken only when it is waiting: while it commits, new messages simply gather for
-    the next batch. Each message's reply still comes only after its own commit.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._cond = threading.Condition()
-        self._jobs: deque[tuple[asyncio.AbstractEventLoop, _Job]] = deque()
-        self._waiting = False
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
-
-    def submit(
-        self, loop: asyncio.AbstractEventLoop, p: Pending, sender: bytes, rcpts: Sequence[bytes]
-    ) -> asyncio.Future[bytes]:
-        fut: asyncio.Future[bytes] = loop.create_future()
-        if self._pid != os.getpid():  # a forked child: the parent's thread is not here
-            self._reset()
-        with self._cond:
-            self._jobs.append((loop, (p, sender, rcpts, fut)))
-            if self._thread is None:
-                # Not a daemon: at exit the batch in hand is finished, not cut short.
-                self._thread = threading.Thread(target=self._run, name="smtpq-commit")
-                self._thread.start()
-            elif self._waiting:
-                self._cond.notify()
-        return fut
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._jobs:
-                    if not threading.main_thread().is_alive():
-                        self._thread = None
-                        return  # interpreter exit: every taken batch has finished
-                    self._waiting = True
-                    self._cond.wait(0.5)
-                self._waiting = False
-                batch = list(self._jobs)
-                self._jobs.clear()
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bytes], bytes]]]
-            by_loop = {}
-            try:
-                results = self._commit(batch)
-            except Exception:  # never let the thread die: every later message would hang
-                log.exception("committer failed")
-                results = []
-                for loop, (p, _s, _r, fut) in batch:
-                    with contextlib.suppress(Exception):
-                        p.abort()
-                    results.append((loop, (fut, codes.smtp_reply(codes.INTERNAL_BUG))))
-            for loop, replies_ in results:
-                by_loop.setdefault(loop, []).append(replies_)
-            for loop, done in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(_resolve, done)
-
-    @staticmethod
-    def _commit(
-        batch: list[tuple[asyncio.AbstractEventLoop, _Job]],
-    ) -> list[tuple[asyncio.AbstractEventLoop, tuple[asyncio.Future[bytes], bytes]]]:
-        out: list[tuple[asyncio.AbstractEventLoop, tuple[asyncio.Future[bytes], bytes]]] = []
-        groups: dict[int, list[tuple[asyncio.AbstractEventLoop, _Job]]] = {}
-        for entry in batch:
-            groups.setdefault(id(entry[1][0]._w), []).append(entry)
-        for group in groups.values():
-            try:
-                results = commit_many([(p, s, r) for _, (p, s, r, _f) in group])
-            except Exception:
-                log.exception("queue commit failed")
-                for _, (p, _s, _r, _f) in group:
-                    with contextlib.suppress(Exception):
-                        p.abort()
-                results = [QueueError(codes.INTERNAL_BUG)] * len(group)
-            now = int(time.time())
-            for (loop, (p, _s, _r, fut)), res in zip(group, results, strict=True):
-                if isinstance(res, QueueError):
-                    reply = codes.smtp_reply(res.code, res.custom)
-                else:
-                    reply = replies.accepted(now, p.qp)
-                out.append((loop, (fut, reply)))
-        return out
-
-
-_COMMITTER = _Committer()  # one per process, shared by every listener in it
-
-
-def _resolve(done: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
-    for fut, reply in done:
-        if not fut.done():
-            fut.set_result(reply)
-
-
-def _commit_other(p: qsubmit.PendingLike, sender: bytes, rcpts: Sequence[bytes]) -> bytes:
-    """Blocking: commit one message (stdio, or a worker thread); its reply line."""
-    try:
-        p.commit(sender, rcpts)
-    except QueueError as e:
-        return codes.smtp_reply(e.code, e.custom)
-    except Exception:
-        log.exception("queue commit failed")
-        with contextlib.suppress(Exception):
-            p.abort()
-        return codes.smtp_reply(codes.INTERNAL_BUG)
-    return replies.accepted(int(time.time()), p.qp)
+def smtp_reply(r: Reply) -> bytes:
+    """qmail-smtpd's reply for the queue's: ``250 ok T qp P``, else ``554``/``451`` + text."""
+    if r.ok:
+        return replies.accepted(int(time.time()), r.qp)
+    return codes.smtp_reply(r.code, r.custom)
 
 
 class SmtpServer:
@@ -265,7 +154,7 @@ class SmtpServer:
         self,
         home: Home,
         ctl: ControlCache,
-        submitter: qsubmit.Submitter,
+        submitter: Submitter,
         *,
         rules: Path | None = None,
         max_conns: int = 100,
@@ -274,7 +163,6 @@ class SmtpServer:
         greet_delay: float = 0.0,
         linger: float = LINGER,
         local_ips: frozenset[IPAddress] | None = None,
-        executor: ThreadPoolExecutor | None = None,
         reuse_port: bool = False,
         control_ttl: float = 1.0,
         limit_loopback: bool = False,
@@ -299,12 +187,7 @@ class SmtpServer:
         self.greet_delay = greet_delay
         self.linger = linger
         self.local_ips = local_ips if local_ips is not None else local_addresses()
-        self.executor = executor or ThreadPoolExecutor(
-            max_workers=int(os.environ.get("PYQMAIL_SMTP_THREADS", "64")),
-            thread_name_prefix="smtpq",
-        )
         self.reuse_port = reuse_port
-        self.committer = _COMMITTER
         self.control_ttl = control_ttl
         self._ctl: Control | None = None
         self._ctl_at = 0.0
@@ -405,7 +288,7 @@ class SmtpServer:
         if self.proc is not None:
             await self.proc.close()
 
-    def submitter_for(self, env: Mapping[str, str]) -> qsubmit.Submitter:
+    def submitter_for(self, env: Mapping[str, str]) -> Submitter:
         """A rule may set QMAILQUEUE for its clients (a per-client filter), as with tcpserver."""
         program = env.get("QMAILQUEUE")
         if program:
@@ -437,7 +320,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: SmtpServerConnection | None = None
-        self.msg: _Message | None = None
+        self.msg: _Message[Submission] | None = None
         self.ip = ""
         self.ip_key = ""
         self.last = 0.0
@@ -638,27 +521,15 @@ class _SmtpProtocol(asyncio.Protocol):
         if msg is None or conn is None:
             return  # the client went away first: connection_lost aborted the message
         try:
-            job = msg.take()
-            if isinstance(job, bytes):
-                reply = job
-            elif isinstance(job[0], ProcPending):
-                res = await job[0].commit_async(job[1], job[2])
-                if res.code == 0:
-                    reply = replies.accepted(int(time.time()), res.qp)
-                else:
-                    log.warning("queue refused a message from %s: %s", self.ip, res.text)
-                    reply = codes.smtp_reply(res.code)
-            elif isinstance(job[0], Pending):
-                reply = await self.server.committer.submit(self.loop, job[0], job[1], job[2])
-            else:
-                reply = await self.loop.run_in_executor(
-                    self.server.executor, _commit_other, job[0], job[1], job[2]
-                )
+            result = await msg.commit()
         except Exception:
             log.exception("commit crashed")
-            reply = codes.smtp_reply(codes.INTERNAL_BUG)
-        if reply[:3] == b"250":
+            result = Reply(codes.INTERNAL_BUG)
+        if result.ok:
             self.server.accepted += 1
+        elif result.text:
+            log.warning("queue refused a message from %s: %s", self.ip, result.text)
+        reply = smtp_reply(result)
         if self.conn is None or self.transport is None or self.closing:
             return
         self.last = self.loop.time()
@@ -718,171 +589,3 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
-
-
-# ------------------------------------------------------------------------- stdin/stdout
-
-
-def run_stdio(
-    home: Home,
-    env: Mapping[str, str] | None = None,
-    *,
-    infd: int = 0,
-    outfd: int = 1,
-    limits: Limits | None = None,
-    submitter: qsubmit.Submitter | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    origin: str = "network",
-) -> int:
-    """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
-    code: 0 after QUIT, 1 when the session ended any other way or could not start.
-
-    ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
-    qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
-    env = os.environ if env is None else env
-    with contextlib.suppress(ValueError, OSError):
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    out = _Writer(outfd)
-    try:
-        ctl = load(home)
-        more = CdbCache(home.control / "morercpthosts.cdb").get()
-        session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
-    except (ControlError, SessionError, OSError, cdb.CdbError) as e:
-        print(f"qmail-smtpd: {e}", file=sys.stderr)
-        with contextlib.suppress(_WriteFailed):
-            out.write(replies.CONTROLS)
-        _drain(infd, outfd)
-        return 1
-    try:
-        msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)), origin)
-    except Exception as e:
-        print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
-        with contextlib.suppress(_WriteFailed):
-            out.write(replies.CONTROLS)
-        _drain(infd, outfd)
-        return 1
-    conn = SmtpServerConnection(session, limits)
-    timeout = float(ctl.timeoutsmtpd)
-    out.timeout = timeout
-    events = conn.greet()
-    partial_since = 0.0
-    try:
-        while True:
-            for ev in events:
-                kind = type(ev)
-                if kind is Send:
-                    out.buffer(ev.data)  # type: ignore[union-attr]
-                elif kind is DataChunk:
-                    msg.write(ev.data)  # type: ignore[union-attr]
-                elif kind is MessageStart:
-                    events = conn.start_result(msg.start(ev))  # type: ignore[arg-type]
-                    break
-                elif kind is MessageEnd:
-                    out.flush()
-                    events = conn.message_result(msg.commit())
-                    break
-                elif kind is MessageAbort:
-                    msg.abort()
-                elif kind is Close:
-                    out.flush()
-                    _drain(infd, outfd)
-                    # qmail-smtpd exits 0 after QUIT and 1 for every other end (EOF,
-                    # read or write error, timeout, bare LF); tcpserver logs the status.
-                    return 0 if conn.quit_seen else 1
-            else:
-                events = []
-            if events:
-                continue
-            out.flush()
-            wait = timeout
-            if conn.partial:
-                wait = min(wait, partial_since + min(timeout, 120.0) - clock())
-            if wait <= 0 or not select.select([infd], [], [], wait)[0]:
-                events = conn.timeout()
-                continue
-            try:
-                data = os.read(infd, 65536)
-            except OSError:
-                data = b""
-            was_partial = conn.partial
-            events = conn.receive_data(data)
-            if conn.partial and not was_partial:
-                partial_since = clock()
-    except _WriteFailed:
-        msg.abort()
-        return 1
-    except Exception:
-        log.exception("qmail-smtpd: unexpected error")
-        msg.abort()
-        with contextlib.suppress(_WriteFailed):
-            out.write(replies.TEMP_ERROR)
-        _drain(infd, outfd)
-        return 1
-
-
-class _WriteFailed(Exception):
-    pass
-
-
-class _Writer:
-    """Output buffered until the next read (qmail's substdio), then written whole."""
-
-    def __init__(self, fd: int, timeout: float = 1200.0) -> None:
-        self.fd = fd
-        self.timeout = timeout  # qmail-smtpd's write timeout is timeoutsmtpd too
-        self._out: list[bytes] = []
-
-    def buffer(self, data: bytes) -> None:
-        self._out.append(data)
-
-    def write(self, data: bytes) -> None:
-        self._out.append(data)
-        self.flush()
-
-    def flush(self) -> None:
-        if not self._out:
-            return
-        data = b"".join(self._out)
-        self._out = []
-        view = memoryview(data)
-        while view:
-            try:
-                if not select.select([], [self.fd], [], self.timeout)[1]:
-                    raise _WriteFailed("write timeout")
-                n = os.write(self.fd, view)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                raise _WriteFailed(str(e)) from e
-            view = view[n:]
-
-
-def _drain(infd: int, outfd: int, limit: float = LINGER) -> None:
-    """Half-close a socket and discard what the client still sends, for a moment.
-
-    Closing a socket with unread input makes the kernel send RST, which can destroy our
-    last reply before the client reads it.
-    """
-    try:
-        s = socket.socket(fileno=os.dup(outfd))
-    except OSError:
-        return
-    try:
-        s.shutdown(socket.SHUT_WR)
-    except OSError:
-        s.close()
-        return
-    s.close()
-    deadline = time.monotonic() + limit
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        try:
-            if not select.select([infd], [], [], left)[0]:
-                return
-            if not os.read(infd, 65536):
-                return
-        except OSError as e:
-            if e.errno != errno.EINTR:
-                return

@@ -1,0 +1,208 @@
+"""qmail-smtpd under tcpserver: one SMTP session on stdin/stdout (fd 0 and fd 1).
+
+Owns :func:`run_stdio` and what it needs of the file descriptors: output buffered until
+the next read and written whole with the write timeout (:class:`_Writer`, qmail's
+substdio), and the half-close with a short drain of the client's input at the end
+(:func:`_drain`), so that a last reply is not destroyed by an RST. The conversation is
+:class:`~pyqmail.smtp.protocol.SmtpServerConnection`, the queue side the listener's
+``_Message`` committing with the contract's blocking form; the environment is the one tcpserver set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+from pyqmail import cdb
+from pyqmail.control import ControlError, load
+from pyqmail.home import Home
+from pyqmail.queue import submit as qsubmit
+from pyqmail.queue.contract import BlockingSubmitter
+from pyqmail.smtp import replies
+from pyqmail.smtp.protocol import (
+    Close,
+    DataChunk,
+    Limits,
+    MessageAbort,
+    MessageEnd,
+    MessageStart,
+    Send,
+    SmtpServerConnection,
+)
+from pyqmail.smtp.server import LINGER, _Message, smtp_reply
+from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses
+
+log = logging.getLogger("pyqmail.smtpd")
+
+
+def run_stdio(
+    home: Home,
+    env: Mapping[str, str] | None = None,
+    *,
+    infd: int = 0,
+    outfd: int = 1,
+    limits: Limits | None = None,
+    submitter: BlockingSubmitter | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    origin: str = "network",
+) -> int:
+    """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
+    code: 0 after QUIT, 1 when the session ended any other way or could not start.
+
+    ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
+    qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
+    env = os.environ if env is None else env
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    out = _Writer(outfd)
+    try:
+        ctl = load(home)
+        more = CdbCache(home.control / "morercpthosts.cdb").get()
+        session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
+    except (ControlError, SessionError, OSError, cdb.CdbError) as e:
+        print(f"qmail-smtpd: {e}", file=sys.stderr)
+        with contextlib.suppress(_WriteFailed):
+            out.write(replies.CONTROLS)
+        _drain(infd, outfd)
+        return 1
+    try:
+        msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)), origin)
+    except Exception as e:
+        print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
+        with contextlib.suppress(_WriteFailed):
+            out.write(replies.CONTROLS)
+        _drain(infd, outfd)
+        return 1
+    conn = SmtpServerConnection(session, limits)
+    timeout = float(ctl.timeoutsmtpd)
+    out.timeout = timeout
+    events = conn.greet()
+    partial_since = 0.0
+    try:
+        while True:
+            for ev in events:
+                kind = type(ev)
+                if kind is Send:
+                    out.buffer(ev.data)  # type: ignore[union-attr]
+                elif kind is DataChunk:
+                    msg.write(ev.data)  # type: ignore[union-attr]
+                elif kind is MessageStart:
+                    events = conn.start_result(msg.start(ev))  # type: ignore[arg-type]
+                    break
+                elif kind is MessageEnd:
+                    out.flush()
+                    events = conn.message_result(smtp_reply(msg.commit_blocking()))
+                    break
+                elif kind is MessageAbort:
+                    msg.abort()
+                elif kind is Close:
+                    out.flush()
+                    _drain(infd, outfd)
+                    # qmail-smtpd exits 0 after QUIT and 1 for every other end (EOF,
+                    # read or write error, timeout, bare LF); tcpserver logs the status.
+                    return 0 if conn.quit_seen else 1
+            else:
+                events = []
+            if events:
+                continue
+            out.flush()
+            wait = timeout
+            if conn.partial:
+                wait = min(wait, partial_since + min(timeout, 120.0) - clock())
+            if wait <= 0 or not select.select([infd], [], [], wait)[0]:
+                events = conn.timeout()
+                continue
+            try:
+                data = os.read(infd, 65536)
+            except OSError:
+                data = b""
+            was_partial = conn.partial
+            events = conn.receive_data(data)
+            if conn.partial and not was_partial:
+                partial_since = clock()
+    except _WriteFailed:
+        msg.abort()
+        return 1
+    except Exception:
+        log.exception("qmail-smtpd: unexpected error")
+        msg.abort()
+        with contextlib.suppress(_WriteFailed):
+            out.write(replies.TEMP_ERROR)
+        _drain(infd, outfd)
+        return 1
+
+
+class _WriteFailed(Exception):
+    pass
+
+
+class _Writer:
+    """Output buffered until the next read (qmail's substdio), then written whole."""
+
+    def __init__(self, fd: int, timeout: float = 1200.0) -> None:
+        self.fd = fd
+        self.timeout = timeout  # qmail-smtpd's write timeout is timeoutsmtpd too
+        self._out: list[bytes] = []
+
+    def buffer(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out = []
+        view = memoryview(data)
+        while view:
+            try:
+                if not select.select([], [self.fd], [], self.timeout)[1]:
+                    raise _WriteFailed("write timeout")
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise _WriteFailed(str(e)) from e
+            view = view[n:]
+
+
+def _drain(infd: int, outfd: int, limit: float = LINGER) -> None:
+    """Half-close a socket and discard what the client still sends, for a moment.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy our
+    last reply before the client reads it.
+    """
+    try:
+        s = socket.socket(fileno=os.dup(outfd))
+    except OSError:
+        return
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        s.close()
+        return
+    s.close()
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            if not select.select([infd], [], [], left)[0]:
+                return
+            if not os.read(infd, 65536):
+                return
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                return
