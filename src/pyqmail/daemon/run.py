@@ -26,6 +26,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from pyqmail import netaddr
@@ -78,6 +79,9 @@ class RunConfig:
     qmtp: list[tuple[str, int]] = field(default_factory=list)
     log: BinaryIO | None = None
     stop_timeout: float = STOP_TIMEOUT
+    # --rules: the site's tcprules cdb where it is (qmail-smtpd under `tcpserver -x PATH`);
+    # None: HOME/control/tcp.smtp.cdb
+    rules: Path | None = None
 
 
 class Daemon:
@@ -157,7 +161,7 @@ class Daemon:
             await spawner.close()
 
     async def _listen(self, submitter: qsubmit.Submitter) -> None:
-        smtp = _server_class()(self.home, self.ctl, submitter)
+        smtp = _server_class()(self.home, self.ctl, submitter, rules=self.cfg.rules)
         self.smtp = smtp
         for host, port in self.cfg.smtp:
             server = await smtp.start(host, port)
@@ -269,7 +273,11 @@ def run(cfg: RunConfig) -> int:
 
 
 def main_args(
-    home: Home, smtp: Sequence[str], qmqp: Sequence[str], qmtp: Sequence[str] = ()
+    home: Home,
+    smtp: Sequence[str],
+    qmqp: Sequence[str],
+    qmtp: Sequence[str] = (),
+    rules: str | None = None,
 ) -> RunConfig:
     """A RunConfig from command-line strings (raises ValueError for a bad address)."""
     return RunConfig(
@@ -277,4 +285,5 @@ def main_args(
         smtp=[parse_listen(a, 25) for a in smtp],
         qmqp=[parse_listen(a, 628) for a in qmqp],
         qmtp=[parse_listen(a, 209) for a in qmtp],
+        rules=Path(rules) if rules else None,
     )

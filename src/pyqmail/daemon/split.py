@@ -247,7 +247,8 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
     async def main() -> int:
         loop = asyncio.get_running_loop()
         servers: list[asyncio.AbstractServer] = []
-        smtp = _DaemonSmtpServer(home, ctl, committer)
+        # --rules: the site's tcprules cdb where it is (None: control/tcp.smtp.cdb)
+        smtp = _DaemonSmtpServer(home, ctl, committer, rules=cfg.rules)
         for host, port in cfg.smtp:
             servers.append(await smtp.start(host, port))
         if cfg.qmqp:
