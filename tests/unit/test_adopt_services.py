@@ -128,3 +128,20 @@ def test_qmqpd_and_unknown_and_broken(tmp_path: Path) -> None:
     assert _svc(tmp_path, "exec /usr/sbin/dovecot -F\n").kind == "unknown"
     assert _svc(tmp_path, "exec tcpserver 'oops\n").error is not None
     assert _svc(tmp_path, "# nothing\n").error == "no command found"
+
+
+def test_runit_chpst_and_tcpsvd(tmp_path: Path) -> None:
+    env = tmp_path / "env"
+    env.mkdir()
+    (env / "QMAILQUEUE").write_text("/usr/bin/filter\n")
+    svc = _svc(
+        tmp_path,
+        "#!/bin/sh\nexec 2>&1\nexec chpst -e ./env -m 30000000 -U qmaild "
+        "tcpsvd -vllocalhost -x /etc/tcp.smtp.cdb -c 20 -u qmaild:nofiles 0 25 "
+        "qmail-smtpd\n",
+    )
+    assert svc.kind == "smtpd" and svc.env == {"QMAILQUEUE": "/usr/bin/filter"}
+    assert svc.softlimit == {"m": "30000000"} and svc.user == "qmaild"
+    assert svc.tcp is not None and svc.tcp.rules == "/etc/tcp.smtp.cdb"
+    assert svc.tcp.options["c"] == "20" and svc.tcp.options["l"] == "localhost"
+    assert (svc.tcp.host, svc.tcp.port) == ("0", "25")

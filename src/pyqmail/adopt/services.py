@@ -3,13 +3,13 @@
 :func:`read_service` reads a daemontools or runit ``run`` file (or qmail's ``rc``) with
 :mod:`pyqmail.adopt.shellwords` and walks its ``exec`` chain the way each program in it
 would take its arguments: ``env``, ``envdir`` (its files are read, never run),
-``softlimit``, ``setuidgid``/``envuidgid``, ``tcpserver`` (ucspi-tcp's options, the address
-and port), ``rblsmtpd``, ``recordio``/``fixcrio``, and at the end ``qmail-smtpd`` (with a
-checkpassword program for the AUTH patches), ``qmail-qmqpd``, ``qmail-qmtpd``,
-``qmail-start`` (the default delivery) or a logger. Variables assigned earlier in the
-script resolve when they are literal or one of the usual read-only substitutions
-(``cat FILE``, ``head -1 FILE``, ``id -u NAME``, ``id -g NAME``); anything else is named
-in :attr:`Service.unresolved` and never run.
+``softlimit``, ``setuidgid``/``envuidgid``, runit's ``chpst``, ``tcpserver`` (ucspi-tcp's
+options, the address and port) or runit's ``tcpsvd``, ``rblsmtpd``, ``recordio``/``fixcrio``,
+and at the end ``qmail-smtpd`` (with a checkpassword program for the AUTH patches),
+``qmail-qmqpd``, ``qmail-qmtpd``, ``qmail-start`` (the default delivery) or a logger.
+Variables assigned earlier in the script resolve when they are literal or one of the
+usual read-only substitutions (``cat FILE``, ``head -1 FILE``, ``id -u NAME``, ``id -g NAME``);
+anything else is named in :attr:`Service.unresolved` and never run.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from pyqmail.adopt.shellwords import Command, ShellError, Sub, Var, Word, show, 
 _SOFTLIMIT_OPTS = set("mdsloaprctf")  # every softlimit option takes a number
 _TCPSERVER_FLAGS = set("qQvdDoOpPhHrR1UX46")
 _TCPSERVER_ARGS = set("xtulbBcgiI")
+_TCPSVD_FLAGS = set("hEpv")  # runit's ipsvd
+_TCPSVD_ARGS = set("cCixtulb")
+_CHPST_FLAGS = set("vP012")
+_CHPST_ARGS = set("uUbe/nlLmdofcpr")
 _RBL_FLAGS = set("bBcC")
 _RBL_ARGS = set("rtaw")
 _PASS_THROUGH = {"exec", "fghack", "pgrphack", "recordio", "fixcrio", "nice", "chpst-less"}
@@ -166,6 +170,7 @@ def _substitute(text: str, cwd: Path) -> str | None:
 
 def _walk(argv: list[str], svc: Service, cwd: Path, words: list[Word]) -> None:
     i = 0
+    opts: dict[str, str]
     while i < len(argv):
         name = os.path.basename(argv[i])
         svc.chain.append(name)
@@ -194,10 +199,23 @@ def _walk(argv: list[str], svc: Service, cwd: Path, words: list[Word]) -> None:
             i += 2
         elif name == "softlimit":
             i = _options(argv, i + 1, set(), _SOFTLIMIT_OPTS, svc.softlimit, set())
-        elif name == "tcpserver":
+        elif name == "chpst":  # runit: -u user, -e envdir, -m/-d/-o/... limits
+            opts = {}
+            i = _options(argv, i + 1, _CHPST_FLAGS, _CHPST_ARGS, opts, set())
+            if "e" in opts:
+                _read_envdir(cwd / opts["e"], svc)
+            if "u" in opts or "U" in opts:
+                svc.user = opts.get("u", opts.get("U"))
+            svc.softlimit.update({k: v for k, v in opts.items() if k in "mdofcpr"})
+        elif name in ("tcpserver", "tcpsvd"):
             flags: set[str] = set()
-            opts: dict[str, str] = {}
-            i = _options(argv, i + 1, _TCPSERVER_FLAGS, _TCPSERVER_ARGS, opts, flags)
+            opts = {}
+            fl, ar = (
+                (_TCPSERVER_FLAGS, _TCPSERVER_ARGS)
+                if name == "tcpserver"
+                else (_TCPSVD_FLAGS, _TCPSVD_ARGS)
+            )
+            i = _options(argv, i + 1, fl, ar, opts, flags)
             if i + 1 >= len(argv):
                 svc.error = "tcpserver without an address and a port"
                 return
