@@ -8,7 +8,7 @@ DEMO   := $(CURDIR)/var/qmail
 # smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base
 
-.PHONY: run test lint typecheck pytest deps accounts venv compat bench clean
+.PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,17 @@ run: venv
 compat: venv deps accounts
 	PYQMAIL_COMPAT=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/compat
 
+# Manual pages for pyqmail's commands, from the argparse parsers behind --help.
+MANDIR ?= /usr/local/share/man
+man: venv
+	$(PY) -m pyqmail.cli.manpage man/man1
+
+install-man: man
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 0644 man/man1/*.1 $(DESTDIR)$(MANDIR)/man1/
+
 bench: venv deps
 	$(PY) bench/queue.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage man

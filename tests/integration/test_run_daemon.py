@@ -369,3 +369,23 @@ def test_one_of_two_recipients_refused_bounces_with_giving_up(mta: Mta) -> None:
         "failure: 127.0.0.1_does_not_like_recipient./Remote_host_said:_550_5.1.1_no_such_user/"
         "Giving_up_on_127.0.0.1./"
     ) in mta.log()
+
+
+def test_rules_option_takes_the_sites_cdb_where_it_is(mta: Mta, tmp_path: Path) -> None:
+    """``--rules PATH`` is ``tcpserver -x PATH``: the site's cdb decides, not control/'s."""
+    from pyqmail.tcprules import compile_rules, write_cdb
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    rules = compile_rules(b"127.0.0.1:deny\n:allow\n")
+    write_cdb(rules, etc / "tcp.smtp.cdb", etc / "tcp.smtp.tmp")
+    mta.start("--rules", str(etc / "tcp.smtp.cdb"))
+    with socket.create_connection(("127.0.0.1", mta.port), 10) as s:
+        s.settimeout(10)
+        greeting = s.recv(512)
+    assert not greeting.startswith(b"220"), greeting  # denied by the rules at that path
+    assert mta.stop() == 0
+    mta.start()  # without --rules, control/tcp.smtp.cdb (absent): loopback is welcome
+    with socket.create_connection(("127.0.0.1", mta.port), 10) as s:
+        s.settimeout(10)
+        assert s.recv(512).startswith(b"220")

@@ -1,4 +1,5 @@
-"""``pyqmail run [--home DIR] [--smtp A:P ...] [--qmqp A:P ...] [--qmtp A:P ...] [--single-user]``.
+"""``pyqmail run [--home DIR] [--smtp A:P ...] [--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB]
+[--single-user]``.
 
 Parses the arguments and hands them to :mod:`pyqmail.daemon.run`. Addresses are
 ``HOST:PORT`` or ``[IPv6]:PORT``; without ``--smtp`` the MTA delivers the queue but listens
@@ -26,12 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a QMQP listener (repeatable)")  # fmt: skip
     p.add_argument("--qmtp", action="append", default=[], metavar="ADDR:PORT",
                    help="a QMTP listener (repeatable)")  # fmt: skip
+    p.add_argument("--rules", metavar="CDB",
+                   help="the SMTP tcprules cdb (default HOME/control/tcp.smtp.cdb; "
+                        "qmail sites often keep it at /etc/tcp.smtp.cdb)")  # fmt: skip
     p.add_argument("--single-user", action="store_true",
                    help="everything as the invoking user (or PYQMAIL_SINGLE_USER=1)")  # fmt: skip
     a = p.parse_args(argv)
     home = resolve_home(a.home, a.single_user)
     try:
-        cfg = main_args(home, a.smtp, a.qmqp, a.qmtp)
+        cfg = main_args(home, a.smtp, a.qmqp, a.qmtp, a.rules)
     except ValueError as e:
         return fatal(PROG, str(e), 100)
     return run(cfg)

@@ -66,6 +66,9 @@ class RunConfig:
     qmtp: list[tuple[str, int]] = field(default_factory=list)
     log: BinaryIO | None = None
     stop_timeout: float = STOP_TIMEOUT
+    # --rules: the site's tcprules cdb where it is (qmail-smtpd under `tcpserver -x PATH`);
+    # None: HOME/control/tcp.smtp.cdb
+    rules: Path | None = None
 
     def listens(self) -> bool:
         """Whether any listener is asked for (else only the queue is delivered)."""
@@ -166,7 +169,9 @@ async def start_listeners(
     nothing until ``Listeners.start_serving()``.
     """
     home = cfg.home
-    smtp = DaemonSmtpServer(home, ctl, smtp_submitter if smtp_submitter is not None else submitter)
+    smtp = DaemonSmtpServer(
+        home, ctl, smtp_submitter if smtp_submitter is not None else submitter, rules=cfg.rules
+    )
     out = Listeners(smtp)
     for host, port in cfg.smtp:
         out.add("smtp", await smtp.start(host, port, start_serving=serving))

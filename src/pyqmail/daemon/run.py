@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.daemon.parts import (
@@ -155,7 +156,11 @@ def run(cfg: RunConfig) -> int:
 
 
 def main_args(
-    home: Home, smtp: Sequence[str], qmqp: Sequence[str], qmtp: Sequence[str] = ()
+    home: Home,
+    smtp: Sequence[str],
+    qmqp: Sequence[str],
+    qmtp: Sequence[str] = (),
+    rules: str | None = None,
 ) -> RunConfig:
     """A RunConfig from command-line strings (raises ValueError for a bad address)."""
     return RunConfig(
@@ -163,4 +168,5 @@ def main_args(
         smtp=[parse_listen(a, 25) for a in smtp],
         qmqp=[parse_listen(a, 628) for a in qmqp],
         qmtp=[parse_listen(a, 209) for a in qmtp],
+        rules=Path(rules) if rules else None,
     )
