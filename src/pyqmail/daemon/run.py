@@ -12,7 +12,7 @@ Owns the wiring and the order of start-up and shutdown:
 
 Identities (design.md): in single-user mode, or when started by an ordinary user, every part
 runs in this process as the invoking user (a warning once if that is root), with local
-deliveries in pre-forked workers (daemon/local.py). Started as root in multi-user mode, the
+deliveries in pre-forked workers (local/pool.py). Started as root in multi-user mode, the
 parts run as separate processes under qmail's users instead (daemon/split.py).
 """
 
@@ -31,8 +31,8 @@ from typing import BinaryIO
 from pyqmail import netaddr
 from pyqmail.cli.common import parse_listen
 from pyqmail.control import ControlCache, ControlError, Finding, load
-from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home, warn_if_root_single_user
+from pyqmail.local.pool import WorkerPoolLocal
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale

@@ -308,7 +308,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(_LEN.unpack(head)[0])
 
 
-_WORKER_BOOT = "import sys; from pyqmail.daemon.local import worker_main; worker_main(sys.argv[1:])"
+_WORKER_BOOT = "import sys; from pyqmail.local.pool import worker_main; worker_main(sys.argv[1:])"
 
 
 def worker_main(argv: list[str]) -> None:

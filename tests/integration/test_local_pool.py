@@ -1,4 +1,4 @@
-"""daemon/local.py's WorkerPoolLocal (single-user mode): the time limit is the daemon's."""
+"""local/pool.py's WorkerPoolLocal (single-user mode): the time limit is the daemon's."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pyqmail.control import ControlCache
-from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home
+from pyqmail.local.pool import WorkerPoolLocal
 from pyqmail.outcome import Outcome
 from tests.integration.test_local_spawn import _gone
 
