@@ -219,9 +219,6 @@ class Control:
     findings: tuple[Finding, ...] = ()
     raw_lists: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
 
-    def is_local(self, domain: str) -> bool:
-        return domain.lower() in self.locals
-
     def rcpthost_allowed(self, domain: str) -> bool | None:
         """True/False by rcpthosts (exact or .suffix); None if rcpthosts is missing."""
         if self.rcpthosts is None:

@@ -8,7 +8,6 @@ durability (queue, Maildir, cdb compilers) goes through these helpers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -26,34 +25,3 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def replace_file(
-    path: str | os.PathLike[str],
-    chunks: Iterable[bytes],
-    tmp: str | os.PathLike[str] | None = None,
-    mode: int = 0o644,
-) -> None:
-    """Atomically replace ``path`` with ``chunks``: write tmp, fsync, rename, fsync dir.
-
-    A reader sees the old file or the whole new one, never a part. If anything fails the
-    temporary file is removed and the old ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    tmp = os.fspath(tmp) if tmp is not None else path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        try:
-            for chunk in chunks:
-                write_all(fd, chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))

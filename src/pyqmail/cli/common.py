@@ -44,10 +44,6 @@ def fatal(prog: str, message: str, code: int = 111) -> int:
     return code
 
 
-def warn(prog: str, message: str) -> None:
-    print(f"{prog}: warning: {message}", file=sys.stderr)
-
-
 def parse_listen(text: str, default_port: int | None = None) -> tuple[str, int]:
     """A listen address -> (host, port). Raises ValueError with the reason.
 

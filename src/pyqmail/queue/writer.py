@@ -71,10 +71,6 @@ class QueueError(Exception):
         """(``"D"`` or ``"Z"``, qmail's text for the caller to report)."""
         return qq_result(self.code, self.custom)
 
-    @property
-    def permanent(self) -> bool:
-        return self.result()[0] == "D"
-
 
 def received_line(qp: int, origin: str, uid: int, when: float) -> bytes:
     """qmail-queue's Received line (queue.md section 3), with its LF."""
