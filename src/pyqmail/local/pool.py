@@ -27,17 +27,6 @@ from pyqmail.local.spawner import DefaultDelivery, admit
 from pyqmail.outcome import Outcome
 
 
-def _deliver_memfd(req: qlocal.Request, mfd: int, home: Home) -> Outcome:
-    """qlocal.deliver with the report in a memfd (no file created and removed per delivery)."""
-    fd = os.memfd_create("qmail-local-report", os.MFD_CLOEXEC)
-    try:
-        code = qlocal.run(req, mfd, home, out=fd, err=fd)
-        text = os.pread(fd, qlocal.TRUNCREPORT + 1, 0)
-    finally:
-        os.close(fd)
-    return qlocal.outcome_of(code, text)
-
-
 def _deliver(
     home: Home, defaultdelivery: Callable[[], str], mess: Path, sender: str, recipient: str
 ) -> Outcome:
@@ -65,7 +54,7 @@ def _deliver(
             program_timeout=None,  # the pool keeps the limit
         )
         try:
-            return _deliver_memfd(req, got.mfd, home)
+            return qlocal.deliver(req, got.mfd, home)
         except Exception:
             return Outcome.temp("Unexpected error in local delivery. (#4.3.0)\n")
     finally:
