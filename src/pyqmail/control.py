@@ -219,16 +219,6 @@ class Control:
     findings: tuple[Finding, ...] = ()
     raw_lists: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
 
-    def rcpthost_allowed(self, domain: str) -> bool | None:
-        """True/False by rcpthosts (exact or .suffix); None if rcpthosts is missing."""
-        if self.rcpthosts is None:
-            return None
-        return host_listed(domain, self.rcpthosts)
-
-    def virtual_prepend(self, address: str) -> str | None:
-        """virtualdomains for ``address``: its prepend, ``""`` for an exception, None if none."""
-        return virtual_lookup(self.virtualdomains, address)
-
 
 _LINE_ME = ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",
             "idhost", "plusdomain")  # fmt: skip
