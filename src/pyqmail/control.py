@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pyqmail import cdb
 from pyqmail.home import Home
 
 # Upper bound for concurrencylocal/concurrencyremote (qmail's conf-spawn, 120 and at most
@@ -134,6 +135,44 @@ def morercpthosts_keys(raw: bytes) -> list[bytes]:
         if line and not line.startswith(b"#"):
             out.append(line.lower())
     return out
+
+
+class NewmrhError(Exception):
+    """Why qmail-newmrh stopped: ``what`` it was doing, in its words, and the ``cause``
+    (an OSError or a CdbError)."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{what}: {cause}")
+        self.what = what
+        self.cause = cause
+
+
+def newmrh(home: Home) -> None:
+    """qmail-newmrh: control/morercpthosts -> morercpthosts.cdb, written to
+    morercpthosts.tmp, fsynced and renamed (the old cdb or the new one, never a part).
+    Raises NewmrhError; the old cdb is then untouched."""
+    src = home.control / "morercpthosts"
+    tmp = home.control / "morercpthosts.tmp"
+    dst = home.control / "morercpthosts.cdb"
+    try:
+        raw = src.read_bytes()
+    except OSError as e:
+        raise NewmrhError("unable to read control/morercpthosts", e) from e
+    try:
+        writer = cdb.Writer(dst, tmp)
+    except OSError as e:
+        raise NewmrhError("unable to create control/morercpthosts.tmp", e) from e
+    try:
+        with writer:
+            for key in morercpthosts_keys(raw):
+                writer.add(key, b"")
+    except OSError as e:
+        if e.filename2 is not None:
+            what = "unable to move control/morercpthosts.tmp to control/morercpthosts.cdb"
+            raise NewmrhError(what, e) from e
+        raise NewmrhError("unable to write control/morercpthosts.tmp", e) from e
+    except cdb.CdbError as e:
+        raise NewmrhError("unable to write control/morercpthosts.tmp", e) from e
 
 
 def colon_map(lines: tuple[tuple[str, int], ...]) -> dict[str, str]:
