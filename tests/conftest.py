@@ -4,6 +4,7 @@ root run of ``make test`` must have (qmail's accounts, the Debian peers)."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,21 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """Wait until ``pid`` has exited (a zombie waiting for its reaper counts), or the
+    timeout; whether it has. The event is its pidfd becoming readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(fd)
 
 
 def is_root() -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pyqmail import cdb
 from pyqmail.home import Home
 
 # Upper bound for concurrencylocal/concurrencyremote (qmail's conf-spawn, 120 and at most
@@ -136,6 +137,44 @@ def morercpthosts_keys(raw: bytes) -> list[bytes]:
     return out
 
 
+class NewmrhError(Exception):
+    """Why qmail-newmrh stopped: ``what`` it was doing, in its words, and the ``cause``
+    (an OSError or a CdbError)."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{what}: {cause}")
+        self.what = what
+        self.cause = cause
+
+
+def newmrh(home: Home) -> None:
+    """qmail-newmrh: control/morercpthosts -> morercpthosts.cdb, written to
+    morercpthosts.tmp, fsynced and renamed (the old cdb or the new one, never a part).
+    Raises NewmrhError; the old cdb is then untouched."""
+    src = home.control / "morercpthosts"
+    tmp = home.control / "morercpthosts.tmp"
+    dst = home.control / "morercpthosts.cdb"
+    try:
+        raw = src.read_bytes()
+    except OSError as e:
+        raise NewmrhError("unable to read control/morercpthosts", e) from e
+    try:
+        writer = cdb.Writer(dst, tmp)
+    except OSError as e:
+        raise NewmrhError("unable to create control/morercpthosts.tmp", e) from e
+    try:
+        with writer:
+            for key in morercpthosts_keys(raw):
+                writer.add(key, b"")
+    except OSError as e:
+        if e.filename2 is not None:
+            what = "unable to move control/morercpthosts.tmp to control/morercpthosts.cdb"
+            raise NewmrhError(what, e) from e
+        raise NewmrhError("unable to write control/morercpthosts.tmp", e) from e
+    except cdb.CdbError as e:
+        raise NewmrhError("unable to write control/morercpthosts.tmp", e) from e
+
+
 def colon_map(lines: tuple[tuple[str, int], ...]) -> dict[str, str]:
     """A ``key:value`` list file as qmail's constmap: key lowercased, last line wins."""
     out: dict[str, str] = {}
@@ -218,19 +257,6 @@ class Control:
     sources: Mapping[str, str] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
     raw_lists: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
-
-    def is_local(self, domain: str) -> bool:
-        return domain.lower() in self.locals
-
-    def rcpthost_allowed(self, domain: str) -> bool | None:
-        """True/False by rcpthosts (exact or .suffix); None if rcpthosts is missing."""
-        if self.rcpthosts is None:
-            return None
-        return host_listed(domain, self.rcpthosts)
-
-    def virtual_prepend(self, address: str) -> str | None:
-        """virtualdomains for ``address``: its prepend, ``""`` for an exception, None if none."""
-        return virtual_lookup(self.virtualdomains, address)
 
 
 _LINE_ME = ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",

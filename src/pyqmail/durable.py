@@ -41,7 +41,8 @@ def replace_file(
     """
     path = os.fspath(path)
     tmp = os.fspath(tmp) if tmp is not None else path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # never through a symlink planted at the temporary name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         try:
             for chunk in chunks:

@@ -18,8 +18,8 @@ prefixes ending in ``:``; and a rule line whose address is an IPv6 address or pr
 (``::1:allow``, ``2001:db8::allow``, which ucspi-tcp rejects) compiles to that address.
 Every line ucspi-tcp accepts compiles exactly as it does.
 
-This module does no I/O except :func:`write_cdb`, which hands the records to
-:class:`pyqmail.cdb.Writer` (temporary file, fsync, rename).
+This module does no I/O except :func:`compile_cdb` (the tcprules command), which hands
+the records to :class:`pyqmail.cdb.Writer` (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -180,36 +180,68 @@ def iter_lines(text: bytes) -> Iterator[tuple[int, bytes]]:
     yield from enumerate(lines, 1)
 
 
-def parse_rules(text: bytes | str, *, ipv6: bool = True) -> list[Rule]:
-    """Every rule of a rules file, in file order. Raises RulesError at the first bad line."""
-    if isinstance(text, str):
-        text = text.encode("utf-8", "surrogateescape")
-    rules = []
-    for n, line in iter_lines(text):
+def records(lines: Iterable[bytes], *, ipv6: bool = True) -> Iterator[tuple[bytes, bytes]]:
+    """Rules lines (each with or without its LF, as read from a binary file) -> the
+    (key, value) records tcprules writes, in its order. Raises RulesError at a bad line."""
+    for lineno, raw in enumerate(lines, 1):
+        line = raw[:-1] if raw.endswith(b"\n") else raw
         if not line:
             # tcprules reads "\n" as a line starting with a newline: skipped. Only a
             # zero-length read (end of input) stops it, so empty lines never end a file.
             continue
-        rule = parse_line(line, n, ipv6=ipv6)
+        rule = parse_line(line, lineno, ipv6=ipv6)
         if rule is not None:
-            rules.append(rule)
-    return rules
+            for key in rule.cdb_keys():
+                yield key, rule.value
 
 
-def compile_rules(text: bytes | str, *, ipv6: bool = True) -> list[tuple[bytes, bytes]]:
-    """Rules text -> the (key, value) records tcprules writes, in its order."""
-    return [(key, rule.value) for rule in parse_rules(text, ipv6=ipv6) for key in rule.cdb_keys()]
+class CompileError(Exception):
+    """Why tcprules stopped: ``what`` it was doing in tcprules' words, the ``cause`` (an
+    OSError, a CdbError or a RulesError) and the exit code (100 for a bad line, else 111)."""
+
+    def __init__(self, what: str, cause: Exception, code: int = 111) -> None:
+        super().__init__(f"{what}: {cause}")
+        self.what = what
+        self.cause = cause
+        self.code = code
 
 
-def write_cdb(
-    records: Iterable[tuple[bytes, bytes]],
+def compile_cdb(
+    lines: Iterable[bytes],
     path: str | os.PathLike[str],
     tmp: str | os.PathLike[str],
+    *,
+    ipv6: bool = True,
 ) -> None:
-    """Write ``records`` to ``tmp`` and rename it over ``path`` (fsynced; atomic)."""
-    with cdb.Writer(path, tmp) as w:
-        for key, value in records:
-            w.add(key, value)
+    """ucspi-tcp's tcprules: rules ``lines`` -> the cdb ``path``, written to ``tmp``, fsynced
+    and renamed over it. On failure ``path`` is untouched, ``tmp`` removed (unlike
+    ucspi-tcp), and CompileError says why."""
+    path, tmp = os.fspath(path), os.fspath(tmp)
+    try:
+        writer = cdb.Writer(path, tmp)
+    except OSError as e:
+        raise CompileError(f"unable to create {tmp}", e) from e
+    try:
+        for key, value in records(lines, ipv6=ipv6):
+            writer.add(key, value)
+    except RulesError as e:
+        writer.abort()
+        raise CompileError("unable to parse this line", e, 100) from e
+    except cdb.CdbError as e:
+        writer.abort()
+        raise CompileError(f"unable to write to {tmp}", e) from e
+    except OSError as e:
+        writer.abort()
+        what = f"unable to write to {tmp}" if e.filename == tmp else "unable to read input"
+        raise CompileError(what, e) from e
+    try:
+        writer.commit()
+    except OSError as e:
+        if e.filename2 is not None:
+            raise CompileError(f"unable to move {tmp} to {path}", e) from e
+        raise CompileError(f"unable to write to {tmp}", e) from e
+    except cdb.CdbError as e:
+        raise CompileError(f"unable to write to {tmp}", e) from e
 
 
 # -- lookup -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pyqmail.layout import create_home
 from pyqmail.local import users
 from pyqmail.local.spawn import BOOT, CHECK_SOURCE, LocalSpawner
 from pyqmail.outcome import Outcome, Status
-from tests.conftest import is_root
+from tests.conftest import is_root, process_gone
 
 MSG = b"Subject: hi\n\nbody\n"
 
@@ -165,7 +165,7 @@ def test_hanging_program_is_killed(home: Home, mess: Path) -> None:
     assert time.monotonic() - start < 30
     assert got == Outcome.temp("Timeout on local delivery after 1 seconds. (#4.3.0)\n")
     for name in ("bg.pid", "fg.pid"):
-        assert _gone(int((home.alias / name).read_text()))
+        assert process_gone(int((home.alias / name).read_text()))
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -204,7 +204,7 @@ def test_a_program_that_stops_its_worker_is_killed_and_the_slot_freed(
         Outcome.ok("did 1+0+0\n"),
     ]
     for name in ("bg.pid", "fg.pid"):
-        assert _gone(int((home.alias / name).read_text()))
+        assert process_gone(int((home.alias / name).read_text()))
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -448,20 +448,6 @@ def test_spawner_socket_is_not_reachable_from_user_code(multi: Home, mess: Path,
     assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-fds@h")).status is Status.OK
     fds = sorted(int(x) for x in (a / "fds.out").read_text().split())
     assert fds[:3] == [0, 1, 2] and len(fds) <= 4  # 0 1 2 and ls's own directory fd
-
-
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie waiting for its reaper counts as gone)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)  # SIGKILL was sent; wait for the kernel to finish it
-    return False
 
 
 def test_single_user_worker_crash_is_temporary(home: Home, mess: Path) -> None:

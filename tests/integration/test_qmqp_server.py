@@ -228,8 +228,8 @@ def test_bad_addresses(central: tuple[Home, Listener]) -> None:
 
 def test_tcprules_deny(central: tuple[Home, Listener]) -> None:
     home, lst = central
-    records = tcprules.compile_rules("127.0.0.1:deny\n")
-    tcprules.write_cdb(records, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
+    rules = io.BytesIO(b"127.0.0.1:deny\n")
+    tcprules.compile_cdb(rules, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
     assert exchange(lst.port, request(b"A\n", b"s", [b"a"])) == b""
     assert queued(home) == []
     (home.control / "tcp.qmqp.cdb").unlink()
@@ -303,8 +303,8 @@ def test_without_rules_only_loopback_clients_are_served(
     finally:
         lst.close()
     # the rules file, once there, decides: the same outsider is served
-    records = tcprules.compile_rules(":allow\n")
-    tcprules.write_cdb(records, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
+    rules = io.BytesIO(b":allow\n")
+    tcprules.compile_cdb(rules, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
     lst = Listener(QmqpServer(home, ControlCache(home), InProcessSubmitter(home)), "::1")
     try:
         req = request(b"Subject: ok\n\nhi\n", b"s@x.example", [b"a@y.example"])
@@ -316,8 +316,8 @@ def test_without_rules_only_loopback_clients_are_served(
 def test_per_ip_limit_counts_an_ipv6_64_as_one_client(
     home: Home, lo_addresses: LoAddresses
 ) -> None:
-    records = tcprules.compile_rules(":allow\n")
-    tcprules.write_cdb(records, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
+    rules = io.BytesIO(b":allow\n")
+    tcprules.compile_cdb(rules, home.control / "tcp.qmqp.cdb", home.control / "tcp.qmqp.tmp")
     a1, a2, b1 = lo_addresses.v6(1, 1), lo_addresses.v6(1, 2), lo_addresses.v6(2, 1)
     srv = QmqpServer(home, ControlCache(home), InProcessSubmitter(home), max_per_ip=1)
     lst = Listener(srv, "::1")

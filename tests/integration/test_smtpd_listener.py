@@ -7,6 +7,7 @@ staying up, and for nothing reaching the queue that should not.
 
 from __future__ import annotations
 
+import io
 import os
 import smtplib
 import socket
@@ -138,10 +139,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     refuse = home.root / "refuse-queue"
     refuse.write_text("#!/bin/sh\ncat >/dev/null\nexit 31\n")
     refuse.chmod(0o755)
-    tcprules.write_cdb(
-        tcprules.compile_rules(
-            '127.0.0.2:allow,RELAYCLIENT=""\n127.0.0.3:deny\n'
-            f'127.0.0.4:allow,QMAILQUEUE="{refuse}"\n:allow\n'
+    tcprules.compile_cdb(
+        io.BytesIO(
+            b'127.0.0.2:allow,RELAYCLIENT=""\n127.0.0.3:deny\n'
+            + f'127.0.0.4:allow,QMAILQUEUE="{refuse}"\n:allow\n'.encode()
         ),
         rules,
         home.root / "tcp.smtp.tmp",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import pytest
@@ -21,10 +22,8 @@ def smtp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
     home = Home(tmp_path_factory.mktemp("sec") / "qmail", single_user=True)
     create_home(home, "mx.test.example", None)
     rules = home.root / "tcp.smtp.cdb"
-    tcprules.write_cdb(
-        tcprules.compile_rules('127.0.0.2:allow,RELAYCLIENT=""\n:allow\n'),
-        rules,
-        home.root / "tcp.smtp.tmp",
+    tcprules.compile_cdb(
+        io.BytesIO(b'127.0.0.2:allow,RELAYCLIENT=""\n:allow\n'), rules, home.root / "tcp.smtp.tmp"
     )
     srv = Listener(home, "--rules", str(rules), "--max-per-ip", "40", "--max-conns", "60")
     yield srv

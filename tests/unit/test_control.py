@@ -163,13 +163,13 @@ def test_values_from_files(home: Home) -> None:
     assert c.rcpthosts == frozenset({"a.example", ".sub.example"})
     assert c.smtproutes == {"": "smart.example", "a.example": "two"}  # last wins, lowercased
     assert c.defaultdelivery == "./Maildir/\n"
-    assert c.rcpthost_allowed("x.sub.example") is True
-    assert c.rcpthost_allowed("sub.example") is False
-    assert c.rcpthost_allowed("A.EXAMPLE") is True
-    assert c.virtual_prepend("u@w.example") == "bob"
-    assert c.virtual_prepend("x@a.v.example") == "sub"
-    assert c.virtual_prepend("x@v.example") == "joe"
-    assert c.virtual_prepend("x@none.example") is None
+    assert control.host_listed("x.sub.example", c.rcpthosts) is True
+    assert control.host_listed("sub.example", c.rcpthosts) is False
+    assert control.host_listed("A.EXAMPLE", c.rcpthosts) is True
+    assert control.virtual_lookup(c.virtualdomains, "u@w.example") == "bob"
+    assert control.virtual_lookup(c.virtualdomains, "x@a.v.example") == "sub"
+    assert control.virtual_lookup(c.virtualdomains, "x@v.example") == "joe"
+    assert control.virtual_lookup(c.virtualdomains, "x@none.example") is None
 
 
 # -- findings: what qmail ignores never passes silently ----------------------------------

@@ -17,6 +17,7 @@ from pyqmail.local import qlocal
 from pyqmail.local.qlocal import Request
 from pyqmail.outcome import Status
 from pyqmail.qdate import mbox_date
+from tests.conftest import process_gone
 
 MSG = b"Subject: test\nFrom: a@example.org\n\nbody line\nFrom the start\n>From quoted\n"
 NOW = 1_000_000_000.0
@@ -567,7 +568,7 @@ def test_program_timeout_kills_the_group(user: User) -> None:
     assert time.monotonic() - start < 30
     assert (code, text) == (111, "Timeout on program delivery after 1 seconds. (#4.3.0)\n")
     for name in ("bg.pid", "fg.pid"):
-        assert _gone(int((user.dir / name).read_text()))
+        assert process_gone(int((user.dir / name).read_text()))
 
 
 def test_program_reads_the_message_from_the_start(user: User) -> None:
@@ -632,17 +633,3 @@ def test_sigpipe_default_for_programs(user: User) -> None:
     user.qmail(".qmail-ext", "|yes | head -1 > /dev/null; echo ok\n")
     assert user.deliver() == (0, "ok\ndid 0+0+1\n")
     assert signal.getsignal(signal.SIGPIPE) is not None
-
-
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie waiting for its reaper counts as gone)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)  # SIGKILL was sent; wait for the kernel to finish it
-    return False

@@ -132,16 +132,6 @@ def test_clean_protocol_failure(home: Home) -> None:
     assert clean.handle_request(paths, b"foop/103") == b"!"
 
 
-def test_reap_pid(home: Home) -> None:
-    paths = QueuePaths(home.queue)
-    old = paths.pid / "1.1.1"
-    old.write_bytes(b"")
-    os.utime(old, (time.time() - 40 * 3600, time.time() - 40 * 3600))
-    (paths.pid / "2.2.2").write_bytes(b"")
-    assert clean.reap_pid(paths) == 1
-    assert os.listdir(paths.pid) == ["2.2.2"]
-
-
 def test_qstat_text() -> None:
     assert qstat_text(QueueCounts(12, 0)) == (
         "messages in queue: 12\nmessages in queue but not yet preprocessed: 0\n"

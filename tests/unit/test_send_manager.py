@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,6 +38,21 @@ class Agents:
         self.in_flight = 0
         self.max_in_flight = 0
         self.gate: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # set whenever calls or in_flight change
+
+    def _touch(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def until(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``cond()`` holds, woken by each change of calls or in_flight."""
+
+        async def wait() -> None:
+            while not cond():
+                self._changed = asyncio.Event()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
 
     def _answer(self, rcpt: str) -> Outcome:
         outs = self.script.get(rcpt)
@@ -47,6 +63,7 @@ class Agents:
     async def local(self, mess: Path, sender: str, rcpt: str) -> Outcome:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._touch()
         try:
             data = mess.read_bytes()
             if self.gate is not None:
@@ -56,6 +73,7 @@ class Agents:
             return self._answer(rcpt)
         finally:
             self.in_flight -= 1
+            self._touch()
 
     async def remote(self, mess: Path, sender: str, rcpts: list[str]) -> list[Outcome]:
         data = mess.read_bytes()
@@ -63,6 +81,7 @@ class Agents:
         for r in rcpts:
             self.calls.append(("remote", sender, r, data))
             out.append(self._answer(r))
+        self._touch()
         return out
 
 
@@ -320,11 +339,7 @@ def test_concurrency_limit_is_reached_not_exceeded(home2: Home) -> None:
         agents.gate = asyncio.Event()
         for i in range(10):
             await h.queue(b"joe@test.example", [b"alice@test.example"], b"n: %d\n" % i)
-        for _ in range(200):
-            if agents.in_flight == 3:
-                break
-            await asyncio.sleep(0.01)
-        assert agents.in_flight == 3
+        await agents.until(lambda: agents.in_flight == 3)
         assert b"status: local 3/3 remote 0/20" in h.log
         agents.gate.set()
         await h.settle()
@@ -399,10 +414,7 @@ def test_trigger_fifo_wakes_the_scheduler(home2: Home) -> None:
             return p.commit(b"joe@test.example", [b"alice@test.example"])
 
         await asyncio.get_running_loop().run_in_executor(None, put)
-        for _ in range(500):
-            if h.agents.calls:
-                break
-            await asyncio.sleep(0.01)
+        await h.agents.until(lambda: bool(h.agents.calls))
         await h.settle()
 
     h = run(home2, body)
@@ -575,10 +587,7 @@ def test_an_internal_error_in_preprocessing_does_not_stop_the_scheduler(home2: H
 
         h.sched._preprocess_batch = flaky  # type: ignore[method-assign,assignment]
         await h.queue(b"joe@test.example", [b"alice@test.example"])
-        for _ in range(500):
-            if h.agents.calls:
-                break
-            await asyncio.sleep(0.01)
+        await h.agents.until(lambda: bool(h.agents.calls))
         await h.settle()
 
     h = run(home2, body)
@@ -597,7 +606,9 @@ def test_notify_during_preprocessing_of_the_same_number_delivers_once(
         def renotifying(nums: list[int], *rest: object) -> object:
             for n in nums:  # a second wake-up for the same todo while it is being handled
                 loop.call_soon_threadsafe(h.sched.notify, n)
-            time.sleep(0.05)
+            handled = threading.Event()  # the loop runs callbacks in order: notify first
+            loop.call_soon_threadsafe(handled.set)
+            assert handled.wait(10)
             return real(nums, *rest)  # type: ignore[arg-type]
 
         h.sched._preprocess_batch = renotifying  # type: ignore[method-assign,assignment]

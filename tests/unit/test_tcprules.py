@@ -5,6 +5,7 @@ The byte-for-byte comparison with ucspi-tcp's own tcprules is in tests/interop.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -15,12 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyqmail import cdb, tcprules
-from pyqmail.tcprules import Decision, RulesError, compile_rules, lookup
+from pyqmail.tcprules import Decision, RulesError, lookup
+
+
+def compile_rules(text: str | bytes, *, ipv6: bool = True) -> list[tuple[bytes, bytes]]:
+    """The records the tcprules command writes for the rules file ``text``."""
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    return list(tcprules.records(io.BytesIO(data), ipv6=ipv6))
 
 
 def reader_for(tmp_path: Path, rules: str | bytes) -> cdb.Reader:
     path = tmp_path / "rules.cdb"
-    tcprules.write_cdb(compile_rules(rules), path, tmp_path / "rules.tmp")
+    data = rules.encode("utf-8", "surrogateescape") if isinstance(rules, str) else rules
+    tcprules.compile_cdb(io.BytesIO(data), path, tmp_path / "rules.tmp")
     return cdb.Reader.open(path)
 
 
@@ -340,7 +348,7 @@ def test_tcprules_command_usage_and_io_errors(tmp_path: Path) -> None:
 
 def test_tcprulescheck_command(tmp_path: Path) -> None:
     cdbp = tmp_path / "r.cdb"
-    tcprules.write_cdb(compile_rules('1.2.3.4:deny\n=:allow,H="y"\n'), cdbp, tmp_path / "t")
+    tcprules.compile_cdb(io.BytesIO(b'1.2.3.4:deny\n=:allow,H="y"\n'), cdbp, tmp_path / "t")
     env = {"PATH": os.environ["PATH"], "TCPREMOTEIP": "1.2.3.4"}
     p = run(["tcprulescheck", str(cdbp)], env=env)
     assert (p.returncode, p.stdout) == (0, b"rule 1.2.3.4:\ndeny connection\n")

@@ -44,10 +44,6 @@ def fatal(prog: str, message: str, code: int = 111) -> int:
     return code
 
 
-def warn(prog: str, message: str) -> None:
-    print(f"{prog}: warning: {message}", file=sys.stderr)
-
-
 def serve_listener(prog: str, listen: str, start: ListenerStart) -> int:
     """Run one asyncio listener until Ctrl-C or TERM: the ``--listen`` mode of the QMQP and
     QMTP servers. ``start(host, port)`` binds it and returns the server."""

@@ -10,29 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 
 from pyqmail.cli.common import split_home_args
 from pyqmail.local.program import exec_environment
 from pyqmail.local.qlocal import UsageError, parse_args, run
+from pyqmail.local.tools import seekable_stdin
 
 USAGE = (
     "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
 )
-
-
-def _seekable_stdin() -> int:
-    try:
-        os.lseek(0, 0, os.SEEK_CUR)
-        return 0
-    except OSError:
-        with tempfile.TemporaryFile() as tmp:
-            while chunk := os.read(0, 65536):
-                tmp.write(chunk)
-            tmp.flush()
-            return os.dup(tmp.fileno())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 111
     os.umask(0o077)
     sys.stdout.flush()
-    return run(req, _seekable_stdin(), home, environ=exec_environment())
+    return run(req, seekable_stdin(), home, environ=exec_environment())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``tcprules rules.cdb rules.tmp < rules``: compile tcpserver rules, as ucspi-tcp does.
 
+The compiling is :func:`pyqmail.tcprules.compile_cdb`; this module prints its errors.
 The cdb is byte-identical to ucspi-tcp 0.88's. Exit codes are the ones Debian's
 ``/usr/bin/tcprules`` really uses: 100 for usage and for a line it cannot parse
 (``tcprules: fatal: unable to parse this line: LINE``), 111 for I/O errors. The old
@@ -13,8 +14,7 @@ import errno
 import sys
 from collections.abc import Sequence
 
-from pyqmail import cdb
-from pyqmail.tcprules import RulesError, parse_line
+from pyqmail.tcprules import CompileError, RulesError, compile_cdb
 
 PROG = "tcprules"
 
@@ -51,43 +51,11 @@ def _fatal(message: bytes, code: int) -> int:
     return code
 
 
-def compile_stream(stream: object, path: str, tmp: str) -> int:
-    """Read rules from the binary ``stream``, write ``path`` via ``tmp``; an exit code."""
-    try:
-        writer = cdb.Writer(path, tmp)
-    except OSError as e:
-        return _fatal(f"unable to create {tmp}: {errtext(e)}".encode(), 111)
-    lineno = 0
-    try:
-        for raw in stream:  # type: ignore[attr-defined]
-            lineno += 1
-            line = raw[:-1] if raw.endswith(b"\n") else raw
-            if not line:
-                continue
-            rule = parse_line(line, lineno)
-            if rule is None:
-                continue
-            for key in rule.cdb_keys():
-                writer.add(key, rule.value)
-    except RulesError as e:
-        writer.abort()
-        return _fatal(b"unable to parse this line: " + e.line, 100)
-    except cdb.CdbError as e:
-        writer.abort()
-        return _fatal(f"unable to write to {tmp}: {e}".encode(), 111)
-    except OSError as e:
-        writer.abort()
-        what = f"unable to write to {tmp}" if e.filename == tmp else "unable to read input"
-        return _fatal(f"{what}: {errtext(e)}".encode(), 111)
-    try:
-        writer.commit()
-    except OSError as e:
-        if e.filename2 is not None:
-            return _fatal(f"unable to move {tmp} to {path}: {errtext(e)}".encode(), 111)
-        return _fatal(f"unable to write to {tmp}: {errtext(e)}".encode(), 111)
-    except cdb.CdbError as e:
-        return _fatal(f"unable to write to {tmp}: {e}".encode(), 111)
-    return 0
+def _message(e: CompileError) -> bytes:
+    if isinstance(e.cause, RulesError):
+        return e.what.encode() + b": " + e.cause.line
+    detail = errtext(e.cause) if isinstance(e.cause, OSError) else str(e.cause)
+    return f"{e.what}: {detail}".encode()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) < 2:
         print(f"{PROG}: usage: tcprules rules.cdb rules.tmp", file=sys.stderr)
         return 100
-    return compile_stream(sys.stdin.buffer, args[0], args[1])
+    try:
+        compile_cdb(sys.stdin.buffer, args[0], args[1])
+    except CompileError as e:
+        return _fatal(_message(e), e.code)
+    return 0
 
 
 if __name__ == "__main__":

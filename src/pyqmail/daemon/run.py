@@ -13,7 +13,7 @@ picks it or daemon/split.py's. Owns the order of start-up and shutdown in one pr
 
 Identities (design.md): in single-user mode, or when started by an ordinary user, every part
 runs in this process as the invoking user (a warning once if that is root), with local
-deliveries in pre-forked workers (daemon/local.py). Started as root in multi-user mode, the
+deliveries in pre-forked workers (local/pool.py). Started as root in multi-user mode, the
 parts run as separate processes under qmail's users instead (daemon/split.py).
 """
 
@@ -28,7 +28,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.daemon.parts import (
     PROG,
     CleanSweep,
@@ -45,6 +44,7 @@ from pyqmail.daemon.parts import (
 from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, warn_if_root_single_user
 from pyqmail.listener import parse_listen
+from pyqmail.local.pool import WorkerPoolLocal
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale

@@ -229,7 +229,6 @@ class FieldResult:
 
     items: list[str]
     addresses: list[str]  # envelope form, in field order
-    trailer: str = ""  # ';' closing a group is written after the last item
 
 
 def _split_plain(tokens: list[Token]) -> list[tuple[list[Token], list[Token]]]:

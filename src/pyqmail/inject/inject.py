@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
-from pyqmail.control import Control
+from pyqmail.control import Control, ControlError, load
+from pyqmail.home import Home
 from pyqmail.inject import address
 from pyqmail.inject.address import ParseError, Rewriter
 from pyqmail.inject.getopt import Getopt, GetoptError
@@ -33,7 +34,9 @@ from pyqmail.inject.headers import (
     read_header,
 )
 from pyqmail.qdate import date822
-from pyqmail.queue.contract import Reply
+from pyqmail.queue.codes import qq_result
+from pyqmail.queue.contract import QueueError, Reply
+from pyqmail.queue.submit import submitter
 
 CHUNK = 65536
 
@@ -350,3 +353,46 @@ def inject(
     except BaseException:
         sink.abort()
         raise
+
+
+class _Stdout:
+    """-n: the message goes to ``out`` instead of the queue."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+
+    def commit_blocking(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
+        self.out.flush()
+        return Reply(0)
+
+    def abort(self) -> None:
+        self.out.flush()
+
+
+def run(home: Home, opts: Options, stream: BinaryIO, out: BinaryIO, env: Mapping[str, str]) -> None:
+    """qmail-inject's job once its options are parsed: the controls, the settings from
+    ``env``, then the message from ``stream`` into the queue (QMAILQUEUE, mini-qmail's
+    QMQP or the local queue: queue/submit.py decides), or onto ``out`` for -n. Raises
+    InjectError with qmail-inject's exit code and the text after ``fatal:``."""
+    try:
+        ctl = load(home)
+    except ControlError as e:
+        raise InjectError(111, f"unable to read controls: {e}") from e
+    settings = Settings.from_env(ctl, env)
+    try:
+        sink: Sink
+        if opts.print_only:
+            sink = _Stdout(out)
+        else:
+            sink = submitter(home, qmqpservers=ctl.qmqpservers).begin(origin="uid")
+        inject(stream, opts, settings, sink)
+    except QueueError as e:
+        letter, text = qq_result(e.code, e.custom)
+        raise InjectError(100 if letter == "D" else 111, text) from e
+    except MemoryError as e:
+        raise InjectError(111, "out of memory") from e
+    except OSError as e:
+        raise InjectError(111, f"unable to queue the message: {e.strerror or e}") from e

@@ -21,7 +21,6 @@ qmail-lspawn does (send.md 7); :func:`deliver` runs :func:`run` and applies it.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -449,14 +448,16 @@ def outcome_of(code: int | None, report: bytes) -> Outcome:
 def deliver(req: Request, msg_fd: int, qhome: Home) -> Outcome:
     """Run qmail-local in this process and map its result as qmail-lspawn would.
 
-    The report (including programs' output) is spooled to a temporary file, so a
-    program writing without end costs disk, not memory; only the first 3000 bytes are
-    kept.
+    The report (including programs' output) goes to a memfd (swappable kernel memory,
+    not the interpreter's; no file created and removed per delivery); only its first
+    3000 bytes are read back.
     """
-    with tempfile.TemporaryFile() as report:
-        fd = report.fileno()
+    fd = os.memfd_create("qmail-local-report", os.MFD_CLOEXEC)
+    try:
         code = run(req, msg_fd, qhome, out=fd, err=fd)
         text = os.pread(fd, TRUNCREPORT + 1, 0)
+    finally:
+        os.close(fd)
     return outcome_of(code, text)
 
 

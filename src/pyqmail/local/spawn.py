@@ -27,10 +27,10 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home, HomeError, warn_if_root_single_user
 from pyqmail.local import program, users
 from pyqmail.local.spawner import HEAD as _HEAD
-from pyqmail.local.spawner import WORKER_DELIVERIES, Config, split_recipient
+from pyqmail.local.spawner import WORKER_DELIVERIES, Config
 from pyqmail.outcome import Outcome, Status
 
-__all__ = ["LocalSpawner", "split_recipient"]
+__all__ = ["LocalSpawner"]
 
 _DIED = Outcome.temp("Unable to talk to the local delivery spawner. (#4.3.0)\n")
 

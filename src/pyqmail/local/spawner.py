@@ -82,6 +82,85 @@ def split_recipient(recipient: str) -> tuple[str, str] | None:
     return recipient[:at], recipient[at + 1 :]
 
 
+class DefaultDelivery:
+    """control/defaultdelivery, asked of the cache at most every CONTROL_TTL seconds."""
+
+    def __init__(self, ctl: ControlCache) -> None:
+        self.ctl = ctl
+        self._dd: tuple[float, str] | None = None
+
+    def __call__(self) -> str:
+        now = time.monotonic()
+        if self._dd is None or now - self._dd[0] > CONTROL_TTL:
+            self._dd = (now, self.ctl.get().defaultdelivery)
+        return self._dd[1]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A delivery that passed qmail-lspawn's checks: the message is open as ``mfd``."""
+
+    mfd: int  # the message, read-only and close-on-exec; the caller closes it
+    local: str
+    domain: str
+    info: users.UserInfo
+    defaultdelivery: str
+
+
+def admit(
+    mess: Path | bytes,
+    recipient: str,
+    *,
+    defaultdelivery: Callable[[], str],
+    resolve: Callable[[str], users.UserInfo],
+    refuse_root: bool,
+    owner: int | None = None,
+) -> Admitted | Outcome:
+    """qmail-spawn's and qmail-lspawn's checks before a local delivery (local.md 1).
+
+    In order: an address without ``@`` (permanent), the trash address ``@host`` (success,
+    nothing delivered), control/defaultdelivery, the user (users/cdb, then qmail-getpw's
+    rules, through ``resolve``) with a home that is an absolute path and, if
+    ``refuse_root``, not uid 0; then the message: opened, a regular file, owned by
+    ``owner`` when given. The answer is the Outcome to report, or what the delivery needs.
+    """
+    split = split_recipient(recipient)
+    if split is None:
+        return Outcome.perm("Sorry, address must include host name. (#5.1.3)\n")
+    local, domain = split
+    if not local:
+        return Outcome.ok("")  # qmail-lspawn's trash address: success, no delivery
+    try:
+        dd = defaultdelivery()
+    except Exception:
+        return Outcome.temp("Unable to read control files. (#4.3.0)\n")
+    try:
+        info = resolve(local)
+    except users.UserError as e:
+        return qlocal.outcome_of(e.code, b"")
+    if not info.home.startswith("/"):
+        return qlocal.outcome_of(users.QLX_USAGE, b"")
+    if refuse_root and info.uid == 0:
+        return qlocal.outcome_of(users.QLX_ROOT, b"")
+    try:
+        mfd = os.open(mess, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return Outcome.temp("qmail-spawn unable to open message. (#4.3.0)\n")
+    try:
+        st = os.fstat(mfd)
+        if not stat.S_ISREG(st.st_mode):
+            refusal = Outcome.temp("Sorry, message has wrong type. (#4.3.5)\n")
+        elif owner is not None and st.st_uid != owner:
+            refusal = Outcome.temp("Sorry, message has wrong owner. (#4.3.5)\n")
+        else:
+            return Admitted(mfd, local, domain, info, dd)
+    except BaseException:
+        os.close(mfd)
+        raise
+    os.close(mfd)
+    return refusal
+
+
 @dataclass(frozen=True)
 class Config:
     """What the spawner process needs to know; passed on its command line."""
@@ -155,14 +234,7 @@ class Spawner:
         self.idle: OrderedDict[int, _Worker] = OrderedDict()  # by pid, oldest first
         self.workers: dict[int, _Worker] = {}  # by pid
         self.closing = False
-        self._dd: tuple[float, str] | None = None
-
-    def _defaultdelivery(self) -> str:
-        """control/defaultdelivery, re-checked at most every CONTROL_TTL seconds."""
-        now = time.monotonic()
-        if self._dd is None or now - self._dd[0] > CONTROL_TTL:
-            self._dd = (now, self.ctl.get().defaultdelivery)
-        return self._dd[1]
+        self._defaultdelivery = DefaultDelivery(self.ctl)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -247,44 +319,26 @@ class Spawner:
                 view = view[os.write(self.ctrl, view) :]
 
     def _start(self, rid: int, mess: bytes, sender: str, recipient: str) -> Outcome | None:
-        split = split_recipient(recipient)
-        if split is None:
-            return Outcome.perm("Sorry, address must include host name. (#5.1.3)\n")
-        local, domain = split
-        if not local:
-            return Outcome.ok("")  # qmail-lspawn's trash address: success, no delivery
+        got = admit(
+            mess,
+            recipient,
+            defaultdelivery=self._defaultdelivery,
+            resolve=lambda local: users.resolve_with(self.home, local, self.cdb.reader()),
+            refuse_root=self.drop,
+            owner=self.cfg.owner,
+        )
+        if isinstance(got, Outcome):
+            return got
+        info, mfd = got.info, got.mfd
+        ident = (info.uid, info.gid) if self.drop else None
         try:
-            defaultdelivery = self._defaultdelivery()
-        except Exception:
-            return Outcome.temp("Unable to read control files. (#4.3.0)\n")
-        try:
-            info = users.resolve_with(self.home, local, self.cdb.reader())
-        except users.UserError as e:
-            return qlocal.outcome_of(e.code, b"")
-        if not info.home.startswith("/"):
-            return qlocal.outcome_of(users.QLX_USAGE, b"")
-        ident: Identity | None = None
-        if self.drop:
-            if info.uid == 0:
-                return qlocal.outcome_of(users.QLX_ROOT, b"")
-            ident = (info.uid, info.gid)
-        try:
-            mfd = os.open(mess, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return Outcome.temp("qmail-spawn unable to open message. (#4.3.0)\n")
-        try:
-            st = os.fstat(mfd)
-            if not stat.S_ISREG(st.st_mode):
-                return Outcome.temp("Sorry, message has wrong type. (#4.3.5)\n")
-            if self.cfg.owner is not None and st.st_uid != self.cfg.owner:
-                return Outcome.temp("Sorry, message has wrong owner. (#4.3.5)\n")
             try:
                 rfd, wfd = os.pipe2(os.O_CLOEXEC)
             except OSError:
                 return Outcome.temp("qmail-spawn unable to create pipe. (#4.3.0)\n")
             job = _Job(rid, rfd, deadline=time.monotonic() + self.cfg.program_timeout)
-            fields = (info.user, info.home, local, info.dash, info.ext, domain, sender)
-            payload = b"\0".join(users.enc(f) for f in (*fields, defaultdelivery))
+            fields = (info.user, info.home, got.local, info.dash, info.ext, got.domain, sender)
+            payload = b"\0".join(users.enc(f) for f in (*fields, got.defaultdelivery))
             try:
                 worker = self._worker_for(ident)
             except OSError:

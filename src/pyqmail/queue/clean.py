@@ -30,11 +30,9 @@ A missing file is not a failure (ENOENT is ignored, as qmail-clean does).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Awaitable, Callable
 
 from pyqmail.queue.layout import QueuePaths, msgnum
-from pyqmail.queue.recover import OSSIFIED
 
 StrPath = str | os.PathLike[str]
 # A client of qmail-clean (``handle_request`` in another process), for a scheduler that may
@@ -97,21 +95,6 @@ def finish_direct(paths: QueuePaths, n: int) -> None:
     """A message delivered straight from todo is done: unlink todo/N, intd/N, mess/S/N."""
     _unlink(paths.name("todo", n))
     clean_mess(paths, n)
-
-
-def reap_pid(paths: QueuePaths, *, now: float | None = None, age: float = OSSIFIED) -> int:
-    """qmail-clean's periodic sweep: remove pid/ files whose atime is older than ``age``."""
-    now = time.time() if now is None else now
-    removed = 0
-    for name in os.listdir(paths.pid):
-        p = paths.pid / name
-        try:
-            if now - os.stat(p).st_atime > age:
-                os.unlink(p)
-                removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def handle_request(paths: QueuePaths, request: bytes) -> bytes:

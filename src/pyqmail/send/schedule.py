@@ -67,12 +67,6 @@ class PrioQueue:
     def pop(self) -> Entry:
         return heapq.heappop(self._heap)
 
-    def pop_due(self, now: float) -> Entry | None:
-        """The earliest entry if it is due at ``now``, removed; else None."""
-        if self._heap and self._heap[0].when <= now:
-            return heapq.heappop(self._heap)
-        return None
-
     def reschedule_all(self, when: float) -> None:
         """Every entry due at ``when`` (qmail's SIGALRM): O(n), once per signal."""
         self._heap = [Entry(min(e.when, when), e.num) for e in self._heap]

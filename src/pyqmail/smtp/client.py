@@ -57,7 +57,6 @@ class ReplyParser:
         self._head = b""  # first bytes of the current line (code + continuation mark)
         self._code: bytes | None = None  # the first line's three bytes, once that line ended
         self._text = bytearray()
-        self._line_len = 0
 
     @property
     def idle(self) -> bool:
@@ -219,7 +218,6 @@ class ClientSession:
     _reports: list[tuple[str, bytes] | None] = field(default_factory=list)
     _accepted: int = 0
     _refused: set[int] = field(default_factory=set)
-    _last: Reply | None = None
     _body_sent: bool = False
     _pipelined: bool = False
     _replies: int = 0
@@ -263,10 +261,6 @@ class ClientSession:
     def done(self) -> bool:
         return self._state is _St.DONE
 
-    @property
-    def in_critical(self) -> bool:
-        return self._body_sent
-
     # -- the dialogue ----------------------------------------------------------------
     def resume(self, caps: frozenset[bytes], tls_active: bool) -> list[Action]:
         """Start on a connection kept from an earlier transaction (greeting and EHLO done):
@@ -290,7 +284,6 @@ class ClientSession:
 
     def reply(self, reply: Reply) -> list[Action]:
         """Feed one server reply; returns what to do next."""
-        self._last = reply
         self._replies += 1
         st = self._state
         if st is _St.GREETING:
@@ -302,12 +295,12 @@ class ClientSession:
                 self._state = _St.HELO
                 return [Send(b"HELO " + self.helohost + b"\r\n")]
             self._caps = _parse_ehlo(reply.text)
-            return self._after_hello(esmtp=True)
+            return self._after_hello()
         if st is _St.HELO:
             if reply.code != 250:
                 return self._quit("Z", "Connected to ", " but my name was rejected", reply)
             self._caps = set()
-            return self._after_hello(esmtp=False)
+            return self._after_hello()
         if st is _St.STARTTLS:
             if reply.code != 220:
                 if self.tls is TlsMode.REQUIRED:
@@ -354,7 +347,7 @@ class ClientSession:
         ).encode()
         return self._finish("Z", text, reply)
 
-    def _after_hello(self, *, esmtp: bool) -> list[Action]:
+    def _after_hello(self) -> list[Action]:
         if not self._tls_active and self.tls is not TlsMode.OFF:
             if b"STARTTLS" in self._caps:
                 self._state = _St.STARTTLS

@@ -28,7 +28,6 @@ HELP = b"214 notqmail home page: https://notqmail.org\r\n"
 UNIMPLEMENTED = b"502 unimplemented (#5.5.1)\r\n"
 TIMEOUT = b"451 timeout (#4.4.2)\r\n"
 CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
-NOMEM = b"421 out of memory (#4.3.0)\r\n"
 BARE_LF = b"451 See https://cr.yp.to/docs/smtplf.html.\r\n"
 TOO_MANY_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 TOO_BIG = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
@@ -92,12 +91,6 @@ def quit_(smtpgreeting: str) -> bytes:
 def accepted(when: int, qp: int) -> bytes:
     """``250 ok <unixtime> qp <qp>``: log analysers parse this exact shape."""
     return b"250 ok %d qp %d\r\n" % (when, qp)
-
-
-def queue_failure(kind: str, text: str) -> bytes:
-    """A qmail-queue failure as qmail-smtpd reports it: ``D`` -> 554, else 451."""
-    code = b"554 " if kind == "D" else b"451 "
-    return code + _text(text) + CRLF
 
 
 def bad_mailbox(why: Refusal, *, sender: bool) -> bytes:

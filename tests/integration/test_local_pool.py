@@ -1,4 +1,4 @@
-"""daemon/local.py's WorkerPoolLocal (single-user mode): the time limit is the daemon's."""
+"""local/pool.py's WorkerPoolLocal (single-user mode): the time limit is the daemon's."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pyqmail.control import ControlCache
-from pyqmail.daemon.local import WorkerPoolLocal
 from pyqmail.home import Home
+from pyqmail.local.pool import WorkerPoolLocal
 from pyqmail.outcome import Outcome
-from tests.integration.test_local_spawn import _gone
+from tests.conftest import process_gone
 
 MSG = b"Subject: hi\n\nbody\n"
 
@@ -59,5 +59,5 @@ def test_a_program_that_stops_its_worker_is_killed_and_replaced(
         Outcome.ok("did 1+0+0\n"),
     ]
     for name in ("bg.pid", "fg.pid"):
-        assert _gone(int((home.alias / name).read_text()))
+        assert process_gone(int((home.alias / name).read_text()))
     assert len(list((home.alias / "Maildir" / "new").iterdir())) == 1

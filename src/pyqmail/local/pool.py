@@ -1,12 +1,10 @@
-"""The local agent without a fork: qmail-lspawn's checks and qmail-local, in worker threads.
+"""The local agent of single-user mode: pre-forked workers that run qmail-local's code.
 
 When nothing needs a different uid (single-user mode, or the daemon started by an ordinary
 user), a fork per delivery buys no separation and costs most of a delivery's CPU (page
-table copies and copy-on-write faults of a large interpreter). This agent runs the same
-code the spawner's child runs (users lookup, local/qlocal.py) in a thread pool, with the
-same answers as qmail-lspawn for the cases it checks itself (no ``@``, the trash address
-``@host``, an unreadable message). qlocal never changes the cwd or the umask and holds
-the user's home as a directory descriptor, so deliveries in parallel threads do not meet.
+table copies and copy-on-write faults of a large interpreter). Each worker runs the same
+code the spawner's child runs: qmail-lspawn's checks (:func:`pyqmail.local.spawner.admit`),
+then local/qlocal.py. The daemon keeps the time limit (:class:`WorkerPoolLocal`).
 """
 
 from __future__ import annotations
@@ -16,113 +14,51 @@ import contextlib
 import os
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.local import program, qlocal, users
-from pyqmail.local.spawn import split_recipient
+from pyqmail.local.spawner import DefaultDelivery, admit
 from pyqmail.outcome import Outcome
 
-_CONTROL_TTL = 1.0  # seconds a defaultdelivery value is reused before the cache is asked again
 
-
-def _deliver_memfd(req: qlocal.Request, mfd: int, home: Home) -> Outcome:
-    """qlocal.deliver with the report in a memfd (no file created and removed per delivery)."""
-    fd = os.memfd_create("qmail-local-report", os.MFD_CLOEXEC)
+def _deliver(
+    home: Home, defaultdelivery: Callable[[], str], mess: Path, sender: str, recipient: str
+) -> Outcome:
+    """One delivery in this process, blocking: qmail-lspawn's checks, then qmail-local."""
+    got = admit(
+        mess,
+        recipient,
+        defaultdelivery=defaultdelivery,
+        resolve=lambda local: users.resolve(home, local),
+        refuse_root=False,
+    )
+    if isinstance(got, Outcome):
+        return got
     try:
-        code = qlocal.run(req, mfd, home, out=fd, err=fd)
-        text = os.pread(fd, qlocal.TRUNCREPORT + 1, 0)
-    finally:
-        os.close(fd)
-    return qlocal.outcome_of(code, text)
-
-
-class InProcessLocal:
-    """``deliver(mess, sender, recipient) -> Outcome`` as LocalSpawner, without forking."""
-
-    def __init__(
-        self,
-        home: Home,
-        ctl: ControlCache,
-        *,
-        workers: int = 32,
-        program_timeout: float | None = program.DEFAULT_TIMEOUT,
-        lock_timeout: float = 30.0,
-    ) -> None:
-        self.home = home
-        self.ctl = ctl
-        self.program_timeout = program_timeout
-        self.lock_timeout = lock_timeout
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local")
-        self._dd: tuple[float, str] | None = None
-
-    def start(self) -> None:
-        """Nothing to fork (LocalSpawner's interface)."""
-
-    def _defaultdelivery(self) -> str:
-        now = time.monotonic()
-        if self._dd is None or now - self._dd[0] > _CONTROL_TTL:
-            self._dd = (now, self.ctl.get().defaultdelivery)
-        return self._dd[1]
-
-    async def deliver(self, mess: Path, sender: str, recipient: str) -> Outcome:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.deliver_sync, mess, sender, recipient)
-
-    def deliver_sync(self, mess: Path, sender: str, recipient: str) -> Outcome:
-        """One delivery, blocking (worker thread)."""
-        split = split_recipient(recipient)
-        if split is None:
-            return Outcome.perm("Sorry, address must include host name. (#5.1.3)\n")
-        local, domain = split
-        if not local:
-            return Outcome.ok("")  # qmail-lspawn's trash address: success, no delivery
+        info = got.info
+        req = qlocal.Request(
+            info.user,
+            info.home,
+            got.local,
+            info.dash,
+            info.ext,
+            got.domain,
+            sender,
+            got.defaultdelivery,
+            program_timeout=None,  # the pool keeps the limit
+        )
         try:
-            defaultdelivery = self._defaultdelivery()
+            return qlocal.deliver(req, got.mfd, home)
         except Exception:
-            return Outcome.temp("Unable to read control files. (#4.3.0)\n")
-        try:
-            mfd = os.open(mess, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return Outcome.temp("qmail-spawn unable to open message. (#4.3.0)\n")
-        try:
-            if not stat.S_ISREG(os.fstat(mfd).st_mode):
-                return Outcome.temp("Sorry, message has wrong type. (#4.3.5)\n")
-            try:
-                info = users.resolve(self.home, local)
-            except users.UserError as e:
-                return qlocal.outcome_of(e.code, b"")
-            if not info.home.startswith("/"):
-                return qlocal.outcome_of(users.QLX_USAGE, b"")
-            req = qlocal.Request(
-                info.user,
-                info.home,
-                local,
-                info.dash,
-                info.ext,
-                domain,
-                sender,
-                defaultdelivery,
-                program_timeout=self.program_timeout,
-                lock_timeout=self.lock_timeout,
-            )
-            try:
-                return _deliver_memfd(req, mfd, self.home)
-            except Exception:
-                return Outcome.temp("Unexpected error in local delivery. (#4.3.0)\n")
-        finally:
-            os.close(mfd)
-
-    async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._pool.shutdown, True)
+            return Outcome.temp("Unexpected error in local delivery. (#4.3.0)\n")
+    finally:
+        os.close(got.mfd)
 
 
 _LEN = struct.Struct("!I")
@@ -141,8 +77,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 class WorkerPoolLocal:
     """Local deliveries in ``workers`` pre-forked single-threaded processes (single-user mode).
 
-    Same answers as :class:`InProcessLocal` (each worker runs its ``deliver_sync``), but the
-    deliveries' many small system calls no longer compete with the daemon's event loop for
+    The deliveries' many small system calls do not compete with the daemon's event loop for
     the interpreter lock, and no process is forked per delivery. ``start()`` must run before
     the daemon has threads. Requests and replies are length-prefixed frames on one socket
     pair per worker (``mess\\0sender\\0recipient`` / letter + text); a worker serves one
@@ -167,7 +102,6 @@ class WorkerPoolLocal:
         self.ctl = ctl
         self.workers = max(1, workers)
         self.program_timeout = program_timeout
-        self._agent = InProcessLocal(home, ctl, workers=1, program_timeout=None)
         self._socks: list[socket.socket] = []
         self._pids: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -201,6 +135,7 @@ class WorkerPoolLocal:
     def _serve(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)  # its own group, with its programs: the daemon's limit kills both
+        defaultdelivery = DefaultDelivery(self.ctl)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, signal.SIG_IGN)  # the daemon decides; EOF ends the worker
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -215,8 +150,12 @@ class WorkerPoolLocal:
             if len(parts) != 3:
                 out = Outcome.temp("Internal error: bad request to the local worker. (#4.3.0)\n")
             else:
-                out = self._agent.deliver_sync(
-                    Path(os.fsdecode(parts[0])), users.dec(parts[1]), users.dec(parts[2])
+                out = _deliver(
+                    self.home,
+                    defaultdelivery,
+                    Path(os.fsdecode(parts[0])),
+                    users.dec(parts[1]),
+                    users.dec(parts[2]),
                 )
             reply = out.status.value.encode() + out.text.encode("utf-8", "surrogateescape")
             sock.sendall(_LEN.pack(len(reply)) + reply)
@@ -308,7 +247,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(_LEN.unpack(head)[0])
 
 
-_WORKER_BOOT = "import sys; from pyqmail.daemon.local import worker_main; worker_main(sys.argv[1:])"
+_WORKER_BOOT = "import sys; from pyqmail.local.pool import worker_main; worker_main(sys.argv[1:])"
 
 
 def worker_main(argv: list[str]) -> None:
