@@ -373,12 +373,11 @@ def test_one_of_two_recipients_refused_bounces_with_giving_up(mta: Mta) -> None:
 
 def test_rules_option_takes_the_sites_cdb_where_it_is(mta: Mta, tmp_path: Path) -> None:
     """``--rules PATH`` is ``tcpserver -x PATH``: the site's cdb decides, not control/'s."""
-    from pyqmail.tcprules import compile_rules, write_cdb
+    from pyqmail.tcprules import compile_cdb
 
     etc = tmp_path / "etc"
     etc.mkdir()
-    rules = compile_rules(b"127.0.0.1:deny\n:allow\n")
-    write_cdb(rules, etc / "tcp.smtp.cdb", etc / "tcp.smtp.tmp")
+    compile_cdb([b"127.0.0.1:deny\n", b":allow\n"], etc / "tcp.smtp.cdb", etc / "tcp.smtp.tmp")
     mta.start("--rules", str(etc / "tcp.smtp.cdb"))
     with socket.create_connection(("127.0.0.1", mta.port), 10) as s:
         s.settimeout(10)

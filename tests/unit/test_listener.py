@@ -38,7 +38,7 @@ def test_peer_env_is_tcpservers() -> None:
 
 def _rules(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "tcp.cdb"
-    tcprules.write_cdb(tcprules.compile_rules(text), path, tmp_path / "tcp.tmp")
+    tcprules.compile_cdb(text.encode().splitlines(keepends=True), path, tmp_path / "tcp.tmp")
     return path
 
 
