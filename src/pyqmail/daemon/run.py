@@ -127,6 +127,7 @@ class Daemon:
             remote=agent.deliver,
             log=self.log,
             term_timeout=self.cfg.stop_timeout,
+            control_socket=True,  # `pyqmail queue` (send/admin.py)
         )
         self.scheduler = sched
         submitter = qsubmit.submitter(self.home, notify=sched.notify)
