@@ -8,8 +8,11 @@ queue files, qmail-qread and the daemon's log.
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
+import signal
+import smtplib
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,10 +23,11 @@ import pytest
 from pyqmail.home import Home
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.send import admin
-from tests.conftest import write_control
-from tests.integration.test_run_daemon import BIN, Mta, files, mta, wait_for
+from tests.conftest import free_port, write_control
+from tests.integration.test_run_daemon import BIN, Mta, files, listening, mta, wait_for
+from tests.integration.test_run_root import root_home
 
-__all__ = ["mta"]
+__all__ = ["mta", "root_home"]
 
 
 class DeferSink:
@@ -238,3 +242,50 @@ def test_stale_hold_marker_does_not_hold_a_later_message(home: Home) -> None:
     assert not admin.is_held(paths, n)
     assert admin.held_numbers(paths) == set()
     assert not (paths.root / admin.HOLD_DIR / str(n)).exists()
+
+
+@pytest.mark.root
+def test_root_mode_socket_is_the_qmail_groups(
+    root_home: tuple[Home, Path], sink: DeferSink
+) -> None:
+    """As root, the scheduler runs as qmails: the socket is bound and queue/hold made
+    before the drop, and hold/list/delete work through it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")  # pragma: no cover
+    home, _ = root_home
+    (home.control / "smtproutes").write_text(f"remote.example:127.0.0.1:{sink.port}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    env["PYQMAIL_HOME"] = str(home.root)
+    log = home.root.parent / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
+            stdout=out, stderr=out, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        assert proc.poll() is None, log.read_text()
+        sock = admin.control_path(home)
+        st = os.stat(sock)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, grp.getgrnam("qmail").gr_gid)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.sendmail("joe@test.example", ["r1@remote.example"], "Subject: r\r\n\r\nx\r\n")
+        wait_for(lambda: sink.tries("r1@remote.example") == 1, what="the attempt")
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(BIN / "pyqmail"), "queue", *args], env=env,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+
+        wait_for(lambda: "r1@remote.example" in run("list").stdout, what="the listing")
+        (m,) = json.loads(run("list", "--json").stdout)
+        r = run("hold", str(m["id"]))
+        assert r.returncode == 0 and "held" in r.stdout, r.stderr
+        assert json.loads(run("list", "--json", "--state", "held").stdout)[0]["id"] == m["id"]
+        r = run("delete", str(m["id"]))
+        assert r.returncode == 0 and "deleted" in r.stdout, r.stderr
+        wait_for(lambda: run("list", "--json").stdout.strip() == "[]", what="the deletion")
+        assert "queue manager: uid 0 pid " in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

@@ -43,6 +43,7 @@ from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.deliver import RemoteAgent
+from pyqmail.send import admin
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
 
@@ -179,6 +180,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
     with contextlib.suppress(OSError):
         os.chown(tcpto, ids.uid("remote"), ids.gid("qmail"))
         os.chmod(tcpto, 0o664)
+    control = admin.prepare_as_root(home, ids.uid("send"), ids.gid("qmail"))  # pyqmail queue
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
 
@@ -195,6 +197,7 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
             log=log,
             term_timeout=stop_timeout,
             cleaner=SocketCleaner(clean_sock),
+            control_socket=control or False,
         )
         stop = asyncio.Event()
 

@@ -340,6 +340,22 @@ def bind_control(path: Path, gid: int | None) -> socket.socket:
     return s
 
 
+def prepare_as_root(home: Home, send_uid: int, qmail_gid: int) -> socket.socket | None:
+    """Root mode, before the scheduler's process drops to qmails: make ``queue/hold`` (the
+    scheduler's, 0700) and bind the control socket (0660, group qmail). None (and the
+    queue manager then works only while pyqmail run is stopped) if the socket cannot be
+    bound."""
+    d = home.queue / HOLD_DIR
+    with contextlib.suppress(FileExistsError):
+        d.mkdir(mode=0o700)
+    os.chown(d, send_uid, qmail_gid)
+    try:
+        return bind_control(control_path(home), qmail_gid)
+    except OSError as e:
+        print(f"pyqmail run: warning: no control socket: {e}", file=sys.stderr)
+        return None
+
+
 class ControlServer:
     """Serves the control socket inside the scheduler's event loop.
 
