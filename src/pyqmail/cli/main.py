@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qmtpd": ("qmtpd", "the QMTP server: on stdin/stdout, or --listen ADDR:PORT"),
     "showctl": ("showctl", "print every control file's effective value"),
     "queue": ("queuectl", "the queue manager: list, show, hold, release, delete, retry"),
+    "explain": ("explain", "what would happen to mail for an address, or from a client"),
     "qread": ("qread", "list the queue's messages"),
     "qstat": ("qstat", "count the queue's messages"),
     "newu": ("newu", "compile users/assign into users/cdb"),

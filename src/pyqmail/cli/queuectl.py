@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 
 from pyqmail.cli.common import split_home_args
-from pyqmail.home import HomeError
 from pyqmail.qdate import date822_gmt
 from pyqmail.send import admin
 from pyqmail.send.admin import AdminError, Filter, MessageState
@@ -171,11 +170,7 @@ def _run(backend: admin.Backend, a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        home, rest = split_home_args(sys.argv[1:] if argv is None else argv)
-    except HomeError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 111
+    home, rest = split_home_args(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(rest)
     try:
         backend = admin.connect(home)
