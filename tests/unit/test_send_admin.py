@@ -1,16 +1,20 @@
-"""send/admin.py's pure parts: filters, access control, the JSON form, reading the queue."""
+"""send/admin.py: filters, access control, the JSON form, reading the queue, the direct
+queue, and the scheduler's side of each action (send/manager.py's queue-manager section)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from pyqmail.home import Home
+from pyqmail.outcome import Outcome
 from pyqmail.queue import records
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.send import admin
-from pyqmail.send.admin import Attempt, Filter, MessageState, RecipientState
+from pyqmail.send.admin import AdminError, Attempt, Filter, MessageState, RecipientState
+from pyqmail.send.manager import Scheduler
 
 
 def _msg(birth: float = 1000.0, held: bool = False) -> MessageState:
@@ -128,3 +132,144 @@ def test_connect_falls_back_to_the_queue_when_nothing_runs(home: Home) -> None:
         assert b.how == "direct" and b.states(None) == []
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- the scheduler's side
+
+
+class GatedRemote:
+    """A remote agent that defers every recipient, waiting on ``gate`` when it is set."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.calls: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def __call__(self, mess: object, sender: str, rcpts: list[str]) -> list[Outcome]:
+        self.calls += rcpts
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return [Outcome.temp("451 not now\n") for _ in rcpts]
+
+
+def _sched_run(home: Home, body: Callable[[Scheduler, GatedRemote], Awaitable[None]]) -> bytes:
+    import asyncio
+    import io
+
+    from pyqmail.control import ControlCache
+    from pyqmail.queue.writer import QueueWriter
+    from pyqmail.send.log import SendLog
+
+    buf = io.BytesIO()
+
+    async def main() -> None:
+        remote = GatedRemote()
+
+        async def local(mess: object, sender: str, rcpt: str) -> Outcome:
+            return Outcome.ok("did 1+0+0\n")
+
+        sched = Scheduler(home, ControlCache(home).get, local=local, remote=remote,
+                          log=SendLog(buf), term_timeout=5, control_socket=True)  # fmt: skip
+        sched.submitter = QueueWriter(home, notify=sched.notify)
+        await sched.start()
+        try:
+            await body(sched, remote)
+        finally:
+            await sched.stop()
+
+    asyncio.run(main())
+    return buf.getvalue()
+
+
+async def _queue_one(sched: Scheduler, rcpt: bytes) -> int:
+    import asyncio
+
+    def put() -> int:
+        assert sched.submitter is not None
+        p = sched.submitter.begin()
+        p.write(b"Subject: t\n\nhi\n")
+        return p.commit(b"s@x.example", [rcpt])
+
+    num = await asyncio.get_running_loop().run_in_executor(None, put)
+    for _ in range(500):
+        if num in sched._pending_chan:
+            return num
+        await asyncio.sleep(0.01)
+    raise AssertionError("not scheduled")
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    import asyncio
+
+    for _ in range(1000):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_scheduler_actions_during_a_delivery(home: Home) -> None:
+    """hold, retry and delete that arrive while the message is being delivered take effect
+    when that delivery ends; tries and the last error are remembered."""
+    import asyncio
+
+    paths = QueuePaths(home.queue)
+
+    async def body(sched: Scheduler, remote: GatedRemote) -> None:
+        remote.gate = asyncio.Event()
+        held = await _queue_one(sched, b"h@far.example")
+        await remote.entered.wait()
+        assert "after the delivery" in await sched.admin_action("hold", held, None)
+        remote.gate.set()
+        await _until(lambda: held not in sched._running)
+        assert all(e.num != held for e in sched._heaps[1])  # not rescheduled: held
+        (m,) = sched.admin_states([held])
+        assert m.held and m.recipients[0].tries == 1
+        assert m.recipients[0].last_error == "451 not now"
+        with pytest.raises(AdminError):
+            await sched.admin_action("retry", held, None)
+        assert await sched.admin_action("release", held, None) == "released"
+        assert any(e.num == held for e in sched._heaps[1])
+        # retry now: the next attempt starts at once
+        n = len(remote.calls)
+        assert await sched.admin_action("retry", held, None) == "due now"
+        await _until(lambda: len(remote.calls) > n)
+        # delete while in flight: done when the delivery ends
+        remote.gate = asyncio.Event()
+        remote.entered.clear()
+        gone = await _queue_one(sched, b"d@far.example")
+        await remote.entered.wait()
+        assert "after the delivery" in await sched.admin_action("delete", gone, None)
+        remote.gate.set()
+        await _until(lambda: not paths.mess(gone).exists())
+        assert not paths.info(gone).exists() and not paths.remote(gone).exists()
+        with pytest.raises(AdminError, match="no message"):
+            await sched.admin_action("hold", gone, None)
+
+    log = _sched_run(home, body)
+    assert b"end msg" in log
+
+
+def test_scheduler_start_leaves_held_messages_out(home: Home) -> None:
+    import asyncio
+
+    nums: list[int] = []
+
+    async def first(sched: Scheduler, remote: GatedRemote) -> None:
+        nums.append(await _queue_one(sched, b"h@far.example"))
+        await _until(lambda: bool(remote.calls))
+        await _until(lambda: nums[0] not in sched._running)
+        await sched.admin_action("hold", nums[0], None)
+
+    _sched_run(home, first)
+
+    async def second(sched: Scheduler, remote: GatedRemote) -> None:
+        sched.alarm()  # everything due now: still not the held one
+        await asyncio.sleep(0.2)
+        assert remote.calls == [] and nums[0] in sched._held
+        assert sched.admin_states(None)[0].held
+
+    _sched_run(home, second)

@@ -589,7 +589,9 @@ class Scheduler:
             if left:
                 self._running[num] = left
             elif num in self._doomed and not self._exiting:
-                self._delete_now(num, self._doomed.pop(num))
+                reason = self._doomed.pop(num)
+                if num in self._pending_chan:  # not finished by the job itself meanwhile
+                    self._delete_now(num, reason)
 
     async def _job_body(self, c: int, num: int) -> None:
         job = self._open_job(c, num)
@@ -752,10 +754,14 @@ class Scheduler:
 
     def admin_states(self, nums: Sequence[int] | None) -> list[MessageState]:
         out = []
+        due: dict[int, dict[int, float]] = {}
+        for c in CHANNELS:
+            for e in self._heaps[c]:
+                due.setdefault(e.num, {})[c] = e.when
         for n in admin.queued_numbers(self.paths) if nums is None else nums:
             if n not in self._pending_chan:
                 continue
-            when = {c: e.when for c in CHANNELS for e in self._heaps[c] if e.num == n}
+            when = due.get(n, {})
             with contextlib.suppress(OSError):
                 out.append(
                     admin.read_message(
@@ -886,6 +892,9 @@ class Scheduler:
         self.log.end_msg(num)
         self._attempts.pop(num, None)
         self._retry_now.discard(num)
+        if num in self._held:  # held while its last delivery was in flight
+            self._held.discard(num)
+            admin.remove_hold(self.paths, num)
         # info first: a crash after it leaves an unreferenced mess that recovery removes
         try:
             if self._cleaner is None:
