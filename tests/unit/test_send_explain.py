@@ -153,3 +153,43 @@ def test_command(home: Home, site: Path) -> None:
     assert r.returncode == 1 and "no mailbox" in r.stdout
     r = subprocess.run([str(BIN / "pyqmail"), "explain"], capture_output=True, text=True)
     assert r.returncode == 100
+
+
+def test_root_reads_dot_qmail_as_the_user(tmp_path: Path) -> None:
+    """As root (multi-user), the .qmail files are read by a child running as the user: a
+    .qmail that is a symlink to a file only root may read is not shown."""
+    import pwd
+    import shutil
+    import tempfile
+
+    from pyqmail.layout import create_home
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")  # pragma: no cover
+    nobody = pwd.getpwnam("nobody")
+    d = Path(tempfile.mkdtemp(prefix="pyqmail-explain-"))
+    try:
+        d.chmod(0o755)
+        home = Home(d / "q", single_user=False)
+        create_home(home, "mx.test.example", None)
+        write_control(home, "locals", "test.example\n")
+        user = d / "nobodyhome"
+        user.mkdir()
+        secret = d / "secret"
+        secret.write_text("./root-only-secret/\n")
+        secret.chmod(0o600)
+        (user / ".qmail-open").write_text("./Maildir/\n")
+        (user / ".qmail-peek").symlink_to(secret)
+        for p in (user, user / ".qmail-open"):
+            os.chown(p, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+        (home.users / "assign").write_text(
+            f"+nb-:nobody:{nobody.pw_uid}:{nobody.pw_gid}:{user}:-::\n.\n"
+        )
+        newu(home)
+        text = explain.explain_address(home, "nb-open@test.example").text()
+        assert f".qmail: {user}/.qmail-open" in text and "-> deliver into the Maildir" in text
+        text = explain.explain_address(home, "nb-peek@test.example").text()
+        assert "root-only-secret" not in text
+        assert "Unable to open .qmail-peek" in text and "deferred" in text
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

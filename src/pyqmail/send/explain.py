@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -173,6 +174,48 @@ def _local(home: Home, ctl: Control, stored: str, ex: Explanation) -> None:
         ex.say(f"  no account owns {local!r}: the alias user's .qmail files decide")
     ex.say(f"home: {info.home}")
     ex.say(f"extension: dash {info.dash!r}, ext {info.ext!r}")
+    dd = ctl.defaultdelivery
+    if os.geteuid() == 0 and info.uid != 0 and not home.single_user:
+        _as_user(info, lambda sub: _dot_qmail(info, dd, sub), ex)
+    else:
+        _dot_qmail(info, dd, ex)
+
+
+def _as_user(info: users.UserInfo, job: Callable[[Explanation], None], ex: Explanation) -> None:
+    """Run ``job`` in a child that has dropped to the user's uid and gid first, as local
+    delivery does: root never follows a path in a directory the user owns."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its result is tested through the parent
+        code = 0
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(info.gid)
+            os.setuid(info.uid)
+            sub = Explanation()
+            job(sub)
+            data = json.dumps({"lines": sub.lines, "refused": sub.refused}).encode()
+            while data:
+                data = data[os.write(wfd, data) :]
+        except BaseException:
+            code = 111
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not data:
+        ex.say(f"the .qmail files could not be read as {info.user} (uid {info.uid})")
+        return
+    got = json.loads(data)
+    ex.lines += got["lines"]
+    ex.refused = ex.refused or bool(got["refused"])
+
+
+def _dot_qmail(info: users.UserInfo, defaultdelivery: str, ex: Explanation) -> None:
+    """Which .qmail file qmail-local would use for ``info``, and what each line does."""
     try:
         hfd = os.open(info.home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -198,7 +241,7 @@ def _local(home: Home, ctl: Control, stored: str, ex: Explanation) -> None:
     if chosen.name is None or not content:
         why = "there is no .qmail" if chosen.name is None else f"{chosen.name} is empty"
         ex.say(f".qmail: {why}: control/defaultdelivery applies")
-        content = ctl.defaultdelivery.encode("utf-8", "surrogateescape")
+        content = defaultdelivery.encode("utf-8", "surrogateescape")
     else:
         path = os.path.join(info.home, chosen.name)
         ex.say(
