@@ -273,3 +273,25 @@ def test_scheduler_start_leaves_held_messages_out(home: Home) -> None:
         assert sched.admin_states(None)[0].held
 
     _sched_run(home, second)
+
+
+def test_direct_delete_with_bounce_queues_one(home: Home) -> None:
+    paths = QueuePaths(home.queue)
+    _queue(paths, 43, b"s@x.example", [b"d@y.example", b"t@y.example", b"u@y.example"])
+    q = admin.DirectQueue(home)
+    assert q.lock()
+    try:
+        (r,) = q.act("delete", [43], "mail loop")
+    finally:
+        q.close()
+    assert r.ok and r.text == "deleted and bounced"
+    assert not any(p.exists() for p in (paths.mess(43), paths.info(43), paths.bounce(43)))
+    (todo,) = list(paths.dir("todo").iterdir())  # the bounce, queued for the sender
+    n = int(todo.name)
+    text = paths.mess(n).read_text()
+    assert (
+        "<t@y.example>:\nThis message was deleted from the queue by the postmaster: mail loop"
+        in text
+    )
+    assert "<u@y.example>:" in text and "<d@y.example>:" not in text  # d was done already
+    assert b"Ts@x.example\0" in todo.read_bytes() or b"Ts@x.example\0" in paths.intd(n).read_bytes()
