@@ -258,6 +258,11 @@ def test_root_mode_socket_is_the_qmail_groups(
     env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
     env["PYQMAIL_HOME"] = str(home.root)
     log = home.root.parent / "run.log"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "pyqmail"), "queue", *args], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
@@ -273,19 +278,21 @@ def test_root_mode_socket_is_the_qmail_groups(
             s.sendmail("joe@test.example", ["r1@remote.example"], "Subject: r\r\n\r\nx\r\n")
         wait_for(lambda: sink.tries("r1@remote.example") == 1, what="the attempt")
 
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([str(BIN / "pyqmail"), "queue", *args], env=env,
-                                  capture_output=True, text=True, timeout=60)  # fmt: skip
-
         wait_for(lambda: "r1@remote.example" in run("list").stdout, what="the listing")
         (m,) = json.loads(run("list", "--json").stdout)
         r = run("hold", str(m["id"]))
         assert r.returncode == 0 and "held" in r.stdout, r.stderr
         assert json.loads(run("list", "--json", "--state", "held").stdout)[0]["id"] == m["id"]
-        r = run("delete", str(m["id"]))
-        assert r.returncode == 0 and "deleted" in r.stdout, r.stderr
-        wait_for(lambda: run("list", "--json").stdout.strip() == "[]", what="the deletion")
+        assert run("release", str(m["id"])).returncode == 0
         assert "queue manager: uid 0 pid " in log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+    # stopped: root holds it directly; the marker is the scheduler's (qmails) to read
+    r = run("hold", str(m["id"]))
+    assert r.returncode == 0 and "held" in r.stdout, r.stderr
+    mark = home.queue / admin.HOLD_DIR / str(m["id"])
+    assert os.stat(mark).st_uid == home.ids().uid("send")
+    r = run("delete", str(m["id"]))
+    assert r.returncode == 0 and "deleted" in r.stdout, r.stderr
+    assert json.loads(run("list", "--json").stdout) == [] and not mark.exists()

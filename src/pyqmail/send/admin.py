@@ -173,14 +173,17 @@ def is_held(paths: QueuePaths, num: int) -> bool:
 def write_hold(paths: QueuePaths, num: int) -> None:
     """Create ``queue/hold/N`` (durably), owned like queue/info."""
     d = paths.root / HOLD_DIR
+    owner = os.stat(paths.dir("info"))  # qmails in root mode: the scheduler reads it
     if not d.is_dir():
         d.mkdir(mode=0o700, exist_ok=True)
-        st = os.stat(paths.dir("info"))
         with contextlib.suppress(PermissionError):
-            os.chown(d, st.st_uid, st.st_gid)
+            os.chown(d, owner.st_uid, owner.st_gid)
     from pyqmail.durable import replace_file
 
-    replace_file(_hold_path(paths, num), [b"%d\n" % _birth_ns(paths, num)], mode=0o600)
+    mark = _hold_path(paths, num)
+    replace_file(mark, [b"%d\n" % _birth_ns(paths, num)], mode=0o600)
+    with contextlib.suppress(PermissionError):
+        os.chown(mark, owner.st_uid, owner.st_gid)
 
 
 def remove_hold(paths: QueuePaths, num: int) -> None:
