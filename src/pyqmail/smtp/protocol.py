@@ -104,7 +104,8 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class RcptRefused:
-    """A recipient was refused (for the adapter's log; its reply follows as a Send)."""
+    """A recipient was refused (for the adapter's log; its reply follows as a Send). Each
+    counts as an error, so a connection logs at most ``max_errors`` of them."""
 
     address: bytes
     reply: bytes
@@ -446,8 +447,8 @@ class SmtpServerConnection:
             self._error(events, replies.EMPTY_RCPT)
             return
         if len(self._rcpts) >= self.limits.max_rcpts:
-            events.append(RcptRefused(address, replies.TOO_MANY_RCPTS))
-            events.append(Send(replies.TOO_MANY_RCPTS))  # not counted as an error
+            # not counted as an error, and not logged: a flood would become one of log lines
+            events.append(Send(replies.TOO_MANY_RCPTS))
             return
         if self._barf:
             self._refuse(events, address, replies.BMF)
