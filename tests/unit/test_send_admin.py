@@ -295,3 +295,21 @@ def test_direct_delete_with_bounce_queues_one(home: Home) -> None:
     )
     assert "<u@y.example>:" in text and "<d@y.example>:" not in text  # d was done already
     assert b"Ts@x.example\0" in todo.read_bytes() or b"Ts@x.example\0" in paths.intd(n).read_bytes()
+
+
+def test_retry_during_a_delivery_makes_one_more_attempt_only(home: Home) -> None:
+    import asyncio
+
+    async def body(sched: Scheduler, remote: GatedRemote) -> None:
+        remote.gate = asyncio.Event()
+        num = await _queue_one(sched, b"r@far.example")
+        await remote.entered.wait()
+        assert "again at once" in await sched.admin_action("retry", num, None)
+        remote.gate.set()
+        await _until(lambda: len(remote.calls) == 2)
+        await asyncio.sleep(0.3)
+        assert len(remote.calls) == 2  # then the usual schedule, not a loop
+        (m,) = sched.admin_states([num])
+        assert m.recipients[0].tries == 2 and m.recipients[0].state == "deferred"
+
+    _sched_run(home, body)

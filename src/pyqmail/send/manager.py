@@ -676,11 +676,12 @@ class Scheduler:
         status, text = out.status, out.text[:REPORTMAX]
         if status is Status.TEMP and job.dying:
             status, text = Status.PERM, bounce.dying_text(text)
-        tried = self._attempts.setdefault(job.num, {})
-        before = tried.get(rec.recipient)
-        tried[rec.recipient] = Attempt(
-            (before.tries if before else 0) + 1, text.strip(), self._clock()
-        )
+        if status is not Status.OK:  # for `pyqmail queue show`: tries and the last error
+            tried = self._attempts.setdefault(job.num, {})
+            before = tried.get(rec.recipient)
+            tried[rec.recipient] = Attempt(
+                (before.tries if before else 0) + 1, text.strip(), self._clock()
+            )
         self.log.result(did, status.value, text)
         if status is Status.TEMP:
             self.stats["deferred"] += 1
@@ -712,7 +713,10 @@ class Scheduler:
                 with contextlib.suppress(OSError):
                     records.set_next_try(self.paths.name(CHANNEL_NAMES[c], num), job.retry)
                 return
-            now = num in self._retry_now or self._exiting
+            now = self._exiting
+            if num in self._retry_now:  # asked for during this pass: once, at once
+                self._retry_now.discard(num)
+                now = True
             self._heaps[c].push(self._clock() if now else job.retry, num)
             self._wake[c].set()
             return
