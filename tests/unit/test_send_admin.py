@@ -313,3 +313,14 @@ def test_retry_during_a_delivery_makes_one_more_attempt_only(home: Home) -> None
         assert m.recipients[0].tries == 2 and m.recipients[0].state == "deferred"
 
     _sched_run(home, body)
+
+
+def test_show_keeps_terminal_control_bytes_out() -> None:
+    from pyqmail.cli.queuectl import _show, _table
+
+    rec = RecipientState("r@x", "remote", "deferred", 1, "451 \x1b[31mred\r\nmore", None)
+    m = MessageState(1, 0, 1, "a\x1b@b", False, False, [rec], "Subject: \x1b]0;evil\x07x\n")
+    text = _show(m) + _table([m])
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert "last error: 451 ?[31mred\n      more\n" in text
+    assert "Subject: ?]0;evil?x" in text

@@ -193,3 +193,10 @@ def test_root_reads_dot_qmail_as_the_user(tmp_path: Path) -> None:
         assert "Unable to open .qmail-peek" in text and "deferred" in text
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_command_prints_no_control_bytes_from_a_users_file(home: Home, site: Path) -> None:
+    (site / ".qmail-esc").write_bytes(b"./Box\x1b[2J/\n")
+    r = subprocess.run([str(BIN / "pyqmail"), "explain", "alice-esc@test.example"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "\x1b" not in r.stdout and "line: ./Box?[2J/" in r.stdout

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pyqmail.cli.common import split_home_args
+from pyqmail.cli.common import printable, split_home_args
 from pyqmail.send import explain
 
 PROG = "pyqmail explain"
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, ex in enumerate(results):
         if i:
             print()
-        sys.stdout.write(ex.text())
+        sys.stdout.write(printable(ex.text()))
         refused = refused or ex.refused
     return 1 if refused else 0
 

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pyqmail.cli.common import split_home_args
+from pyqmail.cli.common import printable, split_home_args
 from pyqmail.qdate import date822_gmt
 from pyqmail.send import admin
 from pyqmail.send.admin import AdminError, Filter, MessageState
@@ -83,7 +83,7 @@ def _table(msgs: Sequence[MessageState]) -> str:
         lines.append(f"{m.id:>10}  {shown:>6}  {m.size:>8}  <{m.sender}>{flag}")
         for r in m.recipients:
             lines.append(f"{'':>30}{r.state:9s}{r.channel:7s}<{r.address}>")
-    return "\n".join(lines) + "\n"
+    return printable("\n".join(lines)) + "\n"
 
 
 def _show(m: MessageState) -> str:
@@ -102,12 +102,12 @@ def _show(m: MessageState) -> str:
         err = (
             r.last_error if r.last_error is not None else ("unknown" if r.tries is None else "none")
         )
-        out.append("    last error: " + err.replace("\n", "\n      "))
+        out.append("    last error: " + "\n      ".join(err.splitlines()))
         if r.state != "done":
             out.append(f"    next retry: {_when(r.next_retry)}")
     out.append("header:")
     out += ["  " + line for line in (m.headers or "").splitlines()]
-    return "\n".join(out) + "\n"
+    return "\n".join(printable(line) for line in out) + "\n"
 
 
 def _filter(a: argparse.Namespace) -> Filter:
