@@ -388,3 +388,32 @@ def test_rules_option_takes_the_sites_cdb_where_it_is(mta: Mta, tmp_path: Path) 
     with socket.create_connection(("127.0.0.1", mta.port), 10) as s:
         s.settimeout(10)
         assert s.recv(512).startswith(b"220")
+
+
+def test_refused_rcpt_logged_and_json_log_format(mta: Mta) -> None:
+    import json
+
+    # 127.0.0.1 relays; 127.0.0.2 is held to rcpthosts
+    subprocess.run(
+        [str(BIN / "tcprules"), str(mta.home.control / "tcp.smtp.cdb"), str(mta.tmp / "t.tmp")],
+        input=b'127.0.0.1:allow,RELAYCLIENT=""\n:allow\n',
+        check=True,
+    )
+    mta.start("--log-format", "json")
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=30, source_address=("127.0.0.2", 0)) as s:
+        s.ehlo()
+        s.mail("joe@else.example")
+        code, _ = s.rcpt("victim@notours.example")
+        assert code == 553
+        s.rset()
+    mta.send("joe@test.example", ["alice@test.example"], "logged")
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 1)
+    wait_for(lambda: "end msg" in mta.log() and "victim@notours.example" in mta.log())
+    assert mta.stop() == 0
+    wait_for(lambda: "status: exiting" in mta.log(), what="the formatter's last line")
+    records = [json.loads(line) for line in mta.log().splitlines() if line.strip()]
+    assert len(records) >= 5
+    (refused,) = [r for r in records if "victim@notours.example" in r["message"]]
+    assert "from 127.0.0.2" in refused["message"] and "553" in refused["message"]
+    assert "rcpthosts" in refused["message"] and refused["source"] == "pyqmail.smtpd.rcpt"
+    assert any(r["message"].startswith("end msg ") for r in records)

@@ -47,3 +47,22 @@ def test_qmail_names_are_accepted_as_subcommands(home: object) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "messages in queue: 0" in r.stdout
+
+
+def test_queue_is_the_manager_and_qmail_queue_keeps_its_name(home: object) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pyqmail.cli.main", "queue", "list", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    # qmail-queue: an empty envelope on fd 1 is qmail-queue's "trouble reading envelope"
+    r = subprocess.run(
+        [sys.executable, "-m", "pyqmail.cli.main", "qmail-queue"],
+        input=b"",
+        stdout=subprocess.DEVNULL,
+        capture_output=False,
+        stderr=subprocess.PIPE,
+    )
+    assert r.returncode != 0 and b"qmail-queue" in r.stderr

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pyqmail.send.schedule import LOCAL, REMOTE, PrioQueue, dying, nextretry
+from pyqmail.send.schedule import LOCAL, REMOTE, Entry, PrioQueue, dying, nextretry
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,12 @@ def test_prioq_reschedule_all_makes_everything_due() -> None:
     assert len(q) == 10
     assert all(e.when == 5 for e in q)
     assert q.peek() is not None and q.peek().when == 5  # type: ignore[union-attr]
+
+
+def test_remove_takes_out_one_message_and_keeps_the_heap_order() -> None:
+    q = PrioQueue()
+    for when, num in [(5.0, 1), (3.0, 2), (9.0, 1), (1.0, 3), (4.0, 4)]:
+        q.push(when, num)
+    assert sorted(q.remove(1)) == [Entry(5.0, 1), Entry(9.0, 1)]
+    assert q.remove(1) == []
+    assert [q.pop().num for _ in range(len(q))] == [3, 2, 4]

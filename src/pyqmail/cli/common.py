@@ -64,3 +64,12 @@ def serve_listener(prog: str, listen: str, start: ListenerStart) -> int:
     except OSError as e:
         return fatal(prog, f"unable to listen on {listen}: {e.strerror}", 111)
     return 0
+
+
+_CONTROL = {c: "?" for c in [*range(0, 9), *range(11, 32), 127]}  # keeps \t and \n
+
+
+def printable(text: str) -> str:
+    """Text that came from a message, a user's file or a remote server, made safe for a
+    terminal: every control character but tab and newline becomes ``?``."""
+    return text.translate(_CONTROL)

@@ -2,7 +2,8 @@
 
 ``pyqmail init|check|run|smtpd|qmqpd|qmtpd|showctl|...``: each subcommand is a module in
 ``pyqmail.cli`` with a ``main(argv) -> int``. The qmail command names (``qmail-qread``)
-are also accepted as subcommands (``pyqmail qmail-qread``).
+are also accepted as subcommands (``pyqmail qmail-qread``); ``pyqmail qmail-queue`` is
+qmail-queue and ``pyqmail queue`` the queue manager.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qmqpd": ("qmqpd", "the QMQP server: on stdin/stdout, or --listen ADDR:PORT"),
     "qmtpd": ("qmtpd", "the QMTP server: on stdin/stdout, or --listen ADDR:PORT"),
     "showctl": ("showctl", "print every control file's effective value"),
-    "queue": ("queue", "qmail-queue: message on fd 0, envelope on fd 1"),
+    "queue": ("queuectl", "the queue manager: list, show, hold, release, delete, retry"),
+    "explain": ("explain", "what would happen to mail for an address, or from a client"),
     "qread": ("qread", "list the queue's messages"),
     "qstat": ("qstat", "count the queue's messages"),
     "newu": ("newu", "compile users/assign into users/cdb"),
@@ -57,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyqmail {__version__}")
         return 0
     name = args[0]
-    if name in SUBCOMMANDS:
+    if name == "qmail-queue":  # qmail's program keeps its name; `queue` is the manager
+        module = "queue"
+    elif name in SUBCOMMANDS:
         module = SUBCOMMANDS[name][0]
     elif name.startswith("qmail-") and name[6:] in SUBCOMMANDS:
         module = SUBCOMMANDS[name[6:]][0]

@@ -1,5 +1,5 @@
 """``pyqmail run [--home DIR] [--smtp A:P ...] [--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB]
-[--single-user]``.
+[--single-user] [--log-format text|json]``.
 
 Parses the arguments and hands them to :mod:`pyqmail.daemon.run`. Addresses are
 ``HOST:PORT`` or ``[IPv6]:PORT``; without ``--smtp`` the MTA delivers the queue but listens
@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Sequence
 
 from pyqmail.cli.common import fatal
+from pyqmail.daemon import logjson
 from pyqmail.daemon.run import main_args, run
 from pyqmail.home import resolve_home
 
@@ -32,10 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "qmail sites often keep it at /etc/tcp.smtp.cdb)")  # fmt: skip
     p.add_argument("--single-user", action="store_true",
                    help="everything as the invoking user (or PYQMAIL_SINGLE_USER=1)")  # fmt: skip
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: every log line as one JSON object (daemon/logjson.py)")  # fmt: skip
     a = p.parse_args(argv)
     home = resolve_home(a.home, a.single_user)
     try:
         cfg = main_args(home, a.smtp, a.qmqp, a.qmtp, a.rules)
     except ValueError as e:
         return fatal(PROG, str(e), 100)
+    if a.log_format == "json":
+        logjson.start(home)
     return run(cfg)

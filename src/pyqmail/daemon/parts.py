@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -218,8 +219,10 @@ def make_scheduler(
     stop_timeout: float,
     submitter: BlockingSubmitter | None = None,
     cleaner: Cleaner | None = None,
+    control_socket: socket.socket | bool = False,
 ) -> Scheduler:
-    """qmail-send over the two agents; it re-reads the controls itself (``load``)."""
+    """qmail-send over the two agents; it re-reads the controls itself (``load``).
+    ``control_socket``: serve `pyqmail queue` (send/admin.py), as Scheduler takes it."""
     return Scheduler(
         home,
         lambda: load(home),
@@ -229,6 +232,7 @@ def make_scheduler(
         log=log,
         term_timeout=stop_timeout,
         cleaner=cleaner,
+        control_socket=control_socket,
     )
 
 

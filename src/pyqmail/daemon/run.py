@@ -87,7 +87,12 @@ class Daemon:
         agent = RemoteAgent(self.home, self.ctl)
         agent.reset_tcpto()  # qmail-rspawn zeroes lock/tcpto when qmail starts
         sched = make_scheduler(
-            self.home, spawner, agent, self.log, stop_timeout=self.cfg.stop_timeout
+            self.home,
+            spawner,
+            agent,
+            self.log,
+            stop_timeout=self.cfg.stop_timeout,
+            control_socket=True,  # `pyqmail queue` (send/admin.py)
         )
         self.scheduler = sched
         submitter = qsubmit.submitter(self.home, notify=sched.notify)

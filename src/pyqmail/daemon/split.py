@@ -64,6 +64,7 @@ from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
+from pyqmail.send import admin
 from pyqmail.send.log import SendLog
 
 READY_TIMEOUT = 30.0
@@ -229,6 +230,7 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
     # holding lock/tcpto, which is qmailr's from init: root touches nothing in lock/.
     agent = RemoteProcess(home)
     agent.start((ids.uid("remote"), ids.gid("qmail")))
+    control = admin.prepare_as_root(home, ids.uid("send"), ids.gid("qmail"))  # pyqmail queue
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
 
@@ -253,6 +255,7 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
             stop_timeout=stop_timeout,
             submitter=ServiceSubmitter(home),
             cleaner=SocketCleaner(clean_sock),
+            control_socket=control or False,
         )
 
         reloads: set[asyncio.Task[None]] = set()

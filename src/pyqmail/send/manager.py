@@ -33,8 +33,9 @@ import contextlib
 import fcntl
 import functools
 import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,11 @@ from pyqmail.queue import clean, records
 from pyqmail.queue.clean import Cleaner
 from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.queue.layout import QueuePaths, msgnum
-from pyqmail.send import bounce
+from pyqmail.send import admin, bounce
+from pyqmail.send.admin import AdminError, Attempt, MessageState
 from pyqmail.send.direct import After, DirectDeliveries
 from pyqmail.send.job import Job, Record
-from pyqmail.send.log import SendLog
+from pyqmail.send.log import SendLog, safe
 from pyqmail.send.preprocess import Preprocessed, preprocess_batch
 from pyqmail.send.schedule import (
     CHANNEL_NAMES,
@@ -117,6 +119,7 @@ class Scheduler:
         use_trigger: bool = True,
         direct: bool = True,
         cleaner: Cleaner | None = None,
+        control_socket: socket.socket | bool = False,
     ) -> None:
         self.home = home
         self.paths = QueuePaths(home.queue)
@@ -160,6 +163,14 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.idle = asyncio.Event()  # set whenever no todo, job or delivery is outstanding
         self.stats = {"delivered": 0, "deferred": 0, "failed": 0, "bounced": 0}
+        # the queue manager (admin.py): True = bind HOME/run/control.sock at start
+        self._control_socket = control_socket
+        self._control_server: admin.ControlServer | None = None
+        self._attempts: dict[int, dict[str, Attempt]] = {}  # tries and last error, in memory
+        self._held: set[int] = set()
+        self._doomed: dict[int, str | None] = {}  # delete when its running job ends
+        self._retry_now: set[int] = set()  # retry at once when its running job ends
+        self._running: dict[int, int] = {}  # jobs in flight per message
 
     # ---------------------------------------------------------------- life cycle
 
@@ -186,6 +197,7 @@ class Scheduler:
         for num in done:
             self._messdone(num)
         self._update_idle()
+        await self._start_control()
 
     def _lock(self) -> None:
         try:
@@ -223,6 +235,8 @@ class Scheduler:
         if self._exiting:
             return
         self._exiting = True
+        if self._control_server is not None:
+            await self._control_server.close()
         self._log_status()
         for c in CHANNELS:
             self._wake[c].set()
@@ -321,6 +335,7 @@ class Scheduler:
         entries: list[list[Entry]] = [[], []]
         done: list[int] = []
         todo = set()
+        self._held = admin.held_numbers(self.paths)
         with contextlib.suppress(FileNotFoundError):
             todo = {n for n in map(msgnum, os.listdir(self.paths.dir("todo"))) if n is not None}
         for d in self.paths.split_dirs("info"):
@@ -339,7 +354,8 @@ class Scheduler:
                         st = os.stat(path)
                     except FileNotFoundError:
                         continue
-                    entries[c].append(Entry(st.st_mtime, num))
+                    if num not in self._held:
+                        entries[c].append(Entry(st.st_mtime, num))
                     mask |= 1 << c
                 if mask:
                     self._pending_chan[num] = mask
@@ -500,6 +516,7 @@ class Scheduler:
 
     def _start_job(self, c: int, num: int) -> None:
         self._active[c] += 1
+        self._running[num] = self._running.get(num, 0) + 1
         self._spawn(self._job(c, num))
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
@@ -556,6 +573,13 @@ class Scheduler:
         finally:
             self._active[c] -= 1
             self._wake[c].set()
+            left = self._running.pop(num, 1) - 1
+            if left:
+                self._running[num] = left
+            elif num in self._doomed and not self._exiting:
+                reason = self._doomed.pop(num)
+                if num in self._pending_chan:  # not finished by the job itself meanwhile
+                    self._delete_now(num, reason)
 
     async def _job_body(self, c: int, num: int) -> None:
         job = self._open_job(c, num)
@@ -640,6 +664,12 @@ class Scheduler:
         status, text = out.status, out.text[:REPORTMAX]
         if status is Status.TEMP and job.dying:
             status, text = Status.PERM, bounce.dying_text(text)
+        if status is not Status.OK:  # for `pyqmail queue show`: tries and the last error
+            tried = self._attempts.setdefault(job.num, {})
+            before = tried.get(rec.recipient)
+            tried[rec.recipient] = Attempt(
+                (before.tries if before else 0) + 1, text.strip(), self._clock()
+            )
         self.log.result(did, status.value, text)
         if status is Status.TEMP:
             self.stats["deferred"] += 1
@@ -667,7 +697,15 @@ class Scheduler:
     def _job_done(self, job: Job) -> None:
         c, num = job.channel, job.num
         if job.left:
-            self._heaps[c].push(job.retry if not self._exiting else self._clock(), num)
+            if num in self._held or num in self._doomed:  # the queue manager's
+                with contextlib.suppress(OSError):
+                    records.set_next_try(self.paths.name(CHANNEL_NAMES[c], num), job.retry)
+                return
+            now = self._exiting
+            if num in self._retry_now:  # asked for during this pass: once, at once
+                self._retry_now.discard(num)
+                now = True
+            self._heaps[c].push(self._clock() if now else job.retry, num)
             self._wake[c].set()
             return
         path = self.paths.name(CHANNEL_NAMES[c], num)
@@ -683,6 +721,133 @@ class Scheduler:
         else:
             self._pending_chan.pop(num, None)
             self._messdone(num)
+
+    # ---------------------------------------------------------------- queue manager
+    # admin.py's ControlServer calls these in the loop; each change applies here so the
+    # schedule agrees with the files.
+
+    async def _start_control(self) -> None:
+        sock = self._control_socket
+        if sock is False:
+            return
+        gid = admin.qmail_group(self.home)
+        if sock is True:
+            try:
+                sock = admin.bind_control(admin.control_path(self.home), gid)
+            except OSError as e:
+                self.log.warning(f"unable to bind the control socket: {e.strerror}")
+                return
+        assert isinstance(sock, socket.socket)
+        self._control_server = admin.ControlServer(self, sock, gid)
+        await self._control_server.start()
+
+    def admin_log(self, text: str) -> None:
+        self.log.line(b"queue manager: " + b" ".join(safe(w) for w in text.split(" ")))
+
+    def admin_states(self, nums: Sequence[int] | None) -> list[MessageState]:
+        out = []
+        due: dict[int, dict[int, float]] = {}
+        for c in CHANNELS:
+            for e in self._heaps[c]:
+                due.setdefault(e.num, {})[c] = e.when
+        for n in admin.queued_numbers(self.paths) if nums is None else nums:
+            if n not in self._pending_chan:
+                continue
+            when = due.get(n, {})
+            with contextlib.suppress(OSError):
+                out.append(
+                    admin.read_message(
+                        self.paths,
+                        n,
+                        held=n in self._held,
+                        history=self._attempts.get(n, {}),
+                        next_try=when,
+                    )
+                )
+        return out
+
+    async def admin_action(self, op: str, num: int, reason: str | None) -> str:
+        """Apply one queue-manager action to message ``num``; AdminError if it cannot."""
+        if num not in self._pending_chan:
+            if num in self._direct or num in self._todo or num in self._in_batch:
+                raise AdminError("being delivered from todo; try again shortly")
+            raise AdminError(f"no message {num} in the queue")
+        running = num in self._running
+        if op == "hold":
+            if num in self._held:
+                return "already held"
+            admin.write_hold(self.paths, num)
+            self._held.add(num)
+            for c in CHANNELS:
+                for e in self._heaps[c].remove(num):
+                    with contextlib.suppress(OSError):
+                        records.set_next_try(self.paths.name(CHANNEL_NAMES[c], num), e.when)
+            return "held" + (" (after the delivery in progress)" if running else "")
+        if op == "release":
+            if num not in self._held:
+                return "not held"
+            admin.remove_hold(self.paths, num)
+            self._held.discard(num)
+            if not running:
+                self._push_pending(num, None)
+            return "released"
+        if op == "retry":
+            if num in self._held:
+                raise AdminError("held; release it first")
+            if running:
+                self._retry_now.add(num)
+                return "being delivered now; again at once if it is deferred"
+            for c in CHANNELS:
+                self._heaps[c].remove(num)
+            self._push_pending(num, self._clock())
+            return "due now"
+        if op == "delete":
+            if running:
+                self._doomed[num] = reason
+                return "deleted after the delivery in progress"
+            self._delete_now(num, reason)
+            return "deleted" + (" and bounced" if reason is not None else "")
+        raise AdminError(f"unknown action {op!r}")
+
+    def _push_pending(self, num: int, when: float | None) -> None:
+        """Schedule each pending channel of ``num`` at ``when`` (None: the file's mtime)."""
+        mask = self._pending_chan.get(num, 0)
+        for c in CHANNELS:
+            if mask & (1 << c):
+                at = when
+                if at is None:
+                    try:
+                        at = os.stat(self.paths.name(CHANNEL_NAMES[c], num)).st_mtime
+                    except OSError:
+                        at = self._clock()
+                self._heaps[c].push(at, num)
+                self._wake[c].set()
+
+    def _delete_now(self, num: int, reason: str | None) -> None:
+        """Take ``num`` out of the schedule and the queue; with a reason, bounce the
+        recipients not yet done first (via bounce/N and the usual completion)."""
+        for c in CHANNELS:
+            self._heaps[c].remove(num)
+        self._held.discard(num)
+        self._retry_now.discard(num)
+        if reason is not None:
+            try:
+                admin.record_failures(
+                    self.paths, num, reason, self.settings.routing.strip_virtual, self.log
+                )
+            except AdminError as e:
+                self.log.warning(f"queue manager: message {num} kept: {e}")
+                self._push_pending(num, None)
+                return
+        else:
+            with contextlib.suppress(OSError):
+                clean.remove_bounce(self.paths, num)
+        for c in CHANNELS:
+            with contextlib.suppress(OSError):
+                clean.remove_channel(self.paths.name(CHANNEL_NAMES[c], num))
+        admin.remove_hold(self.paths, num)
+        self._pending_chan.pop(num, None)
+        self._messdone(num)
 
     # ---------------------------------------------------------------- completion
 
@@ -717,6 +882,11 @@ class Scheduler:
                 self._schedule_messdone(num, SYSERR_RETRY)
                 return
         self.log.end_msg(num)
+        self._attempts.pop(num, None)
+        self._retry_now.discard(num)
+        if num in self._held:  # held while its last delivery was in flight
+            self._held.discard(num)
+            admin.remove_hold(self.paths, num)
         # info first: a crash after it leaves an unreferenced mess that recovery removes
         try:
             if self._cleaner is None:

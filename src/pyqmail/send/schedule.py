@@ -67,6 +67,14 @@ class PrioQueue:
     def pop(self) -> Entry:
         return heapq.heappop(self._heap)
 
+    def remove(self, num: int) -> list[Entry]:
+        """Take every entry of message ``num`` out (O(n): the queue manager's, not per event)."""
+        gone = [e for e in self._heap if e.num == num]
+        if gone:
+            self._heap = [e for e in self._heap if e.num != num]
+            heapq.heapify(self._heap)
+        return gone
+
     def reschedule_all(self, when: float) -> None:
         """Every entry due at ``when`` (qmail's SIGALRM): O(n), once per signal."""
         self._heap = [Entry(min(e.when, when), e.num) for e in self._heap]

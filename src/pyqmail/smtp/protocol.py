@@ -102,7 +102,16 @@ class Close:
     """Close the connection after writing what was sent."""
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
+@dataclass(frozen=True, slots=True)
+class RcptRefused:
+    """A recipient was refused (for the adapter's log; its reply follows as a Send). Each
+    counts as an error, so a connection logs at most ``max_errors`` of them."""
+
+    address: bytes
+    reply: bytes
+
+
+Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close | RcptRefused
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
@@ -280,6 +289,10 @@ class SmtpServerConnection:
             self.state = State.CLOSED
             events += [Send(replies.TOO_MANY_ERRORS), _CLOSE]
 
+    def _refuse(self, events: list[Event], address: bytes, reply: bytes) -> None:
+        events.append(RcptRefused(address, reply))
+        self._error(events, reply)
+
     def _reset(self) -> None:
         self._sender = None
         self._barf = False
@@ -428,22 +441,23 @@ class SmtpServerConnection:
         address, params = parsed
         bad = check_rcpt_params(params)
         if bad is not None:
-            self._error(events, bad)
+            self._refuse(events, address, bad)
             return
         if not address:
             self._error(events, replies.EMPTY_RCPT)
             return
         if len(self._rcpts) >= self.limits.max_rcpts:
-            events.append(Send(replies.TOO_MANY_RCPTS))  # not counted as an error
+            # not counted as an error, and not logged: a flood would become one of log lines
+            events.append(Send(replies.TOO_MANY_RCPTS))
             return
         if self._barf:
-            self._error(events, replies.BMF)
+            self._refuse(events, address, replies.BMF)
             return
         session = self.session
         if session.relayclient is not None:
             address += session.relayclient
         elif not session.rcpt_allowed(address):
-            self._error(events, replies.NOT_RCPTHOSTS)
+            self._refuse(events, address, replies.NOT_RCPTHOSTS)
             return
         self._rcpts.append(address)
         events.append(Send(replies.OK))

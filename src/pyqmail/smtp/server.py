@@ -50,12 +50,16 @@ from pyqmail.smtp.protocol import (
     MessageAbort,
     MessageEnd,
     MessageStart,
+    RcptRefused,
     Send,
     SmtpServerConnection,
 )
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
 
 log = logging.getLogger("pyqmail.smtpd")
+# one line per refused RCPT, with the client and the reply (the reason); INFO, always on
+rcpt_log = logging.getLogger("pyqmail.smtpd.rcpt")
+rcpt_log.setLevel(logging.INFO)
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 
@@ -505,6 +509,13 @@ class _SmtpProtocol(asyncio.Protocol):
                     return
                 elif kind is MessageAbort:
                     msg.abort()
+                elif kind is RcptRefused:
+                    rcpt_log.info(
+                        "refused RCPT TO:<%s> from %s: %s",
+                        ev.address.decode("utf-8", "backslashreplace"),  # type: ignore[union-attr]
+                        self.ip,
+                        ev.reply.decode("ascii", "replace").rstrip(),  # type: ignore[union-attr]
+                    )
                 elif kind is Close:
                     if out:
                         transport.write(b"".join(out))
