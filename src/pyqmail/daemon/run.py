@@ -39,6 +39,7 @@ from pyqmail.queue.recover import clean_stale
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
+from pyqmail.smtp.protocol import Door
 from pyqmail.smtp.server import SmtpServer
 from pyqmail.tcprules import Decision
 
@@ -76,6 +77,9 @@ class RunConfig:
     smtp: list[tuple[str, int]] = field(default_factory=list)
     qmqp: list[tuple[str, int]] = field(default_factory=list)
     qmtp: list[tuple[str, int]] = field(default_factory=list)
+    # TLS doors (smtp/tls.py): 465 implicit TLS (RFC 8314), 587 submission with STARTTLS
+    smtps: list[tuple[str, int]] = field(default_factory=list)
+    submission: list[tuple[str, int]] = field(default_factory=list)
     log: BinaryIO | None = None
     stop_timeout: float = STOP_TIMEOUT
 
@@ -162,6 +166,9 @@ class Daemon:
         for host, port in self.cfg.smtp:
             server = await smtp.start(host, port)
             self._record(server, "smtp")
+        for door, addrs in smtp_doors(self.cfg):
+            for host, port in addrs:
+                self._record(await smtp.start(host, port, door), door.value)
         if self.cfg.qmqp:
             from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
 
@@ -211,6 +218,11 @@ class Daemon:
     def stop(self) -> None:
         """TERM/INT: begin an orderly shutdown (safe to call more than once)."""
         self._stop.set()
+
+
+def smtp_doors(cfg: RunConfig) -> list[tuple[Door, list[tuple[str, int]]]]:
+    """The SMTP listeners beyond port 25, with the door each one is."""
+    return [(Door.SMTPS, cfg.smtps), (Door.SUBMISSION, cfg.submission)]
 
 
 def _server_class() -> type[SmtpServer]:
@@ -269,7 +281,13 @@ def run(cfg: RunConfig) -> int:
 
 
 def main_args(
-    home: Home, smtp: Sequence[str], qmqp: Sequence[str], qmtp: Sequence[str] = ()
+    home: Home,
+    smtp: Sequence[str],
+    qmqp: Sequence[str],
+    qmtp: Sequence[str] = (),
+    *,
+    smtps: Sequence[str] = (),
+    submission: Sequence[str] = (),
 ) -> RunConfig:
     """A RunConfig from command-line strings (raises ValueError for a bad address)."""
     return RunConfig(
@@ -277,4 +295,6 @@ def main_args(
         smtp=[parse_listen(a, 25) for a in smtp],
         qmqp=[parse_listen(a, 628) for a in qmqp],
         qmtp=[parse_listen(a, 209) for a in qmtp],
+        smtps=[parse_listen(a, 465) for a in smtps],
+        submission=[parse_listen(a, 587) for a in submission],
     )

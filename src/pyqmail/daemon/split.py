@@ -8,7 +8,8 @@ qmail-start's separation (layout.md 4 and 6), with the daemon's parts:
   the scheduler, since only the queue user may remove todo, intd and mess files;
 - **send** (qmails:qmail): the scheduler and the remote agent; before dropping it starts
   the local spawner, which keeps root and drops to each recipient per delivery;
-- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped.
+- **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root, then dropped;
+  control/servercert.pem is loaded before the drop and reloaded as qmaild (smtp/tls.py).
   SMTP's messages go to a committer process (queue/committer.py) started before the drop
   to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
   that child dies, queue through the service. Either way the Received line says "invoked
@@ -228,7 +229,13 @@ def _send_main(home: object, ids: Ids, clean_sock: socket.socket, stop_timeout: 
 
 
 def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
-    from pyqmail.daemon.run import RunConfig, SteadyControl, _DaemonSmtpServer, _new_loop
+    from pyqmail.daemon.run import (
+        RunConfig,
+        SteadyControl,
+        _DaemonSmtpServer,
+        _new_loop,
+        smtp_doors,
+    )
     from pyqmail.home import Home
 
     assert isinstance(home, Home) and isinstance(cfg, RunConfig)
@@ -250,6 +257,9 @@ def _smtpd_main(home: object, ids: Ids, cfg: object, ready: int) -> int:
         smtp = _DaemonSmtpServer(home, ctl, committer)
         for host, port in cfg.smtp:
             servers.append(await smtp.start(host, port))
+        for door, addrs in smtp_doors(cfg):
+            for host, port in addrs:
+                servers.append(await smtp.start(host, port, door))
         if cfg.qmqp:
             from pyqmail.inject.qmqp import QmqpServer, loopback_only_note
 
@@ -352,7 +362,7 @@ def run_split(cfg: object) -> int:
         return 111
     pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg.stop_timeout))
     clean_send.close()
-    if cfg.smtp or cfg.qmqp or cfg.qmtp:
+    if cfg.smtp or cfg.smtps or cfg.submission or cfg.qmqp or cfg.qmtp:
         r, w = os.pipe()
         pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w))
         os.close(w)

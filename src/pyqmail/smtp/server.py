@@ -17,8 +17,13 @@ queue :class:`~pyqmail.queue.submit.Submitter`; neither decides anything about S
   process with one committer thread instead. Other submitters' commits run in a worker
   thread each.
   ``250 ok`` is written only after the message's commit returned.
+  STARTTLS (control/servercert.pem, smtp/tls.py) upgrades the transport in place with
+  ``loop.start_tls``. Reading is paused from the STARTTLS line until the handshake, so
+  nothing the client sent before it reaches the TLS layer or the core. A listener
+  started with ``Door.SMTPS`` (port 465) is a TLS server from the first byte (the
+  certificate is switched per handshake: CertStore.front_context).
 * :func:`run_stdio` is ``qmail-smtpd`` under tcpserver: the socket on fd 0/1 and the
-  environment tcpserver set.
+  environment tcpserver set; its STARTTLS runs over ssl.MemoryBIO (smtp/tlsbio.py).
 
 An unexpected exception never reaches the client: it is logged and the client gets a 451
 and the connection is closed; any message in progress is aborted (nothing queued).
@@ -34,6 +39,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -50,10 +56,11 @@ from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess, ProcPending
 from pyqmail.queue.writer import Pending, QueueError, commit_many
-from pyqmail.smtp import replies
+from pyqmail.smtp import replies, tlsbio
 from pyqmail.smtp.protocol import (
     Close,
     DataChunk,
+    Door,
     Event,
     Limits,
     MessageAbort,
@@ -61,8 +68,13 @@ from pyqmail.smtp.protocol import (
     MessageStart,
     Send,
     SmtpServerConnection,
+    StartTls,
+    State,
+    TlsOffer,
 )
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
+from pyqmail.smtp.tls import SERVERCERT, CertStore
+from pyqmail.smtp.tls import info as tls_info
 
 log = logging.getLogger("pyqmail.smtpd")
 
@@ -290,6 +302,7 @@ class SmtpServer:
         limit_loopback: bool = False,
         commit_process: bool | None = None,
         ip_key: Callable[[str], str] = netaddr.limit_key,
+        tls_ttl: float = 1.0,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -324,14 +337,20 @@ class SmtpServer:
         self.per_ip: dict[str, int] = {}
         self._rules = CdbCache(self.rules_path, control_ttl)
         self._more = CdbCache(home.control / "morercpthosts.cdb", control_ttl)
+        # control/servercert.pem, re-checked at most every tls_ttl seconds (smtp/tls.py)
+        self.certs = CertStore(home.control / SERVERCERT, ttl=tls_ttl)
+        self._certs_loaded = False
         self._servers: list[asyncio.AbstractServer] = []
         self.base_env: dict[str, str] = {}
         if "DATABYTES" in os.environ:
             self.base_env["DATABYTES"] = os.environ["DATABYTES"]
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
 
-    async def start(self, host: str, port: int) -> asyncio.AbstractServer:
-        """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any)."""
+    async def start(self, host: str, port: int, door: Door = Door.SMTP) -> asyncio.AbstractServer:
+        """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any).
+
+        The certificate is loaded here, at the first start (as root in root mode, before
+        the listener drops to qmaild): a bad or missing one is a warning, not a failure."""
         self._use_commit_process()
         try:
             if self.control().rcpthosts is None:
@@ -341,11 +360,17 @@ class SmtpServer:
                 )
         except ControlError as e:
             log.warning("warning: %s", e)
+        if not self._certs_loaded:
+            self._certs_loaded = True
+            self.certs.load()
         loop = asyncio.get_running_loop()
+        implicit = door is Door.SMTPS
         server = await loop.create_server(
-            lambda: _SmtpProtocol(self),
+            lambda: _SmtpProtocol(self, door),
             host,
             port,
+            ssl=self.certs.front_context() if implicit else None,
+            ssl_handshake_timeout=60.0 if implicit else None,
             backlog=1024,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
@@ -435,6 +460,7 @@ class _SmtpProtocol(asyncio.Protocol):
     __slots__ = (
         "closing",
         "conn",
+        "door",
         "ip",
         "ip_key",
         "last",
@@ -444,12 +470,15 @@ class _SmtpProtocol(asyncio.Protocol):
         "server",
         "timeout_s",
         "timer",
+        "tls_ctx",
         "transport",
         "write_paused",
     )
 
-    def __init__(self, server: SmtpServer) -> None:
+    def __init__(self, server: SmtpServer, door: Door = Door.SMTP) -> None:
         self.server = server
+        self.door = door
+        self.tls_ctx: ssl.SSLContext | None = None
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: SmtpServerConnection | None = None
@@ -511,8 +540,16 @@ class _SmtpProtocol(asyncio.Protocol):
                 self._close_now()
                 return
             self.msg = _Message(srv.submitter_for(env))
-            self.conn = SmtpServerConnection(session, srv.limits)
+            offer = srv.certs.get()
+            self.tls_ctx = offer.context
+            implicit = self.door is Door.SMTPS
+            self.conn = SmtpServerConnection(
+                session, srv.limits, tls=TlsOffer.OFF if implicit else offer.offer, door=self.door
+            )
             self.last = self.loop.time()
+            if implicit:  # the handshake is done (create_server's ssl); the greeting is TLS's
+                obj = transport.get_extra_info("ssl_object")
+                self.conn.tls_started(tls_info(obj))
             if srv.greet_delay > 0:
                 self.timer = self.loop.call_later(srv.greet_delay, self._greet)
             else:
@@ -609,6 +646,9 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None and conn.state.value == "wait-end":
             self._arm(1.0)  # the queue is committing; its own reply ends the wait
             return
+        if conn.state is State.WAIT_TLS:
+            self._arm(1.0)  # the handshake has its own deadline
+            return
         timeout = self.timeout_s
         due = self.last + timeout
         if conn.partial:
@@ -652,6 +692,12 @@ class _SmtpProtocol(asyncio.Protocol):
                     return
                 elif kind is MessageAbort:
                     msg.abort()
+                elif kind is StartTls:
+                    if out:
+                        transport.write(b"".join(out))
+                    transport.pause_reading()  # not one more plaintext byte is read
+                    self.loop.create_task(self._upgrade())
+                    return
                 elif kind is Close:
                     if out:
                         transport.write(b"".join(out))
@@ -662,6 +708,37 @@ class _SmtpProtocol(asyncio.Protocol):
             transport.write(b"".join(out))
         if not conn.wants_input or self.write_paused:
             transport.pause_reading()
+
+    async def _upgrade(self) -> None:
+        """The TLS handshake after STARTTLS's 220; the connection is closed if it fails."""
+        transport, conn, ctx = self.transport, self.conn, self.tls_ctx
+        if transport is None or conn is None or ctx is None or self.closing:
+            return
+        try:
+            new = await self.loop.start_tls(
+                transport,
+                self,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=min(self.timeout_s, 60.0),
+            )
+        except Exception as e:
+            log.info("TLS handshake with %s failed: %s", self.ip, e)
+            transport.abort()
+            self.connection_lost(None)  # start_tls does not report a failed handshake
+            return
+        if new is None or self.conn is not conn or self.closing:
+            return
+        self.transport = new
+        self.last = self.loop.time()
+        obj = new.get_extra_info("ssl_object")
+        if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+            self._close_now()
+            return
+        self._handle(conn.tls_started(tls_info(obj)))
+        if self.conn is not None and not self.closing and conn.wants_input:
+            new.resume_reading()
+        self._arm(self.timeout_s)
 
     async def _commit(self) -> None:
         msg, conn = self.msg, self.conn
@@ -777,6 +854,7 @@ def run_stdio(
         ctl = load(home)
         more = CdbCache(home.control / "morercpthosts.cdb").get()
         session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
+        certs = CertStore(home.control / SERVERCERT, warn=_stderr).load(warn_missing=False)
     except (ControlError, SessionError, OSError, cdb.CdbError) as e:
         print(f"qmail-smtpd: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
@@ -791,7 +869,8 @@ def run_stdio(
             out.write(replies.CONTROLS)
         _drain(infd, outfd)
         return 1
-    conn = SmtpServerConnection(session, limits)
+    conn = SmtpServerConnection(session, limits, tls=certs.offer)
+    tls: tlsbio.BioTls | None = None
     timeout = float(ctl.timeoutsmtpd)
     out.timeout = timeout
     events = conn.greet()
@@ -813,6 +892,15 @@ def run_stdio(
                     break
                 elif kind is MessageAbort:
                     msg.abort()
+                elif kind is StartTls and certs.context is not None:
+                    out.flush()  # the 220 in clear; then nothing read before the handshake
+                    try:
+                        tls = tlsbio.handshake(certs.context, infd, outfd, timeout)
+                    except tlsbio.TlsFailure:
+                        return 1
+                    out.encode = tls.encrypt
+                    events = conn.tls_started(tls.info())
+                    break
                 elif kind is Close:
                     out.flush()
                     _drain(infd, outfd)
@@ -834,6 +922,9 @@ def run_stdio(
                 data = os.read(infd, 65536)
             except OSError:
                 data = b""
+            if tls is not None and (data := tls.decrypt(data)) is None:  # type: ignore[assignment]
+                events = []
+                continue  # no whole TLS record yet
             was_partial = conn.partial
             events = conn.receive_data(data)
             if conn.partial and not was_partial:
@@ -861,6 +952,7 @@ class _Writer:
         self.fd = fd
         self.timeout = timeout  # qmail-smtpd's write timeout is timeoutsmtpd too
         self._out: list[bytes] = []
+        self.encode: Callable[[bytes], bytes] | None = None  # TLS: plaintext -> ciphertext
 
     def buffer(self, data: bytes) -> None:
         self._out.append(data)
@@ -874,6 +966,11 @@ class _Writer:
             return
         data = b"".join(self._out)
         self._out = []
+        if self.encode is not None:
+            try:
+                data = self.encode(data)
+            except tlsbio.TlsFailure as e:
+                raise _WriteFailed(str(e)) from e
         view = memoryview(data)
         while view:
             try:
@@ -885,6 +982,10 @@ class _Writer:
             except OSError as e:
                 raise _WriteFailed(str(e)) from e
             view = view[n:]
+
+
+def _stderr(text: str) -> None:
+    print(f"qmail-smtpd: {text}", file=sys.stderr)
 
 
 def _drain(infd: int, outfd: int, limit: float = LINGER) -> None:

@@ -130,6 +130,24 @@ class CertStore:
                 self._update(key)
         return self._current
 
+    def front_context(self) -> ssl.SSLContext:
+        """A context for a listener with implicit TLS (465): at each handshake it switches
+        to the current certificate's context (the SNI callback runs for every ClientHello,
+        with or without SNI), so a replaced certificate needs no new listener. With no
+        usable certificate the handshake fails with an alert."""
+        front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        front.minimum_version = MIN_VERSION
+
+        def switch(obj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> int | None:
+            current = self.get().context
+            if current is None:
+                return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+            obj.context = current
+            return None
+
+        front.sni_callback = switch  # type: ignore[assignment]
+        return front
+
     def _stat(self) -> _Key | None:
         try:
             st = os.stat(self.path)
