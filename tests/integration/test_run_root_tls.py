@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import ssl
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,32 +12,13 @@ import pytest
 import trustme
 
 from pyqmail.home import Home
-from pyqmail.smtp import replies
 from tests.conftest import free_port, is_root
 from tests.integration.test_run_daemon import listening, wait_for
-from tests.integration.test_run_root import root_home  # noqa: F401 - a fixture
-from tests.integration.test_smtpd_tls import Raw, install_cert
+from tests.integration.test_run_root import root_home, start_root_run  # noqa: F401
+from tests.integration.test_smtpd_tls import der, install_cert, served
 
 BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason="needs root")]
-
-
-def served(port: int, ca: trustme.CA) -> bytes:
-    c = Raw(port)
-    c.reply()
-    c.cmd(b"EHLO client.example")
-    assert c.cmd(b"STARTTLS") == replies.TLS_GO
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    c.starttls(ctx)
-    der = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-    c.close()
-    assert der is not None
-    return bytes(der)
-
-
-def der(leaf: trustme.LeafCert) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
 
 
 def test_root_loads_before_the_drop_and_qmaild_reloads(
@@ -50,13 +29,7 @@ def test_root_loads_before_the_drop_and_qmaild_reloads(
     ca = trustme.CA()
     first = install_cert(home, ca, "mx.test.example")  # root's, mode 0600
     port = free_port()
-    log = home.root.parent / "run.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
-            stdout=out, stderr=out, env=env, start_new_session=True,
-        )  # fmt: skip
+    proc, log = start_root_run(home, port)
     try:
         wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
         assert proc.poll() is None, log.read_text()

@@ -69,6 +69,25 @@ def install_cert(home: Home, ca: trustme.CA, name: str) -> trustme.LeafCert:
     return leaf
 
 
+def served(port: int, ca: trustme.CA) -> bytes:
+    """The certificate a new STARTTLS connection to ``port`` is given (DER)."""
+    c = Raw(port)
+    c.reply()
+    c.cmd(b"EHLO client.example")
+    assert c.cmd(b"STARTTLS") == replies.TLS_GO
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    c.starttls(ctx)
+    got = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+    c.close()
+    assert got is not None
+    return bytes(got)
+
+
+def der(leaf: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+
 def received_line(message: bytes) -> bytes:
     """Our own Received line (the one below qmail-queue's), unfolded."""
     m = re.search(rb"\nReceived: from .*?\n  by [^\n]*\n", message)
@@ -252,24 +271,10 @@ def test_failed_handshakes_leave_the_listener_whole(mta: TlsMta) -> None:
 def test_a_replaced_certificate_reaches_new_connections_without_a_restart(
     mta: TlsMta, ca: trustme.CA
 ) -> None:
-    def served() -> bytes:
-        c = Raw(mta.port)
-        c.reply()
-        c.cmd(b"EHLO client.example")
-        assert c.cmd(b"STARTTLS") == replies.TLS_GO
-        c.starttls(mta.client_ctx())
-        der = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-        c.close()
-        assert der is not None
-        return bytes(der)
-
-    def der(leaf: trustme.LeafCert) -> bytes:
-        return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
-
-    assert served() == der(mta.leaf)
+    assert served(mta.port, ca) == der(mta.leaf)
     pid = mta.proc.pid if mta.proc else 0
     new = install_cert(mta.home, ca, "mx.test.example")
-    wait_for(lambda: served() == der(new), timeout=10, what="the new certificate")
+    wait_for(lambda: served(mta.port, ca) == der(new), timeout=10, what="the new certificate")
     assert mta.proc is not None and mta.proc.pid == pid and mta.proc.poll() is None
 
 
