@@ -66,6 +66,22 @@ def test_handshake_and_data_both_ways_in_memory(server_ctx: ssl.SSLContext, ca: 
     assert client.obj.read(100) == b"250 ok\r\n"
 
 
+def test_a_command_sent_with_the_clients_finished_is_not_lost(
+    server_ctx: ssl.SSLContext, ca: trustme.CA
+) -> None:
+    client = MemoryClient(ca)
+    server = tlsbio.BioTls(server_ctx)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.obj.do_handshake()
+    assert not server.step(client.out.read())  # ClientHello
+    client.inc.write(server.outgoing())
+    client.obj.do_handshake()  # TLS 1.3: the client is done and sends its Finished
+    client.obj.write(b"EHLO c.example\r\n")
+    assert server.step(client.out.read())  # Finished and the EHLO record in one read
+    assert server.buffered() == b"EHLO c.example\r\n"
+    assert server.buffered() == b""
+
+
 def test_close_notify_and_eof_end_the_stream(server_ctx: ssl.SSLContext, ca: trustme.CA) -> None:
     client = MemoryClient(ca)
     server = tlsbio.BioTls(server_ctx)

@@ -900,6 +900,8 @@ def run_stdio(
                         return 1
                     out.encode = tls.encrypt
                     events = conn.tls_started(tls.info())
+                    if early := tls.buffered():  # sent with the client's Finished
+                        events += conn.receive_data(early)
                     break
                 elif kind is Close:
                     out.flush()

@@ -69,6 +69,15 @@ class BioTls:
             self._in.write(data)
         else:
             self._in.write_eof()
+        return self._drain(eof=not data)
+
+    def buffered(self) -> bytes:
+        """Plaintext that arrived with the end of the handshake (a client may send its
+        first command in the same segment as its Finished): it is not on the descriptor
+        any more, so the caller must ask for it before waiting for input."""
+        return self._drain(eof=False) or b""
+
+    def _drain(self, *, eof: bool) -> bytes | None:
         out: list[bytes] = []
         while True:
             try:
@@ -87,7 +96,7 @@ class BioTls:
             out.append(chunk)
         if out:
             return b"".join(out)
-        return b"" if (self.closed or not data) else None
+        return b"" if (self.closed or eof) else None
 
     def encrypt(self, data: bytes) -> bytes:
         """Plaintext for the client -> ciphertext to write."""
