@@ -183,7 +183,8 @@ class Postfix:
 
     name = "postfix"
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
+        """``extra``: more main.cf lines (bench/tls.py turns STARTTLS on with them)."""
         self.dir = tmp / "postfix"
         self.port = free_port()
         self.instance = PrivatePostfix(
@@ -199,7 +200,8 @@ smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 default_process_limit = 200
 message_size_limit = 0
-""",
+"""
+            + extra,
         )
         self.instance.start()
         wait_port(self.port)

@@ -21,6 +21,10 @@ warnings are printed but do not. What is an error:
 - a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
   number.
 
+control/servercert.pem (smtp/tls.py): an error if it cannot be used (no STARTTLS), has
+expired, or (root mode) is not qmaild's; a warning if it is self-signed, expires within
+30 days, or is readable by group or other.
+
 Warnings: an empty rcpthosts, unknown files in control/ (with the nearest known name),
 no alias/.qmail-postmaster, no queue/, a concurrency of 0, ``./Maildir`` without ``/``
 in defaultdelivery, virtualdomains lines shadowed by locals.
@@ -28,6 +32,7 @@ in defaultdelivery, virtualdomains lines shadowed by locals.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -39,7 +44,9 @@ from pathlib import Path
 from pyqmail import cdb, policy, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
-from pyqmail.smtp import qmqpd
+from pyqmail.smtp import qmqpd, tls
+
+_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT}  # read by smtp/tls.py, not control.py
 
 
 class Severity(Enum):
@@ -116,12 +123,22 @@ class _Checker:
         except OSError:
             return
         for name in names:
-            if name in KNOWN_FILES or name.endswith((".tmp", ".cdb")) or name.startswith("."):
+            if name in _OTHER_FILES or name.endswith((".tmp", ".cdb")) or name.startswith("."):
                 continue
             near = difflib.get_close_matches(name, sorted(KNOWN_FILES), n=1, cutoff=0.8)
             hint = f"did you mean control/{near[0]}?" if near else "remove it if it is unused"
             self.warning(f"control/{name}", 0, "no part of qmail or pyqmail reads this file",
                          hint)  # fmt: skip
+
+    def servercert(self) -> None:
+        path = self.home.control / tls.SERVERCERT
+        reader = None
+        if not self.home.single_user and os.geteuid() == 0:
+            with contextlib.suppress(Exception):
+                reader = (self.home.ids().uid("daemon"), self.home.ids().gid("nofiles"))
+        for p in tls.cert_problems(path, reader=reader):
+            add = self.error if p.error else self.warning
+            add(f"control/{tls.SERVERCERT}", 0, p.message, p.fix)
 
     def findings(self, ctl: Control) -> None:
         for f in ctl.findings:
@@ -458,6 +475,7 @@ def check(home: Home) -> list[Problem]:
     ch.aliases()
     ch.queue()
     ch.unknown_files()
+    ch.servercert()
     return ch.problems
 
 

@@ -56,6 +56,18 @@ def root_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Home, Path]]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def start_root_run(home: Home, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """``pyqmail run`` as root, multi-user, SMTP on 127.0.0.1:port; its log file."""
+    log = home.root.parent / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
+            stdout=out, stderr=out, env=env, start_new_session=True,
+        )  # fmt: skip
+    return proc, log
+
+
 def ids_of(pid: int) -> tuple[int, int]:
     uid = gid = -1
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -70,13 +82,7 @@ def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -
     home, user = root_home
     ids = home.ids()
     port = free_port()
-    log = home.root.parent / "run.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
-            stdout=out, stderr=out, env=env, start_new_session=True,
-        )  # fmt: skip
+    proc, log = start_root_run(home, port)
     try:
         wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
         assert proc.poll() is None, log.read_text()

@@ -12,6 +12,7 @@ import pytest
 from pyqmail import tcprules
 from pyqmail.check import Problem, Severity, check, errors, notes
 from pyqmail.home import Home
+from pyqmail.smtp import tls
 from tests.conftest import write_control
 
 
@@ -250,3 +251,16 @@ def test_says_qmqp_serves_loopback_only_without_its_cdb(home: Home) -> None:
     write_control(home, "tcp.qmqp", "10.1.2.3:allow\n:deny\n")
     compile_rules_file(home, "tcp.qmqp")
     assert notes(home) == [] and "QMQP" not in run_check(home).stdout
+
+
+def test_servercert_is_known_and_checked(home: Home) -> None:
+    pem = home.control / "servercert.pem"
+    pem.write_bytes(tls.self_signed("mx.test.example"))
+    pem.chmod(0o600)
+    found = check(home)
+    assert [(p.severity, p.file) for p in found] == [
+        (Severity.WARNING, "control/servercert.pem")
+    ]  # self-signed: a warning, and not "no part of qmail reads this file"
+    assert "self-signed" in found[0].message
+    pem.write_text("not a certificate\n")
+    assert "cannot be used" in one_error(home, "control/servercert.pem").message

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from pyqmail.home import SPLIT, Home, HomeError, resolve_home
 from pyqmail.layout import create_home, defaultdomain_of, plusdomain_of
+from pyqmail.smtp import tls
+from tests.conftest import is_root, qmail_ids, require
 
 
 def run_init(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -171,3 +174,30 @@ def test_init_again_makes_no_directory_through_a_planted_symlink(tmp_path: Path)
     with pytest.raises(OSError):
         create_home(h, "mx.test.example", h.ids())
     assert list(outside.iterdir()) == []
+
+
+def test_init_makes_a_self_signed_servercert_for_starttls(tmp_path: Path) -> None:
+    root = tmp_path / "q"
+    r = run_init(str(root), "--me", "mx.test.example")
+    assert r.returncode == 0, r.stderr
+    pem = root / "control" / "servercert.pem"
+    assert f"created {pem} (self-signed, for mx.test.example)" in r.stdout
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    assert pem.stat().st_uid == os.getuid()
+    tls.server_context(pem)  # key and certificate in one usable file
+    cert = x509.load_pem_x509_certificates(pem.read_bytes())[0]
+    assert cert.subject.rfc4514_string() == "CN=mx.test.example"
+    before = pem.read_bytes()
+    assert run_init(str(root), "--me", "other.example.net").returncode == 0
+    assert pem.read_bytes() == before  # an existing certificate is never replaced
+
+
+def test_init_as_root_gives_the_certificate_to_qmaild_alone(tmp_path: Path) -> None:
+    require(is_root(), "needs root", "run the tests as root (CI does)")
+    ids = qmail_ids()
+    root = tmp_path / "q"
+    r = run_init(str(root), "--me", "mx.test.example", env={"PYQMAIL_SINGLE_USER": ""})
+    assert r.returncode == 0, r.stderr
+    st = (root / "control" / "servercert.pem").stat()
+    assert (st.st_uid, st.st_gid) == (ids.uid("daemon"), ids.gid("nofiles"))
+    assert stat.S_IMODE(st.st_mode) == 0o600

@@ -1,6 +1,7 @@
 """``pyqmail init DIR [--me FQDN] [--create-users] [--single-user] [--sendmail-link [PATH]]``:
-make a home, HOME/bin's qmail commands included, and on request link /usr/sbin/sendmail
-to HOME/bin/sendmail (homebin.py)."""
+make a home, HOME/bin's qmail commands included, a self-signed control/servercert.pem for
+STARTTLS when there is none (owned by qmaild, mode 0600: smtp/tls.py says why), and on
+request link /usr/sbin/sendmail to HOME/bin/sendmail (homebin.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from pyqmail.home import HomeError, resolve_home
 from pyqmail.homebin import SENDMAIL_LINK, BinError, sendmail_hint, sendmail_link
 from pyqmail.layout import create_home, create_users, default_fqdn
+from pyqmail.smtp.tls import SERVERCERT, ensure_servercert
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 111
     try:
         report = create_home(home, me, ids)
+        owner = None if ids is None else (ids.uid("daemon"), ids.gid("nofiles"))
+        if ensure_servercert(home.control, me, owner):
+            report.created.append(f"{home.control / SERVERCERT} (self-signed, for {me})")
     except BinError as e:
         print(f"pyqmail init: fatal: {e}", file=sys.stderr)
         return 111

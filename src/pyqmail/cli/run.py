@@ -1,9 +1,10 @@
-"""``pyqmail run [--home DIR] [--smtp A:P ...] [--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB]
-[--single-user] [--log-format text|json]``.
+"""``pyqmail run [--home DIR] [--smtp A:P ...] [--smtps A:P ...] [--submission A:P ...]
+[--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB] [--single-user] [--log-format text|json]``.
 
 Parses the arguments and hands them to :mod:`pyqmail.daemon.run`. Addresses are
 ``HOST:PORT`` or ``[IPv6]:PORT``; without ``--smtp`` the MTA delivers the queue but listens
-nowhere (as qmail-send alone does).
+nowhere (as qmail-send alone does). ``--smtps`` is SMTP with TLS from the first byte (465,
+RFC 8314), ``--submission`` SMTP with STARTTLS (587); both need control/servercert.pem.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--home", help="the qmail home (else PYQMAIL_HOME, else /var/qmail)")
     p.add_argument("--smtp", action="append", default=[], metavar="ADDR:PORT",
                    help="an SMTP listener (repeatable; [::1]:25 for IPv6)")  # fmt: skip
+    p.add_argument("--smtps", action="append", default=[], metavar="ADDR:PORT",
+                   help="an SMTP listener with implicit TLS (465; repeatable)")  # fmt: skip
+    p.add_argument("--submission", action="append", default=[], metavar="ADDR:PORT",
+                   help="a submission listener, SMTP with STARTTLS (587; repeatable)")  # fmt: skip
     p.add_argument("--qmqp", action="append", default=[], metavar="ADDR:PORT",
                    help="a QMQP listener (repeatable)")  # fmt: skip
     p.add_argument("--qmtp", action="append", default=[], metavar="ADDR:PORT",
@@ -38,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     home = resolve_home(a.home, a.single_user)
     try:
-        cfg = main_args(home, a.smtp, a.qmqp, a.qmtp, a.rules)
+        cfg = main_args(
+            home, a.smtp, a.qmqp, a.qmtp, a.rules, smtps=a.smtps, submission=a.submission
+        )
     except ValueError as e:
         return fatal(PROG, str(e), 100)
     if a.log_format == "json":

@@ -45,6 +45,7 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
+from pyqmail.smtp.protocol import Door
 from pyqmail.smtp.server import SmtpServer
 from pyqmail.tcprules import Decision
 
@@ -65,6 +66,9 @@ class RunConfig:
     smtp: list[tuple[str, int]] = field(default_factory=list)
     qmqp: list[tuple[str, int]] = field(default_factory=list)
     qmtp: list[tuple[str, int]] = field(default_factory=list)
+    # TLS doors (smtp/tls.py): 465 implicit TLS (RFC 8314), 587 submission with STARTTLS
+    smtps: list[tuple[str, int]] = field(default_factory=list)
+    submission: list[tuple[str, int]] = field(default_factory=list)
     log: BinaryIO | None = None
     stop_timeout: float = STOP_TIMEOUT
     # --rules: the site's tcprules cdb where it is (qmail-smtpd under `tcpserver -x PATH`);
@@ -73,7 +77,11 @@ class RunConfig:
 
     def listens(self) -> bool:
         """Whether any listener is asked for (else only the queue is delivered)."""
-        return bool(self.smtp or self.qmqp or self.qmtp)
+        return bool(self.smtp or self.smtps or self.submission or self.qmqp or self.qmtp)
+
+    def smtp_doors(self) -> list[tuple[Door, list[tuple[str, int]]]]:
+        """The SMTP listeners beyond port 25, with the door each one is."""
+        return [(Door.SMTPS, self.smtps), (Door.SUBMISSION, self.submission)]
 
 
 def check_home(home: Home) -> Control:
@@ -176,6 +184,9 @@ async def start_listeners(
     out = Listeners(smtp)
     for host, port in cfg.smtp:
         out.add("smtp", await smtp.start(host, port, start_serving=serving))
+    for door, addrs in cfg.smtp_doors():
+        for host, port in addrs:
+            out.add(door.value, await smtp.start(host, port, door, start_serving=serving))
     if cfg.qmqp:
         from pyqmail.smtp.qmqpd import QmqpServer, loopback_only_note
 

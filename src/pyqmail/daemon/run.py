@@ -166,6 +166,9 @@ def main_args(
     qmqp: Sequence[str],
     qmtp: Sequence[str] = (),
     rules: str | None = None,
+    *,
+    smtps: Sequence[str] = (),
+    submission: Sequence[str] = (),
 ) -> RunConfig:
     """A RunConfig from command-line strings (raises ValueError for a bad address)."""
     return RunConfig(
@@ -174,4 +177,6 @@ def main_args(
         qmqp=[parse_listen(a, 628) for a in qmqp],
         qmtp=[parse_listen(a, 209) for a in qmtp],
         rules=Path(rules) if rules else None,
+        smtps=[parse_listen(a, 465) for a in smtps],
+        submission=[parse_listen(a, 587) for a in submission],
     )

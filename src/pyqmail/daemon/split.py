@@ -13,6 +13,7 @@ runs in, as which user, and when each drops. qmail-start's separation (layout.md
 - **smtpd** (qmaild:nofiles): the SMTP, QMQP and QMTP listeners, bound as root but not
   listening (start_serving=False) until the process has dropped, so no client is ever
   accepted, nor a byte of it read, as root.
+  control/servercert.pem is loaded before the drop and reloaded as qmaild (smtp/tls.py).
   SMTP's messages go to a committer process (queue/committer.py) started before the drop
   to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
   that child dies, queue through the service. Either way the Received line says "invoked

@@ -11,7 +11,7 @@ second copy of a lookup:
   local/dotqmail.py's ``choose`` (which .qmail file) and ``parse`` (its lines), and
   qmail-local's rules for a missing file (local/qlocal.py): a bounce for an extension, else
   control/defaultdelivery;
-- remote: inject/qmtp.py's ``qmtp_route`` (qmtproutes), remote/routes.py's ``lookup``
+- remote: remote/qmtp.py's ``qmtp_route`` (qmtproutes), remote/routes.py's ``lookup``
   (smtproutes), remote/mx.py (the same resolver and MX ordering as delivery, with a time
   limit; DNS is asked only when delivery would ask it) and remote/tls.py (tlsdestinations);
 - a client: tcprules.py's ``find``/``decide``/``explain`` on control/tcp.smtp.cdb (the
@@ -275,7 +275,7 @@ def _remote(
     via = "SMTP"
     try:
         if ctl.qmtproutes:
-            from pyqmail.inject import qmtp
+            from pyqmail.remote import qmtp
 
             route = qmtp.qmtp_route(ctl, domain)
             via = "QMTP"

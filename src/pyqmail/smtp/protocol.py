@@ -8,13 +8,15 @@ the queue; this module owns everything said on the wire. The adapter calls:
 * :meth:`receive_data` with whatever it read (``b""`` = end of file),
 * :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
-* :meth:`timeout` when a read timed out.
+* :meth:`timeout` when a read timed out,
+* :meth:`tls_started` once a TLS handshake is done: after a :class:`StartTls` event
+  (STARTTLS), or before :meth:`greet` on an implicit-TLS port (465, RFC 8314).
 
 Each returns a list of events: :class:`Send` (bytes for the client, in order),
 :class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`, :class:`MessageAbort`,
-:class:`Close`. After a MessageStart or MessageEnd the connection waits (no further
-events in that list) until the adapter reports the result; input that arrives meanwhile
-is held, so pipelined commands are answered in order with none lost.
+:class:`StartTls`, :class:`Close`. After a MessageStart or MessageEnd the connection
+waits (no further events in that list) until the adapter reports the result; input that
+arrives meanwhile is held, so pipelined commands are answered in order with none lost.
 
 The adapter writes the Sends of one call together, before its next read: that is how
 qmail-smtpd answers a pipelined batch in one write (smtpd.md section 2).
@@ -24,6 +26,15 @@ control bytes, addresses that are not RFC 5321 mailboxes (pyqmail.mailbox), empt
 recipients, parameters, HTTP and TLS probes, BDAT/AUTH, stuffing
 after a refused DATA, recipient and error floods, early talkers) are in its last section.
 Each rule is a few lines in :meth:`SmtpServerConnection._command` and its helpers.
+
+STARTTLS (RFC 3207): the 220 is followed by a :class:`StartTls` event and nothing else;
+every byte already received behind the STARTTLS line is thrown away, never run inside
+TLS (the STARTTLS command injection of CVE-2011-0411 and its 2021 siblings), and
+input is ignored until the adapter calls :meth:`tls_started`. Then the session starts
+over: no HELO name, no envelope, the client must EHLO again, and EHLO no longer
+offers STARTTLS. Refusals (``replies.TLS_*``): 502 with no certificate configured (qmail),
+503 inside TLS or inside a transaction, 501 with an argument, 454 when the configured
+certificate cannot be used; each drops what was pipelined behind it.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from pyqmail.smtp.address import (
     split_path,
 )
 from pyqmail.smtp.data import DataDecoder, DataError
-from pyqmail.smtp.session import Session
+from pyqmail.smtp.session import Session, TlsInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +68,31 @@ class Limits:
     max_held: int = 1 << 20  # input held while waiting for the queue before we stop reading
 
 
+class TlsOffer(enum.Enum):
+    """Whether STARTTLS is offered on this connection."""
+
+    OFF = "off"  # no certificate configured: qmail's 502 unimplemented
+    UNAVAILABLE = "unavailable"  # configured but unusable (bad file): 454
+    ON = "on"
+
+
+class Door(enum.Enum):
+    """Which listener the client came through: the policy hook for what differs per
+    port. Today only SMTPS differs (TLS from the first byte); the submission ports are
+    where AUTH will be required before MAIL (RFC 6409), decided here, not in the adapter."""
+
+    SMTP = "smtp"  # port 25, STARTTLS optional
+    SUBMISSION = "submission"  # port 587, STARTTLS
+    SMTPS = "smtps"  # port 465, implicit TLS (RFC 8314)
+
+
 class State(enum.Enum):
     GREETING = "greeting"  # nothing sent yet
     COMMAND = "command"
     DATA = "data"
     WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
     WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
+    WAIT_TLS = "wait-tls"  # StartTls sent; waiting for tls_started()
     CLOSED = "closed"
 
 
@@ -98,6 +128,12 @@ class MessageAbort:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """Write what was sent (the 220), then run the TLS handshake as the server and call
+    ``tls_started``; on failure, close the connection."""
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection after writing what was sent."""
 
@@ -111,20 +147,31 @@ class RcptRefused:
     reply: bytes
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close | RcptRefused
+Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | StartTls | Close | RcptRefused
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
 _END_MESSAGE = MessageEnd()
 _CLOSE = Close()
+_START_TLS = StartTls()
 
 
 class SmtpServerConnection:
     """One SMTP conversation. See the module docstring for how an adapter drives it."""
 
-    def __init__(self, session: Session, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        limits: Limits | None = None,
+        *,
+        tls: TlsOffer = TlsOffer.OFF,
+        door: Door = Door.SMTP,
+    ) -> None:
         self.session = session
         self.limits = limits or Limits()
+        self.tls_offer = tls
+        self.door = door
+        self.tls: TlsInfo | None = None  # set by tls_started()
         self.state = State.GREETING
         self._buf = b""
         self._discarding = 0  # >0: inside an over-long command line, bytes thrown away
@@ -174,11 +221,30 @@ class SmtpServerConnection:
         self.state = State.CLOSED
         return [*events, Send(replies.TEMP_ERROR), _CLOSE]
 
+    def tls_started(self, info: TlsInfo) -> list[Event]:
+        """The TLS handshake is done. After STARTTLS the session starts over (RFC 3207
+        section 4.2): no HELO name, no envelope; the client speaks first. Before
+        ``greet`` (implicit TLS) it only records ``info``."""
+        if self.state is State.GREETING:
+            self.tls = info
+            return []
+        if self.state is not State.WAIT_TLS:
+            return []
+        self.tls = info
+        self.state = State.COMMAND
+        self._buf = b""
+        self._discarding = 0
+        self._helo = None
+        self._reset()
+        return []
+
     def receive_data(self, data: bytes) -> list[Event]:
         """Bytes from the client; ``b""`` means the client closed its side."""
         state = self.state
         if state is State.CLOSED:
             return []
+        if state is State.WAIT_TLS and data:
+            return []  # not the adapter's to give: nothing from before TLS runs inside it
         if not data:
             self.state = State.CLOSED
             if state in (State.DATA, State.WAIT_START, State.WAIT_END):
@@ -201,7 +267,7 @@ class SmtpServerConnection:
         """False while waiting for the queue, or once the held input is over the bound."""
         if self.state in (State.WAIT_START, State.WAIT_END):
             return len(self._buf) < self.limits.max_held
-        return self.state is not State.CLOSED
+        return self.state is not State.CLOSED and self.state is not State.WAIT_TLS
 
     def start_result(self, ok: bool) -> list[Event]:
         """After MessageStart: did the queue entry open? (qmail: ``451 qqt failure``)."""
@@ -359,7 +425,9 @@ class SmtpServerConnection:
             if verb == b"helo":
                 events.append(Send(replies.helo(self.session.greeting)))
             else:
-                events.append(Send(replies.ehlo(self.session.greeting, self.session.databytes)))
+                offer = self.tls_offer is TlsOffer.ON and self.tls is None
+                ehlo = replies.ehlo(self.session.greeting, self.session.databytes, starttls=offer)
+                events.append(Send(ehlo))
         elif verb == b"rset":
             self._reset()
             events.append(Send(replies.FLUSHED))
@@ -379,12 +447,28 @@ class SmtpServerConnection:
             self._error(events, replies.NO_AUTH)
             return True
         elif verb == b"starttls":
-            # Not offered: whatever was sent behind it (a handshake, injected commands) is dropped.
-            self._error(events, replies.UNIMPLEMENTED)
+            # Whatever was sent behind it (a handshake, injected commands) is dropped.
+            self._starttls(sp >= 0, events)
             return True
         else:
             self._error(events, replies.UNIMPLEMENTED)
         return False
+
+    def _starttls(self, has_arg: bool, events: list[Event]) -> None:
+        """RFC 3207 section 4; the reply codes are in the module docstring."""
+        if self.tls is not None:
+            self._error(events, replies.TLS_ACTIVE)
+        elif self.tls_offer is TlsOffer.OFF:
+            self._error(events, replies.UNIMPLEMENTED)
+        elif has_arg:
+            self._error(events, replies.TLS_SYNTAX)
+        elif self._sender is not None:
+            self._error(events, replies.TLS_IN_MAIL)
+        elif self.tls_offer is TlsOffer.UNAVAILABLE:
+            self._error(events, replies.TLS_UNAVAILABLE)
+        else:
+            self.state = State.WAIT_TLS
+            events += [Send(replies.TLS_GO), _START_TLS]
 
     def _path(self, arg: bytes, events: list[Event], *, rcpt: bool) -> tuple[bytes, bytes] | None:
         """(address in queue form, parameter text), or None after sending the refusal.
@@ -472,5 +556,5 @@ class SmtpServerConnection:
         sender, rcpts = self._sender, tuple(self._rcpts)
         self._reset()
         self.state = State.WAIT_START
-        events.append(MessageStart(sender, rcpts, self.session.received(self._helo)))
+        events.append(MessageStart(sender, rcpts, self.session.received(self._helo, tls=self.tls)))
         return False

@@ -51,6 +51,14 @@ NOT_SMTP = b"554 sorry, this is an SMTP server, not HTTP (#5.5.1)\r\n"
 TLS_HELLO = b"554 sorry, TLS without STARTTLS is not offered here (#5.5.1)\r\n"
 NO_CHUNKING = b"554 sorry, BDAT is not offered here, closing connection (#5.5.1)\r\n"
 NO_AUTH = b"503 sorry, AUTH is not offered here (#5.7.0)\r\n"
+# STARTTLS (RFC 3207 section 4; the codes Postfix uses): 220 then the handshake; 501 for an
+# argument; 503 inside TLS or inside a mail transaction; 454 when a certificate is
+# configured but cannot be used; 502 (qmail's "unimplemented") when none is configured.
+TLS_GO = b"220 ready to start TLS (#2.0.0)\r\n"
+TLS_SYNTAX = b"501 sorry, STARTTLS takes no argument (#5.5.4)\r\n"
+TLS_ACTIVE = b"503 sorry, TLS is already active (#5.5.1)\r\n"
+TLS_IN_MAIL = b"503 sorry, STARTTLS is not allowed inside a mail transaction (#5.5.1)\r\n"
+TLS_UNAVAILABLE = b"454 TLS not available due to temporary reason (#4.7.0)\r\n"
 TEMP_ERROR = b"451 sorry, an unexpected local error occurred, closing connection (#4.3.0)\r\n"
 TOO_MANY_CONNS = b"421 sorry, too many connections, try again later (#4.3.2)\r\n"
 
@@ -77,10 +85,15 @@ def helo(smtpgreeting: str) -> bytes:
     return b"250 " + _text(smtpgreeting) + CRLF
 
 
-def ehlo(smtpgreeting: str, databytes: int) -> bytes:
-    """qmail's EHLO lines plus SIZE (``SIZE`` alone when there is no limit)."""
+def ehlo(smtpgreeting: str, databytes: int, *, starttls: bool = False) -> bytes:
+    """qmail's EHLO lines plus SIZE (``SIZE`` alone when there is no limit), and STARTTLS
+    when it is offered (never inside TLS: RFC 3207 section 4.2)."""
     size = b"250 SIZE " + str(databytes).encode() if databytes > 0 else b"250 SIZE"
-    return b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + size + CRLF
+    tls = b"250-STARTTLS\r\n" if starttls else b""
+    return (
+        b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+        + tls + size + CRLF
+    )  # fmt: skip
 
 
 def quit_(smtpgreeting: str) -> bytes:

@@ -17,7 +17,13 @@ queue :class:`~pyqmail.queue.contract.Submitter`; neither decides anything about
   process with one committer thread instead (queue/committhread.py). Whatever the
   submitter, a message's commit is one ``await`` of the queue contract
   (queue/contract.py), and ``250 ok`` is written only after it returned.
-* ``qmail-smtpd`` under tcpserver (the socket on fd 0/1) is :func:`pyqmail.smtp.stdio.run_stdio`.
+  STARTTLS (control/servercert.pem, smtp/tls.py) upgrades the transport in place with
+  ``loop.start_tls``. Reading is paused from the STARTTLS line until the handshake, so
+  nothing the client sent before it reaches the TLS layer or the core. A listener
+  started with ``Door.SMTPS`` (port 465) is a TLS server from the first byte (the
+  certificate is switched per handshake: CertStore.front_context).
+* ``qmail-smtpd`` under tcpserver (the socket on fd 0/1) is :func:`pyqmail.smtp.stdio.run_stdio`;
+  its STARTTLS runs over ssl.MemoryBIO (smtp/tlsbio.py).
 
 An unexpected exception never reaches the client: it is logged and the client gets a 451
 and the connection is closed; any message in progress is aborted (nothing queued).
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,6 +52,7 @@ from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
     Close,
     DataChunk,
+    Door,
     Event,
     Limits,
     MessageAbort,
@@ -53,8 +61,13 @@ from pyqmail.smtp.protocol import (
     RcptRefused,
     Send,
     SmtpServerConnection,
+    StartTls,
+    State,
+    TlsOffer,
 )
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
+from pyqmail.smtp.tls import SERVERCERT, CertStore
+from pyqmail.smtp.tls import info as tls_info
 
 log = logging.getLogger("pyqmail.smtpd")
 # one line per refused RCPT, with the client and the reply (the reason); INFO, always on
@@ -172,6 +185,7 @@ class SmtpServer:
         limit_loopback: bool = False,
         commit_process: bool | None = None,
         ip_key: Callable[[str], str] = netaddr.limit_key,
+        tls_ttl: float = 1.0,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -198,6 +212,9 @@ class SmtpServer:
         self.conns = 0
         self._rules = listener.Rules(self.rules_path, ttl=control_ttl)
         self._more = CdbCache(home.control / "morercpthosts.cdb", control_ttl)
+        # control/servercert.pem, re-checked at most every tls_ttl seconds (smtp/tls.py)
+        self.certs = CertStore(home.control / SERVERCERT, ttl=tls_ttl)
+        self._certs_loaded = False
         self._servers: list[asyncio.AbstractServer] = []
         self.base_env: dict[str, str] = {}
         if "DATABYTES" in os.environ:
@@ -205,12 +222,14 @@ class SmtpServer:
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
 
     async def start(
-        self, host: str, port: int, *, start_serving: bool = True
+        self, host: str, port: int, door: Door = Door.SMTP, *, start_serving: bool = True
     ) -> asyncio.AbstractServer:
         """Listen on ``host:port`` (``::`` or an IPv6 address for IPv6; port 0 = any).
 
         With ``start_serving=False`` the socket is bound but accepts nothing until
-        ``await server.start_serving()`` (the daemon's root mode: after the drop)."""
+        ``await server.start_serving()`` (the daemon's root mode: after the drop). The
+        certificate is loaded here, at the first start (as root in root mode, before the
+        listener drops to qmaild): a bad or missing one is a warning, not a failure."""
         self._use_commit_process()
         try:
             if self.control().rcpthosts is None:
@@ -220,11 +239,17 @@ class SmtpServer:
                 )
         except ControlError as e:
             log.warning("warning: %s", e)
+        if not self._certs_loaded:
+            self._certs_loaded = True
+            self.certs.load()
         loop = asyncio.get_running_loop()
+        implicit = door is Door.SMTPS
         server = await loop.create_server(
-            lambda: _SmtpProtocol(self),
+            lambda: _SmtpProtocol(self, door),
             host,
             port,
+            ssl=self.certs.front_context() if implicit else None,
+            ssl_handshake_timeout=60.0 if implicit else None,
             backlog=1024,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
@@ -306,6 +331,7 @@ class _SmtpProtocol(asyncio.Protocol):
     __slots__ = (
         "closing",
         "conn",
+        "door",
         "ip",
         "ip_key",
         "last",
@@ -315,12 +341,15 @@ class _SmtpProtocol(asyncio.Protocol):
         "server",
         "timeout_s",
         "timer",
+        "tls_ctx",
         "transport",
         "write_paused",
     )
 
-    def __init__(self, server: SmtpServer) -> None:
+    def __init__(self, server: SmtpServer, door: Door = Door.SMTP) -> None:
         self.server = server
+        self.door = door
+        self.tls_ctx: ssl.SSLContext | None = None
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: SmtpServerConnection | None = None
@@ -372,8 +401,16 @@ class _SmtpProtocol(asyncio.Protocol):
                 self._close_now()
                 return
             self.msg = _Message(srv.submitter_for(env))
-            self.conn = SmtpServerConnection(session, srv.limits)
+            offer = srv.certs.get()
+            self.tls_ctx = offer.context
+            implicit = self.door is Door.SMTPS
+            self.conn = SmtpServerConnection(
+                session, srv.limits, tls=TlsOffer.OFF if implicit else offer.offer, door=self.door
+            )
             self.last = self.loop.time()
+            if implicit:  # the handshake is done (create_server's ssl); the greeting is TLS's
+                obj = transport.get_extra_info("ssl_object")
+                self.conn.tls_started(tls_info(obj))
             if srv.greet_delay > 0:
                 self.timer = self.loop.call_later(srv.greet_delay, self._greet)
             else:
@@ -466,6 +503,9 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None and conn.state.value == "wait-end":
             self._arm(1.0)  # the queue is committing; its own reply ends the wait
             return
+        if conn.state is State.WAIT_TLS:
+            self._arm(1.0)  # the handshake has its own deadline
+            return
         timeout = self.timeout_s
         due = self.last + timeout
         if conn.partial:
@@ -516,6 +556,12 @@ class _SmtpProtocol(asyncio.Protocol):
                         self.ip,
                         ev.reply.decode("ascii", "replace").rstrip(),  # type: ignore[union-attr]
                     )
+                elif kind is StartTls:
+                    if out:
+                        transport.write(b"".join(out))
+                    transport.pause_reading()  # not one more plaintext byte is read
+                    self.loop.create_task(self._upgrade())
+                    return
                 elif kind is Close:
                     if out:
                         transport.write(b"".join(out))
@@ -526,6 +572,37 @@ class _SmtpProtocol(asyncio.Protocol):
             transport.write(b"".join(out))
         if not conn.wants_input or self.write_paused:
             transport.pause_reading()
+
+    async def _upgrade(self) -> None:
+        """The TLS handshake after STARTTLS's 220; the connection is closed if it fails."""
+        transport, conn, ctx = self.transport, self.conn, self.tls_ctx
+        if transport is None or conn is None or ctx is None or self.closing:
+            return
+        try:
+            new = await self.loop.start_tls(
+                transport,
+                self,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=min(self.timeout_s, 60.0),
+            )
+        except Exception as e:
+            log.info("TLS handshake with %s failed: %s", self.ip, e)
+            transport.abort()
+            self.connection_lost(None)  # start_tls does not report a failed handshake
+            return
+        if new is None or self.conn is not conn or self.closing:
+            return
+        self.transport = new
+        self.last = self.loop.time()
+        obj = new.get_extra_info("ssl_object")
+        if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+            self._close_now()
+            return
+        self._handle(conn.tls_started(tls_info(obj)))
+        if self.conn is not None and not self.closing and conn.wants_input:
+            new.resume_reading()
+        self._arm(self.timeout_s)
 
     async def _commit(self) -> None:
         msg, conn = self.msg, self.conn

@@ -13,7 +13,9 @@ variables). It owns the decisions qmail-smtpd makes from them (smtpd.md sections
   rcpthosts (exact or ``.suffix``) or morercpthosts.cdb; no rcpthosts = open relay
   (policy.py's RcptHosts, shared with QMTP),
 * ``[ip]`` literals naming one of our addresses become localiphost,
-* the Received line with qmail's ``?`` substitution.
+* the Received line with qmail's ``?`` substitution, and RFC 3848's protocol word
+  (``ESMTPS`` after STARTTLS, ``ESMTPA``/``ESMTPSA`` once AUTH exists) with the TLS
+  version and cipher (:class:`TlsInfo`, filled in by the adapter after the handshake).
 
 No I/O happens here except what the caller hands in (the control snapshot, an open cdb
 reader, the set of local addresses); :func:`local_addresses` is the small helper the
@@ -24,10 +26,12 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import re
 import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from pyqmail import cdb, policy
 from pyqmail.control import Control
@@ -40,6 +44,32 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # notqmail's safe characters for the fields of the Received line (received.c).
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.@%+/=:-[]")
 _SAFE_TABLE = bytes(c if c in _SAFE else 0x3F for c in range(256))
+
+
+_TLS_WORD = re.compile(rb"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the TLS handshake agreed (``TLSv1.3``, ``TLS_AES_256_GCM_SHA384``)."""
+
+    version: str
+    cipher: str
+
+    def comment(self) -> bytes:
+        """``(TLSv1.3 TLS_AES_256_GCM_SHA384)`` for the Received line. The names come from
+        our TLS library, not the client, but are reduced to ``[A-Za-z0-9._-]`` anyway."""
+        words = (_TLS_WORD.sub(b"?", _b(w)) for w in (self.version, self.cipher))
+        return b"(" + b" ".join(words) + b")"
+
+
+def protocol_word(*, tls: bool, auth: bool) -> bytes:
+    """The ``with`` word of the Received line (RFC 3848): qmail's ``SMTP`` for a plain
+    session (qmail says SMTP after EHLO too), ``ESMTPS`` with TLS, ``ESMTPA`` with AUTH,
+    ``ESMTPSA`` with both."""
+    if not tls and not auth:
+        return b"SMTP"
+    return b"ESMTP" + (b"S" if tls else b"") + (b"A" if auth else b"")
 
 
 class SessionError(Exception):
@@ -123,8 +153,11 @@ class Session:
             return address
         return address[: address.rfind(b"@") + 1] + self._localiphost
 
-    def received(self, helo: bytes | None) -> bytes:
-        """The Received line qmail-smtpd puts above the message (smtpd.md section 6)."""
+    def received(
+        self, helo: bytes | None, *, tls: TlsInfo | None = None, auth: bool = False
+    ) -> bytes:
+        """The Received line qmail-smtpd puts above the message (smtpd.md section 6);
+        with TLS, ``with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384);`` (RFC 3848)."""
         host = _b(self.remote_host)
         out = [b"Received: from ", safe(host)]
         if helo is not None and helo.lower() != host.lower():
@@ -133,7 +166,10 @@ class Session:
         if self.remote_info is not None:
             out += [safe(_b(self.remote_info)), b"@"]
         out += [safe(_b(self.remote_ip)), b")\n  by ", safe(_b(self.local_host))]
-        out += [b" with SMTP; ", date822(self._when()).encode(), b"\n"]
+        out += [b" with ", protocol_word(tls=tls is not None, auth=auth)]
+        if tls is not None:
+            out += [b" ", tls.comment()]
+        out += [b"; ", date822(self._when()).encode(), b"\n"]
         return b"".join(out)
 
 

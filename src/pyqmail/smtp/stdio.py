@@ -26,7 +26,7 @@ from pyqmail.control import ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.contract import BlockingSubmitter
-from pyqmail.smtp import replies
+from pyqmail.smtp import replies, tlsbio
 from pyqmail.smtp.protocol import (
     Close,
     DataChunk,
@@ -36,9 +36,11 @@ from pyqmail.smtp.protocol import (
     MessageStart,
     Send,
     SmtpServerConnection,
+    StartTls,
 )
 from pyqmail.smtp.server import LINGER, _Message, smtp_reply
 from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses
+from pyqmail.smtp.tls import SERVERCERT, CertStore
 
 log = logging.getLogger("pyqmail.smtpd")
 
@@ -67,6 +69,7 @@ def run_stdio(
         ctl = load(home)
         more = CdbCache(home.control / "morercpthosts.cdb").get()
         session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
+        certs = CertStore(home.control / SERVERCERT, warn=_stderr).load(warn_missing=False)
     except (ControlError, SessionError, OSError, cdb.CdbError) as e:
         print(f"qmail-smtpd: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
@@ -81,7 +84,8 @@ def run_stdio(
             out.write(replies.CONTROLS)
         _drain(infd, outfd)
         return 1
-    conn = SmtpServerConnection(session, limits)
+    conn = SmtpServerConnection(session, limits, tls=certs.offer)
+    tls: tlsbio.BioTls | None = None
     timeout = float(ctl.timeoutsmtpd)
     out.timeout = timeout
     events = conn.greet()
@@ -103,6 +107,17 @@ def run_stdio(
                     break
                 elif kind is MessageAbort:
                     msg.abort()
+                elif kind is StartTls and certs.context is not None:
+                    out.flush()  # the 220 in clear; then nothing read before the handshake
+                    try:
+                        tls = tlsbio.handshake(certs.context, infd, outfd, timeout)
+                    except tlsbio.TlsFailure:
+                        return 1
+                    out.encode = tls.encrypt
+                    events = conn.tls_started(tls.info())
+                    if early := tls.buffered():  # sent with the client's Finished
+                        events += conn.receive_data(early)
+                    break
                 elif kind is Close:
                     out.flush()
                     _drain(infd, outfd)
@@ -124,6 +139,9 @@ def run_stdio(
                 data = os.read(infd, 65536)
             except OSError:
                 data = b""
+            if tls is not None and (data := tls.decrypt(data)) is None:  # type: ignore[assignment]
+                events = []
+                continue  # no whole TLS record yet
             was_partial = conn.partial
             events = conn.receive_data(data)
             if conn.partial and not was_partial:
@@ -151,6 +169,7 @@ class _Writer:
         self.fd = fd
         self.timeout = timeout  # qmail-smtpd's write timeout is timeoutsmtpd too
         self._out: list[bytes] = []
+        self.encode: Callable[[bytes], bytes] | None = None  # TLS: plaintext -> ciphertext
 
     def buffer(self, data: bytes) -> None:
         self._out.append(data)
@@ -164,6 +183,11 @@ class _Writer:
             return
         data = b"".join(self._out)
         self._out = []
+        if self.encode is not None:
+            try:
+                data = self.encode(data)
+            except tlsbio.TlsFailure as e:
+                raise _WriteFailed(str(e)) from e
         view = memoryview(data)
         while view:
             try:
@@ -175,6 +199,10 @@ class _Writer:
             except OSError as e:
                 raise _WriteFailed(str(e)) from e
             view = view[n:]
+
+
+def _stderr(text: str) -> None:
+    print(f"qmail-smtpd: {text}", file=sys.stderr)
 
 
 def _drain(infd: int, outfd: int, limit: float = LINGER) -> None:
