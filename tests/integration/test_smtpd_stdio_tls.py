@@ -16,7 +16,7 @@ import trustme
 
 from pyqmail.home import Home
 from pyqmail.smtp import replies
-from pyqmail.smtp.server import run_stdio
+from pyqmail.smtp.stdio import run_stdio
 
 
 @pytest.fixture
