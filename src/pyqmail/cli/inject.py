@@ -10,7 +10,7 @@ from pyqmail.cli.common import fatal, split_home_args
 from pyqmail.control import ControlError, load
 from pyqmail.inject.inject import InjectError, Options, Settings, Sink, inject, parse_args
 from pyqmail.queue.codes import qq_result
-from pyqmail.queue.submit import submitter
+from pyqmail.queue.submit import QueueSubmitter, submitter
 from pyqmail.queue.writer import QueueError
 
 PROG = "qmail-inject"
@@ -49,7 +49,11 @@ def run(argv: Sequence[str], prog: str = PROG) -> int:
             sink = _Stdout()
         else:
             # QMAILQUEUE, mini-qmail's QMQP or the local queue: queue/submit.py decides
-            sink = submitter(home, qmqpservers=ctl.qmqpservers).begin(origin="uid")
+            sub = submitter(home, qmqpservers=ctl.qmqpservers)
+            if isinstance(sub, QueueSubmitter):  # local injection is DKIM-signed (dkim.py)
+                sink = sub.begin(origin="uid", sign=True)
+            else:
+                sink = sub.begin(origin="uid")
         inject(sys.stdin.buffer, opts, settings, sink)
     except InjectError as e:
         return fatal(prog, str(e), e.code)

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "smtpd": ("smtpd", "the SMTP server: on stdin/stdout, or --listen ADDR:PORT"),
     "qmqpd": ("qmqpd", "the QMQP server: on stdin/stdout, or --listen ADDR:PORT"),
     "qmtpd": ("qmtpd", "the QMTP server: on stdin/stdout, or --listen ADDR:PORT"),
+    "dkim": ("dkim", "dkim keygen DOMAIN: make a DKIM signing key, print its DNS record"),
     "showctl": ("showctl", "print every control file's effective value"),
     "queue": ("queue", "qmail-queue: message on fd 0, envelope on fd 1"),
     "qread": ("qread", "list the queue's messages"),

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from pyqmail.dkim import QueuePending, signing
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import (
@@ -381,10 +382,13 @@ class QueueService:
             return Reply(codes.TIMEOUT, pid, 0, "timeout")
         except (FrameError, OSError) as e:
             return Reply(codes.READ_ERROR, pid, 0, f"read error: {e}")
+        origin = origin_of(uid, self.ids)
         try:
-            p = self.writer.begin(uid=uid, origin=origin_of(uid, self.ids), qp=pid)
+            p: QueuePending = self.writer.begin(uid=uid, origin=origin, qp=pid)
         except QueueError as e:
             return Reply(e.code, pid, 0, str(e))
+        if origin == "uid":  # a local user's mail is local injection: DKIM-signed (dkim.py)
+            p = signing(self.home, p)
         try:
             while chunk:
                 p.write(chunk)
