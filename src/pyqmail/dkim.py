@@ -39,15 +39,15 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import dkim as _dkimpy  # type: ignore[import-untyped]
-import dns.exception
-import dns.resolver
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from typing import TYPE_CHECKING, Protocol
 
 from pyqmail.home import Home
+
+if TYPE_CHECKING:
+    import dns.resolver
+
+# dkimpy, cryptography and dnspython are imported where they are used: every process that
+# writes the queue imports this module, and most never sign (about 20 MB less to load).
 
 SIGN_MAX = 10 << 20
 DIR = "dkim"
@@ -173,6 +173,8 @@ class Signer:
         keys = load_keys(self.home, domain, log=self.log)
         if not keys:
             return b""
+        import dkim as _dkimpy  # type: ignore[import-untyped]
+
         crlf = re.sub(rb"\r?\n", b"\r\n", message)
         out = []
         for key in keys:
@@ -269,6 +271,9 @@ class Record:
 
 def record_for(key: Key) -> Record:
     """The TXT record that publishes ``key``'s public half."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if key.algorithm == RSA:
         priv = serialization.load_pem_private_key(key.private, password=None)
         if not isinstance(priv, rsa.RSAPrivateKey):
@@ -288,6 +293,9 @@ def record_for(key: Key) -> Record:
 
 def new_private(*, ed: bool = False, bits: int = 2048) -> bytes:
     """A new private key in the form the key file holds."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if ed:
         seed = ed25519.Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.Raw,
@@ -399,6 +407,8 @@ class RecordCheck:
 
 def resolver(spec: str | None = None, *, lifetime: float = 5.0) -> dns.resolver.Resolver:
     """A resolver for ``IP[:PORT]``, else PYQMAIL_RESOLVER, else resolv.conf."""
+    import dns.resolver
+
     spec = spec if spec is not None else os.environ.get("PYQMAIL_RESOLVER") or None
     if spec is None:
         res = dns.resolver.Resolver()
@@ -447,6 +457,9 @@ def check_records(home: Home, res: dns.resolver.Resolver) -> list[RecordCheck]:
 
 
 def _check_one(want: Record, res: dns.resolver.Resolver) -> RecordCheck:
+    import dns.exception
+    import dns.resolver
+
     try:
         answer = res.resolve(want.name, "TXT")
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
