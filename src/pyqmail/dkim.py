@@ -252,6 +252,17 @@ def has_keys(home: Home) -> bool:
     return (home.control / DIR).is_dir()
 
 
+def preload(home: Home) -> None:
+    """Import the signing libraries now if ``home`` has keys: called before a process
+    drops to the queue user, who may not be able to read the interpreter's own files
+    (a venv under /root). A key directory made later is served by a lazy import."""
+    if has_keys(home):
+        try:
+            import dkim  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError as e:
+            _stderr(f"cannot load dkimpy ({e}): mail will not be signed")
+
+
 def signing(home: Home, pending: QueuePending, *, log: Log = _stderr) -> QueuePending:
     """``pending``, signed at commit if the home has control/dkim (else unchanged). Called
     by the process that writes the queue, for the messages its caller wants signed."""

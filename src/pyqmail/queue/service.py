@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from pyqmail.dkim import QueuePending, signing
+from pyqmail.dkim import QueuePending, preload, signing
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import (
@@ -262,6 +262,7 @@ class QueueService:
         self.path = path or socket_path(home)
         self.writer = writer or QueueWriter(home, notify=notify)
         self.ids = ids
+        preload(home)  # DKIM: import dkimpy before main() drops to qmailq
         self.max_clients = max_clients
         self.per_uid = per_uid
         self._trusted = {0, os.geteuid()}

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from pyqmail.control import ControlError, parse_list, read_file
-from pyqmail.dkim import signing
+from pyqmail.dkim import preload, signing
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.queue import codes
 from pyqmail.queue.envelope import EnvelopeError, check_address, format_input, format_service
@@ -319,6 +319,8 @@ def _write_as_queue_user(
 ) -> int:
     """The forked child's whole life: drop, write, commit; qmail-queue's exit code."""
     try:
+        if sign:
+            preload(home)  # before the drop: qmailq may not read the interpreter's files
         try:
             drop_to_queue_user(ids)
         except OSError:
