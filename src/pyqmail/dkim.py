@@ -32,7 +32,6 @@ with a log line, once it is larger.
 from __future__ import annotations
 
 import base64
-import email.utils
 import os
 import re
 import sys
@@ -147,6 +146,8 @@ def from_domain(header: bytes) -> str | None:
             fields.append(bytearray(line[m.end() :]))
     if len(fields) != 1:
         return None
+    import email.utils  # here: a process that never signs need not load the email package
+
     text = fields[0].decode("latin-1").replace("\r", "").replace("\n", "")
     addrs = [a for _, a in email.utils.getaddresses([text]) if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
