@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pyqmail import cdb, policy, tcprules
+from pyqmail import cdb, dkim, policy, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
 from pyqmail.smtp import qmqpd, tls
@@ -123,7 +123,12 @@ class _Checker:
         except OSError:
             return
         for name in names:
-            if name in _OTHER_FILES or name.endswith((".tmp", ".cdb")) or name.startswith("."):
+            if (
+                name in _OTHER_FILES
+                or name == dkim.DIR
+                or name.endswith((".tmp", ".cdb"))
+                or name.startswith(".")
+            ):
                 continue
             near = difflib.get_close_matches(name, sorted(KNOWN_FILES), n=1, cutoff=0.8)
             hint = f"did you mean control/{near[0]}?" if near else "remove it if it is unused"
@@ -139,6 +144,27 @@ class _Checker:
         for p in tls.cert_problems(path, reader=reader):
             add = self.error if p.error else self.warning
             add(f"control/{tls.SERVERCERT}", 0, p.message, p.fix)
+
+    def dkim_records(self, notes: list[str]) -> None:
+        """Each DKIM signing key against its published TXT record; DNS that does not
+        answer is only a note (a laptop offline, a split-horizon resolver)."""
+        if not dkim.has_keys(self.home):
+            return
+        for c in dkim.check_records(self.home, dkim.resolver(lifetime=3.0)):
+            sel, _, domain = c.record.name.partition("._domainkey.")
+            where = f"control/dkim/{domain}/{sel}.key"
+            publish = f'publish TXT {c.record.name} "{c.record.value}"'
+            if c.state == "missing":
+                self.warning(where, 0, f"no DKIM record {c.record.name} in DNS: receivers "
+                             "cannot verify its signatures", publish)  # fmt: skip
+            elif c.state == "mismatch":
+                self.warning(where, 0, f"the DKIM record {c.record.name} publishes another "
+                             f"key ({c.detail}...): its signatures fail", publish)  # fmt: skip
+            elif c.state == "badkey":
+                self.warning(where, 0, f"not a usable DKIM key: {c.detail}",
+                             f"make another: pyqmail dkim keygen {domain}")  # fmt: skip
+            elif c.state == "unreachable":
+                notes.append(f"DKIM record {c.record.name} not checked: DNS did not answer")
 
     def findings(self, ctl: Control) -> None:
         for f in ctl.findings:
@@ -451,8 +477,11 @@ class _Checker:
                              f"remove {key} from control/locals or from this file")  # fmt: skip
 
 
-def check(home: Home) -> list[Problem]:
-    """Every problem found in ``home``, errors and warnings, in a stable order."""
+def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
+    """Every problem found in ``home``, errors and warnings, in a stable order.
+
+    ``dns_notes``: given, the published DKIM records are checked too (DNS queries), and
+    what could not be checked is appended there."""
     ch = _Checker(home)
     if not home.control.is_dir():
         ch.error("control", 0, "no control directory: this is not a qmail home",
@@ -476,6 +505,8 @@ def check(home: Home) -> list[Problem]:
     ch.queue()
     ch.unknown_files()
     ch.servercert()
+    if dns_notes is not None:
+        ch.dkim_records(dns_notes)
     return ch.problems
 
 

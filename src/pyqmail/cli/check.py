@@ -24,13 +24,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     home = resolve_home(args.home, args.single_user)
-    problems = check(home)
+    dns_notes: list[str] = []
+    problems = check(home, dns_notes=dns_notes)
     bad = errors(problems)
     for p in problems:
         if p.severity is Severity.ERROR or not args.quiet:
             print(p)
     if not args.quiet:
-        for note in notes(home):
+        for note in [*notes(home), *dns_notes]:
             print(f"note: {note}")
         warnings = len(problems) - len(bad)
         print(f"{home.root}: {len(bad)} error(s), {warnings} warning(s)")

@@ -36,7 +36,7 @@ from pyqmail.inject.headers import (
 from pyqmail.qdate import date822
 from pyqmail.queue.codes import qq_result
 from pyqmail.queue.contract import QueueError, Reply
-from pyqmail.queue.submit import submitter
+from pyqmail.queue.submit import QueueSubmitter, submitter
 
 CHUNK = 65536
 
@@ -387,7 +387,12 @@ def run(home: Home, opts: Options, stream: BinaryIO, out: BinaryIO, env: Mapping
         if opts.print_only:
             sink = _Stdout(out)
         else:
-            sink = submitter(home, qmqpservers=ctl.qmqpservers).begin(origin="uid")
+            # QMAILQUEUE, mini-qmail's QMQP or the local queue: queue/submit.py decides
+            sub = submitter(home, qmqpservers=ctl.qmqpservers)
+            if isinstance(sub, QueueSubmitter):  # local injection is DKIM-signed (dkim.py)
+                sink = sub.begin(origin="uid", sign=True)
+            else:
+                sink = sub.begin(origin="uid")
         inject(stream, opts, settings, sink)
     except QueueError as e:
         letter, text = qq_result(e.code, e.custom)

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+from pyqmail.dkim import QueuePending, preload, signing
 from pyqmail.home import Home, HomeError, Ids, resolve_home
 from pyqmail.queue import codes
 from pyqmail.queue.contract import Reply as Reply  # the service answers with the contract's Reply
@@ -253,6 +254,7 @@ class QueueService:
         self.path = path or socket_path(home)
         self.writer = writer or QueueWriter(home, notify=notify)
         self.ids = ids
+        preload(home)  # DKIM: import dkimpy before main() drops to qmailq
         self.max_clients = max_clients
         self.per_uid = per_uid
         self._trusted = {0, os.geteuid()}
@@ -395,10 +397,13 @@ class QueueService:
             return Reply(codes.TIMEOUT, pid, 0, "timeout")
         except (FrameError, OSError) as e:
             return Reply(codes.READ_ERROR, pid, 0, f"read error: {e}")
+        origin = origin_of(uid, self.ids)
         try:
-            p = self.writer.begin(uid=uid, origin=origin_of(uid, self.ids), qp=pid)
+            p: QueuePending = self.writer.begin(uid=uid, origin=origin, qp=pid)
         except QueueError as e:
             return Reply(e.code, pid, 0, str(e))
+        if origin == "uid":  # a local user's mail is local injection: DKIM-signed (dkim.py)
+            p = signing(self.home, p)
         try:
             while chunk:
                 p.write(chunk)

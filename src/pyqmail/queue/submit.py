@@ -41,11 +41,12 @@ import asyncio
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 from pyqmail.control import ControlError, parse_list, read_file
+from pyqmail.dkim import QueuePending, preload, signing
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.queue import codes
 from pyqmail.queue.committhread import COMMIT_THREAD
@@ -64,16 +65,20 @@ class InProcessSubmitter:
     def __init__(self, home: Home, *, notify: Callable[[int], None] | None = None) -> None:
         self.writer = QueueWriter(home, notify=notify)
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
-        return _InProcess(self.writer.begin(origin=origin, received=received))
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
+        p = self.writer.begin(origin=origin, received=received)
+        return _InProcess(signing(self.writer.home, p) if sign else p)  # DKIM: pyqmail.dkim
 
 
 class _InProcess(BlockingSubmission):
-    """The writer's Pending; from an event loop it commits in the thread's next batch."""
+    """The writer's Pending (or a DKIM SigningPending around it); from an event loop a
+    plain Pending commits in the committer thread's next batch."""
 
     __slots__ = ("_p", "qp")
 
-    def __init__(self, p: Pending) -> None:
+    def __init__(self, p: Pending | QueuePending) -> None:
         self._p = p
         self.qp = p.qp
 
@@ -86,7 +91,9 @@ class _InProcess(BlockingSubmission):
     def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         return Reply(codes.OK, self.qp, self._p.commit(sender, recipients))
 
-    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> asyncio.Future[Reply]:
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> Awaitable[Reply]:
+        if not isinstance(self._p, Pending):  # signing: a blocking commit in the pool
+            return super().commit(sender, recipients)
         return COMMIT_THREAD.submit(asyncio.get_running_loop(), self._p, sender, recipients)
 
 
@@ -280,10 +287,11 @@ def drop_to_queue_user(ids: Ids) -> None:
 class _RootPending(_Spooled):
     """Root's message, written at commit by a child that has become the queue user."""
 
-    def __init__(self, home: Home, ids: Ids, received: bytes) -> None:
+    def __init__(self, home: Home, ids: Ids, received: bytes, sign: bool = False) -> None:
         super().__init__(received)
         self._home = home
         self._ids = ids
+        self._sign = sign  # DKIM-sign in the child, as qmailq: root's key reader
 
     def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         msg = self._take(sender, recipients)
@@ -291,7 +299,11 @@ class _RootPending(_Spooled):
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child reports by its exit code only
-                os._exit(_write_as_queue_user(self._home, self._ids, ruid, msg, sender, recipients))
+                os._exit(
+                    _write_as_queue_user(
+                        self._home, self._ids, ruid, msg, sender, recipients, sign=self._sign
+                    )
+                )
         finally:
             msg.close()
         self.qp = pid
@@ -303,16 +315,26 @@ class _RootPending(_Spooled):
 
 
 def _write_as_queue_user(
-    home: Home, ids: Ids, ruid: int, msg: IO[bytes], sender: bytes, recipients: Sequence[bytes]
+    home: Home,
+    ids: Ids,
+    ruid: int,
+    msg: IO[bytes],
+    sender: bytes,
+    recipients: Sequence[bytes],
+    *,
+    sign: bool = False,
 ) -> int:
     """The forked child's whole life: drop, write, commit; qmail-queue's exit code."""
     try:
+        if sign:
+            preload(home)  # before the drop: qmailq may not read the interpreter's files
         try:
             drop_to_queue_user(ids)
         except OSError:
             return codes.HOME_TROUBLE
         os.umask(0o033)
-        p = QueueWriter(home).begin(uid=ruid, origin=origin_of(ruid, ids))
+        w = QueueWriter(home).begin(uid=ruid, origin=origin_of(ruid, ids))
+        p = signing(home, w) if sign else w
         try:
             while chunk := msg.read(65536):
                 p.write(chunk)
@@ -338,9 +360,11 @@ class RootSubmitter:
         self.home = home
         self.ids = ids
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
         # origin comes from the real uid in the child, as qmail-queue decides it
-        return _RootPending(self.home, self.ids, received)
+        return _RootPending(self.home, self.ids, received, sign)
 
 
 def can_write_queue(home: Home) -> bool:
@@ -426,17 +450,22 @@ class QueueSubmitter:
     def _as_root(self) -> bool:
         return os.geteuid() == 0 and not self.home.single_user
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
+        """``sign``: DKIM-sign the message (pyqmail.dkim) in the process that writes the
+        queue: this one, root's qmailq child, or the queue service (which signs what local
+        users inject whatever is asked here: it knows who they are)."""
         if self._direct is None and can_write_queue(self.home):
             self._direct = InProcessSubmitter(self.home, notify=self.notify)
         if self._direct is not None:
-            return self._direct.begin(origin=origin, received=received)
+            return self._direct.begin(origin=origin, received=received, sign=sign)
         if self._as_root():
             try:
                 ids = self.home.ids()
             except HomeError as e:
                 raise QueueError(codes.HOME_TROUBLE, str(e)) from e
-            return RootSubmitter(self.home, ids).begin(origin=origin, received=received)
+            return RootSubmitter(self.home, ids).begin(origin=origin, received=received, sign=sign)
         if self._service is None:
             self._service = ServiceSubmitter(self.home)
         return self._service.begin(origin=origin, received=received)
