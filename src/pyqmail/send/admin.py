@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pyqmail.home import Home
+from pyqmail.home import Home, Ids
 from pyqmail.queue import clean, records
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.queue.service import peer_credentials
@@ -324,36 +324,98 @@ class SchedulerLike(Protocol):
     def admin_log(self, text: str) -> None: ...
 
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _open_dir_beneath(base: Path, parts: Sequence[str]) -> int:
+    """A descriptor of ``base``/``parts``, each part reached from the one before without
+    following a symlink: the way root goes into a directory a qmail account owns."""
+    fd = os.open(base, _DIR)
+    try:
+        for part in parts:
+            sub = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def bind_control(path: Path, gid: int | None) -> socket.socket:
     """Bind the control socket: mode 0600, or 0660 with group ``gid``. Before any privilege
-    drop, so the scheduler's process can serve it whoever it runs as."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+    drop, so the scheduler's process can serve it whoever it runs as.
+
+    As root, ``path``'s directory (HOME/run) is qmailq's, so nothing there is done by name:
+    the directory is opened once without following a symlink, the old socket is unlinked
+    through that descriptor, and the socket is bound through ``/proc/self/fd/N`` with its
+    final mode (the umask) and group (the effective gid while it is bound) already set, so
+    there is no chown or chmod afterwards that a swapped-in symlink could redirect; bind
+    itself never follows a symlink (an existing name is EADDRINUSE)."""
+    parent = _open_dir_beneath(path.parent.parent, ())
     try:
-        s.bind(str(path))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path.parent.name, 0o755, dir_fd=parent)
+        fd = os.open(path.parent.name, _DIR | os.O_NOFOLLOW, dir_fd=parent)
     finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, 0 if os.geteuid() == 0 else -1, gid)
-        os.chmod(path, 0o660)
-    s.listen(16)
+        os.close(parent)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=fd)
+        old_mask = os.umask(0o177 if gid is None else 0o117)
+        old_gid = os.getegid()
+        try:
+            if gid is not None and os.geteuid() == 0:
+                os.setegid(gid)
+            try:
+                s.bind(f"/proc/self/fd/{fd}/{path.name}")
+            finally:
+                if os.getegid() != old_gid:
+                    os.setegid(old_gid)
+        finally:
+            os.umask(old_mask)
+        if gid is not None and os.geteuid() != 0 and os.getegid() != gid:
+            # not root: the directory is this user's own; the name, never followed
+            os.chown(path.name, -1, gid, dir_fd=fd, follow_symlinks=False)
+        s.listen(16)
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        os.close(fd)
     return s
 
 
-def prepare_as_root(home: Home, send_uid: int, qmail_gid: int) -> socket.socket | None:
-    """Root mode, before the scheduler's process drops to qmails: make ``queue/hold`` (the
-    scheduler's, 0700) and bind the control socket (0660, group qmail). None (and the
-    queue manager then works only while pyqmail run is stopped) if the socket cannot be
-    bound."""
-    d = home.queue / HOLD_DIR
-    with contextlib.suppress(FileExistsError):
-        d.mkdir(mode=0o700)
-    os.chown(d, send_uid, qmail_gid)
+def prepare_as_root(home: Home, ids: Ids) -> socket.socket | None:
+    """Root mode, before the scheduler's process drops to qmails: make sure ``queue/hold``
+    (the scheduler's, 0700) exists and bind the control socket (0660, group qmail). None
+    (and the queue manager then works only while pyqmail run is stopped) if the socket
+    cannot be bound.
+
+    queue/ is qmailq's, so queue/hold is made by init's maker (layout.py: reached through
+    descriptors without following a symlink, owner and mode set through a descriptor of
+    what it made), never chowned by name; a home made before hold/ was part of init gets
+    it here, and anything else already at that name is left alone with a warning."""
+    from pyqmail.layout import create_queue
+
     try:
-        return bind_control(control_path(home), qmail_gid)
+        create_queue(home, ids)
+        fd = _open_dir_beneath(home.root, ("queue", HOLD_DIR))
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_uid != ids.uid("send"):
+            raise OSError(f"owned by uid {st.st_uid}, not the scheduler's")
+    except OSError as e:
+        print(
+            f"pyqmail run: warning: {home.queue / HOLD_DIR} is not the scheduler's directory "
+            f"({e}): holding will fail; remove it and re-run pyqmail init",
+            file=sys.stderr,
+        )
+    try:
+        return bind_control(control_path(home), ids.gid("qmail"))
     except OSError as e:
         print(f"pyqmail run: warning: no control socket: {e}", file=sys.stderr)
         return None
