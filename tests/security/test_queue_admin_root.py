@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from pyqmail import durable
 from pyqmail.home import Home
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.send import admin
@@ -142,3 +143,114 @@ def test_a_symlink_swapped_in_after_bind_is_not_chowned(
     st = os.lstat(bound)  # the socket as it was bound: its final group and mode at once
     assert stat.S_ISSOCK(st.st_mode) and st.st_mode & 0o777 == 0o660
     assert st.st_gid == grp.getgrnam("qmail").gr_gid
+
+
+# ---------------------------------------------------------------- direct mode
+
+
+def test_a_symlink_at_a_missing_sendmutex_is_not_followed(home: Home) -> None:
+    target = home.root.parent / "created-by-root"
+    mutex = QueuePaths(home.queue).sendmutex
+    mutex.unlink()
+    mutex.symlink_to(target)
+    q = admin.DirectQueue(home)
+    with pytest.raises(admin.AdminError, match="sendmutex"):
+        q.lock()
+    q.close()
+    assert not target.exists() and not target.is_symlink()
+
+
+def test_a_symlink_to_a_file_at_sendmutex_is_not_opened(home: Home) -> None:
+    target = decoy(home)
+    mutex = QueuePaths(home.queue).sendmutex
+    mutex.unlink()
+    mutex.symlink_to(target)
+    with pytest.raises(admin.AdminError, match="sendmutex"):
+        admin.DirectQueue(home).lock()
+    assert unchanged(target)
+
+
+def test_hold_marker_symlinks_are_not_followed(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A symlink planted at queue/hold/N (to a missing file, to root's file), or swapped in
+    between the marker's write and its chown, never changes or creates its target."""
+    n = queue_message(home)
+    paths = QueuePaths(home.queue)
+    mark = paths.root / admin.HOLD_DIR / str(n)
+    missing = home.root.parent / "no-such-file"
+    mark.symlink_to(missing)
+    q = admin.DirectQueue(home)
+    assert q.lock()
+    try:
+        (r,) = q.act("hold", [n], None)
+        assert r.ok, r.text
+        assert not missing.exists()
+        assert (r := q.act("release", [n], None)[0]).ok, r.text
+        target = decoy(home)
+        real = durable.replace_file
+
+        def swapping(path: Any, *args: Any, **kw: Any) -> None:
+            real(path, *args, **kw)
+            os.unlink(path)
+            os.symlink(target, path)
+
+        monkeypatch.setattr(durable, "replace_file", swapping)
+        q.act("hold", [n], None)
+        assert unchanged(target)
+    finally:
+        q.close()
+
+
+def test_hold_release_delete_as_root_keep_the_owners(home: Home) -> None:
+    ids = home.ids()
+    n = queue_message(home)
+    keep = queue_message(home)
+    paths = QueuePaths(home.queue)
+    q = admin.DirectQueue(home)
+    assert q.lock()
+    try:
+        assert {m.id for m in q.states(None)} == {n, keep}
+        assert q.show(n).headers == "Subject: hello\n"
+        assert q.act("hold", [n], None)[0].ok
+        mark = paths.root / admin.HOLD_DIR / str(n)
+        st = os.lstat(mark)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == ids.uid("send")
+        assert admin.is_held(paths, n) and q.show(n).held
+        assert q.act("release", [n], None)[0].ok and not mark.exists()
+        assert q.act("retry", [n], None)[0].ok
+        assert q.act("hold", [n], None)[0].ok
+        (r,) = q.act("delete", [n], None)
+        assert r.ok and r.text == "deleted", r.text
+        for f in (paths.mess(n), paths.info(n), paths.remote(n), mark):
+            assert not os.path.lexists(f), f
+        assert not os.path.lexists(paths.name("intd", n))
+        assert [m.id for m in q.states(None)] == [keep]
+        assert os.stat(paths.mess(keep)).st_uid == ids.uid("queue")
+        assert not q.act("delete", [n], None)[0].ok  # gone
+    finally:
+        q.close()
+
+
+def test_delete_with_bounce_as_root_queues_the_bounce_as_qmailq(home: Home) -> None:
+    """qmails's child records the failures; the bounce is queued through root's own
+    submitter (a child that becomes qmailq), relayed, with no queue service running."""
+    ids = home.ids()
+    n = queue_message(home)
+    todo = home.queue / "todo"
+    before = set(todo.iterdir())
+    q = admin.DirectQueue(home)
+    assert q.lock()
+    try:
+        (r,) = q.act("delete", [n], "spam")
+        assert r.ok and r.text == "deleted and bounced", r.text
+    finally:
+        q.close()
+    paths = QueuePaths(home.queue)
+    for f in (paths.mess(n), paths.info(n), paths.remote(n), Path(paths.name("bounce", n))):
+        assert not os.path.lexists(f), f
+    (new,) = set(todo.iterdir()) - before
+    assert os.stat(new).st_uid == ids.uid("queue")
+    m = int(new.name)
+    text = paths.mess(m).read_bytes()
+    assert b"deleted from the queue by the postmaster: spam" in text
+    assert b"<r@remote.example>" in text and b"Subject: hello" in text
+    assert b"Tjoe@test.example\0" in new.read_bytes()
