@@ -33,6 +33,7 @@ QUEUE_DIRS: tuple[tuple[str, str, int, bool], ...] = (
     ("local", "send", 0o700, True),
     ("remote", "send", 0o700, True),
     ("lock", "queue", 0o750, False),
+    ("hold", "send", 0o700, False),  # pyqmail's hold markers (send/admin.py)
 )
 
 ALIASES = ("postmaster", "mailer-daemon", "root")

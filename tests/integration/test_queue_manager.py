@@ -272,6 +272,8 @@ def test_root_mode_socket_is_the_qmail_groups(
         wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
         assert proc.poll() is None, log.read_text()
         sock = admin.control_path(home)
+        # the send part binds it in parallel with the listeners' start: wait for it
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="the control socket")
         st = os.stat(sock)
         assert (st.st_mode & 0o777, st.st_gid) == (0o660, grp.getgrnam("qmail").gr_gid)
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:

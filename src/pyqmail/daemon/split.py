@@ -231,7 +231,7 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
     # holding lock/tcpto, which is qmailr's from init: root touches nothing in lock/.
     agent = RemoteProcess(home)
     agent.start((ids.uid("remote"), ids.gid("qmail")))
-    control = admin.prepare_as_root(home, ids.uid("send"), ids.gid("qmail"))  # pyqmail queue
+    control = admin.prepare_as_root(home, ids)  # pyqmail queue
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
 

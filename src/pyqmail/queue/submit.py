@@ -276,12 +276,15 @@ class ServiceSubmitter:
         return _ServicePending(self.client, received)
 
 
-def drop_to_queue_user(ids: Ids) -> None:
+def drop_to_queue_user(ids: Ids, role: str = "queue") -> None:
     """What qmail-queue's setuid bit gives it: become qmailq:qmail with no other groups
-    (the real uid goes too: this process never needs root again). OSError if refused."""
+    (the real uid goes too: this process never needs root again). OSError if refused.
+
+    ``role`` "send" is qmail-send's identity instead (qmails:qmail), for a root command that
+    must change the scheduler's files (send/admin.py)."""
     os.setgroups([])
     os.setgid(ids.gid("qmail"))
-    os.setuid(ids.uid("queue"))
+    os.setuid(ids.uid(role))
 
 
 class _RootPending(_Spooled):

@@ -10,7 +10,8 @@ One library for ``pyqmail queue`` in both situations:
   logged in the scheduler's log with the caller's uid and pid.
 - it is stopped: :class:`DirectQueue` takes ``lock/sendmutex`` exactly as qmail-send does (an
   exclusive flock), so a scheduler cannot start meanwhile, and changes the files itself;
-  each change is written to stderr with the invoking uid.
+  each change is written to stderr with the invoking uid. Run by root on a multi-user home it
+  changes them as their owners would, in children that become qmails or qmailq.
 
 A message's ID is qmail's message number (qmail-qread's ``#N``).
 
@@ -38,6 +39,7 @@ import json
 import os
 import pwd
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,8 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pyqmail.home import Home
+from pyqmail.home import Home, HomeError, Ids
 from pyqmail.queue import clean, records
+from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.queue.layout import QueuePaths, msgnum
 from pyqmail.queue.service import peer_credentials
 from pyqmail.send.log import SendLog
@@ -171,13 +174,15 @@ def is_held(paths: QueuePaths, num: int) -> bool:
 
 
 def write_hold(paths: QueuePaths, num: int) -> None:
-    """Create ``queue/hold/N`` (durably), owned like queue/info."""
+    """Create ``queue/hold/N`` (durably), owned like queue/info: as that owner (qmails in
+    multi-user mode, never root: DirectQueue and the scheduler both act as it there)."""
     d = paths.root / HOLD_DIR
     owner = os.stat(paths.dir("info"))  # qmails in root mode: the scheduler reads it
-    if not d.is_dir():
-        d.mkdir(mode=0o700, exist_ok=True)
-        with contextlib.suppress(PermissionError):
-            os.chown(d, owner.st_uid, owner.st_gid)
+    if not d.is_dir():  # a single-user home made before init made queue/hold
+        try:
+            d.mkdir(mode=0o700, exist_ok=True)
+        except PermissionError as e:
+            raise AdminError(f"{d} is missing: re-run pyqmail init") from e
     from pyqmail.durable import replace_file
 
     mark = _hold_path(paths, num)
@@ -324,36 +329,98 @@ class SchedulerLike(Protocol):
     def admin_log(self, text: str) -> None: ...
 
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _open_dir_beneath(base: Path, parts: Sequence[str]) -> int:
+    """A descriptor of ``base``/``parts``, each part reached from the one before without
+    following a symlink: the way root goes into a directory a qmail account owns."""
+    fd = os.open(base, _DIR)
+    try:
+        for part in parts:
+            sub = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def bind_control(path: Path, gid: int | None) -> socket.socket:
     """Bind the control socket: mode 0600, or 0660 with group ``gid``. Before any privilege
-    drop, so the scheduler's process can serve it whoever it runs as."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+    drop, so the scheduler's process can serve it whoever it runs as.
+
+    As root, ``path``'s directory (HOME/run) is qmailq's, so nothing there is done by name:
+    the directory is opened once without following a symlink, the old socket is unlinked
+    through that descriptor, and the socket is bound through ``/proc/self/fd/N`` with its
+    final mode (the umask) and group (the effective gid while it is bound) already set, so
+    there is no chown or chmod afterwards that a swapped-in symlink could redirect; bind
+    itself never follows a symlink (an existing name is EADDRINUSE)."""
+    parent = _open_dir_beneath(path.parent.parent, ())
     try:
-        s.bind(str(path))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path.parent.name, 0o755, dir_fd=parent)
+        fd = os.open(path.parent.name, _DIR | os.O_NOFOLLOW, dir_fd=parent)
     finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, 0 if os.geteuid() == 0 else -1, gid)
-        os.chmod(path, 0o660)
-    s.listen(16)
+        os.close(parent)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=fd)
+        old_mask = os.umask(0o177 if gid is None else 0o117)
+        old_gid = os.getegid()
+        try:
+            if gid is not None and os.geteuid() == 0:
+                os.setegid(gid)
+            try:
+                s.bind(f"/proc/self/fd/{fd}/{path.name}")
+            finally:
+                if os.getegid() != old_gid:
+                    os.setegid(old_gid)
+        finally:
+            os.umask(old_mask)
+        if gid is not None and os.geteuid() != 0 and os.getegid() != gid:
+            # not root: the directory is this user's own; the name, never followed
+            os.chown(path.name, -1, gid, dir_fd=fd, follow_symlinks=False)
+        s.listen(16)
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        os.close(fd)
     return s
 
 
-def prepare_as_root(home: Home, send_uid: int, qmail_gid: int) -> socket.socket | None:
-    """Root mode, before the scheduler's process drops to qmails: make ``queue/hold`` (the
-    scheduler's, 0700) and bind the control socket (0660, group qmail). None (and the
-    queue manager then works only while pyqmail run is stopped) if the socket cannot be
-    bound."""
-    d = home.queue / HOLD_DIR
-    with contextlib.suppress(FileExistsError):
-        d.mkdir(mode=0o700)
-    os.chown(d, send_uid, qmail_gid)
+def prepare_as_root(home: Home, ids: Ids) -> socket.socket | None:
+    """Root mode, before the scheduler's process drops to qmails: make sure ``queue/hold``
+    (the scheduler's, 0700) exists and bind the control socket (0660, group qmail). None
+    (and the queue manager then works only while pyqmail run is stopped) if the socket
+    cannot be bound.
+
+    queue/ is qmailq's, so queue/hold is made by init's maker (layout.py: reached through
+    descriptors without following a symlink, owner and mode set through a descriptor of
+    what it made), never chowned by name; a home made before hold/ was part of init gets
+    it here, and anything else already at that name is left alone with a warning."""
+    from pyqmail.layout import create_queue
+
     try:
-        return bind_control(control_path(home), qmail_gid)
+        create_queue(home, ids)
+        fd = _open_dir_beneath(home.root, ("queue", HOLD_DIR))
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_uid != ids.uid("send"):
+            raise OSError(f"owned by uid {st.st_uid}, not the scheduler's")
+    except OSError as e:
+        print(
+            f"pyqmail run: warning: {home.queue / HOLD_DIR} is not the scheduler's directory "
+            f"({e}): holding will fail; remove it and re-run pyqmail init",
+            file=sys.stderr,
+        )
+    try:
+        return bind_control(control_path(home), ids.gid("qmail"))
     except OSError as e:
         print(f"pyqmail run: warning: no control socket: {e}", file=sys.stderr)
         return None
@@ -500,8 +567,72 @@ class SocketQueue:
         pass
 
 
+def _as_account(
+    ids: Ids,
+    role: str,
+    job: Callable[[], Any],
+    relay: tuple[socket.socket, socket.socket, Home] | None = None,
+) -> Any:
+    """Run ``job`` in a child that has become ``role`` (qmails or qmailq, group qmail, no
+    other groups) first, as qmail-send and qmail-clean act on their own files; its result
+    (JSON) comes back over a pipe. An AdminError or OSError in the child is raised here
+    as an AdminError with its text. ``relay``: (this end, the child's end) of a socket pair
+    and the home, served meanwhile for the child's bounce (send/relay.py); ``job`` closes
+    the child's end when it is done."""
+    from pyqmail.queue.submit import drop_to_queue_user
+    from pyqmail.send import relay as relaying
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its work is tested through the parent
+        code = 0
+        try:
+            os.close(rfd)
+            if relay is not None:
+                relay[0].close()
+            drop_to_queue_user(ids, role)
+            if os.getuid() == 0 or os.geteuid() == 0:
+                raise OSError("still root after dropping privileges")
+            os.umask(0o077)
+            try:
+                out: dict[str, Any] = {"ok": job()}
+            except (AdminError, OSError) as e:
+                out = {"error": str(e) or type(e).__name__}
+            data = json.dumps(out).encode()
+            while data:
+                data = data[os.write(wfd, data) :]
+        except BaseException:
+            code = 111
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()  # its warnings (stdout: the parent's, never flushed here)
+            os._exit(code)
+    os.close(wfd)
+    if relay is not None:
+        relay[1].close()
+        relaying.serve(relay[0], relay[2])
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not data:
+        raise AdminError(f"could not act as the {role} user (uid {ids.uid(role)})")
+    got: dict[str, Any] = json.loads(data)
+    if "error" in got:
+        raise AdminError(str(got["error"]))
+    return got["ok"]
+
+
 class DirectQueue:
-    """The queue itself while no scheduler runs, under qmail-send's lock (lock/sendmutex)."""
+    """The queue itself while no scheduler runs, under qmail-send's lock (lock/sendmutex).
+
+    Run by root on a multi-user home, it never acts on a name inside the queue (whose
+    directories qmailq and qmails own): lock/sendmutex is reached through descriptors
+    without following a symlink (and not created: init makes it, qmails's), and every
+    other file is read and changed in a child that has become the file's owner, qmails
+    for info/local/remote/bounce/hold and qmailq for intd/mess, in qmail-clean's order
+    (queue/clean.py). A symlink planted by either account then leads only to what that
+    account may do itself. Anyone else (single-user mode, an ordinary user) acts itself.
+    """
 
     how = "direct"
 
@@ -510,10 +641,22 @@ class DirectQueue:
         self.paths = QueuePaths(home.queue)
         self.who = os.getuid() if who is None else who
         self._fd: int | None = None
+        self._ids: Ids | None = None
+        if os.geteuid() == 0 and not home.single_user:
+            try:
+                self._ids = home.ids()
+            except HomeError as e:
+                raise AdminError(str(e)) from e
+
+    def _as(self, role: str, job: Callable[[], Any]) -> Any:
+        return job() if self._ids is None else _as_account(self._ids, role, job)
 
     def lock(self) -> bool:
         """Take lock/sendmutex as qmail-send does; False if a scheduler holds it."""
-        fd = os.open(self.paths.sendmutex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._ids is None:
+            fd = os.open(self.paths.sendmutex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        else:
+            fd = self._open_sendmutex()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -521,6 +664,28 @@ class DirectQueue:
             return False
         self._fd = fd
         return True
+
+    def _open_sendmutex(self) -> int:
+        """Root: lock/sendmutex through descriptors, no symlink followed, nothing created,
+        and only a regular file (a flock needs no more than a read-only descriptor)."""
+        where = self.paths.sendmutex
+        try:
+            lock = _open_dir_beneath(self.home.root, ("queue", "lock"))
+            try:
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open("sendmutex", flags, dir_fd=lock)
+            finally:
+                os.close(lock)
+        except FileNotFoundError as e:
+            raise AdminError(f"{where} is missing: re-run pyqmail init") from e
+        except OSError as e:
+            raise AdminError(
+                f"cannot open {where} safely ({e.strerror}): re-run pyqmail init"
+            ) from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise AdminError(f"{where} is not a regular file: re-run pyqmail init")
+        return fd
 
     def close(self) -> None:
         if self._fd is not None:
@@ -530,20 +695,27 @@ class DirectQueue:
     def _state(self, num: int) -> MessageState:
         return read_message(self.paths, num, held=is_held(self.paths, num), history=None)
 
-    def states(self, nums: Sequence[int] | None) -> list[MessageState]:
+    def _states(self, nums: Sequence[int] | None) -> list[dict[str, Any]]:
         out = []
         for n in queued_numbers(self.paths) if nums is None else nums:
             with contextlib.suppress(OSError):
-                out.append(self._state(n))
+                out.append(self._state(n).to_json())
         return out
 
-    def show(self, num: int) -> MessageState:
+    def states(self, nums: Sequence[int] | None) -> list[MessageState]:
+        got = self._as("send", lambda: self._states(nums))
+        return [MessageState.from_json(d) for d in got]
+
+    def _show(self, num: int) -> dict[str, Any]:
         try:
             m = self._state(num)
             m.headers = read_headers(self.paths, num)
         except OSError as e:
             raise AdminError(f"no message {num} in the queue") from e
-        return m
+        return m.to_json()
+
+    def show(self, num: int) -> MessageState:
+        return MessageState.from_json(self._as("send", lambda: self._show(num)))
 
     def act(self, op: str, nums: Sequence[int], reason: str | None) -> list[Result]:
         out = []
@@ -557,6 +729,37 @@ class DirectQueue:
         return out
 
     def _act(self, op: str, num: int, reason: str | None) -> str:
+        if op == "delete":
+            # qmail-send's part (the bounce, channel files, info) as qmails, then
+            # qmail-clean's (intd, mess) as qmailq, in finish_message's order
+            text = self._delete_send_part(num, reason)
+            self._as("queue", lambda: clean.clean_mess(self.paths, num))
+            return text
+        result: str = self._as("send", lambda: self._change(op, num))
+        return result
+
+    def _delete_send_part(self, num: int, reason: str | None) -> str:
+        if self._ids is None:
+            return remove_send_files(self.paths, num, reason, self.home)
+        from pyqmail.send.relay import RelaySubmitter
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def job() -> str:
+            relay = RelaySubmitter(theirs)  # the bounce is queued as root queues it
+            try:
+                return remove_send_files(self.paths, num, reason, self.home, relay)
+            finally:
+                relay.close()  # the parent's relay ends here, before the result is written
+
+        try:
+            text: str = _as_account(self._ids, "send", job, (ours, theirs, self.home))
+        finally:
+            theirs.close()
+            ours.close()
+        return text
+
+    def _change(self, op: str, num: int) -> str:
         p = self.paths
         if not os.path.exists(p.name("info", num)):
             raise AdminError(f"no message {num} in the queue")
@@ -574,19 +777,27 @@ class DirectQueue:
                 with contextlib.suppress(FileNotFoundError):
                     records.set_next_try(path, now)
             return "due now (when pyqmail run starts)"
-        if op == "delete":
-            return delete_files(p, num, reason, self.home)
         raise AdminError(f"unknown action {op!r}")
 
 
-def delete_files(paths: QueuePaths, num: int, reason: str | None, home: Home) -> str:
-    """Remove message ``num`` from the queue (no scheduler running), after queueing a
-    bounce to its sender for the recipients not yet done when ``reason`` is given."""
+def remove_send_files(
+    paths: QueuePaths,
+    num: int,
+    reason: str | None,
+    home: Home,
+    submit: BlockingSubmitter | None = None,
+) -> str:
+    """qmail-send's part of deleting message ``num`` (no scheduler running), after queueing
+    a bounce to its sender (through ``submit``, else this process's submitter) for the
+    recipients not yet done when ``reason`` is given: the channel files, bounce/N, the hold
+    marker and info/S/N go; intd and mess remain, for qmail-clean's part (clean_mess)."""
     from pyqmail.control import load
     from pyqmail.queue.submit import submitter
     from pyqmail.send import bounce
     from pyqmail.send.todo import Routing
 
+    if not os.path.exists(paths.name("info", num)):
+        raise AdminError(f"no message {num} in the queue")
     log = SendLog()
     if reason is not None:
         ctl = load(home)
@@ -595,7 +806,7 @@ def delete_files(paths: QueuePaths, num: int, reason: str | None, home: Home) ->
             ok, _ = bounce.queue_bounce(
                 paths,
                 num,
-                submitter(home),
+                submitter(home) if submit is None else submit,
                 log,
                 bouncefrom=ctl.bouncefrom,
                 bouncehost=ctl.bouncehost,
@@ -607,7 +818,7 @@ def delete_files(paths: QueuePaths, num: int, reason: str | None, home: Home) ->
         clean.remove_channel(path)
     clean.remove_bounce(paths, num)
     remove_hold(paths, num)
-    clean.finish_message(paths, num)
+    clean.remove_info(paths, num)
     return "deleted" + (" and bounced" if reason is not None else "")
 
 
