@@ -102,7 +102,17 @@ class Close:
     """Close the connection after writing what was sent."""
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
+@dataclass(frozen=True, slots=True)
+class Note:
+    """For the session log and counters (only when ``notes`` is set): a HELO/EHLO/MAIL/RCPT
+    command's verb, its argument, and the reply it got. Placed before that reply's Send."""
+
+    verb: bytes
+    arg: bytes
+    reply: bytes
+
+
+Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close | Note
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
@@ -127,6 +137,7 @@ class SmtpServerConnection:
         self._errors = 0
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
+        self.notes = False  # emit Note events (the listener's session log sets it)
 
     # ----------------------------------------------------------------- adapter calls
 
@@ -263,7 +274,10 @@ class SmtpServerConnection:
             if len(line) > limits.max_command:
                 self._error(events, replies.LINE_TOO_LONG)
                 continue
+            n = len(events)
             discard = self._command(line, events)
+            if self.notes:
+                _note(line, events, n)
             if discard:
                 pos = len(buf)
         self._buf = buf[pos:] if pos else buf
@@ -460,3 +474,18 @@ class SmtpServerConnection:
         self.state = State.WAIT_START
         events.append(MessageStart(sender, rcpts, self.session.received(self._helo)))
         return False
+
+
+_NOTED = frozenset({b"helo", b"ehlo", b"mail", b"rcpt"})
+
+
+def _note(line: bytes, events: list[Event], n: int) -> None:
+    """Put a Note for the command ``line`` before its reply (events from index ``n``)."""
+    sp = line.find(b" ")
+    verb = (line if sp < 0 else line[:sp]).lower()
+    if verb not in _NOTED:
+        return
+    for ev in events[n:]:
+        if type(ev) is Send:
+            events.insert(n, Note(verb, line[sp + 1 :] if sp >= 0 else b"", ev.data))
+            return

@@ -37,6 +37,7 @@ from typing import Generic, Protocol, TypeVar, cast
 from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
+from pyqmail.logsink import LogSink
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess
@@ -50,10 +51,12 @@ from pyqmail.smtp.protocol import (
     MessageAbort,
     MessageEnd,
     MessageStart,
+    Note,
     Send,
     SmtpServerConnection,
 )
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
+from pyqmail.smtp.sessionlog import SessionLog, SmtpStats
 
 log = logging.getLogger("pyqmail.smtpd")
 
@@ -168,6 +171,7 @@ class SmtpServer:
         limit_loopback: bool = False,
         commit_process: bool | None = None,
         ip_key: Callable[[str], str] = netaddr.limit_key,
+        sink: LogSink | None = None,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -199,6 +203,9 @@ class SmtpServer:
         if "DATABYTES" in os.environ:
             self.base_env["DATABYTES"] = os.environ["DATABYTES"]
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
+        # session log lines (None: none written) and the counters the metrics read
+        self.sink = sink
+        self.stats = SmtpStats()
 
     async def start(
         self, host: str, port: int, *, start_serving: bool = True
@@ -309,6 +316,8 @@ class _SmtpProtocol(asyncio.Protocol):
         "msg",
         "partial_since",
         "server",
+        "size",
+        "slog",
         "timeout_s",
         "timer",
         "transport",
@@ -329,6 +338,8 @@ class _SmtpProtocol(asyncio.Protocol):
         self.closing = False
         self.timeout_s = 1200.0
         self.write_paused = False
+        self.slog: SessionLog | None = None  # the session log (smtp/sessionlog.py)
+        self.size = 0  # the current message's data bytes, for the session log
 
     # -- asyncio callbacks
 
@@ -346,6 +357,9 @@ class _SmtpProtocol(asyncio.Protocol):
         srv.conns += 1
         try:
             decision = srv.decide(ip)
+            self.slog = SessionLog(srv.sink, srv.stats, ip)
+            self.slog.connect(decision is not None and decision.allow,
+                              decision.env if decision is not None else None)  # fmt: skip
             if decision is None or not decision.allow:
                 self._close_now()  # tcpserver: closed, nothing written
                 return
@@ -369,6 +383,7 @@ class _SmtpProtocol(asyncio.Protocol):
                 return
             self.msg = _Message(srv.submitter_for(env))
             self.conn = SmtpServerConnection(session, srv.limits)
+            self.conn.notes = True  # the session log counts (and maybe logs) each command
             self.last = self.loop.time()
             if srv.greet_delay > 0:
                 self.timer = self.loop.call_later(srv.greet_delay, self._greet)
@@ -433,6 +448,9 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None:
             self.msg.abort()
         self.server._held_back.discard(self)
+        if self.slog is not None:
+            self.slog.disconnect()
+            self.slog = None
         if self.ip:
             srv = self.server
             srv.conns -= 1
@@ -492,7 +510,13 @@ class _SmtpProtocol(asyncio.Protocol):
                     out.append(ev.data)  # type: ignore[union-attr]
                 elif kind is DataChunk:
                     msg.write(ev.data)  # type: ignore[union-attr]
+                    self.size += len(ev.data)  # type: ignore[union-attr]
+                elif kind is Note:
+                    if self.slog is not None:
+                        n = cast(Note, ev)
+                        self.slog.note(n.verb, n.arg, n.reply)
                 elif kind is MessageStart:
+                    self.size = 0
                     ok = msg.start(ev)  # type: ignore[arg-type]
                     nxt = conn.start_result(ok)
                     break
@@ -529,6 +553,9 @@ class _SmtpProtocol(asyncio.Protocol):
             self.server.accepted += 1
         elif result.text:
             log.warning("queue refused a message from %s: %s", self.ip, result.text)
+        if self.slog is not None:
+            self.slog.data(self.size)
+            self.slog.queued(result.ok, result.msgnum, result.qp, self.size, result.text)
         reply = smtp_reply(result)
         if self.conn is None or self.transport is None or self.closing:
             return
