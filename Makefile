@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 DEMO   := $(CURDIR)/var/qmail
 # Debian packages the tests use as real peers (tcprules/tcpserver, swaks, Postfix's
-# smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback).
-DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base
+# smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback; chromium reads the
+# status page of `pyqmail run --http`, Debian's prometheus-client parses its /metrics).
+DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base chromium python3-prometheus-client
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 

@@ -1,4 +1,5 @@
 """``pyqmail run [--home DIR] [--smtp A:P ...] [--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB]
+[--http ADDR:PORT] [--log-format qmail|json] [--log-stamps none|tai64n] [--no-session-log]
 [--single-user]``.
 
 Parses the arguments and hands them to :mod:`pyqmail.daemon.run`. Addresses are
@@ -30,12 +31,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rules", metavar="CDB",
                    help="the SMTP tcprules cdb (default HOME/control/tcp.smtp.cdb; "
                         "qmail sites often keep it at /etc/tcp.smtp.cdb)")  # fmt: skip
+    p.add_argument("--http", metavar="ADDR:PORT",
+                   help="serve /metrics (Prometheus) and a status page at / (PORT alone: "
+                        "127.0.0.1; another address needs control/httpauth)")  # fmt: skip
+    p.add_argument("--log-format", choices=("qmail", "json"), default="qmail",
+                   help="qmail's log lines (default), or one JSON object a line")  # fmt: skip
+    p.add_argument("--log-stamps", choices=("none", "tai64n"), default="none",
+                   help="tai64n: a tai64n stamp before each line (multilog t)")  # fmt: skip
+    p.add_argument("--no-session-log", action="store_true",
+                   help="no SMTP session lines (counted for the metrics all the same)")  # fmt: skip
     p.add_argument("--single-user", action="store_true",
                    help="everything as the invoking user (or PYQMAIL_SINGLE_USER=1)")  # fmt: skip
     a = p.parse_args(argv)
     home = resolve_home(a.home, a.single_user)
     try:
-        cfg = main_args(home, a.smtp, a.qmqp, a.qmtp, a.rules)
+        cfg = main_args(home, a.smtp, a.qmqp, a.qmtp, a.rules, http=a.http,
+                        log_format=a.log_format, log_stamps=a.log_stamps,
+                        session_log=not a.no_session_log)  # fmt: skip
     except ValueError as e:
         return fatal(PROG, str(e), 100)
     return run(cfg)

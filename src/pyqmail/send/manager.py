@@ -59,6 +59,7 @@ from pyqmail.send.schedule import (
     dying,
     nextretry,
 )
+from pyqmail.send.stats import SendStats
 from pyqmail.send.todo import Routing, decode, verp_sender
 
 LocalDeliver = Callable[[Path, str, str], Awaitable[Outcome]]
@@ -160,6 +161,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.idle = asyncio.Event()  # set whenever no todo, job or delivery is outstanding
         self.stats = {"delivered": 0, "deferred": 0, "failed": 0, "bounced": 0}
+        self.metrics = SendStats(clock)  # for daemon/http.py's /metrics and status page
 
     # ---------------------------------------------------------------- life cycle
 
@@ -548,6 +550,7 @@ class Scheduler:
             dying(birth, recent, s.queuelifetime),
             fd,
             recs,
+            birth=birth,
         )
 
     async def _job(self, c: int, num: int) -> None:
@@ -641,6 +644,9 @@ class Scheduler:
         if status is Status.TEMP and job.dying:
             status, text = Status.PERM, bounce.dying_text(text)
         self.log.result(did, status.value, text)
+        self.metrics.delivery(
+            CHANNEL_NAMES[job.channel], job.num, rec.recipient, status.value, text, job.birth
+        )
         if status is Status.TEMP:
             self.stats["deferred"] += 1
             job.left += 1
