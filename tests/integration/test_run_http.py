@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import urllib.error
@@ -22,11 +25,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pyqmail.home import Home
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.reader import count
-from tests.conftest import free_port, require_tools, write_control
+from tests.conftest import free_port, is_root, require_tools, write_control
 from tests.integration.test_run_daemon import BIN, Mta, files, listening, wait_for
 from tests.integration.test_run_daemon import mta as mta  # the fixture
+from tests.integration.test_run_root import root_home as root_home  # the fixture
 
 N_LOCAL, N_DEFER = 3, 4
 
@@ -208,3 +213,50 @@ def test_qmail_log_lines_with_tai64n(mta: Mta) -> None:
         "refused rcpthosts: 553_sorry,_that_domain_isn't_in_my_list_of_allowed_rcpthosts_(#5.7.1)"
     )
     assert all(line.startswith("@4000") for line in lines if line)
+
+
+@pytest.mark.root
+def test_root_mode_send_part_serves_the_smtpd_counts(root_home: tuple[Home, Path]) -> None:
+    """As root: the HTTP server is the send part's (qmails), never root; the smtpd part's
+    counters reach it over the socket pair; the queue is counted as qmail-qstat does."""
+    if not is_root():
+        pytest.skip("needs root")
+    home, user = root_home
+    port, hp = free_port(), free_port()
+    log = home.root.parent / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp",
+             f"127.0.0.1:{port}", "--http", f"127.0.0.1:{hp}", "--log-format", "json"],
+            stdout=out, stderr=out, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: (listening(port) and listening(hp)) or proc.poll() is not None,
+                 what="listeners")  # fmt: skip
+        assert proc.poll() is None, log.read_text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            for i in range(3):
+                s.sendmail("joe@test.example", ["joe@test.example"], f"Subject: {i}\r\n\r\nx\r\n")
+        wait_for(lambda: len(files(user / "Maildir" / "new")) == 3, what="deliveries")
+
+        def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            return samples(get(f"http://127.0.0.1:{hp}/metrics")[2].decode())
+
+        wait_for(lambda: scraped().get(("pyqmail_smtp_messages_total",
+                                        (("result", "accepted"),))) == 3,
+                 what="smtpd counts at the send part")  # fmt: skip
+        s2 = scraped()
+        assert s2[("pyqmail_deliveries_total", (("channel", "local"), ("result", "success")))] == 3
+        assert s2[("pyqmail_queue_messages", (("state", "queued"),))] == 0
+        ss = subprocess.run(["ss", "-Hltnp", f"sport = :{hp}"], capture_output=True, text=True)
+        owner = re.search(r"pid=(\d+)", ss.stdout)
+        assert owner is not None, ss.stdout
+        owner = owner.group(1)
+        uid = int(Path(f"/proc/{owner}/status").read_text().split("Uid:")[1].split()[0])
+        assert uid == home.ids().uid("send")
+        for line in log.read_text().splitlines():
+            json.loads(line)  # every line of every part is JSON
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

@@ -400,6 +400,12 @@ class StatusServer:
         return "".join(out)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket for ``--http`` (root mode binds it before the drop)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=64)
+
+
 def parse_http(text: str) -> tuple[str, int]:
     """``--http`` value: ``PORT`` (loopback), ``ADDR:PORT`` or ``[V6]:PORT``."""
     from pyqmail.listener import parse_listen
