@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -147,6 +148,9 @@ def test_read_only_and_no_paths(busy: tuple[Mta, int]) -> None:
         status, _, body = get(f"http://127.0.0.1:{hp}{path}")
         assert b"root:" not in body
         assert status == (200 if path.startswith("/?") else 404)
+    with socket.create_connection(("127.0.0.1", hp), 10) as c:  # a head beyond 8 KiB
+        c.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n")
+        assert c.recv(100).startswith(b"HTTP/1.1 400 ")
 
 
 def test_non_loopback_without_httpauth_refuses_to_start(mta: Mta) -> None:

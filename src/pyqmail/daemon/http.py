@@ -16,7 +16,7 @@ refuses to start (:func:`check_http`); with the file present every request needs
 credentials (HTTP Basic), whatever its origin. The path is matched exactly against two
 names (a query string is ignored, never used as a file name); every value that came from
 mail is HTML-escaped; responses carry a Content-Security-Policy that allows no script,
-no frame and nothing from elsewhere. Requests are bounded (8 KiB of head, 10 s).
+no frame and nothing from elsewhere. Requests are bounded (8 KiB of head, 10 s, 32 at once).
 
 Root mode (daemon/split.py): this server runs in the send part, as qmails, which owns the
 scheduler's numbers and may read the queue's directories (group qmail); the smtpd part
@@ -53,6 +53,7 @@ from pyqmail.queue.reader import QueueCounts, count
 from pyqmail.send.stats import BUCKETS, SendStats
 
 HEAD_LIMIT = 8192
+MAX_CLIENTS = 32  # requests served at once; more are closed unanswered
 REQUEST_TIMEOUT = 10.0
 SAMPLE_INTERVAL = 60.0  # the page's queue history: one sample a minute, an hour kept
 CSP = (
@@ -258,14 +259,15 @@ class StatusServer:
         self.registry.register(_Collector(self))  # type: ignore[arg-type]
         self._server: asyncio.AbstractServer | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.clients = 0
 
     async def start(
         self, host: str, port: int, *, sock: socket.socket | None = None
     ) -> asyncio.AbstractServer:
         if sock is not None:
-            self._server = await asyncio.start_server(self._serve, sock=sock)
+            self._server = await asyncio.start_server(self._serve, sock=sock, limit=HEAD_LIMIT)
         else:
-            self._server = await asyncio.start_server(self._serve, host, port)
+            self._server = await asyncio.start_server(self._serve, host, port, limit=HEAD_LIMIT)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
         return self._server
 
@@ -291,6 +293,16 @@ class StatusServer:
     # -- requests
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            writer.close()
+            return
+        self.clients += 1
+        try:
+            await self._serve_one(reader, writer)
+        finally:
+            self.clients -= 1
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
             status, ctype, body, head_only = await self._answer(head)
