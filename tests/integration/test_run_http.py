@@ -264,3 +264,27 @@ def test_root_mode_send_part_serves_the_smtpd_counts(root_home: tuple[Home, Path
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_no_session_log_still_counts(mta: Mta) -> None:
+    hp = free_port()
+    write_control(mta.home, "rcpthosts", "test.example\n")
+    subprocess.run([str(BIN / "tcprules"), str(mta.home.control / "tcp.smtp.cdb"),
+                    str(mta.home.control / "tcp.tmp")], input=b":allow\n", check=True)  # fmt: skip
+    mta.start("--no-session-log", "--http", str(hp))  # PORT alone: loopback
+    wait_for(lambda: listening(hp), what="http listener")
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as s:
+        s.ehlo()
+        s.mail("someone@else.example")
+        assert s.rcpt("victim@notours.example")[0] == 553
+    wait_for(
+        lambda: (
+            samples(get(f"http://127.0.0.1:{hp}/metrics")[2].decode()).get(
+                ("pyqmail_smtp_recipients_total", (("result", "rcpthosts"),))
+            )
+            == 1
+        ),
+        what="the refusal counted",
+    )
+    assert "victim@notours.example" not in mta.log()
+    assert "smtp " not in mta.log()
