@@ -776,19 +776,3 @@ def _shared_home(factory: pytest.TempPathFactory) -> Home:
         write_control(h, "rcpthosts", "test.example\nt\n")
         _HOMES["h"] = h
     return _HOMES["h"]
-
-
-def test_refused_recipients_are_reported_for_the_log(home: Home) -> None:
-    from pyqmail.smtp.protocol import RcptRefused
-
-    write_control(home, "rcpthosts", "test.example\n")
-    write_control(home, "badmailfrom", "@spam.example\n")
-    d = session(home)
-    d.feed(b"MAIL FROM:<a@b>\r\n")
-    events = d.conn.receive_data(b"RCPT TO:<x@elsewhere.example>\r\nRCPT TO:<y@test.example>\r\n")
-    refused = [e for e in events if isinstance(e, RcptRefused)]
-    assert refused == [RcptRefused(b"x@elsewhere.example", replies.NOT_RCPTHOSTS)]
-    d.handle(events)
-    d.feed(b"MAIL FROM:<s@spam.example>\r\n")
-    events = d.conn.receive_data(b"RCPT TO:<y@test.example>\r\n")
-    assert RcptRefused(b"y@test.example", replies.BMF) in events

@@ -1,5 +1,6 @@
 """``pyqmail run [--home DIR] [--smtp A:P ...] [--smtps A:P ...] [--submission A:P ...]
-[--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB] [--single-user] [--log-format text|json]``.
+[--qmqp A:P ...] [--qmtp A:P ...] [--rules CDB] [--http ADDR:PORT] [--log-format qmail|json]
+[--log-stamps none|tai64n] [--no-session-log] [--single-user]``.
 
 Parses the arguments and hands them to :mod:`pyqmail.daemon.run`. Addresses are
 ``HOST:PORT`` or ``[IPv6]:PORT``; without ``--smtp`` the MTA delivers the queue but listens
@@ -13,7 +14,6 @@ import argparse
 from collections.abc import Sequence
 
 from pyqmail.cli.common import fatal
-from pyqmail.daemon import logjson
 from pyqmail.daemon.run import main_args, run
 from pyqmail.home import resolve_home
 
@@ -36,18 +36,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rules", metavar="CDB",
                    help="the SMTP tcprules cdb (default HOME/control/tcp.smtp.cdb; "
                         "qmail sites often keep it at /etc/tcp.smtp.cdb)")  # fmt: skip
+    p.add_argument("--http", metavar="ADDR:PORT",
+                   help="serve /metrics (Prometheus) and a status page at / (PORT alone: "
+                        "127.0.0.1; another address needs control/httpauth)")  # fmt: skip
+    p.add_argument("--log-format", choices=("qmail", "json"), default="qmail",
+                   help="qmail's log lines (default), or one JSON object a line")  # fmt: skip
+    p.add_argument("--log-stamps", choices=("none", "tai64n"), default="none",
+                   help="tai64n: a tai64n stamp before each line (multilog t)")  # fmt: skip
+    p.add_argument("--no-session-log", action="store_true",
+                   help="no SMTP session lines (counted for the metrics all the same)")  # fmt: skip
     p.add_argument("--single-user", action="store_true",
                    help="everything as the invoking user (or PYQMAIL_SINGLE_USER=1)")  # fmt: skip
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="json: every log line as one JSON object (daemon/logjson.py)")  # fmt: skip
     a = p.parse_args(argv)
     home = resolve_home(a.home, a.single_user)
     try:
-        cfg = main_args(
-            home, a.smtp, a.qmqp, a.qmtp, a.rules, smtps=a.smtps, submission=a.submission
-        )
+        cfg = main_args(home, a.smtp, a.qmqp, a.qmtp, a.rules, smtps=a.smtps,
+                        submission=a.submission, http=a.http, log_format=a.log_format,
+                        log_stamps=a.log_stamps, session_log=not a.no_session_log)  # fmt: skip
     except ValueError as e:
         return fatal(PROG, str(e), 100)
-    if a.log_format == "json":
-        logjson.start(home)
     return run(cfg)

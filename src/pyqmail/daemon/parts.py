@@ -37,7 +37,10 @@ from typing import BinaryIO, Protocol
 
 from pyqmail import netaddr
 from pyqmail.control import Control, ControlCache, ControlError, Finding, load
+from pyqmail.daemon import http
+from pyqmail.daemon.http import HttpAuth
 from pyqmail.home import Home
+from pyqmail.logsink import LogSink
 from pyqmail.outcome import Outcome
 from pyqmail.queue.clean import Cleaner
 from pyqmail.queue.contract import BlockingSubmitter, Submitter
@@ -45,6 +48,7 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
+from pyqmail.send.stats import SendStats
 from pyqmail.smtp.protocol import Door
 from pyqmail.smtp.server import SmtpServer
 from pyqmail.tcprules import Decision
@@ -74,6 +78,12 @@ class RunConfig:
     # --rules: the site's tcprules cdb where it is (qmail-smtpd under `tcpserver -x PATH`);
     # None: HOME/control/tcp.smtp.cdb
     rules: Path | None = None
+    # --http ADDR:PORT (metrics and the status page, daemon/http.py); --log-format and
+    # --log-stamps (logsink.py); session_log=False keeps SMTP session lines out of the log
+    http: tuple[str, int] | None = None
+    log_format: str = "qmail"
+    log_stamps: str = "none"
+    session_log: bool = True
 
     def listens(self) -> bool:
         """Whether any listener is asked for (else only the queue is delivered)."""
@@ -169,6 +179,7 @@ async def start_listeners(
     warn: Callable[[str], None],
     smtp_submitter: Submitter | None = None,
     serving: bool = True,
+    sink: LogSink | None = None,
 ) -> Listeners:
     """Bind the SMTP, QMQP and QMTP listeners ``cfg`` names (OSError if one cannot bind).
 
@@ -179,7 +190,11 @@ async def start_listeners(
     """
     home = cfg.home
     smtp = DaemonSmtpServer(
-        home, ctl, smtp_submitter if smtp_submitter is not None else submitter, rules=cfg.rules
+        home,
+        ctl,
+        smtp_submitter if smtp_submitter is not None else submitter,
+        rules=cfg.rules,
+        sink=sink if cfg.session_log else None,
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:
@@ -287,3 +302,33 @@ class CleanSweep:
         while not self._stop.wait(self.interval):
             with contextlib.suppress(OSError):
                 clean_stale(self.paths)
+
+
+# -- the HTTP door: metrics and the status page (daemon/http.py) --------------------------
+
+
+def check_http(cfg: RunConfig) -> HttpAuth | None:
+    """Before anything starts: a non-loopback ``--http`` needs control/httpauth (RunError)."""
+    if cfg.http is None:
+        return None
+    try:
+        return http.check_http(cfg.home, cfg.http[0])
+    except http.HttpError as e:
+        raise RunError(str(e)) from e
+
+
+async def start_http(
+    cfg: RunConfig,
+    auth: HttpAuth | None,
+    smtp_snapshot: http.SmtpSnapshot,
+    send_stats: SendStats | None,
+    *,
+    sock: socket.socket | None = None,
+) -> http.StatusServer | None:
+    """The metrics and status server ``--http`` asks for (None without it)."""
+    if cfg.http is None:
+        return None
+    srv = http.StatusServer(cfg.home, smtp_snapshot=smtp_snapshot, send_stats=send_stats,
+                            auth=auth)  # fmt: skip
+    await srv.start(cfg.http[0], cfg.http[1], sock=sock)
+    return srv

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyqmail.daemon.http import HttpAuth, StatusServer, parse_http
 from pyqmail.daemon.parts import (
     PROG,
     CleanSweep,
@@ -36,7 +37,9 @@ from pyqmail.daemon.parts import (
     RunError,
     SteadyControl,
     check_home,
+    check_http,
     make_scheduler,
+    start_http,
     start_listeners,
     start_sending,
     stop_sending,
@@ -45,6 +48,7 @@ from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, warn_if_root_single_user
 from pyqmail.listener import parse_listen
 from pyqmail.local.pool import WorkerPoolLocal
+from pyqmail.logsink import LineWriter, LogSink
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
@@ -58,20 +62,26 @@ __all__ = ["Daemon", "RunConfig", "RunError", "main_args", "run"]
 class Daemon:
     """The running MTA: spawner, scheduler, remote agent and listeners in one event loop."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, sink: LogSink | None = None) -> None:
         self.cfg = cfg
         self.home = cfg.home
-        self.log = SendLog(cfg.log)
+        if sink is None:
+            sink = LogSink(cfg.log, fmt=cfg.log_format, stamps=cfg.log_stamps)
+        self.sink = sink
+        self.log = SendLog(sink=self.sink)
         self.ctl = SteadyControl(self.home, log=self.log)
         self.spawner: WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
         self.listeners: Listeners | None = None
+        self.http: StatusServer | None = None
+        self._auth: HttpAuth | None = None
         self._stop = asyncio.Event()
 
     def prepare(self) -> None:
         """Everything that must happen before threads exist (controls, recovery, fork)."""
         home = self.home
         ctl = check_home(home)
+        self._auth = check_http(self.cfg)
         warn_if_root_single_user(home, PROG)
         clean_stale(QueuePaths(home.queue))
         # enough for concurrencylocal (a HUP that raises it beyond this queues deliveries)
@@ -97,8 +107,17 @@ class Daemon:
         self.scheduler = sched
         submitter = qsubmit.submitter(self.home, notify=sched.notify)
         sched.submitter = submitter
-        listeners = await start_listeners(self.cfg, self.ctl, submitter, warn=self.log.warning)
+        listeners = await start_listeners(
+            self.cfg, self.ctl, submitter, warn=self.log.warning, sink=self.sink
+        )
         self.listeners = listeners
+        try:
+            self.http = await start_http(
+                self.cfg, self._auth, listeners.smtp.stats.snapshot, sched.metrics
+            )
+        except OSError:
+            await listeners.close()
+            raise
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -118,6 +137,8 @@ class Daemon:
             await self._stop.wait()
         finally:
             sweep.stop()
+            if self.http is not None:
+                await self.http.close()
             await listeners.close()
             await stop_sending(sched, spawner, agent)
 
@@ -134,12 +155,16 @@ class Daemon:
 
 def run(cfg: RunConfig) -> int:
     """Run the MTA until TERM/INT; 0 after a clean stop, 111 if it cannot start."""
+    sink = LogSink(cfg.log, fmt=cfg.log_format, stamps=cfg.log_stamps)
+    if sink.json or sink.tai:  # every line in the chosen form, prints and warnings included
+        sys.stderr = LineWriter(sink, "pyqmail")
+        sys.stdout = LineWriter(sink, "pyqmail")
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
     if os.geteuid() == 0 and not cfg.home.single_user:
         from pyqmail.daemon.split import run_split
 
         return run_split(cfg)
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, sink)
     try:
         daemon.prepare()
     except RunError as e:
@@ -169,6 +194,10 @@ def main_args(
     *,
     smtps: Sequence[str] = (),
     submission: Sequence[str] = (),
+    http: str | None = None,
+    log_format: str = "qmail",
+    log_stamps: str = "none",
+    session_log: bool = True,
 ) -> RunConfig:
     """A RunConfig from command-line strings (raises ValueError for a bad address)."""
     return RunConfig(
@@ -179,4 +208,8 @@ def main_args(
         rules=Path(rules) if rules else None,
         smtps=[parse_listen(a, 465) for a in smtps],
         submission=[parse_listen(a, 587) for a in submission],
+        http=parse_http(http) if http else None,
+        log_format=log_format,
+        log_stamps=log_stamps,
+        session_log=session_log,
     )

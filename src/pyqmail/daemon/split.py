@@ -43,14 +43,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import BinaryIO, cast
 
+from pyqmail.daemon import http
+from pyqmail.daemon.http import HttpAuth
 from pyqmail.daemon.parts import (
     CleanSweep,
     RunConfig,
     RunError,
     SteadyControl,
     check_home,
+    check_http,
     make_scheduler,
+    start_http,
     start_listeners,
     start_sending,
     stop_sending,
@@ -58,6 +63,7 @@ from pyqmail.daemon.parts import (
 from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
+from pyqmail.logsink import LogSink
 from pyqmail.queue.clean import handle_request
 from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.layout import QueuePaths
@@ -69,6 +75,24 @@ from pyqmail.send import admin
 from pyqmail.send.log import SendLog
 
 READY_TIMEOUT = 30.0
+
+
+class _Web:
+    """What the send part needs for --http: the credentials checked at start-up, the log
+    sink, and its end of the socket pair the smtpd part's counters arrive on."""
+
+    def __init__(self, auth: HttpAuth | None, sink: LogSink) -> None:
+        self.auth = auth
+        self.sink = sink
+        self.stats_sock: socket.socket | None = None
+
+
+def _sink(cfg: RunConfig) -> LogSink:
+    """The part's log output in the chosen form (sys.stderr may be run()'s LineWriter)."""
+    stream = cfg.log
+    if stream is None and sys.__stderr__ is not None:
+        stream = cast(BinaryIO, sys.__stderr__.buffer)
+    return LogSink(stream, fmt=cfg.log_format, stamps=cfg.log_stamps)
 
 
 class _Stop(Exception):
@@ -222,8 +246,11 @@ class SocketCleaner:
 # -- send: scheduler, remote agent, local spawner -----------------------------------------
 
 
-def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: float) -> int:
-    log = SendLog()
+def _send_main(
+    home: Home, ids: Ids, clean_sock: socket.socket, cfg: RunConfig, web: _Web | None
+) -> int:
+    stop_timeout = cfg.stop_timeout
+    log = SendLog(sink=web.sink if web is not None else _sink(cfg))
     ctl = SteadyControl(home, log=log)
     spawner = LocalSpawner(home, ctl, message_owner=ids.uid("queue"))
     spawner.start()  # forks the root spawner before this process has threads
@@ -232,6 +259,8 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
     agent = RemoteProcess(home)
     agent.start((ids.uid("remote"), ids.gid("qmail")))
     control = admin.prepare_as_root(home, ids)  # pyqmail queue
+    # --http: bound as root (a port below 1024 is allowed), served as qmails (see http.py)
+    http_sock = http.bind(*cfg.http) if web is not None and cfg.http is not None else None
     _drop(ids.uid("send"), ids.gid("qmail"))
     os.umask(0o077)
 
@@ -276,7 +305,18 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
             await start_sending(sched, log)
         except RunError:
             return 111
+        status = None
+        if web is not None:  # metrics and the status page (daemon/http.py)
+            feed = http.StatsFeed(web.stats_sock) if web.stats_sock is not None else None
+            if feed is not None:
+                reading = loop.create_task(feed.read_forever())
+            status = await start_http(cfg, web.auth, lambda: feed.latest if feed else {},
+                                      sched.metrics, sock=http_sock)  # fmt: skip
         await stop.wait()
+        if status is not None:
+            await status.close()
+            if feed is not None:
+                reading.cancel()
         await stop_sending(sched, spawner, agent)
         return 111 if lost else 0
 
@@ -290,7 +330,9 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
 # -- smtpd: the listeners -----------------------------------------------------------------
 
 
-def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
+def _smtpd_main(
+    home: Home, ids: Ids, cfg: RunConfig, ready: int, stats_sock: socket.socket | None
+) -> int:
     ctl = SteadyControl(home)
     submitter = ServiceSubmitter(home)
     # SMTP's messages go to a committer process started now, as root, to run as the
@@ -308,8 +350,9 @@ def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
         # Bound as root but not yet listening: no connection is accepted, and no byte
         # read, before every listener's process has dropped to qmaild.
         listeners = await start_listeners(
-            cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False
-        )
+            cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False,
+            sink=_sink(cfg),
+        )  # fmt: skip
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
         await listeners.start_serving()
         os.write(ready, b"d")
@@ -318,7 +361,12 @@ def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGHUP, ctl.refresh)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if stats_sock is not None:  # the counters, to the send part's HTTP server
+            feed = http.StatsFeed(stats_sock)
+            sending = loop.create_task(feed.send_forever(listeners.smtp.stats.snapshot))
         await stop.wait()
+        if stats_sock is not None:
+            sending.cancel()
         await listeners.close()
         return 0
 
@@ -357,6 +405,7 @@ def run_split(cfg: RunConfig) -> int:
     try:
         ids = home.ids()
         check_home(home)
+        auth = check_http(cfg)
     except (HomeError, RunError) as e:
         print(f"alert: cannot start: {e}", file=sys.stderr)
         return 111
@@ -392,12 +441,21 @@ def run_split(cfg: RunConfig) -> int:
         print(f"alert: cannot start: {e}", file=sys.stderr)
         term_all()
         return 111
-    pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg.stop_timeout))
+    # --http: the send part serves it; the smtpd part's counters reach it on a socket pair
+    web = _Web(auth, _sink(cfg)) if cfg.http is not None else None
+    stats_smtpd: socket.socket | None = None
+    if web is not None and cfg.listens():
+        web.stats_sock, stats_smtpd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg, web))
     clean_send.close()
+    if web is not None and web.stats_sock is not None:
+        web.stats_sock.close()
     if cfg.listens():
         r, w = os.pipe()
-        pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w))
+        pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w, stats_smtpd))
         os.close(w)
+        if stats_smtpd is not None:
+            stats_smtpd.close()
         try:
             _wait_ready(r, "smtpd")
         except OSError as e:

@@ -104,6 +104,7 @@ class DirectDeliveries:
             False,
             -1,
             [Record(-1, r) for r in recipients],
+            birth=now,
         )
         self._held[num] = job
         return job

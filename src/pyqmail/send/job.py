@@ -32,4 +32,5 @@ class Job:
     fd: int
     records: list[Record]
     left: int = 0  # T records still T after this pass
+    birth: float = 0.0  # when the message was accepted (info's mtime; 0 = not known)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)

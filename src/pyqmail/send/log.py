@@ -8,56 +8,45 @@ so concurrent writers never interleave inside a line.
 
 from __future__ import annotations
 
-import asyncio
-import sys
+import re
 from typing import BinaryIO
 
-_SAFE = bytes(
-    (0x2F if b == 0x0A else 0x5F if b < 33 or b > 126 or b == 0x25 else b) for b in range(256)
-)
+from pyqmail.logsink import LogSink
+from pyqmail.logsink import safe as safe  # qmail-send's logsafe, shared with smtp/
+
+_MSG = re.compile(rb"\bmsg (\d+)")
+_DELIVERY = re.compile(rb"\bdelivery (\d+)")
 
 
-def safe(text: str | bytes) -> bytes:
-    """A variable part as qmail-send writes it (``logsafe``)."""
-    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
-    return raw.translate(_SAFE)
+def _fields(data: bytes) -> dict[str, object]:
+    """The ids a JSON reader follows a message by: ``msg`` and ``delivery`` numbers."""
+    out: dict[str, object] = {}
+    if (m := _MSG.search(data)) is not None:
+        out["msg"] = int(m.group(1))
+    if (m := _DELIVERY.search(data)) is not None:
+        out["delivery"] = int(m.group(1))
+    return out
 
 
 class SendLog:
-    """Writes qmail-send's lines to ``stream`` (a binary file; stderr's buffer by default).
+    """Writes qmail-send's lines to ``stream`` (a binary file; stderr's buffer by default),
+    or through ``sink`` (logsink.py: the daemon's chosen format and stamps) when given.
 
     Inside a running event loop, the lines of one loop iteration are gathered and written
     with one ``write`` at its end (whole lines only, in order); elsewhere each line is
     written at once.
     """
 
-    def __init__(self, stream: BinaryIO | None = None) -> None:
-        self.stream: BinaryIO = stream if stream is not None else sys.stderr.buffer
-        self._pending: list[bytes] = []
+    def __init__(self, stream: BinaryIO | None = None, *, sink: LogSink | None = None) -> None:
+        self.sink = sink if sink is not None else LogSink(stream)
+        self.stream: BinaryIO = self.sink.stream
 
     def line(self, data: bytes) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop here (a worker thread, a plain program): write now
-            self._write(data + b"\n")
-            return
-        if not self._pending:
-            loop.call_soon(self.flush)
-        self._pending.append(data + b"\n")
+        self.sink.emit("send", data, _fields(data) if self.sink.json else None)
 
     def flush(self) -> None:
         """Write what was gathered (also called by the loop at the end of an iteration)."""
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        try:
-            self.stream.write(data)
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # a log that cannot be written never stops deliveries
+        self.sink.flush()
 
     def status(self, used: tuple[int, int], limit: tuple[int, int], exiting: bool) -> None:
         self.line(

@@ -61,6 +61,7 @@ from pyqmail.send.schedule import (
     dying,
     nextretry,
 )
+from pyqmail.send.stats import SendStats
 from pyqmail.send.todo import Routing, decode, verp_sender
 
 LocalDeliver = Callable[[Path, str, str], Awaitable[Outcome]]
@@ -171,6 +172,7 @@ class Scheduler:
         self._doomed: dict[int, str | None] = {}  # delete when its running job ends
         self._retry_now: set[int] = set()  # retry at once when its running job ends
         self._running: dict[int, int] = {}  # jobs in flight per message
+        self.metrics = SendStats(clock)  # for daemon/http.py's /metrics and status page
 
     # ---------------------------------------------------------------- life cycle
 
@@ -565,6 +567,7 @@ class Scheduler:
             dying(birth, recent, s.queuelifetime),
             fd,
             recs,
+            birth=birth,
         )
 
     async def _job(self, c: int, num: int) -> None:
@@ -671,6 +674,9 @@ class Scheduler:
                 (before.tries if before else 0) + 1, text.strip(), self._clock()
             )
         self.log.result(did, status.value, text)
+        self.metrics.delivery(
+            CHANNEL_NAMES[job.channel], job.num, rec.recipient, status.value, text, job.birth
+        )
         if status is Status.TEMP:
             self.stats["deferred"] += 1
             job.left += 1

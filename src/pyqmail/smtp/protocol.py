@@ -139,15 +139,16 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
-class RcptRefused:
-    """A recipient was refused (for the adapter's log; its reply follows as a Send). Each
-    counts as an error, so a connection logs at most ``max_errors`` of them."""
+class Note:
+    """For the session log and counters (only when ``notes`` is set): a HELO/EHLO/MAIL/RCPT
+    command's verb, its argument, and the reply it got. Placed before that reply's Send."""
 
-    address: bytes
+    verb: bytes
+    arg: bytes
     reply: bytes
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | StartTls | Close | RcptRefused
+Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | StartTls | Close | Note
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
@@ -183,6 +184,7 @@ class SmtpServerConnection:
         self._errors = 0
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
+        self.notes = False  # emit Note events (the listener's session log sets it)
 
     # ----------------------------------------------------------------- adapter calls
 
@@ -338,7 +340,10 @@ class SmtpServerConnection:
             if len(line) > limits.max_command:
                 self._error(events, replies.LINE_TOO_LONG)
                 continue
+            n = len(events)
             discard = self._command(line, events)
+            if self.notes:
+                _note(line, events, n)
             if discard:
                 pos = len(buf)
         self._buf = buf[pos:] if pos else buf
@@ -356,8 +361,7 @@ class SmtpServerConnection:
             events += [Send(replies.TOO_MANY_ERRORS), _CLOSE]
 
     def _refuse(self, events: list[Event], address: bytes, reply: bytes) -> None:
-        events.append(RcptRefused(address, reply))
-        self._error(events, reply)
+        self._error(events, reply)  # the session log sees it as a Note (smtp/sessionlog.py)
 
     def _reset(self) -> None:
         self._sender = None
@@ -558,3 +562,18 @@ class SmtpServerConnection:
         self.state = State.WAIT_START
         events.append(MessageStart(sender, rcpts, self.session.received(self._helo, tls=self.tls)))
         return False
+
+
+_NOTED = frozenset({b"helo", b"ehlo", b"mail", b"rcpt"})
+
+
+def _note(line: bytes, events: list[Event], n: int) -> None:
+    """Put a Note for the command ``line`` before its reply (events from index ``n``)."""
+    sp = line.find(b" ")
+    verb = (line if sp < 0 else line[:sp]).lower()
+    if verb not in _NOTED:
+        return
+    for ev in events[n:]:
+        if type(ev) is Send:
+            events.insert(n, Note(verb, line[sp + 1 :] if sp >= 0 else b"", ev.data))
+            return

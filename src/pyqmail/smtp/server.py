@@ -44,6 +44,7 @@ from typing import Generic, Protocol, TypeVar, cast
 from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
+from pyqmail.logsink import LogSink
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess
@@ -58,7 +59,7 @@ from pyqmail.smtp.protocol import (
     MessageAbort,
     MessageEnd,
     MessageStart,
-    RcptRefused,
+    Note,
     Send,
     SmtpServerConnection,
     StartTls,
@@ -66,13 +67,11 @@ from pyqmail.smtp.protocol import (
     TlsOffer,
 )
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
+from pyqmail.smtp.sessionlog import SessionLog, SmtpStats
 from pyqmail.smtp.tls import SERVERCERT, CertStore
 from pyqmail.smtp.tls import info as tls_info
 
 log = logging.getLogger("pyqmail.smtpd")
-# one line per refused RCPT, with the client and the reply (the reason); INFO, always on
-rcpt_log = logging.getLogger("pyqmail.smtpd.rcpt")
-rcpt_log.setLevel(logging.INFO)
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 
@@ -186,6 +185,7 @@ class SmtpServer:
         commit_process: bool | None = None,
         ip_key: Callable[[str], str] = netaddr.limit_key,
         tls_ttl: float = 1.0,
+        sink: LogSink | None = None,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -220,6 +220,9 @@ class SmtpServer:
         if "DATABYTES" in os.environ:
             self.base_env["DATABYTES"] = os.environ["DATABYTES"]
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
+        # session log lines (None: none written) and the counters the metrics read
+        self.sink = sink
+        self.stats = SmtpStats()
 
     async def start(
         self, host: str, port: int, door: Door = Door.SMTP, *, start_serving: bool = True
@@ -339,6 +342,8 @@ class _SmtpProtocol(asyncio.Protocol):
         "msg",
         "partial_since",
         "server",
+        "size",
+        "slog",
         "timeout_s",
         "timer",
         "tls_ctx",
@@ -362,6 +367,8 @@ class _SmtpProtocol(asyncio.Protocol):
         self.closing = False
         self.timeout_s = 1200.0
         self.write_paused = False
+        self.slog: SessionLog | None = None  # the session log (smtp/sessionlog.py)
+        self.size = 0  # the current message's data bytes, for the session log
 
     # -- asyncio callbacks
 
@@ -379,6 +386,9 @@ class _SmtpProtocol(asyncio.Protocol):
         srv.conns += 1
         try:
             decision = srv.decide(ip)
+            self.slog = SessionLog(srv.sink, srv.stats, ip)
+            self.slog.connect(decision is not None and decision.allow,
+                              decision.env if decision is not None else None)  # fmt: skip
             if decision is None or not decision.allow:
                 self._close_now()  # tcpserver: closed, nothing written
                 return
@@ -407,6 +417,7 @@ class _SmtpProtocol(asyncio.Protocol):
             self.conn = SmtpServerConnection(
                 session, srv.limits, tls=TlsOffer.OFF if implicit else offer.offer, door=self.door
             )
+            self.conn.notes = True  # the session log counts (and maybe logs) each command
             self.last = self.loop.time()
             if implicit:  # the handshake is done (create_server's ssl); the greeting is TLS's
                 obj = transport.get_extra_info("ssl_object")
@@ -474,6 +485,9 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None:
             self.msg.abort()
         self.server._held_back.discard(self)
+        if self.slog is not None:
+            self.slog.disconnect()
+            self.slog = None
         if self.ip:
             srv = self.server
             srv.conns -= 1
@@ -536,7 +550,13 @@ class _SmtpProtocol(asyncio.Protocol):
                     out.append(ev.data)  # type: ignore[union-attr]
                 elif kind is DataChunk:
                     msg.write(ev.data)  # type: ignore[union-attr]
+                    self.size += len(ev.data)  # type: ignore[union-attr]
+                elif kind is Note:
+                    if self.slog is not None:
+                        n = cast(Note, ev)
+                        self.slog.note(n.verb, n.arg, n.reply)
                 elif kind is MessageStart:
+                    self.size = 0
                     ok = msg.start(ev)  # type: ignore[arg-type]
                     nxt = conn.start_result(ok)
                     break
@@ -549,13 +569,6 @@ class _SmtpProtocol(asyncio.Protocol):
                     return
                 elif kind is MessageAbort:
                     msg.abort()
-                elif kind is RcptRefused:
-                    rcpt_log.info(
-                        "refused RCPT TO:<%s> from %s: %s",
-                        ev.address.decode("utf-8", "backslashreplace"),  # type: ignore[union-attr]
-                        self.ip,
-                        ev.reply.decode("ascii", "replace").rstrip(),  # type: ignore[union-attr]
-                    )
                 elif kind is StartTls:
                     if out:
                         transport.write(b"".join(out))
@@ -617,6 +630,9 @@ class _SmtpProtocol(asyncio.Protocol):
             self.server.accepted += 1
         elif result.text:
             log.warning("queue refused a message from %s: %s", self.ip, result.text)
+        if self.slog is not None:
+            self.slog.data(self.size)
+            self.slog.queued(result.ok, result.msgnum, result.qp, self.size, result.text)
         reply = smtp_reply(result)
         if self.conn is None or self.transport is None or self.closing:
             return
