@@ -65,6 +65,7 @@ from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send.log import SendLog
+from pyqmail.smtp.greylist import prepare_dir
 
 READY_TIMEOUT = 30.0
 
@@ -286,6 +287,15 @@ def _send_main(home: Home, ids: Ids, clean_sock: socket.socket, stop_timeout: fl
 # -- smtpd: the listeners -----------------------------------------------------------------
 
 
+def _prepare_greylist(home: Home, ids: Ids) -> None:
+    """HOME/greylist for qmaild, made as root before the drop (smtp/greylist.py); without
+    it greylisting fails open, so a failure here is a warning."""
+    try:
+        prepare_dir(home, ids.uid("daemon"), ids.gid("nofiles"))
+    except OSError as e:
+        _warn(f"warning: greylisting cannot keep its database: {e}")
+
+
 def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
     ctl = SteadyControl(home)
     submitter = ServiceSubmitter(home)
@@ -306,6 +316,7 @@ def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
         listeners = await start_listeners(
             cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False
         )
+        _prepare_greylist(home, ids)
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
         await listeners.start_serving()
         os.write(ready, b"d")
