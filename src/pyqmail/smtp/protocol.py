@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyqmail import mailbox
 from pyqmail.smtp import replies
@@ -43,6 +44,9 @@ from pyqmail.smtp.address import (
 )
 from pyqmail.smtp.data import DataDecoder, DataError
 from pyqmail.smtp.session import Session
+
+if TYPE_CHECKING:
+    from pyqmail.smtp.greylist import Greylist
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +117,13 @@ _CLOSE = Close()
 class SmtpServerConnection:
     """One SMTP conversation. See the module docstring for how an adapter drives it."""
 
-    def __init__(self, session: Session, limits: Limits | None = None) -> None:
+    def __init__(
+        self, session: Session, limits: Limits | None = None, *, greylist: Greylist | None = None
+    ) -> None:
         self.session = session
         self.limits = limits or Limits()
+        self.greylist = greylist  # smtp/greylist.py, asked at RCPT; None: off
+        self.blocked: bytes | None = None  # a block list's refusal (block())
         self.state = State.GREETING
         self._buf = b""
         self._discarding = 0  # >0: inside an over-long command line, bytes thrown away
@@ -142,7 +150,14 @@ class SmtpServerConnection:
         if self.state is not State.GREETING:
             return []
         self.state = State.COMMAND
+        if self.blocked is not None:
+            return [Send(replies.RBL_GREETING)]
         return [Send(replies.greeting(self.session.greeting))]
+
+    def block(self, refusal: bytes) -> None:
+        """Before greet: hold rblsmtpd's conversation instead of SMTP (smtp/rbl.py), every
+        command but HELO, EHLO, MAIL, RSET, NOOP and QUIT answered with ``refusal``."""
+        self.blocked = refusal
 
     def timeout(self) -> list[Event]:
         """A read timed out: ``451 timeout`` and close, dropping any message in progress."""
@@ -152,6 +167,8 @@ class SmtpServerConnection:
         if self.state in (State.DATA, State.WAIT_START):
             events.append(MessageAbort("timeout"))
         self.state = State.CLOSED
+        if self.blocked is not None:
+            return [_CLOSE]  # rblsmtpd's alarm: the connection is dropped
         events += [Send(replies.TIMEOUT), _CLOSE]
         return events
 
@@ -321,6 +338,8 @@ class SmtpServerConnection:
         self._first = False
         sp = line.find(b" ")
         verb = (line if sp < 0 else line[:sp]).lower()
+        if self.blocked is not None:
+            return self._blocked_command(verb, events)
         if verb in _HTTP and (first or sp >= 0):
             self.state = State.CLOSED
             events += [Send(replies.NOT_SMTP), _CLOSE]
@@ -372,6 +391,29 @@ class SmtpServerConnection:
         else:
             self._error(events, replies.UNIMPLEMENTED)
         return False
+
+    def _blocked_command(self, verb: bytes, events: list[Event]) -> bool:
+        """rblsmtpd's commands(): a listed client's every command (smtp/rbl.py)."""
+        if verb == b"quit":
+            self.state = State.CLOSED
+            self.quit_seen = True
+            events += [Send(replies.RBL_QUIT), _CLOSE]
+            return True
+        if verb in (b"helo", b"ehlo", b"mail", b"rset", b"noop"):
+            events.append(Send(replies.RBL_OK))
+        else:
+            assert self.blocked is not None
+            events.append(Send(self.blocked))
+        return False
+
+    def _greylisted(self, address: bytes) -> bool:
+        """RCPT's greylisting question (smtp/greylist.py). Relay clients are exempt; an
+        authenticated session will be too, once AUTH exists (the hook is here)."""
+        grey = self.greylist
+        session = self.session
+        if grey is None or session.relayclient is not None or self._sender is None:
+            return False
+        return not grey.check(session.remote_ip, self._sender, address)
 
     def _path(self, arg: bytes, events: list[Event], *, rcpt: bool) -> tuple[bytes, bytes] | None:
         """(address in queue form, parameter text), or None after sending the refusal.
@@ -444,6 +486,9 @@ class SmtpServerConnection:
             address += session.relayclient
         elif not session.rcpt_allowed(address):
             self._error(events, replies.NOT_RCPTHOSTS)
+            return
+        if self._greylisted(address):
+            events.append(Send(replies.GREYLISTED))  # not counted as an error: it will retry
             return
         self._rcpts.append(address)
         events.append(Send(replies.OK))

@@ -54,6 +54,11 @@ NO_CHUNKING = b"554 sorry, BDAT is not offered here, closing connection (#5.5.1)
 NO_AUTH = b"503 sorry, AUTH is not offered here (#5.7.0)\r\n"
 TEMP_ERROR = b"451 sorry, an unexpected local error occurred, closing connection (#4.3.0)\r\n"
 TOO_MANY_CONNS = b"421 sorry, too many connections, try again later (#4.3.2)\r\n"
+# the front door: rblsmtpd's conversation with a listed client (smtp/rbl.py), greylisting
+RBL_GREETING = b"220 rblsmtpd.local\r\n"
+RBL_OK = b"250 rblsmtpd.local\r\n"
+RBL_QUIT = b"221 rblsmtpd.local\r\n"
+GREYLISTED = b"451 4.7.1 greylisted, please try again later (#4.7.1)\r\n"
 
 # An address that is not an RFC 5321 mailbox (pyqmail.mailbox): 553, RFC 5321's code for
 # "mailbox syntax incorrect", except a bad source route (501, a syntax error); the

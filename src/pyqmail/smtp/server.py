@@ -9,6 +9,13 @@ queue :class:`~pyqmail.queue.contract.Submitter`; neither decides anything about
   tcpserver without ``-x``; an unreadable one drops the connection; like the control
   files it is re-checked at most every ``control_ttl`` seconds), the environment
   tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
+  The front door (:class:`SmtpServer`'s "front door" methods): the limits are
+  ``control/concurrencyincoming`` and ``control/concurrencyperip`` when set (re-read with
+  the other control files; a client over either gets ``421`` and is closed, never a 220:
+  refused rather than held back as tcpserver ``-c`` holds it, so a flood cannot fill the
+  kernel's backlog with clients that wait); ``control/rbllist`` is looked up before the
+  greeting (smtp/rbl.py, rblsmtpd's rules, without blocking other sessions); with
+  ``control/greylist`` each RCPT asks smtp/greylist.py.
   The queue's file work runs outside the event loop: when this process may write the
   queue, its messages stream to a committer process (queue/committer.py: qmail-queue's
   job, commits whatever has gathered in one batch with ``writer.commit_many``), so no
@@ -34,6 +41,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
 
+import dns.asyncresolver
+
 from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
@@ -41,7 +50,9 @@ from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply, Submission, Submitter
-from pyqmail.smtp import replies
+from pyqmail.resolver import make_resolver
+from pyqmail.smtp import rbl, replies
+from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
     Close,
     DataChunk,
@@ -168,6 +179,8 @@ class SmtpServer:
         limit_loopback: bool = False,
         commit_process: bool | None = None,
         ip_key: Callable[[str], str] = netaddr.limit_key,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        rbl_timeout: float = rbl.TIMEOUT,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -199,6 +212,10 @@ class SmtpServer:
         if "DATABYTES" in os.environ:
             self.base_env["DATABYTES"] = os.environ["DATABYTES"]
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
+        self.default_conns, self.default_per_ip = max_conns, max_per_ip
+        self._resolver = resolver
+        self.rbl_timeout = rbl_timeout
+        self._greylist: Greylist | None = None
 
     async def start(
         self, host: str, port: int, *, start_serving: bool = True
@@ -246,6 +263,35 @@ class SmtpServer:
             self._ctl = self.ctl.get()
             self._ctl_at = now
         return self._ctl
+
+    # -- the front door: limits, block lists, greylisting ----------------------------
+
+    def apply_limits(self) -> None:
+        """control/concurrencyincoming and concurrencyperip, when set, over the defaults."""
+        try:
+            ctl = self.control()
+        except ControlError:
+            return  # the connection itself will answer 421 for the controls
+        self.max_conns = ctl.concurrencyincoming or self.default_conns
+        self.per_ip.limit = ctl.concurrencyperip or self.default_per_ip
+
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            self._resolver = make_resolver(lifetime=self.rbl_timeout)
+        return self._resolver
+
+    def greylist(self, ctl: Control) -> Greylist | None:
+        """The greylist database for control/greylist's delay (None: greylisting is off)."""
+        if ctl.greylist <= 0:
+            if self._greylist is not None:
+                self._greylist.close()
+                self._greylist = None
+            return None
+        grey = self._greylist
+        if grey is None:
+            grey = self._greylist = Greylist(greylist_path(self.home), ctl.greylist)
+        grey.delay, grey.expire = ctl.greylist, ctl.greylistexpire
+        return grey
 
     def session(self, env: Mapping[str, str], ctl: Control) -> Session:
         try:
@@ -308,6 +354,7 @@ class _SmtpProtocol(asyncio.Protocol):
         "loop",
         "msg",
         "partial_since",
+        "rbl_task",
         "server",
         "timeout_s",
         "timer",
@@ -329,6 +376,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.closing = False
         self.timeout_s = 1200.0
         self.write_paused = False
+        self.rbl_task: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks
 
@@ -337,6 +385,7 @@ class _SmtpProtocol(asyncio.Protocol):
         srv = self.server
         peername = transport.get_extra_info("peername")
         ip = listener.peer_address(peername)[0]
+        srv.apply_limits()
         key = srv.per_ip.take(ip) if srv.conns < srv.max_conns else None
         if key is None:
             transport.write(replies.TOO_MANY_CONNS)
@@ -368,12 +417,13 @@ class _SmtpProtocol(asyncio.Protocol):
                 self._close_now()
                 return
             self.msg = _Message(srv.submitter_for(env))
-            self.conn = SmtpServerConnection(session, srv.limits)
+            self.conn = SmtpServerConnection(session, srv.limits, greylist=srv.greylist(ctl))
             self.last = self.loop.time()
-            if srv.greet_delay > 0:
-                self.timer = self.loop.call_later(srv.greet_delay, self._greet)
+            checked = rbl.from_env(env)
+            if checked is True and ctl.rbllist:
+                self.rbl_task = self.loop.create_task(self._rbl(ctl.rbllist))
             else:
-                self._greet()
+                self._ready(checked if isinstance(checked, rbl.Block) else None)
         except Exception:
             log.exception("connection setup failed for %s", ip)
             transport.write(replies.TEMP_ERROR)
@@ -427,6 +477,9 @@ class _SmtpProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.rbl_task is not None:
+            self.rbl_task.cancel()
+            self.rbl_task = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -442,6 +495,34 @@ class _SmtpProtocol(asyncio.Protocol):
         self.closing = True
 
     # -- helpers
+
+    async def _rbl(self, zones: tuple[tuple[str, str | None], ...]) -> None:
+        """The block lists, then the greeting (rblsmtpd's or ours)."""
+        try:
+            block = await rbl.lookup(
+                self.server.resolver(), self.ip, zones, timeout=self.server.rbl_timeout
+            )
+        except Exception:
+            log.exception("rbl: lookup for %s failed; not refused", self.ip)
+            block = None
+        self.rbl_task = None
+        if self.conn is not None and not self.closing:
+            self._ready(block)
+
+    def _ready(self, block: rbl.Block | None) -> None:
+        """The connection checks are done: refuse as rblsmtpd, or greet after greet_delay."""
+        conn = self.conn
+        if conn is None:
+            return
+        if block is not None:
+            reply = block.reply()
+            conn.block(reply)
+            self.timeout_s = min(self.timeout_s, 60.0)  # rblsmtpd's -t default
+            log.warning("rblsmtpd: %s pid %d: %s", self.ip, os.getpid(), reply[:-2].decode())
+        if self.server.greet_delay > 0:
+            self.timer = self.loop.call_later(self.server.greet_delay, self._greet)
+        else:
+            self._greet()
 
     def _greet(self) -> None:
         if self.conn is None or self.closing:
