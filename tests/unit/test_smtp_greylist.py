@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home
-from pyqmail.smtp.greylist import PENDING_TTL, Greylist, greylist_path, network
+from pyqmail.smtp.greylist import PENDING_TTL, Greylist, greylist_path, network, prepare_dir
 
 
 class Clock:
@@ -128,3 +129,24 @@ def test_a_corrupt_database_lets_mail_through(tmp_path: Path) -> None:
 def test_the_database_lives_under_the_home(home: Home) -> None:
     assert greylist_path(home) == home.root / "greylist" / "greylist.sqlite"
     assert (home.root / "greylist").is_dir()  # pyqmail init made it
+
+
+def test_prepare_dir_makes_the_smtp_accounts_directory(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("prepare_dir is root's job: run this test as root")
+    h = Home(tmp_path / "q", single_user=False)
+    h.root.mkdir(mode=0o755)
+    prepare_dir(h, 1234, 5678)
+    st = (h.root / "greylist").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o700)
+    prepare_dir(h, 1, 1)  # already there: left as it is
+    assert (h.root / "greylist").stat().st_uid == 1234
+
+
+def test_prepare_dir_refuses_a_home_others_may_write(tmp_path: Path) -> None:
+    h = Home(tmp_path / "q", single_user=False)
+    h.root.mkdir()
+    h.root.chmod(0o777)
+    with pytest.raises(OSError, match="not root's alone"):
+        prepare_dir(h, 1234, 5678)
+    assert not (h.root / "greylist").exists()
