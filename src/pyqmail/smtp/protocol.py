@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from pyqmail import mailbox
 from pyqmail.smtp import replies
 from pyqmail.smtp.address import (
+    asks_utf8,
     check_address,
     check_bytes,
     check_rcpt_params,
@@ -132,6 +133,7 @@ class SmtpServerConnection:
         self._sender: bytes | None = None
         self._barf = False
         self._rcpts: list[bytes] = []
+        self._utf8 = False  # this transaction's MAIL gave SMTPUTF8 (RFC 6531)
         self._errors = 0
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
@@ -299,6 +301,7 @@ class SmtpServerConnection:
 
     def _reset(self) -> None:
         self._sender = None
+        self._utf8 = False
         self._barf = False
         self._rcpts = []
 
@@ -415,14 +418,17 @@ class SmtpServerConnection:
             return False
         return not grey.check(session.remote_ip, self._sender, address)
 
-    def _path(self, arg: bytes, events: list[Event], *, rcpt: bool) -> tuple[bytes, bytes] | None:
+    def _path(
+        self, arg: bytes, events: list[Event], *, rcpt: bool, utf8: bool = False
+    ) -> tuple[bytes, bytes] | None:
         """(address in queue form, parameter text), or None after sending the refusal.
+        With ``utf8`` (the transaction's MAIL gave SMTPUTF8) the address may be UTF-8.
 
         The path must be an RFC 5321 path (pyqmail.mailbox); the null path gives b"".
         A recipient may lack a domain if it is postmaster, or if a non-empty RELAYCLIENT
         will be appended to it (qmail's ``RELAYCLIENT="@fixme.example"``).
         """
-        if not arg.isascii():
+        if not arg.isascii() and not utf8:
             self._error(events, replies.EIGHTBIT_ADDRESS)
             return None
         split = split_path(arg)
@@ -430,24 +436,26 @@ class SmtpServerConnection:
             self._error(events, replies.bad_mailbox(mailbox.Refusal.SYNTAX, sender=not rcpt))
             return None
         path, params = split
-        bad = check_bytes(path)
+        bad = check_bytes(path, utf8=utf8)
         if bad is not None:
             self._error(events, bad)
             return None
         bare_ok = rcpt and bool(self.session.relayclient)
-        got = mailbox.parse_path(path, rcpt=rcpt, bare_ok=bare_ok)
+        got = mailbox.parse_path(path, rcpt=rcpt, bare_ok=bare_ok, utf8=utf8)
         if isinstance(got, mailbox.Refusal):
             self._error(events, replies.bad_mailbox(got, sender=not rcpt))
             return None
         address = b"" if got is None else got.address
-        bad = check_address(address)
+        bad = check_address(address, utf8=utf8)
         if bad is not None:
             self._error(events, bad)
             return None
         return self.session.rewrite_literal(address), params
 
     def _mail(self, arg: bytes, events: list[Event]) -> None:
-        parsed = self._path(arg, events, rcpt=False)
+        split = split_path(arg)
+        utf8 = split is not None and asks_utf8(split[1])  # RFC 6531 section 3.4
+        parsed = self._path(arg, events, rcpt=False, utf8=utf8)
         if parsed is None:
             return
         address, params = parsed
@@ -456,6 +464,7 @@ class SmtpServerConnection:
             self._error(events, checked)
             return
         self._sender = address
+        self._utf8 = checked.smtputf8
         self._rcpts = []
         self._barf = self.session.badmailfrom(address)
         events.append(Send(replies.OK))
@@ -464,7 +473,7 @@ class SmtpServerConnection:
         if self._sender is None:
             self._error(events, replies.MAIL_FIRST)
             return
-        parsed = self._path(arg, events, rcpt=True)
+        parsed = self._path(arg, events, rcpt=True, utf8=self._utf8)
         if parsed is None:
             return
         address, params = parsed

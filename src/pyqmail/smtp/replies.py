@@ -39,7 +39,7 @@ LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
 TEXT_TOO_LONG = b"554 sorry, a line in your message is longer than 1000 octets (#5.6.0)\r\n"
 LONG_LINE_CLOSE = b"421 sorry, that line is far too long, closing connection (#4.7.0)\r\n"
 BAD_BYTES = b"501 sorry, control characters are not allowed in commands (#5.5.2)\r\n"
-EIGHTBIT_ADDRESS = b"553 sorry, 8-bit addresses need SMTPUTF8, which is not offered (#5.6.7)\r\n"
+EIGHTBIT_ADDRESS = b"553 sorry, 8-bit addresses need the SMTPUTF8 parameter of MAIL (#5.6.7)\r\n"
 EMPTY_RCPT = b"553 sorry, an empty recipient address is not allowed (#5.1.3)\r\n"
 BAD_PARAM = b"555 sorry, unsupported MAIL/RCPT parameter (#5.5.4)\r\n"
 BAD_SIZE = b"501 sorry, the SIZE parameter is not a number (#5.5.4)\r\n"
@@ -84,9 +84,13 @@ def helo(smtpgreeting: str) -> bytes:
 
 
 def ehlo(smtpgreeting: str, databytes: int) -> bytes:
-    """qmail's EHLO lines plus SIZE (``SIZE`` alone when there is no limit)."""
+    """qmail's EHLO lines plus SMTPUTF8 (RFC 6531) and SIZE (``SIZE`` alone when there is
+    no limit)."""
     size = b"250 SIZE " + str(databytes).encode() if databytes > 0 else b"250 SIZE"
-    return b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + size + CRLF
+    return (
+        b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+        b"250-SMTPUTF8\r\n" + size + CRLF
+    )
 
 
 def quit_(smtpgreeting: str) -> bytes:
