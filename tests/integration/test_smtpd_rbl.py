@@ -87,6 +87,7 @@ def listen(home: Home, dnsmasq: str) -> Iterator[Any]:
 
     def start(**kw: Any) -> Listener:
         kw.setdefault("resolver", make_resolver(dnsmasq, lifetime=5))
+        kw.setdefault("limits_from_control", True)  # as pyqmail run's listener
         made.append(Listener(home, **kw))
         return made[-1]
 
@@ -234,3 +235,13 @@ def test_qmail_smtpd_greylists(home: Home) -> None:
     assert replies.GREYLISTED in out
     out, _ = run_stdio(home, script, {"RELAYCLIENT": ""})
     assert replies.GREYLISTED not in out and b"250 ok\r\n250 ok\r\n" in out
+
+
+def test_smtpd_listen_keeps_its_own_limits(home: Home, listen: Any) -> None:
+    write_control(home, "concurrencyincoming", "1\n")  # for pyqmail run, not this one
+    lst = listen(limits_from_control=False, max_conns=2)
+    c1, c2 = lst.client(), lst.client()
+    assert c1.reply()[0] == 220 and c2.reply()[0] == 220
+    assert lst.client().reply()[0] == 421
+    c1.close()
+    c2.close()

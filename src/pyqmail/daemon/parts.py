@@ -170,7 +170,11 @@ async def start_listeners(
     """
     home = cfg.home
     smtp = DaemonSmtpServer(
-        home, ctl, smtp_submitter if smtp_submitter is not None else submitter, rules=cfg.rules
+        home,
+        ctl,
+        smtp_submitter if smtp_submitter is not None else submitter,
+        rules=cfg.rules,
+        limits_from_control=True,  # control/concurrencyincoming, concurrencyperip
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:

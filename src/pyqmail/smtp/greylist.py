@@ -141,7 +141,7 @@ class Greylist:
     def check(self, ip: str, sender: bytes, rcpt: bytes) -> bool:
         """True: the triplet may pass; False: answer 451 4.7.1. Never raises."""
         key = b"\0".join((network(ip).encode(), sender.lower(), rcpt.lower()))[:_KEY_BYTES]
-        k = key.decode("utf-8", "surrogateescape").encode("utf-8", "replace").decode()
+        k = key.decode("utf-8", "backslashreplace")  # sqlite's TEXT is UTF-8
         now = self.clock()
         try:
             db = self._open()

@@ -9,7 +9,8 @@ queue :class:`~pyqmail.queue.contract.Submitter`; neither decides anything about
   tcpserver without ``-x``; an unreadable one drops the connection; like the control
   files it is re-checked at most every ``control_ttl`` seconds), the environment
   tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
-  The front door (:class:`SmtpServer`'s "front door" methods): the limits are
+  The front door (:class:`SmtpServer`'s "front door" methods): with ``limits_from_control``
+  (``pyqmail run``) the limits are
   ``control/concurrencyincoming`` and ``control/concurrencyperip`` when set (re-read with
   the other control files; a client over either gets ``421`` and is closed, never a 220:
   refused rather than held back as tcpserver ``-c`` holds it, so a flood cannot fill the
@@ -181,6 +182,7 @@ class SmtpServer:
         ip_key: Callable[[str], str] = netaddr.limit_key,
         resolver: dns.asyncresolver.Resolver | None = None,
         rbl_timeout: float = rbl.TIMEOUT,
+        limits_from_control: bool = False,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -212,6 +214,9 @@ class SmtpServer:
         if "DATABYTES" in os.environ:
             self.base_env["DATABYTES"] = os.environ["DATABYTES"]
         self.accepted = 0  # messages acknowledged with 250 (for logs and tests)
+        # pyqmail run's listener takes its limits from control/ (one listener process);
+        # `pyqmail smtpd --listen` from its options (shared among its workers)
+        self.limits_from_control = limits_from_control
         self.default_conns, self.default_per_ip = max_conns, max_per_ip
         self._resolver = resolver
         self.rbl_timeout = rbl_timeout
@@ -268,6 +273,8 @@ class SmtpServer:
 
     def apply_limits(self) -> None:
         """control/concurrencyincoming and concurrencyperip, when set, over the defaults."""
+        if not self.limits_from_control:
+            return
         try:
             ctl = self.control()
         except ControlError:
