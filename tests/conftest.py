@@ -3,11 +3,13 @@ root run of ``make test`` must have (qmail's accounts, the Debian peers)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +138,37 @@ def lo_addresses() -> Iterator[LoAddresses]:
         yield lo
     finally:
         lo.remove_all()
+
+
+@contextlib.contextmanager
+def dnsmasq_server(workdir: Path, args: list[str], probe: str) -> Iterator[str]:
+    """Debian's dnsmasq on 127.0.0.1 and a free port, answering for ``.test`` from ``args``
+    (its record options); yields ``127.0.0.1:PORT`` once it answers an A query for
+    ``probe``."""
+    import dns.exception
+    import dns.resolver
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["dnsmasq", "-k", "--no-resolv", "--no-hosts", f"--port={port}",
+         "--listen-address=127.0.0.1", "--bind-interfaces", f"--pid-file={workdir / 'pid'}",
+         *(["--user=root"] if os.geteuid() == 0 else []), "--local=/test/", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    res = dns.resolver.Resolver(configure=False)
+    res.nameservers, res.port, res.lifetime = ["127.0.0.1"], port, 0.2
+    deadline = time.monotonic() + 10
+    while True:  # ready when it answers
+        try:
+            res.resolve(probe, "A")
+            break
+        except dns.exception.DNSException:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                assert proc.stderr is not None
+                raise RuntimeError(f"dnsmasq did not start: {proc.stderr.read()!r}") from None
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(5)

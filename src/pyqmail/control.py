@@ -257,6 +257,12 @@ class Control:
     sources: Mapping[str, str] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
     raw_lists: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    # the front door (docs/control.md): block lists, greylisting, connection limits
+    rbllist: tuple[tuple[str, str | None], ...] = ()  # (zone, reply text; None: the TXT)
+    greylist: int = 0  # seconds a new triplet waits; 0: greylisting is off
+    greylistexpire: int = 35 * 86400  # a triplet unseen this long is forgotten
+    concurrencyincoming: int = 0  # SMTP connections at once; 0: the listener's default
+    concurrencyperip: int = 0  # per client (IPv4 address, IPv6 /64); 0: the default
 
 
 _LINE_ME = ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",
@@ -271,6 +277,9 @@ _INTS = {
     "timeoutsmtpd": 1200,
     "spawnlimit": DEFAULT_SPAWN_LIMIT,
 }
+# the front door's files: ints, 0 = off or the listener's default (Control's comments)
+_FRONT_INTS = {"greylist": 0, "greylistexpire": 35 * 86400, "concurrencyincoming": 0,
+               "concurrencyperip": 0}  # fmt: skip
 _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers", "rcpthosts",
           "smtproutes", "virtualdomains", "qmtproutes", "tlsdestinations")  # fmt: skip
 
@@ -278,7 +287,8 @@ _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers"
 KNOWN_FILES = frozenset(
     {"me", "bouncefrom", "doublebounceto", "helohost", "localiphost", "smtpgreeting",
      "defaultdelivery", "morercpthosts.cdb", "morercpthosts.tmp", "tcp.smtp", "tcp.smtp.cdb",
-     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", *_LINE_ME, *_INTS, *_LISTS}
+     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", *_LINE_ME, *_INTS, *_LISTS,
+     "rbllist", *_FRONT_INTS}
 )  # fmt: skip
 
 
@@ -329,7 +339,7 @@ def load(home: Home) -> Control:
         sources["defaultdelivery"] = "default"
         values["defaultdelivery"] = "./Mailbox\n"
 
-    for name, default in _INTS.items():
+    for name, default in (_INTS | _FRONT_INTS).items():
         data = get(name)
         value: int | None = None
         if data is not None:
@@ -377,6 +387,11 @@ def load(home: Home) -> Control:
         locals_ = frozenset({me.lower()}) if me else frozenset()
         sources["locals"] = "me" if me else "default"
 
+    rbl = get("rbllist")
+    sources["rbllist"] = "file" if rbl is not None else "default"
+    entries = (_rbl_entry(e) for e, _ in parse_list(rbl)) if rbl else ()
+    values["rbllist"] = tuple(e for e in entries if e[0])
+
     return Control(
         me=me,
         badmailfrom=lower_set("badmailfrom"),
@@ -394,6 +409,13 @@ def load(home: Home) -> Control:
         raw_lists=MappingProxyType(lists),
         **values,
     )
+
+
+def _rbl_entry(line: str) -> tuple[str, str | None]:
+    """An rbllist line: ``zone`` (the TXT record is the reply text) or ``zone:text``
+    (an address record lists the client; rblsmtpd's ``-r base:text``)."""
+    zone, sep, text = line.partition(":")
+    return zone.strip().strip(".").lower(), (text.strip() if sep else None)
 
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import dns.exception
-import dns.resolver
 import pytest
 
 from pyqmail.control import ControlCache
@@ -19,7 +14,7 @@ from pyqmail.home import Home
 from pyqmail.outcome import Status
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.remote.mx import Address, DnsFailure, make_resolver, mx_addresses
-from tests.conftest import free_port, require_tools, write_control
+from tests.conftest import dnsmasq_server, require_tools, write_control
 from tests.integration.test_remote_peers import Peer, Script
 
 
@@ -57,29 +52,8 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("dnsmasq")
-    port = free_port()
-    proc = subprocess.Popen(
-        ["dnsmasq", "-k", "--no-resolv", "--no-hosts", f"--port={port}",
-         "--listen-address=127.0.0.1", "--bind-interfaces", f"--pid-file={d / 'pid'}",
-         *(["--user=root"] if os.geteuid() == 0 else []),
-         "--local=/test/", "--server=/broken.test/127.0.0.1#9", *RECORDS],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    spec = f"127.0.0.1:{port}"
-    res = dns.resolver.Resolver(configure=False)
-    res.nameservers, res.port, res.lifetime = ["127.0.0.1"], port, 0.2
-    deadline = time.monotonic() + 10
-    while True:  # ready when it answers
-        try:
-            res.resolve("plain.test", "A")
-            break
-        except dns.exception.DNSException:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"dnsmasq did not start: {proc.stderr.read()!r}") from None
-    yield spec
-    proc.terminate()
-    proc.wait(5)
+    with dnsmasq_server(d, ["--server=/broken.test/127.0.0.1#9", *RECORDS], "plain.test") as spec:
+        yield spec
 
 
 def lookup(spec: str, host: str, seed: int = 0) -> list[Address]:

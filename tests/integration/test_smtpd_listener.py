@@ -192,7 +192,13 @@ def test_smtplib_sends_and_the_queue_has_it(server: Server) -> None:
     with smtplib.SMTP("127.0.0.1", server.port) as s:
         code, ehlo = s.ehlo("client.example")
         assert code == 250
-        assert ehlo.split(b"\n") == [b"mx.test.example", b"PIPELINING", b"8BITMIME", b"SIZE 20000"]
+        assert ehlo.split(b"\n") == [
+            b"mx.test.example",
+            b"PIPELINING",
+            b"8BITMIME",
+            b"SMTPUTF8",
+            b"SIZE 20000",
+        ]
         s.sendmail(
             "a@b.example",
             ["x@test.example", "y@a.sub.test.example"],

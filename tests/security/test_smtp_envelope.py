@@ -110,10 +110,11 @@ def test_empty_recipients_refused(smtp: Listener, rcpt: bytes) -> None:
         (b"MAIL FROM:<a@client.example> SIZE=999999999", 5),  # over databytes: 552
         (b"MAIL FROM:<a@client.example> SIZE=10 SIZE=20", 5),
         (b"MAIL FROM:<a@client.example> BODY=BINARYMIME", 5),
-        (b"MAIL FROM:<a@client.example> SMTPUTF8", 5),
+        (b"MAIL FROM:<a@client.example> SMTPUTF8=1", 5),  # SMTPUTF8 takes no value
         (b"MAIL FROM:<a@client.example> AUTH=<>", 5),
         (b"MAIL FROM:<a@client.example> X=" + b"A" * 400, 5),
         (b"MAIL FROM:<a@client.example> SIZE=100 BODY=8BITMIME", 2),
+        (b"MAIL FROM:<a@client.example> SMTPUTF8", 2),  # offered (RFC 6531)
     ],
 )
 def test_mail_parameters(smtp: Listener, line: bytes, family: int) -> None:

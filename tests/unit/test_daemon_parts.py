@@ -74,6 +74,28 @@ def test_listeners_bound_without_serving_accept_nothing_until_told(home: Home) -
     assert any("loopback" in w for w in warnings)  # QMQP without tcp.qmqp.cdb
 
 
+def test_pyqmail_runs_smtp_listener_takes_its_limits_from_control(home: Home) -> None:
+    (home.control / "concurrencyincoming").write_text("1\n")
+    cfg = RunConfig(home, smtp=[("127.0.0.1", 0)])
+
+    async def main() -> list[bytes]:
+        listeners = await start_listeners(cfg, SteadyControl(home), submitter(home), warn=print)
+        try:
+            port = listeners.bound[0][2]
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            first = await asyncio.wait_for(r1.readline(), 10)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            second = await asyncio.wait_for(r2.readline(), 10)
+            w1.close()
+            w2.close()
+            return [first, second]
+        finally:
+            await listeners.close()
+
+    first, second = asyncio.run(main())
+    assert first.startswith(b"220 ") and second.startswith(b"421 ")
+
+
 def test_clean_sweep_removes_what_a_crashed_writer_left_until_stopped(home: Home) -> None:
     paths = QueuePaths(home.queue)
     garbage = paths.intd(123456)  # intd/N with neither todo/N nor mess/S/N

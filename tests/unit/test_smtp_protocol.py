@@ -51,7 +51,7 @@ def test_every_plain_command_reply_is_qmails(home: Home, piece: int) -> None:
     )
     assert out == (
         b"250 mx.test.example\r\n"
-        b"250-mx.test.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE\r\n"
+        b"250-mx.test.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE\r\n"
         b"250 ok\r\n"
         b"252 send some mail, i'll try my best\r\n"
         b"214 notqmail home page: https://notqmail.org\r\n"
@@ -70,7 +70,8 @@ def test_smtpgreeting_with_trailing_text_and_size(home: Home) -> None:
     d = session(home)
     assert d.out == b"220 mx.test.example NO UCE ESMTP\r\n"
     assert d.feed(b"EHLO me\r\n") == (
-        b"250-mx.test.example NO UCE\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 20000\r\n"
+        b"250-mx.test.example NO UCE\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
+        b"250 SIZE 20000\r\n"
     )
 
 
@@ -274,7 +275,7 @@ def test_mail_paths_as_qmail_parses_them(home: Home, arg: bytes, address: bytes)
         (b"MAIL FROM:<a@b.example> SIZE=-1", replies.BAD_SIZE),
         (b"MAIL FROM:<a@b.example> BODY=BINARYMIME", replies.BINARYMIME),
         (b"MAIL FROM:<a@b.example> BODY=UTF8", replies.BAD_PARAM),
-        (b"MAIL FROM:<a@b.example> SMTPUTF8", replies.BAD_PARAM),
+        (b"MAIL FROM:<a@b.example> SMTPUTF8", replies.OK),  # offered (RFC 6531)
         (b"MAIL FROM:<a@b.example> AUTH=<>", replies.BAD_PARAM),
         (b"MAIL FROM:<a@b.example> SIZE=1 SIZE=2", replies.BAD_PARAM),
         (b"MAIL FROM:<a@b.example> =x", replies.BAD_PARAM),

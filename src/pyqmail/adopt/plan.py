@@ -148,9 +148,9 @@ def _tcpserver_notes(svc: Service, home: Path, notes: list[Note]) -> None:
                 "differs",
                 where,
                 f"-c {tcp.options['c']}: pyqmail run's SMTP "
-                "listener takes up to 100 connections (20 per client address); for "
-                f"exactly {tcp.options['c']}, serve SMTP with `pyqmail smtpd --listen "
-                f"ADDR:PORT --max-conns {tcp.options['c']}` beside `pyqmail run`",
+                "listener takes control/concurrencyincoming connections (default 100; "
+                f"control/concurrencyperip, default 20, per client): write {tcp.options['c']} "
+                "there to keep the limit",
             )
         )
     if "u" in tcp.options or "g" in tcp.options:
@@ -210,15 +210,16 @@ def _tcpserver_notes(svc: Service, home: Path, notes: list[Note]) -> None:
 
 def _server_notes(svc: Service, notes: list[Note]) -> None:
     if svc.rbl:
+        zones = [svc.rbl[i + 1] for i, a in enumerate(svc.rbl[:-1]) if a == "-r"]
+        lost = sorted({a for a in svc.rbl if a in ("-a", "-b", "-c", "-t")})
         notes.append(
             Note(
-                "unsupported",
+                "differs",
                 f"{svc.path} rblsmtpd",
-                f"rblsmtpd {' '.join(svc.rbl)}: "
-                "pyqmail run has no DNS blocklist check, and ignores RBLSMTPD from the "
-                "rules; to keep it, leave this service under tcpserver and rblsmtpd "
-                "with pyqmail's qmail-smtpd as its last program, and run `pyqmail run` "
-                "without --smtp",
+                f"rblsmtpd {' '.join(svc.rbl)}: pyqmail run checks the lists in "
+                "control/rbllist before the greeting and honours RBLSMTPD from the rules"
+                + (f"; write there: {', '.join(zones)}" if zones else "")
+                + (f"; not carried over: {' '.join(lost)}" if lost else ""),
             )
         )
     if svc.checkpassword:

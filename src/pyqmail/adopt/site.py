@@ -59,6 +59,10 @@ _SAME = frozenset(
 
 # name -> (what differs)
 _DIFFERS = {
+    "concurrencyincoming": "the LWQ run script's tcpserver -c, read by pyqmail run's SMTP "
+    "listener itself (over it: 421, where tcpserver holds the client back)",
+    "rbllist": "pyqmail run's block lists (zone, or zone:text, a line: rblsmtpd's -r); "
+    "an RBL patch's other formats are not read",
     "concurrencylocal": "no compile-time cap of 120 (conf-spawn): the value is used as "
     "written, up to control/spawnlimit (default 1000)",
     "concurrencyremote": "no compile-time cap of 120 (conf-spawn): the value is used as "
@@ -113,7 +117,6 @@ _UNSUPPORTED = {
     "dkimkeys": ("the qmail-dkim patch", "as domainkeys/"),
     "signaturedomains": ("the qmail-dkim patch", "as domainkeys/"),
     "nosignaturedomains": ("the qmail-dkim patch", "as domainkeys/"),
-    "rbllist": ("an RBL patch", "keep rblsmtpd in front of the SMTP service"),
     "dnsbl": ("an RBL patch", "keep rblsmtpd in front of the SMTP service"),
     "spfbehavior": ("the qmail-spf patch", "no SPF checks in pyqmail run"),
     "spfrules": ("the qmail-spf patch", "no SPF checks in pyqmail run"),
@@ -130,10 +133,6 @@ _UNSUPPORTED = {
     "outgoingip": ("the outgoingip patch", "bind the host's primary address to it"),
     "bindroutes": ("the bindroutes patch", "no per-route source address in pyqmail run"),
     "smtpplugins": ("qmail-spp", "wrap the queue with a QMAILQUEUE filter instead"),
-    "concurrencyincoming": (
-        "the LWQ run-script convention (tcpserver -c)",
-        "read by the run script, see the SMTP service below",
-    ),
 }
 
 

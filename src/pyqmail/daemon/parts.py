@@ -195,6 +195,7 @@ async def start_listeners(
         smtp_submitter if smtp_submitter is not None else submitter,
         rules=cfg.rules,
         sink=sink if cfg.session_log else None,
+        limits_from_control=True,  # control/concurrencyincoming, concurrencyperip
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:

@@ -73,6 +73,7 @@ from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send import admin
 from pyqmail.send.log import SendLog
+from pyqmail.smtp.greylist import prepare_dir
 
 READY_TIMEOUT = 30.0
 
@@ -330,6 +331,15 @@ def _send_main(
 # -- smtpd: the listeners -----------------------------------------------------------------
 
 
+def _prepare_greylist(home: Home, ids: Ids) -> None:
+    """HOME/greylist for qmaild, made as root before the drop (smtp/greylist.py); without
+    it greylisting fails open, so a failure here is a warning."""
+    try:
+        prepare_dir(home, ids.uid("daemon"), ids.gid("nofiles"))
+    except OSError as e:
+        _warn(f"warning: greylisting cannot keep its database: {e}")
+
+
 def _smtpd_main(
     home: Home, ids: Ids, cfg: RunConfig, ready: int, stats_sock: socket.socket | None
 ) -> int:
@@ -353,6 +363,7 @@ def _smtpd_main(
             cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False,
             sink=_sink(cfg),
         )  # fmt: skip
+        _prepare_greylist(home, ids)
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
         await listeners.start_serving()
         os.write(ready, b"d")

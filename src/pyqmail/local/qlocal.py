@@ -67,10 +67,24 @@ _QUOTE_OK = frozenset(
 )
 
 
+# RFC 6532 section 3.2: UTF-8 is atom text (a sender that came with SMTPUTF8); other
+# 8-bit bytes are quoted, as qmail quotes them
+_QUOTE_OK_UTF8 = _QUOTE_OK | frozenset(range(128, 256))
+
+
 def _quote_need(box: bytes) -> bool:
-    if not box or any(ch not in _QUOTE_OK for ch in box):
+    ok = _QUOTE_OK if box.isascii() or not _is_utf8(box) else _QUOTE_OK_UTF8
+    if not box or any(ch not in ok for ch in box):
         return True
     return box.startswith(b".") or box.endswith(b".") or b".." in box
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def quote_address(addr: bytes) -> bytes:

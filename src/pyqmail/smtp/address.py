@@ -35,6 +35,7 @@ class MailParams:
 
     size: int | None = None
     body: bytes = b""
+    smtputf8: bool = False  # RFC 6531: the addresses may be UTF-8
 
 
 def split_path(arg: bytes) -> tuple[bytes, bytes] | None:
@@ -73,21 +74,33 @@ def split_path(arg: bytes) -> tuple[bytes, bytes] | None:
     return None if bracket else (arg[start:], b"")
 
 
-def check_bytes(text: bytes) -> bytes | None:
-    """A control byte, DEL or (no SMTPUTF8) an 8-bit byte in an address: the refusal reply."""
+def check_bytes(text: bytes, *, utf8: bool = False) -> bytes | None:
+    """A control byte, DEL or (no SMTPUTF8) an 8-bit byte in an address: the refusal reply.
+    With SMTPUTF8 (RFC 6531) 8-bit bytes must be UTF-8."""
     if not text.isascii():
-        return replies.EIGHTBIT_ADDRESS
+        if not utf8:
+            return replies.EIGHTBIT_ADDRESS
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.SYNTAX
     for c in text:
         if c < 0x20 or c == 0x7F:
             return replies.BAD_BYTES
     return None
 
 
-def check_address(address: bytes) -> bytes | None:
+def check_address(address: bytes, *, utf8: bool = False) -> bytes | None:
     """The strict envelope rules; returns the refusal reply, or None if the address is fine."""
     if len(address) > MAX_ADDRESS:
         return replies.SYNTAX
-    return check_bytes(address)
+    return check_bytes(address, utf8=utf8)
+
+
+def asks_utf8(params: bytes) -> bool:
+    """Does MAIL's parameter text hold RFC 6531's ``SMTPUTF8`` (checked again, with the
+    rest, by :func:`parse_mail_params`)?"""
+    return any(w.upper() == b"SMTPUTF8" for w in params.split(b" "))
 
 
 def _split_params(text: bytes) -> list[tuple[bytes, bytes | None]] | None:
@@ -103,12 +116,14 @@ def _split_params(text: bytes) -> list[tuple[bytes, bytes | None]] | None:
 
 
 def parse_mail_params(text: bytes, databytes: int) -> MailParams | bytes:
-    """Validate MAIL parameters (RFC 1870 SIZE, RFC 6152 BODY); a reply on refusal."""
+    """Validate MAIL parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8); a reply
+    on refusal."""
     params = _split_params(text)
     if params is None:
         return replies.BAD_PARAM
     size: int | None = None
     body = b""
+    utf8 = False
     seen: set[bytes] = set()
     for key, value in params:
         if key in seen:
@@ -133,9 +148,11 @@ def parse_mail_params(text: bytes, databytes: int) -> MailParams | bytes:
             if v not in (b"7BIT", b"8BITMIME"):
                 return replies.BAD_PARAM
             body = v
+        elif key == b"SMTPUTF8" and value is None:
+            utf8 = True
         else:
             return replies.BAD_PARAM
-    return MailParams(size, body)
+    return MailParams(size, body, utf8)
 
 
 def check_rcpt_params(text: bytes) -> bytes | None:

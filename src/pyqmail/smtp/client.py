@@ -33,6 +33,8 @@ TEXT_CAP = 5000  # qmail-remote's HUGESMTPTEXT
 _ATOM = frozenset(
     c for c in range(33, 127) if chr(c) not in '"(),:;<>@[\\]'
 )  # fmt: skip
+# with SMTPUTF8, RFC 6531's UTF8-non-ascii is atom text too
+_ATOM_UTF8 = _ATOM | frozenset(range(128, 256))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,22 +93,24 @@ class ReplyParser:
         return out
 
 
-def needs_quote(local: bytes) -> bool:
+def needs_quote(local: bytes, *, utf8: bool = False) -> bool:
     """quote.c's quote_need: empty, a non-atom byte, or a dot at an end or doubled."""
     if not local:
         return True
-    if any(c not in _ATOM for c in local):
+    atom = _ATOM_UTF8 if utf8 else _ATOM
+    if any(c not in atom for c in local):
         return True
     return local.startswith(b".") or local.endswith(b".") or b".." in local
 
 
-def quote_address(addr: bytes) -> bytes:
-    """An envelope address as qmail-remote sends it (quote2): local part quoted if needed."""
+def quote_address(addr: bytes, *, utf8: bool = False) -> bytes:
+    """An envelope address as qmail-remote sends it (quote2): local part quoted if needed
+    (``utf8``: sent with SMTPUTF8, so UTF-8 needs no quotes)."""
     if not addr:
         return b""
     at = addr.rfind(b"@")
     local, domain = (addr, b"") if at < 0 else (addr[:at], addr[at:])
-    if needs_quote(local):
+    if needs_quote(local, utf8=utf8):
         esc = bytearray(b'"')
         for c in local:
             if c in b'\r\n"\\':
@@ -361,15 +365,28 @@ class ClientSession:
             text = b"Sorry, the sender address contains a line break or NUL. (#5.1.7)\n"
             return self._finish("D", text, None)
         params = b""
+        utf8 = False
         if b"8BITMIME" in self._caps and self.is_8bit():
             params = b" BODY=8BITMIME"
-        cmds = [(_St.MAIL, -1, b"MAIL FROM:<" + quote_address(self.sender) + b">" + params)]
+        if not self.sender.isascii() or not all(r.isascii() for r in self.recipients):
+            # RFC 6531 section 3.2: UTF-8 addresses only to a server that offers SMTPUTF8;
+            # there is no downgrade, so the message bounces.
+            if b"SMTPUTF8" not in self._caps:
+                text = (
+                    f"Sorry, the envelope has UTF-8 addresses and {self.ip} does not offer"
+                    " SMTPUTF8 (RFC 6531). (#5.6.7)\n"
+                ).encode()
+                return self._finish("D", text, None)
+            params += b" SMTPUTF8"
+            utf8 = True
+        sender = quote_address(self.sender, utf8=utf8)
+        cmds = [(_St.MAIL, -1, b"MAIL FROM:<" + sender + b">" + params)]
         for i, rcpt in enumerate(self.recipients):
             if _has_bad_bytes(rcpt):
                 text = b"Sorry, the address contains a line break or NUL; not sent. (#5.1.3)\n"
                 self._reports[i] = ("h", text)
                 continue
-            cmds.append((_St.RCPT, i, b"RCPT TO:<" + quote_address(rcpt) + b">"))
+            cmds.append((_St.RCPT, i, b"RCPT TO:<" + quote_address(rcpt, utf8=utf8) + b">"))
         if len(cmds) == 1:
             return self._finish("D", b"Sorry, no recipient address can be sent. (#5.1.3)\n", None)
         cmds.append((_St.DATA, -1, b"DATA"))

@@ -42,10 +42,12 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyqmail import mailbox
 from pyqmail.smtp import replies
 from pyqmail.smtp.address import (
+    asks_utf8,
     check_address,
     check_bytes,
     check_rcpt_params,
@@ -54,6 +56,9 @@ from pyqmail.smtp.address import (
 )
 from pyqmail.smtp.data import DataDecoder, DataError
 from pyqmail.smtp.session import Session, TlsInfo
+
+if TYPE_CHECKING:
+    from pyqmail.smtp.greylist import Greylist
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +172,15 @@ class SmtpServerConnection:
         *,
         tls: TlsOffer = TlsOffer.OFF,
         door: Door = Door.SMTP,
+        greylist: Greylist | None = None,
     ) -> None:
         self.session = session
         self.limits = limits or Limits()
         self.tls_offer = tls
         self.door = door
         self.tls: TlsInfo | None = None  # set by tls_started()
+        self.greylist = greylist  # smtp/greylist.py, asked at RCPT; None: off
+        self.blocked: bytes | None = None  # a block list's refusal (block())
         self.state = State.GREETING
         self._buf = b""
         self._discarding = 0  # >0: inside an over-long command line, bytes thrown away
@@ -181,6 +189,7 @@ class SmtpServerConnection:
         self._sender: bytes | None = None
         self._barf = False
         self._rcpts: list[bytes] = []
+        self._utf8 = False  # this transaction's MAIL gave SMTPUTF8 (RFC 6531)
         self._errors = 0
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
@@ -200,7 +209,14 @@ class SmtpServerConnection:
         if self.state is not State.GREETING:
             return []
         self.state = State.COMMAND
+        if self.blocked is not None:
+            return [Send(replies.RBL_GREETING)]
         return [Send(replies.greeting(self.session.greeting))]
+
+    def block(self, refusal: bytes) -> None:
+        """Before greet: hold rblsmtpd's conversation instead of SMTP (smtp/rbl.py), every
+        command but HELO, EHLO, MAIL, RSET, NOOP and QUIT answered with ``refusal``."""
+        self.blocked = refusal
 
     def timeout(self) -> list[Event]:
         """A read timed out: ``451 timeout`` and close, dropping any message in progress."""
@@ -210,6 +226,8 @@ class SmtpServerConnection:
         if self.state in (State.DATA, State.WAIT_START):
             events.append(MessageAbort("timeout"))
         self.state = State.CLOSED
+        if self.blocked is not None:
+            return [_CLOSE]  # rblsmtpd's alarm: the connection is dropped
         events += [Send(replies.TIMEOUT), _CLOSE]
         return events
 
@@ -365,6 +383,7 @@ class SmtpServerConnection:
 
     def _reset(self) -> None:
         self._sender = None
+        self._utf8 = False
         self._barf = False
         self._rcpts = []
 
@@ -404,6 +423,8 @@ class SmtpServerConnection:
         self._first = False
         sp = line.find(b" ")
         verb = (line if sp < 0 else line[:sp]).lower()
+        if self.blocked is not None:
+            return self._blocked_command(verb, events)
         if verb in _HTTP and (first or sp >= 0):
             self.state = State.CLOSED
             events += [Send(replies.NOT_SMTP), _CLOSE]
@@ -474,14 +495,40 @@ class SmtpServerConnection:
             self.state = State.WAIT_TLS
             events += [Send(replies.TLS_GO), _START_TLS]
 
-    def _path(self, arg: bytes, events: list[Event], *, rcpt: bool) -> tuple[bytes, bytes] | None:
+    def _blocked_command(self, verb: bytes, events: list[Event]) -> bool:
+        """rblsmtpd's commands(): a listed client's every command (smtp/rbl.py)."""
+        if verb == b"quit":
+            self.state = State.CLOSED
+            self.quit_seen = True
+            events += [Send(replies.RBL_QUIT), _CLOSE]
+            return True
+        if verb in (b"helo", b"ehlo", b"mail", b"rset", b"noop"):
+            events.append(Send(replies.RBL_OK))
+        else:
+            assert self.blocked is not None
+            events.append(Send(self.blocked))
+        return False
+
+    def _greylisted(self, address: bytes) -> bool:
+        """RCPT's greylisting question (smtp/greylist.py). Relay clients are exempt; an
+        authenticated session will be too, once AUTH exists (the hook is here)."""
+        grey = self.greylist
+        session = self.session
+        if grey is None or session.relayclient is not None or self._sender is None:
+            return False
+        return not grey.check(session.remote_ip, self._sender, address)
+
+    def _path(
+        self, arg: bytes, events: list[Event], *, rcpt: bool, utf8: bool = False
+    ) -> tuple[bytes, bytes] | None:
         """(address in queue form, parameter text), or None after sending the refusal.
+        With ``utf8`` (the transaction's MAIL gave SMTPUTF8) the address may be UTF-8.
 
         The path must be an RFC 5321 path (pyqmail.mailbox); the null path gives b"".
         A recipient may lack a domain if it is postmaster, or if a non-empty RELAYCLIENT
         will be appended to it (qmail's ``RELAYCLIENT="@fixme.example"``).
         """
-        if not arg.isascii():
+        if not arg.isascii() and not utf8:
             self._error(events, replies.EIGHTBIT_ADDRESS)
             return None
         split = split_path(arg)
@@ -489,24 +536,26 @@ class SmtpServerConnection:
             self._error(events, replies.bad_mailbox(mailbox.Refusal.SYNTAX, sender=not rcpt))
             return None
         path, params = split
-        bad = check_bytes(path)
+        bad = check_bytes(path, utf8=utf8)
         if bad is not None:
             self._error(events, bad)
             return None
         bare_ok = rcpt and bool(self.session.relayclient)
-        got = mailbox.parse_path(path, rcpt=rcpt, bare_ok=bare_ok)
+        got = mailbox.parse_path(path, rcpt=rcpt, bare_ok=bare_ok, utf8=utf8)
         if isinstance(got, mailbox.Refusal):
             self._error(events, replies.bad_mailbox(got, sender=not rcpt))
             return None
         address = b"" if got is None else got.address
-        bad = check_address(address)
+        bad = check_address(address, utf8=utf8)
         if bad is not None:
             self._error(events, bad)
             return None
         return self.session.rewrite_literal(address), params
 
     def _mail(self, arg: bytes, events: list[Event]) -> None:
-        parsed = self._path(arg, events, rcpt=False)
+        split = split_path(arg)
+        utf8 = split is not None and asks_utf8(split[1])  # RFC 6531 section 3.4
+        parsed = self._path(arg, events, rcpt=False, utf8=utf8)
         if parsed is None:
             return
         address, params = parsed
@@ -515,6 +564,7 @@ class SmtpServerConnection:
             self._error(events, checked)
             return
         self._sender = address
+        self._utf8 = checked.smtputf8
         self._rcpts = []
         self._barf = self.session.badmailfrom(address)
         events.append(Send(replies.OK))
@@ -523,7 +573,7 @@ class SmtpServerConnection:
         if self._sender is None:
             self._error(events, replies.MAIL_FIRST)
             return
-        parsed = self._path(arg, events, rcpt=True)
+        parsed = self._path(arg, events, rcpt=True, utf8=self._utf8)
         if parsed is None:
             return
         address, params = parsed
@@ -546,6 +596,9 @@ class SmtpServerConnection:
             address += session.relayclient
         elif not session.rcpt_allowed(address):
             self._refuse(events, address, replies.NOT_RCPTHOSTS)
+            return
+        if self._greylisted(address):
+            events.append(Send(replies.GREYLISTED))  # not counted as an error: it will retry
             return
         self._rcpts.append(address)
         events.append(Send(replies.OK))

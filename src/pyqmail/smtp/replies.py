@@ -38,7 +38,7 @@ LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
 TEXT_TOO_LONG = b"554 sorry, a line in your message is longer than 1000 octets (#5.6.0)\r\n"
 LONG_LINE_CLOSE = b"421 sorry, that line is far too long, closing connection (#4.7.0)\r\n"
 BAD_BYTES = b"501 sorry, control characters are not allowed in commands (#5.5.2)\r\n"
-EIGHTBIT_ADDRESS = b"553 sorry, 8-bit addresses need SMTPUTF8, which is not offered (#5.6.7)\r\n"
+EIGHTBIT_ADDRESS = b"553 sorry, 8-bit addresses need the SMTPUTF8 parameter of MAIL (#5.6.7)\r\n"
 EMPTY_RCPT = b"553 sorry, an empty recipient address is not allowed (#5.1.3)\r\n"
 BAD_PARAM = b"555 sorry, unsupported MAIL/RCPT parameter (#5.5.4)\r\n"
 BAD_SIZE = b"501 sorry, the SIZE parameter is not a number (#5.5.4)\r\n"
@@ -61,6 +61,11 @@ TLS_IN_MAIL = b"503 sorry, STARTTLS is not allowed inside a mail transaction (#5
 TLS_UNAVAILABLE = b"454 TLS not available due to temporary reason (#4.7.0)\r\n"
 TEMP_ERROR = b"451 sorry, an unexpected local error occurred, closing connection (#4.3.0)\r\n"
 TOO_MANY_CONNS = b"421 sorry, too many connections, try again later (#4.3.2)\r\n"
+# the front door: rblsmtpd's conversation with a listed client (smtp/rbl.py), greylisting
+RBL_GREETING = b"220 rblsmtpd.local\r\n"
+RBL_OK = b"250 rblsmtpd.local\r\n"
+RBL_QUIT = b"221 rblsmtpd.local\r\n"
+GREYLISTED = b"451 4.7.1 greylisted, please try again later (#4.7.1)\r\n"
 
 # An address that is not an RFC 5321 mailbox (pyqmail.mailbox): 553, RFC 5321's code for
 # "mailbox syntax incorrect", except a bad source route (501, a syntax error); the
@@ -86,14 +91,14 @@ def helo(smtpgreeting: str) -> bytes:
 
 
 def ehlo(smtpgreeting: str, databytes: int, *, starttls: bool = False) -> bytes:
-    """qmail's EHLO lines plus SIZE (``SIZE`` alone when there is no limit), and STARTTLS
-    when it is offered (never inside TLS: RFC 3207 section 4.2)."""
+    """qmail's EHLO lines plus SMTPUTF8 (RFC 6531), STARTTLS when it is offered (never
+    inside TLS: RFC 3207 section 4.2), and SIZE (``SIZE`` alone when there is no limit)."""
     size = b"250 SIZE " + str(databytes).encode() if databytes > 0 else b"250 SIZE"
     tls = b"250-STARTTLS\r\n" if starttls else b""
     return (
         b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
-        + tls + size + CRLF
-    )  # fmt: skip
+        b"250-SMTPUTF8\r\n" + tls + size + CRLF
+    )
 
 
 def quit_(smtpgreeting: str) -> bytes:

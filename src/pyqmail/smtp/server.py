@@ -9,6 +9,14 @@ queue :class:`~pyqmail.queue.contract.Submitter`; neither decides anything about
   tcpserver without ``-x``; an unreadable one drops the connection; like the control
   files it is re-checked at most every ``control_ttl`` seconds), the environment
   tcpserver would set plus the rule's variables, a connection limit and a per-IP limit.
+  The front door (:class:`SmtpServer`'s "front door" methods): with ``limits_from_control``
+  (``pyqmail run``) the limits are
+  ``control/concurrencyincoming`` and ``control/concurrencyperip`` when set (re-read with
+  the other control files; a client over either gets ``421`` and is closed, never a 220:
+  refused rather than held back as tcpserver ``-c`` holds it, so a flood cannot fill the
+  kernel's backlog with clients that wait); ``control/rbllist`` is looked up before the
+  greeting (smtp/rbl.py, rblsmtpd's rules, without blocking other sessions); with
+  ``control/greylist`` each RCPT asks smtp/greylist.py.
   The queue's file work runs outside the event loop: when this process may write the
   queue, its messages stream to a committer process (queue/committer.py: qmail-queue's
   job, commits whatever has gathered in one batch with ``writer.commit_many``), so no
@@ -41,6 +49,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
 
+import dns.asyncresolver
+
 from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
@@ -49,7 +59,9 @@ from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply, Submission, Submitter
-from pyqmail.smtp import replies
+from pyqmail.resolver import make_resolver
+from pyqmail.smtp import rbl, replies
+from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
     Close,
     DataChunk,
@@ -186,6 +198,9 @@ class SmtpServer:
         ip_key: Callable[[str], str] = netaddr.limit_key,
         tls_ttl: float = 1.0,
         sink: LogSink | None = None,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        rbl_timeout: float = rbl.TIMEOUT,
+        limits_from_control: bool = False,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -223,6 +238,13 @@ class SmtpServer:
         # session log lines (None: none written) and the counters the metrics read
         self.sink = sink
         self.stats = SmtpStats()
+        # pyqmail run's listener takes its limits from control/ (one listener process);
+        # `pyqmail smtpd --listen` from its options (shared among its workers)
+        self.limits_from_control = limits_from_control
+        self.default_conns, self.default_per_ip = max_conns, max_per_ip
+        self._resolver = resolver
+        self.rbl_timeout = rbl_timeout
+        self._greylist: Greylist | None = None
 
     async def start(
         self, host: str, port: int, door: Door = Door.SMTP, *, start_serving: bool = True
@@ -278,6 +300,37 @@ class SmtpServer:
             self._ctl = self.ctl.get()
             self._ctl_at = now
         return self._ctl
+
+    # -- the front door: limits, block lists, greylisting ----------------------------
+
+    def apply_limits(self) -> None:
+        """control/concurrencyincoming and concurrencyperip, when set, over the defaults."""
+        if not self.limits_from_control:
+            return
+        try:
+            ctl = self.control()
+        except ControlError:
+            return  # the connection itself will answer 421 for the controls
+        self.max_conns = ctl.concurrencyincoming or self.default_conns
+        self.per_ip.limit = ctl.concurrencyperip or self.default_per_ip
+
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            self._resolver = make_resolver(lifetime=self.rbl_timeout)
+        return self._resolver
+
+    def greylist(self, ctl: Control) -> Greylist | None:
+        """The greylist database for control/greylist's delay (None: greylisting is off)."""
+        if ctl.greylist <= 0:
+            if self._greylist is not None:
+                self._greylist.close()
+                self._greylist = None
+            return None
+        grey = self._greylist
+        if grey is None:
+            grey = self._greylist = Greylist(greylist_path(self.home), ctl.greylist)
+        grey.delay, grey.expire = ctl.greylist, ctl.greylistexpire
+        return grey
 
     def session(self, env: Mapping[str, str], ctl: Control) -> Session:
         try:
@@ -341,6 +394,7 @@ class _SmtpProtocol(asyncio.Protocol):
         "loop",
         "msg",
         "partial_since",
+        "rbl_task",
         "server",
         "size",
         "slog",
@@ -369,6 +423,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.slog: SessionLog | None = None  # the session log (smtp/sessionlog.py)
         self.size = 0  # the current message's data bytes, for the session log
+        self.rbl_task: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks
 
@@ -377,6 +432,7 @@ class _SmtpProtocol(asyncio.Protocol):
         srv = self.server
         peername = transport.get_extra_info("peername")
         ip = listener.peer_address(peername)[0]
+        srv.apply_limits()
         key = srv.per_ip.take(ip) if srv.conns < srv.max_conns else None
         if key is None:
             transport.write(replies.TOO_MANY_CONNS)
@@ -415,17 +471,22 @@ class _SmtpProtocol(asyncio.Protocol):
             self.tls_ctx = offer.context
             implicit = self.door is Door.SMTPS
             self.conn = SmtpServerConnection(
-                session, srv.limits, tls=TlsOffer.OFF if implicit else offer.offer, door=self.door
+                session,
+                srv.limits,
+                tls=TlsOffer.OFF if implicit else offer.offer,
+                door=self.door,
+                greylist=srv.greylist(ctl),
             )
             self.conn.notes = True  # the session log counts (and maybe logs) each command
             self.last = self.loop.time()
             if implicit:  # the handshake is done (create_server's ssl); the greeting is TLS's
                 obj = transport.get_extra_info("ssl_object")
                 self.conn.tls_started(tls_info(obj))
-            if srv.greet_delay > 0:
-                self.timer = self.loop.call_later(srv.greet_delay, self._greet)
+            checked = rbl.from_env(env)
+            if checked is True and ctl.rbllist:
+                self.rbl_task = self.loop.create_task(self._rbl(ctl.rbllist))
             else:
-                self._greet()
+                self._ready(checked if isinstance(checked, rbl.Block) else None)
         except Exception:
             log.exception("connection setup failed for %s", ip)
             transport.write(replies.TEMP_ERROR)
@@ -479,6 +540,9 @@ class _SmtpProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.rbl_task is not None:
+            self.rbl_task.cancel()
+            self.rbl_task = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -497,6 +561,34 @@ class _SmtpProtocol(asyncio.Protocol):
         self.closing = True
 
     # -- helpers
+
+    async def _rbl(self, zones: tuple[tuple[str, str | None], ...]) -> None:
+        """The block lists, then the greeting (rblsmtpd's or ours)."""
+        try:
+            block = await rbl.lookup(
+                self.server.resolver(), self.ip, zones, timeout=self.server.rbl_timeout
+            )
+        except Exception:
+            log.exception("rbl: lookup for %s failed; not refused", self.ip)
+            block = None
+        self.rbl_task = None
+        if self.conn is not None and not self.closing:
+            self._ready(block)
+
+    def _ready(self, block: rbl.Block | None) -> None:
+        """The connection checks are done: refuse as rblsmtpd, or greet after greet_delay."""
+        conn = self.conn
+        if conn is None:
+            return
+        if block is not None:
+            reply = block.reply()
+            conn.block(reply)
+            self.timeout_s = min(self.timeout_s, 60.0)  # rblsmtpd's -t default
+            log.warning("rblsmtpd: %s pid %d: %s", self.ip, os.getpid(), reply[:-2].decode())
+        if self.server.greet_delay > 0:
+            self.timer = self.loop.call_later(self.server.greet_delay, self._greet)
+        else:
+            self._greet()
 
     def _greet(self) -> None:
         if self.conn is None or self.closing:

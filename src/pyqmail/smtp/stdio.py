@@ -6,10 +6,13 @@ substdio), and the half-close with a short drain of the client's input at the en
 (:func:`_drain`), so that a last reply is not destroyed by an RST. The conversation is
 :class:`~pyqmail.smtp.protocol.SmtpServerConnection`, the queue side the listener's
 ``_Message`` committing with the contract's blocking form; the environment is the one tcpserver set.
+rblsmtpd's job is done here too, before the greeting (``$RBLSMTPD`` from tcpserver's
+environment, control/rbllist: smtp/rbl.py), and control/greylist's at RCPT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -26,7 +29,9 @@ from pyqmail.control import ControlError, load
 from pyqmail.home import Home
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.contract import BlockingSubmitter
-from pyqmail.smtp import replies, tlsbio
+from pyqmail.resolver import make_resolver
+from pyqmail.smtp import rbl, replies, tlsbio
+from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
     Close,
     DataChunk,
@@ -38,6 +43,7 @@ from pyqmail.smtp.protocol import (
     SmtpServerConnection,
     StartTls,
 )
+from pyqmail.smtp.rbl import Block
 from pyqmail.smtp.server import LINGER, _Message, smtp_reply
 from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses
 from pyqmail.smtp.tls import SERVERCERT, CertStore
@@ -84,9 +90,16 @@ def run_stdio(
             out.write(replies.CONTROLS)
         _drain(infd, outfd)
         return 1
-    conn = SmtpServerConnection(session, limits, tls=certs.offer)
+    grey = None
+    if ctl.greylist > 0:
+        grey = Greylist(greylist_path(home), ctl.greylist, expire=ctl.greylistexpire)
+    conn = SmtpServerConnection(session, limits, tls=certs.offer, greylist=grey)
     tls: tlsbio.BioTls | None = None
     timeout = float(ctl.timeoutsmtpd)
+    block = _rbl_check(env, ctl.rbllist)
+    if block is not None:  # rblsmtpd's conversation instead of SMTP, its 60 s alarm
+        conn.block(block.reply())
+        timeout = min(timeout, 60.0)
     out.timeout = timeout
     events = conn.greet()
     partial_since = 0.0
@@ -156,6 +169,22 @@ def run_stdio(
             out.write(replies.TEMP_ERROR)
         _drain(infd, outfd)
         return 1
+
+
+def _rbl_check(env: Mapping[str, str], zones: tuple[tuple[str, str | None], ...]) -> Block | None:
+    """rblsmtpd's decision (smtp/rbl.py): $RBLSMTPD from tcpserver's environment, else
+    control/rbllist looked up for $TCPREMOTEIP; logged as rblsmtpd logs it."""
+    checked = rbl.from_env(env)
+    block = checked if isinstance(checked, Block) else None
+    ip = env.get("TCPREMOTEIP", "")
+    if checked is True and zones:
+        try:
+            block = asyncio.run(rbl.lookup(make_resolver(lifetime=rbl.TIMEOUT), ip, zones))
+        except Exception as e:
+            print(f"rblsmtpd: {ip}: lookup failed ({e}); not refused", file=sys.stderr)
+    if block is not None:
+        print(f"rblsmtpd: {ip} pid {os.getpid()}: {block.reply()[:-2].decode()}", file=sys.stderr)
+    return block
 
 
 class _WriteFailed(Exception):
