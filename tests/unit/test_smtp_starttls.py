@@ -21,8 +21,13 @@ from tests.conftest import write_control
 from tests.unit.test_smtp_support import Driver
 
 INFO = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384")
-EHLO_PLAIN = b"250-mx.test.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE\r\n"
-EHLO_TLS = b"250-mx.test.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-STARTTLS\r\n250 SIZE\r\n"
+EHLO_PLAIN = (
+    b"250-mx.test.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE\r\n"
+)
+EHLO_TLS = (
+    b"250-mx.test.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-STARTTLS\r\n"
+    b"250 SIZE\r\n"
+)
 
 
 class TlsDriver(Driver):
