@@ -97,9 +97,8 @@ def listen(home: Home, dnsmasq: str) -> Iterator[Any]:
 
 
 def rules(home: Home, text: str) -> None:
-    tcprules.write_cdb(
-        tcprules.compile_rules(text), home.control / "tcp.smtp.cdb", home.control / "tcp.tmp"
-    )
+    lines = text.encode().splitlines(keepends=True)
+    tcprules.compile_cdb(lines, home.control / "tcp.smtp.cdb", home.control / "tcp.tmp")
 
 
 def conversation(c: Raw) -> list[bytes]:
