@@ -214,6 +214,7 @@ class Control:
     spawnlimit: int
     qmtproutes: Mapping[str, str]
     tlsdestinations: frozenset[str]
+    rcptchecks: int  # 0: no recipient check against local delivery at RCPT (docs/rcptcheck.md)
     # where each value came from: "file", "default", or "me"; and what looked wrong
     sources: Mapping[str, str] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
@@ -244,6 +245,7 @@ _INTS = {
     "timeoutremote": 1200,
     "timeoutsmtpd": 1200,
     "spawnlimit": DEFAULT_SPAWN_LIMIT,
+    "rcptchecks": 1,
 }
 _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers", "rcpthosts",
           "smtproutes", "virtualdomains", "qmtproutes", "tlsdestinations")  # fmt: skip
@@ -252,7 +254,8 @@ _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers"
 KNOWN_FILES = frozenset(
     {"me", "bouncefrom", "doublebounceto", "helohost", "localiphost", "smtpgreeting",
      "defaultdelivery", "morercpthosts.cdb", "morercpthosts.tmp", "tcp.smtp", "tcp.smtp.cdb",
-     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", *_LINE_ME, *_INTS, *_LISTS}
+     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", "validrcptto",
+     "validrcptto.cdb", "validrcptto.tmp", *_LINE_ME, *_INTS, *_LISTS}
 )  # fmt: skip
 
 

@@ -15,23 +15,31 @@ from pyqmail import cdb
 from pyqmail.cli.common import fatal, split_home_args
 from pyqmail.cli.tcprules import errtext
 from pyqmail.control import morercpthosts_keys
+from pyqmail.home import Home
 
 PROG = "qmail-newmrh"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     home, _ = split_home_args(sys.argv[1:] if argv is None else argv)
-    src = home.control / "morercpthosts"
-    tmp = home.control / "morercpthosts.tmp"
-    dst = home.control / "morercpthosts.cdb"
+    return compile_list(home, "morercpthosts", PROG)
+
+
+def compile_list(home: Home, name: str, prog: str) -> int:
+    """control/NAME -> control/NAME.cdb the way qmail-newmrh does it (each line lowercased
+    a key with an empty value; NAME.tmp, fsync, rename); 0, or 111 after ``fatal``.
+    Shared with ``pyqmail newvalidrcptto``."""
+    src = home.control / name
+    tmp = home.control / f"{name}.tmp"
+    dst = home.control / f"{name}.cdb"
     try:
         raw = src.read_bytes()
     except OSError as e:
-        return fatal(PROG, f"unable to read control/morercpthosts: {errtext(e)}")
+        return fatal(prog, f"unable to read control/{name}: {errtext(e)}")
     try:
         writer = cdb.Writer(dst, tmp)
     except OSError as e:
-        return fatal(PROG, f"unable to create control/morercpthosts.tmp: {errtext(e)}")
+        return fatal(prog, f"unable to create control/{name}.tmp: {errtext(e)}")
     try:
         with writer:
             for key in morercpthosts_keys(raw):
@@ -39,13 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if e.filename2 is not None:
             return fatal(
-                PROG,
-                "unable to move control/morercpthosts.tmp to control/morercpthosts.cdb: "
-                + errtext(e),
+                prog,
+                f"unable to move control/{name}.tmp to control/{name}.cdb: " + errtext(e),
             )
-        return fatal(PROG, f"unable to write control/morercpthosts.tmp: {errtext(e)}")
+        return fatal(prog, f"unable to write control/{name}.tmp: {errtext(e)}")
     except cdb.CdbError as e:
-        return fatal(PROG, f"unable to write control/morercpthosts.tmp: {e}")
+        return fatal(prog, f"unable to write control/{name}.tmp: {e}")
     return 0
 
 

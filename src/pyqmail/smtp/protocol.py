@@ -6,13 +6,15 @@ the queue; this module owns everything said on the wire. The adapter calls:
 * :meth:`SmtpServerConnection.greet` once (or :meth:`receive_data` first: an early
   talker, refused with 554),
 * :meth:`receive_data` with whatever it read (``b""`` = end of file),
+* :meth:`rcpt_result` after a :class:`CheckRcpt` (the recipient check's refusal, or None),
 * :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
 * :meth:`timeout` when a read timed out.
 
 Each returns a list of events: :class:`Send` (bytes for the client, in order),
-:class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`, :class:`MessageAbort`,
-:class:`Close`. After a MessageStart or MessageEnd the connection waits (no further
+:class:`CheckRcpt`, :class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`,
+:class:`MessageAbort`, :class:`Close`. After a CheckRcpt, MessageStart or MessageEnd the
+connection waits (no further
 events in that list) until the adapter reports the result; input that arrives meanwhile
 is held, so pipelined commands are answered in order with none lost.
 
@@ -61,6 +63,7 @@ class State(enum.Enum):
     GREETING = "greeting"  # nothing sent yet
     COMMAND = "command"
     DATA = "data"
+    WAIT_RCPT = "wait-rcpt"  # CheckRcpt sent; waiting for rcpt_result()
     WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
     WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
     CLOSED = "closed"
@@ -69,6 +72,16 @@ class State(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Send:
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRcpt:
+    """Check this recipient (smtp/rcptcheck.py), then call ``rcpt_result``. ``relayed``:
+    the client may relay (RELAYCLIENT set; its suffix is already in ``address``)."""
+
+    sender: bytes
+    address: bytes
+    relayed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +115,7 @@ class Close:
     """Close the connection after writing what was sent."""
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
+Event = Send | CheckRcpt | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
@@ -124,6 +137,7 @@ class SmtpServerConnection:
         self._sender: bytes | None = None
         self._barf = False
         self._rcpts: list[bytes] = []
+        self._checking = b""  # the recipient a CheckRcpt asked about
         self._errors = 0
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
@@ -183,16 +197,32 @@ class SmtpServerConnection:
             self.state = State.CLOSED
             return [Send(replies.TLS_HELLO), _CLOSE]
         self._buf = self._buf + data if self._buf else data
-        if state is State.WAIT_START or state is State.WAIT_END:
+        if state is State.WAIT_START or state is State.WAIT_END or state is State.WAIT_RCPT:
             return []
         return self._run()
 
     @property
     def wants_input(self) -> bool:
         """False while waiting for the queue, or once the held input is over the bound."""
-        if self.state in (State.WAIT_START, State.WAIT_END):
+        if self.state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT):
             return len(self._buf) < self.limits.max_held
         return self.state is not State.CLOSED
+
+    def rcpt_result(self, refusal: bytes | None) -> list[Event]:
+        """After CheckRcpt: None accepts the recipient (250), else the refusal line."""
+        if self.state is not State.WAIT_RCPT:
+            return []
+        self.state = State.COMMAND
+        events: list[Event] = []
+        if refusal is None:
+            self._rcpts.append(self._checking)
+            events.append(Send(replies.OK))
+        else:
+            self._error(events, refusal)
+        self._checking = b""
+        if self.state is not State.CLOSED:
+            events += self._run()
+        return events
 
     def start_result(self, ok: bool) -> list[Event]:
         """After MessageStart: did the queue entry open? (qmail: ``451 qqt failure``)."""
@@ -444,6 +474,11 @@ class SmtpServerConnection:
             address += session.relayclient
         elif not session.rcpt_allowed(address):
             self._error(events, replies.NOT_RCPTHOSTS)
+            return
+        if session.check_rcpt:
+            self.state = State.WAIT_RCPT
+            self._checking = address
+            events.append(CheckRcpt(self._sender, address, session.relayclient is not None))
             return
         self._rcpts.append(address)
         events.append(Send(replies.OK))

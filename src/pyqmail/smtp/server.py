@@ -37,12 +37,14 @@ from typing import Generic, Protocol, TypeVar, cast
 from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
+from pyqmail.outcome import Status
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply, Submission, Submitter
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
+    CheckRcpt,
     Close,
     DataChunk,
     Event,
@@ -53,6 +55,7 @@ from pyqmail.smtp.protocol import (
     Send,
     SmtpServerConnection,
 )
+from pyqmail.smtp.rcptcheck import RcptChecks, reply_for
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
 
 log = logging.getLogger("pyqmail.smtpd")
@@ -168,8 +171,10 @@ class SmtpServer:
         limit_loopback: bool = False,
         commit_process: bool | None = None,
         ip_key: Callable[[str], str] = netaddr.limit_key,
+        rcpt_checks: RcptChecks | None = None,
     ) -> None:
         self.home = home
+        self.rcpt_checks = rcpt_checks  # recipient checks at RCPT (smtp/rcptcheck.py)
         self.ctl = ctl
         self.submitter = submitter
         if commit_process is None:
@@ -252,7 +257,13 @@ class SmtpServer:
             more = self._more.get()
         except (OSError, cdb.CdbError) as e:
             raise SessionError(f"unable to read morercpthosts.cdb: {e}") from e
-        return Session(ctl, env, morercpthosts=more, local_ips=self.local_ips)
+        return Session(
+            ctl,
+            env,
+            morercpthosts=more,
+            local_ips=self.local_ips,
+            check_rcpt=self.rcpt_checks is not None,
+        )
 
     def _use_commit_process(self) -> None:
         """Messages this process would write into the queue itself go to a committer
@@ -308,6 +319,7 @@ class _SmtpProtocol(asyncio.Protocol):
         "loop",
         "msg",
         "partial_since",
+        "rcpt_ctx",
         "server",
         "timeout_s",
         "timer",
@@ -329,6 +341,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.closing = False
         self.timeout_s = 1200.0
         self.write_paused = False
+        self.rcpt_ctx: tuple[Control, dict[str, str]] | None = None
 
     # -- asyncio callbacks
 
@@ -368,6 +381,7 @@ class _SmtpProtocol(asyncio.Protocol):
                 self._close_now()
                 return
             self.msg = _Message(srv.submitter_for(env))
+            self.rcpt_ctx = (ctl, env)
             self.conn = SmtpServerConnection(session, srv.limits)
             self.last = self.loop.time()
             if srv.greet_delay > 0:
@@ -492,6 +506,14 @@ class _SmtpProtocol(asyncio.Protocol):
                     out.append(ev.data)  # type: ignore[union-attr]
                 elif kind is DataChunk:
                     msg.write(ev.data)  # type: ignore[union-attr]
+                elif kind is CheckRcpt:
+                    decided = self._check_rcpt(ev)  # type: ignore[arg-type]
+                    if decided is None:  # answered later, by _rcpt_done
+                        if out:
+                            transport.write(b"".join(out))
+                        return
+                    nxt = decided
+                    break
                 elif kind is MessageStart:
                     ok = msg.start(ev)  # type: ignore[arg-type]
                     nxt = conn.start_result(ok)
@@ -516,6 +538,60 @@ class _SmtpProtocol(asyncio.Protocol):
         if not conn.wants_input or self.write_paused:
             transport.pause_reading()
 
+    # -- the recipient check (smtp/rcptcheck.py): inline when it cannot block, in a
+    # thread when it may (a program, root mode's lookup process); a refusal or deferral
+    # goes out no sooner than the checks' floor after the check began.
+
+    def _check_rcpt(self, ev: CheckRcpt) -> list[Event] | None:
+        checks, ctx, conn = self.server.rcpt_checks, self.rcpt_ctx, self.conn
+        if checks is None or ctx is None or conn is None:
+            return [] if conn is None else conn.rcpt_result(None)
+        ctl, env = ctx
+        start = self.loop.time()
+        sender = ev.sender.decode("utf-8", "surrogateescape")
+        address = ev.address.decode("utf-8", "surrogateescape")
+        if checks.blocking(env):
+            self.loop.create_task(self._check_in_thread(checks, ctx, sender, address, ev, start))
+            return None
+        try:
+            status = checks.check(ctl, env, sender, address, ev.relayed)
+        except Exception:
+            log.exception("recipient check failed for %s", self.ip)
+            status = Status.TEMP
+        reply = reply_for(status)
+        if reply is None:
+            return conn.rcpt_result(None)
+        self.loop.call_at(start + checks.floor, self._rcpt_done, reply)
+        return None
+
+    async def _check_in_thread(
+        self,
+        checks: RcptChecks,
+        ctx: tuple[Control, dict[str, str]],
+        sender: str,
+        address: str,
+        ev: CheckRcpt,
+        start: float,
+    ) -> None:
+        ctl, env = ctx
+        try:
+            status = await self.loop.run_in_executor(
+                None, checks.check, ctl, env, sender, address, ev.relayed
+            )
+        except Exception:
+            log.exception("recipient check failed for %s", self.ip)
+            status = Status.TEMP
+        reply = reply_for(status)
+        if reply is not None:
+            await asyncio.sleep(max(0.0, start + checks.floor - self.loop.time()))
+        self._rcpt_done(reply)
+
+    def _rcpt_done(self, reply: bytes | None) -> None:
+        conn = self.conn
+        if conn is None or self.transport is None or self.closing:
+            return
+        self._resume(conn, lambda: conn.rcpt_result(reply))
+
     async def _commit(self) -> None:
         msg, conn = self.msg, self.conn
         if msg is None or conn is None:
@@ -532,15 +608,21 @@ class _SmtpProtocol(asyncio.Protocol):
         reply = smtp_reply(result)
         if self.conn is None or self.transport is None or self.closing:
             return
+        self._resume(conn, lambda: conn.message_result(reply))
+
+    def _resume(self, conn: SmtpServerConnection, step: Callable[[], list[Event]]) -> None:
+        """The answer the core waited for (the queue's, the recipient check's) is in:
+        carry out what ``step`` returns, then read again if the core wants input."""
         self.last = self.loop.time()
         try:
-            events = conn.message_result(reply)
+            events = step()
         except Exception:
             log.exception("protocol error with %s", self.ip)
             events = conn.fail()
         self._handle(events)
         if (
-            self.conn is not None
+            self.transport is not None
+            and self.conn is not None
             and not self.closing
             and conn.wants_input
             and not self.write_paused

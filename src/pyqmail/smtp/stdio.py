@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable, Mapping
 
 from pyqmail import cdb
-from pyqmail.control import ControlError, load
+from pyqmail.control import Control, ControlError, load
 from pyqmail.home import Home
+from pyqmail.outcome import Status
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.smtp import replies
 from pyqmail.smtp.protocol import (
+    CheckRcpt,
     Close,
     DataChunk,
     Limits,
@@ -37,6 +39,7 @@ from pyqmail.smtp.protocol import (
     Send,
     SmtpServerConnection,
 )
+from pyqmail.smtp.rcptcheck import RcptChecks, reply_for
 from pyqmail.smtp.server import LINGER, _Message, smtp_reply
 from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses
 
@@ -53,9 +56,12 @@ def run_stdio(
     submitter: BlockingSubmitter | None = None,
     clock: Callable[[], float] = time.monotonic,
     origin: str = "network",
+    rcpt_checks: RcptChecks | None = None,
 ) -> int:
     """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
     code: 0 after QUIT, 1 when the session ended any other way or could not start.
+
+    ``rcpt_checks``: recipient checks at RCPT (smtp/rcptcheck.py; cli/smtpd.py makes them).
 
     ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
     qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
@@ -66,7 +72,13 @@ def run_stdio(
     try:
         ctl = load(home)
         more = CdbCache(home.control / "morercpthosts.cdb").get()
-        session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
+        session = Session(
+            ctl,
+            env,
+            morercpthosts=more,
+            local_ips=local_addresses(),
+            check_rcpt=rcpt_checks is not None,
+        )
     except (ControlError, SessionError, OSError, cdb.CdbError) as e:
         print(f"qmail-smtpd: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
@@ -94,6 +106,10 @@ def run_stdio(
                     out.buffer(ev.data)  # type: ignore[union-attr]
                 elif kind is DataChunk:
                     msg.write(ev.data)  # type: ignore[union-attr]
+                elif kind is CheckRcpt:
+                    assert rcpt_checks is not None
+                    events = conn.rcpt_result(_check(rcpt_checks, ctl, env, ev, clock))  # type: ignore[arg-type]
+                    break
                 elif kind is MessageStart:
                     events = conn.start_result(msg.start(ev))  # type: ignore[arg-type]
                     break
@@ -138,6 +154,32 @@ def run_stdio(
             out.write(replies.TEMP_ERROR)
         _drain(infd, outfd)
         return 1
+
+
+def _check(
+    checks: RcptChecks,
+    ctl: Control,
+    env: Mapping[str, str],
+    ev: CheckRcpt,
+    clock: Callable[[], float],
+) -> bytes | None:
+    """The recipient check's reply (None: accept); a refusal waits out the floor."""
+    start = clock()
+    try:
+        status = checks.check(
+            ctl,
+            env,
+            ev.sender.decode("utf-8", "surrogateescape"),
+            ev.address.decode("utf-8", "surrogateescape"),
+            ev.relayed,
+        )
+    except Exception:
+        log.exception("qmail-smtpd: recipient check failed")
+        status = Status.TEMP
+    reply = reply_for(status)
+    if reply is not None:
+        time.sleep(max(0.0, start + checks.floor - clock()))
+    return reply
 
 
 class _WriteFailed(Exception):

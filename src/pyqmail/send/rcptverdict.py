@@ -1,0 +1,63 @@
+"""Would this envelope recipient be delivered, bounced or deferred by local delivery?
+
+:class:`RecipientVerdicts` is qmail-send's routing (:class:`pyqmail.send.todo.Routing`:
+envnoathost, the percent hack, locals, virtualdomains and their prepend) followed by the
+local part's verdict (:mod:`pyqmail.local.verdict`): the same two steps a queued message
+takes to a local delivery, without the message. It answers None for an address that is
+not local (the remote channel); nothing here guesses about other hosts.
+
+Used by the SMTP recipient check (injected into smtp/ by daemon/ and cli/, which may
+import send/) and by ``pyqmail explain``.
+"""
+
+from __future__ import annotations
+
+from pyqmail.control import Control
+from pyqmail.home import Home
+from pyqmail.local.verdict import LocalVerdicts
+from pyqmail.outcome import Outcome
+from pyqmail.send.schedule import LOCAL
+from pyqmail.send.todo import Routing
+from pyqmail.smtp.rcptcheck import LocalRecipients, RcptChecks
+
+
+class RecipientVerdicts:
+    """Route, then ask :class:`LocalVerdicts` (or any callable answering for a local
+    part: root mode's lookup process)."""
+
+    def __init__(self, local: LocalVerdicts) -> None:
+        self.local = local
+        self._routing: tuple[Control, Routing] | None = None
+
+    def routing(self, ctl: Control) -> Routing:
+        cached = self._routing
+        if cached is not None and cached[0] is ctl:
+            return cached[1]
+        routing = Routing.from_control(ctl)
+        self._routing = (ctl, routing)
+        return routing
+
+    def local_part(self, ctl: Control, address: str) -> str | None:
+        """The local part a local delivery of ``address`` would get (virtualdomains'
+        prepend included), None if ``address`` goes to the remote channel."""
+        channel, stored = self.routing(ctl).route(address)
+        if channel != LOCAL:
+            return None
+        return stored[: stored.rfind("@")]
+
+    def verdict(self, ctl: Control, address: str) -> Outcome | None:
+        """OK / PERM / TEMP for a local recipient, None for a remote one."""
+        local = self.local_part(ctl, address)
+        if local is None:
+            return None
+        return self.local.verdict(local)
+
+
+def rcpt_checks(home: Home, *, local: LocalRecipients | None = None) -> RcptChecks:
+    """The SMTP recipient checks for ``home`` (smtp/rcptcheck.py), answering for local
+    addresses with ``local``: by default local delivery's own lookup in this process
+    (single-user mode, or a process that may read the homes); root mode passes the
+    client of its lookup process (daemon/rcptlookup.py), whose answers may block."""
+    if local is None:
+        return RcptChecks(home, RecipientVerdicts(LocalVerdicts(home)))
+    return RcptChecks(home, local, local_blocks=True)
