@@ -54,6 +54,7 @@ from pyqmail.daemon.parts import (
     start_sending,
     stop_sending,
 )
+from pyqmail.daemon.rcptlookup import LookupProcess
 from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
@@ -65,6 +66,7 @@ from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send.log import SendLog
+from pyqmail.send.rcptverdict import rcpt_checks
 
 READY_TIMEOUT = 30.0
 
@@ -298,13 +300,22 @@ def _smtpd_main(home: Home, ids: Ids, cfg: RunConfig, ready: int) -> int:
         envelope_uid=ids.uid("daemon"),
         fallback=submitter,
     )
+    # The RCPT check's lookups in users' homes: a child that stays root to become each
+    # user per lookup (daemon/rcptlookup.py), forked now, before the loop and the drop.
+    lookup = LookupProcess(home).start()
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
         # Bound as root but not yet listening: no connection is accepted, and no byte
         # read, before every listener's process has dropped to qmaild.
         listeners = await start_listeners(
-            cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False
+            cfg,
+            ctl,
+            submitter,
+            smtp_submitter=committer,
+            warn=_warn,
+            serving=False,
+            rcpt_checks=rcpt_checks(home, local=lookup),
         )
         _drop(ids.uid("daemon"), ids.gid("nofiles"))
         await listeners.start_serving()

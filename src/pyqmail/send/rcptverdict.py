@@ -12,20 +12,30 @@ import send/) and by ``pyqmail explain``.
 
 from __future__ import annotations
 
+import os
+from typing import Protocol
+
 from pyqmail.control import Control
 from pyqmail.home import Home
-from pyqmail.local.verdict import LocalVerdicts
-from pyqmail.outcome import Outcome
+from pyqmail.local.users import UserInfo
+from pyqmail.local.verdict import LocalVerdicts, mailbox_status
+from pyqmail.outcome import Outcome, Status
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
-from pyqmail.smtp.rcptcheck import LocalRecipients, RcptChecks
+from pyqmail.smtp.rcptcheck import RcptChecks
+
+
+class LocalPartVerdicts(Protocol):
+    """Answers for a local part: :class:`LocalVerdicts`, or root mode's lookup client."""
+
+    def verdict(self, local: str) -> Outcome: ...
 
 
 class RecipientVerdicts:
-    """Route, then ask :class:`LocalVerdicts` (or any callable answering for a local
-    part: root mode's lookup process)."""
+    """Route, then ask :class:`LocalVerdicts` (or root mode's lookup client,
+    daemon/rcptlookup.py, which asks a process that may become each user)."""
 
-    def __init__(self, local: LocalVerdicts) -> None:
+    def __init__(self, local: LocalPartVerdicts) -> None:
         self.local = local
         self._routing: tuple[Control, Routing] | None = None
 
@@ -53,11 +63,23 @@ class RecipientVerdicts:
         return self.local.verdict(local)
 
 
-def rcpt_checks(home: Home, *, local: LocalRecipients | None = None) -> RcptChecks:
+def rcpt_checks(home: Home, *, local: LocalPartVerdicts | None = None) -> RcptChecks:
     """The SMTP recipient checks for ``home`` (smtp/rcptcheck.py), answering for local
-    addresses with ``local``: by default local delivery's own lookup in this process
-    (single-user mode, or a process that may read the homes); root mode passes the
-    client of its lookup process (daemon/rcptlookup.py), whose answers may block."""
+    parts with ``local``: by default local delivery's own lookup in this process
+    (single-user mode, or a process that may read the homes; see :func:`guarded`);
+    root mode passes the client of its lookup process (daemon/rcptlookup.py), whose
+    answers may block."""
     if local is None:
-        return RcptChecks(home, RecipientVerdicts(LocalVerdicts(home)))
-    return RcptChecks(home, local, local_blocks=True)
+        return RcptChecks(home, RecipientVerdicts(LocalVerdicts(home, mailbox=guarded)))
+    return RcptChecks(home, RecipientVerdicts(local), local_blocks=True)
+
+
+def guarded(info: UserInfo) -> Outcome:
+    """:func:`mailbox_status` in a process that is neither the user nor root (qmail-smtpd
+    under tcpserver as qmaild in a multi-user home): a temporary answer may only mean
+    that this uid may not look (a private home), which says nothing about delivery, so
+    it accepts, as qmail would; a missing mailbox it can see is still refused."""
+    got = mailbox_status(info)
+    if got.status is Status.TEMP and os.geteuid() not in (0, info.uid):
+        return Outcome.ok("")
+    return got
