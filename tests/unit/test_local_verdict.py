@@ -8,7 +8,10 @@ must say the same: delivered, bounced or deferred.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,9 @@ import pytest
 from pyqmail.control import load
 from pyqmail.home import Home
 from pyqmail.local import qlocal, users
-from pyqmail.local.verdict import LocalVerdicts, mailbox_status, would_deliver
+from pyqmail.local.verdict import CachedVerdicts, LocalVerdicts, mailbox_status, would_deliver
 from pyqmail.outcome import Outcome, Status
-from pyqmail.send.rcptverdict import RecipientVerdicts
+from pyqmail.send.rcptverdict import RecipientVerdicts, guarded
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
 from tests.conftest import is_root, require, write_control
@@ -135,28 +138,83 @@ def test_unreadable_users_cdb_defers(site: Home) -> None:
     assert would_deliver(site, "alice").status is TEMP
 
 
-def test_dotqmail_unreadable_by_the_user_defers_not_bounces(site: Home, tmp_path: Path) -> None:
-    """Run as the user (root mode's lookup child does): a .qmail it may not open is a
-    temporary failure (qmail-local's EACCES rule), never a 550."""
+NOBODY = 65534
+
+
+@pytest.fixture
+def public() -> Iterator[Path]:
+    """A directory another uid can reach (pytest's tmp_path is root's, mode 0700)."""
+    top = Path(tempfile.mkdtemp(prefix="pyqmail-verdict-"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top)
+
+
+def _as_nobody(answers: Callable[[], list[Status]]) -> str:
+    """Run ``answers`` in a child that has become nobody; its statuses' letters."""
     require(is_root(), "root, to become another uid", "run the tests as root (CI does)")
-    d = tmp_path / "dave"
-    d.mkdir(mode=0o755)
-    (d / ".qmail-x").write_text("./Maildir/\n")
-    (d / ".qmail-x").chmod(0o000)
-    os.chown(d, 65534, 65534)
-    info = users.UserInfo("dave", 65534, 65534, str(d), "-", "x")
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(w, mailbox_status(info).status.value.encode())
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(w, "".join(st.value for st in answers()).encode())
         finally:
             os._exit(0)
     os.close(w)
-    got = os.read(r, 1)
+    got = os.read(r, 64).decode()
     os.waitpid(pid, 0)
     os.close(r)
-    assert got == TEMP.value.encode()
-    assert mailbox_status(info).status is OK  # root reads it: it exists
+    return got
+
+
+def test_dotqmail_unreadable_by_the_user_defers_not_bounces(public: Path) -> None:
+    """Run as the user (root mode's lookup child does): a .qmail it may not open is a
+    temporary failure (qmail-local's EACCES rule), never a 550; one it may is found."""
+    d = public / "dave"
+    d.mkdir(mode=0o755)
+    (d / ".qmail-x").write_text("./Maildir/\n")
+    (d / ".qmail-x").chmod(0o000)
+    (d / ".qmail-y").write_text("./Maildir/\n")
+    os.chown(d, NOBODY, NOBODY)
+    x = users.UserInfo("dave", NOBODY, NOBODY, str(d), "-", "x")
+    y = users.UserInfo("dave", NOBODY, NOBODY, str(d), "-", "y")
+    z = users.UserInfo("dave", NOBODY, NOBODY, str(d), "-", "z")
+    got = _as_nobody(lambda: [mailbox_status(i).status for i in (x, y, z)])
+    assert got == TEMP.value + OK.value + PERM.value
+    assert mailbox_status(x).status is OK  # root reads it: it exists
+
+
+def test_guarded_accepts_what_it_may_not_look_at(public: Path) -> None:
+    """qmail-smtpd as qmaild (neither root nor the user): a private home is no refusal;
+    a missing mailbox in a home it can see still is."""
+    (public / "erin").mkdir(mode=0o700)
+    os.chown(public / "erin", 65533, 65533)
+    (public / "frank").mkdir(mode=0o755)
+    private = users.UserInfo("erin", 65533, 65533, str(public / "erin"), "-", "x")
+    seen = users.UserInfo("frank", 0, 0, str(public / "frank"), "-", "x")
+    got = _as_nobody(
+        lambda: [guarded(private).status, mailbox_status(private).status, guarded(seen).status]
+    )
+    assert got == OK.value + TEMP.value + PERM.value
+
+
+def test_cache_answers_per_lowercased_local_part_for_its_ttl(site: Home, tmp_path: Path) -> None:
+    lv = LocalVerdicts(site)
+    asked: list[str] = []
+
+    class Counting:
+        def verdict(self, local: str) -> Outcome:
+            asked.append(local)
+            return lv.verdict(local)
+
+    cache = CachedVerdicts(Counting(), ttl=0.2)
+    assert cache.verdict("alice-new").status is PERM
+    (tmp_path / "alice" / ".qmail-new").write_text("./Maildir/\n")
+    assert cache.verdict("Alice-NEW").status is PERM  # cached: same key, within the ttl
+    assert asked == ["alice-new"]
+    time.sleep(0.25)
+    assert cache.verdict("alice-new").status is OK  # the new .qmail counts after the ttl
+    assert len(asked) == 2

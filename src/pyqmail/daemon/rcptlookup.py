@@ -17,10 +17,9 @@ and no more:
   descriptor relative to the home); its exit code (0, 100, 111) is the answer. Root
   never follows a path inside a directory the user owns.
 
-:class:`LookupClient` is the smtpd part's side: ``verdict(local)`` with a short cache
-(``CACHE_TTL`` seconds, answers for the lower-cased local part: every step of the lookup
-is case-insensitive) and a lock, as the listener asks from its worker threads. A dead
-lookup process answers TEMP (451), never 550.
+:class:`LookupClient` is the smtpd part's side, behind local/verdict.py's short cache
+(``CachedVerdicts``, 5 seconds per lower-cased local part). A dead lookup process answers
+TEMP (451), never 550.
 """
 
 from __future__ import annotations
@@ -29,16 +28,19 @@ import os
 import socket
 import struct
 import threading
-import time
 
 from pyqmail.home import Home
 from pyqmail.local.users import UserInfo
-from pyqmail.local.verdict import LocalVerdicts, mailbox_status
+from pyqmail.local.verdict import (
+    CACHE_TTL,
+    NO_MAILBOX,
+    CachedVerdicts,
+    LocalVerdicts,
+    mailbox_status,
+)
 from pyqmail.outcome import Outcome, Status
 
 MAX_LOCAL = 1024
-CACHE_TTL = 5.0
-CACHE_MAX = 10000
 _CODE = {Status.OK: 0, Status.PERM: 100, Status.TEMP: 111}
 _BY_LETTER = {s.value.encode(): s for s in Status}
 _LEN = struct.Struct(">H")
@@ -62,7 +64,7 @@ def _as_user(info: UserInfo) -> Outcome:
     if code == 0:
         return Outcome.ok("")
     if code == 100:
-        return Outcome.perm("Sorry, no mailbox here by that name. (#5.1.1)")
+        return Outcome.perm(NO_MAILBOX)
     return Outcome.temp("lookup failed")
 
 
@@ -83,7 +85,7 @@ class LookupProcess:
         self.home = home
         self.pid = 0
 
-    def start(self) -> LookupClient:
+    def start(self) -> CachedVerdicts:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
@@ -95,7 +97,7 @@ class LookupProcess:
                 os._exit(code)
         theirs.close()
         self.pid = pid
-        return LookupClient(mine)
+        return CachedVerdicts(LookupClient(mine), CACHE_TTL)
 
     def _serve(self, sock: socket.socket) -> int:
         verdicts = LocalVerdicts(self.home, mailbox=_as_user)
@@ -117,33 +119,21 @@ class LookupProcess:
 
 
 class LookupClient:
-    """``verdict(local)`` over the socket pair, cached for ``ttl`` seconds."""
+    """``verdict(local)`` over the socket pair, one question at a time (a lock: the
+    listener asks from its worker threads); cached by :func:`client` for ``CACHE_TTL``."""
 
-    def __init__(self, sock: socket.socket, ttl: float = CACHE_TTL) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.ttl = ttl
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, Status]] = {}
 
     def verdict(self, local: str) -> Outcome:
-        key = local.lower()
-        now = time.monotonic()
+        raw = local.encode("utf-8", "surrogateescape")
+        if len(raw) > MAX_LOCAL:
+            return Outcome.perm(NO_MAILBOX)  # no account or .qmail name is that long
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and now - hit[0] < self.ttl:
-                return Outcome(hit[1], "")
-            raw = local.encode("utf-8", "surrogateescape")
-            if len(raw) > MAX_LOCAL:
-                return Outcome.perm("")  # no account or .qmail name is that long
             try:
                 self.sock.sendall(_LEN.pack(len(raw)) + raw)
                 got = _read_exact(self.sock, 1)
             except OSError:
                 got = None
-            status = _BY_LETTER.get(got or b"", Status.TEMP)
-            if got is None:
-                return Outcome.temp("")
-            if len(self._cache) >= CACHE_MAX:
-                self._cache.clear()
-            self._cache[key] = (now, status)
-            return Outcome(status, "")
+        return Outcome(_BY_LETTER.get(got or b"", Status.TEMP), "")

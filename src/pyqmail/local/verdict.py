@@ -26,8 +26,10 @@ Step 3 opens files in a user's home; in root mode it must run as that user
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pyqmail.home import Home
 from pyqmail.local import dotqmail, qlocal, users
@@ -35,6 +37,12 @@ from pyqmail.local.dotqmail import DotQmailError
 from pyqmail.outcome import Outcome
 
 NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+CACHE_TTL = 5.0  # seconds an answer is reused by CachedVerdicts
+
+
+class _Answers(Protocol):
+    def verdict(self, local: str) -> Outcome: ...
+
 
 MailboxCheck = Callable[[users.UserInfo], Outcome]
 
@@ -103,6 +111,32 @@ class LocalVerdicts:
         if isinstance(got, Outcome):
             return got
         return self.mailbox(got)
+
+
+class CachedVerdicts:
+    """Answers of ``inner`` (anything with ``verdict(local)``) kept ``ttl`` seconds per
+    lower-cased local part: every step of the lookup is case-insensitive (users/cdb and
+    getpw lower-case, .qmail names are the lower-cased extension). The SMTP check's
+    short cache; a user added or a .qmail made counts within ``ttl``. Thread-safe
+    enough for the listener's worker threads (a race costs one extra lookup)."""
+
+    def __init__(self, inner: _Answers, ttl: float = CACHE_TTL, size: int = 10000) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self.size = size
+        self._cache: dict[str, tuple[float, Outcome]] = {}
+
+    def verdict(self, local: str) -> Outcome:
+        key = local.lower()
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        got = self.inner.verdict(local)
+        if len(self._cache) >= self.size:
+            self._cache.clear()
+        self._cache[key] = (now, got)
+        return got
 
 
 def would_deliver(home: Home, local: str) -> Outcome:

@@ -18,7 +18,7 @@ from typing import Protocol
 from pyqmail.control import Control
 from pyqmail.home import Home
 from pyqmail.local.users import UserInfo
-from pyqmail.local.verdict import LocalVerdicts, mailbox_status
+from pyqmail.local.verdict import CachedVerdicts, LocalVerdicts, mailbox_status
 from pyqmail.outcome import Outcome, Status
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
@@ -65,12 +65,14 @@ class RecipientVerdicts:
 
 def rcpt_checks(home: Home, *, local: LocalPartVerdicts | None = None) -> RcptChecks:
     """The SMTP recipient checks for ``home`` (smtp/rcptcheck.py), answering for local
-    parts with ``local``: by default local delivery's own lookup in this process
+    parts with ``local``: by default local delivery's own lookup in this process, its
+    answers kept 5 seconds (local/verdict.py's CachedVerdicts)
     (single-user mode, or a process that may read the homes; see :func:`guarded`);
     root mode passes the client of its lookup process (daemon/rcptlookup.py), whose
     answers may block."""
     if local is None:
-        return RcptChecks(home, RecipientVerdicts(LocalVerdicts(home, mailbox=guarded)))
+        local = CachedVerdicts(LocalVerdicts(home, mailbox=guarded))
+        return RcptChecks(home, RecipientVerdicts(local))
     return RcptChecks(home, RecipientVerdicts(local), local_blocks=True)
 
 
