@@ -218,3 +218,22 @@ def test_cache_answers_per_lowercased_local_part_for_its_ttl(site: Home, tmp_pat
     time.sleep(0.25)
     assert cache.verdict("alice-new").status is OK  # the new .qmail counts after the ttl
     assert len(asked) == 2
+
+
+def test_answers_now_unless_another_process_must_be_asked(site: Home) -> None:
+    class Elsewhere:
+        def answers_now(self, local: str) -> bool:
+            return False
+
+        def verdict(self, local: str) -> Outcome:
+            return Outcome.ok("")
+
+    assert LocalVerdicts(site).answers_now("alice")
+    cache = CachedVerdicts(Elsewhere())
+    assert not cache.answers_now("alice")
+    cache.verdict("alice")
+    assert cache.answers_now("ALICE")  # kept: answered without the other process
+    rv = RecipientVerdicts(cache)
+    assert rv.answers_now(load(site), "alice@test.example")
+    assert not rv.answers_now(load(site), "bob@test.example")
+    assert rv.answers_now(load(site), "x@elsewhere.example")  # not local: nothing to ask

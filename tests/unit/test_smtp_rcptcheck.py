@@ -42,6 +42,9 @@ class FakeLocal:
         at = address.rfind("@")
         return address[:at] if ctl.is_local(address[at + 1 :]) else None
 
+    def answers_now(self, ctl: Control, address: str) -> bool:
+        return not address.startswith("slow")
+
     def verdict(self, ctl: Control, address: str) -> Outcome | None:
         if self.local_part(ctl, address) is None:
             return None
@@ -70,6 +73,14 @@ def test_local_verdicts_and_rcptchecks_zero(home: Home, ctl: Control) -> None:
     assert c.check(ctl, {}, "s@x", "nobody@test.example", True) is PERM  # relay clients too
     write_control(home, "rcptchecks", "0\n")
     assert c.check(load(home), {}, "s@x", "nobody@test.example", False) is OK
+
+
+def test_blocking_only_for_a_lookup_elsewhere_or_a_program(home: Home, ctl: Control) -> None:
+    c = checks(home)
+    assert c.blocking({}, ctl, "slow@test.example")  # e.g. root mode's lookup, not cached
+    assert not c.blocking({}, ctl, "fast@test.example")
+    write_control(home, "rcptchecks", "0\n")
+    assert not c.blocking({}, load(home), "slow@test.example")  # not asked at all
 
 
 def test_validrcptto_text_and_cdb(home: Home, ctl: Control) -> None:
@@ -118,7 +129,8 @@ def test_rcptcheck_program_exit_codes(
 ) -> None:
     prog = _program(tmp_path, f"exit {code}\n")
     c = checks(home)
-    assert c.blocking({"RCPTCHECK": prog}) and not c.blocking({})
+    assert c.blocking({"RCPTCHECK": prog}, ctl, "a@vpop.example")
+    assert not c.blocking({}, ctl, "a@vpop.example")
     assert c.check(ctl, {"RCPTCHECK": prog}, "s@x", "a@vpop.example", False) is want
 
 

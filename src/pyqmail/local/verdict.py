@@ -43,6 +43,8 @@ CACHE_TTL = 5.0  # seconds an answer is reused by CachedVerdicts
 class _Answers(Protocol):
     def verdict(self, local: str) -> Outcome: ...
 
+    def answers_now(self, local: str) -> bool: ...
+
 
 MailboxCheck = Callable[[users.UserInfo], Outcome]
 
@@ -105,6 +107,10 @@ class LocalVerdicts:
             return Outcome.temp("Not allowed to perform deliveries as root.")
         return info
 
+    def answers_now(self, local: str) -> bool:
+        """True: :meth:`verdict` works in this process, without waiting for another."""
+        return True
+
     def verdict(self, local: str) -> Outcome:
         """OK (delivered), PERM (bounced: no such address) or TEMP (deferred)."""
         got = self.owner(local)
@@ -125,6 +131,13 @@ class CachedVerdicts:
         self.ttl = ttl
         self.size = size
         self._cache: dict[str, tuple[float, Outcome]] = {}
+
+    def answers_now(self, local: str) -> bool:
+        """A fresh answer is kept, or ``inner`` answers without waiting."""
+        hit = self._cache.get(local.lower())
+        if hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return True
+        return self.inner.answers_now(local)
 
     def verdict(self, local: str) -> Outcome:
         key = local.lower()

@@ -30,6 +30,8 @@ class LocalPartVerdicts(Protocol):
 
     def verdict(self, local: str) -> Outcome: ...
 
+    def answers_now(self, local: str) -> bool: ...
+
 
 class RecipientVerdicts:
     """Route, then ask :class:`LocalVerdicts` (or root mode's lookup client,
@@ -55,6 +57,12 @@ class RecipientVerdicts:
             return None
         return stored[: stored.rfind("@")]
 
+    def answers_now(self, ctl: Control, address: str) -> bool:
+        """True unless :meth:`verdict` would wait for another process (root mode's
+        lookup, not cached): the listener then asks from a worker thread."""
+        local = self.local_part(ctl, address)
+        return local is None or self.local.answers_now(local)
+
     def verdict(self, ctl: Control, address: str) -> Outcome | None:
         """OK / PERM / TEMP for a local recipient, None for a remote one."""
         local = self.local_part(ctl, address)
@@ -73,7 +81,7 @@ def rcpt_checks(home: Home, *, local: LocalPartVerdicts | None = None) -> RcptCh
     if local is None:
         local = CachedVerdicts(LocalVerdicts(home, mailbox=guarded))
         return RcptChecks(home, RecipientVerdicts(local))
-    return RcptChecks(home, RecipientVerdicts(local), local_blocks=True)
+    return RcptChecks(home, RecipientVerdicts(local))
 
 
 def guarded(info: UserInfo) -> Outcome:

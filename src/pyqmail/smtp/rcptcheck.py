@@ -57,6 +57,10 @@ class LocalRecipients(Protocol):
         """Delivered (OK), bounced (PERM), deferred (TEMP); None if not local."""
         ...
 
+    def answers_now(self, ctl: Control, address: str) -> bool:
+        """False if ``verdict`` would wait for another process (root mode's lookup)."""
+        ...
+
 
 def reply_for(status: Status) -> bytes | None:
     """The RCPT reply for a verdict; None: accept (the caller says 250)."""
@@ -67,21 +71,19 @@ def reply_for(status: Status) -> bytes | None:
 
 class RcptChecks:
     """The three checks for one home. :meth:`check` is synchronous; :meth:`blocking`
-    says whether it may take long (a program, or a lookup in another process), so that
-    an event loop runs it in a thread."""
+    says whether it may take long (a program, or a lookup in another process that is
+    not cached), so that an event loop runs it in a thread."""
 
     def __init__(
         self,
         home: Home,
         local: LocalRecipients | None,
         *,
-        local_blocks: bool = False,
         floor: float = REFUSE_FLOOR,
         program_timeout: float = PROGRAM_TIMEOUT,
     ) -> None:
         self.home = home
         self.local = local
-        self.local_blocks = local_blocks
         self.floor = floor
         self.program_timeout = program_timeout
         # Both looked at (one stat each) per recipient they apply to, so an edit or a
@@ -89,8 +91,11 @@ class RcptChecks:
         self._valid = CdbCache(home.control / "validrcptto.cdb")
         self._text = _ListFile(home.control / "validrcptto")
 
-    def blocking(self, env: Mapping[str, str]) -> bool:
-        return self.local_blocks or bool(env.get("RCPTCHECK"))
+    def blocking(self, env: Mapping[str, str], ctl: Control, address: str) -> bool:
+        if env.get("RCPTCHECK"):
+            return True
+        local = self.local
+        return local is not None and ctl.rcptchecks != 0 and not local.answers_now(ctl, address)
 
     def check(
         self, ctl: Control, env: Mapping[str, str], sender: str, address: str, relayed: bool

@@ -550,7 +550,7 @@ class _SmtpProtocol(asyncio.Protocol):
         start = self.loop.time()
         sender = ev.sender.decode("utf-8", "surrogateescape")
         address = ev.address.decode("utf-8", "surrogateescape")
-        if checks.blocking(env):
+        if checks.blocking(env, ctl, address):
             self.loop.create_task(self._check_in_thread(checks, ctx, sender, address, ev, start))
             return None
         try:
