@@ -61,6 +61,7 @@ from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, loc
 log = logging.getLogger("pyqmail.smtpd")
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
+_CHECKING: set[asyncio.Task[None]] = set()  # recipient checks running in worker threads
 
 _S = TypeVar("_S", bound=Submission)
 _S_co = TypeVar("_S_co", bound=Submission, covariant=True)
@@ -551,7 +552,11 @@ class _SmtpProtocol(asyncio.Protocol):
         sender = ev.sender.decode("utf-8", "surrogateescape")
         address = ev.address.decode("utf-8", "surrogateescape")
         if checks.blocking(env, ctl, address):
-            self.loop.create_task(self._check_in_thread(checks, ctx, sender, address, ev, start))
+            task = self.loop.create_task(
+                self._check_in_thread(checks, ctx, sender, address, ev, start)
+            )
+            _CHECKING.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(_CHECKING.discard)
             return None
         try:
             status = checks.check(ctl, env, sender, address, ev.relayed)
