@@ -153,9 +153,22 @@ class Pyqmail:
             capture_output=True,
         )
         (self.home / "control" / "rcpthosts").write_text("bench.local\n")
+        # rcpt@bench.local is local and exists (alias/.qmail-rcpt), so the RCPT check
+        # (on by default, docs/rcptcheck.md) does its whole lookup and accepts it
+        (self.home / "control" / "locals").write_text("bench.local\n")
+        (self.home / "alias" / ".qmail-rcpt").write_text("./Maildir/\n")
+        if root:  # the alias account's home is not this home's alias/: assign it
+            import pwd
+
+            pw = pwd.getpwnam("alias")
+            (self.home / "users" / "assign").write_text(
+                f"=rcpt:alias:{pw.pw_uid}:{pw.pw_gid}:{self.home}/alias:-:rcpt:\n.\n"
+            )
+            subprocess.run(
+                [str(VENV_BIN / "pyqmail"), "newu", "--home", str(self.home)], check=True, env=env
+            )
         self.port = free_port()
         if root:
-            (self.home / "control" / "locals").write_text("bench.local\n")
             (self.home / "control" / "concurrencylocal").write_text("0\n")
             argv = ["run", "--home", str(self.home), "--smtp", f"127.0.0.1:{self.port}"]
         else:
@@ -167,6 +180,12 @@ class Pyqmail:
         )
         wait_port(self.port)
         self.pid = self.proc.pid
+
+    def rcptchecks(self, on: bool) -> None:
+        """control/rcptchecks 1 or 0, and wait until the listener has seen it (it looks at
+        control/ once a second)."""
+        (self.home / "control" / "rcptchecks").write_text("1\n" if on else "0\n")
+        time.sleep(2.5)
 
     def queued(self) -> int:
         if self.root:  # the scheduler turns todo/N into info and local files at once
@@ -206,6 +225,12 @@ message_size_limit = 0
         self.instance.start()
         wait_port(self.port)
         self.pid = self.instance.pid
+
+    def rcptchecks(self, on: bool) -> None:
+        """control/rcptchecks 1 or 0, and wait until the listener has seen it (it looks at
+        control/ once a second)."""
+        (self.home / "control" / "rcptchecks").write_text("1\n" if on else "0\n")
+        time.sleep(2.5)
 
     def queued(self) -> int:
         return sum(len(files) for _, _, files in os.walk(self.instance.queue / "hold"))
@@ -330,6 +355,38 @@ def idle(server: Pyqmail, count: int) -> tuple[float, float, float, bool]:
 # ----------------------------------------------------------------- main
 
 
+def compare_rcptchecks(
+    ours: Pyqmail, loads: list[tuple[int, int, str]], sessions: list[int], runs: int
+) -> None:
+    """The accept rate with control/rcptchecks 1 and 0, alternating run by run."""
+    print(
+        "| messages | sessions | checks on msg/s | on CPU ms/msg | checks off msg/s "
+        "| off CPU ms/msg | on/off msg/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, size, label in loads:
+        for s in sessions:
+            on: list[Result] = []
+            off: list[Result] = []
+            for _ in range(runs):
+                ours.rcptchecks(True)
+                on.append(drive(ours, n, s, size))
+                ours.rcptchecks(False)
+                off.append(drive(ours, n, s, size))
+            lost = [r.accepted for r in on + off if r.accepted != n]
+            r_on = statistics.median(r.rate for r in on)
+            r_off = statistics.median(r.rate for r in off)
+            c_on = statistics.median(r.cpu_ms for r in on)
+            c_off = statistics.median(r.cpu_ms for r in off)
+            ratios = statistics.median(a.rate / b.rate for a, b in zip(on, off, strict=True))
+            note = f" (only {lost} queued!)" if lost else ""
+            print(
+                f"| {n} x {label} | {s} | {r_on:.0f}{note} | {c_on:.2f} | {r_off:.0f} "
+                f"| {c_off:.2f} | **{ratios:.2f}** |",
+                flush=True,
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="runs per cell; the median is shown")
@@ -344,8 +401,16 @@ def main() -> int:
         action="store_true",
         help="pyqmail run as root (multi-user home) instead of pyqmail smtpd; no idle test",
     )
+    ap.add_argument(
+        "--rcptchecks",
+        action="store_true",
+        help="compare pyqmail with the RCPT check on and off, run by run (no Postfix)",
+    )
     add_dir_arg(ap)
     a = ap.parse_args()
+    if a.rcptchecks:
+        a.no_postfix = True
+        a.idle = 0
     if a.root:
         if os.geteuid() != 0:
             print("bench/smtp.py: --root needs root", file=sys.stderr)
@@ -381,6 +446,9 @@ def main() -> int:
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
             f"creating a file costs {create_cost(tmp):.0f} us, median of {a.runs} run(s)\n"
         )
+        if a.rcptchecks:
+            compare_rcptchecks(ours, loads, sessions, a.runs)
+            return 0
         print(
             "| messages | sessions | pyqmail msg/s | pyqmail CPU ms/msg | Postfix msg/s "
             "| Postfix CPU ms/msg | ratio msg/s | ratio CPU |"

@@ -253,6 +253,7 @@ class Control:
     spawnlimit: int
     qmtproutes: Mapping[str, str]
     tlsdestinations: frozenset[str]
+    rcptchecks: int  # 0: no recipient check against local delivery at RCPT (docs/rcptcheck.md)
     # where each value came from: "file", "default", or "me"; and what looked wrong
     sources: Mapping[str, str] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
@@ -276,6 +277,7 @@ _INTS = {
     "timeoutremote": 1200,
     "timeoutsmtpd": 1200,
     "spawnlimit": DEFAULT_SPAWN_LIMIT,
+    "rcptchecks": 1,
 }
 # the front door's files: ints, 0 = off or the listener's default (Control's comments)
 _FRONT_INTS = {"greylist": 0, "greylistexpire": 35 * 86400, "concurrencyincoming": 0,
@@ -287,8 +289,8 @@ _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers"
 KNOWN_FILES = frozenset(
     {"me", "bouncefrom", "doublebounceto", "helohost", "localiphost", "smtpgreeting",
      "defaultdelivery", "morercpthosts.cdb", "morercpthosts.tmp", "tcp.smtp", "tcp.smtp.cdb",
-     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", *_LINE_ME, *_INTS, *_LISTS,
-     "rbllist", *_FRONT_INTS}
+     "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", "validrcptto",
+     "validrcptto.cdb", "validrcptto.tmp", *_LINE_ME, *_INTS, *_LISTS, "rbllist", *_FRONT_INTS}
 )  # fmt: skip
 
 

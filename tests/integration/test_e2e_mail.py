@@ -116,6 +116,7 @@ def test_swaks_to_local_users_ext_virtual_alias_mbox_program_forward(mta: Mta) -
 
 
 def test_unknown_user_bounces_in_qsbmf_to_the_sender(mta: Mta) -> None:
+    write_control(mta.home, "rcptchecks", "0\n")  # else refused at RCPT (no bounce)
     mta.start()
     mta.send("alice@test.example", ["nobody@test.example"], "lost")
     wait_for(lambda: bool(mail_to(mta, "alice", b"failure notice")), what="bounce")
@@ -137,6 +138,7 @@ def test_unknown_user_bounces_in_qsbmf_to_the_sender(mta: Mta) -> None:
 def test_bounce_of_a_bounce_goes_to_doublebounceto(mta: Mta) -> None:
     write_control(mta.home, "doublebounceto", "bob\n")
     write_control(mta.home, "doublebouncehost", "test.example\n")
+    write_control(mta.home, "rcptchecks", "0\n")  # else refused at RCPT (no bounce)
     mta.start()
     mta.send("", ["nobody@test.example"], "null sender")
     wait_for(lambda: len(files(mta.maildir("bob"))) == 1, what="double bounce")

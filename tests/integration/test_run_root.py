@@ -80,6 +80,7 @@ def ids_of(pid: int) -> tuple[int, int]:
 
 def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -> None:
     home, user = root_home
+    (home.control / "rcptchecks").write_text("0\n")  # joe-nobox must reach local delivery
     ids = home.ids()
     port = free_port()
     proc, log = start_root_run(home, port)
@@ -120,8 +121,12 @@ def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -
             int(k) for k in kids if ids_of(int(k)) == (ids.uid("daemon"), ids.gid("nofiles"))
         ]
         grandkids = Path(f"/proc/{smtpd}/task/{smtpd}/children").read_text().split()
-        assert [ids_of(int(k)) for k in grandkids] == [(ids.uid("queue"), ids.gid("qmail"))]
-        assert b"Received: (qmail %s invoked from network)" % grandkids[0].encode() in first
+        # ... beside the recipient lookup process (daemon/rcptlookup.py), which stays root
+        # to become each user per lookup, as qmail-lspawn does
+        by_ids = {ids_of(int(k)): k for k in grandkids}
+        assert sorted(by_ids) == sorted([(ids.uid("queue"), ids.gid("qmail")), (0, 0)])
+        committer = by_ids[(ids.uid("queue"), ids.gid("qmail"))]
+        assert b"Received: (qmail %s invoked from network)" % committer.encode() in first
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
@@ -130,6 +135,33 @@ def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -
     assert "status: exiting" in text and "alert" not in text
     for kind in ("todo", "intd", "info", "local", "remote", "bounce"):
         assert not any(files(d) for d in [home.queue / kind, *(home.queue / kind).glob("*")])
+
+
+def test_rcpt_check_looks_into_a_private_home_as_its_user(
+    root_home: tuple[Home, Path],
+) -> None:
+    """qmaild may not look into joe's 0700 home; the lookup process's child, as joe's
+    uid, may: joe-box (.qmail-box) is accepted, joe-nobox refused, and the answers are
+    the same as local delivery's (test_local_verdict.py has the table)."""
+    home, user = root_home
+    (user / ".qmail-box").write_text("./Maildir/\n")
+    os.chown(user / ".qmail-box", pwd.getpwnam("nobody").pw_uid, -1)
+    user.chmod(0o700)
+    port = free_port()
+    proc, log = _start(home, "--smtp", f"127.0.0.1:{port}")
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        assert proc.poll() is None, log.read_text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.mail("a@example.org")
+            assert s.rcpt("joe-box@test.example")[0] == 250
+            assert s.rcpt("JOE-Box@test.example")[0] == 250
+            code, text = s.rcpt("joe-nobox@test.example")
+            assert code == 550 and b"5.1.1" in text
+            assert s.rcpt("joe@test.example")[0] == 250  # base address: defaultdelivery
+    finally:
+        assert _stop(proc) == 0
+    assert "Traceback" not in log.read_text()
 
 
 # -- root never follows a path that a lesser account controls -------------------------------

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qstat": ("qstat", "count the queue's messages"),
     "newu": ("newu", "compile users/assign into users/cdb"),
     "newmrh": ("newmrh", "compile control/morercpthosts into morercpthosts.cdb"),
+    "newvalidrcptto": ("newvalidrcptto", "compile control/validrcptto into validrcptto.cdb"),
     "inject": ("inject", "qmail-inject: fix a message's header and queue it"),
     "sendmail": ("sendmail", "the sendmail interface programs use"),
     "qmqpc": ("qmqpc", "qmail-qmqpc: hand a message to a QMQP server (mini-qmail)"),

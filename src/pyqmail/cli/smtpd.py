@@ -32,9 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--listen" or a.startswith("--listen=") for a in args):
         home, _rest = split_home_args(args)
+        from pyqmail.send.rcptverdict import rcpt_checks
         from pyqmail.smtp.stdio import run_stdio
 
-        return run_stdio(home)
+        return run_stdio(home, rcpt_checks=rcpt_checks(home))
     p = argparse.ArgumentParser(prog=PROG, description="the SMTP listener")
     p.add_argument("--listen", action="append", required=True, metavar="ADDR:PORT")
     p.add_argument("--rules", type=Path, default=None, metavar="CDB")
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fatal(PROG, str(e), 100)
     if ns.workers < 1 or ns.max_conns < 1 or ns.max_per_ip < 1:
         return fatal(PROG, "--workers, --max-conns and --max-per-ip must be positive", 100)
+    from pyqmail.send.rcptverdict import rcpt_checks
     from pyqmail.smtp.listen import ListenOptions, serve
 
     opts = ListenOptions(
@@ -74,5 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         greet_delay=ns.greet_delay,
         workers=ns.workers,
         control_ttl=ns.control_ttl,
+        rcpt_checks=rcpt_checks(home),
     )
     return serve(home, addrs, opts)

@@ -48,8 +48,10 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
+from pyqmail.send.rcptverdict import rcpt_checks as make_rcpt_checks
 from pyqmail.send.stats import SendStats
 from pyqmail.smtp.protocol import Door
+from pyqmail.smtp.rcptcheck import RcptChecks
 from pyqmail.smtp.server import SmtpServer
 from pyqmail.tcprules import Decision
 
@@ -180,6 +182,7 @@ async def start_listeners(
     smtp_submitter: Submitter | None = None,
     serving: bool = True,
     sink: LogSink | None = None,
+    rcpt_checks: RcptChecks | None = None,
 ) -> Listeners:
     """Bind the SMTP, QMQP and QMTP listeners ``cfg`` names (OSError if one cannot bind).
 
@@ -187,6 +190,10 @@ async def start_listeners(
     given (root mode's committer process). ``warn`` gets the start-up warning that QMQP
     serves loopback clients only. With ``serving=False`` every socket is bound but accepts
     nothing until ``Listeners.start_serving()``.
+
+    SMTP checks recipients at RCPT (smtp/rcptcheck.py) with ``rcpt_checks``; the default
+    looks local addresses up in this process (single-user mode; root mode passes the
+    client of its lookup process, daemon/rcptlookup.py).
     """
     home = cfg.home
     smtp = DaemonSmtpServer(
@@ -196,6 +203,7 @@ async def start_listeners(
         rules=cfg.rules,
         sink=sink if cfg.session_log else None,
         limits_from_control=True,  # control/concurrencyincoming, concurrencyperip
+        rcpt_checks=rcpt_checks if rcpt_checks is not None else make_rcpt_checks(home),
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:

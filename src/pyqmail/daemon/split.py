@@ -60,6 +60,7 @@ from pyqmail.daemon.parts import (
     start_sending,
     stop_sending,
 )
+from pyqmail.daemon.rcptlookup import LookupProcess
 from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
@@ -73,6 +74,7 @@ from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.send import admin
 from pyqmail.send.log import SendLog
+from pyqmail.send.rcptverdict import rcpt_checks
 from pyqmail.smtp.greylist import prepare_dir
 
 READY_TIMEOUT = 30.0
@@ -354,6 +356,9 @@ def _smtpd_main(
         envelope_uid=ids.uid("daemon"),
         fallback=submitter,
     )
+    # The RCPT check's lookups in users' homes: a child that stays root to become each
+    # user per lookup (daemon/rcptlookup.py), forked now, before the loop and the drop.
+    lookup = LookupProcess(home).start()
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -361,7 +366,7 @@ def _smtpd_main(
         # read, before every listener's process has dropped to qmaild.
         listeners = await start_listeners(
             cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False,
-            sink=_sink(cfg),
+            sink=_sink(cfg), rcpt_checks=rcpt_checks(home, local=lookup),
         )  # fmt: skip
         _prepare_greylist(home, ids)
         _drop(ids.uid("daemon"), ids.gid("nofiles"))

@@ -129,6 +129,14 @@ def choose(dash: str, ext: str, dir_fd: int | None = None) -> Chosen:
     return Chosen(None, b"", False, None)
 
 
+def no_mailbox(chosen: Chosen, dash: str) -> bool:
+    """qmail-local's one "no such address" rule (local.md 3.2 step 3): no file applies
+    and the address is not the user's base address (dash non-empty). A base address
+    without a .qmail uses defaultdelivery. The RCPT check (local/verdict.py) and the
+    delivery (qlocal.py) both decide with this function."""
+    return chosen.name is None and bool(dash)
+
+
 def parse(content: bytes) -> list[Instruction]:
     """The instructions of a .qmail file, in order.
 

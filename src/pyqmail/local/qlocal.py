@@ -257,6 +257,17 @@ def _run(
         os.close(hfd)
 
 
+def home_refusal(mode: int) -> str | None:
+    """qmail-local's checks of the home (local.md 3.1): the temporary failure for a
+    writable or sticky home directory, None when it may be delivered into. Shared with
+    the RCPT check (local/verdict.py)."""
+    if mode & 0o002:
+        return "Uh-oh: home directory is writable. (#4.7.0)"
+    if mode & 0o1000:
+        return "Home directory is sticky: user is editing his .qmail file. (#4.2.1)"
+    return None
+
+
 def _run_in(
     req: Request,
     msg_fd: int,
@@ -267,13 +278,10 @@ def _run_in(
     environ: Mapping[bytes, bytes],
 ) -> int:
     st = os.fstat(hfd)
-    if st.st_mode & 0o002:
-        raise DeliveryFailure(TEMP, "Uh-oh: home directory is writable. (#4.7.0)")
-    if st.st_mode & 0o1000:
-        if not req.dry_run:
-            raise DeliveryFailure(
-                TEMP, "Home directory is sticky: user is editing his .qmail file. (#4.2.1)"
-            )
+    refusal = home_refusal(st.st_mode)
+    if refusal is not None:
+        if not req.dry_run or not st.st_mode & 0o1000 or st.st_mode & 0o002:
+            raise DeliveryFailure(TEMP, refusal)
         rep.error("Warning: home directory is sticky.")
 
     dt = dtline(req.local, req.host)
@@ -289,7 +297,7 @@ def _run_in(
     uf = ufline(req.sender, now)
 
     chosen = dotqmail.choose(req.dash, req.ext, hfd)
-    if chosen.name is None and req.dash:
+    if dotqmail.no_mailbox(chosen, req.dash):
         raise DeliveryFailure(PERM, "Sorry, no mailbox here by that name. (#5.1.1)")
 
     newsender = req.sender

@@ -25,6 +25,7 @@ from pathlib import Path
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.queue.submit import submitter
+from pyqmail.smtp.rcptcheck import RcptChecks
 from pyqmail.smtp.server import SmtpServer, install_uvloop
 
 PROG = "pyqmail smtpd"
@@ -41,6 +42,7 @@ class ListenOptions:
     greet_delay: float = 0.0
     workers: int = 1
     control_ttl: float = 1.0
+    rcpt_checks: RcptChecks | None = None  # recipient checks at RCPT (cli/smtpd.py makes them)
 
 
 def serve(home: Home, addrs: list[tuple[str, int]], opts: ListenOptions) -> int:
@@ -102,6 +104,7 @@ def _serve(
         reuse_port=reuse,
         control_ttl=opts.control_ttl,
         limit_loopback=opts.limit_loopback,
+        rcpt_checks=opts.rcpt_checks,
     )
 
     async def run() -> int:

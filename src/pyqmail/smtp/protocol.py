@@ -6,6 +6,7 @@ the queue; this module owns everything said on the wire. The adapter calls:
 * :meth:`SmtpServerConnection.greet` once (or :meth:`receive_data` first: an early
   talker, refused with 554),
 * :meth:`receive_data` with whatever it read (``b""`` = end of file),
+* :meth:`rcpt_result` after a :class:`CheckRcpt` (the recipient check's refusal, or None),
 * :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
 * :meth:`timeout` when a read timed out,
@@ -13,10 +14,11 @@ the queue; this module owns everything said on the wire. The adapter calls:
   (STARTTLS), or before :meth:`greet` on an implicit-TLS port (465, RFC 8314).
 
 Each returns a list of events: :class:`Send` (bytes for the client, in order),
-:class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`, :class:`MessageAbort`,
-:class:`StartTls`, :class:`Close`. After a MessageStart or MessageEnd the connection
-waits (no further events in that list) until the adapter reports the result; input that
-arrives meanwhile is held, so pipelined commands are answered in order with none lost.
+:class:`CheckRcpt`, :class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`,
+:class:`MessageAbort`, :class:`StartTls`, :class:`Close`. After a CheckRcpt, MessageStart or
+MessageEnd the connection waits (no further events in that list) until the adapter reports
+the result; input that arrives meanwhile is held, so pipelined commands are answered in
+order with none lost.
 
 The adapter writes the Sends of one call together, before its next read: that is how
 qmail-smtpd answers a pipelined batch in one write (smtpd.md section 2).
@@ -95,6 +97,7 @@ class State(enum.Enum):
     GREETING = "greeting"  # nothing sent yet
     COMMAND = "command"
     DATA = "data"
+    WAIT_RCPT = "wait-rcpt"  # CheckRcpt sent; waiting for rcpt_result()
     WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
     WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
     WAIT_TLS = "wait-tls"  # StartTls sent; waiting for tls_started()
@@ -104,6 +107,16 @@ class State(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Send:
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRcpt:
+    """Check this recipient (smtp/rcptcheck.py), then call ``rcpt_result``. ``relayed``:
+    the client may relay (RELAYCLIENT set; its suffix is already in ``address``)."""
+
+    sender: bytes
+    address: bytes
+    relayed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +166,17 @@ class Note:
     reply: bytes
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | StartTls | Close | Note
+Event = (
+    Send
+    | CheckRcpt
+    | MessageStart
+    | DataChunk
+    | MessageEnd
+    | MessageAbort
+    | StartTls
+    | Close
+    | Note
+)
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
@@ -190,6 +213,7 @@ class SmtpServerConnection:
         self._barf = False
         self._rcpts: list[bytes] = []
         self._utf8 = False  # this transaction's MAIL gave SMTPUTF8 (RFC 6531)
+        self._checking = b""  # the recipient a CheckRcpt asked about
         self._errors = 0
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
@@ -278,16 +302,32 @@ class SmtpServerConnection:
             self.state = State.CLOSED
             return [Send(replies.TLS_HELLO), _CLOSE]
         self._buf = self._buf + data if self._buf else data
-        if state is State.WAIT_START or state is State.WAIT_END:
+        if state is State.WAIT_START or state is State.WAIT_END or state is State.WAIT_RCPT:
             return []
         return self._run()
 
     @property
     def wants_input(self) -> bool:
         """False while waiting for the queue, or once the held input is over the bound."""
-        if self.state in (State.WAIT_START, State.WAIT_END):
+        if self.state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT):
             return len(self._buf) < self.limits.max_held
         return self.state is not State.CLOSED and self.state is not State.WAIT_TLS
+
+    def rcpt_result(self, refusal: bytes | None) -> list[Event]:
+        """After CheckRcpt: None accepts the recipient (250), else the refusal line."""
+        if self.state is not State.WAIT_RCPT:
+            return []
+        self.state = State.COMMAND
+        events: list[Event] = []
+        if refusal is None:
+            self._rcpts.append(self._checking)
+            events.append(Send(replies.OK))
+        else:
+            self._error(events, refusal)
+        self._checking = b""
+        if self.state is not State.CLOSED:
+            events += self._run()
+        return events
 
     def start_result(self, ok: bool) -> list[Event]:
         """After MessageStart: did the queue entry open? (qmail: ``451 qqt failure``)."""
@@ -599,6 +639,11 @@ class SmtpServerConnection:
             return
         if self._greylisted(address):
             events.append(Send(replies.GREYLISTED))  # not counted as an error: it will retry
+            return
+        if session.check_rcpt:
+            self.state = State.WAIT_RCPT
+            self._checking = address
+            events.append(CheckRcpt(self._sender, address, session.relayclient is not None))
             return
         self._rcpts.append(address)
         events.append(Send(replies.OK))

@@ -55,6 +55,7 @@ from pyqmail import cdb, listener, netaddr, tcprules
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.logsink import LogSink
+from pyqmail.outcome import Status
 from pyqmail.queue import codes
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.committer import CommitProcess
@@ -63,6 +64,7 @@ from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies
 from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
+    CheckRcpt,
     Close,
     DataChunk,
     Door,
@@ -78,6 +80,7 @@ from pyqmail.smtp.protocol import (
     State,
     TlsOffer,
 )
+from pyqmail.smtp.rcptcheck import RcptChecks, reply_for
 from pyqmail.smtp.session import CdbCache, IPAddress, Session, SessionError, local_addresses
 from pyqmail.smtp.sessionlog import SessionLog, SmtpStats
 from pyqmail.smtp.tls import SERVERCERT, CertStore
@@ -86,6 +89,7 @@ from pyqmail.smtp.tls import info as tls_info
 log = logging.getLogger("pyqmail.smtpd")
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
+_CHECKING: set[asyncio.Task[None]] = set()  # recipient checks running in worker threads
 
 _S = TypeVar("_S", bound=Submission)
 _S_co = TypeVar("_S_co", bound=Submission, covariant=True)
@@ -201,8 +205,10 @@ class SmtpServer:
         resolver: dns.asyncresolver.Resolver | None = None,
         rbl_timeout: float = rbl.TIMEOUT,
         limits_from_control: bool = False,
+        rcpt_checks: RcptChecks | None = None,
     ) -> None:
         self.home = home
+        self.rcpt_checks = rcpt_checks  # recipient checks at RCPT (smtp/rcptcheck.py)
         self.ctl = ctl
         self.submitter = submitter
         if commit_process is None:
@@ -337,7 +343,13 @@ class SmtpServer:
             more = self._more.get()
         except (OSError, cdb.CdbError) as e:
             raise SessionError(f"unable to read morercpthosts.cdb: {e}") from e
-        return Session(ctl, env, morercpthosts=more, local_ips=self.local_ips)
+        return Session(
+            ctl,
+            env,
+            morercpthosts=more,
+            local_ips=self.local_ips,
+            check_rcpt=self.rcpt_checks is not None,
+        )
 
     def _use_commit_process(self) -> None:
         """Messages this process would write into the queue itself go to a committer
@@ -395,6 +407,7 @@ class _SmtpProtocol(asyncio.Protocol):
         "msg",
         "partial_since",
         "rbl_task",
+        "rcpt_ctx",
         "server",
         "size",
         "slog",
@@ -424,6 +437,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.slog: SessionLog | None = None  # the session log (smtp/sessionlog.py)
         self.size = 0  # the current message's data bytes, for the session log
         self.rbl_task: asyncio.Task[None] | None = None
+        self.rcpt_ctx: tuple[Control, dict[str, str]] | None = None
 
     # -- asyncio callbacks
 
@@ -467,6 +481,7 @@ class _SmtpProtocol(asyncio.Protocol):
                 self._close_now()
                 return
             self.msg = _Message(srv.submitter_for(env))
+            self.rcpt_ctx = (ctl, env)
             offer = srv.certs.get()
             self.tls_ctx = offer.context
             implicit = self.door is Door.SMTPS
@@ -647,6 +662,14 @@ class _SmtpProtocol(asyncio.Protocol):
                     if self.slog is not None:
                         n = cast(Note, ev)
                         self.slog.note(n.verb, n.arg, n.reply)
+                elif kind is CheckRcpt:
+                    decided = self._check_rcpt(ev)  # type: ignore[arg-type]
+                    if decided is None:  # answered later, by _rcpt_done
+                        if out:
+                            transport.write(b"".join(out))
+                        return
+                    nxt = decided
+                    break
                 elif kind is MessageStart:
                     self.size = 0
                     ok = msg.start(ev)  # type: ignore[arg-type]
@@ -709,6 +732,64 @@ class _SmtpProtocol(asyncio.Protocol):
             new.resume_reading()
         self._arm(self.timeout_s)
 
+    # -- the recipient check (smtp/rcptcheck.py): inline when it cannot block, in a
+    # thread when it may (a program, root mode's lookup process); a refusal or deferral
+    # goes out no sooner than the checks' floor after the check began.
+
+    def _check_rcpt(self, ev: CheckRcpt) -> list[Event] | None:
+        checks, ctx, conn = self.server.rcpt_checks, self.rcpt_ctx, self.conn
+        if checks is None or ctx is None or conn is None:
+            return [] if conn is None else conn.rcpt_result(None)
+        ctl, env = ctx
+        start = self.loop.time()
+        sender = ev.sender.decode("utf-8", "surrogateescape")
+        address = ev.address.decode("utf-8", "surrogateescape")
+        if checks.blocking(env, ctl, address):
+            task = self.loop.create_task(
+                self._check_in_thread(checks, ctx, sender, address, ev, start)
+            )
+            _CHECKING.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(_CHECKING.discard)
+            return None
+        try:
+            status = checks.check(ctl, env, sender, address, ev.relayed)
+        except Exception:
+            log.exception("recipient check failed for %s", self.ip)
+            status = Status.TEMP
+        reply = reply_for(status)
+        if reply is None:
+            return conn.rcpt_result(None)
+        self.loop.call_at(start + checks.floor, self._rcpt_done, reply)
+        return None
+
+    async def _check_in_thread(
+        self,
+        checks: RcptChecks,
+        ctx: tuple[Control, dict[str, str]],
+        sender: str,
+        address: str,
+        ev: CheckRcpt,
+        start: float,
+    ) -> None:
+        ctl, env = ctx
+        try:
+            status = await self.loop.run_in_executor(
+                None, checks.check, ctl, env, sender, address, ev.relayed
+            )
+        except Exception:
+            log.exception("recipient check failed for %s", self.ip)
+            status = Status.TEMP
+        reply = reply_for(status)
+        if reply is not None:
+            await asyncio.sleep(max(0.0, start + checks.floor - self.loop.time()))
+        self._rcpt_done(reply)
+
+    def _rcpt_done(self, reply: bytes | None) -> None:
+        conn = self.conn
+        if conn is None or self.transport is None or self.closing:
+            return
+        self._resume(conn, lambda: conn.rcpt_result(reply))
+
     async def _commit(self) -> None:
         msg, conn = self.msg, self.conn
         if msg is None or conn is None:
@@ -728,15 +809,21 @@ class _SmtpProtocol(asyncio.Protocol):
         reply = smtp_reply(result)
         if self.conn is None or self.transport is None or self.closing:
             return
+        self._resume(conn, lambda: conn.message_result(reply))
+
+    def _resume(self, conn: SmtpServerConnection, step: Callable[[], list[Event]]) -> None:
+        """The answer the core waited for (the queue's, the recipient check's) is in:
+        carry out what ``step`` returns, then read again if the core wants input."""
         self.last = self.loop.time()
         try:
-            events = conn.message_result(reply)
+            events = step()
         except Exception:
             log.exception("protocol error with %s", self.ip)
             events = conn.fail()
         self._handle(events)
         if (
-            self.conn is not None
+            self.transport is not None
+            and self.conn is not None
             and not self.closing
             and conn.wants_input
             and not self.write_paused

@@ -91,6 +91,7 @@ class Session:
         "_rcpthosts",
         "_tcplocalip",
         "_when",
+        "check_rcpt",
         "databytes",
         "greeting",
         "local_host",
@@ -108,7 +109,10 @@ class Session:
         morercpthosts: cdb.Reader | None = None,
         local_ips: frozenset[IPAddress] = frozenset(),
         clock: Callable[[], float] = time.time,
+        check_rcpt: bool = False,
     ) -> None:
+        """``check_rcpt``: the adapter has recipient checks (smtp/rcptcheck.py) and wants
+        a :class:`~pyqmail.smtp.protocol.CheckRcpt` for each recipient rcpthosts allows."""
         greeting = ctl.smtpgreeting
         if greeting is None:
             raise SessionError("neither control/smtpgreeting nor control/me exists")
@@ -125,6 +129,7 @@ class Session:
         self._local_ips = local_ips
         self._tcplocalip = env.get("TCPLOCALIP", "")
         self._when = clock
+        self.check_rcpt = check_rcpt
 
     def badmailfrom(self, sender: bytes) -> bool:
         """qmail's bmfcheck: the address, or ``@domain``, listed (case-insensitive)."""

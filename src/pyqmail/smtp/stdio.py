@@ -25,14 +25,16 @@ import time
 from collections.abc import Callable, Mapping
 
 from pyqmail import cdb
-from pyqmail.control import ControlError, load
+from pyqmail.control import Control, ControlError, load
 from pyqmail.home import Home
+from pyqmail.outcome import Status
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies, tlsbio
 from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
+    CheckRcpt,
     Close,
     DataChunk,
     Limits,
@@ -44,6 +46,7 @@ from pyqmail.smtp.protocol import (
     StartTls,
 )
 from pyqmail.smtp.rbl import Block
+from pyqmail.smtp.rcptcheck import RcptChecks, reply_for
 from pyqmail.smtp.server import LINGER, _Message, smtp_reply
 from pyqmail.smtp.session import CdbCache, Session, SessionError, local_addresses
 from pyqmail.smtp.tls import SERVERCERT, CertStore
@@ -61,9 +64,12 @@ def run_stdio(
     submitter: BlockingSubmitter | None = None,
     clock: Callable[[], float] = time.monotonic,
     origin: str = "network",
+    rcpt_checks: RcptChecks | None = None,
 ) -> int:
     """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
     code: 0 after QUIT, 1 when the session ended any other way or could not start.
+
+    ``rcpt_checks``: recipient checks at RCPT (smtp/rcptcheck.py; cli/smtpd.py makes them).
 
     ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
     qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
@@ -74,7 +80,13 @@ def run_stdio(
     try:
         ctl = load(home)
         more = CdbCache(home.control / "morercpthosts.cdb").get()
-        session = Session(ctl, env, morercpthosts=more, local_ips=local_addresses())
+        session = Session(
+            ctl,
+            env,
+            morercpthosts=more,
+            local_ips=local_addresses(),
+            check_rcpt=rcpt_checks is not None,
+        )
         certs = CertStore(home.control / SERVERCERT, warn=_stderr).load(warn_missing=False)
     except (ControlError, SessionError, OSError, cdb.CdbError) as e:
         print(f"qmail-smtpd: {e}", file=sys.stderr)
@@ -111,6 +123,10 @@ def run_stdio(
                     out.buffer(ev.data)  # type: ignore[union-attr]
                 elif kind is DataChunk:
                     msg.write(ev.data)  # type: ignore[union-attr]
+                elif kind is CheckRcpt:
+                    assert rcpt_checks is not None
+                    events = conn.rcpt_result(_check(rcpt_checks, ctl, env, ev, clock))  # type: ignore[arg-type]
+                    break
                 elif kind is MessageStart:
                     events = conn.start_result(msg.start(ev))  # type: ignore[arg-type]
                     break
@@ -185,6 +201,32 @@ def _rbl_check(env: Mapping[str, str], zones: tuple[tuple[str, str | None], ...]
     if block is not None:
         print(f"rblsmtpd: {ip} pid {os.getpid()}: {block.reply()[:-2].decode()}", file=sys.stderr)
     return block
+
+
+def _check(
+    checks: RcptChecks,
+    ctl: Control,
+    env: Mapping[str, str],
+    ev: CheckRcpt,
+    clock: Callable[[], float],
+) -> bytes | None:
+    """The recipient check's reply (None: accept); a refusal waits out the floor."""
+    start = clock()
+    try:
+        status = checks.check(
+            ctl,
+            env,
+            ev.sender.decode("utf-8", "surrogateescape"),
+            ev.address.decode("utf-8", "surrogateescape"),
+            ev.relayed,
+        )
+    except Exception:
+        log.exception("qmail-smtpd: recipient check failed")
+        status = Status.TEMP
+    reply = reply_for(status)
+    if reply is not None:
+        time.sleep(max(0.0, start + checks.floor - clock()))
+    return reply
 
 
 class _WriteFailed(Exception):
