@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import cdb, tcprules
+from pyqmail import tcprules
 from pyqmail.home import Home
 from pyqmail.local import users
 from pyqmail.smtp import rcptcheck
@@ -84,10 +84,11 @@ def test_listener_checks_with_rcptcheck_from_tcprules(site: Home, tmp_path: Path
     prog = tmp_path / "check"
     prog.write_text('#!/bin/sh\ncase "$RECIPIENT" in bad@*) exit 100;; esac\nexit 0\n')
     prog.chmod(0o755)
-    rules = tcprules.compile_rules(f':allow,RCPTCHECK="{prog}"\n')
-    with cdb.Writer(site.control / "tcp.smtp.cdb", site.control / "tcp.smtp.tmp") as w:
-        for k, v in rules:
-            w.add(k, v)
+    tcprules.compile_cdb(
+        [f':allow,RCPTCHECK="{prog}"\n'.encode()],
+        site.control / "tcp.smtp.cdb",
+        site.control / "tcp.smtp.tmp",
+    )
     proc = start_listener(site, "--listen", "127.0.0.1:0")
     try:
         port = wait_listening(proc)[0]

@@ -40,7 +40,7 @@ class FakeLocal:
 
     def local_part(self, ctl: Control, address: str) -> str | None:
         at = address.rfind("@")
-        return address[:at] if ctl.is_local(address[at + 1 :]) else None
+        return address[:at] if address[at + 1 :].lower() in ctl.locals else None
 
     def answers_now(self, ctl: Control, address: str) -> bool:
         return not address.startswith("slow")
