@@ -17,7 +17,7 @@ failure (SERVFAIL, timeout, no server) is ``Z ... (#4.1.2)``; NXDOMAIN is ``D ..
 nothing at all is ``D ... (#5.4.4)``.
 
 The resolver comes from ``PYQMAIL_RESOLVER=IP[:PORT]`` (``[v6]:PORT`` for IPv6), else from
-/etc/resolv.conf (:func:`make_resolver`).
+/etc/resolv.conf (:func:`pyqmail.resolver.make_resolver`, shared with smtp/authcheck.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import array
 import asyncio
 import fcntl
 import ipaddress
-import os
 import random
 import socket
 import struct
@@ -38,8 +37,8 @@ import dns.exception
 import dns.resolver
 
 from pyqmail.outcome import Outcome
-
-DEFAULT_LIFETIME = 30.0
+from pyqmail.resolver import DEFAULT_LIFETIME as DEFAULT_LIFETIME
+from pyqmail.resolver import make_resolver as make_resolver
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,34 +86,6 @@ def perm_ambigmx() -> DnsFailure:
             "it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)\n"
         )
     )
-
-
-def make_resolver(
-    spec: str | None = None, *, lifetime: float = DEFAULT_LIFETIME
-) -> dns.asyncresolver.Resolver:
-    """A resolver for ``spec`` (``IP[:PORT]``), else PYQMAIL_RESOLVER, else resolv.conf."""
-    spec = spec if spec is not None else os.environ.get("PYQMAIL_RESOLVER") or None
-    if spec is None:
-        res = dns.asyncresolver.Resolver()
-    else:
-        host, port = _split_hostport(spec)
-        res = dns.asyncresolver.Resolver(configure=False)
-        res.nameservers = [host]
-        res.port = port
-    res.lifetime = lifetime
-    res.timeout = min(res.timeout, lifetime)
-    res.cache = dns.resolver.LRUCache(10000)
-    return res
-
-
-def _split_hostport(spec: str) -> tuple[str, int]:
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else 53
-    if spec.count(":") == 1:
-        host, port = spec.split(":")
-        return host, int(port)
-    return spec, 53
 
 
 def ip_literal(host: str) -> str | None:
