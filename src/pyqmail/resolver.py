@@ -11,6 +11,7 @@ the longest one query may take, retries included; a silent or slow server costs 
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.resolver
@@ -29,7 +30,12 @@ def split_hostport(spec: str) -> tuple[str, int]:
     return spec, 53
 
 
-def _configure(res: dns.resolver.BaseResolver, spec: str | None, lifetime: float) -> None:
+_R = TypeVar("_R", bound=dns.resolver.BaseResolver)
+
+
+def _build(cls: type[_R], spec: str | None, lifetime: float) -> _R:
+    spec = spec if spec is not None else os.environ.get("PYQMAIL_RESOLVER") or None
+    res = cls(configure=spec is None)
     if spec is not None:
         host, port = split_hostport(spec)
         res.nameservers = [host]
@@ -37,27 +43,18 @@ def _configure(res: dns.resolver.BaseResolver, spec: str | None, lifetime: float
     res.lifetime = lifetime
     res.timeout = min(res.timeout, lifetime)
     res.cache = dns.resolver.LRUCache(10000)
-
-
-def _spec(spec: str | None) -> str | None:
-    return spec if spec is not None else os.environ.get("PYQMAIL_RESOLVER") or None
+    return res
 
 
 def make_resolver(
     spec: str | None = None, *, lifetime: float = DEFAULT_LIFETIME
 ) -> dns.asyncresolver.Resolver:
     """An async resolver for ``spec`` (``IP[:PORT]``), else PYQMAIL_RESOLVER, else resolv.conf."""
-    spec = _spec(spec)
-    res = dns.asyncresolver.Resolver(configure=spec is None)
-    _configure(res, spec, lifetime)
-    return res
+    return _build(dns.asyncresolver.Resolver, spec, lifetime)
 
 
 def make_sync_resolver(
     spec: str | None = None, *, lifetime: float = DEFAULT_LIFETIME
 ) -> dns.resolver.Resolver:
     """The same as :func:`make_resolver`, blocking (for libraries that run in a thread)."""
-    spec = _spec(spec)
-    res = dns.resolver.Resolver(configure=spec is None)
-    _configure(res, spec, lifetime)
-    return res
+    return _build(dns.resolver.Resolver, spec, lifetime)
