@@ -6,15 +6,18 @@ the queue; this module owns everything said on the wire. The adapter calls:
 * :meth:`SmtpServerConnection.greet` once (or :meth:`receive_data` first: an early
   talker, refused with 554),
 * :meth:`receive_data` with whatever it read (``b""`` = end of file),
+* :meth:`mail_result` after a :class:`MailCheck` (the checks of incoming mail at MAIL:
+  SPF, smtp/authcheck.py; only when the connection was made with ``mail_hook=True``),
 * :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
 * :meth:`timeout` when a read timed out.
 
 Each returns a list of events: :class:`Send` (bytes for the client, in order),
-:class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`, :class:`MessageAbort`,
-:class:`Close`. After a MessageStart or MessageEnd the connection waits (no further
-events in that list) until the adapter reports the result; input that arrives meanwhile
-is held, so pipelined commands are answered in order with none lost.
+:class:`MailCheck`, :class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`,
+:class:`MessageAbort`, :class:`Close`. After a MessageStart or MessageEnd the connection
+waits (no further events in that list) until the adapter reports the result; input that
+arrives meanwhile is held, so pipelined commands are answered in order with none lost;
+the same after a MailCheck until :meth:`mail_result`.
 
 The adapter writes the Sends of one call together, before its next read: that is how
 qmail-smtpd answers a pipelined batch in one write (smtpd.md section 2).
@@ -61,6 +64,7 @@ class State(enum.Enum):
     GREETING = "greeting"  # nothing sent yet
     COMMAND = "command"
     DATA = "data"
+    WAIT_MAIL = "wait-mail"  # MailCheck sent; waiting for mail_result()
     WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
     WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
     CLOSED = "closed"
@@ -69,6 +73,14 @@ class State(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Send:
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MailCheck:
+    """A valid MAIL FROM to be checked (SPF) before it is answered: call ``mail_result``."""
+
+    sender: bytes
+    helo: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +114,7 @@ class Close:
     """Close the connection after writing what was sent."""
 
 
-Event = Send | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
+Event = Send | MailCheck | MessageStart | DataChunk | MessageEnd | MessageAbort | Close
 
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _HTTP = frozenset({b"get", b"post", b"connect", b"head", b"put", b"options", b"delete"})
@@ -113,8 +125,12 @@ _CLOSE = Close()
 class SmtpServerConnection:
     """One SMTP conversation. See the module docstring for how an adapter drives it."""
 
-    def __init__(self, session: Session, limits: Limits | None = None) -> None:
+    def __init__(
+        self, session: Session, limits: Limits | None = None, *, mail_hook: bool = False
+    ) -> None:
         self.session = session
+        self.mail_hook = mail_hook  # MAIL waits for mail_result (checks of incoming mail)
+        self._checking: bytes | None = None  # the sender waiting for mail_result
         self.limits = limits or Limits()
         self.state = State.GREETING
         self._buf = b""
@@ -183,16 +199,31 @@ class SmtpServerConnection:
             self.state = State.CLOSED
             return [Send(replies.TLS_HELLO), _CLOSE]
         self._buf = self._buf + data if self._buf else data
-        if state is State.WAIT_START or state is State.WAIT_END:
+        if state is State.WAIT_START or state is State.WAIT_END or state is State.WAIT_MAIL:
             return []
         return self._run()
 
     @property
     def wants_input(self) -> bool:
         """False while waiting for the queue, or once the held input is over the bound."""
-        if self.state in (State.WAIT_START, State.WAIT_END):
+        if self.state in (State.WAIT_START, State.WAIT_END, State.WAIT_MAIL):
             return len(self._buf) < self.limits.max_held
         return self.state is not State.CLOSED
+
+    def mail_result(self, refusal: bytes | None) -> list[Event]:
+        """After MailCheck: None accepts the sender (250), else the refusal reply line."""
+        if self.state is not State.WAIT_MAIL:
+            return []
+        self.state = State.COMMAND
+        sender, self._checking = self._checking, None
+        events: list[Event] = []
+        if refusal is None and sender is not None:
+            self._accept_mail(sender, events)
+        else:
+            self._error(events, refusal or replies.TEMP_ERROR)
+        if self.state is not State.CLOSED:
+            events += self._run()
+        return events
 
     def start_result(self, ok: bool) -> list[Event]:
         """After MessageStart: did the queue entry open? (qmail: ``451 qqt failure``)."""
@@ -413,6 +444,15 @@ class SmtpServerConnection:
         if isinstance(checked, bytes):
             self._error(events, checked)
             return
+        if self.mail_hook:
+            self._reset()  # a new MAIL ends the old transaction, accepted or not
+            self._checking = address
+            self.state = State.WAIT_MAIL
+            events.append(MailCheck(address, self._helo))
+            return
+        self._accept_mail(address, events)
+
+    def _accept_mail(self, address: bytes, events: list[Event]) -> None:
         self._sender = address
         self._rcpts = []
         self._barf = self.session.badmailfrom(address)
