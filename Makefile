@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 DEMO   := $(CURDIR)/var/qmail
 # Debian packages the tests use as real peers (tcprules/tcpserver, swaks, Postfix's
 # smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback).
-DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base
+DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base python3-authres
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 

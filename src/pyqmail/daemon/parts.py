@@ -44,6 +44,7 @@ from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
+from pyqmail.smtp.authcheck import AuthChecker
 from pyqmail.smtp.server import SmtpServer
 from pyqmail.tcprules import Decision
 
@@ -170,7 +171,11 @@ async def start_listeners(
     """
     home = cfg.home
     smtp = DaemonSmtpServer(
-        home, ctl, smtp_submitter if smtp_submitter is not None else submitter, rules=cfg.rules
+        home,
+        ctl,
+        smtp_submitter if smtp_submitter is not None else submitter,
+        rules=cfg.rules,
+        auth=AuthChecker(home.control),  # SPF, DKIM, DMARC of mail from the network
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:

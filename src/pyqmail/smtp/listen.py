@@ -25,6 +25,7 @@ from pathlib import Path
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.queue.submit import submitter
+from pyqmail.smtp.authcheck import AuthChecker
 from pyqmail.smtp.server import SmtpServer, install_uvloop
 
 PROG = "pyqmail smtpd"
@@ -102,6 +103,7 @@ def _serve(
         reuse_port=reuse,
         control_ttl=opts.control_ttl,
         limit_loopback=opts.limit_loopback,
+        auth=AuthChecker(home.control),  # SPF, DKIM, DMARC of mail from the network
     )
 
     async def run() -> int:
