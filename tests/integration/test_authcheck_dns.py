@@ -395,3 +395,16 @@ def test_listener_relay_clients_are_not_checked(home: Home, silent: str) -> None
     assert out[0][-2].startswith(b"250 ok")
     (mess,) = _queued(home)
     assert b"Authentication-Results" not in mess
+
+
+def test_listener_spf_only_streams_with_the_header(home: Home, dnsmasq: str) -> None:
+    (home.control / "rcpthosts").write_text("test.example\n")
+    (home.control / "authchecks").write_text("dkim=off\ndmarc=off\n")
+    out = _serve(home, dnsmasq, [(b"bob@fail.test", FORGED + b"From: bob@fail.test\n\nx\n")])
+    assert out[0][-2].startswith(b"250 ok")
+    (mess,) = _queued(home)
+    head = mess.split(b"\n\n")[0]
+    assert (
+        b"Authentication-Results: mx.test.example;\n\tspf=fail smtp.mailfrom=bob@fail.test" in head
+    )
+    assert b"dmarc=" not in head and b"x@fail.test" not in head

@@ -3,11 +3,23 @@ authserv-id are dropped while the message streams, in any chunking; nothing else
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyqmail.smtp.authspool import HeaderFilter, claims
+from pyqmail.queue.contract import Reply
+from pyqmail.smtp.authcheck import AuthChecker, ConnectionChecks, Mode, Policy, SpfResult
+from pyqmail.smtp.authspool import (
+    CheckedSubmission,
+    CheckingSubmitter,
+    FilteredSubmission,
+    HeaderFilter,
+    claims,
+)
 
 ME = "mx.local.test"
 
@@ -107,3 +119,66 @@ def test_claims(field: bytes, want: bool) -> None:
 def test_chunking_never_changes_the_result(parts: list[bytes], piece: int) -> None:
     msg = b"".join(parts)
     assert run(msg, piece) == run(msg)
+
+
+class _Inner:
+    """A queue submission that records what it gets."""
+
+    def __init__(self, received: bytes) -> None:
+        self.data = received
+        self.committed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
+        self.committed = True
+        return Reply(0)
+
+    def abort(self) -> None:
+        pass
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self.opened: list[_Inner] = []
+
+    def begin(self, *, origin: str = "network", received: bytes = b"") -> _Inner:
+        self.opened.append(_Inner(received))
+        return self.opened[-1]
+
+
+def _checks(tmp_path: Path, policy: Policy) -> ConnectionChecks:
+    c = AuthChecker(tmp_path, resolver="127.0.0.1:9").connection(policy, ME, "192.0.2.1")
+    c.spf_results = [SpfResult("pass", "mailfrom", "b.test", "a@b.test")]
+    return c
+
+
+def test_spf_only_streams_into_the_queue_at_once(tmp_path: Path) -> None:
+    """With DKIM and DMARC off the header is known at DATA: nothing is spooled."""
+    q = _Queue()
+    sub = CheckingSubmitter(q, _checks(tmp_path, Policy(dkim=Mode.OFF, dmarc=Mode.OFF)))  # type: ignore[arg-type]
+    s = sub.begin(received=b"Received: x\n")
+    assert isinstance(s, FilteredSubmission) and len(q.opened) == 1
+    s.write(b"Authentication-Results: mx.local.test; spf=pass\nSubject: s\n\nbo")
+    assert q.opened[0].data.endswith(b"Subject: s\n\nbo")  # already in the queue entry
+    s.write(b"dy\n")
+    assert asyncio.run(s.commit(b"a@b.test", [b"x@y"])) == Reply(0)  # type: ignore[arg-type]
+    assert q.opened[0].data == (
+        b"Received: x\nAuthentication-Results: mx.local.test;\n\tspf=pass smtp.mailfrom=a@b.test"
+        b"\nSubject: s\n\nbody\n"
+    )
+
+
+def test_dmarc_on_spools_until_the_verdict(tmp_path: Path) -> None:
+    q = _Queue()
+    sub = CheckingSubmitter(q, _checks(tmp_path, Policy(dkim=Mode.OFF)))  # type: ignore[arg-type]
+    s = sub.begin(received=b"Received: x\n")
+    assert isinstance(s, CheckedSubmission)
+    s.write(b"Subject: no From\n\nbody\n")
+    assert q.opened == []  # nothing queued before the end of DATA
+    assert asyncio.run(s.verdict()) is None
+    assert asyncio.run(s.commit(b"a@b.test", [b"x@y"])) == Reply(0)
+    assert q.opened[0].committed
+    assert b"dmarc=permerror" in q.opened[0].data  # no From: DMARC cannot be evaluated
+    assert q.opened[0].data.endswith(b"\nSubject: no From\n\nbody\n")

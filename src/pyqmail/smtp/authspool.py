@@ -17,8 +17,11 @@ temporary directory, mode 0600), and at the end of DATA:
    that claims our authserv-id, RFC 8601 5), and commits.
 
 The price is a second copy of each checked message (page cache, usually), and the
-queue's ``451 qqt failure`` comes at the end of DATA instead of at DATA. Unchecked
-sessions (relay clients, every check off) do not pass through here.
+queue's ``451 qqt failure`` comes at the end of DATA instead of at DATA. With DKIM and
+DMARC off the header is known at DATA (SPF was checked at MAIL): then nothing is spooled,
+the queue entry is begun at once and the message streams into it through the filter
+(:class:`FilteredSubmission`). Unchecked sessions (relay clients, every check off) do not
+pass through here.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import asyncio
 import logging
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import authres  # type: ignore[import-untyped]
 
 from pyqmail.queue import codes
 from pyqmail.queue.contract import QueueError, Reply, Submission, Submitter
-from pyqmail.smtp.authcheck import ConnectionChecks, Verdict, build_header
+from pyqmail.smtp.authcheck import ConnectionChecks, Mode, Verdict, build_header
 
 log = logging.getLogger("pyqmail.authcheck")
 
@@ -169,8 +172,37 @@ class CheckingSubmitter:
         self.inner = inner
         self.checks = checks
 
-    def begin(self, *, origin: str = "network", received: bytes = b"") -> CheckedSubmission:
-        return CheckedSubmission(self.inner, self.checks, origin, received)
+    def begin(
+        self, *, origin: str = "network", received: bytes = b""
+    ) -> CheckedSubmission | FilteredSubmission:
+        checks = self.checks
+        if checks.policy.dkim is Mode.OFF and checks.policy.dmarc is Mode.OFF:
+            header = build_header(checks.me, Verdict(spf=list(checks.spf_results)))
+            sub = self.inner.begin(origin=origin, received=received + header)
+            return FilteredSubmission(sub, checks.me)
+        return CheckedSubmission(self.inner, checks, origin, received)
+
+
+class FilteredSubmission:
+    """A message streamed straight into the queue, through the filter (header known)."""
+
+    def __init__(self, inner: Submission, me: str) -> None:
+        self.inner = inner
+        self.filter = HeaderFilter(me)
+
+    def write(self, data: bytes) -> None:
+        out = self.filter.feed(data)
+        if out:
+            self.inner.write(out)
+
+    def commit(self, sender: bytes, recipients: Sequence[bytes]) -> Awaitable[Reply]:
+        tail = self.filter.finish()
+        if tail:
+            self.inner.write(tail)
+        return self.inner.commit(sender, recipients)
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 class CheckedSubmission:
@@ -204,8 +236,13 @@ class CheckedSubmission:
         return head[: end + 1] if end >= 0 else head[: head.rfind(b"\n") + 1]
 
     def _whole(self) -> bytes:
-        self.spool.seek(0)
-        return bytes(self.spool.read())
+        """The whole message (in the checker's thread); b"" if the session has gone and
+        closed the spool meanwhile."""
+        try:
+            self.spool.seek(0)
+            return bytes(self.spool.read())
+        except (ValueError, OSError):
+            return b""
 
     async def verdict(self) -> bytes | None:
         """Run the checks; the refusal reply, or None to queue the message."""
