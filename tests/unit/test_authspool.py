@@ -127,6 +127,7 @@ class _Inner:
     def __init__(self, received: bytes) -> None:
         self.data = received
         self.committed = False
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -136,7 +137,7 @@ class _Inner:
         return Reply(0)
 
     def abort(self) -> None:
-        pass
+        self.aborted = True
 
 
 class _Queue:
@@ -176,9 +177,18 @@ def test_dmarc_on_spools_until_the_verdict(tmp_path: Path) -> None:
     s = sub.begin(received=b"Received: x\n")
     assert isinstance(s, CheckedSubmission)
     s.write(b"Subject: no From\n\nbody\n")
-    assert q.opened == []  # nothing queued before the end of DATA
+    assert len(q.opened) == 1 and q.opened[0].data == b""  # begun at DATA, nothing written
     assert asyncio.run(s.verdict()) is None
     assert asyncio.run(s.commit(b"a@b.test", [b"x@y"])) == Reply(0)
     assert q.opened[0].committed
     assert b"dmarc=permerror" in q.opened[0].data  # no From: DMARC cannot be evaluated
+    assert q.opened[0].data.startswith(b"Received: x\nAuthentication-Results: mx.local.test;")
     assert q.opened[0].data.endswith(b"\nSubject: no From\n\nbody\n")
+
+
+def test_a_refused_message_aborts_its_queue_entry(tmp_path: Path) -> None:
+    q = _Queue()
+    s = CheckingSubmitter(q, _checks(tmp_path, Policy())).begin()  # type: ignore[arg-type]
+    s.write(b"From: x\n\n")
+    s.abort()
+    assert q.opened[0].aborted and q.opened[0].data == b""

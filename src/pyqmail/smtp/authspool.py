@@ -11,13 +11,15 @@ temporary directory, mode 0600), and at the end of DATA:
 1. :meth:`CheckedSubmission.verdict` runs the checks on the spool (the header section, at
    most ``HEADER_MAX`` bytes of it; the whole message for DKIM up to the checker's
    ``verify_max``) and gives the refusal reply, if any: the listener then aborts;
-2. :meth:`CheckedSubmission.commit` begins the real queue entry with our Received line
-   followed by our Authentication-Results field as ``received``, copies the spool into it
-   through :class:`HeaderFilter` (which drops every incoming Authentication-Results field
-   that claims our authserv-id, RFC 8601 5), and commits.
+2. :meth:`CheckedSubmission.commit` writes our Received line and our Authentication-Results
+   field, then copies the spool through :class:`HeaderFilter` (which drops every incoming
+   Authentication-Results field that claims our authserv-id, RFC 8601 5), and commits.
 
-The price is a second copy of each checked message (page cache, usually), and the
-queue's ``451 qqt failure`` comes at the end of DATA instead of at DATA. With DKIM and
+The real queue entry is still begun at DATA (its file work overlaps the client's data, and
+a queue that cannot start still answers DATA with ``451 qqt failure``), with an empty
+``received``: every submitter writes ``received`` as the first bytes of the message, so
+writing it first at the end gives the same bytes. The price is a second copy of each
+checked message (page cache, usually). With DKIM and
 DMARC off the header is known at DATA (SPF was checked at MAIL): then nothing is spooled,
 the queue entry is begun at once and the message streams into it through the filter
 (:class:`FilteredSubmission`). Unchecked sessions (relay clients, every check off) do not
@@ -211,10 +213,10 @@ class CheckedSubmission:
     def __init__(
         self, inner: Submitter, checks: ConnectionChecks, origin: str, received: bytes
     ) -> None:
-        self.inner = inner
         self.checks = checks
-        self.origin = origin
         self.received = received
+        self.inner = inner
+        self.sub: Submission = inner.begin(origin=origin, received=b"")  # QueueError: 451 qqt
         self.spool: Any = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
         self.size = 0
         self.header: bytes | None = None
@@ -256,15 +258,13 @@ class CheckedSubmission:
     async def commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         if self.header is None:
             await self.verdict()
+        sub = self.sub
         try:
-            sub: Submission = self.inner.begin(
-                origin=self.origin, received=self.received + (self.header or b"")
-            )
-        except QueueError as e:
-            self.spool.close()
-            return Reply.of(e)
-        try:
+            sub.write(self.received + (self.header or b""))
             await self._copy(sub)
+        except QueueError as e:
+            sub.abort()
+            return Reply.of(e)
         except Exception:
             log.exception("copying a checked message into the queue failed")
             sub.abort()
@@ -281,9 +281,10 @@ class CheckedSubmission:
         while chunk := self.spool.read(COPY_CHUNK):
             sub.write(f.feed(chunk))
             await asyncio.sleep(0)
-            while getattr(self.inner, "paused", False):
+            while getattr(self.inner, "paused", False):  # a committer that lags
                 await asyncio.sleep(0.005)
         sub.write(f.finish())
 
     def abort(self) -> None:
         self.spool.close()
+        self.sub.abort()
