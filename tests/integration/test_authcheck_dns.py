@@ -408,3 +408,14 @@ def test_listener_spf_only_streams_with_the_header(home: Home, dnsmasq: str) -> 
         b"Authentication-Results: mx.test.example;\n\tspf=fail smtp.mailfrom=bob@fail.test" in head
     )
     assert b"dmarc=" not in head and b"x@fail.test" not in head
+
+
+def test_spf_evaluations_per_connection_are_bounded(tmp_path: Path, dnsmasq: str) -> None:
+    c = _conn(tmp_path, dnsmasq, Policy(spf=Mode.ENFORCE))
+
+    async def many() -> list[bytes | None]:
+        return [await c.mail(b"bob@pass.test", b"[127.0.0.1]") for _ in range(ac.MAX_SPF + 3)]
+
+    got = asyncio.run(many())
+    assert got[: ac.MAX_SPF] == [None] * ac.MAX_SPF
+    assert got[ac.MAX_SPF :] == [ac.SPF_TEMP] * 3

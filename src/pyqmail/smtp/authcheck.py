@@ -70,6 +70,7 @@ DNS_LIFETIME = 5.0  # seconds for one DNS query (retries included)
 DKIM_TIME = 15.0  # seconds for verifying one message's signatures
 VERIFY_MAX = 10 << 20  # bytes: a bigger message's DKIM signatures are not verified
 MAX_SIGS = 5  # DKIM signatures verified per message
+MAX_SPF = 20  # SPF evaluations per connection; more MAIL commands get temperror
 POOL_THREADS = 8
 
 SPF_FAIL = b"550 5.7.23 SPF validation failed for the sender (#5.7.23)\r\n"
@@ -541,9 +542,19 @@ class ConnectionChecks:
         self.ip = ip
         self._helo_cache: tuple[str, SpfResult] | None = None
         self.spf_results: list[SpfResult] = []
+        self.spf_budget = MAX_SPF  # a client looping on MAIL must not make us its DNS cannon
+
+    async def _spf(self, sender: str, helo: str) -> str:
+        if self.spf_budget <= 0:
+            return "temperror"
+        self.spf_budget -= 1
+        return await self.checker.spf(self.ip, sender, helo)
 
     async def mail(self, sender: bytes, helo: bytes | None) -> bytes | None:
-        """SPF for MAIL FROM and HELO; the refusal under ``spf=enforce``, else None."""
+        """SPF for MAIL FROM and HELO; the refusal under ``spf=enforce``, else None.
+
+        At most ``MAX_SPF`` evaluations per connection: past them the result is
+        ``temperror`` (a 451 under enforce), so one connection cannot keep us querying."""
         self.spf_results = []
         if self.policy.spf is Mode.OFF:
             return None
@@ -554,14 +565,14 @@ class ConnectionChecks:
             if self._helo_cache is not None and self._helo_cache[0] == h:
                 helo_res = self._helo_cache[1]
             else:
-                got = await self.checker.spf(self.ip, "postmaster@" + h, h)
+                got = await self._spf("postmaster@" + h, h)
                 helo_res = SpfResult(got, "helo", h.lower().rstrip("."), h)
                 self._helo_cache = (h, helo_res)
             results.append(helo_res)
         s = sender.decode("ascii", "replace")
         if s:
             domain = s.rpartition("@")[2].lower().rstrip(".")
-            got = await self.checker.spf(self.ip, s, h or domain) if is_domain(domain) else "none"
+            got = await self._spf(s, h or domain) if is_domain(domain) else "none"
             mf = SpfResult(got, "mailfrom", domain, s)
         elif helo_res is not None:  # RFC 7208 2.4: the HELO identity stands for <>
             mf = SpfResult(helo_res.result, "mailfrom", helo_res.domain, "postmaster@" + h)
