@@ -419,3 +419,31 @@ def test_spf_evaluations_per_connection_are_bounded(tmp_path: Path, dnsmasq: str
     got = asyncio.run(many())
     assert got[: ac.MAX_SPF] == [None] * ac.MAX_SPF
     assert got[ac.MAX_SPF :] == [ac.SPF_TEMP] * 3
+
+
+def test_listener_pipelined_transaction_then_half_close(home: Home, dnsmasq: str) -> None:
+    """Everything in one write, then EOF: MAIL waits for SPF, the rest is held, and the
+    message is still queued (the EOF is not read while the message commits)."""
+    (home.control / "rcpthosts").write_text("test.example\n")
+
+    async def main() -> bytes:
+        srv = SmtpServer(home, ControlCache(home), qsubmit.submitter(home), commit_process=False,
+                         auth=AuthChecker(home.control, resolver=dnsmasq, ttl=0))  # fmt: skip
+        server = await srv.start("127.0.0.1", 0)
+        r, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            w.write(b"HELO client.test\r\nMAIL FROM:<bob@pass.test>\r\nRCPT TO:<a@test.example>\r\n"
+                    b"DATA\r\nFrom: bob@pass.test\r\n\r\nbody\r\n.\r\n")  # fmt: skip
+            w.write_eof()
+            return await asyncio.wait_for(r.read(), 20)
+        finally:
+            w.close()
+            server.close()
+            await server.wait_closed()
+            await srv.aclose()
+
+    out = asyncio.run(main())
+    assert [line[:3] for line in out.split(b"\r\n")[:-1]] == [b"220", b"250", b"250", b"250",
+                                                               b"354", b"250"]  # fmt: skip
+    (mess,) = _queued(home)
+    assert b"spf=pass smtp.mailfrom=bob@pass.test" in mess

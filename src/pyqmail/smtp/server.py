@@ -613,8 +613,10 @@ class _SmtpProtocol(asyncio.Protocol):
             log.exception("protocol error with %s", self.ip)
             events = conn.fail()
         self._handle(events)
+        # Not while the commands held behind MAIL have started a message (WAIT_END):
+        # reading then would see a half-close as the client leaving mid-message.
         live = self.conn is not None and not self.closing and not self.write_paused
-        if live and conn.wants_input:
+        if live and conn.wants_input and conn.state.value in ("command", "data"):
             self.transport.resume_reading()
 
     def _linger(self) -> None:
