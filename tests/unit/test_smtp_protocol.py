@@ -12,7 +12,16 @@ from pyqmail import cdb
 from pyqmail.home import Home
 from pyqmail.mailbox import Refusal
 from pyqmail.smtp import replies
-from pyqmail.smtp.protocol import Limits, State
+from pyqmail.smtp.protocol import (
+    Close,
+    Event,
+    Limits,
+    MailCheck,
+    MessageStart,
+    Send,
+    SmtpServerConnection,
+    State,
+)
 from tests.conftest import write_control
 from tests.unit.test_smtp_support import ACCEPT, Driver, make
 
@@ -777,3 +786,63 @@ def _shared_home(factory: pytest.TempPathFactory) -> Home:
         write_control(h, "rcpthosts", "test.example\nt\n")
         _HOMES["h"] = h
     return _HOMES["h"]
+
+
+# ----------------------------------------------------------------- the MAIL hook (checks)
+
+
+def _hooked(home: Home) -> SmtpServerConnection:
+    d = make(home)
+    conn = SmtpServerConnection(d.conn.session, mail_hook=True)
+    conn.greet()
+    return conn
+
+
+def _sent(events: list[Event]) -> bytes:
+    return b"".join(ev.data for ev in events if isinstance(ev, Send))
+
+
+@pytest.mark.parametrize("piece", [1, 0])
+def test_mail_hook_holds_pipelined_commands_until_the_result(home: Home, piece: int) -> None:
+    conn = _hooked(home)
+    data = b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\n"
+    events: list[Event] = []
+    for i in range(0, len(data), piece or len(data)):
+        events += conn.receive_data(data[i : i + (piece or len(data))])
+    assert isinstance(events[-1], MailCheck)
+    assert events[-1] == MailCheck(b"a@b.example", b"client.example")
+    assert _sent(events).endswith(b"250 SIZE\r\n")  # the EHLO lines only
+    assert conn.state is State.WAIT_MAIL and conn.wants_input
+    assert conn.receive_data(b"DATA\r\n") == []  # held
+    after = conn.mail_result(None)
+    assert next(e for e in after if isinstance(e, MessageStart)).sender == b"a@b.example"
+    assert _sent(after) == b"250 ok\r\n250 ok\r\n"  # MAIL, RCPT; DATA opens the queue
+    assert _sent(conn.start_result(True)).startswith(b"354 ")
+
+
+def test_mail_hook_refusal_ends_the_transaction(home: Home) -> None:
+    conn = _hooked(home)
+    events = conn.receive_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\n")
+    assert isinstance(events[-1], MailCheck)
+    refusal = b"550 5.7.23 SPF validation failed\r\n"
+    after = conn.mail_result(refusal)
+    assert _sent(after) == refusal + replies.MAIL_FIRST
+    assert conn.state is State.COMMAND
+    assert conn.mail_result(None) == []  # no check is waiting: ignored
+
+
+def test_mail_hook_eof_and_timeout_while_waiting(home: Home) -> None:
+    conn = _hooked(home)
+    conn.receive_data(b"MAIL FROM:<a@b.example>\r\n")
+    assert conn.timeout()[-1] == Close()
+    conn = _hooked(home)
+    conn.receive_data(b"MAIL FROM:<a@b.example>\r\n")
+    assert conn.receive_data(b"") == [Close()]
+    assert conn.mail_result(None) == []
+
+
+def test_mail_hook_not_used_for_a_bad_address(home: Home) -> None:
+    conn = _hooked(home)
+    events = conn.receive_data(b"MAIL FROM:<a b>\r\n")
+    assert not any(isinstance(e, MailCheck) for e in events)
+    assert _sent(events) == _NOT_MAILBOX_MAIL

@@ -50,6 +50,7 @@ from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler, StartError
 from pyqmail.send.rcptverdict import rcpt_checks as make_rcpt_checks
 from pyqmail.send.stats import SendStats
+from pyqmail.smtp.authcheck import AuthChecker
 from pyqmail.smtp.protocol import Door
 from pyqmail.smtp.rcptcheck import RcptChecks
 from pyqmail.smtp.server import SmtpServer
@@ -204,6 +205,7 @@ async def start_listeners(
         sink=sink if cfg.session_log else None,
         limits_from_control=True,  # control/concurrencyincoming, concurrencyperip
         rcpt_checks=rcpt_checks if rcpt_checks is not None else make_rcpt_checks(home),
+        auth=AuthChecker(home.control),  # SPF, DKIM, DMARC of mail from the network
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:

@@ -17,7 +17,8 @@ failure (SERVFAIL, timeout, no server) is ``Z ... (#4.1.2)``; NXDOMAIN is ``D ..
 nothing at all is ``D ... (#5.4.4)``.
 
 The resolver comes from ``PYQMAIL_RESOLVER=IP[:PORT]`` (``[v6]:PORT`` for IPv6), else from
-/etc/resolv.conf (:func:`pyqmail.resolver.make_resolver`, shared with the SMTP block lists).
+/etc/resolv.conf (:func:`pyqmail.resolver.make_resolver`, shared with the SMTP block lists and
+smtp/authcheck.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import dns.exception
 import dns.resolver
 
 from pyqmail.outcome import Outcome
+from pyqmail.resolver import DEFAULT_LIFETIME as DEFAULT_LIFETIME
 from pyqmail.resolver import make_resolver as make_resolver
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.queue.submit import submitter
+from pyqmail.smtp.authcheck import AuthChecker
 from pyqmail.smtp.rcptcheck import RcptChecks
 from pyqmail.smtp.server import SmtpServer, install_uvloop
 
@@ -105,6 +106,7 @@ def _serve(
         control_ttl=opts.control_ttl,
         limit_loopback=opts.limit_loopback,
         rcpt_checks=opts.rcpt_checks,
+        auth=AuthChecker(home.control),  # SPF, DKIM, DMARC of mail from the network
     )
 
     async def run() -> int:

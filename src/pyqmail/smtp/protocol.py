@@ -7,6 +7,8 @@ the queue; this module owns everything said on the wire. The adapter calls:
   talker, refused with 554),
 * :meth:`receive_data` with whatever it read (``b""`` = end of file),
 * :meth:`rcpt_result` after a :class:`CheckRcpt` (the recipient check's refusal, or None),
+* :meth:`mail_result` after a :class:`MailCheck` (the checks of incoming mail at MAIL:
+  SPF, smtp/authcheck.py; only when the connection was made with ``mail_hook=True``),
 * :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
 * :meth:`timeout` when a read timed out,
@@ -14,11 +16,11 @@ the queue; this module owns everything said on the wire. The adapter calls:
   (STARTTLS), or before :meth:`greet` on an implicit-TLS port (465, RFC 8314).
 
 Each returns a list of events: :class:`Send` (bytes for the client, in order),
-:class:`CheckRcpt`, :class:`MessageStart`, :class:`DataChunk`, :class:`MessageEnd`,
-:class:`MessageAbort`, :class:`StartTls`, :class:`Close`. After a CheckRcpt, MessageStart or
-MessageEnd the connection waits (no further events in that list) until the adapter reports
-the result; input that arrives meanwhile is held, so pipelined commands are answered in
-order with none lost.
+:class:`MailCheck`, :class:`CheckRcpt`, :class:`MessageStart`, :class:`DataChunk`,
+:class:`MessageEnd`, :class:`MessageAbort`, :class:`StartTls`, :class:`Close`. After a
+MailCheck, CheckRcpt, MessageStart or MessageEnd the connection waits (no further events in
+that list) until the adapter reports the result (``mail_result``, ``rcpt_result``...); input
+that arrives meanwhile is held, so pipelined commands are answered in order with none lost.
 
 The adapter writes the Sends of one call together, before its next read: that is how
 qmail-smtpd answers a pipelined batch in one write (smtpd.md section 2).
@@ -98,6 +100,7 @@ class State(enum.Enum):
     COMMAND = "command"
     DATA = "data"
     WAIT_RCPT = "wait-rcpt"  # CheckRcpt sent; waiting for rcpt_result()
+    WAIT_MAIL = "wait-mail"  # MailCheck sent; waiting for mail_result()
     WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
     WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
     WAIT_TLS = "wait-tls"  # StartTls sent; waiting for tls_started()
@@ -117,6 +120,14 @@ class CheckRcpt:
     sender: bytes
     address: bytes
     relayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailCheck:
+    """A valid MAIL FROM to be checked (SPF) before it is answered: call ``mail_result``."""
+
+    sender: bytes
+    helo: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +179,7 @@ class Note:
 
 Event = (
     Send
+    | MailCheck
     | CheckRcpt
     | MessageStart
     | DataChunk
@@ -196,8 +208,12 @@ class SmtpServerConnection:
         tls: TlsOffer = TlsOffer.OFF,
         door: Door = Door.SMTP,
         greylist: Greylist | None = None,
+        mail_hook: bool = False,
     ) -> None:
         self.session = session
+        self.mail_hook = mail_hook  # MAIL waits for mail_result (checks of incoming mail)
+        self._mail_checking: bytes | None = None  # the sender waiting for mail_result
+        self._mail_utf8 = False  # and whether its MAIL gave SMTPUTF8
         self.limits = limits or Limits()
         self.tls_offer = tls
         self.door = door
@@ -302,14 +318,14 @@ class SmtpServerConnection:
             self.state = State.CLOSED
             return [Send(replies.TLS_HELLO), _CLOSE]
         self._buf = self._buf + data if self._buf else data
-        if state is State.WAIT_START or state is State.WAIT_END or state is State.WAIT_RCPT:
+        if state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT, State.WAIT_MAIL):
             return []
         return self._run()
 
     @property
     def wants_input(self) -> bool:
         """False while waiting for the queue, or once the held input is over the bound."""
-        if self.state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT):
+        if self.state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT, State.WAIT_MAIL):
             return len(self._buf) < self.limits.max_held
         return self.state is not State.CLOSED and self.state is not State.WAIT_TLS
 
@@ -325,6 +341,21 @@ class SmtpServerConnection:
         else:
             self._error(events, refusal)
         self._checking = b""
+        if self.state is not State.CLOSED:
+            events += self._run()
+        return events
+
+    def mail_result(self, refusal: bytes | None) -> list[Event]:
+        """After MailCheck: None accepts the sender (250), else the refusal reply line."""
+        if self.state is not State.WAIT_MAIL:
+            return []
+        self.state = State.COMMAND
+        sender, self._mail_checking = self._mail_checking, None
+        events: list[Event] = []
+        if refusal is None and sender is not None:
+            self._accept_mail(sender, self._mail_utf8, events)
+        else:
+            self._error(events, refusal or replies.TEMP_ERROR)
         if self.state is not State.CLOSED:
             events += self._run()
         return events
@@ -603,8 +634,18 @@ class SmtpServerConnection:
         if isinstance(checked, bytes):
             self._error(events, checked)
             return
+        if self.mail_hook:
+            self._reset()  # a new MAIL ends the old transaction, accepted or not
+            self._mail_checking = address
+            self._mail_utf8 = checked.smtputf8
+            self.state = State.WAIT_MAIL
+            events.append(MailCheck(address, self._helo))
+            return
+        self._accept_mail(address, checked.smtputf8, events)
+
+    def _accept_mail(self, address: bytes, utf8: bool, events: list[Event]) -> None:
         self._sender = address
-        self._utf8 = checked.smtputf8
+        self._utf8 = utf8
         self._rcpts = []
         self._barf = self.session.badmailfrom(address)
         events.append(Send(replies.OK))

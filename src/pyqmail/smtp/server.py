@@ -33,6 +33,12 @@ queue :class:`~pyqmail.queue.contract.Submitter`; neither decides anything about
 * ``qmail-smtpd`` under tcpserver (the socket on fd 0/1) is :func:`pyqmail.smtp.stdio.run_stdio`;
   its STARTTLS runs over ssl.MemoryBIO (smtp/tlsbio.py).
 
+Checks of incoming mail (smtp/authcheck.py; ``auth=``): for a connection they apply to, the
+protocol's MAIL waits for SPF (``MailCheck`` -> :meth:`_SmtpProtocol._check_mail`), the
+message is spooled by smtp/authspool.py, and the end of DATA asks its verdict before the
+commit (:meth:`_Message.verdict`): a refusal aborts the message, else the commit queues it
+with the Authentication-Results header.
+
 An unexpected exception never reaches the client: it is logged and the client gets a 451
 and the connection is closed; any message in progress is aborted (nothing queued).
 """
@@ -62,6 +68,8 @@ from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply, Submission, Submitter
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies
+from pyqmail.smtp.authcheck import AuthChecker, ConnectionChecks, Mode
+from pyqmail.smtp.authspool import CheckedSubmission, CheckingSubmitter
 from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
     CheckRcpt,
@@ -70,6 +78,7 @@ from pyqmail.smtp.protocol import (
     Door,
     Event,
     Limits,
+    MailCheck,
     MessageAbort,
     MessageEnd,
     MessageStart,
@@ -149,6 +158,13 @@ class _Message(Generic[_S]):
             return self._error
         return p
 
+    async def verdict(self) -> bytes | None:
+        """The checks of incoming mail on the message (a refusal reply), if it has them."""
+        p = self._pending
+        if isinstance(p, CheckedSubmission) and self._error is None:
+            return await p.verdict()
+        return None
+
     async def commit(self) -> Reply:
         """Make the message durable (from the event loop); the queue's reply."""
         p = self._take()
@@ -206,9 +222,11 @@ class SmtpServer:
         rbl_timeout: float = rbl.TIMEOUT,
         limits_from_control: bool = False,
         rcpt_checks: RcptChecks | None = None,
+        auth: AuthChecker | None = None,
     ) -> None:
         self.home = home
         self.rcpt_checks = rcpt_checks  # recipient checks at RCPT (smtp/rcptcheck.py)
+        self.auth = auth  # checks of incoming mail (SPF, DKIM, DMARC); None: none
         self.ctl = ctl
         self.submitter = submitter
         if commit_process is None:
@@ -385,6 +403,13 @@ class SmtpServer:
         if self.proc is not None:
             await self.proc.close()
 
+    def auth_checks(self, session: Session, ctl: Control, ip: str) -> ConnectionChecks | None:
+        """The checks of incoming mail for this connection, if any apply to it."""
+        if self.auth is None or ctl.me is None:
+            return None
+        policy = self.auth.applies(relayclient=session.relayclient is not None)
+        return None if policy is None else self.auth.connection(policy, ctl.me, ip)
+
     def submitter_for(self, env: Mapping[str, str]) -> Submitter:
         """A rule may set QMAILQUEUE for its clients (a per-client filter), as with tcpserver."""
         program = env.get("QMAILQUEUE")
@@ -397,6 +422,7 @@ class _SmtpProtocol(asyncio.Protocol):
     """One connection: bytes to the core, events to the transport and the queue."""
 
     __slots__ = (
+        "checks",
         "closing",
         "conn",
         "door",
@@ -426,6 +452,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: SmtpServerConnection | None = None
         self.msg: _Message[Submission] | None = None
+        self.checks: ConnectionChecks | None = None
         self.ip = ""
         self.ip_key = ""
         self.last = 0.0
@@ -480,7 +507,12 @@ class _SmtpProtocol(asyncio.Protocol):
                 transport.write(replies.CONTROLS)
                 self._close_now()
                 return
-            self.msg = _Message(srv.submitter_for(env))
+            sub = srv.submitter_for(env)
+            self.checks = checks = srv.auth_checks(session, ctl, ip)
+            if checks is not None:
+                sub = CheckingSubmitter(sub, checks)
+            self.msg = _Message(sub)
+            hook = checks is not None and checks.policy.spf is not Mode.OFF
             self.rcpt_ctx = (ctl, env)
             offer = srv.certs.get()
             self.tls_ctx = offer.context
@@ -491,6 +523,7 @@ class _SmtpProtocol(asyncio.Protocol):
                 tls=TlsOffer.OFF if implicit else offer.offer,
                 door=self.door,
                 greylist=srv.greylist(ctl),
+                mail_hook=hook,
             )
             self.conn.notes = True  # the session log counts (and maybe logs) each command
             self.last = self.loop.time()
@@ -621,8 +654,8 @@ class _SmtpProtocol(asyncio.Protocol):
         conn = self.conn
         if conn is None or self.closing:
             return
-        if self.msg is not None and conn.state.value == "wait-end":
-            self._arm(1.0)  # the queue is committing; its own reply ends the wait
+        if self.msg is not None and conn.state.value in ("wait-end", "wait-mail"):
+            self._arm(1.0)  # the queue (or a bounded check) is working; its reply ends the wait
             return
         if conn.state is State.WAIT_TLS:
             self._arm(1.0)  # the handshake has its own deadline
@@ -689,6 +722,13 @@ class _SmtpProtocol(asyncio.Protocol):
                         transport.write(b"".join(out))
                     transport.pause_reading()  # not one more plaintext byte is read
                     self.loop.create_task(self._upgrade())
+                    return
+                elif kind is MailCheck:
+                    if out:
+                        transport.write(b"".join(out))
+                        out = []
+                    transport.pause_reading()
+                    self.loop.create_task(self._check_mail(ev))  # type: ignore[arg-type]
                     return
                 elif kind is Close:
                     if out:
@@ -794,19 +834,27 @@ class _SmtpProtocol(asyncio.Protocol):
         msg, conn = self.msg, self.conn
         if msg is None or conn is None:
             return  # the client went away first: connection_lost aborted the message
+        refusal: bytes | None = None
         try:
-            result = await msg.commit()
+            refusal = await msg.verdict()  # checks of incoming mail
+            if refusal is not None:
+                msg.abort()
+                log.info("message from %s refused: %s", self.ip, refusal.decode().strip())
+                result = Reply(codes.OK)
+            else:
+                result = await msg.commit()
         except Exception:
             log.exception("commit crashed")
-            result = Reply(codes.INTERNAL_BUG)
-        if result.ok:
+            msg.abort()
+            result, refusal = Reply(codes.INTERNAL_BUG), None
+        if refusal is None and result.ok:
             self.server.accepted += 1
-        elif result.text:
+        elif refusal is None and result.text:
             log.warning("queue refused a message from %s: %s", self.ip, result.text)
         if self.slog is not None:
             self.slog.data(self.size)
             self.slog.queued(result.ok, result.msgnum, result.qp, self.size, result.text)
-        reply = smtp_reply(result)
+        reply = refusal if refusal is not None else smtp_reply(result)
         if self.conn is None or self.transport is None or self.closing:
             return
         self._resume(conn, lambda: conn.message_result(reply))
@@ -828,6 +876,31 @@ class _SmtpProtocol(asyncio.Protocol):
             and conn.wants_input
             and not self.write_paused
         ):
+            self.transport.resume_reading()
+
+    async def _check_mail(self, ev: MailCheck) -> None:
+        """SPF for a MAIL FROM (smtp/authcheck.py, bounded in time), then its reply."""
+        checks, conn = self.checks, self.conn
+        if checks is None or conn is None:
+            return
+        try:
+            refusal = await checks.mail(ev.sender, ev.helo)
+        except Exception:
+            log.exception("SPF check crashed")
+            refusal = replies.TEMP_ERROR
+        if self.conn is None or self.transport is None or self.closing:
+            return
+        self.last = self.loop.time()
+        try:
+            events = conn.mail_result(refusal)
+        except Exception:
+            log.exception("protocol error with %s", self.ip)
+            events = conn.fail()
+        self._handle(events)
+        # Not while the commands held behind MAIL have started a message (WAIT_END):
+        # reading then would see a half-close as the client leaving mid-message.
+        live = self.conn is not None and not self.closing and not self.write_paused
+        if live and conn.wants_input and conn.state.value in ("command", "data"):
             self.transport.resume_reading()
 
     def _linger(self) -> None:
