@@ -385,12 +385,14 @@ def test_listener_enforces(home: Home, dnsmasq: str) -> None:
 
 def test_listener_relay_clients_are_not_checked(home: Home, silent: str) -> None:
     """RELAYCLIENT (here from tcprules) skips the checks: no DNS, no header."""
-    from pyqmail import cdb, tcprules
+    from pyqmail import tcprules
 
     (home.control / "rcpthosts").write_text("test.example\n")
-    with cdb.Writer(home.control / "tcp.smtp.cdb", home.control / "tcp.smtp.tmp") as w:
-        for k, v in tcprules.compile_rules('127.:allow,RELAYCLIENT=""\n'):
-            w.add(k, v)
+    tcprules.compile_cdb(
+        [b'127.:allow,RELAYCLIENT=""\n'],
+        home.control / "tcp.smtp.cdb",
+        home.control / "tcp.smtp.tmp",
+    )
     out = _serve(home, silent, [(b"bob@fail.test", b"From: bob@fail.test\n\nx\n")])
     assert out[0][-2].startswith(b"250 ok")
     (mess,) = _queued(home)

@@ -234,6 +234,7 @@ class SmtpServerConnection:
         self._decoder: DataDecoder | None = None
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
         self.notes = False  # emit Note events (the listener's session log sets it)
+        self._noting = b""  # the command line whose Note waits for its check's answer
 
     # ----------------------------------------------------------------- adapter calls
 
@@ -341,9 +342,16 @@ class SmtpServerConnection:
         else:
             self._error(events, refusal)
         self._checking = b""
+        self._note_answer(events)
         if self.state is not State.CLOSED:
             events += self._run()
         return events
+
+    def _note_answer(self, events: list[Event]) -> None:
+        """The Note of a command whose answer waited for a check (RCPT, MAIL)."""
+        if self.notes and self._noting:
+            _note(self._noting, events, 0)
+        self._noting = b""
 
     def mail_result(self, refusal: bytes | None) -> list[Event]:
         """After MailCheck: None accepts the sender (250), else the refusal reply line."""
@@ -356,6 +364,7 @@ class SmtpServerConnection:
             self._accept_mail(sender, self._mail_utf8, events)
         else:
             self._error(events, refusal or replies.TEMP_ERROR)
+        self._note_answer(events)
         if self.state is not State.CLOSED:
             events += self._run()
         return events
@@ -432,7 +441,10 @@ class SmtpServerConnection:
             n = len(events)
             discard = self._command(line, events)
             if self.notes:
-                _note(line, events, n)
+                if self.state in _WAITING_FOR_CHECK:
+                    self._noting = line  # answered later: noted with rcpt/mail_result's reply
+                else:
+                    _note(line, events, n)
             if discard:
                 pos = len(buf)
         self._buf = buf[pos:] if pos else buf
@@ -704,6 +716,7 @@ class SmtpServerConnection:
 
 
 _NOTED = frozenset({b"helo", b"ehlo", b"mail", b"rcpt"})
+_WAITING_FOR_CHECK = frozenset({State.WAIT_RCPT, State.WAIT_MAIL})
 
 
 def _note(line: bytes, events: list[Event], n: int) -> None:
