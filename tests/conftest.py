@@ -141,9 +141,9 @@ def lo_addresses() -> Iterator[LoAddresses]:
 
 
 @contextlib.contextmanager
-def dnsmasq_server(workdir: Path, args: list[str], probe: str) -> Iterator[str]:
+def dnsmasq_server(workdir: Path, args: list[str], probe: str, qtype: str = "A") -> Iterator[str]:
     """Debian's dnsmasq on 127.0.0.1 and a free port, answering for ``.test`` from ``args``
-    (its record options); yields ``127.0.0.1:PORT`` once it answers an A query for
+    (its record options); yields ``127.0.0.1:PORT`` once it answers a ``qtype`` query for
     ``probe``."""
     import dns.exception
     import dns.resolver
@@ -160,7 +160,7 @@ def dnsmasq_server(workdir: Path, args: list[str], probe: str) -> Iterator[str]:
     deadline = time.monotonic() + 10
     while True:  # ready when it answers
         try:
-            res.resolve(probe, "A")
+            res.resolve(probe, qtype)
             break
         except dns.exception.DNSException:
             if proc.poll() is not None or time.monotonic() > deadline:

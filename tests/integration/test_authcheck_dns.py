@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import socket
 import subprocess
 import time
@@ -15,8 +14,6 @@ from pathlib import Path
 
 import authres  # type: ignore[import-untyped]
 import dkim  # type: ignore[import-untyped]
-import dns.exception
-import dns.resolver
 import pytest
 
 from pyqmail.control import ControlCache
@@ -25,7 +22,7 @@ from pyqmail.queue import submit as qsubmit
 from pyqmail.smtp import authcheck as ac
 from pyqmail.smtp.authcheck import AuthChecker, Mode, Policy
 from pyqmail.smtp.server import SmtpServer
-from tests.conftest import free_port, require_tools
+from tests.conftest import dnsmasq_server, require_tools
 
 ME = "mx.test.example"
 
@@ -53,7 +50,6 @@ def _txt(name: str, value: str) -> str:
 def dnsmasq(tmp_path_factory: pytest.TempPathFactory, dkim_key: tuple[bytes, str]) -> Iterator[str]:
     require_tools("dnsmasq")
     d = tmp_path_factory.mktemp("dnsmasq")
-    port = free_port()
     chain = [_txt(f"l{i}.test", f"v=spf1 include:l{i + 1}.test -all") for i in range(12)]
     records = [
         _txt("pass.test", "v=spf1 ip4:127.0.0.1 -all"),
@@ -76,26 +72,8 @@ def dnsmasq(tmp_path_factory: pytest.TempPathFactory, dkim_key: tuple[bytes, str
         _txt("_dmarc.dkim.test", "v=DMARC1; p=reject; adkim=s"),
         _txt("sel._domainkey.dkim.test", f"v=DKIM1; k=rsa; p={dkim_key[1]}"),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        ["dnsmasq", "-k", "--no-resolv", "--no-hosts", f"--port={port}",
-         "--listen-address=127.0.0.1", "--bind-interfaces", f"--pid-file={d / 'pid'}",
-         *(["--user=root"] if os.geteuid() == 0 else []), "--local=/test/", *records],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    res = dns.resolver.Resolver(configure=False)
-    res.nameservers, res.port, res.lifetime = ["127.0.0.1"], port, 0.2
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            res.resolve("pass.test", "TXT")
-            break
-        except dns.exception.DNSException:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"dnsmasq did not start: {proc.stderr.read()!r}") from None  # type: ignore[union-attr]
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(5)
+    with dnsmasq_server(d, records, "pass.test", "TXT") as server:
+        yield server
 
 
 @pytest.fixture
