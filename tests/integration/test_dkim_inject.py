@@ -10,7 +10,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import pytest
 
 from pyqmail import dkim
 from pyqmail.home import Home, Ids
-from pyqmail.layout import create_home
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.service import QueueService, ServiceClient, service_alive, socket_path
 from tests.integration.test_run_daemon import wait_for
+from tests.security._support import root_home
 from tests.unit.test_dkim import records, verify
 
 BIN = Path(sys.executable).parent
@@ -100,12 +99,9 @@ def multi_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
-    top = Path(tempfile.mkdtemp(prefix="pyqmail-dkim-root-"))
-    os.chmod(top, 0o755)
-    home = Home(top / "qmail", single_user=False)
-    create_home(home, "mx.test.example", home.ids())
+    home = root_home("pyqmail-dkim-root-")  # a multi-user home, as the security tests make it
     yield home
-    shutil.rmtree(top)
+    shutil.rmtree(home.root.parent)
 
 
 def _as_nobody(fn: object) -> int:

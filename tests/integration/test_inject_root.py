@@ -12,19 +12,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.home import Home
-from pyqmail.layout import create_home
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.service import ServiceClient, service_alive, socket_path
 from tests.conftest import free_port
 from tests.integration.test_run_daemon import listening, wait_for
+from tests.security._support import root_home
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:
@@ -36,12 +35,9 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def multi_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
     monkeypatch.delenv("PYQMAIL_SINGLE_USER", raising=False)
-    top = Path(tempfile.mkdtemp(prefix="pyqmail-inject-root-"))
-    os.chmod(top, 0o755)
-    home = Home(top / "qmail", single_user=False)
-    create_home(home, "mx.test.example", home.ids())
+    home = root_home("pyqmail-inject-root-")  # a multi-user home, as the security tests make it
     yield home
-    shutil.rmtree(top)
+    shutil.rmtree(home.root.parent)
 
 
 def _env(home: Home) -> dict[str, str]:
