@@ -89,7 +89,8 @@ def der(leaf: trustme.LeafCert) -> bytes:
 
 
 def received_line(message: bytes) -> bytes:
-    """Our own Received line (the one below qmail-queue's), unfolded."""
+    """Our own Received line, unfolded (the first one: with TLS it goes above
+    qmail-queue's, queue/writer.py)."""
     m = re.search(rb"\nReceived: from .*?\n  by [^\n]*\n", message)
     assert m is not None, message[:400]
     return m.group(0).replace(b"\n  ", b" ").strip()
@@ -171,8 +172,12 @@ def test_smtplib_starttls_delivers_and_received_says_esmtps(mta: TlsMta) -> None
         assert s.sock is not None
         cipher, version, _bits = s.sock.cipher()  # type: ignore[union-attr]
         s.sendmail("a@example.org", ["alice@test.example"], "Subject: smtplib tls\r\n\r\nhi\r\n")
-    line = received_line(mta.delivered("smtplib tls"))
+    message = mta.delivered("smtplib tls")
+    line = received_line(message)
     assert f" with ESMTPS ({version} {cipher}); ".encode() in line, line
+    first = message.index(b"\nReceived: ")
+    assert message.index(b"\nReceived: from ") == first  # the TLS line is on top
+    assert message.index(b"\nReceived: (qmail ") > first
     assert b"(HELO client.example)" in line
 
 

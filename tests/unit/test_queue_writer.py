@@ -84,6 +84,58 @@ def test_received_extra_and_large_message(home: Home) -> None:
     assert rest == b"Received: from x\n" + body
 
 
+_DOOR = (
+    b"Received: from unknown (HELO c.example) (127.0.0.1)\n"
+    b"  by mx.example with %s (TLSv1.3 TLS_AES_256_GCM_SHA384); 7 Dec 2026 13:00:00 -0000\n"
+)
+
+
+def _queued(home: Home, origin: str, parts: list[bytes], received: bytes = b"") -> bytes:
+    p = QueueWriter(home).begin(origin=origin, received=received)
+    for part in parts:
+        p.write(part)
+    return QueuePaths(home.queue).mess(p.commit(b"a@b", [b"r@x"])).read_bytes()
+
+
+@pytest.mark.parametrize("word", [b"ESMTPS", b"ESMTPA", b"ESMTPSA", b"UTF8SMTPS"])
+def test_protected_door_line_goes_above_qmail_queue_line(home: Home, word: bytes) -> None:
+    door = _DOOR % word
+    data = _queued(home, "network", [b"Subject: s\n\nbody\n"], received=door)
+    assert data.startswith(door)
+    second, rest = data[len(door) :].split(b"\n", 1)
+    assert re.fullmatch(rb"Received: \(qmail \d+ invoked from network\); .* -0000", second)
+    assert rest == b"Subject: s\n\nbody\n"
+
+
+def test_door_line_split_across_writes_is_still_found(home: Home) -> None:
+    door = _DOOR % b"ESMTPS"
+    whole = door + b"Subject: s\n\nbody\n"
+    data = _queued(home, "network", [whole[i : i + 7] for i in range(0, len(whole), 7)])
+    assert data.startswith(door + b"Received: (qmail ")
+
+
+@pytest.mark.parametrize(
+    ("origin", "first"),
+    [
+        ("network", _DOOR % b"SMTP"),  # a plain session: qmail's order, byte for byte
+        ("uid", _DOOR % b"ESMTPSA"),  # a local user cannot put a trace line above ours
+        ("network", b"X-Note: with ESMTPS ;\n"),  # not a Received line
+        ("network", b"Received: from x\n" + b" " * 9000 + b"with ESMTPS;\n"),  # too long
+    ],
+)
+def test_qmail_order_otherwise(home: Home, origin: str, first: bytes) -> None:
+    data = _queued(home, origin, [first, b"Subject: s\n\nbody\n"])
+    assert data.startswith(b"Received: (qmail ")
+    assert data.split(b"\n", 1)[1] == first + b"Subject: s\n\nbody\n"
+
+
+def test_message_that_is_only_the_door_line(home: Home) -> None:
+    door = _DOOR % b"ESMTPS"
+    data = _queued(home, "network", [door])
+    assert data.startswith(door) and data[len(door) :].startswith(b"Received: (qmail ")
+    assert _queued(home, "network", []).startswith(b"Received: (qmail ")
+
+
 def test_zero_byte_message_and_no_recipients(home: Home) -> None:
     w = QueueWriter(home)
     p = w.begin()

@@ -5,7 +5,14 @@ Sequence (queue.md section 3, with the directory fsyncs Linux needs):
 1. create ``pid/PID.TIME.SEQ`` (O_EXCL) and take an exclusive flock on it; N = inode;
 2. link it to ``mess/S/N`` (the pid name stays until the commit: see recover.py);
 3. write qmail-queue's Received line, the caller's ``received`` bytes and the message
-   (buffered: ``Pending.write`` is cheap);
+   (buffered: ``Pending.write`` is cheap). One departure from qmail's order: for mail
+   from the network whose first header is the door's Received line recording TLS or
+   AUTH (``with ESMTPS``/``ESMTPA``/``ESMTPSA``, RFC 3848), that line goes first and
+   qmail-queue's own line right below it, so the top trace line says how the message
+   was protected. A plain session keeps qmail's order byte for byte. Only the network
+   doors' own line can match: they write it, and the client-supplied parts of it (HELO,
+   host name) have their spaces replaced, so no client can spell `` with ESMTPS``;
+   local injection (``origin`` other than network) is never reordered;
 4. ``commit``: flush the message, create ``intd/N`` (O_EXCL) and write ``u..p..F..T..``,
    start both files' write-back; fsync mess, intd and ``mess/S`` (so the message's name
    survives): each is independent of the others, so they run at once; only when all
@@ -35,6 +42,7 @@ import fcntl
 import functools
 import itertools
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +61,9 @@ Hook = Callable[[CrashState], None]
 
 ORIGINS = ("uid", "network", "bounce", "alias")
 _BUFSIZE = 65536
+# The door's line recording TLS or AUTH (RFC 3848): what moves above qmail-queue's line.
+_PROTECTED = re.compile(rb" with (?:ESMTP|UTF8SMTP)(?:SA|S|A)[ ;]")
+_HOLD_MAX = 8192  # a first header longer than this is not the door's: qmail's order
 _PID_SEQ_TRIES = 1000
 
 
@@ -248,7 +259,11 @@ class QueueWriter:
         except BaseException:
             p.abort()
             raise
-        p.write(received_line(qp, origin, uid, now))
+        line = received_line(qp, origin, uid, now)
+        if origin == "network":
+            p._held = line  # placed once the first header is seen (module docstring)
+        else:
+            p.write(line)
         p.write(received)
         return p
 
@@ -294,8 +309,38 @@ class Pending:
         self._done = False
         self._owner = os.getpid()
         self.size = 0
+        self._held: bytes | None = None  # qmail-queue's line, until the first header ends
+
+    def _place_held(self, final: bool) -> None:
+        """Put qmail-queue's held line above the message, or below a first header that
+        records TLS or AUTH, once that header is complete (or can no longer be)."""
+        held = self._held
+        assert held is not None
+        buf = self._buf
+        end = 0
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0 or nl + 1 >= len(buf):
+                break
+            if buf[nl + 1] not in b" \t":
+                end = nl + 1
+                break
+            start = nl + 1
+        if not end:
+            if not final and len(buf) < _HOLD_MAX:
+                return  # the first header may go on in the next write
+            end = len(buf) if final else 0
+        self._held = None
+        first = bytes(buf[:end])
+        protected = first[:9].lower() == b"received:" and _PROTECTED.search(first)
+        at = end if protected else 0
+        buf[at:at] = held
+        self.size += len(held)
 
     def _flush(self) -> None:
+        if self._held is not None:
+            self._place_held(final=True)
         if self._buf and self._error is None:
             try:
                 write_all(self._fd, bytes(self._buf))
@@ -309,6 +354,8 @@ class Pending:
             raise RuntimeError("write after commit or abort")
         self._buf += data
         self.size += len(data)
+        if self._held is not None:
+            self._place_held(final=False)
         if len(self._buf) >= _BUFSIZE:
             self._flush()
 
