@@ -10,6 +10,7 @@ from pyqmail.mailbox import queue_form
 from pyqmail.netstring import BAD_LENGTH_FIELD, encode
 from pyqmail.queue.envelope import MAX_RECIPIENTS
 from pyqmail.queue.qmqpc import server_list
+from pyqmail.smtp.netdoor import received_line
 from pyqmail.smtp.qmqpd import (
     TOO_BIG,
     TOO_MANY_RECIPIENTS,
@@ -17,7 +18,6 @@ from pyqmail.smtp.qmqpd import (
     QmqpReceiver,
     Refused,
     Request,
-    received_line,
 )
 
 

@@ -39,23 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import listener, netstring
-from pyqmail.control import ControlCache
+from pyqmail import netstring
+from pyqmail.control import Control, ControlCache
 from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
 from pyqmail.netstring import NetstringError
-from pyqmail.qdate import date822
 from pyqmail.queue.codes import qq_result
 from pyqmail.queue.contract import BlockingSubmission, BlockingSubmitter
 from pyqmail.queue.envelope import MAX_RECIPIENTS
 from pyqmail.queue.writer import QueueError
-from pyqmail.smtp.session import safe
+from pyqmail.smtp.netdoor import CHUNK, SESSION_TIMEOUT, NetstringListener, received_line
 
 PORT = 628
 MAX_LENGTH = 200_000_000  # qmail-qmqpd's limit on any length
-SESSION_TIMEOUT = 3600.0  # qmail-qmqpd's alarm
 ADDRESS_LIMIT = 1000
-CHUNK = 65536
 
 BAD_ADDRESS = b"Dsorry, I can't accept addresses like that (#5.1.3)"
 NO_RECIPIENTS = b"Dsorry, a message needs at least one recipient (#5.1.3)"
@@ -209,23 +206,6 @@ class QmqpReceiver:
                 return
 
 
-def received_line(proto: str, env: Mapping[str, str], when: float | None = None) -> bytes:
-    """``Received: from HOST (INFO@IP)\\n  by LOCAL with PROTO; DATE`` (smtpd.md 6)."""
-
-    def b(s: str) -> bytes:
-        return safe(s.encode("utf-8", "surrogateescape"))
-
-    host = env.get("TCPREMOTEHOST") or "unknown"
-    info = env.get("TCPREMOTEINFO")
-    ip = env.get("TCPREMOTEIP") or "unknown"
-    local = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
-    who = (b(info) + b"@" if info is not None else b"") + b(ip)
-    return (
-        b"Received: from " + b(host) + b" (" + who + b")\n  by " + b(local)
-        + b" with " + proto.encode() + b"; " + date822(when).encode() + b"\n"
-    )  # fmt: skip
-
-
 def reply_for(code: int, qp: int, when: float | None = None, custom: str | None = None) -> bytes:
     """The K/Z/D text for a queue result."""
     if code == 0:
@@ -314,8 +294,12 @@ def loopback_only_note(home: Home, rules: Path | None = None) -> str | None:
     )
 
 
-class QmqpServer:
+class QmqpServer(NetstringListener):
     """The QMQP listener of ``pyqmail run --qmqp``: one asyncio task per connection."""
+
+    PROTO = "QMQP"
+    RULES = "tcp.qmqp.cdb"
+    LOOPBACK_ONLY = True
 
     def __init__(
         self,
@@ -329,53 +313,19 @@ class QmqpServer:
         max_per_ip: int = 20,
         timeout: float = SESSION_TIMEOUT,
     ) -> None:
-        self.home = home
-        self.ctl = ctl
-        self.submitter = submitter
-        self.rules = rules if rules is not None else home.control / "tcp.qmqp.cdb"
-        self._rules = listener.Rules(self.rules, loopback_only=True)
+        super().__init__(
+            home, ctl, submitter,
+            rules=rules, max_conns=max_conns, max_per_ip=max_per_ip, timeout=timeout,
+        )  # fmt: skip
         self.limit = limit
-        self.timeout = timeout
-        self._sem = asyncio.Semaphore(max_conns)
-        self._per_ip = listener.PerIp(max_per_ip)
         self.served = 0
 
-    async def start(
-        self, host: str, port: int, *, start_serving: bool = True
-    ) -> asyncio.AbstractServer:
-        """Listen on ``host:port``; with ``start_serving=False`` the socket is bound but
-        accepts nothing until ``await server.start_serving()`` (after a privilege drop)."""
-        return await asyncio.start_server(
-            self._client, host, port, reuse_address=True, start_serving=start_serving
-        )
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with self._sem:
-                try:
-                    me = self.ctl.get().me
-                except Exception:
-                    me = None
-                env = listener.peer_env(
-                    writer.get_extra_info("peername"), writer.get_extra_info("sockname"), me
-                )
-                decision = self._rules.decide(env["TCPREMOTEIP"])
-                if decision is None or not decision.allow:
-                    return
-                env.update(decision.env)
-                with self._per_ip.hold(env["TCPREMOTEIP"]) as ok:
-                    if ok:
-                        async with asyncio.timeout(self.timeout):
-                            await self._serve(reader, writer, env)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: dict[str, str]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        env: dict[str, str],
+        ctl: Control | None,
     ) -> None:
         rx = QmqpReceiver(self.limit)
         pending: BlockingSubmission | None = None
@@ -407,6 +357,3 @@ class QmqpServer:
         finally:
             if pending is not None:
                 pending.abort()
-
-    def _begin(self, env: Mapping[str, str]) -> BlockingSubmission:
-        return self.submitter.begin(origin="network", received=received_line("QMQP", env))

@@ -28,26 +28,20 @@ Owns:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail import cdb, listener, netstring, policy
-from pyqmail.control import Control, ControlCache
+from pyqmail import cdb, netstring, policy
+from pyqmail.control import Control
 from pyqmail.home import Home
 from pyqmail.mailbox import queue_form
 from pyqmail.netstring import NetstringError
 from pyqmail.queue.contract import BlockingSubmission, BlockingSubmitter
 from pyqmail.queue.envelope import MAX_ENVELOPE, MAX_RECIPIENTS
 from pyqmail.queue.writer import QueueError
-from pyqmail.smtp.qmqpd import (
-    CHUNK,
-    SESSION_TIMEOUT,
-    received_line,
-    reply_for,
-)
+from pyqmail.smtp.netdoor import CHUNK, NetstringListener, received_line
+from pyqmail.smtp.qmqpd import reply_for
 
 PORT = 209
 MAX_LENGTH = 2_000_000_000
@@ -387,72 +381,34 @@ def serve_stdio(
 # -- the asyncio listener ---------------------------------------------------------------
 
 
-class QmtpServer:
+class QmtpServer(NetstringListener):
     """The QMTP listener of ``pyqmail run --qmtp``."""
 
-    def __init__(
-        self,
-        home: Home,
-        ctl: ControlCache,
-        submitter: BlockingSubmitter,
-        *,
-        rules: Path | None = None,
-        max_conns: int = 100,
-        max_per_ip: int = 20,
-        timeout: float = SESSION_TIMEOUT,
-    ) -> None:
-        self.home = home
-        self.ctl = ctl
-        self.submitter = submitter
-        self.rules = rules if rules is not None else home.control / "tcp.qmtp.cdb"
-        self._rules = listener.Rules(self.rules)
-        self.timeout = timeout
-        self._sem = asyncio.Semaphore(max_conns)
-        self._per_ip = listener.PerIp(max_per_ip)
-
-    async def start(
-        self, host: str, port: int, *, start_serving: bool = True
-    ) -> asyncio.AbstractServer:
-        """Listen on ``host:port``; with ``start_serving=False`` the socket is bound but
-        accepts nothing until ``await server.start_serving()`` (after a privilege drop)."""
-        return await asyncio.start_server(
-            self._client, host, port, reuse_address=True, start_serving=start_serving
-        )
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with self._sem:
-                ctl = self.ctl.get()
-                env = listener.peer_env(
-                    writer.get_extra_info("peername"), writer.get_extra_info("sockname"), ctl.me
-                )
-                decision = self._rules.decide(env["TCPREMOTEIP"])
-                if decision is None or not decision.allow:
-                    return
-                env.update(decision.env)
-                more = open_more(self.home)
-                try:
-                    policy = QmtpPolicy(ctl, env, more)
-                    with self._per_ip.hold(env["TCPREMOTEIP"]) as ok:
-                        if ok:
-                            async with asyncio.timeout(self.timeout):
-                                await self._serve(reader, writer, env, policy)
-                finally:
-                    if more is not None:
-                        more.close()
-        except Exception:  # a peer never sees a traceback; the connection just ends
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    PROTO = "QMTP"
+    RULES = "tcp.qmtp.cdb"
 
     async def _serve(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         env: dict[str, str],
+        ctl: Control | None,
+    ) -> None:
+        if ctl is None:
+            return  # rcpthosts unknown: no recipient can be checked
+        more = open_more(self.home)
+        try:
+            await self._messages(reader, writer, QmtpPolicy(ctl, env, more), env)
+        finally:
+            if more is not None:
+                more.close()
+
+    async def _messages(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         policy: QmtpPolicy,
+        env: Mapping[str, str],
     ) -> None:
         rx = QmtpReceiver()
         msg: _Message | None = None
@@ -481,6 +437,3 @@ class QmtpServer:
         finally:
             if msg is not None:
                 msg.pending.abort()
-
-    def _begin(self, env: Mapping[str, str]) -> BlockingSubmission:
-        return self.submitter.begin(origin="network", received=received_line("QMTP", env))
