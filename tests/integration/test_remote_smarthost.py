@@ -40,11 +40,13 @@ class AuthRelay:
     mechs: bytes = b"PLAIN LOGIN"
     clear_auth: bool = False
     echo_secret: bool = False  # the 535 reply quotes what the client sent
+    require_auth: bool = True  # refuse MAIL before AUTH
     users: dict[bytes, bytes] = field(default_factory=lambda: {USER: PASSWORD})
     port: int = 0
     lines: list[tuple[bool, bytes]] = field(default_factory=list)  # (under TLS, line)
     authed: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
+    carried_by: list[tuple[int, bool]] = field(default_factory=list)  # (connection, authed)
     connections: int = 0
     _server: asyncio.AbstractServer | None = None
 
@@ -79,6 +81,7 @@ class AuthRelay:
     async def _talk(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         tls = self.implicit
         authed = False
+        conn = self.connections
         w.write(b"220 relay.test ESMTP\r\n")
         while line := await self._read(r, tls):
             u = line.strip().upper()
@@ -105,11 +108,13 @@ class AuthRelay:
                     said = b" (" + line.strip() + b")" if self.echo_secret else b""
                     w.write(b"535 5.7.8 Authentication credentials invalid" + said + b"\r\n")
             elif u.startswith(b"MAIL"):
-                w.write(b"250 ok\r\n" if authed else b"530 5.7.0 Authentication required\r\n")
+                ok = authed or not self.require_auth
+                w.write(b"250 ok\r\n" if ok else b"530 5.7.0 Authentication required\r\n")
             elif u.startswith(b"RCPT"):
-                w.write(b"250 ok\r\n" if authed else b"554 5.7.1 Relay access denied\r\n")
+                ok = authed or not self.require_auth
+                w.write(b"250 ok\r\n" if ok else b"554 5.7.1 Relay access denied\r\n")
             elif u == b"DATA":
-                if not authed:
+                if not (authed or not self.require_auth):
                     w.write(b"503 no valid recipients\r\n")
                     continue
                 w.write(b"354 go\r\n")
@@ -117,6 +122,7 @@ class AuthRelay:
                 while (chunk := await r.readline()) not in (b".\r\n", b""):
                     body += chunk
                 self.messages.append(bytes(body))
+                self.carried_by.append((conn, authed))
                 w.write(b"250 2.0.0 queued\r\n")
             elif u == b"QUIT":
                 w.write(b"221 bye\r\n")
@@ -409,3 +415,27 @@ def test_an_edit_takes_effect_at_the_next_delivery(
         return [a.status, b.status]
 
     assert asyncio.run(go()) == [Status.TEMP, Status.OK]
+
+
+def test_authenticated_and_plain_connections_are_never_swapped(
+    home: Home, ca: trustme.CA, cafile: str, mess: Path
+) -> None:
+    """One server address, reached by the smarthost route (with AUTH) and by MX delivery
+    (a domain literal, without): each kind of kept connection serves its own kind only."""
+    write_control(home, "smtproutesauth", AUTHLINE)
+    relay = AuthRelay(server_ctx(ca), require_auth=False)
+
+    async def go() -> None:
+        async with relay:
+            write_control(home, "smtproutes", f"routed.example:[127.0.0.1]:{relay.port}\n")
+            agent = RemoteAgent(
+                home, ControlCache(home), tls_cafile=cafile, port=relay.port, own_ips=[]
+            )
+            for rcpt in ("x@[127.0.0.1]", "y@routed.example", "z@[127.0.0.1]", "w@routed.example"):
+                (o,) = await agent.deliver(mess, "a@test.example", [rcpt])
+                assert o.status is Status.OK, o.text
+            await agent.close()
+
+    asyncio.run(go())
+    assert relay.connections == 2 and relay.authed == [USER]
+    assert relay.carried_by == [(1, False), (2, True), (1, False), (2, True)]

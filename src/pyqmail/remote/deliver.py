@@ -296,13 +296,14 @@ class RemoteAgent:
         reusable = mode is not TlsMode.REQUIRED or authed
         implicit = route is not None and port == self.implicit_tls_port
         pool_helo = helo + relay.pool_tag() if relay is not None and authed else helo
+        keep_as = pool_helo if reusable else None
         for addr in addrs:
             if reusable:
                 while (idle := self.pool.get((addr.ip, port, pool_helo))) is not None:
                     kept = await self._dialogue(
                         (idle.reader, idle.writer), ctl, addr, port, helo, sender,
                         recipients, message, mode, host, reused=idle, relay=relay,
-                        pool_helo=pool_helo if reusable else None,
+                        pool_helo=keep_as,
                     )  # fmt: skip
                     if kept is not None:
                         return kept
@@ -324,7 +325,7 @@ class RemoteAgent:
                     return _only("Z", f"Connected to {addr.ip} but {why}. (#4.7.5)\n".encode())
             result = await self._dialogue(
                 conn, ctl, addr, port, helo, sender, recipients, message, mode, host,
-                relay=relay, implicit=implicit, pool_helo=pool_helo if reusable else None,
+                relay=relay, implicit=implicit, pool_helo=keep_as,
             )  # fmt: skip
             if result is not None and result.tls_fallback:
                 # The handshake broke the connection; policy allows plaintext: once more.
@@ -333,7 +334,7 @@ class RemoteAgent:
                     return result
                 result = await self._dialogue(
                     conn, ctl, addr, port, helo, sender, recipients, message, TlsMode.OFF, host,
-                    pool_helo=pool_helo if reusable else None,
+                    pool_helo=keep_as,
                 )  # fmt: skip
             assert result is not None  # only a kept connection can come back as None
             return result
