@@ -49,6 +49,7 @@ class AuthRelay:
     carried_by: list[tuple[int, bool]] = field(default_factory=list)  # (connection, authed)
     connections: int = 0
     _server: asyncio.AbstractServer | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def __aenter__(self) -> AuthRelay:
         ssl_ctx = self.tls if self.implicit else None
@@ -59,6 +60,8 @@ class AuthRelay:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        if self._tasks:  # the sessions end once the client has QUIT or closed
+            await asyncio.wait(self._tasks, timeout=5)
         await self._server.wait_closed()
 
     def auth_lines(self) -> list[tuple[bool, bytes]]:
@@ -66,11 +69,17 @@ class AuthRelay:
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
         try:
             await self._talk(r, w)
         except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            return
         finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
             w.transport.abort()
 
     async def _read(self, r: asyncio.StreamReader, tls: bool) -> bytes:
