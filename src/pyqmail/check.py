@@ -21,6 +21,9 @@ warnings are printed but do not. What is an error:
 - a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
   number.
 
+control/smtproutesauth (remote/smarthost.py): an error if it is readable by group or
+other, or (root mode) not qmailr's; a line of it or of smtproutestls that cannot be parsed.
+
 control/servercert.pem (smtp/tls.py): an error if it cannot be used (no STARTTLS), has
 expired, or (root mode) is not qmaild's; a warning if it is self-signed, expires within
 30 days, or is readable by group or other.
@@ -44,9 +47,11 @@ from pathlib import Path
 from pyqmail import cdb, dkim, policy, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
+from pyqmail.remote import smarthost
 from pyqmail.smtp import qmqpd, tls
 
-_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT}  # read by smtp/tls.py, not control.py
+# read by smtp/tls.py and remote/smarthost.py, not control.py
+_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT, smarthost.AUTHFILE, smarthost.TLSFILE}
 
 
 class Severity(Enum):
@@ -144,6 +149,17 @@ class _Checker:
         for p in tls.cert_problems(path, reader=reader):
             add = self.error if p.error else self.warning
             add(f"control/{tls.SERVERCERT}", 0, p.message, p.fix)
+
+    def smarthosts(self) -> None:
+        """smtproutesauth holds passwords: qmailr's (root mode), mode 0600; both files
+        must parse, or every routed delivery is deferred."""
+        reader = None
+        if not self.home.single_user and os.geteuid() == 0:
+            with contextlib.suppress(Exception):
+                reader = self.home.ids().uid("remote")
+        for p in smarthost.file_problems(self.home, reader):
+            add = self.error if p.error else self.warning
+            add(f"control/{p.file}", p.line, p.message, p.fix)
 
     def dkim_records(self, notes: list[str]) -> None:
         """Each DKIM signing key against its published TXT record; DNS that does not
@@ -505,6 +521,7 @@ def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
     ch.queue()
     ch.unknown_files()
     ch.servercert()
+    ch.smarthosts()
     if dns_notes is not None:
         ch.dkim_records(dns_notes)
     return ch.problems

@@ -9,7 +9,9 @@ A file that cannot be read shows ``Oops! Trouble reading this file.``; bytes out
 this file does.`` in directory order, as qmail does.
 
 A second part, after the qmail part, shows what pyqmail reads that qmail does not:
-spawnlimit, qmtproutes, tlsdestinations, defaultdelivery and the tcprules files.
+spawnlimit, qmtproutes, tlsdestinations, defaultdelivery and the tcprules files, and
+(only when present) smtproutesauth, with its hosts and users but never a password, and
+smtproutestls.
 
 The values shown are the files' values, as qmail-showctl shows them (timeoutsmtpd 0 is
 shown as 0 though the server uses 1; concurrencyremote over spawnlimit is shown as
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pyqmail.control import DEFAULT_SPAWN_LIMIT, ControlError, parse_int, parse_line, parse_list
 from pyqmail.control import read_file as _read_control
 from pyqmail.home import BREAK, SPLIT, Home, HomeError
+from pyqmail.remote import smarthost
 
 PATERNALISM = 2  # qmail's conf-patrn: group-writable .qmail and home refused (local.md)
 
@@ -128,7 +131,7 @@ _PYQMAIL: tuple[_Entry, ...] = (
 _RULES = ("tcp.smtp", "tcp.qmqp", "tcp.qmtp")
 _PYQMAIL_FILES = frozenset(
     {e.name for e in _PYQMAIL} | set(_RULES) | {r + ".cdb" for r in _RULES}
-    | {r + ".tmp" for r in _RULES}
+    | {r + ".tmp" for r in _RULES} | {smarthost.AUTHFILE, smarthost.TLSFILE}
 )  # fmt: skip
 _QMAIL_FILES = frozenset(e.name for e in _QMAIL)
 
@@ -292,4 +295,33 @@ def report(home: Home, listdir: Callable[[str], list[str]] = os.listdir) -> str:
     for name in _RULES:
         lines.append("")
         lines += _rules_lines(home, name)
+    lines += _smarthost_lines(rd)
     return "\n".join(lines) + "\n"
+
+
+def _smarthost_lines(rd: _Reader) -> list[str]:
+    """smtproutesauth (hosts and users; the passwords are never shown) and smtproutestls,
+    each only if it exists."""
+    out: list[str] = []
+    for name in (smarthost.AUTHFILE, smarthost.TLSFILE):
+        head = f"{name}: "
+        try:
+            data = rd.raw(name)
+        except _Unreadable:
+            out += ["", head + "Oops! Trouble reading this file."]
+            continue
+        if data is None:
+            continue
+        out += ["", head]
+        try:
+            if name == smarthost.AUTHFILE:
+                auth = smarthost.parse_auth(data)
+                out += [safe(f"AUTH to {h} as {c.user.decode('utf-8', 'replace')} (password "
+                             "not shown).") for h, c in auth.items()]  # fmt: skip
+            else:
+                for h, t in smarthost.parse_trust(data).items():
+                    how = f"CA file {t.cafile}" if t.cafile else f"{len(t.pins)} pinned key(s)"
+                    out.append(safe(f"TLS to {h} verified by {how}."))
+        except smarthost.SmarthostError as e:
+            out.append(safe(f"Unusable: line {e.line}: {e.message}; routed mail is deferred."))
+    return out

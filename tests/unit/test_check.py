@@ -264,3 +264,18 @@ def test_servercert_is_known_and_checked(home: Home) -> None:
     assert "self-signed" in found[0].message
     pem.write_text("not a certificate\n")
     assert "cannot be used" in one_error(home, "control/servercert.pem").message
+
+
+def test_smtproutesauth_must_be_private_and_parse(home: Home) -> None:
+    path = home.control / "smtproutesauth"
+    path.write_text("relay.example:u:secret\n")
+    os.chmod(path, 0o640)
+    p = one_error(home, "control/smtproutesauth")
+    assert "readable by group or other (mode 640)" in p.message and p.fix == f"chmod 600 {path}"
+    os.chmod(path, 0o600)
+    assert check(home) == []  # a known file: no "nobody reads this" warning either
+    path.write_text("relay.example:no-password-field\n")
+    write_control(home, "smtproutestls", "relay.example:sha256:0123\n")
+    got = {(p.file, p.line) for p in only_errors(home)}
+    assert got == {("control/smtproutesauth", 1), ("control/smtproutestls", 1)}
+    assert all("no-password-field" not in str(p) for p in check(home))

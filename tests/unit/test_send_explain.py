@@ -200,3 +200,19 @@ def test_command_prints_no_control_bytes_from_a_users_file(home: Home, site: Pat
     r = subprocess.run([str(BIN / "pyqmail"), "explain", "alice-esc@test.example"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "\x1b" not in r.stdout and "line: ./Box?[2J/" in r.stdout
+
+
+def test_smarthost_auth_and_trust(home: Home, site: Path) -> None:
+    write_control(home, "smtproutesauth", "127.0.0.1:me@test.example:pass:word\n")
+    text = explain.explain_address(home, "someone@remote.example").text()
+    assert "AUTH: as me@test.example (control/smtproutesauth), only after TLS" in text
+    assert "TLS: required, the certificate verified by the system's CAs" in text
+    assert "pass:word" not in text
+    write_control(home, "smtproutestls", f"127.0.0.1:sha256:{'ab' * 32}\n")
+    text = explain.explain_address(home, "someone@remote.example").text()
+    assert "verified by a pinned key" in text
+    write_control(home, "smtproutesauth", "127.0.0.1-pass-word\n")
+    text = explain.explain_address(home, "someone@remote.example").text()
+    assert "cannot be used (control/smtproutesauth:1:" in text and "pass-word" not in text
+    text = explain.explain_address(home, "x@named.example", dns=False).text()
+    assert "cannot be used" in text  # a broken file defers every route

@@ -223,3 +223,18 @@ def test_empty_me_counts_as_present(home: Home) -> None:
     text = report(home)
     assert entry(text, "bouncehost") == ["bouncehost: (Default.) Bounce host name is ."]
     assert entry(text, "me") == ["me: My name is ."]
+
+
+def test_smarthost_files_show_hosts_and_users_never_passwords(home: Home) -> None:
+    assert "smtproutesauth" not in report(home)  # shown only when present
+    write_control(home, "smtproutesauth", "[10.0.0.1]:u@example.org:pass:word\n")
+    write_control(home, "smtproutestls", f"10.0.0.1:sha256:{'ab' * 32}\n")
+    text = report(home)
+    assert "smtproutesauth: \nAUTH to 10.0.0.1 as u@example.org (password not shown)." in text
+    assert "smtproutestls: \nTLS to 10.0.0.1 verified by 1 pinned key(s)." in text
+    assert "pass:word" not in text and "I have no idea" not in text
+    write_control(home, "smtproutesauth", "10.0.0.1:pass:word-no\n")
+    assert "pass:word" not in report(home)
+    write_control(home, "smtproutesauth", "broken-secret\n")
+    text = report(home)
+    assert "Unusable: line 1: not host:user:password" in text and "broken-secret" not in text

@@ -68,7 +68,8 @@ _DIFFERS = {
     "concurrencyremote": "no compile-time cap of 120 (conf-spawn): the value is used as "
     "written, up to control/spawnlimit (default 1000)",
     "smtproutes": "read as qmail does, with `relay:port`; the qmail-remote-auth patch's "
-    "`domain:relay:port user pass` credentials are not used (no SMTP AUTH client)",
+    "`domain:relay:port user pass` credentials are not used: write them as "
+    "`relay:user:pass` in control/smtproutesauth (qmailr's, mode 0600)",
     "morercpthosts.tmp": "qmail-newmrh's temporary file; ignored",
 }
 

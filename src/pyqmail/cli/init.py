@@ -1,6 +1,7 @@
 """``pyqmail init DIR [--me FQDN] [--create-users] [--single-user] [--sendmail-link [PATH]]``:
 make a home, HOME/bin's qmail commands included, a self-signed control/servercert.pem for
-STARTTLS when there is none (owned by qmaild, mode 0600: smtp/tls.py says why), and on
+STARTTLS when there is none (owned by qmaild, mode 0600: smtp/tls.py says why), an
+existing control/smtproutesauth made qmailr's and mode 0600 (remote/smarthost.py), and on
 request link /usr/sbin/sendmail to HOME/bin/sendmail (homebin.py)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from pyqmail.home import HomeError, resolve_home
 from pyqmail.homebin import SENDMAIL_LINK, BinError, sendmail_hint, sendmail_link
 from pyqmail.layout import create_home, create_users, default_fqdn
+from pyqmail.remote.smarthost import AUTHFILE, secure_authfile
 from pyqmail.smtp.tls import SERVERCERT, ensure_servercert
 
 
@@ -56,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         owner = None if ids is None else (ids.uid("daemon"), ids.gid("nofiles"))
         if ensure_servercert(home.control, me, owner):
             report.created.append(f"{home.control / SERVERCERT} (self-signed, for {me})")
+        remote = None if ids is None else (ids.uid("remote"), ids.gid("qmail"))
+        secured = secure_authfile(home, remote)  # the remote agent reads it as qmailr
     except BinError as e:
         print(f"pyqmail init: fatal: {e}", file=sys.stderr)
         return 111
@@ -67,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"created {line}")
         for line in report.kept:
             print(f"kept {line}: not a pyqmail wrapper")
-        if not made_users and not report.created:
+        if secured:
+            who = "the remote agent's" if remote is not None else "its owner's"
+            print(f"secured {home.control / AUTHFILE}: mode 600, {who} only")
+        if not made_users and not report.created and not secured:
             print(f"{home.root}: complete; nothing to do")
     if a.sendmail_link:
         try:

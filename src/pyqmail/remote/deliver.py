@@ -32,8 +32,9 @@ import dns.asyncresolver
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
-from pyqmail.remote import mx, routes, tls
+from pyqmail.remote import mx, routes, smarthost, tls
 from pyqmail.remote.pool import ConnectionPool, Idle
+from pyqmail.remote.smarthost import IMPLICIT_TLS_PORT, Relay, SmarthostError, Smarthosts
 from pyqmail.remote.tcpto import Tcpto
 from pyqmail.remote.transmit import DataEncoder, has_8bit
 from pyqmail.smtp.client import (
@@ -48,12 +49,16 @@ from pyqmail.smtp.client import (
     StartTls,
     TlsMode,
 )
+from pyqmail.smtp.clientauth import ClientAuth
 
 CHUNK = 65536
 
 NO_CONNECTION = b"Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 CONTROL_FAILED = b"Unable to read control files. (#4.3.0)\n"
 READ_FAILED = b"Unable to read message. (#4.3.0)\n"
+SMARTHOST_FAILED = (
+    b"Unable to use control/smtproutesauth or control/smtproutestls; see pyqmail check. (#4.3.0)\n"
+)
 INTERNAL = b"Internal error in remote delivery; will try again. (#4.3.0)\n"
 
 
@@ -112,6 +117,8 @@ class RemoteAgent:
     """Delivers messages to remote SMTP servers; many ``deliver`` calls may run at once.
 
     ``port`` is the port for MX / address-record delivery (25; tests use another);
+    an smtproutes route to ``implicit_tls_port`` (465, RFC 8314) starts TLS before the
+    greeting;
     ``resolver`` defaults to :func:`pyqmail.remote.mx.make_resolver` (PYQMAIL_RESOLVER or
     resolv.conf); ``own_ips`` defaults to this host's interface addresses.
     """
@@ -131,6 +138,7 @@ class RemoteAgent:
         control_ttl: float = 1.0,
         idle_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        implicit_tls_port: int = IMPLICIT_TLS_PORT,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -148,6 +156,8 @@ class RemoteAgent:
         self._ctl: Control | None = None
         self._plain_ctx: ssl.SSLContext | None = None
         self._verify_ctx: ssl.SSLContext | None = None
+        self.smarthosts = Smarthosts(home)
+        self.implicit_tls_port = implicit_tls_port
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -257,6 +267,14 @@ class RemoteAgent:
             route = routes.lookup(ctl.smtproutes, host)
         except routes.RouteError:
             return _only("Z", CONTROL_FAILED)
+        relay: Relay | None = None
+        if route is not None:
+            try:
+                relay = self.smarthosts.relay(route)
+            except ControlError:
+                return _only("Z", CONTROL_FAILED)
+            except SmarthostError:
+                return _only("Z", SMARTHOST_FAILED)
         try:
             if route is not None:
                 addrs = await mx.relay_addresses(self.resolver, route.relay, ipv6=self.ipv6)
@@ -269,14 +287,23 @@ class RemoteAgent:
         except mx.DnsFailure as e:
             o = e.outcome
             return _only(o.status.value, o.text.encode())
-        required = tls.tls_required(ctl, host)
+        required = tls.tls_required(ctl, host) or relay is not None
         mode = TlsMode.REQUIRED if required else TlsMode.OPPORTUNISTIC
+        # A domain that requires TLS verifies the MX name: its connections are its own.
+        # An authenticated relay connection is kept under a key of its own (the relay,
+        # the user), so that neither kind is ever taken for the other.
+        authed = relay is not None and relay.creds is not None
+        reusable = mode is not TlsMode.REQUIRED or authed
+        implicit = route is not None and port == self.implicit_tls_port
+        pool_helo = helo + relay.pool_tag() if relay is not None and authed else helo
+        keep_as = pool_helo if reusable else None
         for addr in addrs:
-            if mode is not TlsMode.REQUIRED:
-                while (idle := self.pool.get((addr.ip, port, helo))) is not None:
+            if reusable:
+                while (idle := self.pool.get((addr.ip, port, pool_helo))) is not None:
                     kept = await self._dialogue(
                         (idle.reader, idle.writer), ctl, addr, port, helo, sender,
-                        recipients, message, mode, host, reused=idle,
+                        recipients, message, mode, host, reused=idle, relay=relay,
+                        pool_helo=keep_as,
                     )  # fmt: skip
                     if kept is not None:
                         return kept
@@ -285,17 +312,30 @@ class RemoteAgent:
             conn = await self._connect(ctl, addr.ip, port)
             if conn is None:
                 continue
+            if implicit:
+                ok, err = await self._start_tls(
+                    conn[1], addr, required, max(ctl.timeoutremote, 1), relay
+                )
+                if not ok:
+                    conn[1].transport.abort()
+                    why = f"the TLS handshake failed ({err or 'no detail'}) on port {port}"
+                    if required:
+                        for_ = relay.required_for if relay is not None else host
+                        why += f"; TLS is required for {for_}"
+                    return _only("Z", f"Connected to {addr.ip} but {why}. (#4.7.5)\n".encode())
             result = await self._dialogue(
-                conn, ctl, addr, port, helo, sender, recipients, message, mode, host
-            )
+                conn, ctl, addr, port, helo, sender, recipients, message, mode, host,
+                relay=relay, implicit=implicit, pool_helo=keep_as,
+            )  # fmt: skip
             if result is not None and result.tls_fallback:
                 # The handshake broke the connection; policy allows plaintext: once more.
                 conn = await self._connect(ctl, addr.ip, port)
                 if conn is None:
                     return result
                 result = await self._dialogue(
-                    conn, ctl, addr, port, helo, sender, recipients, message, TlsMode.OFF, host
-                )
+                    conn, ctl, addr, port, helo, sender, recipients, message, TlsMode.OFF, host,
+                    pool_helo=keep_as,
+                )  # fmt: skip
             assert result is not None  # only a kept connection can come back as None
             return result
         return _only("Z", NO_CONNECTION)
@@ -333,23 +373,31 @@ class RemoteAgent:
         mode: TlsMode,
         domain: str,
         reused: Idle | None = None,
+        relay: Relay | None = None,
+        implicit: bool = False,
+        pool_helo: str | None = None,
     ) -> SessionResult | None:
         """Run one transaction on ``conn``. None: a kept connection (``reused``) was found
-        dead before the server said anything about this message; use a new one."""
+        dead before the server said anything about this message; use a new one.
+        ``relay``: the smarthost's TLS trust and credentials; ``implicit``: TLS is already
+        on (port 465); ``pool_helo``: the pool key's last part, None: never keep it."""
         reader, writer = conn
         timeout = max(ctl.timeoutremote, 1)
+        creds = relay.creds if relay is not None else None
         session = ClientSession(
             addr.ip,
             helo.encode("utf-8", "surrogateescape"),
             sender,
             list(recipients),
             tls=mode,
-            tls_required_for=domain,
+            tls_required_for=relay.required_for if relay is not None else domain,
             is_8bit=lambda: _scan_8bit(message),
+            auth=ClientAuth(creds) if creds is not None else None,
+            implicit_tls=implicit,
         )
         parser = ReplyParser()
         replies: deque[Reply] = deque()
-        tls_on = reused.tls if reused is not None else False
+        tls_on = reused.tls if reused is not None else implicit
         keep = False
 
         async def next_reply() -> Reply:
@@ -386,7 +434,7 @@ class RemoteAgent:
                     # plaintext injected into the TLS session, CVE-2011-0411 style).
                     replies.clear()
                     parser = ReplyParser()
-                    ok, err = await self._start_tls(writer, addr, act.verify, timeout)
+                    ok, err = await self._start_tls(writer, addr, act.verify, timeout, relay)
                     tls_on = ok
                     actions.extend(session.tls_done(ok, err))
                 elif isinstance(act, SendBody):
@@ -397,13 +445,13 @@ class RemoteAgent:
                     res = act.result
                     if (
                         res.message[0] == "K"
-                        and mode is not TlsMode.REQUIRED
+                        and pool_helo is not None
                         and not replies
                         and parser.idle
                     ):
                         uses = reused.uses + 1 if reused is not None else 1
                         conn_idle = Idle(reader, writer, session.caps, tls_on, uses)
-                        keep = self.pool.put((addr.ip, port, helo), conn_idle)
+                        keep = self.pool.put((addr.ip, port, pool_helo), conn_idle)
                     if res.quit and not keep:
                         writer.write(b"QUIT\r\n")  # its reply is never awaited (qmail)
                     return res
@@ -418,9 +466,22 @@ class RemoteAgent:
                 self._close(writer, tls_on)
 
     async def _start_tls(
-        self, writer: asyncio.StreamWriter, addr: mx.Address, verify: bool, timeout: int
+        self,
+        writer: asyncio.StreamWriter,
+        addr: mx.Address,
+        verify: bool,
+        timeout: int,
+        relay: Relay | None = None,
     ) -> tuple[bool, str]:
-        if verify:
+        pins: frozenset[bytes] = frozenset()
+        name: str | None
+        if relay is not None and relay.trust is not None:  # control/smtproutestls
+            try:
+                ctx = self.smarthosts.context(relay.trust)
+            except (OSError, ssl.SSLError) as e:
+                return False, f"cannot use the CA file of control/smtproutestls: {e}"
+            pins, name = relay.trust.pins, addr.name
+        elif verify:
             if self._verify_ctx is None:
                 self._verify_ctx = tls.verified_context(self._cafile)
             ctx, name = self._verify_ctx, addr.name
@@ -434,6 +495,12 @@ class RemoteAgent:
             return False, getattr(e, "reason", None) or str(e)
         except (OSError, TimeoutError, ConnectionError) as e:
             return False, type(e).__name__
+        if pins:
+            sslobj = writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            if not smarthost.pin_matches(der, pins):
+                writer.transport.abort()  # a TLS session we will not use: no close_notify
+                return False, "the certificate does not match the pin in control/smtproutestls"
         return True, ""
 
     @staticmethod

@@ -38,7 +38,7 @@ from pyqmail.home import Home
 from pyqmail.local import dotqmail, users
 from pyqmail.local.dotqmail import Instruction, Kind
 from pyqmail.local.spawner import split_recipient
-from pyqmail.remote import mx, routes, tls
+from pyqmail.remote import mx, routes, smarthost, tls
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
 from pyqmail.smtp import replies
@@ -120,7 +120,7 @@ def explain_address(
         _local(home, ctl, stored, ex)
     else:
         ex.say(f"delivery: remote: {domain} is not in control/locals or control/virtualdomains")
-        _remote(ctl, domain, ex, dns=dns, resolver=resolver, timeout=timeout)
+        _remote(ctl, domain, ex, dns=dns, resolver=resolver, timeout=timeout, home=home)
     return ex
 
 
@@ -270,6 +270,7 @@ def _remote(
     dns: bool,
     resolver: dns.asyncresolver.Resolver | None,
     timeout: float,
+    home: Home | None = None,
 ) -> None:
     route: routes.Route | None = None
     via = "SMTP"
@@ -303,11 +304,32 @@ def _remote(
             ex.say("DNS: not asked (--no-dns)")
         else:
             _dns(lookup, ex, resolver, timeout)
+    if via == "SMTP" and route is not None and home is not None and _smarthost(home, route, ex):
+        return
     if via == "SMTP":
         if tls.tls_required(ctl, domain):
             ex.say("TLS: required and verified (control/tlsdestinations lists it)")
         else:
             ex.say("TLS: opportunistic STARTTLS (not in control/tlsdestinations)")
+
+
+def _smarthost(home: Home, route: routes.Route, ex: Explanation) -> bool:
+    """The relay's AUTH and TLS (remote/smarthost.py); True if that says it all."""
+    try:
+        relay = smarthost.load(home).relay(route)
+    except (ControlError, smarthost.SmarthostError) as e:
+        ex.say(f"AUTH: the smarthost files cannot be used ({e}): delivery would be deferred")
+        return True
+    if relay is None:
+        return False
+    if relay.creds is not None:
+        user = relay.creds.user.decode("utf-8", "replace")
+        ex.say(f"AUTH: as {user} (control/smtproutesauth), only after TLS")
+    how = "the system's CAs and the relay's name"
+    if relay.trust is not None:
+        how = f"the CA file {relay.trust.cafile}" if relay.trust.cafile else "a pinned key"
+    ex.say(f"TLS: required, the certificate verified by {how}")
+    return True
 
 
 async def _relay(relay: str, res: dns.asyncresolver.Resolver) -> list[mx.Address]:

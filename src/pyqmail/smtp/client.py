@@ -12,8 +12,8 @@ feeds it replies and carries out the :data:`Action` values it returns: bytes to 
 handshake, the message body, and finally a :class:`SessionResult` with qmail-remote's
 recipient reports (``r``/``h``/``s``) and one message report (``K``/``Z``/``D``), each with
 qmail's exact text. Where pyqmail goes beyond qmail-remote (EHLO, PIPELINING, 8BITMIME,
-STARTTLS, several recipients on one connection) it keeps qmail's texts and adds only new
-texts for new failure points.
+STARTTLS, AUTH to a smarthost, several recipients on one connection) it keeps qmail's
+texts and adds only new texts for new failure points.
 
 Stricter than qmail, on purpose: a reply whose code is not three digits is a temporary
 failure of that step, and the message counts as delivered only on a 2xx reply to the end of
@@ -26,6 +26,8 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pyqmail.smtp.clientauth import ClientAuth, auth_mechanisms
 
 TEXT_CAP = 5000  # qmail-remote's HUGESMTPTEXT
 
@@ -191,6 +193,7 @@ class _St(enum.Enum):
     DATA = 8
     BODY = 9
     DONE = 10
+    AUTH = 11
 
 
 def said(reply: Reply | None) -> bytes:
@@ -215,6 +218,10 @@ class ClientSession:
     tls: TlsMode = TlsMode.OPPORTUNISTIC
     tls_required_for: str = ""  # the domain, for the text when TLS is required
     is_8bit: Callable[[], bool] = lambda: False
+    # A smarthost's credentials (control/smtproutesauth): AUTH after TLS, before MAIL; the
+    # driver also sets tls=REQUIRED, and without TLS no AUTH line is ever sent.
+    auth: ClientAuth | None = None
+    implicit_tls: bool = False  # the connection is TLS from the start (port 465, RFC 8314)
     _state: _St = _St.GREETING
     _caps: set[bytes] = field(default_factory=set)
     _tls_active: bool = False
@@ -226,10 +233,13 @@ class ClientSession:
     _pipelined: bool = False
     _replies: int = 0
     _queued: deque[bytes] = field(default_factory=deque)
+    _mechs: frozenset[bytes] = frozenset()
+    _auth_rounds: int = 0
 
     def __post_init__(self) -> None:
         self._reports = [None] * len(self.recipients)
         self._ipb = self.ip.encode()
+        self._tls_active = self._tls_active or self.implicit_tls
 
     # -- results ---------------------------------------------------------------------
     def _rcpt_reports(self) -> tuple[tuple[str, bytes], ...]:
@@ -299,11 +309,13 @@ class ClientSession:
                 self._state = _St.HELO
                 return [Send(b"HELO " + self.helohost + b"\r\n")]
             self._caps = _parse_ehlo(reply.text)
+            self._mechs = auth_mechanisms(reply.text)
             return self._after_hello()
         if st is _St.HELO:
             if reply.code != 250:
                 return self._quit("Z", "Connected to ", " but my name was rejected", reply)
             self._caps = set()
+            self._mechs = frozenset()
             return self._after_hello()
         if st is _St.STARTTLS:
             if reply.code != 220:
@@ -312,6 +324,8 @@ class ClientSession:
                 return self._mail()  # RFC 3207: carry on in plaintext
             self._state = _St.TLS
             return [StartTls(verify=self.tls is TlsMode.REQUIRED)]
+        if st is _St.AUTH:
+            return self._auth_reply(reply)
         if st in (_St.MAIL, _St.RCPT, _St.DATA):
             return self._transaction_reply(reply)
         if st is _St.BODY:
@@ -358,7 +372,40 @@ class ClientSession:
                 return [Send(b"STARTTLS\r\n")]
             if self.tls is TlsMode.REQUIRED:
                 return self._tls_required_fail("it does not offer STARTTLS", None)
+        if self.auth is not None:
+            return self._auth_start()
         return self._mail()
+
+    # -- AUTH (smtp/clientauth.py) ----------------------------------------------------
+    def _auth_start(self) -> list[Action]:
+        assert self.auth is not None
+        if not self._tls_active:  # never credentials in clear, whatever the TLS mode
+            return self._tls_required_fail("TLS is not active", None)
+        line = self.auth.start(self._mechs)
+        if line is None:
+            offered = b" ".join(sorted(self._mechs)).decode("ascii", "replace") or "none"
+            text = (
+                f"Connected to {self.ip} but it offers no AUTH mechanism I use"
+                f" (PLAIN or LOGIN; offered: {offered}). (#4.7.0)\n"
+            ).encode()
+            return self._finish("Z", text, None)
+        self._state = _St.AUTH
+        return [Send(line)]
+
+    def _auth_reply(self, reply: Reply) -> list[Action]:
+        assert self.auth is not None
+        if reply.code == 334 and self._auth_rounds < 4:
+            self._auth_rounds += 1
+            return [Send(self.auth.answer())]
+        if reply.code == 235:
+            return self._mail()
+        # Any refusal, 5xx included, is temporary: the credentials are this host's
+        # configuration, so the mail waits for the fix instead of bouncing (as Postfix's
+        # smtp_sasl_auth_soft_bounce does). The reply is quoted without the secret.
+        user = self.auth.creds.user.decode("utf-8", "replace")
+        text = f"Connected to {self.ip} but authentication as {user} failed. (#4.7.8)\n"
+        shown = Reply(reply.code, self.auth.scrub(reply.text))
+        return self._finish("Z", text.encode(), shown)
 
     def _mail(self) -> list[Action]:
         if _has_bad_bytes(self.sender):
