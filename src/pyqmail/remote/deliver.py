@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import random
 import socket
 import ssl
@@ -32,7 +33,8 @@ import dns.asyncresolver
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
-from pyqmail.remote import mx, routes, tls
+from pyqmail.remote import mtasts, mx, routes, tls
+from pyqmail.remote.mtastscache import HTTPS_PORT, MtaSts, cache_dir
 from pyqmail.remote.pool import ConnectionPool, Idle
 from pyqmail.remote.tcpto import Tcpto
 from pyqmail.remote.transmit import DataEncoder, has_8bit
@@ -50,6 +52,8 @@ from pyqmail.smtp.client import (
 )
 
 CHUNK = 65536
+
+log = logging.getLogger("pyqmail.remote")  # MTA-STS testing-mode failures
 
 NO_CONNECTION = b"Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 CONTROL_FAILED = b"Unable to read control files. (#4.3.0)\n"
@@ -113,7 +117,9 @@ class RemoteAgent:
 
     ``port`` is the port for MX / address-record delivery (25; tests use another);
     ``resolver`` defaults to :func:`pyqmail.remote.mx.make_resolver` (PYQMAIL_RESOLVER or
-    resolv.conf); ``own_ips`` defaults to this host's interface addresses.
+    resolv.conf); ``own_ips`` defaults to this host's interface addresses;
+    ``mtasts_port`` is the HTTPS port MTA-STS policies are fetched from (443; tests only
+    use another).
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class RemoteAgent:
         control_ttl: float = 1.0,
         idle_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        mtasts_port: int = HTTPS_PORT,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -148,6 +155,10 @@ class RemoteAgent:
         self._ctl: Control | None = None
         self._plain_ctx: ssl.SSLContext | None = None
         self._verify_ctx: ssl.SSLContext | None = None
+        self.mtasts = MtaSts(
+            cache_dir(home), lambda: self.resolver, cafile=tls_cafile, port=mtasts_port,
+            ipv6=ipv6,
+        )  # fmt: skip
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -269,8 +280,16 @@ class RemoteAgent:
         except mx.DnsFailure as e:
             o = e.outcome
             return _only(o.status.value, o.text.encode())
-        required = tls.tls_required(ctl, host)
+        # MTA-STS (remote/mtasts.py) for MX delivery only: a route is the postmaster's choice.
+        listed = tls.tls_required(ctl, host)
+        policy = await self.mtasts.policy(host) if route is None else None
+        plan = mtasts.plan(policy, host, addrs, listed)
+        if plan.refused is not None:
+            return _only("Z", plan.refused)
+        addrs, label, sts = plan.addrs, plan.label, plan.mode
+        required = listed or sts is not mtasts.Mode.NONE
         mode = TlsMode.REQUIRED if required else TlsMode.OPPORTUNISTIC
+        last: SessionResult | None = None
         for addr in addrs:
             if mode is not TlsMode.REQUIRED:
                 while (idle := self.pool.get((addr.ip, port, helo))) is not None:
@@ -286,8 +305,27 @@ class RemoteAgent:
             if conn is None:
                 continue
             result = await self._dialogue(
-                conn, ctl, addr, port, helo, sender, recipients, message, mode, host
+                conn, ctl, addr, port, helo, sender, recipients, message, mode, label
             )
+            if (
+                sts is not mtasts.Mode.NONE
+                and result is not None
+                and mtasts.tls_failed(result.message[1], label)
+            ):
+                if sts is mtasts.Mode.ENFORCE:
+                    last = result  # RFC 8461 5.1: this MX fails the policy; the next one
+                    continue
+                why = result.message[1].split(b"\n", 1)[0].decode("utf-8", "replace")
+                log.warning("MTA-STS (testing) %s: %s; delivering anyway", host, why)
+                if listed:
+                    return result  # control/tlsdestinations still requires it
+                conn = await self._connect(ctl, addr.ip, port)
+                if conn is None:
+                    continue
+                result = await self._dialogue(
+                    conn, ctl, addr, port, helo, sender, recipients, message,
+                    TlsMode.OPPORTUNISTIC, host,
+                )  # fmt: skip
             if result is not None and result.tls_fallback:
                 # The handshake broke the connection; policy allows plaintext: once more.
                 conn = await self._connect(ctl, addr.ip, port)
@@ -298,7 +336,7 @@ class RemoteAgent:
                 )
             assert result is not None  # only a kept connection can come back as None
             return result
-        return _only("Z", NO_CONNECTION)
+        return last if last is not None else _only("Z", NO_CONNECTION)
 
     async def _connect(
         self, ctl: Control, ip: str, port: int
