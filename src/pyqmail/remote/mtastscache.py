@@ -302,7 +302,8 @@ class MtaSts:
             return
         tmp = self.directory / f".{rec.domain}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with open(fd, "wb") as f:
                 f.write(rec.dump())
             os.replace(tmp, self.directory / rec.domain)
         except OSError:
