@@ -247,6 +247,16 @@ def test_testing_mode_delivers_and_logs(
     assert "TLS handshake failed" in caplog.text and "delivering anyway" in caplog.text
 
 
+def test_testing_mode_does_not_override_tlsdestinations(env: Env, ca: trustme.CA) -> None:
+    home, dns, cafile, https, mess = env
+    write_control(home, "tlsdestinations", "testing.test\n")
+    https.policies["testing.test"] = Served(body=TESTING.format(d="testing.test"))
+    script = Script(starttls=smtp_ctx(ca, "mx.someone-else.test"), tls_first_only=False)
+    o, peer, _ = send(home, dns, cafile, https, script, mess, "testing.test")
+    assert o.status is Status.TEMP and "TLS is required for testing.test. (#4.7.5)" in o.text
+    assert peer.messages == [] and peer.connections == 1
+
+
 def test_testing_mode_with_an_mx_not_in_the_policy_delivers_and_logs(
     env: Env, ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -315,10 +315,10 @@ class RemoteAgent:
                 if sts is mtasts.Mode.ENFORCE:
                     last = result  # RFC 8461 5.1: this MX fails the policy; the next one
                     continue
+                if listed:  # testing, but control/tlsdestinations requires TLS anyway
+                    return result
                 why = result.message[1].split(b"\n", 1)[0].decode("utf-8", "replace")
                 log.warning("MTA-STS (testing) %s: %s; delivering anyway", host, why)
-                if listed:
-                    return result  # control/tlsdestinations still requires it
                 conn = await self._connect(ctl, addr.ip, port)
                 if conn is None:
                     continue

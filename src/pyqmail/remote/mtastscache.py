@@ -262,8 +262,11 @@ class MtaSts:
 
     async def _refresh(self, key: str, ident: str) -> Cached | None:
         k = (key, ident)
-        if self._failed.get(k, 0.0) > self._clock():
+        now = self._clock()
+        if self._failed.get(k, 0.0) > now:
             return None
+        if len(self._failed) > 10000:  # forget the failures whose pause is over
+            self._failed = {f: t for f, t in self._failed.items() if t > now}
         fut = self._inflight.get(k)
         if fut is None:
             fut = asyncio.ensure_future(self._fetch_and_store(key, ident))
