@@ -465,3 +465,33 @@ def test_root_mode_agent_as_qmailr_fetches_from_443_and_caches(
         assert rec is not None and rec.policy.mode.value == "enforce"
     finally:
         shutil.rmtree(home.root.parent)
+
+
+def test_a_policy_past_half_its_max_age_is_refreshed_in_the_background(
+    home: Home, dnsmasq: str, cafile: str, https: PolicyServer
+) -> None:
+    from pyqmail.remote.mtastscache import MtaSts, cache_dir
+
+    now = [1_000_000.0]
+    https.policies["good.test"] = Served(body=ENFORCE.format(d="good.test"))
+    res = make_resolver(dnsmasq, lifetime=2)
+
+    async def go() -> tuple[str, str, str]:
+        sts = MtaSts(cache_dir(home), lambda: res, cafile=cafile, port=https.port,
+                     clock=lambda: now[0])  # fmt: skip
+        first = await sts.policy("good.test")
+        https.policies["good.test"] = Served(body=TESTING.format(d="good.test"))
+        now[0] += 40000  # before half of max_age: the cached one, no fetch
+        second = await sts.policy("good.test")
+        assert https.hits["good.test"] == 1
+        now[0] += 10000  # past half: still the cached one, and a fetch behind it
+        third = await sts.policy("good.test")
+        await asyncio.gather(*sts._inflight.values())  # the background fetch
+        fourth = await sts.policy("good.test")
+        assert first and second and third and fourth
+        return second.policy.mode.value, third.policy.mode.value, fourth.policy.mode.value
+
+    assert asyncio.run(go()) == ("enforce", "enforce", "testing")
+    assert https.hits["good.test"] == 2
+    rec = read_cached(home, "good.test")
+    assert rec is not None and rec.fetched == 1_050_000.0

@@ -14,6 +14,9 @@ on-disk cache (RFC 8461 sections 3 and 5; the parsing is remote/mtasts.py's).
 4. No TXT record, a failed lookup, or a failed fetch: the cached policy while it has not
    expired (section 5.1: an attacker who blocks the fetch gains nothing), else no policy.
    A failed fetch is not tried again for the same id for ``retry_after`` seconds.
+5. A cached policy used past half its max_age is fetched again in the background, so that
+   a domain receiving mail regularly never sees its policy expire (the moment an attacker
+   who blocks the fetch would wait for); the delivery goes on with the cached one.
 
 Concurrent deliveries to one domain share one fetch. The cache is HOME/mtasts/, one file
 per domain (its A-label name) holding a JSON record (remote/mtasts.py ``Cached``),
@@ -116,7 +119,8 @@ def read_cached(home: Home, domain: str) -> Cached | None:
 
 def _load(directory: Path, key: str) -> Cached | None:
     try:
-        with open(directory / key, "rb") as f:
+        fd = os.open(directory / key, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
             data = f.read(_MAX_RECORD)
         rec = Cached.load(data)
     except (OSError, ValueError):
@@ -234,8 +238,11 @@ class MtaSts:
         now = self._clock()
         usable = cached if cached is not None and cached.valid(now) else None
         if ident is None or (usable is not None and usable.id == ident):
+            if usable is not None and now - usable.fetched > usable.policy.max_age / 2:
+                self._start(key, usable.id)  # refreshed before it expires; not awaited
             return usable
-        fresh = await self._refresh(key, ident)
+        fut = self._start(key, ident)
+        fresh = await asyncio.shield(fut) if fut is not None else None
         return fresh if fresh is not None else usable
 
     def _cached(self, key: str) -> Cached | None:
@@ -260,19 +267,22 @@ class MtaSts:
         texts = [b"".join(r.strings).decode("ascii", "replace") for r in ans.rrset]
         return parse_txt(texts)
 
-    async def _refresh(self, key: str, ident: str) -> Cached | None:
+    def _start(self, key: str, ident: str) -> asyncio.Future[Cached | None] | None:
+        """The fetch of ``key``'s policy for ``ident``: the one under way, or a new one;
+        None while a failed one is paused."""
         k = (key, ident)
+        fut = self._inflight.get(k)
+        if fut is not None:
+            return fut
         now = self._clock()
         if self._failed.get(k, 0.0) > now:
             return None
         if len(self._failed) > 10000:  # forget the failures whose pause is over
             self._failed = {f: t for f, t in self._failed.items() if t > now}
-        fut = self._inflight.get(k)
-        if fut is None:
-            fut = asyncio.ensure_future(self._fetch_and_store(key, ident))
-            self._inflight[k] = fut
-            fut.add_done_callback(lambda _f: self._inflight.pop(k, None))
-        return await asyncio.shield(fut)
+        fut = asyncio.ensure_future(self._fetch_and_store(key, ident))
+        self._inflight[k] = fut
+        fut.add_done_callback(lambda _f: self._inflight.pop(k, None))
+        return fut
 
     async def _fetch_and_store(self, key: str, ident: str) -> Cached | None:
         self.fetches += 1
