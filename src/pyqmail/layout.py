@@ -236,6 +236,7 @@ def create_home(home: Home, me: str, ids: Ids | None) -> Report:
     mk.file(c / "rcpthosts", f"{me}\n".encode())
     mk.file(c / "defaultdelivery", b"./Maildir/\n")
     mk.dir(root / "greylist", 0o700, "daemon", "nofiles")  # qmaild's (smtp/greylist.py)
+    mk.dir(root / "mtasts", 0o700, "remote")  # qmailr's MTA-STS cache (remote/mtastscache.py)
     mk.dir(root / "alias", 0o2755, "alias")
     for sub in ("", "cur", "new", "tmp"):
         mk.dir(root / "alias" / "Maildir" / sub if sub else root / "alias" / "Maildir", 0o700,

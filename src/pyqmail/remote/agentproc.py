@@ -138,6 +138,7 @@ class RemoteProcess:
                 os.closerange(3, fd)
                 os.closerange(fd + 1, _MAXFD)
                 if user is not None:
+                    _prepare_mtasts(self.home, user)
                     os.setgroups([])
                     os.setgid(user[1])
                     os.setuid(user[0])
@@ -248,6 +249,17 @@ class RemoteProcess:
 
 
 # -- the child ------------------------------------------------------------------------------
+
+
+def _prepare_mtasts(home: Home, user: tuple[int, int]) -> None:
+    """HOME/mtasts for qmailr, made as root before the drop when a home made before it
+    existed lacks it; without it MTA-STS policies are not kept on disk (a warning)."""
+    from pyqmail.remote.mtastscache import prepare_dir
+
+    try:
+        prepare_dir(home, *user)
+    except OSError as e:
+        print(f"warning: remote agent: MTA-STS policies cannot be cached: {e}", file=sys.stderr)
 
 
 async def _serve(home: Home, sock: socket.socket) -> int:

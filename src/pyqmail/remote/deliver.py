@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import random
 import socket
 import ssl
@@ -32,7 +33,8 @@ import dns.asyncresolver
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
-from pyqmail.remote import mx, routes, smarthost, tls
+from pyqmail.remote import mtasts, mx, routes, smarthost, tls
+from pyqmail.remote.mtastscache import HTTPS_PORT, MtaSts, cache_dir
 from pyqmail.remote.pool import ConnectionPool, Idle
 from pyqmail.remote.smarthost import IMPLICIT_TLS_PORT, Relay, SmarthostError, Smarthosts
 from pyqmail.remote.tcpto import Tcpto
@@ -52,6 +54,8 @@ from pyqmail.smtp.client import (
 from pyqmail.smtp.clientauth import ClientAuth
 
 CHUNK = 65536
+
+log = logging.getLogger("pyqmail.remote")  # MTA-STS testing-mode failures
 
 NO_CONNECTION = b"Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 CONTROL_FAILED = b"Unable to read control files. (#4.3.0)\n"
@@ -120,7 +124,9 @@ class RemoteAgent:
     an smtproutes route to ``implicit_tls_port`` (465, RFC 8314) starts TLS before the
     greeting;
     ``resolver`` defaults to :func:`pyqmail.remote.mx.make_resolver` (PYQMAIL_RESOLVER or
-    resolv.conf); ``own_ips`` defaults to this host's interface addresses.
+    resolv.conf); ``own_ips`` defaults to this host's interface addresses;
+    ``mtasts_port`` is the HTTPS port MTA-STS policies are fetched from (443; tests only
+    use another).
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class RemoteAgent:
         idle_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         implicit_tls_port: int = IMPLICIT_TLS_PORT,
+        mtasts_port: int = HTTPS_PORT,
     ) -> None:
         self.home = home
         self.ctl = ctl
@@ -158,6 +165,10 @@ class RemoteAgent:
         self._verify_ctx: ssl.SSLContext | None = None
         self.smarthosts = Smarthosts(home)
         self.implicit_tls_port = implicit_tls_port
+        self.mtasts = MtaSts(
+            cache_dir(home), lambda: self.resolver, cafile=tls_cafile, port=mtasts_port,
+            ipv6=ipv6,
+        )  # fmt: skip
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -287,7 +298,14 @@ class RemoteAgent:
         except mx.DnsFailure as e:
             o = e.outcome
             return _only(o.status.value, o.text.encode())
-        required = tls.tls_required(ctl, host) or relay is not None
+        # MTA-STS (remote/mtasts.py) for MX delivery only: a route is the postmaster's choice.
+        listed = tls.tls_required(ctl, host)
+        policy = await self.mtasts.policy(host) if route is None else None
+        plan = mtasts.plan(policy, host, addrs, listed)
+        if plan.refused is not None:
+            return _only("Z", plan.refused)
+        addrs, label, sts = plan.addrs, plan.label, plan.mode
+        required = listed or sts is not mtasts.Mode.NONE or relay is not None
         mode = TlsMode.REQUIRED if required else TlsMode.OPPORTUNISTIC
         # A domain that requires TLS verifies the MX name: its connections are its own.
         # An authenticated relay connection is kept under a key of its own (the relay,
@@ -297,6 +315,7 @@ class RemoteAgent:
         implicit = route is not None and port == self.implicit_tls_port
         pool_helo = helo + relay.pool_tag() if relay is not None and authed else helo
         keep_as = pool_helo if reusable else None
+        last: SessionResult | None = None
         for addr in addrs:
             if reusable:
                 while (idle := self.pool.get((addr.ip, port, pool_helo))) is not None:
@@ -324,9 +343,28 @@ class RemoteAgent:
                         why += f"; TLS is required for {for_}"
                     return _only("Z", f"Connected to {addr.ip} but {why}. (#4.7.5)\n".encode())
             result = await self._dialogue(
-                conn, ctl, addr, port, helo, sender, recipients, message, mode, host,
+                conn, ctl, addr, port, helo, sender, recipients, message, mode, label,
                 relay=relay, implicit=implicit, pool_helo=keep_as,
             )  # fmt: skip
+            if (
+                sts is not mtasts.Mode.NONE
+                and result is not None
+                and mtasts.tls_failed(result.message[1], label)
+            ):
+                if sts is mtasts.Mode.ENFORCE:
+                    last = result  # RFC 8461 5.1: this MX fails the policy; the next one
+                    continue
+                if listed:  # testing, but control/tlsdestinations requires TLS anyway
+                    return result
+                why = result.message[1].split(b"\n", 1)[0].decode("utf-8", "replace")
+                log.warning("MTA-STS (testing) %s: %s; delivering anyway", host, why)
+                conn = await self._connect(ctl, addr.ip, port)
+                if conn is None:
+                    continue
+                result = await self._dialogue(
+                    conn, ctl, addr, port, helo, sender, recipients, message,
+                    TlsMode.OPPORTUNISTIC, host,
+                )  # fmt: skip
             if result is not None and result.tls_fallback:
                 # The handshake broke the connection; policy allows plaintext: once more.
                 conn = await self._connect(ctl, addr.ip, port)
@@ -338,7 +376,7 @@ class RemoteAgent:
                 )  # fmt: skip
             assert result is not None  # only a kept connection can come back as None
             return result
-        return _only("Z", NO_CONNECTION)
+        return last if last is not None else _only("Z", NO_CONNECTION)
 
     async def _connect(
         self, ctl: Control, ip: str, port: int

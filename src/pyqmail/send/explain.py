@@ -13,7 +13,8 @@ second copy of a lookup:
   control/defaultdelivery;
 - remote: remote/qmtp.py's ``qmtp_route`` (qmtproutes), remote/routes.py's ``lookup``
   (smtproutes), remote/mx.py (the same resolver and MX ordering as delivery, with a time
-  limit; DNS is asked only when delivery would ask it) and remote/tls.py (tlsdestinations);
+  limit; DNS is asked only when delivery would ask it), remote/tls.py (tlsdestinations) and
+  remote/mtastscache.py's cached MTA-STS policy (the cache only: no lookup, no fetch);
 - a client: tcprules.py's ``find``/``decide``/``explain`` on control/tcp.smtp.cdb (the
   report is tcprulescheck's), and the SMTP limits that then apply.
 
@@ -27,6 +28,7 @@ import functools
 import inspect
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -38,7 +40,7 @@ from pyqmail.home import Home
 from pyqmail.local import dotqmail, users
 from pyqmail.local.dotqmail import Instruction, Kind
 from pyqmail.local.spawner import split_recipient
-from pyqmail.remote import mx, routes, smarthost, tls
+from pyqmail.remote import mtasts, mtastscache, mx, routes, smarthost, tls
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
 from pyqmail.smtp import replies
@@ -121,6 +123,7 @@ def explain_address(
     else:
         ex.say(f"delivery: remote: {domain} is not in control/locals or control/virtualdomains")
         _remote(ctl, domain, ex, dns=dns, resolver=resolver, timeout=timeout, home=home)
+        _mtasts(home, ctl, domain, ex)
     return ex
 
 
@@ -330,6 +333,34 @@ def _smarthost(home: Home, route: routes.Route, ex: Explanation) -> bool:
         how = f"the CA file {relay.trust.cafile}" if relay.trust.cafile else "a pinned key"
     ex.say(f"TLS: required, the certificate verified by {how}")
     return True
+
+
+def _mtasts(home: Home, ctl: Control, domain: str, ex: Explanation) -> None:
+    try:
+        routed = routes.lookup(ctl.smtproutes, domain) is not None
+        if ctl.qmtproutes and not routed:
+            from pyqmail.remote import qmtp
+
+            routed = qmtp.qmtp_route(ctl, domain) is not None
+    except routes.RouteError:
+        return
+    if routed:
+        ex.say("MTA-STS: not applied (delivery follows a route, not the MX records)")
+        return
+    if mtastscache.domain_key(domain) is None:
+        return
+    rec = mtastscache.read_cached(home, domain)
+    if rec is None:
+        ex.say(f"MTA-STS: no cached policy; delivery looks up _mta-sts.{domain} (TXT)")
+        return
+    p = rec.policy
+    state = "expired" if not rec.valid(time.time()) else "in force"
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rec.expires))
+    ex.say(f"MTA-STS: cached policy id {rec.id}, mode {p.mode.value}, {state} until {until}")
+    if p.mx:
+        ex.say(f"  mx: {' '.join(p.mx)}")
+    if state == "in force" and p.mode is mtasts.Mode.ENFORCE:
+        ex.say("  only these MX hosts, with STARTTLS and a verified certificate, else deferred")
 
 
 async def _relay(relay: str, res: dns.asyncresolver.Resolver) -> list[mx.Address]:
