@@ -8,9 +8,10 @@ DEMO   := $(CURDIR)/var/qmail
 # smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback, openssl s_client for TLS,
 # OpenDKIM's opendkim-testmsg and Perl's Mail::DKIM to verify DKIM signatures; chromium reads
 # the status page of `pyqmail run --http`, Debian's prometheus-client parses its /metrics;
-# python3-authres parses Authentication-Results in the acceptance check).
+# python3-authres parses Authentication-Results in the acceptance check; srs is Mail::SRS's
+# command, the reference our SRS addresses are checked against).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base openssl opendkim-tools libmail-dkim-perl \
-          chromium python3-prometheus-client python3-authres
+          chromium python3-prometheus-client python3-authres srs
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 
