@@ -41,12 +41,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pyqmail import cdb, dkim, policy, tcprules
+from pyqmail import cdb, dkim, policy, srs, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
 from pyqmail.smtp import qmqpd, tls
 
-_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT}  # read by smtp/tls.py, not control.py
+# read by smtp/tls.py and the SRS code (pyqmail/srs.py), not control.py
+_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT, srs.FILE}
 
 
 class Severity(Enum):
@@ -144,6 +145,45 @@ class _Checker:
         for p in tls.cert_problems(path, reader=reader):
             add = self.error if p.error else self.warning
             add(f"control/{tls.SERVERCERT}", 0, p.message, p.fix)
+
+    def srs(self, ctl: Control | None) -> None:
+        """control/srs (docs/srs.md): a secret long enough, a domain, the domain in locals
+        (and so in rcpthosts), and the secret out of the users' reach."""
+        name = f"control/{srs.FILE}"
+        path = self.home.control / srs.FILE
+        try:
+            raw = srs.read(self.home.control)
+        except PermissionError:
+            self.warning(name, 0, f"cannot be read by uid {os.geteuid()}, so it was not checked",
+                         "run pyqmail check as root")  # fmt: skip
+            return
+        except OSError as e:
+            self.error(name, 0, f"cannot be read ({e.strerror or e}): every forward and every "
+                       "SRS address is deferred", "make it a file root can read")  # fmt: skip
+            return
+        if raw is None:
+            return
+        for line, message in srs.problems(raw):
+            fix = {1: f"write a random secret of at least {srs.MIN_SECRET} characters "
+                      "(e.g. `head -c 24 /dev/urandom | base64`) on the first line",
+                   2: "write the domain of the SRS addresses on the second line"}[line]  # fmt: skip
+            self.error(name, line, message, fix)
+        try:
+            config = srs.parse(raw)
+        except srs.ConfigError:
+            return  # reported above
+        if ctl is not None and config.domain not in ctl.locals:
+            self.error(name, 2, f"the SRS domain {config.domain} is not in control/locals: "
+                       "bounces to SRS addresses would not be delivered here",
+                       f"add {config.domain} to control/locals and control/rcpthosts")  # fmt: skip
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return
+        if mode & 0o004 and not self.home.single_user:
+            self.warning(name, 0, "every local user can read the SRS secret and sign SRS "
+                         "addresses that this host forwards anywhere",
+                         f"chown root:qmail {path} && chmod 640 {path}")  # fmt: skip
 
     def dkim_records(self, notes: list[str]) -> None:
         """Each DKIM signing key against its published TXT record; DNS that does not
@@ -505,6 +545,7 @@ def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
     ch.queue()
     ch.unknown_files()
     ch.servercert()
+    ch.srs(ctl)
     if dns_notes is not None:
         ch.dkim_records(dns_notes)
     return ch.problems

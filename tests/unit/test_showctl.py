@@ -223,3 +223,11 @@ def test_empty_me_counts_as_present(home: Home) -> None:
     text = report(home)
     assert entry(text, "bouncehost") == ["bouncehost: (Default.) Bounce host name is ."]
     assert entry(text, "me") == ["me: My name is ."]
+
+
+def test_srs_shows_the_domain_never_the_secret(home: Home) -> None:
+    assert "srs: (Default.) Forwards keep the original envelope sender (no SRS)." in report(home)
+    write_control(home, "srs", "very-secret-value-123456\nsrs.test.example\n")
+    text = report(home)
+    assert "SRS addresses at srs.test.example (the secret is not shown)." in text
+    assert "very-secret-value" not in text and "I have no idea" not in text
