@@ -200,3 +200,22 @@ def test_command_prints_no_control_bytes_from_a_users_file(home: Home, site: Pat
     r = subprocess.run([str(BIN / "pyqmail"), "explain", "alice-esc@test.example"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "\x1b" not in r.stdout and "line: ./Box?[2J/" in r.stdout
+
+
+def test_srs_addresses(home: Home, site: Path) -> None:
+    from pyqmail import srs
+
+    secret = "explain-secret-0123456789"
+    write_control(home, "srs", f"{secret}\ntest.example\n")
+    good = srs.Srs((secret.encode(),), "test.example").forward("bob@example.org")
+    ex = explain.explain_address(home, good)
+    assert not ex.refused
+    assert "SRS: a valid SRS address of ours" in ex.text()
+    assert "forwards it to <bob@example.org>" in ex.text()
+    ex = explain.explain_address(home, good.replace("=bob@", "=eve@"))
+    assert ex.refused
+    assert "550 sorry, that SRS address is forged" in ex.text()
+    assert "Sorry, this SRS address is forged. (#5.7.1)" in ex.text()
+    (home.control / "srs").unlink()  # SRS off: an ordinary local part (the alias user's)
+    ex = explain.explain_address(home, good)
+    assert "SRS:" not in ex.text() and "the alias user" in ex.text()
