@@ -25,6 +25,10 @@ control/servercert.pem (smtp/tls.py): an error if it cannot be used (no STARTTLS
 expired, or (root mode) is not qmaild's; a warning if it is self-signed, expires within
 30 days, or is readable by group or other.
 
+control/srs (pyqmail/srs.py, docs/srs.md): an error for a missing or short secret, a
+missing or malformed domain, a domain not in locals, a file root cannot read; a warning
+if it is world-readable in a multi-user home, or this uid may not read it (not checked).
+
 Warnings: an empty rcpthosts, unknown files in control/ (with the nearest known name),
 no alias/.qmail-postmaster, no queue/, a concurrency of 0, ``./Maildir`` without ``/``
 in defaultdelivery, virtualdomains lines shadowed by locals.
