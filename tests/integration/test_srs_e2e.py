@@ -1,6 +1,7 @@
 """SRS end to end through ``pyqmail run`` (docs/srs.md), with Postfix's smtp-sink as the
-foreign MX behind smtproutes: a ``.qmail`` forward of mail from a foreign sender to a
-foreign address leaves with an SRS0 envelope sender; a bounce to that address, sent to
+foreign MX behind smtproutes: a ``.qmail`` forward (an ``&`` line, and the ``forward``
+program) of mail from a foreign sender to a foreign address leaves with an SRS0 envelope
+sender; a bounce to that address, sent to
 our SMTP door, goes back to the original sender; a forged one is refused at RCPT."""
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_forward_then_bounce_back_then_forgery(mta: Mta, sink: Sink) -> None:
     route = f"127.0.0.1:{sink.port}"
     write_control(mta.home, "smtproutes", f"elsewhere.example:{route}\nexample.org:{route}\n")
     (mta.users["alice"] / ".qmail-fwd").write_text("&carol@elsewhere.example\n")
+    (mta.users["alice"] / ".qmail-prog").write_text("|forward dave@elsewhere.example\n")
     mta.start()
 
     # 1. foreign@example.org -> alice-fwd@test.example -> carol@elsewhere.example
@@ -75,6 +77,13 @@ def test_forward_then_bounce_back_then_forgery(mta: Mta, sink: Sink) -> None:
     assert srs.Srs((SECRET.encode(),), SRSDOMAIN).reverse(srs_address.split("@")[0]) == (
         "foreign@example.org"
     )
+
+    # ... and through the forward program ($SRSSENDER)
+    mta.send("foreign@example.org", ["alice-prog@test.example"], "by program")
+    wait_for(lambda: bool(dumps_with(sink, b"Subject: by program")), what="the program's forward")
+    prog_from, prog_rcpt = envelope_of(dumps_with(sink, b"Subject: by program")[0])
+    assert prog_rcpt == "<dave@elsewhere.example>"
+    assert prog_from.startswith("<SRS0=") and prog_from.endswith(f"=foreign@{SRSDOMAIN}>")
 
     # 2. carol's MX bounces to the SRS address: it comes in at our door and goes back
     mta.send("", [srs_address], "bounce back")

@@ -806,3 +806,31 @@ def test_dry_run_says_where(srs_on: Home, user: User) -> None:
     user.qmail(".qmail-default", "./Maildir/\n")
     code, text = user.deliver(local=local, ext=local, host=SRSDOMAIN, sender="", dry_run=True)
     assert (code, text) == (0, "forward bob@example.org\ndid 0+1+0\n")
+
+
+@pytest.mark.parametrize(
+    ("sender", "want"),
+    [("bob@example.org", True), ("bob@example.com", False), ("", False), ("#@[]", False)],
+)
+def test_programs_get_srssender_for_a_foreign_sender(
+    srs_on: Home, user: User, sender: str, want: bool
+) -> None:
+    user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
+    assert user.deliver(sender=sender)[0] == 0
+    got = (user.dir / "srs.out").read_text().strip()
+    assert got == (f"[{CONFIG.forward(sender, NOW)}]" if want else "[]")
+
+
+def test_no_srssender_without_control_srs(home: Home, user: User) -> None:
+    user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
+    env = {b"SRSSENDER": b"forged@elsewhere", b"PATH": b"/usr/bin:/bin"}
+    assert user.deliver(sender="bob@example.org", environ=env)[0] == 0
+    assert (user.dir / "srs.out").read_text().strip() == "[]"
+
+
+def test_unreadable_control_srs_does_not_stop_programs(srs_on: Home, user: User) -> None:
+    (srs_on.control / "srs").unlink()
+    (srs_on.control / "srs").mkdir()
+    user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
+    assert user.deliver(sender="bob@example.org")[0] == 0
+    assert (user.dir / "srs.out").read_text().strip() == "[]"

@@ -343,6 +343,9 @@ def _run_in(
     if not req.dry_run and any(ins.kind is Kind.PROGRAM for ins in instructions):
         # before anything is delivered: a refusal must not follow a partial delivery
         env = _environment(req, dt, rp, uf, newsender, chosen.default, environ)
+        srs_sender = srs_cfg.program_sender(qhome, req.sender, now)
+        if srs_sender is not None:  # for our forward and condredirect (docs/srs.md)
+            env[b"SRSSENDER"] = _b(srs_sender)
 
     files = forwards = programs = 0
     recipients: list[str] = []
@@ -445,6 +448,25 @@ class _SrsConfig:
             return sender
         return config.forward(sender, now)
 
+    def program_sender(self, qhome: Home, sender: str, now: float) -> str | None:
+        """``$SRSSENDER`` for programs: the SRS form of SENDER when SRS is on and SENDER
+        is foreign; our ``forward`` and ``condredirect`` use it for a foreign recipient.
+        None otherwise, and when control/srs or the control files cannot be read: a
+        program's delivery does not depend on them (its forwards keep the sender)."""
+        if not sender or sender == "#@[]":
+            return None
+        try:
+            config = self.get()
+            if config is None:
+                return None
+            ctl = load_control(qhome)
+        except (DeliveryFailure, ControlError):
+            return None
+        host = sender[sender.rfind("@") + 1 :] if "@" in sender else ""
+        if not host or srs_scheme.ours(host, ctl.locals, ctl.virtualdomains):
+            return None
+        return config.forward(sender, now)
+
 
 _SRS_REFUSED = {
     srs_scheme.Failure.FORGED: "Sorry, this SRS address is forged. (#5.7.1)",
@@ -507,6 +529,7 @@ def _environment(
     address from a queue that no door of ours checked (real qmail's, a local injection)
     must not define a function in a program's shell (Shellshock, CVE-2014-6271)."""
     env = dict(base)
+    env.pop(b"SRSSENDER", None)  # only qmail-local sets it (docs/srs.md)
     values = {
         "HOST": req.host,
         "HOME": req.home,
