@@ -834,3 +834,15 @@ def test_unreadable_control_srs_does_not_stop_programs(srs_on: Home, user: User)
     user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
     assert user.deliver(sender="bob@example.org")[0] == 0
     assert (user.dir / "srs.out").read_text().strip() == "[]"
+
+
+def test_unreadable_control_srs_defers_before_any_delivery(
+    srs_on: Home, user: User, captured: Path
+) -> None:
+    """A forward that cannot get its sender fails before the Maildir line is delivered,
+    so the retry does not deliver it twice."""
+    (srs_on.control / "srs").unlink()
+    (srs_on.control / "srs").mkdir()
+    user.qmail(".qmail-ext", "./Maildir/\n&carol@elsewhere.net\n")
+    assert user.deliver(sender="bob@example.org")[0] == 111
+    assert user.maildir() == [] and _queued(captured) == []

@@ -347,6 +347,12 @@ def _run_in(
         if srs_sender is not None:  # for our forward and condredirect (docs/srs.md)
             env[b"SRSSENDER"] = _b(srs_sender)
 
+    forward_sender = newsender
+    if not req.dry_run:
+        targets = [ins.arg for ins in instructions if ins.kind is Kind.FORWARD]
+        if targets:  # before anything is delivered, as the environment above
+            forward_sender = srs_cfg.rewrite(qhome, newsender, targets, now)
+
     files = forwards = programs = 0
     recipients: list[str] = []
     for ins in instructions:
@@ -395,8 +401,7 @@ def _run_in(
 
     qp = 0
     if recipients:
-        sender = srs_cfg.rewrite(qhome, newsender, recipients, now)
-        qp = forward(qhome, msg_fd, dt, sender, recipients)
+        qp = forward(qhome, msg_fd, dt, forward_sender, recipients)
     rep.say(_b(f"did {files}+{forwards}+{programs}\n"))
     if qp:
         rep.say(_b(f"qp {qp}\n"))
