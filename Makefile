@@ -9,9 +9,10 @@ DEMO   := $(CURDIR)/var/qmail
 # OpenDKIM's opendkim-testmsg and Perl's Mail::DKIM to verify DKIM signatures; chromium reads
 # the status page of `pyqmail run --http`, Debian's prometheus-client parses its /metrics;
 # python3-authres parses Authentication-Results in the acceptance check;
-# sasl2-bin's saslpasswd2 makes the SASL users of the Postfix smarthost with AUTH).
+# sasl2-bin's saslpasswd2 makes the SASL users of the Postfix smarthost with AUTH; srs is
+# Mail::SRS's command, the reference our SRS addresses are checked against).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base openssl opendkim-tools libmail-dkim-perl \
-          chromium python3-prometheus-client python3-authres sasl2-bin
+          chromium python3-prometheus-client python3-authres sasl2-bin srs
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 

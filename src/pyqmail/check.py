@@ -28,6 +28,10 @@ control/servercert.pem (smtp/tls.py): an error if it cannot be used (no STARTTLS
 expired, or (root mode) is not qmaild's; a warning if it is self-signed, expires within
 30 days, or is readable by group or other.
 
+control/srs (pyqmail/srs.py, docs/srs.md): an error for a missing or short secret, a
+missing or malformed domain, a domain not in locals, a file root cannot read; a warning
+if it is world-readable in a multi-user home, or this uid may not read it (not checked).
+
 Warnings: an empty rcpthosts, unknown files in control/ (with the nearest known name),
 no alias/.qmail-postmaster, no queue/, a concurrency of 0, ``./Maildir`` without ``/``
 in defaultdelivery, virtualdomains lines shadowed by locals.
@@ -44,14 +48,14 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pyqmail import cdb, dkim, policy, tcprules
+from pyqmail import cdb, dkim, policy, srs, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
 from pyqmail.remote import smarthost
 from pyqmail.smtp import qmqpd, tls
 
-# read by smtp/tls.py and remote/smarthost.py, not control.py
-_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT, smarthost.AUTHFILE, smarthost.TLSFILE}
+# read by smtp/tls.py, remote/smarthost.py and the SRS code (pyqmail/srs.py), not control.py
+_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT, smarthost.AUTHFILE, smarthost.TLSFILE, srs.FILE}
 
 
 class Severity(Enum):
@@ -160,6 +164,45 @@ class _Checker:
         for p in smarthost.file_problems(self.home, reader):
             add = self.error if p.error else self.warning
             add(f"control/{p.file}", p.line, p.message, p.fix)
+
+    def srs(self, ctl: Control | None) -> None:
+        """control/srs (docs/srs.md): a secret long enough, a domain, the domain in locals
+        (and so in rcpthosts), and the secret out of the users' reach."""
+        name = f"control/{srs.FILE}"
+        path = self.home.control / srs.FILE
+        try:
+            raw = srs.read(self.home.control)
+        except PermissionError:
+            self.warning(name, 0, f"cannot be read by uid {os.geteuid()}, so it was not checked",
+                         "run pyqmail check as root")  # fmt: skip
+            return
+        except OSError as e:
+            self.error(name, 0, f"cannot be read ({e.strerror or e}): every forward and every "
+                       "SRS address is deferred", "make it a file root can read")  # fmt: skip
+            return
+        if raw is None:
+            return
+        for line, message in srs.problems(raw):
+            fix = {1: f"write a random secret of at least {srs.MIN_SECRET} characters "
+                      "(e.g. `head -c 24 /dev/urandom | base64`) on the first line",
+                   2: "write the domain of the SRS addresses on the second line"}[line]  # fmt: skip
+            self.error(name, line, message, fix)
+        try:
+            config = srs.parse(raw)
+        except srs.ConfigError:
+            return  # reported above
+        if ctl is not None and config.domain not in ctl.locals:
+            self.error(name, 2, f"the SRS domain {config.domain} is not in control/locals: "
+                       "bounces to SRS addresses would not be delivered here",
+                       f"add {config.domain} to control/locals and control/rcpthosts")  # fmt: skip
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return
+        if mode & 0o004 and not self.home.single_user:
+            self.warning(name, 0, "every local user can read the SRS secret and sign SRS "
+                         "addresses that this host forwards anywhere",
+                         f"chown root:qmail {path} && chmod 640 {path}")  # fmt: skip
 
     def dkim_records(self, notes: list[str]) -> None:
         """Each DKIM signing key against its published TXT record; DNS that does not
@@ -522,6 +565,7 @@ def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
     ch.unknown_files()
     ch.servercert()
     ch.smarthosts()
+    ch.srs(ctl)
     if dns_notes is not None:
         ch.dkim_records(dns_notes)
     return ch.problems

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyqmail import srs
 from pyqmail.control import DEFAULT_SPAWN_LIMIT, ControlError, parse_int, parse_line, parse_list
 from pyqmail.control import read_file as _read_control
 from pyqmail.home import BREAK, SPLIT, Home, HomeError
@@ -131,7 +132,7 @@ _PYQMAIL: tuple[_Entry, ...] = (
 _RULES = ("tcp.smtp", "tcp.qmqp", "tcp.qmtp")
 _PYQMAIL_FILES = frozenset(
     {e.name for e in _PYQMAIL} | set(_RULES) | {r + ".cdb" for r in _RULES}
-    | {r + ".tmp" for r in _RULES} | {smarthost.AUTHFILE, smarthost.TLSFILE}
+    | {r + ".tmp" for r in _RULES} | {smarthost.AUTHFILE, smarthost.TLSFILE, srs.FILE}
 )  # fmt: skip
 _QMAIL_FILES = frozenset(e.name for e in _QMAIL)
 
@@ -292,6 +293,8 @@ def report(home: Home, listdir: Callable[[str], list[str]] = os.listdir) -> str:
     for entry in _PYQMAIL:
         lines.append("")
         lines += _entry_lines(entry, rd)
+    lines.append("")
+    lines += _srs_lines(home)
     for name in _RULES:
         lines.append("")
         lines += _rules_lines(home, name)
@@ -325,3 +328,21 @@ def _smarthost_lines(rd: _Reader) -> list[str]:
         except smarthost.SmarthostError as e:
             out.append(safe(f"Unusable: line {e.line}: {e.message}; routed mail is deferred."))
     return out
+
+
+def _srs_lines(home: Home) -> list[str]:
+    """control/srs's domain, never its secret (docs/srs.md)."""
+    try:
+        raw = srs.read(home.control)
+    except OSError as e:
+        return [f"srs: Oops! Trouble reading this file: {safe(e.strerror or str(e))}."]
+    if raw is None:
+        return ["srs: (Default.) Forwards keep the original envelope sender (no SRS)."]
+    try:
+        config = srs.parse(raw)
+    except srs.ConfigError as e:
+        return [f"srs: {safe(str(e))}."]
+    return [
+        f"srs: Forwards of foreign senders get SRS addresses at {safe(config.domain)}"
+        " (the secret is not shown)."
+    ]

@@ -395,3 +395,28 @@ def test_qmail_pw2u_uppercase_and_home_policies(home: Home, tmp_path: Path) -> N
     )
     no_checks = run(["qmail-pw2u", "-H"], passwd.encode()).stdout.decode()
     assert f"=bob:bob:{u}:100:/nonexistent:::\n" in no_checks
+
+
+def test_forward_and_condredirect_use_srssender_for_foreign_recipients(
+    home: Home, fakeqq: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """qmail-local's $SRSSENDER (docs/srs.md) replaces the original sender for a foreign
+    recipient; a local recipient, or a sender changed by an -owner file, keeps it."""
+    script, out = fakeqq
+    base = {"QMAILQUEUE": str(script), "DTLINE": "Delivered-To: u@h\n",
+            "SENDER": "bob@example.org", "NEWSENDER": "bob@example.org",
+            "SRSSENDER": "SRS0=abcd=XY=example.org=bob@mx.test.example"}  # fmt: skip
+    assert run(["forward", "a@elsewhere.example"], MSG, env=base).returncode == 0
+    assert (out / "env").read_bytes() == (
+        b"FSRS0=abcd=XY=example.org=bob@mx.test.example\0Ta@elsewhere.example\0\0"
+    )
+    assert run(["forward", "joe@mx.test.example"], MSG, env=base).returncode == 0
+    assert (out / "env").read_bytes() == b"Fbob@example.org\0Tjoe@mx.test.example\0\0"
+    owner = dict(base, NEWSENDER="joe-owner@mx.test.example")
+    assert run(["forward", "a@elsewhere.example"], MSG, env=owner).returncode == 0
+    assert (out / "env").read_bytes() == b"Fjoe-owner@mx.test.example\0Ta@elsewhere.example\0\0"
+    m = tmp_path / "m"
+    m.write_bytes(MSG)
+    r = run(["condredirect", "a@elsewhere.example", "true"], m, env=base)
+    assert r.returncode == 99
+    assert (out / "env").read_bytes().startswith(b"FSRS0=abcd=")

@@ -279,3 +279,50 @@ def test_smtproutesauth_must_be_private_and_parse(home: Home) -> None:
     got = {(p.file, p.line) for p in only_errors(home)}
     assert got == {("control/smtproutesauth", 1), ("control/smtproutestls", 1)}
     assert all("no-password-field" not in str(p) for p in check(home))
+
+
+# --- control/srs (docs/srs.md) ------------------------------------------------------------
+
+
+def srs_problems(home: Home) -> list[Problem]:
+    return [p for p in check(home) if p.file == "control/srs"]
+
+
+def test_srs_good_file_passes(home: Home) -> None:
+    write_control(home, "locals", "mx.test.example\nsrs.test.example\n")
+    write_control(home, "rcpthosts", "mx.test.example\nsrs.test.example\n")
+    write_control(home, "srs", "0123456789abcdefghij\nsrs.test.example\n")
+    assert check(home) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [
+        ("short\nmx.test.example\n", [1]),
+        ("\nmx.test.example\n", [1]),
+        ("0123456789abcdefghij\n", [2]),
+        ("0123456789abcdefghij\nnot a domain\n", [2, 2]),  # and not in locals
+        ("0123456789abcdefghij\nsrs.elsewhere.example\n", [2]),  # not in locals
+    ],
+)
+def test_srs_errors(home: Home, text: str, lines: list[int]) -> None:
+    write_control(home, "srs", text)
+    found = srs_problems(home)
+    assert [p.line for p in found] == lines, found
+    assert all(p.severity is Severity.ERROR and p.fix for p in found)
+
+
+def test_srs_world_readable_in_a_multi_user_home_warns(home: Home) -> None:
+    write_control(home, "srs", "0123456789abcdefghij\nmx.test.example\n")
+    (home.control / "srs").chmod(0o644)
+    assert srs_problems(home) == []  # single-user: the user owns everything anyway
+    multi = Home(home.root, single_user=False)
+    (found,) = srs_problems(multi)
+    assert found.severity is Severity.WARNING and "chmod 640" in found.fix
+    (home.control / "srs").chmod(0o640)
+    assert srs_problems(multi) == []
+
+
+def test_srs_is_a_known_file(home: Home) -> None:
+    write_control(home, "srs", "0123456789abcdefghij\nmx.test.example\n")
+    assert not [p for p in check(home) if "no part of qmail" in p.message]

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail import srs
 from pyqmail.home import Home
 from pyqmail.local import qlocal
 from pyqmail.local.qlocal import Request
 from pyqmail.outcome import Status
 from pyqmail.qdate import mbox_date
-from tests.conftest import process_gone
+from tests.conftest import process_gone, write_control
 
 MSG = b"Subject: test\nFrom: a@example.org\n\nbody line\nFrom the start\n>From quoted\n"
 NOW = 1_000_000_000.0
@@ -633,3 +634,215 @@ def test_sigpipe_default_for_programs(user: User) -> None:
     user.qmail(".qmail-ext", "|yes | head -1 > /dev/null; echo ok\n")
     assert user.deliver() == (0, "ok\ndid 0+0+1\n")
     assert signal.getsignal(signal.SIGPIPE) is not None
+
+
+# --- SRS (docs/srs.md): a forward of a foreign sender to a foreign address is queued with
+# an SRS sender; mail for an SRS address of ours is forwarded to the address it stands
+# for, and a forged or expired one fails permanently.
+
+SECRET = "local-test-secret-0123456789"
+SRSDOMAIN = "srs.test.example"
+CONFIG = srs.Srs((SECRET.encode(),), SRSDOMAIN)
+
+
+@pytest.fixture
+def srs_on(home: Home) -> Home:
+    write_control(home, "srs", f"{SECRET}\n{SRSDOMAIN}\n")
+    write_control(home, "locals", f"example.com\nmx.test.example\n{SRSDOMAIN}\n")
+    write_control(home, "virtualdomains", "virt.example:joe\n")
+    return home
+
+
+def envelope(sender: str, *rcpts: str) -> bytes:
+    tos = b"".join(b"T" + r.encode() + b"\0" for r in rcpts)
+    return b"F" + sender.encode() + b"\0" + tos + b"\0"
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpt", "rewritten"),
+    [
+        ("bob@example.org", "carol@elsewhere.net", True),
+        ("bob@example.org", "carol@example.com", False),  # stays here: no SPF involved
+        ("bob@virt.example", "carol@elsewhere.net", False),  # our own domain
+        ("", "carol@elsewhere.net", False),  # a bounce
+        ("#@[]", "carol@elsewhere.net", False),
+    ],
+)
+def test_forward_sender(
+    srs_on: Home, user: User, captured: Path, sender: str, rcpt: str, rewritten: bool
+) -> None:
+    user.qmail(".qmail-ext", f"&{rcpt}\n")
+    code, text = user.deliver(sender=sender)
+    assert code == 0, text
+    ((_msg, env),) = _queued(captured)
+    want = CONFIG.forward(sender, NOW) if rewritten else sender
+    assert env == envelope(want, rcpt)
+    if rewritten:
+        assert want.startswith("SRS0=") and want.endswith("@" + SRSDOMAIN)
+        assert CONFIG.reverse(want.split("@")[0], NOW) == sender
+
+
+def test_no_control_srs_no_rewrite(home: Home, user: User, captured: Path) -> None:
+    user.qmail(".qmail-ext", "&carol@elsewhere.net\n")
+    assert user.deliver(sender="bob@example.org")[0] == 0
+    ((_msg, env),) = _queued(captured)
+    assert env == envelope("bob@example.org", "carol@elsewhere.net")
+
+
+def test_sender_already_srs0_becomes_srs1(srs_on: Home, user: User, captured: Path) -> None:
+    user.qmail(".qmail-ext", "&carol@elsewhere.net\n")
+    first = "SRS0=abcd=XY=example.org=bob@first.example"
+    assert user.deliver(sender=first)[0] == 0
+    ((_msg, env),) = _queued(captured)
+    assert env.startswith(b"FSRS1=") and b"=first.example==abcd=XY=example.org=bob@" in env
+
+
+def test_unreadable_control_srs_defers(srs_on: Home, user: User, captured: Path) -> None:
+    (srs_on.control / "srs").unlink()
+    (srs_on.control / "srs").mkdir()  # reading it fails with EISDIR, whoever we are
+    user.qmail(".qmail-ext", "&carol@elsewhere.net\n")
+    code, text = user.deliver(sender="bob@example.org")
+    assert code == 111
+    assert "Unable to read control/srs" in text
+    assert _queued(captured) == []
+    # a delivery without a forward does not need it
+    user.qmail(".qmail-ext", "./Maildir/\n")
+    assert user.deliver(sender="bob@example.org")[0] == 0
+
+
+def test_incomplete_control_srs_defers(srs_on: Home, user: User, captured: Path) -> None:
+    write_control(srs_on, "srs", f"{SECRET}\n")
+    user.qmail(".qmail-ext", "&carol@elsewhere.net\n")
+    code, text = user.deliver(sender="bob@example.org")
+    assert code == 111 and "control/srs" in text
+
+
+# --- the way back ------------------------------------------------------------------------
+
+
+def deliver_srs(user: User, local: str, sender: str = "") -> tuple[int, str]:
+    user.qmail(".qmail-default", "./Maildir/\n")  # would catch it if SRS did not
+    ext = local
+    return user.deliver(local=local, ext=ext, dash="-", sender=sender, host=SRSDOMAIN)
+
+
+def test_bounce_to_srs_address_goes_back(srs_on: Home, user: User, captured: Path) -> None:
+    addr = CONFIG.forward("bob@example.org", NOW)
+    local = addr.split("@")[0]
+    code, text = deliver_srs(user, local)
+    assert code == 0, text
+    assert text.startswith("did 0+1+0\nqp ")
+    ((msg, env),) = _queued(captured)
+    assert env == envelope("", "bob@example.org")
+    assert msg.startswith(b"Delivered-To: " + local.encode() + b"@" + SRSDOMAIN.encode() + b"\n")
+    assert user.maildir() == []
+
+
+def test_lower_cased_srs_address_goes_back(srs_on: Home, user: User, captured: Path) -> None:
+    local = CONFIG.forward("Bob@Example.org", NOW).split("@")[0].lower()
+    assert deliver_srs(user, local)[0] == 0
+    ((_msg, env),) = _queued(captured)
+    assert env == envelope("", "bob@example.org")
+
+
+def test_srs1_goes_back_to_first_hop(srs_on: Home, user: User, captured: Path) -> None:
+    first = "SRS0=abcd=XY=example.org=bob@first.example"
+    local = CONFIG.forward(first, NOW).split("@")[0]
+    assert deliver_srs(user, local)[0] == 0
+    ((_msg, env),) = _queued(captured)
+    assert env == envelope("", first)
+
+
+@pytest.mark.parametrize(
+    ("make", "text"),
+    [
+        (lambda a: a.replace("=bob", "=mallory"), "forged"),
+        (lambda a: "SRS0=abcd=" + a.split("=", 2)[2], "forged"),
+        (lambda a: "SRS0=nothing", "malformed"),
+    ],
+)
+def test_forged_srs_address_bounces(
+    srs_on: Home, user: User, captured: Path, make: object, text: str
+) -> None:
+    local = make(CONFIG.forward("bob@example.org", NOW).split("@")[0])  # type: ignore[operator]
+    code, report = deliver_srs(user, local)
+    assert code == 100
+    assert f"Sorry, this SRS address is {text}. (#5.7.1)" in report
+    assert _queued(captured) == [] and user.maildir() == []
+
+
+def test_expired_srs_address_bounces(srs_on: Home, user: User, captured: Path) -> None:
+    local = CONFIG.forward("bob@example.org", NOW - 30 * 86400).split("@")[0]
+    code, report = deliver_srs(user, local)
+    assert code == 100 and "has expired. (#5.7.1)" in report
+    assert _queued(captured) == []
+
+
+def test_srs_local_part_without_srs_is_ordinary(home: Home, user: User, captured: Path) -> None:
+    local = CONFIG.forward("bob@example.org", NOW).split("@")[0]
+    assert deliver_srs(user, local)[0] == 0
+    assert _queued(captured) == [] and len(user.maildir()) == 1
+
+
+def test_srs_source_from_the_spawner(home: Home, user: User, captured: Path) -> None:
+    """The spawner hands control/srs's bytes in (read as root): the file itself is not read."""
+    local = CONFIG.forward("bob@example.org", NOW).split("@")[0]
+    user.qmail(".qmail-default", "./Maildir/\n")
+    req = qlocal.Request("joe", str(user.dir), local, "-", local, SRSDOMAIN, "", "./Maildir/\n")
+    with tempfile.TemporaryFile() as m, tempfile.TemporaryFile() as rep:
+        m.write(b"Subject: x\n\nbody\n")
+        m.flush()
+        code = qlocal.run(
+            req, m.fileno(), home, out=rep.fileno(), err=rep.fileno(), now=NOW,
+            srs=lambda: f"{SECRET}\n{SRSDOMAIN}\n".encode(),
+        )  # fmt: skip
+    assert code == 0
+    ((_msg, env),) = _queued(captured)
+    assert env == envelope("", "bob@example.org")
+
+
+def test_dry_run_says_where(srs_on: Home, user: User) -> None:
+    local = CONFIG.forward("bob@example.org", NOW).split("@")[0]
+    user.qmail(".qmail-default", "./Maildir/\n")
+    code, text = user.deliver(local=local, ext=local, host=SRSDOMAIN, sender="", dry_run=True)
+    assert (code, text) == (0, "forward bob@example.org\ndid 0+1+0\n")
+
+
+@pytest.mark.parametrize(
+    ("sender", "want"),
+    [("bob@example.org", True), ("bob@example.com", False), ("", False), ("#@[]", False)],
+)
+def test_programs_get_srssender_for_a_foreign_sender(
+    srs_on: Home, user: User, sender: str, want: bool
+) -> None:
+    user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
+    assert user.deliver(sender=sender)[0] == 0
+    got = (user.dir / "srs.out").read_text().strip()
+    assert got == (f"[{CONFIG.forward(sender, NOW)}]" if want else "[]")
+
+
+def test_no_srssender_without_control_srs(home: Home, user: User) -> None:
+    user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
+    env = {b"SRSSENDER": b"forged@elsewhere", b"PATH": b"/usr/bin:/bin"}
+    assert user.deliver(sender="bob@example.org", environ=env)[0] == 0
+    assert (user.dir / "srs.out").read_text().strip() == "[]"
+
+
+def test_unreadable_control_srs_does_not_stop_programs(srs_on: Home, user: User) -> None:
+    (srs_on.control / "srs").unlink()
+    (srs_on.control / "srs").mkdir()
+    user.qmail(".qmail-ext", '|echo "[$SRSSENDER]" > srs.out\n')
+    assert user.deliver(sender="bob@example.org")[0] == 0
+    assert (user.dir / "srs.out").read_text().strip() == "[]"
+
+
+def test_unreadable_control_srs_defers_before_any_delivery(
+    srs_on: Home, user: User, captured: Path
+) -> None:
+    """A forward that cannot get its sender fails before the Maildir line is delivered,
+    so the retry does not deliver it twice."""
+    (srs_on.control / "srs").unlink()
+    (srs_on.control / "srs").mkdir()
+    user.qmail(".qmail-ext", "./Maildir/\n&carol@elsewhere.net\n")
+    assert user.deliver(sender="bob@example.org")[0] == 111
+    assert user.maildir() == [] and _queued(captured) == []

@@ -237,3 +237,35 @@ def test_answers_now_unless_another_process_must_be_asked(site: Home) -> None:
     assert rv.answers_now(load(site), "alice@test.example")
     assert not rv.answers_now(load(site), "bob@test.example")
     assert rv.answers_now(load(site), "x@elsewhere.example")  # not local: nothing to ask
+
+
+# --- SRS addresses (docs/srs.md): the check and delivery agree there too ----------------
+
+
+def test_srs_addresses_check_and_delivery_agree(site: Home) -> None:
+    from pyqmail import srs
+
+    secret = "verdict-secret-0123456789"
+    write_control(site, "srs", f"{secret}\ntest.example\n")
+    config = srs.Srs((secret.encode(),), "test.example")
+    good = config.forward("bob@example.org")
+    forged = good.replace("=bob@", "=mallory@")
+    old = config.forward("bob@example.org", time.time() - 40 * 86400)
+    ctl = load(site)
+    verdicts = RecipientVerdicts(LocalVerdicts(site))
+    (site.alias / ".qmail-default").write_text("./Maildir/\n")  # would take anything
+    for address, want in ((good, OK), (good.lower(), OK), (forged, PERM), (old, PERM)):
+        got = verdicts.verdict(ctl, address)
+        assert got is not None and got.status is want, address
+    # a forged one is refused by delivery too (a good one is forwarded: the SRS tests)
+    assert _deliver(site, forged) is PERM
+
+
+def test_srs_unreadable_leaves_it_to_delivery(site: Home) -> None:
+    def denied() -> bytes:
+        raise PermissionError(13, "denied")
+
+    v = LocalVerdicts(site, srs_source=denied)
+    assert v.verdict("SRS0=abcd=XY=example.org=bob").status is OK
+    (site.alias / ".qmail-default").unlink(missing_ok=True)
+    assert v.verdict("nosuchuser42").status is PERM  # no SRS: the ordinary lookup

@@ -216,3 +216,22 @@ def test_smarthost_auth_and_trust(home: Home, site: Path) -> None:
     assert "cannot be used (control/smtproutesauth:1:" in text and "pass-word" not in text
     text = explain.explain_address(home, "x@named.example", dns=False).text()
     assert "cannot be used" in text  # a broken file defers every route
+
+
+def test_srs_addresses(home: Home, site: Path) -> None:
+    from pyqmail import srs
+
+    secret = "explain-secret-0123456789"
+    write_control(home, "srs", f"{secret}\ntest.example\n")
+    good = srs.Srs((secret.encode(),), "test.example").forward("bob@example.org")
+    ex = explain.explain_address(home, good)
+    assert not ex.refused
+    assert "SRS: a valid SRS address of ours" in ex.text()
+    assert "forwards it to <bob@example.org>" in ex.text()
+    ex = explain.explain_address(home, good.replace("=bob@", "=eve@"))
+    assert ex.refused
+    assert "550 sorry, that SRS address is forged" in ex.text()
+    assert "Sorry, this SRS address is forged. (#5.7.1)" in ex.text()
+    (home.control / "srs").unlink()  # SRS off: an ordinary local part (the alias user's)
+    ex = explain.explain_address(home, good)
+    assert "SRS:" not in ex.text() and "the alias user" in ex.text()

@@ -238,3 +238,11 @@ def test_smarthost_files_show_hosts_and_users_never_passwords(home: Home) -> Non
     write_control(home, "smtproutesauth", "broken-secret\n")
     text = report(home)
     assert "Unusable: line 1: not host:user:password" in text and "broken-secret" not in text
+
+
+def test_srs_shows_the_domain_never_the_secret(home: Home) -> None:
+    assert "srs: (Default.) Forwards keep the original envelope sender (no SRS)." in report(home)
+    write_control(home, "srs", "very-secret-value-123456\nsrs.test.example\n")
+    text = report(home)
+    assert "SRS addresses at srs.test.example (the secret is not shown)." in text
+    assert "very-secret-value" not in text and "I have no idea" not in text

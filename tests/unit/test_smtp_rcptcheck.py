@@ -265,3 +265,12 @@ def test_refused_by_rcpthosts_is_never_checked(home: Home) -> None:
         home, b"MAIL FROM:<s@x>\r\nRCPT TO:<a@elsewhere.example>\r\nQUIT\r\n", 0, {}
     )
     assert replies.NOT_RCPTHOSTS in out and asked == []
+
+
+def test_refused_srs_address_says_5_7_1() -> None:
+    assert reply_for(PERM, "SRS0=abcd=XY=example.org=bob@srs.example") == rcptcheck.SRS_REFUSED
+    assert rcptcheck.SRS_REFUSED.startswith(b"550 ") and b"5.7.1" in rcptcheck.SRS_REFUSED
+    assert reply_for(PERM, "srs1-x=y@srs.example") == rcptcheck.SRS_REFUSED
+    assert reply_for(PERM, "bob@srs.example") == rcptcheck.NO_SUCH_USER
+    assert reply_for(TEMP, "SRS0=abcd=XY=example.org=bob@srs.example") == rcptcheck.CHECK_LATER
+    assert reply_for(OK, "SRS0=abcd=XY=example.org=bob@srs.example") is None

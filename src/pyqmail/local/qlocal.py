@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from pyqmail import srs as srs_scheme
+from pyqmail.control import ControlError
+from pyqmail.control import load as load_control
 from pyqmail.home import Home
 from pyqmail.inject.getopt import Getopt, GetoptError
 from pyqmail.local import dotqmail, maildir, mbox, program
@@ -36,6 +39,11 @@ from pyqmail.qdate import mbox_date
 
 TRUNCREPORT = 3000  # qmail-lspawn keeps this much of qmail-local's output
 TRUNCMESS = b"\nError report too long, sorry.\n"
+
+# Where the SRS configuration comes from (docs/srs.md): the raw bytes of control/srs, None
+# when there is none (SRS is off); it may raise OSError. The spawner passes what it read
+# as root (the secret need not be readable by the users); the default reads the file.
+SrsSource = Callable[[], bytes | None]
 
 
 def _b(s: str) -> bytes:
@@ -214,8 +222,11 @@ def run(
     sink: bytearray | None = None,
     program_out: int | None = None,
     environ: Mapping[bytes, bytes] | None = None,
+    srs: SrsSource | None = None,
 ) -> int:
     """Deliver the message on ``msg_fd`` (seekable) as qmail-local would; the exit code.
+
+    ``srs``: control/srs's bytes (:data:`SrsSource`); None reads the file when needed.
 
     Programs get ``environ`` plus qmail-local's variables; None means the daemon's
     minimal environment (:func:`program.daemon_environment`), not this process's.
@@ -229,8 +240,9 @@ def run(
     rep = _Report(out, err, sink, program_out)
     if environ is None:
         environ = program.daemon_environment(str(qhome.root), qhome.single_user)
+    srs_cfg = _SrsConfig(srs if srs is not None else lambda: srs_scheme.read(qhome.control))
     try:
-        return _run(req, msg_fd, qhome, rep, time.time() if now is None else now, environ)
+        return _run(req, msg_fd, qhome, rep, time.time() if now is None else now, environ, srs_cfg)
     except DeliveryFailure as f:
         rep.error(f.text)
         return f.code
@@ -243,7 +255,13 @@ def run(
 
 
 def _run(
-    req: Request, msg_fd: int, qhome: Home, rep: _Report, now: float, environ: Mapping[bytes, bytes]
+    req: Request,
+    msg_fd: int,
+    qhome: Home,
+    rep: _Report,
+    now: float,
+    environ: Mapping[bytes, bytes],
+    srs_cfg: _SrsConfig,
 ) -> int:
     try:
         hfd = os.open(_b(req.home), os.O_PATH | os.O_DIRECTORY)
@@ -252,7 +270,7 @@ def _run(
             TEMP, f"Unable to switch to {req.home}: {strerror(e)}. (#4.3.0)"
         ) from e
     try:
-        return _run_in(req, msg_fd, qhome, rep, now, hfd, environ)
+        return _run_in(req, msg_fd, qhome, rep, now, hfd, environ, srs_cfg)
     finally:
         os.close(hfd)
 
@@ -276,6 +294,7 @@ def _run_in(
     now: float,
     hfd: int,
     environ: Mapping[bytes, bytes],
+    srs_cfg: _SrsConfig,
 ) -> int:
     st = os.fstat(hfd)
     refusal = home_refusal(st.st_mode)
@@ -295,6 +314,11 @@ def _run_in(
             raise DeliveryFailure(TEMP, f"Unable to read message: {strerror(e)}. (#4.3.0)") from e
     rp = rpline(req.sender)
     uf = ufline(req.sender, now)
+
+    if srs_scheme.is_srs(req.local):
+        config = srs_cfg.get()
+        if config is not None:  # a bounce to an address we wrote: before any .qmail
+            return _srs_reverse(req, msg_fd, qhome, rep, now, dt, config, srs_cfg)
 
     chosen = dotqmail.choose(req.dash, req.ext, hfd)
     if dotqmail.no_mailbox(chosen, req.dash):
@@ -319,6 +343,15 @@ def _run_in(
     if not req.dry_run and any(ins.kind is Kind.PROGRAM for ins in instructions):
         # before anything is delivered: a refusal must not follow a partial delivery
         env = _environment(req, dt, rp, uf, newsender, chosen.default, environ)
+        srs_sender = srs_cfg.program_sender(qhome, req.sender, now)
+        if srs_sender is not None:  # for our forward and condredirect (docs/srs.md)
+            env[b"SRSSENDER"] = _b(srs_sender)
+
+    forward_sender = newsender
+    if not req.dry_run:
+        targets = [ins.arg for ins in instructions if ins.kind is Kind.FORWARD]
+        if targets:  # before anything is delivered, as the environment above
+            forward_sender = srs_cfg.rewrite(qhome, newsender, targets, now)
 
     files = forwards = programs = 0
     recipients: list[str] = []
@@ -368,10 +401,120 @@ def _run_in(
 
     qp = 0
     if recipients:
-        qp = forward(qhome, msg_fd, dt, newsender, recipients)
+        qp = forward(qhome, msg_fd, dt, forward_sender, recipients)
     rep.say(_b(f"did {files}+{forwards}+{programs}\n"))
     if qp:
         rep.say(_b(f"qp {qp}\n"))
+    return 0
+
+
+# --- SRS (docs/srs.md) --------------------------------------------------------------------
+
+
+class _SrsConfig:
+    """control/srs for one delivery, read at most once and only when needed (a forward
+    with a sender, or an SRS local part). Trouble reading it is temporary, as with every
+    control file."""
+
+    def __init__(self, source: SrsSource) -> None:
+        self.source = source
+        self._done = False
+        self._value: srs_scheme.Srs | None = None
+
+    def get(self) -> srs_scheme.Srs | None:
+        if not self._done:
+            try:
+                raw = self.source()
+            except OSError as e:
+                raise DeliveryFailure(
+                    TEMP, f"Unable to read control/srs: {strerror(e)}. (#4.3.0)"
+                ) from e
+            try:
+                self._value = None if raw is None else srs_scheme.parse(raw)
+            except srs_scheme.ConfigError as e:
+                raise DeliveryFailure(TEMP, f"{e}. (#4.3.0)") from e
+            self._done = True
+        return self._value
+
+    def rewrite(self, qhome: Home, sender: str, recipients: Sequence[str], now: float) -> str:
+        """The envelope sender a forward to ``recipients`` gets: SRS0/SRS1 at the SRS
+        domain when SRS is on, the sender is foreign and a recipient is foreign
+        (:func:`pyqmail.srs.needs_rewrite`); else ``sender`` itself."""
+        if not sender or sender == "#@[]":
+            return sender
+        config = self.get()
+        if config is None:
+            return sender
+        try:
+            ctl = load_control(qhome)
+        except ControlError as e:
+            raise DeliveryFailure(TEMP, f"{e}. (#4.3.0)") from e
+        if not srs_scheme.needs_rewrite(sender, recipients, ctl.locals, ctl.virtualdomains):
+            return sender
+        return config.forward(sender, now)
+
+    def program_sender(self, qhome: Home, sender: str, now: float) -> str | None:
+        """``$SRSSENDER`` for programs: the SRS form of SENDER when SRS is on and SENDER
+        is foreign; our ``forward`` and ``condredirect`` use it for a foreign recipient.
+        None otherwise, and when control/srs or the control files cannot be read: a
+        program's delivery does not depend on them (its forwards keep the sender)."""
+        if not sender or sender == "#@[]":
+            return None
+        try:
+            config = self.get()
+            if config is None:
+                return None
+            ctl = load_control(qhome)
+        except (DeliveryFailure, ControlError):
+            return None
+        host = sender[sender.rfind("@") + 1 :] if "@" in sender else ""
+        if not host or srs_scheme.ours(host, ctl.locals, ctl.virtualdomains):
+            return None
+        return config.forward(sender, now)
+
+
+_SRS_REFUSED = {
+    srs_scheme.Failure.FORGED: "Sorry, this SRS address is forged. (#5.7.1)",
+    srs_scheme.Failure.EXPIRED: "Sorry, this SRS address has expired. (#5.7.1)",
+    srs_scheme.Failure.MALFORMED: "Sorry, this SRS address is malformed. (#5.7.1)",
+}
+
+
+def srs_refusal(config: srs_scheme.Srs, local: str, now: float) -> str | None:
+    """qmail-local's permanent failure text for the SRS local part ``local``, None when it
+    reverses (its hash and age are good). Shared with the RCPT check (local/verdict.py)."""
+    try:
+        config.reverse(local, now)
+    except srs_scheme.SrsError as e:
+        return _SRS_REFUSED[e.failure]
+    return None
+
+
+def _srs_reverse(
+    req: Request,
+    msg_fd: int,
+    qhome: Home,
+    rep: _Report,
+    now: float,
+    dt: bytes,
+    config: srs_scheme.Srs,
+    srs_cfg: _SrsConfig,
+) -> int:
+    """Mail for an SRS address of ours: forward it to the address it stands for, as a
+    ``&address`` line would (Delivered-To, one queue submission, ``did 0+1+0``); a forged,
+    expired or malformed one fails permanently."""
+    try:
+        target = config.reverse(req.local, now)
+    except srs_scheme.SrsError as e:
+        raise DeliveryFailure(PERM, _SRS_REFUSED[e.failure]) from e
+    if req.dry_run:
+        rep.say(_b(f"forward {target}\n"))
+        rep.say(b"did 0+1+0\n")
+        return 0
+    sender = srs_cfg.rewrite(qhome, req.sender, [target], now)
+    qp = forward(qhome, msg_fd, dt, sender, [target])
+    rep.say(b"did 0+1+0\n")
+    rep.say(_b(f"qp {qp}\n"))
     return 0
 
 
@@ -391,6 +534,7 @@ def _environment(
     address from a queue that no door of ours checked (real qmail's, a local injection)
     must not define a function in a program's shell (Shellshock, CVE-2014-6271)."""
     env = dict(base)
+    env.pop(b"SRSSENDER", None)  # only qmail-local sets it (docs/srs.md)
     values = {
         "HOST": req.host,
         "HOME": req.home,

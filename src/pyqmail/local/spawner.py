@@ -13,6 +13,9 @@ of the user's: the message arrives as a descriptor, the report goes to a pipe, e
 descriptor is closed (no user code can reach the spawner's socket), and it runs
 qmail-local's algorithm in-process.
 
+control/srs (docs/srs.md) is read here, as root, and handed to the delivery with its
+request (:class:`SrsFile`), so the SRS secret need not be readable by the users.
+
 Two ways to get that process (``reuse``):
 
 * reuse (default): a worker per identity (uid, gid). A worker
@@ -58,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyqmail import srs
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.local import program, qlocal, users
@@ -94,6 +98,42 @@ class DefaultDelivery:
         if self._dd is None or now - self._dd[0] > CONTROL_TTL:
             self._dd = (now, self.ctl.get().defaultdelivery)
         return self._dd[1]
+
+
+class SrsFile:
+    """control/srs as the spawner reads it (as root: the secret need not be readable by
+    the users, docs/srs.md), at most every CONTROL_TTL seconds, in the form a delivery's
+    payload carries it: ``-`` (no file: SRS is off), ``!`` (unreadable), or the bytes in
+    hex (a secret may hold any byte but NUL's neighbours in the payload)."""
+
+    def __init__(self, home: Home) -> None:
+        self.dir = home.control
+        self._got: tuple[float, bytes] | None = None
+
+    def __call__(self) -> bytes:
+        now = time.monotonic()
+        if self._got is None or now - self._got[0] > CONTROL_TTL:
+            try:
+                raw = srs.read(self.dir)
+            except OSError:
+                field = b"!"
+            else:
+                field = b"-" if raw is None else raw.hex().encode()
+            self._got = (now, field)
+        return self._got[1]
+
+
+def srs_source(field: str) -> qlocal.SrsSource:
+    """The worker's side of :class:`SrsFile`'s field."""
+
+    def source() -> bytes | None:
+        if field == "-":
+            return None
+        if field == "!":
+            raise PermissionError(13, "access denied")
+        return bytes.fromhex(field)
+
+    return source
 
 
 @dataclass(frozen=True)
@@ -235,6 +275,7 @@ class Spawner:
         self.workers: dict[int, _Worker] = {}  # by pid
         self.closing = False
         self._defaultdelivery = DefaultDelivery(self.ctl)
+        self._srs = SrsFile(cfg.home)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -339,6 +380,7 @@ class Spawner:
             job = _Job(rid, rfd, deadline=time.monotonic() + self.cfg.program_timeout)
             fields = (info.user, info.home, got.local, info.dash, info.ext, got.domain, sender)
             payload = b"\0".join(users.enc(f) for f in (*fields, got.defaultdelivery))
+            payload += b"\0" + self._srs()
             try:
                 worker = self._worker_for(ident)
             except OSError:
@@ -431,7 +473,7 @@ class Spawner:
             own = bytearray()
             try:
                 f = [users.dec(x) for x in msg.split(b"\0")]
-                if len(fds) == 2 and len(f) == 8:
+                if len(fds) == 2 and len(f) == 9:
                     code = self._run(f, fds[0], fds[1], own)
                 # Answer before closing the report pipe: the spawner then reads what the
                 # programs wrote and closes its end, and is not woken by the hang-up.
@@ -443,7 +485,7 @@ class Spawner:
                 return 0
 
     def _run(self, f: list[str], mfd: int, out: int, own: bytearray) -> int:
-        user, home, local, dash, ext, domain, sender, defaultdelivery = f
+        user, home, local, dash, ext, domain, sender, defaultdelivery, srs_field = f
         req = qlocal.Request(
             user,
             home,
@@ -457,7 +499,9 @@ class Spawner:
             lock_timeout=self.cfg.lock_timeout,
         )
         try:
-            return qlocal.run(req, mfd, self.home, sink=own, program_out=out)
+            return qlocal.run(
+                req, mfd, self.home, sink=own, program_out=out, srs=srs_source(srs_field)
+            )
         except Exception:
             own += b"Unexpected error in local delivery. (#4.3.0)\n"
             return 111

@@ -3,7 +3,8 @@
 ``forward``, ``condredirect``, ``bouncesaying``, ``except`` and ``preline`` are small
 filters used from ``|`` lines in .qmail files. Their command modules parse arguments;
 the behaviour lives here. Fatal conditions are :class:`ToolExit` (qmail's exit code and
-``prog: fatal: ...`` text).
+``prog: fatal: ...`` text). ``forward`` and ``condredirect`` send a foreign sender's mail
+to a foreign address with ``$SRSSENDER`` when qmail-local set it (docs/srs.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from pyqmail import srs
+from pyqmail.control import ControlError, load
 from pyqmail.durable import write_all
 from pyqmail.home import Home
 from pyqmail.local.failure import DeliveryFailure, strerror
@@ -63,12 +66,29 @@ def requeue(prog: str, home: Home, sender_var: str, recipients: Sequence[str]) -
     dtline = os.environb.get(b"DTLINE")
     if dtline is None:
         raise ToolExit(100, f"{prog}: fatal: DTLINE not set")
+    sender = _srs_sender(home, sender, recipients)
     fd = seekable_stdin()
     try:
         return forward(home, fd, dtline, sender, recipients)
     except DeliveryFailure as f:
         text = f.text.removeprefix("Unable to forward message: ").removesuffix(".")
         raise ToolExit(f.code, f"{prog}: fatal: {text}") from f
+
+
+def _srs_sender(home: Home, sender: str, recipients: Sequence[str]) -> str:
+    """``$SRSSENDER`` (qmail-local's SRS form of ``$SENDER``, docs/srs.md) instead of
+    ``sender`` when that is the original sender and a recipient is foreign; else
+    ``sender``. Control files that cannot be read leave the sender as it is."""
+    srs_sender = os.environ.get("SRSSENDER")
+    if not srs_sender or sender != os.environ.get("SENDER"):
+        return sender
+    try:
+        ctl = load(home)
+    except ControlError:
+        return sender
+    if srs.needs_rewrite(sender, recipients, ctl.locals, ctl.virtualdomains):
+        return srs_sender
+    return sender
 
 
 def seekable_stdin() -> int:

@@ -14,6 +14,12 @@ disagree:
    (:func:`pyqmail.local.dotqmail.no_mailbox`, qmail-local's ``Sorry, no mailbox here by
    that name. (#5.1.1)``); a .qmail that exists but cannot be opened is temporary.
 
+An SRS local part (``SRS0=``/``SRS1=``, docs/srs.md) with control/srs present is not
+looked up in a home: delivery forwards it to the address it stands for, before any
+.qmail file, so the answer is that of its hash and age (a forged or expired one is
+permanent). A control/srs this process may not read (qmail-smtpd as qmaild, with the
+secret kept from it) leaves the answer to delivery: accepted, as ``guarded`` accepts.
+
 What it does not look at: the file's instructions (a program may still exit 100, a
 forward may bounce later), the message (the Delivered-To loop check) and anything that
 depends on the sender. Those can only be known by delivering; the check answers for
@@ -31,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from pyqmail import srs
 from pyqmail.home import Home
 from pyqmail.local import dotqmail, qlocal, users
 from pyqmail.local.dotqmail import DotQmailError
@@ -82,9 +89,13 @@ class LocalVerdicts:
         mailbox: MailboxCheck = mailbox_status,
         lookup: users.PasswdLookup | None = None,
         users_cdb: Path | None = None,
+        srs_source: qlocal.SrsSource | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.home = home
         self.mailbox = mailbox
+        self.srs_source = srs_source or (lambda: srs.read(home.control))
+        self.clock = clock
         self._lookup = lookup
         self._cdb = users.CdbCache(users_cdb or home.users / "cdb")
 
@@ -116,7 +127,28 @@ class LocalVerdicts:
         got = self.owner(local)
         if isinstance(got, Outcome):
             return got
+        if srs.is_srs(local):
+            answer = self._srs(local)
+            if answer is not None:
+                return answer
         return self.mailbox(got)
+
+    def _srs(self, local: str) -> Outcome | None:
+        """The answer for an SRS local part; None when SRS is off (an ordinary lookup)."""
+        try:
+            raw = self.srs_source()
+        except PermissionError:
+            return Outcome.ok("")  # not ours to read: delivery decides (module docstring)
+        except OSError:
+            return Outcome.temp("Unable to read control/srs. (#4.3.0)")
+        if raw is None:
+            return None
+        try:
+            config = srs.parse(raw)
+        except srs.ConfigError as e:
+            return Outcome.temp(f"{e}. (#4.3.0)")
+        refusal = qlocal.srs_refusal(config, local, self.clock())
+        return Outcome.ok("") if refusal is None else Outcome.perm(refusal)
 
 
 class CachedVerdicts:

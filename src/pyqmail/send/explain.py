@@ -7,6 +7,8 @@ second copy of a lookup:
   its reply text from smtp/replies.py;
 - local, virtual or remote: send/todo.py's ``Routing.route`` (locals, percenthack,
   virtualdomains), as qmail-send decides at preprocessing;
+- an SRS address (docs/srs.md): pyqmail/srs.py's reversal and qmail-local's refusal text
+  (local/qlocal.py's ``srs_refusal``);
 - local: local/users.py (users/cdb, then qmail-getpw's passwd rule and the alias user),
   local/dotqmail.py's ``choose`` (which .qmail file) and ``parse`` (its lines), and
   qmail-local's rules for a missing file (local/qlocal.py): a bounce for an extension, else
@@ -34,16 +36,17 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 
-from pyqmail import cdb, netaddr, tcprules
+from pyqmail import cdb, netaddr, srs, tcprules
 from pyqmail.control import Control, ControlError, load
 from pyqmail.home import Home
 from pyqmail.local import dotqmail, users
 from pyqmail.local.dotqmail import Instruction, Kind
+from pyqmail.local.qlocal import srs_refusal
 from pyqmail.local.spawner import split_recipient
 from pyqmail.remote import mtasts, mtastscache, mx, routes, smarthost, tls
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
-from pyqmail.smtp import replies
+from pyqmail.smtp import rcptcheck, replies
 from pyqmail.smtp.protocol import Limits
 from pyqmail.smtp.session import Session, SessionError
 
@@ -175,6 +178,8 @@ def _local(home: Home, ctl: Control, stored: str, ex: Explanation) -> None:
     ex.say(f"user: {info.user} (uid {info.uid}, gid {info.gid}) from {source}")
     if source == "the alias user":
         ex.say(f"  no account owns {local!r}: the alias user's .qmail files decide")
+    if srs.is_srs(local) and _srs(home, local, ex):
+        return
     ex.say(f"home: {info.home}")
     ex.say(f"extension: dash {info.dash!r}, ext {info.ext!r}")
     dd = ctl.defaultdelivery
@@ -182,6 +187,32 @@ def _local(home: Home, ctl: Control, stored: str, ex: Explanation) -> None:
         _as_user(info, lambda sub: _dot_qmail(info, dd, sub), ex)
     else:
         _dot_qmail(info, dd, ex)
+
+
+def _srs(home: Home, local: str, ex: Explanation) -> bool:
+    """An SRS local part with control/srs present: what delivery does with it before any
+    .qmail file (True), or False when SRS is off (an ordinary local part)."""
+    try:
+        config = srs.load(home.control)
+    except PermissionError:
+        ex.say("SRS: control/srs cannot be read by this user (run explain as root); "
+               "delivery forwards a valid SRS address and refuses a forged one")  # fmt: skip
+        return True
+    except (OSError, srs.ConfigError) as e:
+        ex.say(f"SRS: control/srs is unusable ({e}): delivery would be deferred")
+        return True
+    if config is None:
+        return False
+    refusal = srs_refusal(config, local, time.time())
+    if refusal is not None:
+        ex.say(f"SRS: refused at RCPT ({_reply(rcptcheck.SRS_REFUSED)}) and in delivery: "
+               + refusal)  # fmt: skip
+        ex.refused = True
+        return True
+    target = config.reverse(local)
+    ex.say(f"SRS: a valid SRS address of ours (hash and age check out): delivery forwards "
+           f"it to <{target}>, with the same envelope sender, before any .qmail file")  # fmt: skip
+    return True
 
 
 def _as_user(info: users.UserInfo, job: Callable[[Explanation], None], ex: Explanation) -> None:

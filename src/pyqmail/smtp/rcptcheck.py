@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from pyqmail import srs
 from pyqmail.control import Control, morercpthosts_keys
 from pyqmail.home import Home
 from pyqmail.listener import CdbCache
@@ -44,6 +45,7 @@ PROGRAM_TIMEOUT = 20.0  # seconds an $RCPTCHECK program may take; then the recip
 
 NO_SUCH_USER = b"550 sorry, no mailbox here by that name (#5.1.1)\r\n"
 CHECK_LATER = b"451 sorry, I can't check that recipient now; try again later (#4.3.0)\r\n"
+SRS_REFUSED = b"550 sorry, that SRS address is forged or has expired (#5.7.1)\r\n"
 
 
 class LocalRecipients(Protocol):
@@ -62,11 +64,16 @@ class LocalRecipients(Protocol):
         ...
 
 
-def reply_for(status: Status) -> bytes | None:
-    """The RCPT reply for a verdict; None: accept (the caller says 250)."""
+def reply_for(status: Status, address: str = "") -> bytes | None:
+    """The RCPT reply for a verdict on ``address``; None: accept (the caller says 250).
+    A refused SRS address (SRS0=/SRS1=: a bounce to a forwarded sender that does not
+    check out, docs/srs.md) says so with 5.7.1 instead of "no mailbox"."""
     if status is Status.OK:
         return None
-    return NO_SUCH_USER if status is Status.PERM else CHECK_LATER
+    if status is Status.PERM:
+        at = address.rfind("@")
+        return SRS_REFUSED if srs.is_srs(address[:at] if at >= 0 else address) else NO_SUCH_USER
+    return CHECK_LATER
 
 
 class RcptChecks:

@@ -796,7 +796,7 @@ class _SmtpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("recipient check failed for %s", self.ip)
             status = Status.TEMP
-        reply = reply_for(status)
+        reply = reply_for(status, address)
         if reply is None:
             return conn.rcpt_result(None)
         self.loop.call_at(start + checks.floor, self._rcpt_done, reply)
@@ -819,7 +819,7 @@ class _SmtpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("recipient check failed for %s", self.ip)
             status = Status.TEMP
-        reply = reply_for(status)
+        reply = reply_for(status, address)
         if reply is not None:
             await asyncio.sleep(max(0.0, start + checks.floor - self.loop.time()))
         self._rcpt_done(reply)

@@ -212,18 +212,15 @@ def _check(
 ) -> bytes | None:
     """The recipient check's reply (None: accept); a refusal waits out the floor."""
     start = clock()
+    address = ev.address.decode("utf-8", "surrogateescape")
     try:
         status = checks.check(
-            ctl,
-            env,
-            ev.sender.decode("utf-8", "surrogateescape"),
-            ev.address.decode("utf-8", "surrogateescape"),
-            ev.relayed,
+            ctl, env, ev.sender.decode("utf-8", "surrogateescape"), address, ev.relayed
         )
     except Exception:
         log.exception("qmail-smtpd: recipient check failed")
         status = Status.TEMP
-    reply = reply_for(status)
+    reply = reply_for(status, address)
     if reply is not None:
         time.sleep(max(0.0, start + checks.floor - clock()))
     return reply
