@@ -186,7 +186,7 @@ class Signer:
         import dkim as _dkimpy  # type: ignore[import-untyped]
 
         fast_rsa(_dkimpy)
-        crlf = re.sub(rb"\r?\n", b"\r\n", message)
+        crlf = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # what \r?\n -> CRLF does
         out = []
         for key in keys:
             try:
