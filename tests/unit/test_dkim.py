@@ -242,3 +242,52 @@ def test_abort_reaches_the_queue_and_no_keys_means_no_wrapper(home: Home, keyed:
     assert inner.aborted and inner.data == b""
     other = Home(Path(str(keyed.root) + "-none"), single_user=True)
     assert dkim.signing(other, inner) is inner
+
+
+@pytest.mark.parametrize(
+    ("bits", "fmt", "algorithm"),
+    [
+        (2048, "TraditionalOpenSSL", b"rsa-sha256"),
+        (1024, "PKCS8", b"rsa-sha256"),
+        (3072, "TraditionalOpenSSL", b"rsa-sha256"),
+        (1024, "TraditionalOpenSSL", b"rsa-sha1"),
+    ],
+)
+def test_fast_rsa_gives_dkimpys_own_bytes(
+    monkeypatch: pytest.MonkeyPatch, bits: int, fmt: str, algorithm: bytes
+) -> None:
+    """The signature made through OpenSSL (dkim.fast_rsa) is byte for byte the one dkimpy
+    computes alone (RSASSA-PKCS1-v1_5 is deterministic), and dkimpy verifies it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM, getattr(serialization.PrivateFormat, fmt),
+                            serialization.NoEncryption())  # fmt: skip
+    monkeypatch.setattr(dkimpy.time, "time", lambda: 1_765_000_000)  # the same t= twice
+    crlf = MSG.replace(b"\n", b"\r\n")
+
+    def sign() -> bytes:
+        return bytes(dkimpy.sign(crlf, b"s1", b"example.test", pem, signature_algorithm=algorithm))
+
+    original = dkimpy.RSASSA_PKCS1_v1_5_sign
+    assert original is dkimpy.crypto.RSASSA_PKCS1_v1_5_sign or original is dkim._rsa_sign
+    monkeypatch.setattr(dkimpy, "RSASSA_PKCS1_v1_5_sign", dkimpy.crypto.RSASSA_PKCS1_v1_5_sign)
+    slow = sign()
+    assert dkim.fast_rsa(dkimpy) and dkimpy.RSASSA_PKCS1_v1_5_sign is dkim._rsa_sign
+    fast = sign()
+    assert fast == slow
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = key.public_key().public_bytes(serialization.Encoding.DER, spki)
+    rec = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    assert dkimpy.verify(fast + crlf, dnsfunc=lambda name, timeout=5: rec, minkey=1024)
+
+
+def test_fast_rsa_leaves_an_unexpected_dkimpy_alone() -> None:
+    class Other:
+        RSASSA_PKCS1_v1_5_sign = staticmethod(lambda h, k: b"")
+        crypto = None
+
+    other = Other()
+    assert not dkim.fast_rsa(other)
+    assert other.RSASSA_PKCS1_v1_5_sign is Other.RSASSA_PKCS1_v1_5_sign

@@ -2,7 +2,8 @@
 
 Without ``--listen`` this is qmail-smtpd: the socket is fd 0/1 and the environment is
 what tcpserver set (TCPREMOTEIP, TCPREMOTEHOST, TCPREMOTEINFO, TCPLOCALIP, TCPLOCALHOST,
-RELAYCLIENT, DATABYTES, QMAILQUEUE). Extra arguments (a checkpassword program, as AUTH
+RELAYCLIENT, DATABYTES, QMAILQUEUE). The checks of incoming mail (control/authchecks) apply
+as in the listener. Extra arguments (a checkpassword program, as AUTH
 patches take) are ignored, as qmail-smtpd ignores them.
 
 With ``--listen`` it is the asyncio listener alone (smtp/listen.py), with
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyqmail.send.rcptverdict import rcpt_checks
         from pyqmail.smtp.stdio import run_stdio
 
-        return run_stdio(home, rcpt_checks=rcpt_checks(home))
+        return run_stdio(home, rcpt_checks=rcpt_checks(home), auth_checks=True)
     p = argparse.ArgumentParser(prog=PROG, description="the SMTP listener")
     p.add_argument("--listen", action="append", required=True, metavar="ADDR:PORT")
     p.add_argument("--rules", type=Path, default=None, metavar="CDB")

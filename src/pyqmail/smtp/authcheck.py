@@ -263,8 +263,14 @@ def spf_check(res: dns.resolver.Resolver, ip: str, sender: str, helo: str, budge
 def _dkim_verify(
     message: bytes, res: dns.resolver.Resolver, max_sigs: int, lifetime: float
 ) -> list[DkimResult]:
-    """dkimpy's verification of up to ``max_sigs`` signatures (blocking)."""
-    last = [""]  # what the last key lookup found: "", "key", "nokey", "temp"
+    """dkimpy's verification of up to ``max_sigs`` signatures (blocking).
+
+    Results (RFC 8601 2.7.1): ``pass``; ``fail`` when the key is there and the body hash
+    or the signature do not match; ``permerror`` when the signature cannot be verified at
+    all: a malformed field, h= without From (RFC 6376 6.1.1: the field is ignored; dkimpy
+    does not check it), no key, a key record that is revoked (empty p=) or unusable
+    (6.1.2), a key under 1024 bits (RFC 8301); ``temperror`` for a DNS failure."""
+    last = [""]  # what the last key lookup found: "", "key", "badkey", "nokey", "temp"
 
     def txt(name: bytes, timeout: float = lifetime) -> bytes | None:
         try:
@@ -281,33 +287,55 @@ def _dkim_verify(
         if not ans.rrset:
             last[0] = "nokey"
             return None
-        last[0] = "key"
-        return b"".join(next(iter(ans.rrset)).strings)
+        value = b"".join(next(iter(ans.rrset)).strings)
+        try:
+            dkim.evaluate_pk(name, value)  # dkimpy's own parse: it says only False after
+            last[0] = "key"
+        except Exception:  # KeyFormatError, binascii.Error: revoked or unusable
+            last[0] = "badkey"
+        return value
 
     try:
         d = dkim.DKIM(message, timeout=lifetime)
     except dkim.DKIMException:
         return [DkimResult("permerror")]
-    count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+    fields = [value for name, value in d.headers if name.lower() == b"dkim-signature"]
     out: list[DkimResult] = []
-    for idx in range(min(count, max_sigs)):
+    for idx in range(min(len(fields), max_sigs)):
         last[0] = ""
+        tags = _tags(fields[idx])
         try:
-            ok = d.verify(idx=idx, dnsfunc=txt)
-            result = (
-                "pass" if ok else {"temp": "temperror", "nokey": "permerror"}.get(last[0], "fail")
-            )
+            if tags is not None and b"from" not in _signed_names(tags.get(b"h", b"from")):
+                result = "permerror"  # RFC 6376 6.1.1: From not signed
+            else:
+                ok = d.verify(idx=idx, dnsfunc=txt)
+                temp_or_key = {"temp": "temperror", "nokey": "permerror", "badkey": "permerror"}
+                result = "pass" if ok else temp_or_key.get(last[0], "fail")
+        except dkim.KeyFormatError:  # a key under 1024 bits, a digest too large for it
+            result = "permerror"
         except dkim.DKIMException:  # after the key: a mismatch (body hash); before: malformed
             result = "fail" if last[0] == "key" else "permerror"
         except Exception:
             log.warning("DKIM verification crashed", exc_info=True)
             result = "temperror"
-        sig = getattr(d, "signature_fields", None) or {}
+        sig = getattr(d, "signature_fields", None) or tags or {}
         out.append(
             DkimResult(result, _printable(sig.get(b"d", b"")), _printable(sig.get(b"s", b"")))
         )
         d.signature_fields = {}
     return out
+
+
+def _tags(value: bytes) -> dict[bytes, bytes] | None:
+    """A DKIM-Signature field's tags, by dkimpy's parser; None when it cannot parse them."""
+    try:
+        return dict(dkim.util.parse_tag_value(value))
+    except Exception:
+        return None
+
+
+def _signed_names(h: bytes) -> list[bytes]:
+    return [name.strip().lower() for name in h.split(b":")]
 
 
 def _printable(value: bytes) -> str:

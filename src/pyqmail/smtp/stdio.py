@@ -8,6 +8,11 @@ substdio), and the half-close with a short drain of the client's input at the en
 ``_Message`` committing with the contract's blocking form; the environment is the one tcpserver set.
 rblsmtpd's job is done here too, before the greeting (``$RBLSMTPD`` from tcpserver's
 environment, control/rbllist: smtp/rbl.py), and control/greylist's at RCPT.
+
+The checks of incoming mail (control/authchecks: SPF at MAIL, DKIM and DMARC at the end of
+DATA, the Authentication-Results header; smtp/authcheck.py, smtp/authspool.py) are the
+listener's own code, run here on a private event loop per step (``asyncio.run``): their
+DNS lookups are bounded by the same timeouts, and a slow DNS holds only this session.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from pyqmail import cdb
 from pyqmail.control import Control, ControlError, load
@@ -32,12 +38,15 @@ from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies, tlsbio
+from pyqmail.smtp.authcheck import AuthChecker, ConnectionChecks, Mode
+from pyqmail.smtp.authspool import CheckingSubmitter
 from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.protocol import (
     CheckRcpt,
     Close,
     DataChunk,
     Limits,
+    MailCheck,
     MessageAbort,
     MessageEnd,
     MessageStart,
@@ -65,11 +74,14 @@ def run_stdio(
     clock: Callable[[], float] = time.monotonic,
     origin: str = "network",
     rcpt_checks: RcptChecks | None = None,
+    auth_checks: bool = False,
 ) -> int:
     """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
     code: 0 after QUIT, 1 when the session ended any other way or could not start.
 
     ``rcpt_checks``: recipient checks at RCPT (smtp/rcptcheck.py; cli/smtpd.py makes them).
+    ``auth_checks``: run the checks of incoming mail (control/authchecks) for a client
+    that is not a relay client (qmail-smtpd: yes; ``sendmail -bs``: no).
 
     ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
     qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
@@ -88,6 +100,7 @@ def run_stdio(
             check_rcpt=rcpt_checks is not None,
         )
         certs = CertStore(home.control / SERVERCERT, warn=_stderr).load(warn_missing=False)
+        checks = _auth_checks(home, ctl, session, env) if auth_checks else None
     except (ControlError, SessionError, OSError, cdb.CdbError) as e:
         print(f"qmail-smtpd: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
@@ -95,7 +108,8 @@ def run_stdio(
         _drain(infd, outfd)
         return 1
     try:
-        msg = _Message(submitter or qsubmit.submitter(home, env=dict(env)), origin)
+        sub = submitter or qsubmit.submitter(home, env=dict(env))
+        msg: _Message[Any] = _Message(CheckingSubmitter(sub, checks) if checks else sub, origin)
     except Exception as e:
         print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
@@ -105,7 +119,8 @@ def run_stdio(
     grey = None
     if ctl.greylist > 0:
         grey = Greylist(greylist_path(home), ctl.greylist, expire=ctl.greylistexpire)
-    conn = SmtpServerConnection(session, limits, tls=certs.offer, greylist=grey)
+    hook = checks is not None and checks.policy.spf is not Mode.OFF
+    conn = SmtpServerConnection(session, limits, tls=certs.offer, greylist=grey, mail_hook=hook)
     tls: tlsbio.BioTls | None = None
     timeout = float(ctl.timeoutsmtpd)
     block = _rbl_check(env, ctl.rbllist)
@@ -130,9 +145,16 @@ def run_stdio(
                 elif kind is MessageStart:
                     events = conn.start_result(msg.start(ev))  # type: ignore[arg-type]
                     break
+                elif kind is MailCheck:
+                    assert checks is not None
+                    events = conn.mail_result(_check_mail(checks, ev))  # type: ignore[arg-type]
+                    break
                 elif kind is MessageEnd:
                     out.flush()
-                    events = conn.message_result(smtp_reply(msg.commit_blocking()))
+                    if checks is None:
+                        events = conn.message_result(smtp_reply(msg.commit_blocking()))
+                    else:
+                        events = conn.message_result(asyncio.run(_checked_end(msg, checks)))
                     break
                 elif kind is MessageAbort:
                     msg.abort()
@@ -201,6 +223,46 @@ def _rbl_check(env: Mapping[str, str], zones: tuple[tuple[str, str | None], ...]
     if block is not None:
         print(f"rblsmtpd: {ip} pid {os.getpid()}: {block.reply()[:-2].decode()}", file=sys.stderr)
     return block
+
+
+def _auth_checks(
+    home: Home, ctl: Control, session: Session, env: Mapping[str, str]
+) -> ConnectionChecks | None:
+    """The checks of incoming mail for this session, as the listener decides them
+    (SmtpServer.auth_checks); None for a relay client, or with every check off."""
+    ip = env.get("TCPREMOTEIP", "")
+    if ctl.me is None or not ip:
+        return None
+    try:
+        auth = AuthChecker(home.control, resolver=env.get("PYQMAIL_RESOLVER") or None)
+    except Exception as e:  # no resolver configuration: the checks cannot run
+        raise SessionError(f"checks of incoming mail: {e}") from e
+    policy = auth.applies(relayclient=session.relayclient is not None)
+    return None if policy is None else auth.connection(policy, ctl.me, ip)
+
+
+def _check_mail(checks: ConnectionChecks, ev: MailCheck) -> bytes | None:
+    """SPF at MAIL (its refusal under spf=enforce, else None); a crash is a 451."""
+    try:
+        return asyncio.run(checks.mail(ev.sender, ev.helo))
+    except Exception:
+        log.exception("qmail-smtpd: SPF check crashed")
+        return replies.TEMP_ERROR
+
+
+async def _checked_end(msg: _Message[Any], checks: ConnectionChecks) -> bytes:
+    """The end of a checked message: its verdict, then the commit (or the refusal)."""
+    try:
+        refusal = await msg.verdict()
+    except Exception:
+        log.exception("qmail-smtpd: checks of incoming mail crashed")
+        msg.abort()
+        return replies.TEMP_ERROR
+    if refusal is not None:
+        msg.abort()
+        _stderr(f"{checks.ip}: message refused: {refusal.decode('ascii', 'replace').strip()}")
+        return refusal
+    return smtp_reply(await msg.commit())
 
 
 def _check(
