@@ -60,12 +60,15 @@ class Site:
 def _wait_port(port: int) -> None:
     import time
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), 0.2) as s:
-                s.recv(100)  # the greeting: qmail-smtpd is up, not just tcpserver
-                return
+                # the greeting: qmail-smtpd is up, not just tcpserver. Each probe starts a
+                # qmail-smtpd, which takes a second on a loaded machine: wait for it here
+                s.settimeout(max(deadline - time.monotonic(), 0.1))
+                if s.recv(100):
+                    return
         except OSError:
             time.sleep(0.05)
     raise AssertionError("tcpserver did not come up")
