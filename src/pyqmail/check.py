@@ -19,15 +19,16 @@ warnings are printed but do not. What is an error:
   bisecting with its own parser), no final ``.``, a uid/gid that is not a number, a home
   that is not absolute;
 - a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
-  number.
+  number, a destinationlimits line that is not ``domain:concurrency:per-minute``.
 
 control/servercert.pem (smtp/tls.py): an error if it cannot be used (no STARTTLS), has
 expired, or (root mode) is not qmaild's; a warning if it is self-signed, expires within
 30 days, or is readable by group or other.
 
 Warnings: an empty rcpthosts, unknown files in control/ (with the nearest known name),
-no alias/.qmail-postmaster, no queue/, a concurrency of 0, ``./Maildir`` without ``/``
-in defaultdelivery, virtualdomains lines shadowed by locals.
+no alias/.qmail-postmaster, no queue/, a concurrency of 0 (also a 0 in
+destinationlimits), ``./Maildir`` without ``/`` in defaultdelivery, virtualdomains lines
+shadowed by locals.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pyqmail import cdb, dkim, policy, tcprules
+from pyqmail import cdb, destlimits, dkim, policy, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
 from pyqmail.smtp import qmqpd, tls
@@ -278,6 +279,25 @@ class _Checker:
                                f"port {parts[2]!r} in {line!r} is not a number",
                                "write domain:relay:port with a decimal port")  # fmt: skip
 
+    def destinationlimits(self, ctl: Control) -> None:
+        lines = ctl.raw_lists.get("destinationlimits", ())
+        if not lines:
+            return
+        table = destlimits.parse(lines)
+        for bad in table.bad:
+            self.error("control/destinationlimits", bad.line,
+                       f"{bad.text!r}: {bad.reason}",
+                       "write domain:concurrency:messages-per-minute (an empty field: "
+                       "no limit)")  # fmt: skip
+        entries = [(k, *v) for k, v in table.table.items()]
+        if table.default is not None:
+            entries.append(("*", *table.default))
+        for key, conc, rate, n in sorted(entries, key=lambda e: e[3]):
+            if conc == 0 or rate == 0:
+                self.warning("control/destinationlimits", n,
+                             f"a limit of 0 puts deliveries to {key} on hold: nothing is sent",
+                             "write a positive number, or an empty field for no limit")  # fmt: skip
+
     # -- tcprules -------------------------------------------------------------------
 
     def rules(self) -> None:
@@ -498,6 +518,7 @@ def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
         ch.relay(ctl)
         ch.qmqpservers(ctl)
         ch.smtproutes(ctl)
+        ch.destinationlimits(ctl)
         ch.delivery(ctl)
     ch.rules()
     ch.users()

@@ -200,3 +200,19 @@ def test_command_prints_no_control_bytes_from_a_users_file(home: Home, site: Pat
     r = subprocess.run([str(BIN / "pyqmail"), "explain", "alice-esc@test.example"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "\x1b" not in r.stdout and "line: ./Box?[2J/" in r.stdout
+
+
+def test_remote_names_its_destination_limit(home: Home, site: Path) -> None:
+    text = explain.explain_address(home, "x@named.example", dns=False).text()
+    assert "limits: no control/destinationlimits line for named.example" in text
+    assert "421 or 4.7.x reply holds every delivery to it for 1 min" in text
+    write_control(home, "destinationlimits", "named.example:2:30\n.remote.example::5\n*:8:\n")
+    text = explain.explain_address(home, "x@named.example", dns=False).text()
+    assert (
+        "limits: control/destinationlimits line 1 (named.example): at most 2 deliveries at "
+        "once, at most 30 started per minute"
+    ) in text
+    text = explain.explain_address(home, "x@a.remote.example", dns=False).text()
+    assert "line 2 (.remote.example): at most 5 started per minute (shared by every" in text
+    text = explain.explain_address(home, "x@other.example", dns=False).text()
+    assert "line 3 (*): at most 8 deliveries at once (each domain counted on its own)" in text
