@@ -74,7 +74,7 @@ class Sink:
                     w.write(b"250 ok\r\n")
                 elif u == b"DATA":
                     w.write(b"354 go\r\n")
-                    while (body := await r.readline()) not in (b".\r\n", b""):
+                    while await r.readline() not in (b".\r\n", b""):
                         pass
                     await self.hold.wait()
                     with self.lock:
@@ -123,8 +123,8 @@ def test_limited_destination_never_gets_more_than_its_concurrency(
 ) -> None:
     slow, fast = Sink(), Sink()
     sinks += [slow, fast]
-    write_control(mta.home, "smtproutes",
-                  f"slow.example:127.0.0.1:{slow.port}\nfast.example:127.0.0.1:{fast.port}\n")  # fmt: skip
+    routes = f"slow.example:127.0.0.1:{slow.port}\nfast.example:127.0.0.1:{fast.port}\n"
+    write_control(mta.home, "smtproutes", routes)
     write_control(mta.home, "concurrencyremote", "5\n")
     write_control(mta.home, "destinationlimits", "slow.example:2:\n")
     hp = free_port()
@@ -155,8 +155,8 @@ def test_421_reply_backs_off_the_destination(mta: Mta, sinks: list[Sink]) -> Non
     busy = Sink(greeting=b"421 4.7.0 Try again later, closing connection.\r\n")
     calm = Sink()
     sinks += [busy, calm]
-    write_control(mta.home, "smtproutes",
-                  f"busy.example:127.0.0.1:{busy.port}\ncalm.example:127.0.0.1:{calm.port}\n")  # fmt: skip
+    routes = f"busy.example:127.0.0.1:{busy.port}\ncalm.example:127.0.0.1:{calm.port}\n"
+    write_control(mta.home, "smtproutes", routes)
     mta.start()
     mta.send("joe@test.example", ["a@busy.example"], subject="first")
     line = "destination busy.example: rate-limit reply; holding its deliveries for 60 seconds"
