@@ -165,6 +165,11 @@ def test_sweep_forgets_quiet_destinations() -> None:
         ("Connected to 1.2.3.4 but the TLS handshake failed. (#4.7.5)\n", False),
         ("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n", False),
         ("1.2.3.4 does not like recipient.\nRemote host said: 4210 odd\n", False),
+        ("1.2.3.4 does not like recipient.\nRemote host said: 451 4.7.1 greylisted, please try "
+         "again later (#4.7.1)\n", False),
+        ("x.\nRemote host said: 450 4.7.1 <a@b>: Recipient address rejected: Graylisted\n", False),
+        ("x.\nRemote host said: 451 4.7.1 Grey-listing in action\n", False),
+        ("x.\nRemote host said: 421 4.7.0 slow down\nRemote host said: 250 fine\n", True),
     ],
 )  # fmt: skip
 def test_rate_limit_replies(text: str, limited: bool) -> None:

@@ -8,7 +8,8 @@ Owns, per destination (a :class:`~pyqmail.destlimits.Limit`'s ``key``, from
   stamps kept), against ``rate``: never more than ``rate`` starts in any 60 seconds;
 - the back-off after a rate-limit reply: a deferral whose remote reply is 421 or has an
   enhanced status code 4.7.x (RFC 3463: security or policy status, e.g. ``421 4.7.0 Try
-  again later``, ``450 4.7.1 rate limited``) holds the whole destination for an interval
+  again later``, ``450 4.7.1 rate limited``; not greylisting, which names itself) holds
+  the whole destination for an interval
   that starts at ``backoff_first`` (60 s), doubles with each further such reply, is capped
   at ``backoff_max`` (1 h), and is reset by a success. Only a delivery *started after* the
   last back-off decision changes it, so five deliveries in flight that all get 421 double
@@ -39,8 +40,10 @@ BACKOFF_FIRST = 60.0
 BACKOFF_MAX = 3600.0
 _SWEEP_EVERY = 1000  # finishes between sweeps of forgotten destinations
 
-# "Remote host said: 421 4.7.0 ..." (smtp/client.py's ``said``; also "421-4.7.0" lines)
-_SAID = re.compile(r"Remote host said: (\d{3})(?![0-9])(?:[ -](\d)\.(\d{1,3})\.(\d{1,3}))?")
+# "Remote host said: 421 4.7.0 ..." (smtp/client.py's ``said``; also "421-4.7.0" lines),
+# up to the end of that reply's line
+_SAID = re.compile(r"Remote host said: (\d{3})(?![0-9])(?:[ -](\d)\.(\d{1,3})\.(\d{1,3}))?([^\n]*)")
+_GREYLIST = re.compile(r"gr[ae]y-?list", re.IGNORECASE)
 
 
 class Verdict(enum.Enum):
@@ -53,9 +56,12 @@ class Verdict(enum.Enum):
 
 def rate_limit_reply(text: str) -> bool:
     """True if ``text`` carries a remote reply 421 or with an enhanced code 4.7.x. Only the
-    remote's words count (our own texts such as ``(#4.7.5)`` for TLS are not replies)."""
+    remote's words count (our own texts such as ``(#4.7.5)`` for TLS are not replies).
+    Greylisting is not a rate limit, though it is often ``451 4.7.1``: a reply whose text
+    says greylist (or graylist) asks for this message's own retry, not for a slower pace."""
     for m in _SAID.finditer(text):
-        if m.group(1) == "421" or (m.group(2) == "4" and m.group(3) == "7"):
+        limited = m.group(1) == "421" or (m.group(2) == "4" and m.group(3) == "7")
+        if limited and not _GREYLIST.search(m.group(5)):
             return True
     return False
 
