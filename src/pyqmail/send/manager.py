@@ -702,8 +702,7 @@ class Scheduler:
             return [[r] for r in job.records]
         by_host: dict[str, list[list[Record]]] = {}
         for r in job.records:
-            host = r.recipient[r.recipient.rfind("@") + 1 :].lower()
-            lists = by_host.setdefault(host, [[]])
+            lists = by_host.setdefault(_domain(r.recipient), [[]])
             if len(lists[-1]) >= REMOTE_BATCH:
                 lists.append([])
             lists[-1].append(r)
