@@ -26,7 +26,9 @@ hands each piece of file work to the module that owns it:
 - start-up: exclusive flock on ``lock/sendmutex``; the schedule rebuilt from info/local/remote
   (the channel file's mtime is its next try), O(n log n) once; O(log n) per event after.
 - signals (wired by the daemon): ``reload`` (HUP: routing, concurrency, lifetime, bounce
-  settings), ``alarm`` (ALRM: everything due now), ``stop`` (TERM: no new deliveries,
+  settings, destination limits; parked messages are looked at again under the new limits),
+  ``alarm`` (ALRM: everything in the schedule due now; a message parked at its
+  destination's limit stays parked), ``stop`` (TERM: no new deliveries,
   in-flight ones awaited up to a bound, next-try times written as mtimes).
 
 Agents are plain async callables so the daemon passes the real LocalSpawner/RemoteAgent
