@@ -174,3 +174,26 @@ def test_421_reply_backs_off_the_destination(mta: Mta, sinks: list[Sink]) -> Non
     assert mta.log().count(" to remote b") == 0  # no "starting delivery" for b0..b3
     assert mta.stop() == 0
     assert busy.total_conns == 1
+
+
+def test_hup_rereads_the_limits(mta: Mta, sinks: list[Sink]) -> None:
+    """A destination on hold (0) gets nothing; after the file changes and HUP, its mail
+    goes, one transaction at a time."""
+    import signal
+
+    sink = Sink()
+    sinks.append(sink)
+    write_control(mta.home, "smtproutes", f"held.example:127.0.0.1:{sink.port}\n")
+    write_control(mta.home, "destinationlimits", "held.example:0:\n")
+    mta.start()
+    for i in range(3):
+        mta.send("joe@test.example", [f"h{i}@held.example"], subject=f"h{i}")
+    wait_for(lambda: mta.log().count("new msg ") == 3, what="every message preprocessed")
+    mta.send("joe@test.example", ["alice@test.example"], subject="local")
+    wait_for(lambda: mta.log().count("end msg ") == 1, what="the local message")
+    assert sink.total_conns == 0 and " to remote " not in mta.log()
+    write_control(mta.home, "destinationlimits", "held.example:1:\n")
+    mta.signal(signal.SIGHUP)
+    wait_for(lambda: len(sink.delivered) == 3, what="the held destination's mail")
+    assert mta.stop() == 0
+    assert sink.peak_tx == 1
