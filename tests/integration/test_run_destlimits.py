@@ -142,6 +142,7 @@ def test_limited_destination_never_gets_more_than_its_concurrency(
     assert slow.delivered == [] and slow.open_tx == 2 and slow.conns == 2
     s = samples(get(f"http://127.0.0.1:{hp}/metrics")[2].decode())
     assert s[("pyqmail_remote_held_back", ())] == n_slow - 2
+    assert f'<span id="held-back">{n_slow - 2}</span>'.encode() in get(f"http://127.0.0.1:{hp}/")[2]
     slow.set_hold(False)
     wait_for(lambda: len(slow.delivered) == n_slow, what="the slow destination's mail")
     wait_for(lambda: mta.log().count("end msg ") == n_slow + n_fast, what="end msg")

@@ -406,6 +406,8 @@ class StatusServer:
                 out.append(f"<tr><th>{ch}</th>{cells}</tr>")
             out.append(f"</table><p>final deliveries per minute, last hour: "
                        f"<span id=\"rate\">{st.per_minute():.2f}</span></p>")  # fmt: skip
+            out.append(f"<p>remote messages held back at a destination's limit: "
+                       f"<span id=\"held-back\">{st.held_back}</span></p>")  # fmt: skip
             out.append("<h2>Top deferred destinations</h2><table id=\"deferred\"><tr>"
                        "<th>destination</th><th>deferrals</th><th>last</th>"
                        "<th>last error</th></tr>")  # fmt: skip
