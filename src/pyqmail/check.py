@@ -19,7 +19,7 @@ warnings are printed but do not. What is an error:
   bisecting with its own parser), no final ``.``, a uid/gid that is not a number, a home
   that is not absolute;
 - a qmqpservers line that is not an IPv4 address, an smtproutes port that is not a
-  number.
+  number, a destinationlimits line that is not ``domain:concurrency:per-minute``.
 
 control/smtproutesauth (remote/smarthost.py): an error if it is readable by group or
 other, or (root mode) not qmailr's; a line of it or of smtproutestls that cannot be parsed.
@@ -33,8 +33,9 @@ missing or malformed domain, a domain not in locals, a file root cannot read; a 
 if it is world-readable in a multi-user home, or this uid may not read it (not checked).
 
 Warnings: an empty rcpthosts, unknown files in control/ (with the nearest known name),
-no alias/.qmail-postmaster, no queue/, a concurrency of 0, ``./Maildir`` without ``/``
-in defaultdelivery, virtualdomains lines shadowed by locals.
+no alias/.qmail-postmaster, no queue/, a concurrency of 0 (also a 0 in
+destinationlimits), ``./Maildir`` without ``/`` in defaultdelivery, virtualdomains lines
+shadowed by locals.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pyqmail import cdb, dkim, policy, srs, tcprules
+from pyqmail import cdb, destlimits, dkim, policy, srs, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
 from pyqmail.remote import smarthost
@@ -337,6 +338,25 @@ class _Checker:
                                f"port {parts[2]!r} in {line!r} is not a number",
                                "write domain:relay:port with a decimal port")  # fmt: skip
 
+    def destinationlimits(self, ctl: Control) -> None:
+        lines = ctl.raw_lists.get("destinationlimits", ())
+        if not lines:
+            return
+        table = destlimits.parse(lines)
+        for bad in table.bad:
+            self.error("control/destinationlimits", bad.line,
+                       f"{bad.text!r}: {bad.reason}",
+                       "write domain:concurrency:messages-per-minute (an empty field: "
+                       "no limit)")  # fmt: skip
+        entries = [(k, *v) for k, v in table.table.items()]
+        if table.default is not None:
+            entries.append(("*", *table.default))
+        for key, conc, rate, n in sorted(entries, key=lambda e: e[3]):
+            if conc == 0 or rate == 0:
+                self.warning("control/destinationlimits", n,
+                             f"a limit of 0 puts deliveries to {key} on hold: nothing is sent",
+                             "write a positive number, or an empty field for no limit")  # fmt: skip
+
     # -- tcprules -------------------------------------------------------------------
 
     def rules(self) -> None:
@@ -557,6 +577,7 @@ def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
         ch.relay(ctl)
         ch.qmqpservers(ctl)
         ch.smtproutes(ctl)
+        ch.destinationlimits(ctl)
         ch.delivery(ctl)
     ch.rules()
     ch.users()

@@ -283,7 +283,8 @@ _INTS = {
 _FRONT_INTS = {"greylist": 0, "greylistexpire": 35 * 86400, "concurrencyincoming": 0,
                "concurrencyperip": 0}  # fmt: skip
 _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers", "rcpthosts",
-          "smtproutes", "virtualdomains", "qmtproutes", "tlsdestinations")  # fmt: skip
+          "smtproutes", "virtualdomains", "qmtproutes", "tlsdestinations",
+          "destinationlimits")  # fmt: skip
 
 # Every file qmail or pyqmail reads from control/ (qmail-showctl reports the others).
 KNOWN_FILES = frozenset(

@@ -122,6 +122,13 @@ _PYQMAIL: tuple[_Entry, ...] = (
         "TLS is used when the server offers it; never required.",
     ),
     _Entry(
+        "destinationlimits",
+        "list",
+        "Destination limit (domain:concurrency:per-minute): ",
+        "",
+        "No per-destination limits.",
+    ),
+    _Entry(
         "defaultdelivery",
         "list",
         "Delivery instruction for users without .qmail: ",

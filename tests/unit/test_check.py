@@ -82,7 +82,9 @@ def test_morercpthosts_cdb_counts_and_must_be_fresh(home: Home) -> None:
     ("name", "text", "line"),
     [("concurrencyremote", "abc\n", 1), ("databytes", "10k\n", 1),
      ("rcpthosts", "mx.test.example\r\n", 1), ("smtproutes", "ok:relay\nnocolon\n", 2),
-     ("smtproutes", "x.example:relay:port\n", 1), ("qmqpservers", "1.2.3.4\nmx.example\n", 2)],
+     ("smtproutes", "x.example:relay:port\n", 1), ("qmqpservers", "1.2.3.4\nmx.example\n", 2),
+     ("destinationlimits", "ok.example:2:30\nbad.example:two:\n", 2),
+     ("destinationlimits", "# x\nnocolon\n", 2), ("destinationlimits", "a:1:2:3\n", 1)],
 )  # fmt: skip
 def test_malformed_files_name_file_and_line(home: Home, name: str, text: str, line: int) -> None:
     write_control(home, name, text)
@@ -196,7 +198,8 @@ def test_unreadable_rules_file_reported_once(home: Home) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "line", "word"),
     [("concurrencyremote", "0\n", 1, "hold"), ("defaultdelivery", "# x\n./Maildir\n", 2, "mbox"),
-     ("virtualdomains", "other.example:joe\nmx.test.example:bob\n", 2, "never used")],
+     ("virtualdomains", "other.example:joe\nmx.test.example:bob\n", 2, "never used"),
+     ("destinationlimits", "ok.example:2:\nslow.example:0:\n", 2, "on hold")],
 )  # fmt: skip
 def test_probably_unintended_settings_warn(
     home: Home, name: str, text: str, line: int, word: str

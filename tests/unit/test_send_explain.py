@@ -235,3 +235,19 @@ def test_srs_addresses(home: Home, site: Path) -> None:
     (home.control / "srs").unlink()  # SRS off: an ordinary local part (the alias user's)
     ex = explain.explain_address(home, good)
     assert "SRS:" not in ex.text() and "the alias user" in ex.text()
+
+
+def test_remote_names_its_destination_limit(home: Home, site: Path) -> None:
+    text = explain.explain_address(home, "x@named.example", dns=False).text()
+    assert "limits: no control/destinationlimits line for named.example" in text
+    assert "421 or 4.7.x reply holds every delivery to it for 1 min" in text
+    write_control(home, "destinationlimits", "named.example:2:30\n.remote.example::5\n*:8:\n")
+    text = explain.explain_address(home, "x@named.example", dns=False).text()
+    assert (
+        "limits: control/destinationlimits line 1 (named.example): at most 2 deliveries at "
+        "once, at most 30 started per minute"
+    ) in text
+    text = explain.explain_address(home, "x@a.remote.example", dns=False).text()
+    assert "line 2 (.remote.example): at most 5 started per minute (shared by every" in text
+    text = explain.explain_address(home, "x@other.example", dns=False).text()
+    assert "line 3 (*): at most 8 deliveries at once (each domain counted on its own)" in text

@@ -52,6 +52,7 @@ _SAME = frozenset(
         "tcp.qmtp",
         "tcp.qmtp.cdb",
         "tlsdestinations",
+        "destinationlimits",
         "qmtproutes",
         "spawnlimit",
     }

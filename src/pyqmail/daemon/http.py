@@ -217,6 +217,20 @@ class _Collector:
         for dest, info in st.top_deferred(50):
             dd.add_metric([dest], info.count)
         yield dd
+        hb = GaugeMetricFamily("pyqmail_remote_held_back", "Messages waiting for room at a "
+                               "destination (control/destinationlimits or a back-off)")  # fmt: skip
+        hb.add_metric([], st.held_back)
+        yield hb
+        ht = CounterMetricFamily("pyqmail_remote_held", "Remote deliveries held back at "
+                                 "their destination's limit (not failures)")  # fmt: skip
+        ht.add_metric([], st.held_total)
+        yield ht
+        bo = CounterMetricFamily("pyqmail_destination_backoffs", "Back-offs begun or "
+                                 "lengthened by 421/4.7.x replies, by destination",
+                                 labels=["destination"])  # fmt: skip
+        for dest, n in sorted(st.backoffs.items(), key=lambda kv: (-kv[1], kv[0]))[:50]:
+            bo.add_metric([dest], n)
+        yield bo
 
 
 def _num(v: object) -> float:
@@ -392,6 +406,8 @@ class StatusServer:
                 out.append(f"<tr><th>{ch}</th>{cells}</tr>")
             out.append(f"</table><p>final deliveries per minute, last hour: "
                        f"<span id=\"rate\">{st.per_minute():.2f}</span></p>")  # fmt: skip
+            out.append(f"<p>remote messages held back at a destination's limit: "
+                       f"<span id=\"held-back\">{st.held_back}</span></p>")  # fmt: skip
             out.append("<h2>Top deferred destinations</h2><table id=\"deferred\"><tr>"
                        "<th>destination</th><th>deferrals</th><th>last</th>"
                        "<th>last error</th></tr>")  # fmt: skip

@@ -15,8 +15,9 @@ second copy of a lookup:
   control/defaultdelivery;
 - remote: remote/qmtp.py's ``qmtp_route`` (qmtproutes), remote/routes.py's ``lookup``
   (smtproutes), remote/mx.py (the same resolver and MX ordering as delivery, with a time
-  limit; DNS is asked only when delivery would ask it), remote/tls.py (tlsdestinations) and
-  remote/mtastscache.py's cached MTA-STS policy (the cache only: no lookup, no fetch);
+  limit; DNS is asked only when delivery would ask it), remote/tls.py (tlsdestinations),
+  remote/mtastscache.py's cached MTA-STS policy (the cache only: no lookup, no fetch)
+  and destlimits.py (control/destinationlimits, with send/limits.py's back-off);
 - a client: tcprules.py's ``find``/``decide``/``explain`` on control/tcp.smtp.cdb (the
   report is tcprulescheck's), and the SMTP limits that then apply.
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 
-from pyqmail import cdb, netaddr, srs, tcprules
+from pyqmail import cdb, destlimits, netaddr, srs, tcprules
 from pyqmail.control import Control, ControlError, load
 from pyqmail.home import Home
 from pyqmail.local import dotqmail, users
@@ -44,6 +45,7 @@ from pyqmail.local.dotqmail import Instruction, Kind
 from pyqmail.local.qlocal import srs_refusal
 from pyqmail.local.spawner import split_recipient
 from pyqmail.remote import mtasts, mtastscache, mx, routes, smarthost, tls
+from pyqmail.send.limits import BACKOFF_FIRST, BACKOFF_MAX
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
 from pyqmail.smtp import rcptcheck, replies
@@ -338,6 +340,7 @@ def _remote(
             ex.say("DNS: not asked (--no-dns)")
         else:
             _dns(lookup, ex, resolver, timeout)
+    _limits(ctl, domain, ex)
     if via == "SMTP" and route is not None and home is not None and _smarthost(home, route, ex):
         return
     if via == "SMTP":
@@ -392,6 +395,25 @@ def _mtasts(home: Home, ctl: Control, domain: str, ex: Explanation) -> None:
         ex.say(f"  mx: {' '.join(p.mx)}")
     if state == "in force" and p.mode is mtasts.Mode.ENFORCE:
         ex.say("  only these MX hosts, with STARTTLS and a verified certificate, else deferred")
+
+
+def _limits(ctl: Control, domain: str, ex: Explanation) -> None:
+    """control/destinationlimits as the scheduler looks it up (destlimits.py, limits.py)."""
+    lim = destlimits.parse(ctl.raw_lists.get("destinationlimits", ())).lookup(domain)
+    if lim.line:
+        share = (
+            "each domain counted on its own"
+            if lim.pattern == "*"
+            else "shared by every domain the line matches"
+            if lim.pattern.startswith(".")
+            else ""
+        )
+        ex.say(f"limits: control/destinationlimits line {lim.line} ({lim.pattern}): "
+               f"{lim.describe()}" + (f" ({share})" if share else ""))  # fmt: skip
+    else:
+        ex.say(f"limits: no control/destinationlimits line for {domain}: no per-destination limit")
+    ex.say(f"  a deferral with a 421 or 4.7.x reply holds every delivery to it for "
+           f"{BACKOFF_FIRST / 60:g} min, doubling up to {BACKOFF_MAX / 3600:g} h")  # fmt: skip
 
 
 async def _relay(relay: str, res: dns.asyncresolver.Resolver) -> list[mx.Address]:

@@ -3,7 +3,9 @@
 Owns the two records the scheduler (manager.py) and direct delivery (direct.py) share:
 :class:`Job` (what a pass needs: sender, retry time, whether it is dying, the open channel
 file, its recipients) and :class:`Record` (one ``T`` recipient and whether it has a result
-yet). Invariant: ``fd`` is the channel file opened for marking, or -1 for a direct
+yet). A remote pass may hold some recipients back at their destination's limit
+(manager.py parks the message until the destination has room, then continues the same
+pass). Invariant: ``fd`` is the channel file opened for marking, or -1 for a direct
 delivery, whose marks are kept in memory (``Record.done``) and ``offset`` is then -1.
 """
 
@@ -34,3 +36,9 @@ class Job:
     left: int = 0  # T records still T after this pass
     birth: float = 0.0  # when the message was accepted (info's mtime; 0 = not known)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # remote only (send/limits.py): the domains whose deliveries this pass held back at
+    # their destination's limit, the offsets of the records it tried and left ``T``, and
+    # when the schedule had the message due
+    held: set[str] = field(default_factory=set)
+    tried: set[int] = field(default_factory=set)
+    due: float = 0.0

@@ -13,11 +13,22 @@ hands each piece of file work to the module that owns it:
   transaction, each still logged and numbered as its own delivery), results marked by
   overwriting ``T`` with ``D`` in place, deferrals retried at ``nextretry``; a dying job's
   deferrals fail, each failure is added to bounce/N (bounce.py).
+- destination limits (remote only; control/destinationlimits, limits.py): before a host's
+  group starts, its destination must have room (concurrency, rate per minute, no back-off
+  after a 421/4.7.x reply). A group without room is held back: the rest of the pass goes
+  on, and the message is then *parked* on the destinations it waits for, out of the heap,
+  with no file written and no retry time charged. When a destination has room again (one
+  of its deliveries ended, or a timer for its rate window or back-off fired) its parked
+  messages go back into the heap at their old due time, and the same pass continues: the
+  recipients it already tried and deferred are not tried again before their retry time.
+  So a slow destination holds at most its own limit of the concurrencyremote slots.
 - completion: the bounce queued (bounce.py), ``end msg``, then info, mess and intd removed.
 - start-up: exclusive flock on ``lock/sendmutex``; the schedule rebuilt from info/local/remote
   (the channel file's mtime is its next try), O(n log n) once; O(log n) per event after.
 - signals (wired by the daemon): ``reload`` (HUP: routing, concurrency, lifetime, bounce
-  settings), ``alarm`` (ALRM: everything due now), ``stop`` (TERM: no new deliveries,
+  settings, destination limits; parked messages are looked at again under the new limits),
+  ``alarm`` (ALRM: everything in the schedule due now; a message parked at its
+  destination's limit stays parked), ``stop`` (TERM: no new deliveries,
   in-flight ones awaited up to a bound, next-try times written as mtimes).
 
 Agents are plain async callables so the daemon passes the real LocalSpawner/RemoteAgent
@@ -32,14 +43,18 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import math
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyqmail import destlimits
 from pyqmail.control import Control
+from pyqmail.destlimits import DestinationLimits, Limit
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
 from pyqmail.queue import clean, records
@@ -50,12 +65,14 @@ from pyqmail.send import admin, bounce
 from pyqmail.send.admin import AdminError, Attempt, MessageState
 from pyqmail.send.direct import After, DirectDeliveries
 from pyqmail.send.job import Job, Record
+from pyqmail.send.limits import DestinationLimiter, verdict
 from pyqmail.send.log import SendLog, safe
 from pyqmail.send.preprocess import Preprocessed, preprocess_batch
 from pyqmail.send.schedule import (
     CHANNEL_NAMES,
     CHANNELS,
     LOCAL,
+    REMOTE,
     Entry,
     PrioQueue,
     dying,
@@ -89,6 +106,7 @@ class Settings:
     bouncefrom: str
     bouncehost: str
     doublebounce: str
+    limits: DestinationLimits = field(default_factory=DestinationLimits)
 
     @classmethod
     def from_control(cls, ctl: Control) -> Settings:
@@ -99,7 +117,30 @@ class Settings:
             ctl.bouncefrom,
             ctl.bouncehost,
             ctl.doublebounceto + "@" + ctl.doublebouncehost,
+            destlimits.parse(ctl.raw_lists.get("destinationlimits", ())),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Parked:
+    """A message waiting for room at the destinations ``keys`` (see the module docstring)."""
+
+    when: float  # its place in the schedule, kept for when it goes back
+    gen: int  # tells this parking from an earlier one in the destinations' queues
+    keys: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Carry:
+    """A remote pass that held recipients back: the offsets it tried (and deferred), which
+    its continuation skips, and the domains it waits for."""
+
+    tried: frozenset[int]
+    domains: frozenset[str]
+
+
+def _domain(recipient: str) -> str:
+    return recipient[recipient.rfind("@") + 1 :].lower()
 
 
 class Scheduler:
@@ -173,6 +214,15 @@ class Scheduler:
         self._retry_now: set[int] = set()  # retry at once when its running job ends
         self._running: dict[int, int] = {}  # jobs in flight per message
         self.metrics = SendStats(clock)  # for daemon/http.py's /metrics and status page
+        # destination limits (limits.py): parked messages, each destination's queue of
+        # (num, gen), the passes to continue, and a timer per destination waiting for time
+        self.limiter = DestinationLimiter()
+        self._parked: dict[int, _Parked] = {}
+        self._waiting: dict[str, tuple[Limit, deque[tuple[int, int]]]] = {}
+        self._carry: dict[int, _Carry] = {}
+        self._dest_timers: dict[str, asyncio.TimerHandle] = {}
+        self._park_gen = 0
+        self._log_limit_problems()
 
     # ---------------------------------------------------------------- life cycle
 
@@ -256,6 +306,9 @@ class Scheduler:
                 await t
         for h in self._done_retry:
             h.cancel()
+        for h in self._dest_timers.values():
+            h.cancel()
+        self._dest_timers.clear()
         if self._trigger_fd is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._trigger_fd)
@@ -276,6 +329,9 @@ class Scheduler:
             for e in self._heaps[c]:
                 with contextlib.suppress(OSError):
                     records.set_next_try(self.paths.name(kind, e.num), e.when)
+        for num, p in list(self._parked.items()):
+            with contextlib.suppress(OSError):
+                records.set_next_try(self.paths.name("remote", num), p.when)
 
     # ---------------------------------------------------------------- signals
 
@@ -326,9 +382,22 @@ class Scheduler:
         except Exception as e:  # ControlError or a broken file: keep working with the old
             self.log.alert(f"unable to reread controls: {e}")
             return False
+        self._log_limit_problems()
+        # the destinations' keys and limits may have changed: every parked message goes
+        # back into the schedule and is looked at again under the new limits
+        for h in self._dest_timers.values():
+            h.cancel()
+        self._dest_timers.clear()
+        self._waiting.clear()
+        for num in list(self._parked):
+            self._unpark(num)
         for c in CHANNELS:
             self._wake[c].set()
         return True
+
+    def _log_limit_problems(self) -> None:
+        for bad in self.settings.limits.bad:
+            self.log.warning(f"control/destinationlimits:{bad.line}: {bad.text!r}: {bad.reason}")
 
     # ---------------------------------------------------------------- start-up scan
 
@@ -514,12 +583,14 @@ class Scheduler:
                     await asyncio.wait_for(wake.wait(), min(delay, 86400.0))
                 continue
             heap.pop()
-            self._start_job(c, head.num)
+            if c == REMOTE and self._park_again(head):
+                continue
+            self._start_job(c, head.num, head.when)
 
-    def _start_job(self, c: int, num: int) -> None:
+    def _start_job(self, c: int, num: int, due: float) -> None:
         self._active[c] += 1
         self._running[num] = self._running.get(num, 0) + 1
-        self._spawn(self._job(c, num))
+        self._spawn(self._job(c, num, due))
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         """Run ``coro`` as a job: awaited by ``stop``, counted as work by ``idle``."""
@@ -570,9 +641,9 @@ class Scheduler:
             birth=birth,
         )
 
-    async def _job(self, c: int, num: int) -> None:
+    async def _job(self, c: int, num: int, due: float) -> None:
         try:
-            await self._job_body(c, num)
+            await self._job_body(c, num, due)
         finally:
             self._active[c] -= 1
             self._wake[c].set()
@@ -584,11 +655,19 @@ class Scheduler:
                 if num in self._pending_chan:  # not finished by the job itself meanwhile
                     self._delete_now(num, reason)
 
-    async def _job_body(self, c: int, num: int) -> None:
+    async def _job_body(self, c: int, num: int, due: float) -> None:
         job = self._open_job(c, num)
         if job is None:
             self._retry_later(c, num)
             return
+        job.due = due
+        carry = self._carry.get(num) if c == REMOTE else None
+        if carry is not None and carry.tried:
+            # the continuation of a pass: what it tried already waits for its retry time
+            kept = [r for r in job.records if r.offset not in carry.tried]
+            job.left += len(job.records) - len(kept)
+            job.tried.update(carry.tried)
+            job.records = kept
         try:
             await self._run_deliveries(job)
         finally:
@@ -598,12 +677,25 @@ class Scheduler:
     async def _run_deliveries(self, job: Job) -> None:
         c = job.channel
         for group in self._groups(job):
+            lim: Limit | None = None
+            started = 0.0
+            if c == REMOTE:
+                domain = _domain(group[0].recipient)
+                lim = self.settings.limits.lookup(domain)
+                started = self._clock()
+                if self.limiter.blocked(lim, started) is not None:
+                    job.held.add(domain)  # no room at its destination: parked at the end
+                    self.metrics.held()
+                    continue
+                self.limiter.start(lim, started)
             await self._acquire(c)
             if self._exiting:
                 self._release(c)
                 job.left += len(group)
+                if lim is not None:
+                    self.limiter.cancel(lim.key, started)
                 continue
-            job.tasks.append(asyncio.create_task(self._deliver(job, group)))
+            job.tasks.append(asyncio.create_task(self._deliver(job, group, lim, started)))
         if job.tasks:
             await asyncio.gather(*job.tasks)
 
@@ -612,8 +704,7 @@ class Scheduler:
             return [[r] for r in job.records]
         by_host: dict[str, list[list[Record]]] = {}
         for r in job.records:
-            host = r.recipient[r.recipient.rfind("@") + 1 :].lower()
-            lists = by_host.setdefault(host, [[]])
+            lists = by_host.setdefault(_domain(r.recipient), [[]])
             if len(lists[-1]) >= REMOTE_BATCH:
                 lists.append([])
             lists[-1].append(r)
@@ -634,7 +725,9 @@ class Scheduler:
         conc = self.settings.concurrency
         self.log.status((self._used[0], self._used[1]), conc, self._exiting)
 
-    async def _deliver(self, job: Job, group: list[Record]) -> None:
+    async def _deliver(
+        self, job: Job, group: list[Record], lim: Limit | None = None, started: float = 0.0
+    ) -> None:
         c = job.channel
         mess = Path(self.paths.name("mess", job.num))
         ids = []
@@ -655,6 +748,8 @@ class Scheduler:
         except asyncio.CancelledError:
             job.left += len(group)
             self._release(c)
+            if lim is not None:
+                self.limiter.cancel(lim.key, started)
             raise
         except Exception:
             outcomes = [Outcome.temp(_TEXT_INTERNAL)] * len(group)
@@ -662,6 +757,8 @@ class Scheduler:
             self._record(job, did, r, out)
         self._release(c)
         self._log_status()
+        if lim is not None:
+            self._dest_finished(lim, started, outcomes)
 
     def _record(self, job: Job, did: int, rec: Record, out: Outcome) -> None:
         status, text = out.status, out.text[:REPORTMAX]
@@ -680,12 +777,14 @@ class Scheduler:
         if status is Status.TEMP:
             self.stats["deferred"] += 1
             job.left += 1
+            job.tried.add(rec.offset)
             return
         if status is Status.PERM:
             self.stats["failed"] += 1
             shown = self.settings.routing.strip_virtual(rec.recipient)
             if not bounce.record_failure(self.paths, job.num, shown, text, self.log):
                 job.left += 1  # not recorded: try the recipient again rather than lose it
+                job.tried.add(rec.offset)
                 return
         else:
             self.stats["delivered"] += 1
@@ -702,11 +801,18 @@ class Scheduler:
 
     def _job_done(self, job: Job) -> None:
         c, num = job.channel, job.num
-        if job.left:
+        if job.left or job.held:
             if num in self._held or num in self._doomed:  # the queue manager's
+                self._carry.pop(num, None)
                 with contextlib.suppress(OSError):
                     records.set_next_try(self.paths.name(CHANNEL_NAMES[c], num), job.retry)
                 return
+            if job.held:  # the pass goes on when its destinations have room
+                self._retry_now.discard(num)
+                self._carry[num] = _Carry(frozenset(job.tried), frozenset(job.held))
+                self._park(num, job.due, job.held)
+                return
+            self._carry.pop(num, None)
             now = self._exiting
             if num in self._retry_now:  # asked for during this pass: once, at once
                 self._retry_now.discard(num)
@@ -714,6 +820,8 @@ class Scheduler:
             self._heaps[c].push(self._clock() if now else job.retry, num)
             self._wake[c].set()
             return
+        if c == REMOTE:
+            self._carry.pop(num, None)
         path = self.paths.name(CHANNEL_NAMES[c], num)
         try:
             clean.remove_channel(path)
@@ -727,6 +835,111 @@ class Scheduler:
         else:
             self._pending_chan.pop(num, None)
             self._messdone(num)
+
+    # ---------------------------------------------------------------- destination limits
+
+    def _park_again(self, head: Entry) -> bool:
+        """A pass to continue whose destinations all still have no room is parked again
+        without opening its file (at the front: it keeps its turn). True if parked."""
+        carry = self._carry.get(head.num)
+        if carry is None or not carry.domains or not self._all_blocked(carry.domains):
+            return False
+        self._park(head.num, head.when, carry.domains, front=True)
+        return True
+
+    def _all_blocked(self, domains: Iterable[str]) -> bool:
+        now = self._clock()
+        limits = self.settings.limits
+        return all(self.limiter.blocked(limits.lookup(d), now) is not None for d in domains)
+
+    def _park(self, num: int, when: float, domains: Iterable[str], front: bool = False) -> None:
+        """Wait for room at ``domains``' destinations; at once back in the schedule if one
+        of them has room already (its delivery ended while this pass was running)."""
+        now = self._clock()
+        waits: dict[str, tuple[Limit, float]] = {}
+        for d in domains:
+            lim = self.settings.limits.lookup(d)
+            until = self.limiter.blocked(lim, now)
+            if until is None:
+                self._heaps[REMOTE].push(when, num)
+                self._wake[REMOTE].set()
+                return
+            waits[lim.key] = (lim, until)
+        self._park_gen += 1
+        self._parked[num] = _Parked(when, self._park_gen, frozenset(waits))
+        for key, (lim, until) in waits.items():
+            got = self._waiting.get(key)
+            if got is None:
+                got = self._waiting[key] = (lim, deque())
+            queue = got[1]
+            self._waiting[key] = (lim, queue)  # the newest limit (after a HUP)
+            if front:
+                queue.appendleft((num, self._park_gen))
+            else:
+                queue.append((num, self._park_gen))
+            if until != math.inf:
+                self._arm_timer(key, until)
+        self.metrics.held_back = len(self._parked)
+
+    def _unpark(self, num: int) -> None:
+        """Back into the schedule at its old due time."""
+        p = self._parked.pop(num)
+        self.metrics.held_back = len(self._parked)
+        self._heaps[REMOTE].push(p.when, num)
+        self._wake[REMOTE].set()
+
+    def _wake_dest(self, key: str) -> None:
+        """Send as many of ``key``'s parked messages back as it has room for now."""
+        got = self._waiting.get(key)
+        if got is None:
+            return
+        lim, queue = got
+        now = self._clock()
+        room = self.limiter.room(lim, now)
+        if room == 0:
+            until = self.limiter.blocked(lim, now)
+            if until is not None and until != math.inf:
+                self._arm_timer(key, until)
+            return
+        while queue and (room is None or room > 0):
+            num, gen = queue.popleft()
+            p = self._parked.get(num)
+            if p is None or p.gen != gen:
+                continue  # stale: released by another destination, held, deleted
+            self._unpark(num)
+            if room is not None:
+                room -= 1
+        if not queue:
+            del self._waiting[key]
+
+    def _arm_timer(self, key: str, until: float) -> None:
+        if self._loop is None or self._exiting:
+            return
+        old = self._dest_timers.get(key)
+        if old is not None:
+            if old.when() <= self._loop.time() + max(0.0, until - self._clock()):
+                return
+            old.cancel()
+
+        def fire() -> None:
+            self._dest_timers.pop(key, None)
+            self._wake_dest(key)
+
+        # a little late rather than early: the window's edge must have passed
+        delay = max(0.0, until - self._clock()) + 0.01
+        self._dest_timers[key] = self._loop.call_later(delay, fire)
+
+    def _dest_finished(self, lim: Limit, started: float, outcomes: list[Outcome]) -> None:
+        """A transaction to ``lim``'s destination ended: the limiter learns its verdict
+        (a rate-limit reply backs the destination off), then its parked messages may go."""
+        interval = self.limiter.finish(lim.key, started, self._clock(), verdict(outcomes))
+        if interval is not None:
+            self.metrics.backoff(lim.key)
+            self.log.line(
+                b"destination %s: rate-limit reply; holding its deliveries for %d seconds"
+                % (safe(lim.key), int(interval))
+            )
+        self._wake_dest(lim.key)
 
     # ---------------------------------------------------------------- queue manager
     # admin.py's ControlServer calls these in the loop; each change applies here so the
@@ -756,6 +969,8 @@ class Scheduler:
         for c in CHANNELS:
             for e in self._heaps[c]:
                 due.setdefault(e.num, {})[c] = e.when
+        for num, p in self._parked.items():
+            due.setdefault(num, {})[REMOTE] = p.when
         for n in admin.queued_numbers(self.paths) if nums is None else nums:
             if n not in self._pending_chan:
                 continue
@@ -788,6 +1003,12 @@ class Scheduler:
                 for e in self._heaps[c].remove(num):
                     with contextlib.suppress(OSError):
                         records.set_next_try(self.paths.name(CHANNEL_NAMES[c], num), e.when)
+            self._carry.pop(num, None)
+            parked = self._parked.pop(num, None)
+            self.metrics.held_back = len(self._parked)
+            if parked is not None:
+                with contextlib.suppress(OSError):
+                    records.set_next_try(self.paths.name("remote", num), parked.when)
             return "held" + (" (after the delivery in progress)" if running else "")
         if op == "release":
             if num not in self._held:
@@ -805,8 +1026,11 @@ class Scheduler:
                 return "being delivered now; again at once if it is deferred"
             for c in CHANNELS:
                 self._heaps[c].remove(num)
+            self._carry.pop(num, None)  # every recipient, now
+            parked = self._parked.pop(num, None)
+            self.metrics.held_back = len(self._parked)
             self._push_pending(num, self._clock())
-            return "due now"
+            return "due now" + (" (its destination's limits still apply)" if parked else "")
         if op == "delete":
             if running:
                 self._doomed[num] = reason
@@ -834,6 +1058,9 @@ class Scheduler:
         recipients not yet done first (via bounce/N and the usual completion)."""
         for c in CHANNELS:
             self._heaps[c].remove(num)
+        self._carry.pop(num, None)
+        self._parked.pop(num, None)
+        self.metrics.held_back = len(self._parked)
         self._held.discard(num)
         self._retry_now.discard(num)
         if reason is not None:

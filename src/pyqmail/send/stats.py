@@ -9,6 +9,9 @@ Kept: deliveries by channel and result (``success``/``deferral``/``failure``), a
 of the time from a message's acceptance (its info file's birth) to each successful or
 failed delivery, deferrals by destination (the recipient's domain) with the last error,
 the last ``RECENT`` deliveries, and per-minute delivery counts for the last hour.
+Destination limits (limits.py): how many messages wait for room at a destination now,
+how often a delivery was held back, and the back-offs after rate-limit replies by
+destination.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ class SendStats:
         self.deferred: dict[str, Deferred] = {}
         self.recent: deque[Delivered] = deque(maxlen=RECENT)
         self.minutes: deque[tuple[int, int]] = deque(maxlen=60)  # (minute, deliveries)
+        self.held_back = 0  # messages parked now, waiting for room at a destination
+        self.held_total = 0  # deliveries held back at a destination's limit, ever
+        self.backoffs: dict[str, int] = {}  # destination -> back-offs begun or lengthened
+
+    def held(self) -> None:
+        """One delivery (a host's group of recipients) held back at its destination."""
+        self.held_total += 1
+
+    def backoff(self, dest: str) -> None:
+        """A rate-limit reply began or lengthened ``dest``'s back-off."""
+        if dest not in self.backoffs and len(self.backoffs) >= MAX_DESTINATIONS:
+            del self.backoffs[next(iter(self.backoffs))]
+        self.backoffs[dest] = self.backoffs.get(dest, 0) + 1
 
     def delivery(
         self, channel: str, msg: int, recipient: str, letter: str, text: str, birth: float
