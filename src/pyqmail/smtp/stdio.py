@@ -8,6 +8,11 @@ substdio), and the half-close with a short drain of the client's input at the en
 ``_Message`` committing with the contract's blocking form; the environment is the one tcpserver set.
 rblsmtpd's job is done here too, before the greeting (``$RBLSMTPD`` from tcpserver's
 environment, control/rbllist: smtp/rbl.py), and control/greylist's at RCPT.
+AUTH's password check (smtp/passwords.py: qmail-smtpd's ``CHECKPROG SUBPROG`` arguments,
+control/checkpassword, control/authusers) runs here, blocking, as the session has nothing
+else to do meanwhile; failures are recorded in HOME/greylist/authfail.sqlite
+(smtp/authlimit.py: shared by every qmail-smtpd process) and logged on stderr with the
+client's address and the user name.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from pyqmail import cdb
 from pyqmail.control import Control, ControlError, load
@@ -32,8 +38,12 @@ from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies, tlsbio
+from pyqmail.smtp.authlimit import FileFailures, failures_path
 from pyqmail.smtp.greylist import Greylist, greylist_path
+from pyqmail.smtp.passwords import PasswordCheck, Verdict
 from pyqmail.smtp.protocol import (
+    AuthNote,
+    CheckPassword,
     CheckRcpt,
     Close,
     DataChunk,
@@ -41,6 +51,7 @@ from pyqmail.smtp.protocol import (
     MessageAbort,
     MessageEnd,
     MessageStart,
+    Pause,
     Send,
     SmtpServerConnection,
     StartTls,
@@ -65,11 +76,13 @@ def run_stdio(
     clock: Callable[[], float] = time.monotonic,
     origin: str = "network",
     rcpt_checks: RcptChecks | None = None,
+    passwords: PasswordCheck | None = None,
 ) -> int:
     """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
     code: 0 after QUIT, 1 when the session ended any other way or could not start.
 
     ``rcpt_checks``: recipient checks at RCPT (smtp/rcptcheck.py; cli/smtpd.py makes them).
+    ``passwords``: AUTH's password sources (default: the home's control files).
 
     ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
     qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
@@ -105,7 +118,16 @@ def run_stdio(
     grey = None
     if ctl.greylist > 0:
         grey = Greylist(greylist_path(home), ctl.greylist, expire=ctl.greylistexpire)
-    conn = SmtpServerConnection(session, limits, tls=certs.offer, greylist=grey)
+    if passwords is None:
+        passwords = PasswordCheck(home)
+    failures: FileFailures | None = None
+    auth = passwords.available()
+    if auth:
+        failures = FileFailures(failures_path(home))
+    conn = SmtpServerConnection(
+        session, limits, tls=certs.offer, greylist=grey, auth=auth, auth_failures=failures
+    )
+    ip = session.remote_ip
     tls: tlsbio.BioTls | None = None
     timeout = float(ctl.timeoutsmtpd)
     block = _rbl_check(env, ctl.rbllist)
@@ -136,6 +158,20 @@ def run_stdio(
                     break
                 elif kind is MessageAbort:
                     msg.abort()
+                elif kind is CheckPassword:
+                    out.flush()
+                    ev = cast(CheckPassword, ev)
+                    verdict = passwords.check(ev.user, ev.password, ip)
+                    ok = None if verdict is Verdict.TEMP else verdict is Verdict.OK
+                    events = conn.auth_result(ok)
+                    break
+                elif kind is Pause:
+                    out.flush()
+                    time.sleep(cast(Pause, ev).seconds)
+                    events = conn.pause_over()
+                    break
+                elif kind is AuthNote:
+                    _auth_log(cast(AuthNote, ev), ip)
                 elif kind is StartTls and certs.context is not None:
                     out.flush()  # the 220 in clear; then nothing read before the handshake
                     try:
@@ -185,6 +221,13 @@ def run_stdio(
             out.write(replies.TEMP_ERROR)
         _drain(infd, outfd)
         return 1
+
+
+def _auth_log(note: AuthNote, ip: str) -> None:
+    """An AUTH attempt on stderr (tcpserver's log): the user as sent, never the password."""
+    user = note.user.decode("utf-8", "replace").encode("unicode_escape").decode()
+    print(f"qmail-smtpd: auth {note.mechanism} {user or '-'} from {ip} {note.result}",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _rbl_check(env: Mapping[str, str], zones: tuple[tuple[str, str | None], ...]) -> Block | None:
