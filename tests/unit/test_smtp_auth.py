@@ -287,3 +287,72 @@ def test_mail_hook_is_skipped_once_authenticated(home: Home) -> None:
     d = Driver(conn, passwords={USER: PASSWORD}).greet()
     d.feed(b"EHLO c\r\nAUTH PLAIN " + PLAIN + b"\r\n")
     assert d.feed(b"MAIL FROM:<a@b.example>\r\n") == replies.OK  # no MailCheck waited for
+
+
+AUTHSENDERS = b"""# who may send as whom
+alice: alice@test.example @lists.test.example <>
+bob@test.example: bob@other.example
+*: postmaster@test.example
+"""
+
+
+@pytest.mark.parametrize(
+    ("user", "sender", "ok"),
+    [
+        (b"alice", b"alice@test.example", True),
+        (b"alice", b"ALICE@Test.Example", True),
+        (b"alice", b"x@lists.test.example", True),
+        (b"alice", b"x@sub.lists.test.example", False),
+        (b"alice", b"", True),
+        (b"alice", b"bob@test.example", False),
+        (b"alice", b"postmaster@test.example", True),  # the * line
+        (b"bob@test.example", b"bob@other.example", True),
+        (b"bob@test.example", b"bob@test.example", False),  # its own line rules
+        (b"carol@test.example", b"carol@test.example", False),  # no line, but a * line
+        (b"carol@test.example", b"postmaster@test.example", True),
+    ],
+)
+def test_authsenders_patterns(user: bytes, sender: bytes, ok: bool) -> None:
+    from pyqmail.smtp.authsenders import AuthSenders
+
+    assert AuthSenders.parse(AUTHSENDERS).allowed(user, sender) is ok
+
+
+def test_authsenders_without_a_star_line_a_login_address_is_its_own_sender() -> None:
+    from pyqmail.smtp.authsenders import AuthSenders
+
+    rules = AuthSenders.parse(b"alice: *\n")
+    assert rules.allowed(b"alice", b"anyone@anywhere.example")
+    assert rules.allowed(b"dave@test.example", b"Dave@test.example")
+    assert not rules.allowed(b"dave@test.example", b"eve@test.example")
+    assert not rules.allowed(b"dave", b"dave@test.example")
+
+
+def test_authsenders_file_missing_is_no_limit_and_unreadable_allows_nobody(home: Home) -> None:
+    import os
+
+    from pyqmail.smtp.authsenders import AuthSendersFile
+
+    f = AuthSendersFile(home.control / "authsenders")
+    assert f.get() is None
+    (home.control / "authsenders").write_bytes(b"alice: *\n")
+    got = f.get()
+    assert got is not None and got.allowed(b"alice", b"x@y.example")
+    (home.control / "authsenders").unlink()
+    os.mkdir(home.control / "authsenders")  # exists, but not a readable file
+    got = f.get()
+    assert got is not None and not got.allowed(b"alice", b"x@y.example")
+
+
+def test_mail_from_an_address_the_user_may_not_use_is_553(home: Home) -> None:
+    from pyqmail.smtp.authsenders import AuthSenders
+
+    session = Session(load(home), {"TCPREMOTEIP": "192.0.2.7"})
+    rules = AuthSenders.parse(AUTHSENDERS)
+    conn = SmtpServerConnection(session, tls=TlsOffer.ON, auth=True, authsenders=rules)
+    conn.tls_started(INFO)
+    d = Driver(conn, passwords={USER: PASSWORD}).greet()
+    assert d.feed(b"EHLO c\r\nMAIL FROM:<bob@test.example>\r\n").endswith(replies.OK)  # no AUTH
+    d.feed(b"RSET\r\nAUTH PLAIN " + PLAIN + b"\r\n")
+    assert d.feed(b"MAIL FROM:<bob@test.example>\r\n") == replies.AUTH_SENDER
+    assert d.feed(b"MAIL FROM:<alice@test.example>\r\n") == replies.OK

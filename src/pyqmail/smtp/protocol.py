@@ -57,7 +57,8 @@ password that cannot be valid) is 535 5.7.8, after the delay the failures record
 (:class:`Pause`, smtp/authlimit.py), and once it has too many failures for the client's
 network, AUTH gets 421 and the connection closes. A check that could not be made is
 454 4.7.0. On the submission doors (587, 465) MAIL needs AUTH first (530 5.7.0, RFC
-6409). :class:`AuthNote` tells the adapter's log the mechanism, user and result; the
+6409). control/authsenders (smtp/authsenders.py) limits an authenticated user's MAIL FROM
+(553 5.7.1). :class:`AuthNote` tells the adapter's log the mechanism, user and result; the
 password is in no event but CheckPassword (and not in its repr).
 """
 
@@ -85,6 +86,7 @@ from pyqmail.smtp.session import Session, TlsInfo
 
 if TYPE_CHECKING:
     from pyqmail.smtp.authlimit import AuthFailures
+    from pyqmail.smtp.authsenders import AuthSenders
     from pyqmail.smtp.greylist import Greylist
 
 
@@ -268,8 +270,10 @@ class SmtpServerConnection:
         mail_hook: bool = False,
         auth: bool = False,
         auth_failures: AuthFailures | None = None,
+        authsenders: AuthSenders | None = None,
     ) -> None:
         self.session = session
+        self.authsenders = authsenders  # control/authsenders (smtp/authsenders.py)
         self.auth = auth  # a password source exists: AUTH is offered inside TLS
         self.auth_failures = auth_failures  # failures per network (smtp/authlimit.py)
         self.user: bytes | None = None  # the authenticated user
@@ -857,6 +861,14 @@ class SmtpServerConnection:
         checked = parse_mail_params(params, self.session.databytes)
         if isinstance(checked, bytes):
             self._error(events, checked)
+            return
+        senders = self.authsenders
+        if (
+            self.user is not None
+            and senders is not None
+            and not senders.allowed(self.user, address)
+        ):
+            self._error(events, replies.AUTH_SENDER)
             return
         if self.mail_hook and self.user is None:
             self._reset()  # a new MAIL ends the old transaction, accepted or not

@@ -68,6 +68,7 @@ AUTH_OK = b"235 2.7.0 authentication successful (#2.7.0)\r\n"
 AUTH_FAILED = b"535 5.7.8 sorry, authentication credentials invalid (#5.7.8)\r\n"
 AUTH_TEMP = b"454 4.7.0 sorry, temporary authentication failure (#4.7.0)\r\n"
 AUTH_BLOCKED = b"421 4.7.0 sorry, too many failed AUTH attempts, closing connection (#4.7.0)\r\n"
+AUTH_SENDER = b"553 5.7.1 sorry, you may not send as that address (#5.7.1)\r\n"
 AUTH_REQUIRED = b"530 5.7.0 sorry, authentication required: AUTH first (#5.7.0)\r\n"
 # STARTTLS (RFC 3207 section 4; the codes Postfix uses): 220 then the handshake; 501 for an
 # argument; 503 inside TLS or inside a mail transaction; 454 when a certificate is

@@ -77,6 +77,8 @@ from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies
 from pyqmail.smtp.authcheck import AuthChecker, ConnectionChecks, Mode
 from pyqmail.smtp.authlimit import MemoryFailures
+from pyqmail.smtp.authsenders import FILE as AUTHSENDERS
+from pyqmail.smtp.authsenders import AuthSendersFile
 from pyqmail.smtp.authspool import CheckedSubmission, CheckingSubmitter
 from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.passwords import Verdict
@@ -260,6 +262,7 @@ class SmtpServer:
         self.auth_failures = auth_failures or MemoryFailures()
         self._auth_ok = False
         self._auth_at = -1e9
+        self.authsenders = AuthSendersFile(home.control / AUTHSENDERS)
         self.rcpt_checks = rcpt_checks  # recipient checks at RCPT (smtp/rcptcheck.py)
         self.auth = auth  # checks of incoming mail (SPF, DKIM, DMARC); None: none
         self.ctl = ctl
@@ -578,6 +581,7 @@ class _SmtpProtocol(asyncio.Protocol):
                 mail_hook=hook,
                 auth=srv.auth_available(),
                 auth_failures=srv.auth_failures,
+                authsenders=srv.authsenders.get(),
             )
             self.conn.notes = True  # the session log counts (and maybe logs) each command
             self.last = self.loop.time()

@@ -39,6 +39,8 @@ from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies, tlsbio
 from pyqmail.smtp.authlimit import FileFailures, failures_path
+from pyqmail.smtp.authsenders import FILE as AUTHSENDERS
+from pyqmail.smtp.authsenders import AuthSendersFile
 from pyqmail.smtp.greylist import Greylist, greylist_path
 from pyqmail.smtp.passwords import PasswordCheck, Verdict
 from pyqmail.smtp.protocol import (
@@ -125,7 +127,13 @@ def run_stdio(
     if auth:
         failures = FileFailures(failures_path(home))
     conn = SmtpServerConnection(
-        session, limits, tls=certs.offer, greylist=grey, auth=auth, auth_failures=failures
+        session,
+        limits,
+        tls=certs.offer,
+        greylist=grey,
+        auth=auth,
+        auth_failures=failures,
+        authsenders=AuthSendersFile(home.control / AUTHSENDERS).get() if auth else None,
     )
     ip = session.remote_ip
     tls: tlsbio.BioTls | None = None
