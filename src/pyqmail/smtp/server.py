@@ -59,6 +59,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
 
@@ -113,6 +114,18 @@ log = logging.getLogger("pyqmail.smtpd")
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 _CHECKING: set[asyncio.Task[None]] = set()  # recipient checks running in worker threads
+
+_PASSWORDS: ThreadPoolExecutor | None = None
+
+
+def _password_pool() -> ThreadPoolExecutor:
+    """The threads password checks run in: their own, so a flood of AUTH attempts waits
+    here and never takes the threads of recipient checks and commits."""
+    global _PASSWORDS
+    if _PASSWORDS is None:
+        _PASSWORDS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="auth-check")
+    return _PASSWORDS
+
 
 _S = TypeVar("_S", bound=Submission)
 _S_co = TypeVar("_S_co", bound=Submission, covariant=True)
@@ -829,7 +842,7 @@ class _SmtpProtocol(asyncio.Protocol):
         if checker is not None:
             try:
                 verdict = await self.loop.run_in_executor(
-                    None, checker.check, ev.user, ev.password, self.ip
+                    _password_pool(), checker.check, ev.user, ev.password, self.ip
                 )
             except Exception:  # never the exception text: it could hold the password
                 log.error("password check for %s failed", self.ip)
