@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyqmail.control import load
 from pyqmail.home import Home
@@ -356,3 +358,51 @@ def test_mail_from_an_address_the_user_may_not_use_is_553(home: Home) -> None:
     d.feed(b"RSET\r\nAUTH PLAIN " + PLAIN + b"\r\n")
     assert d.feed(b"MAIL FROM:<bob@test.example>\r\n") == replies.AUTH_SENDER
     assert d.feed(b"MAIL FROM:<alice@test.example>\r\n") == replies.OK
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    b"AUTH PLAIN",
+                    b"AUTH LOGIN",
+                    b"*",
+                    b"=",
+                    b"AUTH",
+                    b"EHLO x",
+                    b"MAIL FROM:<a@b.example>",
+                    b"RSET",
+                    b"AUTH PLAIN " + PLAIN,
+                ]
+            ),
+            st.binary(max_size=40).map(base64.b64encode),
+            st.binary(max_size=40),
+        ),
+        max_size=12,
+    ),
+    st.integers(min_value=0, max_value=9),
+)
+def test_any_auth_dialogue_gets_replies_and_never_raises(
+    home: Home, lines: list[bytes], piece: int
+) -> None:
+    fails = MemoryFailures(AuthPolicy(max_failures=3, step=0.5))
+    d = make(home, failures=fails)
+    d.passwords = {USER: PASSWORD}
+    for line in lines:
+        if d.closed:
+            break
+        before = len(d.out)
+        d.feed(line + b"\r\n", piece)
+        assert (
+            len(d.out) > before
+            or d.conn.state in (State.AUTH, State.CLOSED)
+            or (d.conn.state is State.DATA)
+        )
+    for c in d.checked:  # only what a password source can be asked about
+        assert c.user and c.password and b"\0" not in c.password and b"\n" not in c.user
+    text = d.out
+    assert PASSWORD not in text and b"Traceback" not in text

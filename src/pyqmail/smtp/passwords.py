@@ -29,6 +29,7 @@ A password never reaches a log, an exception text or a ``repr``.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import shlex
 import subprocess
@@ -37,6 +38,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pyqmail.home import Home, HomeError
+
+log = logging.getLogger("pyqmail.smtpd")
 
 AUTHUSERS = "authusers"
 CHECKPASSWORD = "checkpassword"
@@ -240,9 +243,11 @@ class PasswordCheck:
             return Verdict.BAD
         try:
             got = self.authusers.verify(user, password)
-        except PasswordError:
+        except PasswordError as e:  # its text names the file and the error, nothing else
+            log.warning("%s", e)
             got = Verdict.TEMP if self.program is None else None
-        except Exception:  # argon2-cffi missing or broken: not the client's fault
+        except Exception as e:  # argon2-cffi missing or broken: not the client's fault
+            log.warning("control/authusers: cannot verify: %s", type(e).__name__)
             got = Verdict.TEMP
         if got is not None:
             return got
