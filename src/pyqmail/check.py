@@ -24,6 +24,10 @@ warnings are printed but do not. What is an error:
 control/smtproutesauth (remote/smarthost.py): an error if it is readable by group or
 other, or (root mode) not qmailr's; a line of it or of smtproutestls that cannot be parsed.
 
+SMTP AUTH (smtp/passwords.py): control/authusers readable by group or other is a warning
+(a line that is not ``user:$argon2...`` too), not qmailp's in root mode an error;
+control/checkpassword naming no executable program is an error.
+
 control/servercert.pem (smtp/tls.py): an error if it cannot be used (no STARTTLS), has
 expired, or (root mode) is not qmaild's; a warning if it is self-signed, expires within
 30 days, or is readable by group or other.
@@ -53,10 +57,20 @@ from pyqmail import cdb, destlimits, dkim, policy, srs, tcprules
 from pyqmail.control import KNOWN_FILES, Control, ControlError, load, read_file
 from pyqmail.home import Home
 from pyqmail.remote import smarthost
-from pyqmail.smtp import qmqpd, tls
+from pyqmail.smtp import authsenders, passwords, qmqpd, tls
 
-# read by smtp/tls.py, remote/smarthost.py and the SRS code (pyqmail/srs.py), not control.py
-_OTHER_FILES = KNOWN_FILES | {tls.SERVERCERT, smarthost.AUTHFILE, smarthost.TLSFILE, srs.FILE}
+# read by smtp/tls.py, smtp/passwords.py, smtp/authsenders.py, remote/smarthost.py, the SRS
+# code (pyqmail/srs.py) and daemon/http.py, not control.py
+_OTHER_FILES = KNOWN_FILES | {
+    tls.SERVERCERT,
+    passwords.AUTHUSERS,
+    passwords.CHECKPASSWORD,
+    authsenders.FILE,
+    smarthost.AUTHFILE,
+    smarthost.TLSFILE,
+    srs.FILE,
+    "httpauth",
+}
 
 
 class Severity(Enum):
@@ -204,6 +218,48 @@ class _Checker:
             self.warning(name, 0, "every local user can read the SRS secret and sign SRS "
                          "addresses that this host forwards anywhere",
                          f"chown root:qmail {path} && chmod 640 {path}")  # fmt: skip
+
+    def smtp_auth(self) -> None:
+        """control/authusers: private (0600; in root mode qmailp's, the password process's
+        account: daemon/authproc.py), every line ``user:$argon2...``; control/checkpassword:
+        its program exists and may be run."""
+        name = f"control/{passwords.AUTHUSERS}"
+        path = self.home.control / passwords.AUTHUSERS
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            self.error(name, 0, f"cannot be looked at ({e.strerror})")
+            st = None
+        if st is not None:
+            owner = None
+            if not self.home.single_user and os.geteuid() == 0:
+                with contextlib.suppress(Exception):
+                    owner = self.home.ids().uid("passwd")
+            if owner is not None and st.st_uid != owner:
+                self.error(
+                    name,
+                    0,
+                    "is not qmailp's: the password process cannot read it, and AUTH answers 454",
+                    f"chown qmailp {path}; chmod 600 {path}",
+                )
+            if st.st_mode & 0o077:
+                self.warning(name, 0, "password hashes readable by group or other accounts",
+                             f"chmod 600 {path} (pyqmail passwd writes it so)")  # fmt: skip
+            with contextlib.suppress(OSError):
+                for n, line in enumerate(path.read_bytes().splitlines(), 1):
+                    text = line.strip()
+                    if not text or text.startswith(b"#"):
+                        continue
+                    if not passwords.parse_authusers(text):
+                        self.warning(name, n, "not a user:$argon2id$... line: ignored",
+                                     "set the password with: pyqmail passwd USER")  # fmt: skip
+        program = passwords.program_of(self.home)
+        if program is not None and not os.access(program[0], os.X_OK):
+            self.error(f"control/{passwords.CHECKPASSWORD}", 1,
+                       f"{program[0]} is not an executable program: AUTH answers 454",
+                       "name the checkpassword program by its absolute path")  # fmt: skip
 
     def dkim_records(self, notes: list[str]) -> None:
         """Each DKIM signing key against its published TXT record; DNS that does not
@@ -587,6 +643,7 @@ def check(home: Home, *, dns_notes: list[str] | None = None) -> list[Problem]:
     ch.servercert()
     ch.smarthosts()
     ch.srs(ctl)
+    ch.smtp_auth()
     if dns_notes is not None:
         ch.dkim_records(dns_notes)
     return ch.problems

@@ -21,8 +21,10 @@ wraps a queue Pending). In root mode that is the queue user (qmailq): the queue 
 for local users, or root's queue-writer child after it dropped to qmailq; the key is
 qmailq's, mode 0600, and no other account can read it. In single-user mode the user owns
 both the queue and the key. The caller decides whether a message is to be signed: local
-injection (qmail-inject, sendmail, a local user through the queue service) is; mail
-relayed in from the network, bounces and QMQP/QMTP are not.
+injection (qmail-inject, sendmail, a local user through the queue service) is, and so is
+mail from an authenticated SMTP session (smtp/protocol.py's AUTH; the listener's committer
+process, queue/committer.py, or qmail-smtpd's own writer signs it); mail relayed in from
+the network unauthenticated, bounces and QMQP/QMTP are not.
 
 Speed: dkimpy computes the RSA signature itself, with Python integers (``pow`` on the
 key's primes: about 10 ms per message for a 2048-bit key). It does everything else (the
@@ -298,7 +300,13 @@ class SigningPending:
             self.inner.write(bytes(self._buf))
             self._buf = None
 
-    def commit(self, sender: bytes, recipients: Iterable[bytes]) -> int:
+    def finish(self) -> QueuePending:
+        """Write the signature and the held message into the inner Pending and return it,
+        for a caller that commits the inner one itself (queue/committer.py's batches)."""
+        self._sign()
+        return self.inner
+
+    def _sign(self) -> None:
         if self._buf is not None:
             message = bytes(self._buf)
             self._buf = None
@@ -310,6 +318,9 @@ class SigningPending:
             if sig:
                 self.inner.write(sig)
             self.inner.write(message)
+
+    def commit(self, sender: bytes, recipients: Iterable[bytes]) -> int:
+        self._sign()
         try:
             return self.inner.commit(sender, recipients)
         finally:

@@ -254,3 +254,34 @@ def test_child_ignores_signals_meant_for_the_listener(home: Home) -> None:
 
     pid, first, second = run(go)
     assert first.code == 0 and second.code == 0 and second.qp == first.qp == pid
+
+
+def test_a_signed_begin_is_dkim_signed_by_the_child(home: Home) -> None:
+    """An authenticated SMTP session's message (begin(sign=True), the S frame): the child
+    signs it before its commit, in the same batch as an unsigned one."""
+    from pyqmail import dkim
+    from tests.unit.test_dkim import records, verify
+
+    dkim.keygen(home, "example.test", "s1")
+    msg = b"From: a@example.test\nSubject: signed\n\nbody\n"
+
+    async def go() -> tuple[Reply, Reply]:
+        proc = CommitProcess(home)
+        signed = proc.begin(received=b"Received: from test\n", sign=True)
+        plain = proc.begin(received=b"Received: from test\n")
+        signed.write(msg)
+        plain.write(msg)
+        got = await asyncio.gather(
+            signed.commit(b"a@example.test", [b"r@x.org"]), plain.commit(b"", [b"r@x.org"])
+        )
+        await proc.close()
+        return got[0], got[1]
+
+    a, b = run(go)
+    assert a.code == codes.OK and b.code == codes.OK
+    paths = QueuePaths(home.queue)
+    signed_mess = paths.mess(a.msgnum).read_bytes()
+    assert b"\nDKIM-Signature: " in signed_mess and signed_mess.endswith(msg)
+    assert b"DKIM-Signature" not in paths.mess(b.msgnum).read_bytes()
+    ours = signed_mess[signed_mess.index(b"DKIM-Signature: ") :]
+    assert verify(ours, records(home)) == [True]

@@ -122,9 +122,12 @@ def test_parts_run_as_qmail_users_and_mail_flows(root_home: tuple[Home, Path]) -
         ]
         grandkids = Path(f"/proc/{smtpd}/task/{smtpd}/children").read_text().split()
         # ... beside the recipient lookup process (daemon/rcptlookup.py), which stays root
-        # to become each user per lookup, as qmail-lspawn does
+        # to become each user per lookup, as qmail-lspawn does, and the password process
+        # of SMTP AUTH (daemon/authproc.py), as qmailp
         by_ids = {ids_of(int(k)): k for k in grandkids}
-        assert sorted(by_ids) == sorted([(ids.uid("queue"), ids.gid("qmail")), (0, 0)])
+        assert sorted(by_ids) == sorted(
+            [(ids.uid("queue"), ids.gid("qmail")), (0, 0), (ids.uid("passwd"), ids.gid("nofiles"))]
+        )
         committer = by_ids[(ids.uid("queue"), ids.gid("qmail"))]
         assert b"Received: (qmail %s invoked from network)" % committer.encode() in first
     finally:

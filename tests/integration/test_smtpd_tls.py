@@ -283,15 +283,37 @@ def test_a_replaced_certificate_reaches_new_connections_without_a_restart(
     assert mta.proc is not None and mta.proc.pid == pid and mta.proc.poll() is None
 
 
+def _password(mta: TlsMta) -> None:
+    """The submission doors take mail only after AUTH (smtp/protocol.py; tests of AUTH
+    itself: test_smtpd_auth.py)."""
+    from pyqmail.smtp.passwords import set_password
+
+    set_password(mta.home, b"sub", b"sub pw")
+
+    def offered() -> bool:  # the listener looks at the password files at most once a second
+        c = Raw(mta.smtps, mta.client_ctx())
+        c.reply()
+        got = c.cmd(b"EHLO client.example")
+        c.close()
+        return b"AUTH PLAIN LOGIN" in got
+
+    wait_for(offered, what="AUTH offered")
+
+
 def test_implicit_tls_on_the_smtps_port(mta: TlsMta) -> None:
+    _password(mta)
     with smtplib.SMTP_SSL(
         "127.0.0.1", mta.smtps, timeout=30, context=mta.client_ctx(), local_hostname="c.example"
     ) as s:
         s.ehlo()
         assert not s.has_extn("starttls")
         assert s.docmd("STARTTLS")[0] == 503
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            s.sendmail("a@example.org", ["alice@test.example"], "Subject: no\r\n\r\nhi\r\n")
+        s.rset()
+        s.login("sub", "sub pw")
         s.sendmail("a@example.org", ["alice@test.example"], "Subject: smtps\r\n\r\nhi\r\n")
-    assert b" with ESMTPS (TLSv1.3 " in received_line(mta.delivered("smtps"))
+    assert b" with ESMTPSA (TLSv1.3 " in received_line(mta.delivered("smtps"))
 
 
 def test_plain_text_on_the_smtps_port_is_not_smtp(mta: TlsMta) -> None:
@@ -303,12 +325,15 @@ def test_plain_text_on_the_smtps_port_is_not_smtp(mta: TlsMta) -> None:
 
 
 def test_the_submission_port_offers_starttls(mta: TlsMta) -> None:
+    _password(mta)
     with smtplib.SMTP("127.0.0.1", mta.submission, timeout=30) as s:
         s.ehlo("client.example")
         assert s.has_extn("starttls")
         s.starttls(context=mta.client_ctx())
+        s.ehlo("client.example")
+        s.login("sub", "sub pw")
         s.sendmail("a@example.org", ["alice@test.example"], "Subject: submission\r\n\r\nhi\r\n")
-    assert b" with ESMTPS " in received_line(mta.delivered("submission"))
+    assert b" with ESMTPSA " in received_line(mta.delivered("submission"))
 
 
 def test_a_bad_certificate_is_a_warning_and_mail_still_flows(

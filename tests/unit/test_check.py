@@ -329,3 +329,26 @@ def test_srs_world_readable_in_a_multi_user_home_warns(home: Home) -> None:
 def test_srs_is_a_known_file(home: Home) -> None:
     write_control(home, "srs", "0123456789abcdefghij\nmx.test.example\n")
     assert not [p for p in check(home) if "no part of qmail" in p.message]
+
+
+def test_smtp_auth_files_are_known_and_checked(home: Home) -> None:
+    from pyqmail.smtp.passwords import set_password
+
+    set_password(home, b"alice", b"pw")
+    write_control(home, "authsenders", "alice: *\n")
+    assert not [p for p in check(home) if p.file.startswith("control/auth")]
+    path = home.control / "authusers"
+    path.chmod(0o644)
+    with path.open("ab") as f:
+        f.write(b"bob:plaintext\n")
+    found = [p for p in check(home) if p.file == "control/authusers"]
+    assert [(p.severity, p.line) for p in found] == [
+        (Severity.WARNING, 0),
+        (Severity.WARNING, 2),
+    ]
+    write_control(home, "checkpassword", "/nonexistent/checkpassword /bin/true\n")
+    assert one_error(home, "control/checkpassword").line == 1
+    write_control(home, "checkpassword", "/bin/true\n")
+    assert not [
+        p for p in check(home) if p.file in ("control/checkpassword", "control/authsenders")
+    ]

@@ -118,3 +118,26 @@ def test_refused_lines_are_rate_limited_per_session() -> None:
     assert [o["suppressed"] for o in sup] == [5]
     assert events.index("suppressed") < [o.get("rcpt") for o in objs].index("late@x")
     assert sl.stats.rcpts["rcpthosts"] == RCPT_LINES + 6  # every refusal is still counted
+
+
+def test_auth_attempts_are_logged_with_user_and_address_and_counted() -> None:
+    log, buf = _log()
+    log.auth_attempt("PLAIN", b"mallory", "failed")
+    log.auth_attempt("LOGIN", b"bad\nuser two", "failed")
+    log.auth_attempt("PLAIN", b"", "blocked")
+    log.auth_attempt("PLAIN", b"alice", "ok")
+    log.disconnect()
+    lines = buf.getvalue().decode().splitlines()
+    assert lines[0].endswith(": auth PLAIN mallory from 127.0.0.2 failed")
+    assert "\n" not in lines[1] and lines[1].endswith(" from 127.0.0.2 failed")
+    assert lines[2].endswith(": auth PLAIN - from 127.0.0.2 blocked")
+    assert lines[4].endswith(" auth alice")
+    assert log.stats.snapshot()["auth"] == {"failure": 2, "blocked": 1, "success": 1}
+
+
+def test_auth_attempts_in_json() -> None:
+    log, buf = _log(fmt="json")
+    log.auth_attempt("LOGIN", b"alice", "temp")
+    (obj,) = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert (obj["event"], obj["user"], obj["result"], obj["ip"]) == ("auth", "alice", "temp",
+                                                                     "127.0.0.2")  # fmt: skip

@@ -55,9 +55,11 @@ def _rcpthosts(home: Home) -> None:
     write_control(home, "rcpthosts", "test.example\n")
 
 
-def make(home: Home, offer: TlsOffer = TlsOffer.ON, door: Door = Door.SMTP) -> TlsDriver:
+def make(
+    home: Home, offer: TlsOffer = TlsOffer.ON, door: Door = Door.SMTP, auth: bool = False
+) -> TlsDriver:
     session = Session(load(home), {"TCPREMOTEIP": "192.0.2.7"}, clock=lambda: 811486014.0)
-    return TlsDriver(SmtpServerConnection(session, tls=offer, door=door))
+    return TlsDriver(SmtpServerConnection(session, tls=offer, door=door, auth=auth))
 
 
 def started(home: Home, piece: int = 0) -> TlsDriver:
@@ -223,14 +225,19 @@ def test_tls_started_out_of_turn_does_nothing(home: Home) -> None:
 
 
 def test_implicit_tls_records_the_handshake_before_the_greeting(home: Home) -> None:
-    d = make(home, TlsOffer.OFF, Door.SMTPS)
+    d = make(home, TlsOffer.OFF, Door.SMTPS, auth=True)
+    d.passwords = {b"u": b"p"}
     assert d.conn.tls_started(INFO) == []
     d.greet()
     assert d.out == b"220 mx.test.example ESMTP\r\n"
-    assert d.feed(b"EHLO c.example\r\n") == EHLO_PLAIN
+    assert d.feed(b"EHLO c.example\r\n") == EHLO_PLAIN.replace(
+        b"250 SIZE", b"250-AUTH PLAIN LOGIN\r\n250 SIZE"
+    )
     assert d.feed(b"STARTTLS\r\n") == replies.TLS_ACTIVE
+    assert d.feed(b"MAIL FROM:<a@b.example>\r\n") == replies.AUTH_REQUIRED  # submission
+    assert d.feed(b"AUTH PLAIN AHUAcA==\r\n") == replies.AUTH_OK
     d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\nhi\r\n.\r\n")
-    assert b" with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384); " in d.messages[0].received
+    assert b" with ESMTPSA (TLSv1.3 TLS_AES_256_GCM_SHA384); " in d.messages[0].received
     assert d.conn.door is Door.SMTPS
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pyqmail.control import load
 from pyqmail.home import Home
 from pyqmail.smtp.protocol import (
+    AuthNote,
+    CheckPassword,
     Close,
     DataChunk,
     Event,
@@ -15,6 +17,7 @@ from pyqmail.smtp.protocol import (
     MessageAbort,
     MessageEnd,
     MessageStart,
+    Pause,
     Send,
     SmtpServerConnection,
 )
@@ -29,6 +32,7 @@ class Message:
     recipients: tuple[bytes, ...]
     received: bytes
     body: bytes = b""
+    auth: bytes | None = None
 
 
 @dataclass
@@ -41,6 +45,12 @@ class Driver:
     aborted: list[str] = field(default_factory=list)
     closed: bool = False
     current: Message | None = None
+    # AUTH: the right passwords (None: every check is a temporary failure), and what
+    # the core asked and noted
+    passwords: dict[bytes, bytes] | None = field(default_factory=dict)
+    checked: list[CheckPassword] = field(default_factory=list)
+    pauses: list[float] = field(default_factory=list)
+    notes: list[AuthNote] = field(default_factory=list)
 
     def handle(self, events: list[Event]) -> None:
         while events:
@@ -54,7 +64,7 @@ class Driver:
                     self.current.body += ev.data
                 elif isinstance(ev, MessageStart):
                     assert i == len(events) - 1, "MessageStart must end its event list"
-                    self.current = Message(ev.sender, ev.recipients, ev.received)
+                    self.current = Message(ev.sender, ev.recipients, ev.received, auth=ev.auth)
                     nxt = self.conn.start_result(self.start_ok)
                     if not self.start_ok:
                         self.current = None
@@ -67,6 +77,19 @@ class Driver:
                 elif isinstance(ev, MessageAbort):
                     self.aborted.append(ev.reason)
                     self.current = None
+                elif isinstance(ev, CheckPassword):
+                    assert i == len(events) - 1, "CheckPassword must end its event list"
+                    self.checked.append(ev)
+                    pw = self.passwords
+                    nxt = self.conn.auth_result(
+                        None if pw is None else pw.get(ev.user) == ev.password
+                    )
+                elif isinstance(ev, Pause):
+                    assert i == len(events) - 1, "Pause must end its event list"
+                    self.pauses.append(ev.seconds)
+                    nxt = self.conn.pause_over()
+                elif isinstance(ev, AuthNote):
+                    self.notes.append(ev)
                 elif isinstance(ev, Close):
                     self.closed = True
             events = nxt

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qmqpd": ("qmqpd", "the QMQP server: on stdin/stdout, or --listen ADDR:PORT"),
     "qmtpd": ("qmtpd", "the QMTP server: on stdin/stdout, or --listen ADDR:PORT"),
     "dkim": ("dkim", "dkim keygen DOMAIN: make a DKIM signing key, print its DNS record"),
+    "passwd": ("passwd", "passwd USER: set an SMTP AUTH password in control/authusers"),
     "showctl": ("showctl", "print every control file's effective value"),
     "queue": ("queuectl", "the queue manager: list, show, hold, release, delete, retry"),
     "explain": ("explain", "what would happen to mail for an address, or from a client"),

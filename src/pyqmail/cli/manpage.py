@@ -26,6 +26,7 @@ ARGPARSE_ARGV: dict[str, list[str]] = {
     "adopt": ["HOME"],
     "check": [],
     "init": [],
+    "passwd": ["USER"],
     "run": [],
     "smtpd": ["--listen", "127.0.0.1:0"],
     "qmqpd": ["--listen", "127.0.0.1:0"],

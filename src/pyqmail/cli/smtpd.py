@@ -3,8 +3,10 @@
 Without ``--listen`` this is qmail-smtpd: the socket is fd 0/1 and the environment is
 what tcpserver set (TCPREMOTEIP, TCPREMOTEHOST, TCPREMOTEINFO, TCPLOCALIP, TCPLOCALHOST,
 RELAYCLIENT, DATABYTES, QMAILQUEUE). The checks of incoming mail (control/authchecks) apply
-as in the listener. Extra arguments (a checkpassword program, as AUTH
-patches take) are ignored, as qmail-smtpd ignores them.
+as in the listener. Arguments as qmail's AUTH patches take them,
+``qmail-smtpd HOSTNAME CHECKPROG SUBPROG...``, name the checkpassword program for AUTH
+(smtp/passwords.py; HOSTNAME is not used: PLAIN and LOGIN have no challenge); a lone
+HOSTNAME is ignored.
 
 With ``--listen`` it is the asyncio listener alone (smtp/listen.py), with
 ``--rules CDB`` (default HOME/control/tcp.smtp.cdb), ``--max-conns``, ``--max-per-ip``
@@ -32,11 +34,13 @@ PROG = "pyqmail smtpd"
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--listen" or a.startswith("--listen=") for a in args):
-        home, _rest = split_home_args(args)
+        home, rest = split_home_args(args)
         from pyqmail.send.rcptverdict import rcpt_checks
+        from pyqmail.smtp.passwords import PasswordCheck
         from pyqmail.smtp.stdio import run_stdio
 
-        return run_stdio(home, rcpt_checks=rcpt_checks(home), auth_checks=True)
+        passwords = PasswordCheck(home, program=rest[1:] if len(rest) >= 2 else None)
+        return run_stdio(home, rcpt_checks=rcpt_checks(home), auth_checks=True, passwords=passwords)
     p = argparse.ArgumentParser(prog=PROG, description="the SMTP listener")
     p.add_argument("--listen", action="append", required=True, metavar="ADDR:PORT")
     p.add_argument("--rules", type=Path, default=None, metavar="CDB")

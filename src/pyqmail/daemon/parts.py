@@ -51,9 +51,10 @@ from pyqmail.send.manager import Scheduler, StartError
 from pyqmail.send.rcptverdict import rcpt_checks as make_rcpt_checks
 from pyqmail.send.stats import SendStats
 from pyqmail.smtp.authcheck import AuthChecker
+from pyqmail.smtp.passwords import PasswordCheck
 from pyqmail.smtp.protocol import Door
 from pyqmail.smtp.rcptcheck import RcptChecks
-from pyqmail.smtp.server import SmtpServer
+from pyqmail.smtp.server import PasswordChecker, SmtpServer
 from pyqmail.tcprules import Decision
 
 PROG = "pyqmail run"
@@ -184,6 +185,7 @@ async def start_listeners(
     serving: bool = True,
     sink: LogSink | None = None,
     rcpt_checks: RcptChecks | None = None,
+    passwords: PasswordChecker | None = None,
 ) -> Listeners:
     """Bind the SMTP, QMQP and QMTP listeners ``cfg`` names (OSError if one cannot bind).
 
@@ -195,6 +197,10 @@ async def start_listeners(
     SMTP checks recipients at RCPT (smtp/rcptcheck.py) with ``rcpt_checks``; the default
     looks local addresses up in this process (single-user mode; root mode passes the
     client of its lookup process, daemon/rcptlookup.py).
+
+    AUTH checks passwords with ``passwords``; the default reads the home's control files
+    in this process (smtp/passwords.py; root mode passes the client of its password
+    process, daemon/authproc.py).
     """
     home = cfg.home
     smtp = DaemonSmtpServer(
@@ -206,6 +212,7 @@ async def start_listeners(
         limits_from_control=True,  # control/concurrencyincoming, concurrencyperip
         rcpt_checks=rcpt_checks if rcpt_checks is not None else make_rcpt_checks(home),
         auth=AuthChecker(home.control),  # SPF, DKIM, DMARC of mail from the network
+        passwords=passwords if passwords is not None else PasswordCheck(home),
     )
     out = Listeners(smtp)
     for host, port in cfg.smtp:

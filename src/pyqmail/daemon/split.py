@@ -14,6 +14,8 @@ runs in, as which user, and when each drops. qmail-start's separation (layout.md
   listening (start_serving=False) until the process has dropped, so no client is ever
   accepted, nor a byte of it read, as root.
   control/servercert.pem is loaded before the drop and reloaded as qmaild (smtp/tls.py).
+  SMTP AUTH's passwords are checked by a child that drops to qmailp (daemon/authproc.py):
+  qmaild never reads control/authusers.
   SMTP's messages go to a committer process (queue/committer.py) started before the drop
   to run as qmailq:qmail, as qmail-queue runs setuid qmailq; QMQP and QMTP, and SMTP if
   that child dies, queue through the service. Either way the Received line says "invoked
@@ -46,6 +48,7 @@ from types import FrameType
 from typing import BinaryIO, cast
 
 from pyqmail.daemon import http
+from pyqmail.daemon.authproc import AuthProcess
 from pyqmail.daemon.http import HttpAuth
 from pyqmail.daemon.parts import (
     CleanSweep,
@@ -359,6 +362,9 @@ def _smtpd_main(
     # The RCPT check's lookups in users' homes: a child that stays root to become each
     # user per lookup (daemon/rcptlookup.py), forked now, before the loop and the drop.
     lookup = LookupProcess(home).start()
+    # SMTP AUTH's password checks: a child that drops to qmailp, the one account (besides
+    # root) that may read control/authusers (daemon/authproc.py), forked now as well.
+    passwords = AuthProcess(home, ids).start()
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -366,7 +372,7 @@ def _smtpd_main(
         # read, before every listener's process has dropped to qmaild.
         listeners = await start_listeners(
             cfg, ctl, submitter, smtp_submitter=committer, warn=_warn, serving=False,
-            sink=_sink(cfg), rcpt_checks=rcpt_checks(home, local=lookup),
+            sink=_sink(cfg), rcpt_checks=rcpt_checks(home, local=lookup), passwords=passwords,
         )  # fmt: skip
         _prepare_greylist(home, ids)
         _drop(ids.uid("daemon"), ids.gid("nofiles"))

@@ -22,7 +22,8 @@ its commit returned. The qp in the Received line and in ``250 ok ... qp N`` is t
 child's pid, as qmail's is qmail-queue's.
 
 Frames (both ways): a header ``!cII`` (kind, message id, payload length), then the
-payload. Listener to child: ``B`` begin (payload: the listener's Received line), ``D``
+payload. Listener to child: ``B`` begin (payload: the listener's Received line), ``S`` the
+same for a message to be DKIM-signed (an authenticated session's: pyqmail.dkim), ``D``
 message bytes, ``C`` commit (payload: the envelope as qmail-queue reads it on fd 1),
 ``A`` abort. Child to listener: ``R`` result, ``CODE QP MSGNUM[ TEXT]`` as the queue
 service sends it (CODE 0: queued). A child that dies fails every message in flight with
@@ -49,6 +50,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from pyqmail.dkim import QueuePending, SigningPending, preload, signing
 from pyqmail.home import Home, HomeError, resolve_home
 from pyqmail.queue import codes
 from pyqmail.queue.contract import Reply, Submission, Submitter
@@ -65,6 +67,7 @@ LOW_WATER = 4 << 20
 DRAIN_LIMIT = 8 << 20  # input the child reads before committing what is complete
 
 BEGIN, DATA, COMMIT, ABORT, RESULT = b"B", b"D", b"C", b"A", b"R"
+SIGNED = b"S"  # BEGIN of a message to be DKIM-signed
 
 
 def frame(kind: bytes, ident: int, payload: bytes = b"") -> bytes:
@@ -97,7 +100,7 @@ def serve(
 
     ``uid``: the listener's uid, for the envelope and the Received line (the child may
     run as the queue's owner while the listener runs as qmaild)."""
-    open_: dict[int, Pending | QueueError] = {}
+    open_: dict[int, QueuePending | QueueError] = {}
     buf = bytearray()
     done: list[int] = []
     writer.notify = done.append
@@ -129,13 +132,13 @@ def serve(
                 sock.sendall(b"".join(out))
     finally:
         for p in open_.values():
-            if isinstance(p, Pending):
+            if not isinstance(p, QueueError):
                 p.abort()
 
 
 def _take_frames(
     frames: list[tuple[bytes, int, bytes]],
-    open_: dict[int, Pending | QueueError],
+    open_: dict[int, QueuePending | QueueError],
     writer: QueueWriter,
     done: list[int],
     uid: int | None = None,
@@ -147,11 +150,12 @@ def _take_frames(
     for kind, ident, payload in frames:
         if kind == DATA:
             p = open_.get(ident)
-            if isinstance(p, Pending):
+            if p is not None and not isinstance(p, QueueError):
                 p.write(payload)  # a write error surfaces at commit
-        elif kind == BEGIN:
+        elif kind in (BEGIN, SIGNED):
             try:
-                open_[ident] = writer.begin(origin="network", received=payload, uid=uid)
+                w = writer.begin(origin="network", received=payload, uid=uid)
+                open_[ident] = signing(writer.home, w) if kind == SIGNED else w
             except QueueError as e:
                 open_[ident] = e
         elif kind == COMMIT:
@@ -165,14 +169,21 @@ def _take_frames(
                 try:
                     parser.feed(payload)
                     parser.finish()
+                    if isinstance(p, SigningPending):
+                        p = p.finish()  # the signature and the held message written
                 except EnvelopeError as e:
                     p.abort()
                     out.append(_result(ident, Reply(e.code, qp, 0, str(e))))
                     continue
+                except QueueError as e:
+                    p.abort()
+                    out.append(_result(ident, Reply(e.code, qp, 0, str(e))))
+                    continue
+                assert isinstance(p, Pending)
                 batch.append((ident, p, parser.sender or b"", parser.recipients))
         elif kind == ABORT:
             p = open_.pop(ident, None)
-            if isinstance(p, Pending):
+            if p is not None and not isinstance(p, QueueError):
                 p.abort()
         else:
             log.warning("unknown frame %r from the listener", kind)
@@ -266,15 +277,18 @@ class CommitProcess:
 
     # -- Submitter
 
-    def begin(self, *, origin: str = "network", received: bytes = b"") -> Submission:
+    def begin(
+        self, *, origin: str = "network", received: bytes = b"", sign: bool = False
+    ) -> Submission:
+        """``sign``: the child DKIM-signs the message (pyqmail.dkim) before its commit."""
         if self._sock is None:
             if self.user is not None and self.fallback is not None:
                 # root mode: only the listener's start, as root, can make the child
-                return self.fallback.begin(origin=origin, received=received)
+                return self.fallback.begin(origin=origin, received=received, sign=sign)
             self._spawn()
         self._next = (self._next + 1) & 0xFFFFFFFF
         ident = self._next
-        self._send(frame(BEGIN, ident, received))
+        self._send(frame(SIGNED if sign else BEGIN, ident, received))
         return ProcPending(self, ident, self.pid, self.generation)
 
     def start(self) -> None:
@@ -481,6 +495,7 @@ def _fork_as(
             signal.signal(sig, signal.SIG_IGN)
         os.closerange(3, keep)
         os.closerange(keep + 1, 1 << 16)
+        preload(home)  # dkimpy, before the drop: qmailq may not read the interpreter's files
         os.setgroups([])
         os.setgid(user[1])
         os.setuid(user[0])

@@ -112,7 +112,13 @@ class Submission(Protocol):
 
 
 class Submitter(Protocol):
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> Submission: ...
+    """``begin(sign=True)``: DKIM-sign the message (pyqmail.dkim) where the queue is
+    written; a submitter that hands the message to another writer (a QMAILQUEUE program,
+    QMQP, the queue service for a caller it does not sign for) ignores it."""
+
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> Submission: ...
 
 
 class BlockingSubmission(ABC):
@@ -171,4 +177,6 @@ def _pool() -> ThreadPoolExecutor:
 class BlockingSubmitter(Protocol):
     """A Submitter whose submissions also commit without an event loop."""
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission: ...
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission: ...

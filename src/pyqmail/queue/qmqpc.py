@@ -193,5 +193,7 @@ class QmqpSubmitter:
         self.servers = server_list(servers, port)
         self.connect_timeout = connect_timeout
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
         return _QmqpPending(self.servers, self.connect_timeout, received)

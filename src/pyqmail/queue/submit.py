@@ -241,7 +241,9 @@ class ProgramSubmitter:
         self.home = home
         self.program = program
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
         return _ProgramPending(program_path(self.home, self.program), self.home.root, received)
 
 
@@ -270,9 +272,12 @@ class ServiceSubmitter:
     def __init__(self, home: Home, path: Path | None = None) -> None:
         self.client = ServiceClient(path or socket_path(home))
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
-        # origin is decided by the service from our uid (SO_PEERCRED), as qmail-queue
-        # decides it from the real uid: a caller cannot claim to be the network.
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
+        # origin (and signing: local users' mail) is decided by the service from our uid
+        # (SO_PEERCRED), as qmail-queue decides it from the real uid: a caller cannot
+        # claim to be the network.
         return _ServicePending(self.client, received)
 
 
@@ -399,7 +404,9 @@ class _Unconfigured:
     def __init__(self, error: ControlError) -> None:
         self.error = error
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
         raise QueueError(codes.CONFIG_ERROR, str(self.error))
 
 

@@ -52,7 +52,9 @@ class RelaySubmitter:
         self._in.close()
         self.sock.close()
 
-    def begin(self, *, origin: str = "uid", received: bytes = b"") -> BlockingSubmission:
+    def begin(
+        self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
+    ) -> BlockingSubmission:
         if origin != "bounce":
             raise QueueError(codes.INTERNAL_BUG, "only bounces are relayed")
         self.sock.sendall(b"B")

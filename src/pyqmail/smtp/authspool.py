@@ -175,7 +175,7 @@ class CheckingSubmitter:
         self.checks = checks
 
     def begin(
-        self, *, origin: str = "network", received: bytes = b""
+        self, *, origin: str = "network", received: bytes = b"", sign: bool = False
     ) -> CheckedSubmission | FilteredSubmission:
         checks = self.checks
         if checks.policy.dkim is Mode.OFF and checks.policy.dmarc is Mode.OFF:

@@ -26,6 +26,7 @@ from pyqmail.control import ControlCache
 from pyqmail.home import Home
 from pyqmail.queue.submit import submitter
 from pyqmail.smtp.authcheck import AuthChecker
+from pyqmail.smtp.passwords import PasswordCheck
 from pyqmail.smtp.rcptcheck import RcptChecks
 from pyqmail.smtp.server import SmtpServer, install_uvloop
 
@@ -107,6 +108,7 @@ def _serve(
         limit_loopback=opts.limit_loopback,
         rcpt_checks=opts.rcpt_checks,
         auth=AuthChecker(home.control),  # SPF, DKIM, DMARC of mail from the network
+        passwords=PasswordCheck(home),  # SMTP AUTH (each worker counts failures alone)
     )
 
     async def run() -> int:

@@ -13,12 +13,15 @@ the queue; this module owns everything said on the wire. The adapter calls:
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
 * :meth:`timeout` when a read timed out,
 * :meth:`tls_started` once a TLS handshake is done: after a :class:`StartTls` event
-  (STARTTLS), or before :meth:`greet` on an implicit-TLS port (465, RFC 8314).
+  (STARTTLS), or before :meth:`greet` on an implicit-TLS port (465, RFC 8314),
+* :meth:`auth_result` after a :class:`CheckPassword` (smtp/passwords.py's verdict), and
+  :meth:`pause_over` once the seconds of a :class:`Pause` have passed.
 
 Each returns a list of events: :class:`Send` (bytes for the client, in order),
 :class:`MailCheck`, :class:`CheckRcpt`, :class:`MessageStart`, :class:`DataChunk`,
-:class:`MessageEnd`, :class:`MessageAbort`, :class:`StartTls`, :class:`Close`. After a
-MailCheck, CheckRcpt, MessageStart or MessageEnd the connection waits (no further events in
+:class:`MessageEnd`, :class:`MessageAbort`, :class:`StartTls`, :class:`CheckPassword`,
+:class:`Pause`, :class:`AuthNote`, :class:`Close`. After a MailCheck, CheckRcpt,
+CheckPassword, Pause, MessageStart or MessageEnd the connection waits (no further events in
 that list) until the adapter reports the result (``mail_result``, ``rcpt_result``...); input
 that arrives meanwhile is held, so pipelined commands are answered in order with none lost.
 
@@ -39,13 +42,33 @@ over: no HELO name, no envelope, the client must EHLO again, and EHLO no longer
 offers STARTTLS. Refusals (``replies.TLS_*``): 502 with no certificate configured (qmail),
 503 inside TLS or inside a transaction, 501 with an argument, 454 when the configured
 certificate cannot be used; each drops what was pipelined behind it.
+
+AUTH (RFC 4954; PLAIN, RFC 4616, and LOGIN) is offered only inside TLS, to every client,
+and only when the connection was made with ``auth=True`` (a password source exists).
+Outside TLS it gets 538 5.7.11, without a source 503. It needs EHLO/HELO first, none
+inside a transaction, and one success per session. The response (on the AUTH line or
+after a ``334``) may be 12288 octets long (RFC 4954 section 4); longer is 500. ``*``
+cancels (501 5.0.0), bad base64 or a malformed PLAIN response is 501 5.5.2, an unknown
+mechanism 504 5.5.4. The credentials go out in a :class:`CheckPassword`; success is
+235 2.7.0 and makes the session a relay client (RELAYCLIENT="" unless it is set already),
+exempt from greylisting and the checks of incoming mail, its Received line ``with
+ESMTPSA`` and its messages marked ``auth`` for DKIM signing; failure (or a user name or
+password that cannot be valid) is 535 5.7.8, after the delay the failures record gives
+(:class:`Pause`, smtp/authlimit.py), and once it has too many failures for the client's
+network, AUTH gets 421 and the connection closes. A check that could not be made is
+454 4.7.0. On the submission doors (587, 465) MAIL needs AUTH first (530 5.7.0, RFC
+6409). control/authsenders (smtp/authsenders.py) limits an authenticated user's MAIL FROM
+(553 5.7.1). :class:`AuthNote` tells the adapter's log the mechanism, user and result; the
+password is in no event but CheckPassword (and not in its repr).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pyqmail import mailbox
@@ -62,6 +85,8 @@ from pyqmail.smtp.data import DataDecoder, DataError
 from pyqmail.smtp.session import Session, TlsInfo
 
 if TYPE_CHECKING:
+    from pyqmail.smtp.authlimit import AuthFailures
+    from pyqmail.smtp.authsenders import AuthSenders
     from pyqmail.smtp.greylist import Greylist
 
 
@@ -75,6 +100,7 @@ class Limits:
     max_errors: int = 20  # the 20th error reply is followed by 421 and close
     max_discard: int = 65536  # an over-long line still without LF after this: 421, close
     max_held: int = 1 << 20  # input held while waiting for the queue before we stop reading
+    max_auth_line: int = 12288  # an AUTH line or SASL response (RFC 4954 section 4)
 
 
 class TlsOffer(enum.Enum):
@@ -104,6 +130,9 @@ class State(enum.Enum):
     WAIT_START = "wait-start"  # MessageStart sent; waiting for start_result()
     WAIT_END = "wait-end"  # MessageEnd sent; waiting for message_result()
     WAIT_TLS = "wait-tls"  # StartTls sent; waiting for tls_started()
+    AUTH = "auth"  # a 334 sent: the next line is a SASL response
+    WAIT_AUTH = "wait-auth"  # CheckPassword sent; waiting for auth_result()
+    WAIT_PAUSE = "wait-pause"  # Pause sent; waiting for pause_over()
     CLOSED = "closed"
 
 
@@ -137,6 +166,7 @@ class MessageStart:
     sender: bytes
     recipients: tuple[bytes, ...]
     received: bytes
+    auth: bytes | None = None  # the authenticated user: DKIM-sign, no checks of incoming mail
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +193,32 @@ class StartTls:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckPassword:
+    """Check this user's password (smtp/passwords.py), then call ``auth_result``."""
+
+    mechanism: str  # "PLAIN" or "LOGIN"
+    user: bytes
+    password: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Write what was sent, wait ``seconds`` (reading nothing), then call ``pause_over``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthNote:
+    """For the log: an AUTH attempt's mechanism, user (as the client sent it) and result:
+    ``ok``, ``failed``, ``temp`` (the check could not be made) or ``blocked`` (421)."""
+
+    mechanism: str
+    user: bytes
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection after writing what was sent."""
 
@@ -186,6 +242,9 @@ Event = (
     | MessageEnd
     | MessageAbort
     | StartTls
+    | CheckPassword
+    | Pause
+    | AuthNote
     | Close
     | Note
 )
@@ -209,8 +268,18 @@ class SmtpServerConnection:
         door: Door = Door.SMTP,
         greylist: Greylist | None = None,
         mail_hook: bool = False,
+        auth: bool = False,
+        auth_failures: AuthFailures | None = None,
+        authsenders: AuthSenders | None = None,
     ) -> None:
         self.session = session
+        self.authsenders = authsenders  # control/authsenders (smtp/authsenders.py)
+        self.auth = auth  # a password source exists: AUTH is offered inside TLS
+        self.auth_failures = auth_failures  # failures per network (smtp/authlimit.py)
+        self.user: bytes | None = None  # the authenticated user
+        self._sasl_mech = ""  # the mechanism of the AUTH in progress
+        self._sasl_user: bytes | None = None  # LOGIN: the user name, before the password
+        self._sasl_reply = b""  # the reply a Pause holds back
         self.mail_hook = mail_hook  # MAIL waits for mail_result (checks of incoming mail)
         self._mail_checking: bytes | None = None  # the sender waiting for mail_result
         self._mail_utf8 = False  # and whether its MAIL gave SMTPUTF8
@@ -319,14 +388,14 @@ class SmtpServerConnection:
             self.state = State.CLOSED
             return [Send(replies.TLS_HELLO), _CLOSE]
         self._buf = self._buf + data if self._buf else data
-        if state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT, State.WAIT_MAIL):
+        if state in _HOLDING:
             return []
         return self._run()
 
     @property
     def wants_input(self) -> bool:
         """False while waiting for the queue, or once the held input is over the bound."""
-        if self.state in (State.WAIT_START, State.WAIT_END, State.WAIT_RCPT, State.WAIT_MAIL):
+        if self.state in _HOLDING:
             return len(self._buf) < self.limits.max_held
         return self.state is not State.CLOSED and self.state is not State.WAIT_TLS
 
@@ -369,6 +438,41 @@ class SmtpServerConnection:
             events += self._run()
         return events
 
+    def auth_result(self, verdict: bool | None) -> list[Event]:
+        """After CheckPassword: True (the password is right), False (wrong, or no such
+        user), None (the check could not be made: 454)."""
+        if self.state is not State.WAIT_AUTH:
+            return []
+        self.state = State.COMMAND
+        mech, user = self._sasl_mech, self._sasl_user or b""
+        self._sasl_user = None
+        events: list[Event] = []
+        if verdict is True:
+            self.user = user
+            if self.session.relayclient is None:
+                self.session.relayclient = b""  # as RELAYCLIENT does
+            events += [AuthNote(mech, user, "ok"), Send(replies.AUTH_OK)]
+        elif verdict is None:
+            events.append(AuthNote(mech, user, "temp"))
+            self._error(events, replies.AUTH_TEMP)
+        else:
+            self._auth_failed(mech, user, events)
+        if self.state is State.COMMAND:
+            events += self._run()
+        return events
+
+    def pause_over(self) -> list[Event]:
+        """The Pause has passed: the held reply goes out."""
+        if self.state is not State.WAIT_PAUSE:
+            return []
+        self.state = State.COMMAND
+        events: list[Event] = []
+        self._error(events, self._sasl_reply)
+        self._sasl_reply = b""
+        if self.state is State.COMMAND:
+            events += self._run()
+        return events
+
     def start_result(self, ok: bool) -> list[Event]:
         """After MessageStart: did the queue entry open? (qmail: ``451 qqt failure``)."""
         if self.state is not State.WAIT_START:
@@ -407,7 +511,7 @@ class SmtpServerConnection:
         buf = self._buf
         pos = 0
         limits = self.limits
-        while self.state is State.COMMAND or self.state is State.DATA:
+        while self.state in _READING:
             if self.state is State.DATA:
                 buf, pos = self._data(buf[pos:] if pos else buf, events), 0
                 if self.state is State.DATA:  # needs more input
@@ -425,18 +529,25 @@ class SmtpServerConnection:
                 self._discarding = 0
                 pos = nl + 1
                 continue
+            sasl = self.state is State.AUTH
+            limit = limits.max_command
+            if sasl or buf[pos : pos + 5].lower() == b"auth ":
+                limit = max(limit, limits.max_auth_line)
             nl = buf.find(b"\n", pos)
             if nl < 0:
-                if len(buf) - pos > limits.max_command + 1:
+                if len(buf) - pos > limit + 1:
                     self._discarding = len(buf) - pos
                     pos = len(buf)
-                    self._error(events, replies.LINE_TOO_LONG)
+                    self._too_long(events, sasl)
                 break
             end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
             line = buf[pos:end]
             pos = nl + 1
-            if len(line) > limits.max_command:
-                self._error(events, replies.LINE_TOO_LONG)
+            if len(line) > limit:
+                self._too_long(events, sasl)
+                continue
+            if sasl:
+                self._sasl_response(line, events)
                 continue
             n = len(events)
             discard = self._command(line, events)
@@ -451,6 +562,12 @@ class SmtpServerConnection:
         if self.state is State.CLOSED:
             self._buf = b""
         return events
+
+    def _too_long(self, events: list[Event], sasl: bool) -> None:
+        if sasl:
+            self.state = State.COMMAND  # the AUTH exchange ends with the 500
+            self._sasl_user = None
+        self._error(events, replies.LINE_TOO_LONG)
 
     def _error(self, events: list[Event], reply: bytes) -> None:
         events.append(Send(reply))
@@ -534,7 +651,10 @@ class SmtpServerConnection:
                 events.append(Send(replies.helo(self.session.greeting)))
             else:
                 offer = self.tls_offer is TlsOffer.ON and self.tls is None
-                ehlo = replies.ehlo(self.session.greeting, self.session.databytes, starttls=offer)
+                auth = self.auth and self.tls is not None and self.user is None
+                ehlo = replies.ehlo(
+                    self.session.greeting, self.session.databytes, starttls=offer, auth=auth
+                )
                 events.append(Send(ehlo))
         elif verb == b"rset":
             self._reset()
@@ -552,8 +672,7 @@ class SmtpServerConnection:
             events += [Send(replies.NO_CHUNKING), _CLOSE]
             return True
         elif verb == b"auth":
-            self._error(events, replies.NO_AUTH)
-            return True
+            return self._auth(arg, events)
         elif verb == b"starttls":
             # Whatever was sent behind it (a handshake, injected commands) is dropped.
             self._starttls(sp >= 0, events)
@@ -578,6 +697,98 @@ class SmtpServerConnection:
             self.state = State.WAIT_TLS
             events += [Send(replies.TLS_GO), _START_TLS]
 
+    # -- AUTH (RFC 4954; the rules are in the module docstring)
+
+    def _auth(self, arg: bytes, events: list[Event]) -> bool:
+        """The AUTH command; True: discard what was pipelined behind a refused one."""
+        if not self.auth:
+            self._error(events, replies.NO_AUTH)
+            return True
+        if self.tls is None:
+            self._error(events, replies.AUTH_NEEDS_TLS)
+            return True
+        if self.user is not None:
+            self._error(events, replies.AUTH_AGAIN)
+            return True
+        if self._helo is None:
+            self._error(events, replies.AUTH_EHLO_FIRST)
+            return True
+        if self._sender is not None:
+            self._error(events, replies.AUTH_IN_MAIL)
+            return True
+        words = arg.split(b" ")
+        mech = words[0].upper()
+        if len(words) > 2 or not mech:
+            self._error(events, replies.AUTH_SYNTAX)
+            return True
+        if mech not in (b"PLAIN", b"LOGIN"):
+            self._error(events, replies.AUTH_MECHANISM)
+            return True
+        self._sasl_mech = mech.decode()
+        self._sasl_user = None
+        failures = self.auth_failures
+        if failures is not None and failures.blocked(self.session.remote_ip):
+            self.state = State.CLOSED
+            events += [AuthNote(self._sasl_mech, b"", "blocked"), Send(replies.AUTH_BLOCKED)]
+            events.append(_CLOSE)
+            return True
+        if len(words) == 1:
+            self.state = State.AUTH
+            events.append(Send(replies.AUTH_PLAIN_GO if mech == b"PLAIN" else replies.AUTH_USER))
+            return False
+        self._sasl_step(words[1], events)
+        return False
+
+    def _sasl_response(self, line: bytes, events: list[Event]) -> None:
+        """A line after our 334: ``*`` cancels, else a base64 response."""
+        self.state = State.COMMAND
+        if line == b"*":
+            self._sasl_user = None
+            self._error(events, replies.AUTH_CANCELLED)
+            return
+        self._sasl_step(line, events)
+
+    def _sasl_step(self, response: bytes, events: list[Event]) -> None:
+        """One base64 response (``=`` is the empty one, RFC 4954 section 4)."""
+        try:
+            data = b"" if response == b"=" else base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl_user = None
+            self._error(events, replies.AUTH_BASE64)
+            return
+        if self._sasl_mech == "LOGIN" and self._sasl_user is None:
+            self._sasl_user = data
+            self.state = State.AUTH
+            events.append(Send(replies.AUTH_PASSWORD))
+            return
+        if self._sasl_mech == "LOGIN":
+            user, password = self._sasl_user or b"", data
+        else:  # PLAIN: authzid NUL authcid NUL passwd (RFC 4616 section 2)
+            parts = data.split(b"\0")
+            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+                self._error(events, replies.AUTH_BASE64 if len(parts) != 3 else replies.AUTH_AUTHZ)
+                return
+            user, password = parts[1], parts[2]
+        self._sasl_user = user
+        if not _plausible(user, password):
+            self._sasl_user = None
+            self._auth_failed(self._sasl_mech, user, events)
+            return
+        self.state = State.WAIT_AUTH
+        events.append(CheckPassword(self._sasl_mech, user, password))
+
+    def _auth_failed(self, mech: str, user: bytes, events: list[Event]) -> None:
+        """535, after the failures record's delay."""
+        events.append(AuthNote(mech, user, "failed"))
+        failures = self.auth_failures
+        delay = failures.failed(self.session.remote_ip) if failures is not None else 0.0
+        if delay > 0:
+            self.state = State.WAIT_PAUSE
+            self._sasl_reply = replies.AUTH_FAILED
+            events.append(Pause(delay))
+            return
+        self._error(events, replies.AUTH_FAILED)
+
     def _blocked_command(self, verb: bytes, events: list[Event]) -> bool:
         """rblsmtpd's commands(): a listed client's every command (smtp/rbl.py)."""
         if verb == b"quit":
@@ -593,11 +804,13 @@ class SmtpServerConnection:
         return False
 
     def _greylisted(self, address: bytes) -> bool:
-        """RCPT's greylisting question (smtp/greylist.py). Relay clients are exempt; an
-        authenticated session will be too, once AUTH exists (the hook is here)."""
+        """RCPT's greylisting question (smtp/greylist.py). Relay clients and authenticated
+        sessions are exempt."""
         grey = self.greylist
         session = self.session
         if grey is None or session.relayclient is not None or self._sender is None:
+            return False
+        if self.user is not None:
             return False
         return not grey.check(session.remote_ip, self._sender, address)
 
@@ -636,6 +849,9 @@ class SmtpServerConnection:
         return self.session.rewrite_literal(address), params
 
     def _mail(self, arg: bytes, events: list[Event]) -> None:
+        if self.user is None and self.door is not Door.SMTP:
+            self._error(events, replies.AUTH_REQUIRED)  # submission (RFC 6409)
+            return
         split = split_path(arg)
         utf8 = split is not None and asks_utf8(split[1])  # RFC 6531 section 3.4
         parsed = self._path(arg, events, rcpt=False, utf8=utf8)
@@ -646,7 +862,15 @@ class SmtpServerConnection:
         if isinstance(checked, bytes):
             self._error(events, checked)
             return
-        if self.mail_hook:
+        senders = self.authsenders
+        if (
+            self.user is not None
+            and senders is not None
+            and not senders.allowed(self.user, address)
+        ):
+            self._error(events, replies.AUTH_SENDER)
+            return
+        if self.mail_hook and self.user is None:
             self._reset()  # a new MAIL ends the old transaction, accepted or not
             self._mail_checking = address
             self._mail_utf8 = checked.smtputf8
@@ -711,11 +935,34 @@ class SmtpServerConnection:
         sender, rcpts = self._sender, tuple(self._rcpts)
         self._reset()
         self.state = State.WAIT_START
-        events.append(MessageStart(sender, rcpts, self.session.received(self._helo, tls=self.tls)))
+        auth = self.user is not None
+        received = self.session.received(self._helo, tls=self.tls, auth=auth)
+        events.append(MessageStart(sender, rcpts, received, self.user))
         return False
 
 
 _NOTED = frozenset({b"helo", b"ehlo", b"mail", b"rcpt"})
+_HOLDING = frozenset(
+    {
+        State.WAIT_START,
+        State.WAIT_END,
+        State.WAIT_RCPT,
+        State.WAIT_MAIL,
+        State.WAIT_AUTH,
+        State.WAIT_PAUSE,
+    }
+)
+_READING = frozenset({State.COMMAND, State.DATA, State.AUTH})
+_USER_BAD = frozenset(range(33)) | {0x7F}
+
+
+def _plausible(user: bytes, password: bytes) -> bool:
+    """Could these be checked at all? (smtp/passwords.py's valid_user/valid_password)"""
+    if not 0 < len(user) <= 255 or not 0 < len(password) <= 1024 or b"\0" in password:
+        return False
+    return not any(b in _USER_BAD for b in user)
+
+
 _WAITING_FOR_CHECK = frozenset({State.WAIT_RCPT, State.WAIT_MAIL})
 
 

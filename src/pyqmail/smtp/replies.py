@@ -51,6 +51,25 @@ NOT_SMTP = b"554 sorry, this is an SMTP server, not HTTP (#5.5.1)\r\n"
 TLS_HELLO = b"554 sorry, TLS without STARTTLS is not offered here (#5.5.1)\r\n"
 NO_CHUNKING = b"554 sorry, BDAT is not offered here, closing connection (#5.5.1)\r\n"
 NO_AUTH = b"503 sorry, AUTH is not offered here (#5.7.0)\r\n"
+# AUTH (RFC 4954 section 6 for the codes; RFC 3463/5248 enhanced codes)
+AUTH_NEEDS_TLS = b"538 5.7.11 sorry, AUTH needs TLS: STARTTLS first (#5.7.11)\r\n"
+AUTH_AGAIN = b"503 5.5.1 sorry, you are already authenticated (#5.5.1)\r\n"
+AUTH_EHLO_FIRST = b"503 5.5.1 sorry, EHLO first (#5.5.1)\r\n"
+AUTH_IN_MAIL = b"503 5.5.1 sorry, AUTH is not allowed inside a mail transaction (#5.5.1)\r\n"
+AUTH_SYNTAX = b"501 5.5.4 sorry, that is not AUTH MECHANISM [RESPONSE] (#5.5.4)\r\n"
+AUTH_MECHANISM = b"504 5.5.4 sorry, only AUTH PLAIN and LOGIN are offered (#5.5.4)\r\n"
+AUTH_PLAIN_GO = b"334 \r\n"
+AUTH_USER = b"334 VXNlcm5hbWU6\r\n"  # "Username:"
+AUTH_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
+AUTH_CANCELLED = b"501 5.0.0 AUTH cancelled (#5.0.0)\r\n"
+AUTH_BASE64 = b"501 5.5.2 sorry, that AUTH response is not valid base64 or SASL (#5.5.2)\r\n"
+AUTH_AUTHZ = b"535 5.7.8 sorry, you may only authorize as yourself (#5.7.8)\r\n"
+AUTH_OK = b"235 2.7.0 authentication successful (#2.7.0)\r\n"
+AUTH_FAILED = b"535 5.7.8 sorry, authentication credentials invalid (#5.7.8)\r\n"
+AUTH_TEMP = b"454 4.7.0 sorry, temporary authentication failure (#4.7.0)\r\n"
+AUTH_BLOCKED = b"421 4.7.0 sorry, too many failed AUTH attempts, closing connection (#4.7.0)\r\n"
+AUTH_SENDER = b"553 5.7.1 sorry, you may not send as that address (#5.7.1)\r\n"
+AUTH_REQUIRED = b"530 5.7.0 sorry, authentication required: AUTH first (#5.7.0)\r\n"
 # STARTTLS (RFC 3207 section 4; the codes Postfix uses): 220 then the handshake; 501 for an
 # argument; 503 inside TLS or inside a mail transaction; 454 when a certificate is
 # configured but cannot be used; 502 (qmail's "unimplemented") when none is configured.
@@ -90,11 +109,14 @@ def helo(smtpgreeting: str) -> bytes:
     return b"250 " + _text(smtpgreeting) + CRLF
 
 
-def ehlo(smtpgreeting: str, databytes: int, *, starttls: bool = False) -> bytes:
+def ehlo(smtpgreeting: str, databytes: int, *, starttls: bool = False, auth: bool = False) -> bytes:
     """qmail's EHLO lines plus SMTPUTF8 (RFC 6531), STARTTLS when it is offered (never
-    inside TLS: RFC 3207 section 4.2), and SIZE (``SIZE`` alone when there is no limit)."""
+    inside TLS: RFC 3207 section 4.2), AUTH when offered (inside TLS), and SIZE (``SIZE``
+    alone when there is no limit)."""
     size = b"250 SIZE " + str(databytes).encode() if databytes > 0 else b"250 SIZE"
     tls = b"250-STARTTLS\r\n" if starttls else b""
+    if auth:
+        tls += b"250-AUTH PLAIN LOGIN\r\n"
     return (
         b"250-" + _text(smtpgreeting) + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
         b"250-SMTPUTF8\r\n" + tls + size + CRLF

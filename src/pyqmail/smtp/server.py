@@ -39,6 +39,13 @@ message is spooled by smtp/authspool.py, and the end of DATA asks its verdict be
 commit (:meth:`_Message.verdict`): a refusal aborts the message, else the commit queues it
 with the Authentication-Results header.
 
+AUTH (protocol.py): the password check (smtp/passwords.py, or root mode's password
+process, daemon/authproc.py: ``passwords=``) runs in a worker thread, never in the event
+loop; the failures record (smtp/authlimit.py) is one per listener process; a failure's
+:class:`Pause` is a timer with reading paused. An authenticated session's messages bypass
+the checks of incoming mail and are DKIM-signed by the process that writes the queue
+(``begin(sign=True)``).
+
 An unexpected exception never reaches the client: it is logged and the client gets a 451
 and the connection is closed; any message in progress is aborted (nothing queued).
 """
@@ -52,6 +59,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
 
@@ -69,9 +77,15 @@ from pyqmail.queue.contract import BlockingSubmission, QueueError, Reply, Submis
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies
 from pyqmail.smtp.authcheck import AuthChecker, ConnectionChecks, Mode
+from pyqmail.smtp.authlimit import MemoryFailures
+from pyqmail.smtp.authsenders import FILE as AUTHSENDERS
+from pyqmail.smtp.authsenders import AuthSendersFile
 from pyqmail.smtp.authspool import CheckedSubmission, CheckingSubmitter
 from pyqmail.smtp.greylist import Greylist, greylist_path
+from pyqmail.smtp.passwords import Verdict
 from pyqmail.smtp.protocol import (
+    AuthNote,
+    CheckPassword,
     CheckRcpt,
     Close,
     DataChunk,
@@ -83,6 +97,7 @@ from pyqmail.smtp.protocol import (
     MessageEnd,
     MessageStart,
     Note,
+    Pause,
     Send,
     SmtpServerConnection,
     StartTls,
@@ -100,6 +115,18 @@ log = logging.getLogger("pyqmail.smtpd")
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
 _CHECKING: set[asyncio.Task[None]] = set()  # recipient checks running in worker threads
 
+_PASSWORDS: ThreadPoolExecutor | None = None
+
+
+def _password_pool() -> ThreadPoolExecutor:
+    """The threads password checks run in: their own, so a flood of AUTH attempts waits
+    here and never takes the threads of recipient checks and commits."""
+    global _PASSWORDS
+    if _PASSWORDS is None:
+        _PASSWORDS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="auth-check")
+    return _PASSWORDS
+
+
 _S = TypeVar("_S", bound=Submission)
 _S_co = TypeVar("_S_co", bound=Submission, covariant=True)
 
@@ -108,13 +135,25 @@ class _Opens(Protocol[_S_co]):
     def begin(self, *, origin: str = ..., received: bytes = ...) -> _S_co: ...
 
 
+class PasswordChecker(Protocol):
+    """What AUTH needs (smtp/passwords.py's PasswordCheck, daemon/authproc.py's client)."""
+
+    def available(self) -> bool: ...
+    def check(self, user: bytes, password: bytes, remote_ip: str = "") -> Verdict: ...
+
+
 class _Message(Generic[_S]):
     """The queue side of one session: at most one message open at a time."""
 
-    __slots__ = ("_error", "_pending", "_rcpts", "_sender", "origin", "submitter")
+    __slots__ = ("_error", "_pending", "_rcpts", "_sender", "origin", "plain", "submitter")
 
-    def __init__(self, submitter: _Opens[_S], origin: str = "network") -> None:
+    def __init__(
+        self, submitter: _Opens[_S], origin: str = "network", plain: object = None
+    ) -> None:
+        """``plain``: the submitter for an authenticated session's messages, which it
+        begins with ``sign=True`` (DKIM, queue/submit.py); default ``submitter``."""
         self.submitter = submitter
+        self.plain = plain if plain is not None else submitter
         self.origin = origin  # qmail-queue's "invoked from network" unless told otherwise
         self._pending: _S | None = None
         self._sender = b""
@@ -124,7 +163,12 @@ class _Message(Generic[_S]):
     def start(self, ev: MessageStart) -> bool:
         self.abort()
         try:
-            self._pending = self.submitter.begin(origin=self.origin, received=ev.received)
+            if ev.auth is not None:
+                self._pending = self.plain.begin(  # type: ignore[attr-defined]
+                    origin=self.origin, received=ev.received, sign=True
+                )
+            else:
+                self._pending = self.submitter.begin(origin=self.origin, received=ev.received)
         except QueueError as e:
             log.warning("queue refused a new message: %s", e)
             return False
@@ -223,8 +267,15 @@ class SmtpServer:
         limits_from_control: bool = False,
         rcpt_checks: RcptChecks | None = None,
         auth: AuthChecker | None = None,
+        passwords: PasswordChecker | None = None,
+        auth_failures: MemoryFailures | None = None,
     ) -> None:
         self.home = home
+        self.passwords = passwords  # SMTP AUTH's password check; None: AUTH not offered
+        self.auth_failures = auth_failures or MemoryFailures()
+        self._auth_ok = False
+        self._auth_at = -1e9
+        self.authsenders = AuthSendersFile(home.control / AUTHSENDERS)
         self.rcpt_checks = rcpt_checks  # recipient checks at RCPT (smtp/rcptcheck.py)
         self.auth = auth  # checks of incoming mail (SPF, DKIM, DMARC); None: none
         self.ctl = ctl
@@ -403,6 +454,21 @@ class SmtpServer:
         if self.proc is not None:
             await self.proc.close()
 
+    def auth_available(self) -> bool:
+        """Is a password source configured? (re-checked at most every control_ttl)"""
+        pw = self.passwords
+        if pw is None:
+            return False
+        now = time.monotonic()
+        if now - self._auth_at >= self.control_ttl:
+            try:
+                self._auth_ok = pw.available()
+            except Exception:
+                log.exception("password source check failed")
+                self._auth_ok = False
+            self._auth_at = now
+        return self._auth_ok
+
     def auth_checks(self, session: Session, ctl: Control, ip: str) -> ConnectionChecks | None:
         """The checks of incoming mail for this connection, if any apply to it."""
         if self.auth is None or ctl.me is None:
@@ -439,6 +505,7 @@ class _SmtpProtocol(asyncio.Protocol):
         "slog",
         "timeout_s",
         "timer",
+        "timer_pause",
         "tls_ctx",
         "transport",
         "write_paused",
@@ -458,6 +525,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.last = 0.0
         self.partial_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_pause: asyncio.TimerHandle | None = None
         self.closing = False
         self.timeout_s = 1200.0
         self.write_paused = False
@@ -507,11 +575,11 @@ class _SmtpProtocol(asyncio.Protocol):
                 transport.write(replies.CONTROLS)
                 self._close_now()
                 return
-            sub = srv.submitter_for(env)
+            plain = sub = srv.submitter_for(env)
             self.checks = checks = srv.auth_checks(session, ctl, ip)
             if checks is not None:
                 sub = CheckingSubmitter(sub, checks)
-            self.msg = _Message(sub)
+            self.msg = _Message(sub, plain=plain)
             hook = checks is not None and checks.policy.spf is not Mode.OFF
             self.rcpt_ctx = (ctl, env)
             offer = srv.certs.get()
@@ -524,6 +592,9 @@ class _SmtpProtocol(asyncio.Protocol):
                 door=self.door,
                 greylist=srv.greylist(ctl),
                 mail_hook=hook,
+                auth=srv.auth_available(),
+                auth_failures=srv.auth_failures,
+                authsenders=srv.authsenders.get(),
             )
             self.conn.notes = True  # the session log counts (and maybe logs) each command
             self.last = self.loop.time()
@@ -594,6 +665,9 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.timer_pause is not None:
+            self.timer_pause.cancel()
+            self.timer_pause = None
         if self.msg is not None:
             self.msg.abort()
         self.server._held_back.discard(self)
@@ -657,8 +731,8 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None and conn.state.value in ("wait-end", "wait-mail"):
             self._arm(1.0)  # the queue (or a bounded check) is working; its reply ends the wait
             return
-        if conn.state is State.WAIT_TLS:
-            self._arm(1.0)  # the handshake has its own deadline
+        if conn.state in (State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_PAUSE):
+            self._arm(1.0)  # the handshake, the password check and the delay are bounded
             return
         timeout = self.timeout_s
         due = self.last + timeout
@@ -730,6 +804,23 @@ class _SmtpProtocol(asyncio.Protocol):
                     transport.pause_reading()
                     self.loop.create_task(self._check_mail(ev))  # type: ignore[arg-type]
                     return
+                elif kind is CheckPassword:
+                    if out:
+                        transport.write(b"".join(out))
+                    transport.pause_reading()
+                    task = self.loop.create_task(self._check_password(ev))  # type: ignore[arg-type]
+                    _CHECKING.add(task)
+                    task.add_done_callback(_CHECKING.discard)
+                    return
+                elif kind is Pause:
+                    if out:
+                        transport.write(b"".join(out))
+                    transport.pause_reading()
+                    secs = cast(Pause, ev).seconds
+                    self.timer_pause = self.loop.call_later(secs, self._pause_over)
+                    return
+                elif kind is AuthNote:
+                    self._auth_note(cast(AuthNote, ev))
                 elif kind is Close:
                     if out:
                         transport.write(b"".join(out))
@@ -740,6 +831,41 @@ class _SmtpProtocol(asyncio.Protocol):
             transport.write(b"".join(out))
         if not conn.wants_input or self.write_paused:
             transport.pause_reading()
+
+    # -- AUTH: the password check in a worker thread, the failure's delay as a timer
+
+    async def _check_password(self, ev: CheckPassword) -> None:
+        checker, conn = self.server.passwords, self.conn
+        if conn is None:
+            return
+        verdict = Verdict.TEMP
+        if checker is not None:
+            try:
+                verdict = await self.loop.run_in_executor(
+                    _password_pool(), checker.check, ev.user, ev.password, self.ip
+                )
+            except Exception:  # never the exception text: it could hold the password
+                log.error("password check for %s failed", self.ip)
+        if self.conn is not conn or self.transport is None or self.closing:
+            return
+        ok = None if verdict is Verdict.TEMP else verdict is Verdict.OK
+        self._resume(conn, lambda: conn.auth_result(ok))
+
+    def _pause_over(self) -> None:
+        self.timer_pause = None
+        conn = self.conn
+        if conn is None or self.transport is None or self.closing:
+            return
+        self._resume(conn, conn.pause_over)
+
+    def _auth_note(self, note: AuthNote) -> None:
+        """The AUTH fact for the session log and the counters (never the password)."""
+        slog = self.slog
+        if slog is not None:
+            slog.auth_attempt(note.mechanism, note.user, note.result)  # counts, maybe logs
+        if (slog is None or slog.sink is None) and note.result != "ok":
+            user = note.user.decode("utf-8", "replace").encode("unicode_escape").decode()
+            log.warning("auth %s %s from %s: %s", note.mechanism, user, self.ip, note.result)
 
     async def _upgrade(self) -> None:
         """The TLS handshake after STARTTLS's 220; the connection is closed if it fails."""

@@ -8,6 +8,7 @@ and ``key value`` pairs, variable parts through qmail-send's ``safe``)::
 
     smtp 7: connect 127.0.0.2 rules allow relay no
     smtp 7: rcpt <victim@notours.example> refused rcpthosts: 553_sorry,_that_domain..._(#5.7.1)
+    smtp 7: auth PLAIN alice from 127.0.0.2 ok
     smtp 7: queued msg 131147 qp 4242 bytes 312
     smtp 7: disconnect msgs 1 rcpts 1 refused 1 tls - auth -
 
@@ -49,6 +50,10 @@ _REASONS: dict[bytes, str] = {
 }
 
 
+# AuthNote results -> the metrics' label (daemon/http.py's pyqmail_smtp_auth)
+_AUTH_LABEL = {"ok": "success", "failed": "failure", "temp": "temporary", "blocked": "blocked"}
+
+
 def reason_of(reply: bytes) -> str:
     """A short reason for a refusal reply (``rcpthosts``, ``syntax``, ``code_550``...)."""
     hit = _REASONS.get(reply)
@@ -82,7 +87,7 @@ class SmtpStats:
     messages: Counter[str] = field(default_factory=Counter)  # "accepted" / "refused"
     bytes_accepted: int = 0
     tls: int = 0  # sessions that started TLS (none until STARTTLS exists)
-    auth: Counter[str] = field(default_factory=Counter)  # AUTH results (none yet)
+    auth: Counter[str] = field(default_factory=Counter)  # AUTH results: ok, failed, temp, blocked
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -131,7 +136,7 @@ class SessionLog:
         self.sid = next(_ids)
         self.msgs = self.rcpts = self.refused = 0
         self.tls: str | None = None  # the TLS fact once STARTTLS exists ("TLSv1.3 ...")
-        self.auth: str | None = None  # the AUTH fact once AUTH exists (the user)
+        self.auth: str | None = None  # the authenticated user
         self._clock = clock
         self._window = 0.0
         self._shown = 0
@@ -201,6 +206,26 @@ class SessionLog:
                        reply=_text(reply.rstrip(b"\r\n")))  # fmt: skip
         else:
             self._emit("helo", b"%s %s" % (verb, _safe(arg)), helo=_text(arg))
+
+    def auth_attempt(self, mechanism: str, user: bytes, result: str) -> None:
+        """An AUTH attempt (protocol.py's AuthNote): counted by result, and logged with
+        the client's address and the user name as sent, never the password::
+
+            smtp 7: auth PLAIN alice from 192.0.2.7 ok
+        """
+        self.stats.auth[_AUTH_LABEL.get(result, result)] += 1
+        if result == "ok":
+            self.auth = user.decode("utf-8", "replace")
+        if self.sink is not None:
+            self._emit(
+                "auth",
+                b"auth %s %s from %s %s"
+                % (mechanism.encode(), _safe(user or b"-"), _safe(self.ip.encode()),
+                   result.encode()),
+                mechanism=mechanism,
+                user=_text(user),
+                result=result,
+            )  # fmt: skip
 
     def _allow_refusal_line(self) -> bool:
         now = self._clock()

@@ -12,7 +12,13 @@ environment, control/rbllist: smtp/rbl.py), and control/greylist's at RCPT.
 The checks of incoming mail (control/authchecks: SPF at MAIL, DKIM and DMARC at the end of
 DATA, the Authentication-Results header; smtp/authcheck.py, smtp/authspool.py) are the
 listener's own code, run here on a private event loop per step (``asyncio.run``): their
-DNS lookups are bounded by the same timeouts, and a slow DNS holds only this session.
+DNS lookups are bounded by the same timeouts, and a slow DNS holds only this session; an
+authenticated session skips them, as in the listener.
+AUTH's password check (smtp/passwords.py: qmail-smtpd's ``CHECKPROG SUBPROG`` arguments,
+control/checkpassword, control/authusers) runs here, blocking, as the session has nothing
+else to do meanwhile; failures are recorded in HOME/greylist/authfail.sqlite
+(smtp/authlimit.py: shared by every qmail-smtpd process) and logged on stderr with the
+client's address and the user name.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from pyqmail import cdb
 from pyqmail.control import Control, ControlError, load
@@ -39,9 +45,15 @@ from pyqmail.queue.contract import BlockingSubmitter
 from pyqmail.resolver import make_resolver
 from pyqmail.smtp import rbl, replies, tlsbio
 from pyqmail.smtp.authcheck import AuthChecker, ConnectionChecks, Mode
+from pyqmail.smtp.authlimit import FileFailures, failures_path
+from pyqmail.smtp.authsenders import FILE as AUTHSENDERS
+from pyqmail.smtp.authsenders import AuthSendersFile
 from pyqmail.smtp.authspool import CheckingSubmitter
 from pyqmail.smtp.greylist import Greylist, greylist_path
+from pyqmail.smtp.passwords import PasswordCheck, Verdict
 from pyqmail.smtp.protocol import (
+    AuthNote,
+    CheckPassword,
     CheckRcpt,
     Close,
     DataChunk,
@@ -50,6 +62,7 @@ from pyqmail.smtp.protocol import (
     MessageAbort,
     MessageEnd,
     MessageStart,
+    Pause,
     Send,
     SmtpServerConnection,
     StartTls,
@@ -75,6 +88,7 @@ def run_stdio(
     origin: str = "network",
     rcpt_checks: RcptChecks | None = None,
     auth_checks: bool = False,
+    passwords: PasswordCheck | None = None,
 ) -> int:
     """qmail-smtpd: one SMTP session on ``infd``/``outfd``. Returns qmail-smtpd's exit
     code: 0 after QUIT, 1 when the session ended any other way or could not start.
@@ -82,6 +96,7 @@ def run_stdio(
     ``rcpt_checks``: recipient checks at RCPT (smtp/rcptcheck.py; cli/smtpd.py makes them).
     ``auth_checks``: run the checks of incoming mail (control/authchecks) for a client
     that is not a relay client (qmail-smtpd: yes; ``sendmail -bs``: no).
+    ``passwords``: AUTH's password sources (default: the home's control files).
 
     ``origin``: the Received wording of the queue (``uid`` for ``sendmail -bs``, whose
     qmail-smtpd runs as the caller, so qmail-queue writes "invoked by uid N")."""
@@ -109,7 +124,10 @@ def run_stdio(
         return 1
     try:
         sub = submitter or qsubmit.submitter(home, env=dict(env))
-        msg: _Message[Any] = _Message(CheckingSubmitter(sub, checks) if checks else sub, origin)
+        # an authenticated session's messages skip the checks (plain): they are ours
+        msg: _Message[Any] = _Message(
+            CheckingSubmitter(sub, checks) if checks else sub, origin, plain=sub
+        )
     except Exception as e:
         print(f"qmail-smtpd: unable to reach the queue: {e}", file=sys.stderr)
         with contextlib.suppress(_WriteFailed):
@@ -120,7 +138,23 @@ def run_stdio(
     if ctl.greylist > 0:
         grey = Greylist(greylist_path(home), ctl.greylist, expire=ctl.greylistexpire)
     hook = checks is not None and checks.policy.spf is not Mode.OFF
-    conn = SmtpServerConnection(session, limits, tls=certs.offer, greylist=grey, mail_hook=hook)
+    if passwords is None:
+        passwords = PasswordCheck(home)
+    failures: FileFailures | None = None
+    auth = passwords.available()
+    if auth:
+        failures = FileFailures(failures_path(home))
+    conn = SmtpServerConnection(
+        session,
+        limits,
+        tls=certs.offer,
+        greylist=grey,
+        mail_hook=hook,
+        auth=auth,
+        auth_failures=failures,
+        authsenders=AuthSendersFile(home.control / AUTHSENDERS).get() if auth else None,
+    )
+    ip = session.remote_ip
     tls: tlsbio.BioTls | None = None
     timeout = float(ctl.timeoutsmtpd)
     block = _rbl_check(env, ctl.rbllist)
@@ -158,6 +192,20 @@ def run_stdio(
                     break
                 elif kind is MessageAbort:
                     msg.abort()
+                elif kind is CheckPassword:
+                    out.flush()
+                    ev = cast(CheckPassword, ev)
+                    verdict = passwords.check(ev.user, ev.password, ip)
+                    ok = None if verdict is Verdict.TEMP else verdict is Verdict.OK
+                    events = conn.auth_result(ok)
+                    break
+                elif kind is Pause:
+                    out.flush()
+                    time.sleep(cast(Pause, ev).seconds)
+                    events = conn.pause_over()
+                    break
+                elif kind is AuthNote:
+                    _auth_log(cast(AuthNote, ev), ip)
                 elif kind is StartTls and certs.context is not None:
                     out.flush()  # the 220 in clear; then nothing read before the handshake
                     try:
@@ -207,6 +255,13 @@ def run_stdio(
             out.write(replies.TEMP_ERROR)
         _drain(infd, outfd)
         return 1
+
+
+def _auth_log(note: AuthNote, ip: str) -> None:
+    """An AUTH attempt on stderr (tcpserver's log): the user as sent, never the password."""
+    user = note.user.decode("utf-8", "replace").encode("unicode_escape").decode()
+    print(f"qmail-smtpd: auth {note.mechanism} {user or '-'} from {ip} {note.result}",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _rbl_check(env: Mapping[str, str], zones: tuple[tuple[str, str | None], ...]) -> Block | None:
