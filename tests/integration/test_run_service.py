@@ -11,17 +11,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_control
+from pyqmail.home import Home
+from tests.conftest import free_port, is_root, write_control
 from tests.integration.test_remote_peers import Script
-from tests.integration.test_run_daemon import Mta, ThreadPeer, files, mta, wait_for
+from tests.integration.test_run_daemon import BIN, Mta, ThreadPeer, files, listening, mta, wait_for
+from tests.integration.test_run_root import root_home
 
-__all__ = ["Client", "Systemd", "mta"]
+__all__ = ["Client", "Systemd", "mta", "root_home"]
 
 
 class Systemd:
@@ -217,3 +220,96 @@ def test_alrm_retries_a_deferred_message_now(mta: Mta) -> None:
     finally:
         peer.close()
     assert peer.peer.messages[0][1] == [b"far@remote.example"]
+
+
+# -- root mode: the supervisor speaks for the parts (daemon/split.py) -----------------------
+
+
+def _root_run(home: Home, port: int, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    """``pyqmail run`` as root in multi-user mode with ``env`` added; its log file."""
+    log = home.root.parent / "run.log"
+    full = {k: v for k, v in os.environ.items() if k != "PYQMAIL_SINGLE_USER"} | env
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pyqmail"), "run", "--home", str(home.root), "--smtp", f"127.0.0.1:{port}"],
+            stdout=out, stderr=out, env=full, start_new_session=True,
+        )  # fmt: skip
+    return proc, log
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root")
+def test_root_mode_notifies_and_drains(root_home: tuple[Home, Path], systemd: Systemd) -> None:
+    """As root the parts are processes under qmail's users; systemd hears only the
+    supervisor, which relays each part's beats (NotifyAccess=main)."""
+    home, user = root_home
+    (home.control / "rcptchecks").write_text("0\n")
+    port = free_port()
+    proc, log = _root_run(home, port, systemd.env(watchdog_usec=1_000_000))
+    try:
+        ready = systemd.wait("READY=1")
+        status = _status(ready)
+        assert "queue 0, local 0/10, remote 0/20" in status and "smtp sessions 0" in status
+        for _ in range(3):
+            systemd.wait("WATCHDOG=1", 5)
+        busy = Client(port)
+        busy.reply()
+        busy.cmd(b"HELO busy.example")
+        busy.cmd(b"MAIL FROM:<joe@test.example>")
+        assert busy.cmd(b"RCPT TO:<joe@test.example>") == b"250 ok\r\n"
+        assert busy.cmd(b"DATA") == b"354 go ahead\r\n"
+        busy.sock.sendall(b"Subject: root drain\r\n\r\nfirst\r\n")
+        proc.send_signal(signal.SIGTERM)
+        systemd.wait("STOPPING=1")
+        wait_for(lambda: not listening(port), 10, what="the listener to close")
+        busy.sock.sendall(b"second\r\n.\r\n")
+        assert busy.reply().startswith(b"250 ok ")
+        assert busy.reply() == b"421 shutting down, try again later (#4.3.2)\r\n"
+        busy.close()
+        assert proc.wait(60) == 0, log.read_text()
+        new = user / "Maildir" / "new"
+        if not files(new):
+            proc, log = _root_run(home, port, {})
+            wait_for(lambda: len(files(new)) == 1, what="delivery after restart")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        (msg,) = [f.read_bytes() for f in files(new)]
+        assert b"Subject: root drain\n\nfirst\nsecond\n" in msg
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root")
+def test_root_mode_alrm_reaches_the_scheduler(root_home: tuple[Home, Path]) -> None:
+    """The supervisor relays ALRM to the send part: a deferred message goes out at once."""
+    home, _ = root_home
+    answers = {"rcpt": b"451 4.3.0 try later\r\n"}
+    peer = ThreadPeer(Script(rcpt=lambda addr: answers["rcpt"]))
+    (home.control / "smtproutes").write_text(f"remote.example:127.0.0.1:{peer.peer.port}\n")
+    port = free_port()
+    proc, log = _root_run(home, port, {})
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, what="listener")
+        client = Client(port)
+        client.reply()
+        client.cmd(b"HELO x")
+        client.cmd(b"MAIL FROM:<joe@test.example>")
+        assert client.cmd(b"RCPT TO:<far@remote.example>") == b"250 ok\r\n"
+        client.cmd(b"DATA")
+        assert client.cmd(b"Subject: alrm\r\n\r\nx\r\n.").startswith(b"250 ok")
+        client.cmd(b"QUIT")
+        client.close()
+        wait_for(lambda: ": deferral: " in log.read_text(), what="the deferral")
+        answers["rcpt"] = b"250 ok\r\n"
+        proc.send_signal(signal.SIGALRM)
+        wait_for(lambda: len(peer.peer.messages) == 1, 30, what="delivery after ALRM")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        peer.close()
