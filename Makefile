@@ -8,9 +8,11 @@ DEMO   := $(CURDIR)/var/qmail
 # smtp-source/smtp-sink, tinycdb's cdb, dnsmasq for DNS on loopback, openssl s_client for TLS,
 # OpenDKIM's opendkim-testmsg and Perl's Mail::DKIM to verify DKIM signatures; chromium reads
 # the status page of `pyqmail run --http`, Debian's prometheus-client parses its /metrics;
-# python3-authres parses Authentication-Results in the acceptance check).
+# python3-authres parses Authentication-Results in the acceptance check; systemd's
+# systemd-analyze verifies the unit `pyqmail service install --systemd` writes, and
+# daemontools' svscan/supervise/multilog run the scripts of --daemontools).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base openssl opendkim-tools libmail-dkim-perl \
-          chromium python3-prometheus-client python3-authres
+          chromium python3-prometheus-client python3-authres systemd daemontools
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 
