@@ -35,8 +35,9 @@ def _keys(text: str) -> dict[str, list[str]]:
     return out
 
 
-def test_systemd_unit_verifies_and_says_what_it_must(home: Home, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_systemd_unit_verifies_and_says_what_it_must(
+    home: Home, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "units"
     argv = ["install", "--systemd", "--dest", str(dest), "--home", str(home.root),
             "--smtp", "0.0.0.0:25", "--smtp", "[::]:25", "--http", "9100"]  # fmt: skip

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.sdnotify import Notifier
+from tests.conftest import require_tools
 
 
 @pytest.fixture
@@ -87,3 +89,14 @@ def test_a_socket_that_went_away_is_not_an_error(tmp_path: Path) -> None:
         assert n.ready()  # and it recovers when systemd is back
     finally:
         sock.close()
+
+
+def test_the_same_datagram_as_systemds_own_client(systemd: socket.socket) -> None:
+    """systemd-notify (Debian's systemd package) as the oracle of the wire format."""
+    require_tools("systemd-notify")
+    env = dict(os.environ, NOTIFY_SOCKET=systemd.getsockname())
+    subprocess.run(["systemd-notify", "--no-block", "--ready", "--status=queue 3"], env=env,
+                   check=True, capture_output=True)  # fmt: skip
+    theirs = systemd.recv(4096)
+    Notifier(systemd.getsockname()).ready("queue 3")
+    assert systemd.recv(4096) == theirs == b"READY=1\nSTATUS=queue 3"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyqmail.control import ControlError, load
+from pyqmail.daemon.notify import STATUS_INTERVAL
 from pyqmail.daemon.parts import STOP_TIMEOUT
 from pyqmail.home import Home
 
@@ -77,8 +78,9 @@ def systemd_unit(
 ) -> ServiceFile:
     """pyqmail.service for ``pyqmail run --home HOME RUN_ARGS`` (see the module docstring)."""
     drain = _drain(home)
-    exec_start = " ".join(_systemd_word(a) for a in [pyqmail, "run", "--home", str(home.root),
-                                                      *run_args])
+    exec_start = " ".join(
+        _systemd_word(a) for a in [pyqmail, "run", "--home", str(home.root), *run_args]
+    )
     as_user = ""
     if user is not None:
         as_user = f"""\
@@ -116,8 +118,8 @@ KillSignal=SIGTERM
 KillMode=mixed
 # Longer than the drain plus the deliveries in flight (raise it with timeoutdrain).
 TimeoutStopSec={stop_timeout(home)}
-# The event loops ping every {WATCHDOG_SEC // 4} s or so; a loop stuck for {WATCHDOG_SEC} s is killed
-# (SIGABRT) and, by Restart=, started again.
+# The event loops ping every {int(STATUS_INTERVAL)} s; one stuck for {WATCHDOG_SEC} s gets the
+# service killed (SIGABRT) and, by Restart=, started again.
 WatchdogSec={WATCHDOG_SEC}
 # Exit 111 (cannot start, or a part was lost) and a watchdog kill restart the service;
 # a clean exit 0 after TERM does not.
