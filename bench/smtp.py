@@ -53,6 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 HZ = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +187,7 @@ class Pyqmail:
                 [str(VENV_BIN / "pyqmail"), "newu", "--home", str(self.home)], check=True, env=env
             )
         self.port = free_port()
-        log = subprocess.DEVNULL
+        log: int | BinaryIO = subprocess.DEVNULL
         if self.run:
             (self.home / "control" / "concurrencylocal").write_text("0\n")
             argv = ["run", "--home", str(self.home), "--smtp", f"127.0.0.1:{self.port}"]
@@ -202,7 +203,7 @@ class Pyqmail:
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "pyqmail"), *argv], env=env, stdout=log, stderr=log
         )
-        if log is not subprocess.DEVNULL:
+        if not isinstance(log, int):
             log.close()
         wait_port(self.port)
         self.pid = self.proc.pid
@@ -413,6 +414,37 @@ def compare_rcptchecks(
             )
 
 
+def session_log_cost(where: Path, sessions: int = 20000) -> tuple[float, float, int]:
+    """In-process: (microseconds of CPU per session with session logs written to a file,
+    without (the counters only), lines per session), for the calls the listener makes in
+    one session that queues one message (smtp/sessionlog.py; qmail format, no loop, so
+    each line is written at once)."""
+    from pyqmail.logsink import LogSink
+    from pyqmail.smtp.sessionlog import SessionLog, SmtpStats
+
+    def once(sink: LogSink | None) -> float:
+        stats = SmtpStats()
+        t = time.process_time()
+        for i in range(sessions):
+            s = SessionLog(sink, stats, "192.0.2.7")
+            s.connect(True, {})
+            s.note(b"ehlo", b"client.bench.local", b"250-mx.bench.local\r\n")
+            s.note(b"mail", b"FROM:<sender@client.bench.local>", b"250 ok\r\n")
+            s.note(b"rcpt", b"TO:<rcpt@bench.local>", b"250 ok\r\n")
+            s.data(1024)
+            s.queued(True, 131147 + i, 4242, 1024, "")
+            s.disconnect()
+        return (time.process_time() - t) / sessions * 1e6
+
+    with open(where / "sessionlog-cost.log", "wb") as f:
+        sink = LogSink(f)
+        on = statistics.median(once(sink) for _ in range(5))
+        f.flush()
+        lines = (where / "sessionlog-cost.log").read_bytes().count(b"\n") // (5 * sessions)
+    off = statistics.median(once(None) for _ in range(5))
+    return on, off, lines
+
+
 def compare_session_log(
     on: Pyqmail, off: Pyqmail, loads: list[tuple[int, int, str]], sessions: list[int], runs: int
 ) -> None:
@@ -514,6 +546,9 @@ def main() -> int:
             lines = (tmp / "log-on.log").read_bytes().count(b"\n")
             quiet_lines = (tmp / "log-off.log").read_bytes().count(b"\n")
             print(f"\nlog lines written: {lines} with session logs, {quiet_lines} without")
+            on_us, off_us, per = session_log_cost(tmp)
+            print(f"in-process: {on_us:.1f} us of CPU per session with its {per} log lines "
+                  f"written to a file, {off_us:.1f} us counting only")  # fmt: skip
             return 0
         ours = Pyqmail(tmp, a.workers, max(1000, a.idle + 200), root=a.root)
         theirs = None if a.no_postfix else Postfix(tmp)
