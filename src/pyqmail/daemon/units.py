@@ -92,8 +92,9 @@ User={user}
 # Written by `pyqmail service install --systemd`. Install and start:
 #   cp {UNIT_NAME} /etc/systemd/system/ && systemctl daemon-reload
 #   systemctl enable --now {UNIT_NAME}
-# `systemctl reload` re-reads the control files; `systemctl kill -s ALRM pyqmail`
-# retries every queued message now (qmail-send's ALRM).
+# `systemctl reload` re-reads the control files; qmail-send's ALRM (retry every queued
+# message now) goes to the main process only, which relays it:
+#   systemctl kill --kill-who=main -s ALRM pyqmail
 [Unit]
 Description=pyqmail mail transfer agent for {home.root}
 Documentation=man:pyqmail-run(1)
