@@ -62,7 +62,8 @@ def test_systemd_unit_verifies_and_says_what_it_must(
 def test_stop_timeout_follows_timeoutdrain(home: Home) -> None:
     write_control(home, "timeoutdrain", "300\n")
     unit = units.systemd_unit("/usr/bin/pyqmail", home, ["--smtp", "0.0.0.0:25"]).text
-    assert "TimeoutStopSec=390\n" in unit and "(300 s)" in unit
+    assert "TimeoutStopSec=420\n" in unit and "(300 s)" in unit
+    assert "ReadWritePaths=-" + str(home.root) + "\n" in unit
 
 
 def test_single_user_unit_names_its_account(home: Home, tmp_path: Path) -> None:

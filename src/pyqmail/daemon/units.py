@@ -34,7 +34,8 @@ from pyqmail.home import Home
 UNIT_NAME = "pyqmail.service"
 DRAIN_DEFAULT = 30
 WATCHDOG_SEC = 60
-STOP_MARGIN = 30  # seconds beyond the drain and the deliveries in flight
+STOP_MARGIN = 60  # seconds beyond the drain and the deliveries in flight (the committer's
+# and the agents' own bounded waits)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ KillSignal=SIGTERM
 # TERM goes to the main process alone, which stops its parts in that order; at the end
 # of the timeout everything left in the cgroup is killed.
 KillMode=mixed
-# Longer than the drain plus the deliveries in flight (raise it with timeoutdrain).
+# Longer than the drain plus the deliveries in flight plus {STOP_MARGIN} s for the
+# committer and the agents (it follows control/timeoutdrain when the files are rewritten).
 TimeoutStopSec={stop_timeout(home)}
 # The event loops ping every {int(STATUS_INTERVAL)} s; one stuck for {WATCHDOG_SEC} s gets the
 # service killed (SIGABRT) and, by Restart=, started again.
@@ -137,8 +139,10 @@ LimitNOFILE=65536
 #   PrivateTmp=  a .qmail program may leave files in /tmp for other programs;
 #   MemoryDenyWriteExecute=  .qmail programs may need a JIT (Perl, Java filters);
 #   User=  (root mode) pyqmail run drops privileges itself, part by part.
-# /usr, /boot and /etc read-only; /var (the queue, /var/mail) and homes stay writable.
+# /usr, /boot and /etc read-only; /var (the queue, /var/mail) and homes stay writable,
+# and so does the qmail home wherever it is (some sites keep it under /usr/local).
 ProtectSystem=full
+ReadWritePaths=-{_systemd_word(str(home.root))}
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
