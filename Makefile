@@ -10,9 +10,11 @@ DEMO   := $(CURDIR)/var/qmail
 # the status page of `pyqmail run --http`, Debian's prometheus-client parses its /metrics;
 # python3-authres parses Authentication-Results in the acceptance check;
 # sasl2-bin's saslpasswd2 makes the SASL users of the Postfix smarthost with AUTH; srs is
-# Mail::SRS's command, the reference our SRS addresses are checked against).
+# Mail::SRS's command, the reference our SRS addresses are checked against; systemd's
+# systemd-analyze verifies the unit `pyqmail service install --systemd` writes, and
+# daemontools' svscan/supervise/multilog run the scripts of --daemontools).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base openssl opendkim-tools libmail-dkim-perl \
-          chromium python3-prometheus-client python3-authres sasl2-bin srs
+          chromium python3-prometheus-client python3-authres sasl2-bin srs systemd daemontools
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/smtp.py [--runs 3] [--workers 1] [--quick] [--idle 10000]
     .venv/bin/python bench/smtp.py --root [--runs 3]   # pyqmail run as root, as deployed
+    .venv/bin/python bench/smtp.py --session-log [--root]  # pyqmail run, session log on/off
     add --dir /mnt/pyqmail-bench (sh bench/journalled.sh) to run on a journalled ext4
 
 What it does (issue 4):
@@ -19,6 +20,10 @@ What it does (issue 4):
   1 KiB and 1,000 of 100 KiB over 1, 10 and 50 sessions, and reports messages durably
   accepted per second (each counted in the queue afterwards), server CPU per message
   (user+system of the server's process tree, from /proc), and the ratio pyqmail/Postfix;
+* with ``--session-log``, two ``pyqmail run`` daemons side by side (single-user, or as
+  root with ``--root``), one writing SMTP session logs (the default) and one started with
+  ``--no-session-log``, each logging to a file in the bench's directory as it would to
+  multilog; they are driven alternately, run by run, and the ratio on/off is printed;
 * holds ``--idle`` connections open to pyqmail's listener and reports its resident
   memory, then checks that a real client is still served while they are open.
 
@@ -48,6 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 HZ = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,9 +146,22 @@ class Pyqmail:
 
     name = "pyqmail"
 
-    def __init__(self, tmp: Path, workers: int, max_conns: int, *, root: bool = False) -> None:
-        self.home = tmp / "qmail"
+    def __init__(
+        self,
+        tmp: Path,
+        workers: int,
+        max_conns: int,
+        *,
+        root: bool = False,
+        run: bool = False,
+        session_log: bool = True,
+        name: str = "qmail",
+    ) -> None:
+        """``run``: ``pyqmail run --single-user`` (root: as root); ``session_log`` False
+        adds ``--no-session-log``; the daemon's log goes to ``tmp/NAME.log``."""
+        self.home = tmp / name
         self.root = root
+        self.run = run or root
         env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
         if root:
             del env["PYQMAIL_SINGLE_USER"]
@@ -168,16 +187,24 @@ class Pyqmail:
                 [str(VENV_BIN / "pyqmail"), "newu", "--home", str(self.home)], check=True, env=env
             )
         self.port = free_port()
-        if root:
+        log: int | BinaryIO = subprocess.DEVNULL
+        if self.run:
             (self.home / "control" / "concurrencylocal").write_text("0\n")
             argv = ["run", "--home", str(self.home), "--smtp", f"127.0.0.1:{self.port}"]
+            if not root:
+                argv.append("--single-user")
+            if not session_log:
+                argv.append("--no-session-log")
+            log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - the daemon holds it
         else:
             argv = ["smtpd", "--home", str(self.home), "--listen", f"127.0.0.1:{self.port}"]
             argv += ["--max-conns", str(max_conns), "--max-per-ip", str(max_conns)]
             argv += ["--workers", str(workers)]
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "pyqmail"), *argv], env=env, stderr=subprocess.DEVNULL
+            [str(VENV_BIN / "pyqmail"), *argv], env=env, stdout=log, stderr=log
         )
+        if not isinstance(log, int):
+            log.close()
         wait_port(self.port)
         self.pid = self.proc.pid
 
@@ -188,7 +215,7 @@ class Pyqmail:
         time.sleep(2.5)
 
     def queued(self) -> int:
-        if self.root:  # the scheduler turns todo/N into info and local files at once
+        if self.run:  # the scheduler turns todo/N into info and local files at once
             return sum(len(files) for _, _, files in os.walk(self.home / "queue" / "mess"))
         return sum(1 for e in os.scandir(self.home / "queue" / "todo") if e.is_file())
 
@@ -387,6 +414,68 @@ def compare_rcptchecks(
             )
 
 
+def session_log_cost(where: Path, sessions: int = 20000) -> tuple[float, float, int]:
+    """In-process: (microseconds of CPU per session with session logs written to a file,
+    without (the counters only), lines per session), for the calls the listener makes in
+    one session that queues one message (smtp/sessionlog.py; qmail format, no loop, so
+    each line is written at once)."""
+    from pyqmail.logsink import LogSink
+    from pyqmail.smtp.sessionlog import SessionLog, SmtpStats
+
+    def once(sink: LogSink | None) -> float:
+        stats = SmtpStats()
+        t = time.process_time()
+        for i in range(sessions):
+            s = SessionLog(sink, stats, "192.0.2.7")
+            s.connect(True, {})
+            s.note(b"ehlo", b"client.bench.local", b"250-mx.bench.local\r\n")
+            s.note(b"mail", b"FROM:<sender@client.bench.local>", b"250 ok\r\n")
+            s.note(b"rcpt", b"TO:<rcpt@bench.local>", b"250 ok\r\n")
+            s.data(1024)
+            s.queued(True, 131147 + i, 4242, 1024, "")
+            s.disconnect()
+        return (time.process_time() - t) / sessions * 1e6
+
+    with open(where / "sessionlog-cost.log", "wb") as f:
+        sink = LogSink(f)
+        on = statistics.median(once(sink) for _ in range(5))
+        f.flush()
+        lines = (where / "sessionlog-cost.log").read_bytes().count(b"\n") // (5 * sessions)
+    off = statistics.median(once(None) for _ in range(5))
+    return on, off, lines
+
+
+def compare_session_log(
+    on: Pyqmail, off: Pyqmail, loads: list[tuple[int, int, str]], sessions: list[int], runs: int
+) -> None:
+    """The accept rate of pyqmail run with session logs and with --no-session-log,
+    alternating run by run."""
+    print(
+        "| messages | sessions | log on msg/s | on CPU ms/msg | log off msg/s "
+        "| off CPU ms/msg | on/off msg/s | on/off CPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for n, size, label in loads:
+        for s in sessions:
+            r_on: list[Result] = []
+            r_off: list[Result] = []
+            for _ in range(runs):
+                r_on.append(drive(on, n, s, size))
+                r_off.append(drive(off, n, s, size))
+            lost = [r.accepted for r in r_on + r_off if r.accepted != n]
+            rate_on = statistics.median(r.rate for r in r_on)
+            rate_off = statistics.median(r.rate for r in r_off)
+            cpu_on = statistics.median(r.cpu_ms for r in r_on)
+            cpu_off = statistics.median(r.cpu_ms for r in r_off)
+            ratio = statistics.median(a.rate / b.rate for a, b in zip(r_on, r_off, strict=True))
+            note = f" (only {lost} queued!)" if lost else ""
+            print(
+                f"| {n} x {label} | {s} | {rate_on:.0f}{note} | {cpu_on:.2f} | {rate_off:.0f} "
+                f"| {cpu_off:.2f} | **{ratio:.2f}** | {cpu_on / cpu_off:.2f} |",
+                flush=True,
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="runs per cell; the median is shown")
@@ -406,8 +495,16 @@ def main() -> int:
         action="store_true",
         help="compare pyqmail with the RCPT check on and off, run by run (no Postfix)",
     )
+    ap.add_argument(
+        "--session-log",
+        action="store_true",
+        help="compare pyqmail run with SMTP session logs and with --no-session-log (no Postfix)",
+    )
     add_dir_arg(ap)
     a = ap.parse_args()
+    if a.session_log:
+        a.no_postfix = True
+        a.idle = 0
     if a.rcptchecks:
         a.no_postfix = True
         a.idle = 0
@@ -433,7 +530,26 @@ def main() -> int:
     tmp.chmod(0o755)  # Postfix (user postfix) must reach its data directory
     ours: Pyqmail | None = None
     theirs: Postfix | None = None
+    quiet: Pyqmail | None = None
     try:
+        if a.session_log:
+            ours = Pyqmail(tmp, 1, 1000, root=a.root, run=True, name="log-on")
+            quiet = Pyqmail(tmp, 1, 1000, root=a.root, run=True, session_log=False,
+                            name="log-off")  # fmt: skip
+            mode = "as root" if a.root else "--single-user"
+            print(f"pyqmail run {mode}: session log on :{ours.port}, "
+                  f"--no-session-log on :{quiet.port}")  # fmt: skip
+            print(describe(tmp))
+            print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
+                  f"median of {a.runs} run(s)\n")  # fmt: skip
+            compare_session_log(ours, quiet, loads, sessions, a.runs)
+            lines = (tmp / "log-on.log").read_bytes().count(b"\n")
+            quiet_lines = (tmp / "log-off.log").read_bytes().count(b"\n")
+            print(f"\nlog lines written: {lines} with session logs, {quiet_lines} without")
+            on_us, off_us, per = session_log_cost(tmp)
+            print(f"in-process: {on_us:.1f} us of CPU per session with its {per} log lines "
+                  f"written to a file, {off_us:.1f} us counting only")  # fmt: skip
+            return 0
         ours = Pyqmail(tmp, a.workers, max(1000, a.idle + 200), root=a.root)
         theirs = None if a.no_postfix else Postfix(tmp)
         print(
@@ -494,6 +610,8 @@ def main() -> int:
             theirs.stop()
         if ours is not None:
             ours.stop()
+        if quiet is not None:
+            quiet.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

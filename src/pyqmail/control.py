@@ -264,6 +264,8 @@ class Control:
     greylistexpire: int = 35 * 86400  # a triplet unseen this long is forgotten
     concurrencyincoming: int = 0  # SMTP connections at once; 0: the listener's default
     concurrencyperip: int = 0  # per client (IPv4 address, IPv6 /64); 0: the default
+    # pyqmail run's SIGTERM: seconds SMTP sessions in DATA get to finish (smtp/server.py)
+    timeoutdrain: int = 30
 
 
 _LINE_ME = ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",
@@ -282,6 +284,7 @@ _INTS = {
 # the front door's files: ints, 0 = off or the listener's default (Control's comments)
 _FRONT_INTS = {"greylist": 0, "greylistexpire": 35 * 86400, "concurrencyincoming": 0,
                "concurrencyperip": 0}  # fmt: skip
+_DAEMON_INTS = {"timeoutdrain": 30}
 _LISTS = ("badmailfrom", "locals", "morercpthosts", "percenthack", "qmqpservers", "rcpthosts",
           "smtproutes", "virtualdomains", "qmtproutes", "tlsdestinations",
           "destinationlimits")  # fmt: skip
@@ -291,7 +294,8 @@ KNOWN_FILES = frozenset(
     {"me", "bouncefrom", "doublebounceto", "helohost", "localiphost", "smtpgreeting",
      "defaultdelivery", "morercpthosts.cdb", "morercpthosts.tmp", "tcp.smtp", "tcp.smtp.cdb",
      "tcp.qmqp", "tcp.qmqp.cdb", "tcp.qmtp", "tcp.qmtp.cdb", "validrcptto",
-     "validrcptto.cdb", "validrcptto.tmp", *_LINE_ME, *_INTS, *_LISTS, "rbllist", *_FRONT_INTS}
+     "validrcptto.cdb", "validrcptto.tmp", *_LINE_ME, *_INTS, *_LISTS, "rbllist", *_FRONT_INTS,
+     *_DAEMON_INTS}
 )  # fmt: skip
 
 
@@ -342,7 +346,7 @@ def load(home: Home) -> Control:
         sources["defaultdelivery"] = "default"
         values["defaultdelivery"] = "./Mailbox\n"
 
-    for name, default in (_INTS | _FRONT_INTS).items():
+    for name, default in (_INTS | _FRONT_INTS | _DAEMON_INTS).items():
         data = get(name)
         value: int | None = None
         if data is not None:

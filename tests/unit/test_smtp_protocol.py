@@ -17,6 +17,7 @@ from pyqmail.smtp.protocol import (
     Event,
     Limits,
     MailCheck,
+    MessageEnd,
     MessageStart,
     Send,
     SmtpServerConnection,
@@ -846,3 +847,87 @@ def test_mail_hook_not_used_for_a_bad_address(home: Home) -> None:
     events = conn.receive_data(b"MAIL FROM:<a b>\r\n")
     assert not any(isinstance(e, MailCheck) for e in events)
     assert _sent(events) == _NOT_MAILBOX_MAIL
+
+
+# ----------------------------------------------------------------- shutdown (SIGTERM)
+
+BYE = replies.SHUTTING_DOWN
+
+
+def test_shutdown_of_an_idle_session_is_421_and_close(home: Home) -> None:
+    d = session(home)
+    d.feed(b"EHLO x\r\n")
+    d.handle(d.conn.shutdown())
+    assert d.out.endswith(BYE) and d.closed
+    assert d.conn.shutdown() == []  # once
+
+
+def test_shutdown_in_data_lets_the_message_finish_then_421(home: Home) -> None:
+    d = session(home)
+    send_mail(d, b"Subject: s\r\n\r\nline one\r\n")
+    d.handle(d.conn.shutdown())
+    assert not d.closed and d.out.endswith(b"354 go ahead\r\n")
+    out = d.feed(b"line two\r\n.\r\n")
+    assert out == ACCEPT + BYE
+    assert d.closed
+    assert d.messages[0].body == b"Subject: s\n\nline one\nline two\n"
+
+
+def test_shutdown_in_data_a_quit_behind_the_dot_gets_221(home: Home) -> None:
+    d = session(home)
+    send_mail(d, b"x\r\n")
+    d.handle(d.conn.shutdown())
+    out = d.feed(b".\r\nQUIT\r\n")  # pipelined: read with the dot
+    assert out == ACCEPT + b"221 mx.test.example\r\n" and d.closed
+    d = session(home)
+    send_mail(d, b"x\r\n")
+    d.handle(d.conn.shutdown())
+    out = d.feed(b".\r\nQUIT\r\n", 1)  # not yet there when the 250 goes out: no wait
+    assert out == ACCEPT + BYE and d.closed
+
+
+def test_shutdown_in_data_a_new_transaction_behind_the_dot_gets_421(home: Home) -> None:
+    d = session(home)
+    send_mail(d, b"x\r\n")
+    d.handle(d.conn.shutdown())
+    out = d.feed(b".\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\n")
+    assert out == ACCEPT + BYE and d.closed
+    assert len(d.messages) == 1
+
+
+def test_shutdown_while_the_queue_commits_answers_the_message_first(home: Home) -> None:
+    d = session(home)
+    events = d.conn.receive_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\nDATA\r\n")
+    d.handle(events)
+    events = d.conn.receive_data(b"body\r\n.\r\n")
+    assert isinstance(events[-1], MessageEnd)  # not answered yet: the queue is committing
+    d.handle(events[:-1])
+    assert d.conn.state is State.WAIT_END
+    assert d.conn.shutdown() == []
+    d.handle(d.conn.message_result(ACCEPT))
+    assert d.out.endswith(ACCEPT + BYE) and d.closed
+
+
+def test_shutdown_of_a_message_that_fails_in_data_is_its_reply_then_421(home: Home) -> None:
+    write_control(home, "databytes", "10\n")
+    d = session(home)
+    send_mail(d, b"x\r\n")
+    d.handle(d.conn.shutdown())
+    out = d.feed(b"far more than ten bytes\r\n.\r\n")
+    assert out == b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n" + BYE
+    assert d.closed and not d.messages
+
+
+def test_shutdown_before_the_greeting_is_a_421_greeting(home: Home) -> None:
+    d = make(home)
+    d.handle(d.conn.shutdown())
+    assert d.out == BYE and d.closed
+
+
+def test_shutdown_during_a_recipient_check_answers_421(home: Home) -> None:
+    d = make(home, check_rcpt=True).greet()
+    d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@test.example>\r\n")
+    assert d.conn.state is State.WAIT_RCPT
+    d.handle(d.conn.shutdown())
+    assert d.out.endswith(b"250 ok\r\n" + BYE) and d.closed
+    assert d.conn.rcpt_result(None) == []  # the check's late answer goes nowhere

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "init": ("init", "create a home (control/, alias/, users/, queue/) as qmail's install does"),
     "check": ("check", "lint a home's configuration; exit 1 on errors"),
     "run": ("run", "run the whole MTA in the foreground"),
+    "service": ("service", "write a systemd unit or daemontools run scripts for pyqmail run"),
     "adopt": ("adopt", "take over a live qmail installation (and --rollback)"),
     "smtpd": ("smtpd", "the SMTP server: on stdin/stdout, or --listen ADDR:PORT"),
     "qmqpd": ("qmqpd", "the QMQP server: on stdin/stdout, or --listen ADDR:PORT"),

@@ -28,6 +28,7 @@ ARGPARSE_ARGV: dict[str, list[str]] = {
     "init": [],
     "passwd": ["USER"],
     "run": [],
+    "service": [],
     "smtpd": ["--listen", "127.0.0.1:0"],
     "qmqpd": ["--listen", "127.0.0.1:0"],
     "qmtpd": ["--listen", "127.0.0.1:0"],

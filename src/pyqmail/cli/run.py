@@ -20,9 +20,9 @@ from pyqmail.home import resolve_home
 PROG = "pyqmail run"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="run the whole MTA in the foreground")
-    p.add_argument("--home", help="the qmail home (else PYQMAIL_HOME, else /var/qmail)")
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The listener and log options of ``pyqmail run`` (``pyqmail service install`` takes
+    them too, for the command line it writes)."""
     p.add_argument("--smtp", action="append", default=[], metavar="ADDR:PORT",
                    help="an SMTP listener (repeatable; [::1]:25 for IPv6)")  # fmt: skip
     p.add_argument("--smtps", action="append", default=[], metavar="ADDR:PORT",
@@ -47,6 +47,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="no SMTP session lines (counted for the metrics all the same)")  # fmt: skip
     p.add_argument("--single-user", action="store_true",
                    help="everything as the invoking user (or PYQMAIL_SINGLE_USER=1)")  # fmt: skip
+
+
+def run_argv(a: argparse.Namespace) -> list[str]:
+    """The options ``add_run_options`` parsed into ``a``, as a command line again."""
+    out: list[str] = []
+    for name in ("smtp", "smtps", "submission", "qmqp", "qmtp"):
+        for addr in getattr(a, name):
+            out += [f"--{name}", addr]
+    for name in ("rules", "http"):
+        if getattr(a, name):
+            out += [f"--{name}", getattr(a, name)]
+    if a.log_format != "qmail":
+        out += ["--log-format", a.log_format]
+    if a.log_stamps != "none":
+        out += ["--log-stamps", a.log_stamps]
+    if a.no_session_log:
+        out.append("--no-session-log")
+    if a.single_user:
+        out.append("--single-user")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description="run the whole MTA in the foreground")
+    p.add_argument("--home", help="the qmail home (else PYQMAIL_HOME, else /var/qmail)")
+    add_run_options(p)
     a = p.parse_args(argv)
     home = resolve_home(a.home, a.single_user)
     try:

@@ -165,9 +165,11 @@ class Listeners:
             await server.start_serving()
 
     async def close(self) -> None:
-        """Stop accepting, then let the messages being committed get their replies."""
+        """Stop accepting; SMTP sessions in DATA finish (control/timeoutdrain), the others
+        get 421 (SmtpServer.drain); then the messages being committed get their replies."""
         for server in self.servers:
             server.close()
+        await self.smtp.drain()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)

@@ -8,8 +8,11 @@ picks it or daemon/split.py's. Owns the order of start-up and shutdown in one pr
 2. fork the local delivery workers (before any thread exists);
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
    schedule; the submitter wakes it in-process; the SMTP, QMQP and QMTP listeners bind;
-4. signals: TERM/INT stop (listeners close first, then deliveries in flight finish, bounded),
-   HUP re-reads the controls, ALRM retries everything now, PIPE is ignored.
+4. signals: TERM/INT stop (listeners close first and SMTP sessions in DATA finish within
+   control/timeoutdrain, then deliveries in flight finish, bounded), HUP re-reads the
+   controls, ALRM retries everything now, PIPE is ignored;
+5. under systemd (NOTIFY_SOCKET): READY=1 once 3 is done, then STATUS= and WATCHDOG=1 from
+   the event loop, STOPPING=1 on TERM (daemon/notify.py).
 
 Identities (design.md): in single-user mode, or when started by an ordinary user, every part
 runs in this process as the invoking user (a warning once if that is root), with local
@@ -28,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyqmail.daemon import notify
 from pyqmail.daemon.http import HttpAuth, StatusServer, parse_http
 from pyqmail.daemon.parts import (
     PROG,
@@ -53,6 +57,7 @@ from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
 from pyqmail.remote.deliver import RemoteAgent
+from pyqmail.sdnotify import Notifier
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler
 
@@ -62,8 +67,11 @@ __all__ = ["Daemon", "RunConfig", "RunError", "main_args", "run"]
 class Daemon:
     """The running MTA: spawner, scheduler, remote agent and listeners in one event loop."""
 
-    def __init__(self, cfg: RunConfig, sink: LogSink | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, sink: LogSink | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.cfg = cfg
+        self.notifier = notifier if notifier is not None else Notifier(None)
         self.home = cfg.home
         if sink is None:
             sink = LogSink(cfg.log, fmt=cfg.log_format, stamps=cfg.log_stamps)
@@ -133,9 +141,19 @@ class Daemon:
             raise
         sweep = CleanSweep(QueuePaths(self.home.queue))
         sweep.start()
+        beating: asyncio.Task[None] | None = None
+        if self.notifier.enabled:  # systemd's Type=notify
+            self.notifier.ready(self.status())
+
+            def speak() -> None:
+                self.notifier.watchdog(self.status())
+
+            beating = loop.create_task(notify.beat(speak, notify.beat_interval(self.notifier)))
         try:
             await self._stop.wait()
         finally:
+            if beating is not None:
+                beating.cancel()
             sweep.stop()
             if self.http is not None:
                 await self.http.close()
@@ -148,8 +166,19 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.reload()
 
+    def status(self) -> str:
+        """The STATUS= line: the scheduler's counts and the SMTP sessions open."""
+        parts = []
+        if self.scheduler is not None:
+            parts.append(self.scheduler.summary())
+        if self.listeners is not None:
+            parts.append(f"smtp sessions {len(self.listeners.smtp.sessions)}")
+        return ", ".join(parts)
+
     def stop(self) -> None:
         """TERM/INT: begin an orderly shutdown (safe to call more than once)."""
+        if not self._stop.is_set():
+            self.notifier.stopping(f"stopping: {self.status()}")
         self._stop.set()
 
 
@@ -160,11 +189,13 @@ def run(cfg: RunConfig) -> int:
         sys.stderr = LineWriter(sink, "pyqmail")
         sys.stdout = LineWriter(sink, "pyqmail")
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
+    # systemd's variables, taken out of the environment before any child is forked
+    notifier = Notifier.from_environ()
     if os.geteuid() == 0 and not cfg.home.single_user:
         from pyqmail.daemon.split import run_split
 
-        return run_split(cfg)
-    daemon = Daemon(cfg, sink)
+        return run_split(cfg, notifier)
+    daemon = Daemon(cfg, sink, notifier)
     try:
         daemon.prepare()
     except RunError as e:

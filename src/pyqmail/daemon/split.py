@@ -30,6 +30,8 @@ The supervisor stays root only to wait and to relay signals: TERM/INT stop the l
 then the scheduler (in-flight deliveries finish, bounded), then the queue; HUP goes to the
 scheduler and the listeners; ALRM to the scheduler. If any part dies, the others are
 stopped and the supervisor exits 111 (qmail-send's "lost connection ... dying").
+Under systemd the supervisor is the service's main process and alone speaks to systemd;
+the send and smtpd parts report to it on pipes (daemon/notify.py's Relay).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, cast
 
-from pyqmail.daemon import http
+from pyqmail.daemon import http, notify
 from pyqmail.daemon.authproc import AuthProcess
 from pyqmail.daemon.http import HttpAuth
 from pyqmail.daemon.parts import (
@@ -75,6 +77,7 @@ from pyqmail.queue.recover import clean_stale
 from pyqmail.queue.service import QueueService, service_alive
 from pyqmail.queue.submit import ServiceSubmitter
 from pyqmail.remote.agentproc import RemoteProcess
+from pyqmail.sdnotify import Notifier
 from pyqmail.send import admin
 from pyqmail.send.log import SendLog
 from pyqmail.send.rcptverdict import rcpt_checks
@@ -252,8 +255,28 @@ class SocketCleaner:
 # -- send: scheduler, remote agent, local spawner -----------------------------------------
 
 
+class _Beat:
+    """A part's end of its status pipe to the supervisor (daemon/notify.py), if any."""
+
+    def __init__(self, fd: int | None = None, interval: float = notify.STATUS_INTERVAL) -> None:
+        self.fd = fd
+        self.interval = interval
+
+    def start(self, status: Callable[[], str]) -> asyncio.Task[None] | None:
+        """From the part's event loop, once it is serving: report ``status`` every beat."""
+        if self.fd is None:
+            return None
+        speak = notify.pipe_speaker(self.fd, status)
+        return asyncio.get_running_loop().create_task(notify.beat(speak, self.interval))
+
+
 def _send_main(
-    home: Home, ids: Ids, clean_sock: socket.socket, cfg: RunConfig, web: _Web | None
+    home: Home,
+    ids: Ids,
+    clean_sock: socket.socket,
+    cfg: RunConfig,
+    web: _Web | None,
+    beat: _Beat,
 ) -> int:
     stop_timeout = cfg.stop_timeout
     log = SendLog(sink=web.sink if web is not None else _sink(cfg))
@@ -318,7 +341,10 @@ def _send_main(
                 reading = loop.create_task(feed.read_forever())
             status = await start_http(cfg, web.auth, lambda: feed.latest if feed else {},
                                       sched.metrics, sock=http_sock)  # fmt: skip
+        beating = beat.start(sched.summary)
         await stop.wait()
+        if beating is not None:
+            beating.cancel()
         if status is not None:
             await status.close()
             if feed is not None:
@@ -346,7 +372,12 @@ def _prepare_greylist(home: Home, ids: Ids) -> None:
 
 
 def _smtpd_main(
-    home: Home, ids: Ids, cfg: RunConfig, ready: int, stats_sock: socket.socket | None
+    home: Home,
+    ids: Ids,
+    cfg: RunConfig,
+    ready: int,
+    stats_sock: socket.socket | None,
+    beat: _Beat,
 ) -> int:
     ctl = SteadyControl(home)
     submitter = ServiceSubmitter(home)
@@ -386,10 +417,13 @@ def _smtpd_main(
         if stats_sock is not None:  # the counters, to the send part's HTTP server
             feed = http.StatsFeed(stats_sock)
             sending = loop.create_task(feed.send_forever(listeners.smtp.stats.snapshot))
+        beating = beat.start(lambda: f"smtp sessions {len(listeners.smtp.sessions)}")
         await stop.wait()
         if stats_sock is not None:
             sending.cancel()
-        await listeners.close()
+        await listeners.close()  # SMTP sessions in DATA finish first (control/timeoutdrain)
+        if beating is not None:
+            beating.cancel()
         return 0
 
     loop = new_loop()
@@ -421,8 +455,24 @@ def _wait_ready(fd: int, what: str) -> None:
     raise OSError(f"the {what} part did not come up")
 
 
-def run_split(cfg: RunConfig) -> int:
+def _beat_pipe(notifier: Notifier, pipes: dict[str, int], name: str) -> _Beat:
+    """The part ``name``'s status pipe when systemd listens (its read end into ``pipes``)."""
+    if not notifier.enabled:
+        return _Beat()
+    r, w = os.pipe()
+    pipes[name] = r
+    return _Beat(w, notify.beat_interval(notifier))
+
+
+def _close_beat(beat: _Beat) -> None:
+    """The supervisor's copy of a part's write end, closed once the part is forked."""
+    if beat.fd is not None:
+        os.close(beat.fd)
+
+
+def run_split(cfg: RunConfig, notifier: Notifier | None = None) -> int:
     """Run the parts as separate processes under their qmail users; the exit code."""
+    notifier = notifier if notifier is not None else Notifier(None)
     home = cfg.home
     try:
         ids = home.ids()
@@ -468,14 +518,19 @@ def run_split(cfg: RunConfig) -> int:
     stats_smtpd: socket.socket | None = None
     if web is not None and cfg.listens():
         web.stats_sock, stats_smtpd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg, web))
+    beat_pipes: dict[str, int] = {}
+    send_beat = _beat_pipe(notifier, beat_pipes, "send")
+    pids["send"] = _child(lambda: _send_main(home, ids, clean_send, cfg, web, send_beat))
+    _close_beat(send_beat)
     clean_send.close()
     if web is not None and web.stats_sock is not None:
         web.stats_sock.close()
     if cfg.listens():
         r, w = os.pipe()
-        pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w, stats_smtpd))
+        smtpd_beat = _beat_pipe(notifier, beat_pipes, "smtpd")
+        pids["smtpd"] = _child(lambda: _smtpd_main(home, ids, cfg, w, stats_smtpd, smtpd_beat))
         os.close(w)
+        _close_beat(smtpd_beat)
         if stats_smtpd is not None:
             stats_smtpd.close()
         try:
@@ -485,15 +540,21 @@ def run_split(cfg: RunConfig) -> int:
             term_all()
             return 111
 
+    relay: notify.Relay | None = None
+    if beat_pipes:  # READY=1 once each part has spoken (daemon/notify.py)
+        relay = notify.Relay(notifier, beat_pipes, notify.beat_interval(notifier))
+        relay.start()
     waiting = False
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if relay is not None and not relay.stopping:
+            relay.stop("stopping: SMTP sessions in DATA finish, then deliveries in flight")
         stopping = True
         if waiting:  # only there: raised anywhere else, it would skip term_all
             raise _Stop  # out of waitpid, which Python would otherwise resume
 
-    def relay(signum: int, frame: FrameType | None) -> None:
+    def relay_signal(signum: int, frame: FrameType | None) -> None:
         targets = ("send", "smtpd") if signum == signal.SIGHUP else ("send",)
         for name in targets:
             if name in pids:
@@ -502,8 +563,8 @@ def run_split(cfg: RunConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, relay)
-    signal.signal(signal.SIGALRM, relay)
+    signal.signal(signal.SIGHUP, relay_signal)
+    signal.signal(signal.SIGALRM, relay_signal)
     code = 0
     while not stopping:
         try:

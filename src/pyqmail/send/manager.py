@@ -368,6 +368,14 @@ class Scheduler:
             if os.path.exists(self.paths.name("todo", num)):
                 self._add_todo(num)
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS= (daemon/notify.py): the messages the schedule
+        holds and the deliveries in flight, as qmail-send's status line counts them."""
+        conc = self.settings.concurrency
+        queued = len(self._pending_chan) + len(self._todo)
+        return (f"queue {queued}, local {self._used[0]}/{conc[0]}, "
+                f"remote {self._used[1]}/{conc[1]}")  # fmt: skip
+
     def alarm(self) -> None:
         """ALRM: every queued message is due now."""
         now = self._clock()

@@ -12,6 +12,8 @@ the queue; this module owns everything said on the wire. The adapter calls:
 * :meth:`start_result` after a :class:`MessageStart` (did the queue open?),
 * :meth:`message_result` after a :class:`MessageEnd` (the queue's reply line),
 * :meth:`timeout` when a read timed out,
+* :meth:`shutdown` when the server stops (SIGTERM): a message being received or committed
+  goes on to its reply, then (or at once, when there is none) ``421`` and close,
 * :meth:`tls_started` once a TLS handshake is done: after a :class:`StartTls` event
   (STARTTLS), or before :meth:`greet` on an implicit-TLS port (465, RFC 8314),
 * :meth:`auth_result` after a :class:`CheckPassword` (smtp/passwords.py's verdict), and
@@ -304,6 +306,7 @@ class SmtpServerConnection:
         self.quit_seen = False  # the session ended with QUIT (qmail-smtpd exits 0 only then)
         self.notes = False  # emit Note events (the listener's session log sets it)
         self._noting = b""  # the command line whose Note waits for its check's answer
+        self.stopping = False  # shutdown() was called: no new transaction starts
 
     # ----------------------------------------------------------------- adapter calls
 
@@ -341,6 +344,25 @@ class SmtpServerConnection:
         events += [Send(replies.TIMEOUT), _CLOSE]
         return events
 
+    def shutdown(self) -> list[Event]:
+        """The server is stopping. A message in DATA (or being opened, or committed) goes
+        on to its reply; then, or now when none is in progress, the client gets ``421``
+        and the connection closes (a QUIT already sent behind the message still gets its
+        221). A recipient or sender check in progress is answered with the 421 instead;
+        a TLS handshake in progress is finished first, so that the 421 goes out inside it."""
+        if self.state is State.CLOSED or self.stopping:
+            return []
+        self.stopping = True
+        if self.state in (State.DATA, State.WAIT_START, State.WAIT_END, State.WAIT_TLS):
+            return []
+        return self._stop_now()
+
+    def _stop_now(self) -> list[Event]:
+        self.state = State.CLOSED
+        self._buf = b""
+        self._noting = b""
+        return [Send(replies.SHUTTING_DOWN), _CLOSE]
+
     def fail(self) -> list[Event]:
         """An unexpected local error: a temporary 451 and close (never a traceback)."""
         if self.state is State.CLOSED:
@@ -366,6 +388,8 @@ class SmtpServerConnection:
         self._discarding = 0
         self._helo = None
         self._reset()
+        if self.stopping:
+            return self._stop_now()
         return []
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -517,6 +541,11 @@ class SmtpServerConnection:
                 if self.state is State.DATA:  # needs more input
                     break
                 continue
+            if self.stopping and not _is_quit(buf, pos, buf.find(b"\n", pos)):
+                # the message's reply is out: nothing new starts (shutdown())
+                events += self._stop_now()
+                buf, pos = b"", 0
+                break
             if self._discarding:
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
@@ -961,6 +990,11 @@ def _plausible(user: bytes, password: bytes) -> bool:
     if not 0 < len(user) <= 255 or not 0 < len(password) <= 1024 or b"\0" in password:
         return False
     return not any(b in _USER_BAD for b in user)
+
+
+def _is_quit(buf: bytes, pos: int, nl: int) -> bool:
+    """Whether the command line at ``pos`` (ending at ``nl``; -1: not yet complete) is QUIT."""
+    return nl >= 0 and buf[pos:nl].rstrip(b"\r").lower() == b"quit"
 
 
 _WAITING_FOR_CHECK = frozenset({State.WAIT_RCPT, State.WAIT_MAIL})

@@ -80,6 +80,8 @@ TLS_IN_MAIL = b"503 sorry, STARTTLS is not allowed inside a mail transaction (#5
 TLS_UNAVAILABLE = b"454 TLS not available due to temporary reason (#4.7.0)\r\n"
 TEMP_ERROR = b"451 sorry, an unexpected local error occurred, closing connection (#4.3.0)\r\n"
 TOO_MANY_CONNS = b"421 sorry, too many connections, try again later (#4.3.2)\r\n"
+# SIGTERM: the server stops (RFC 5321 section 3.8: 421 to what comes next, then close)
+SHUTTING_DOWN = b"421 shutting down, try again later (#4.3.2)\r\n"
 # the front door: rblsmtpd's conversation with a listed client (smtp/rbl.py), greylisting
 RBL_GREETING = b"220 rblsmtpd.local\r\n"
 RBL_OK = b"250 rblsmtpd.local\r\n"

@@ -45,6 +45,12 @@ loop; the failures record (smtp/authlimit.py) is one per listener process; a fai
 :class:`Pause` is a timer with reading paused. An authenticated session's messages bypass
 the checks of incoming mail and are DKIM-signed by the process that writes the queue
 (``begin(sign=True)``).
+Stopping (SIGTERM, :meth:`SmtpServer.drain`): the listening sockets close at once; a
+session receiving or committing a message goes on until its reply, every other session
+gets ``421 shutting down`` and is closed (the protocol's ``shutdown``); sessions still
+open after ``control/timeoutdrain`` seconds are cut off, their unacknowledged message
+aborted (a commit already under way completes: the client may send it again, nothing
+acknowledged is lost).
 
 An unexpected exception never reaches the client: it is logged and the client gets a 451
 and the connection is closed; any message in progress is aborted (nothing queued).
@@ -113,6 +119,7 @@ from pyqmail.smtp.tls import info as tls_info
 log = logging.getLogger("pyqmail.smtpd")
 
 LINGER = 2.0  # seconds a closing connection may keep sending before we drop it
+DRAIN = 30.0  # control/timeoutdrain's default (seconds a stopping server lets a message finish)
 _CHECKING: set[asyncio.Task[None]] = set()  # recipient checks running in worker threads
 
 _PASSWORDS: ThreadPoolExecutor | None = None
@@ -320,6 +327,9 @@ class SmtpServer:
         self._resolver = resolver
         self.rbl_timeout = rbl_timeout
         self._greylist: Greylist | None = None
+        self.sessions: set[_SmtpProtocol] = set()  # open connections past the limits
+        self.stopping = False  # drain() began: new connections get 421
+        self._gone: asyncio.Event | None = None  # set when the last session has ended
 
     async def start(
         self, host: str, port: int, door: Door = Door.SMTP, *, start_serving: bool = True
@@ -449,6 +459,37 @@ class SmtpServer:
         for proto in held:
             proto.resume_if_wanted()
 
+    async def drain(self, timeout: float | None = None) -> int:
+        """SIGTERM (see the module docstring): stop accepting, let the messages in
+        progress get their replies for at most ``timeout`` seconds (None: the
+        control/timeoutdrain value), 421 the others; the number of sessions cut off."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        if timeout is None:
+            try:
+                timeout = float(self.control().timeoutdrain)
+            except ControlError:
+                timeout = DRAIN
+        for proto in list(self.sessions):
+            proto.shutdown()
+        if self.sessions:
+            self._gone = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gone.wait(), max(timeout, 0.0))
+        cut = list(self.sessions)
+        for proto in cut:
+            log.warning("stopping: cut off the session with %s after %g s", proto.ip, timeout)
+            proto.abort()
+        if cut:
+            await asyncio.sleep(0)  # let connection_lost run for the aborted transports
+        return len(cut)
+
+    def _session_ended(self, proto: _SmtpProtocol) -> None:
+        self.sessions.discard(proto)
+        if not self.sessions and self._gone is not None:
+            self._gone.set()
+
     async def aclose(self) -> None:
         """After the listeners are closed: wait for the messages being committed."""
         if self.proc is not None:
@@ -539,6 +580,10 @@ class _SmtpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         srv = self.server
+        if srv.stopping:  # accepted just before the listening socket closed
+            transport.write(replies.SHUTTING_DOWN)
+            self._close_now()
+            return
         peername = transport.get_extra_info("peername")
         ip = listener.peer_address(peername)[0]
         srv.apply_limits()
@@ -549,6 +594,7 @@ class _SmtpProtocol(asyncio.Protocol):
             return
         self.ip, self.ip_key = ip, key
         srv.conns += 1
+        srv.sessions.add(self)
         try:
             decision = srv.decide(ip)
             self.slog = SessionLog(srv.sink, srv.stats, ip)
@@ -630,6 +676,20 @@ class _SmtpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
             self.server._held_back.add(self)
 
+    def shutdown(self) -> None:
+        """The server stops: 421 now, or after the message in progress (drain())."""
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        self._handle(conn.shutdown())
+
+    def abort(self) -> None:
+        """The drain's bound is over: drop the connection (connection_lost aborts any
+        message not yet committed)."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def resume_if_wanted(self) -> None:
         """The committer caught up: read again unless something else holds us back."""
         conn = self.conn
@@ -671,6 +731,7 @@ class _SmtpProtocol(asyncio.Protocol):
         if self.msg is not None:
             self.msg.abort()
         self.server._held_back.discard(self)
+        self.server._session_ended(self)
         if self.slog is not None:
             self.slog.disconnect()
             self.slog = None
