@@ -24,7 +24,7 @@ import trustme
 
 from pyqmail.home import Home
 from pyqmail.queue.service import ServiceClient, socket_path
-from tests.conftest import free_port, is_root, qmail_ids, require, require_tools
+from tests.conftest import free_port, is_root, require, require_tools
 from tests.integration.test_smtpd_tls import install_cert
 from tests.interop.test_dkim_verifiers import Dns
 from tests.interop.test_smtpd_tcpserver_auth import CHECKPW, _wait_greeting
@@ -61,19 +61,44 @@ def _env(home: Home) -> dict[str, str]:
     return env
 
 
+def _closed_dir(path: Path) -> Path | None:
+    """The first directory above ``path`` that other users cannot enter, if any."""
+    for d in reversed(path.parents):
+        if d != Path("/") and not d.stat().st_mode & 0o001:
+            return d
+    return None
+
+
+def _interpreter_reachable(top: Path) -> list[str]:
+    """A prefix for tcpserver's argv so that qmaild can run this test's interpreter.
+
+    A venv made from /usr/bin/python3 needs nothing. One made from an interpreter under a
+    directory closed to other users (a pyenv under /root, 0700) gets a private mount
+    namespace (``unshare -m``) in which that directory is an empty 0755 tmpfs with only
+    the interpreter's tree bound back in: the host is not changed, and tcpserver -u still
+    makes qmail-smtpd a qmaild process that execs the same interpreter."""
+    real = Path(os.path.realpath(sys.executable))
+    base = Path(os.path.realpath(sys.base_prefix))
+    closed = _closed_dir(real) or _closed_dir(base)
+    if closed is None:
+        return []
+    require_tools("unshare", "mount")
+    child = closed / real.relative_to(closed).parts[0]
+    assert base.is_relative_to(child), (real, base)  # one tree to bind back in
+    hold = top / "interpreter"
+    hold.mkdir()
+    script = (
+        'set -e; mount --bind "$1" "$2"; mount -t tmpfs -o mode=0755 tmpfs "$3"; '
+        'mkdir "$1"; mount --bind "$2" "$1"; shift 3; exec "$@"'
+    )
+    return ["unshare", "-m", "sh", "-c", script, "sh", str(child), str(hold), str(closed)]
+
+
 @pytest.fixture
 def door() -> Iterator[RootDoor]:
     require_tools("tcpserver", "swaks", "dnsmasq", "opendkim-testmsg", "unshare")
-    ids = qmail_ids()
-    runs = subprocess.run([sys.executable, "-c", "import pyqmail"], user=ids.uid("daemon"),
-                          group=ids.gid("nofiles"), extra_groups=[], cwd="/",
-                          capture_output=True)  # fmt: skip
-    require(
-        runs.returncode == 0,
-        f"qmaild cannot run this interpreter ({sys.executable}): {runs.stderr[-200:]!r}",
-        "make the venv from a python3 every user may run (/usr/bin/python3, not one under /root)",
-    )
     home = root_home("pyqmail-svcsign-")
+    ids = home.ids()
     top = home.root.parent
     procs: list[subprocess.Popen[bytes]] = []
     dns = Dns(home, top)
@@ -106,7 +131,7 @@ def door() -> Iterator[RootDoor]:
         err = top / "smtpd.stderr"
         with open(err, "wb") as f:
             procs.append(subprocess.Popen(
-                ["tcpserver", "-R", "-H", "-l", "mx.test.example",
+                [*_interpreter_reachable(top), "tcpserver", "-R", "-H", "-l", "mx.test.example",
                  "-u", str(ids.uid("daemon")), "-g", str(ids.gid("nofiles")),
                  "127.0.0.1", str(port),
                  str(BIN / "qmail-smtpd"), "mx.test.example", str(prog), "/bin/true"],
