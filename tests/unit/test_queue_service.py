@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -330,3 +331,136 @@ def test_root_made_socket_directory_belongs_to_the_queue_user(home: Home, tmp_pa
     svc.prepare_dir((12345, 23456))
     st = os.lstat(tmp_path / "run")
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (12345, 23456, 0o755)
+
+
+# -- the ``sign`` option: honoured from qmaild alone (the caller's uid, SO_PEERCRED)
+
+SIGNED_MSG = (
+    b"From: Someone <someone@example.test>\nTo: dest@remote.example\nSubject: hi\n"
+    b"Date: 7 Dec 2026 11:00:00 -0000\nMessage-ID: <1@example.test>\n\nbody\n"
+)
+
+
+def _ids_as(role: str | None) -> Ids:
+    """Multi-user Ids in which this process's uid plays ``role`` (None: a local user)."""
+    roles = ("alias", "daemon", "log", "owner", "passwd", "queue", "remote", "send")
+    me = os.geteuid()
+    uids = {r: 60000 + i for i, r in enumerate(roles)}
+    if role is not None:
+        uids[role] = me
+    return Ids(uids, {"nofiles": 60100, "qmail": 60101}, False)
+
+
+def _signed(home: Home, n: int) -> bool:
+    return b"DKIM-Signature:" in QueuePaths(home.queue).mess(n).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("role", "asked", "signed"),
+    [
+        ("daemon", True, True),  # qmaild asking: an authenticated session's message
+        ("daemon", False, False),  # qmaild's network mail: never signed unasked
+        (None, False, True),  # a local user: signed as ever, asked or not
+        (None, True, True),
+        ("send", True, False),  # bounces and alias: the option is ignored
+        ("alias", True, False),
+    ],
+)
+def test_the_sign_option_counts_from_qmaild_alone(
+    home: Home, tmp_path: Path, role: str | None, asked: bool, signed: bool
+) -> None:
+    from pyqmail import dkim
+
+    dkim.keygen(home, "example.test", "s1")
+    svc = QueueService(home, path=tmp_path / "s", ids=_ids_as(role))
+    svc.bind()
+    svc.start()
+    try:
+        r = ServiceClient(svc.path).submit(
+            [SIGNED_MSG], b"Fa@example.test\0Tb@x.test\0\0", sign=asked
+        )
+    finally:
+        svc.close()
+    assert r.code == 0
+    assert _signed(home, r.msgnum) is signed
+
+
+def test_options_on_the_wire_and_an_unknown_one_is_refused(home: Home, tmp_path: Path) -> None:
+    svc = QueueService(home, path=tmp_path / "s", ids=_ids_as("daemon"))
+    svc.bind()
+    svc.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(svc.path))
+            s.sendall(b"+9:sign sign," + netstring(SIGNED_MSG) + b"0:," + netstring(b"Fa\0Tb\0\0"))
+            with s.makefile("rb") as f:
+                code, _, n = read_netstring(f, 100).split()
+        assert code == b"0"
+        assert not _signed(home, int(n))  # no key yet: unsigned, no error
+        # unknown option: 91 (temporary); broken or over-long options frame: 54
+        for raw, want in ((b"+4:fast,", b"91"), (b"+9:sign fast,", b"91"),
+                          (b"+300:", b"54"), (b"+x,", b"54")):  # fmt: skip
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(svc.path))
+                s.sendall(raw + b"2:x\n,0:," + netstring(b"Fa\0Tb\0\0"))
+                s.shutdown(socket.SHUT_WR)
+                with s.makefile("rb") as f:
+                    assert read_netstring(f, 100).split()[0] == want
+        assert os.listdir(home.queue / "todo") == [n.decode()]  # nothing else queued
+    finally:
+        svc.close()
+
+
+def _capture(path: Path, got: list[bytes]) -> socket.socket:
+    """A fake service on ``path`` that records one request's bytes and answers 0."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"\0\0,"):
+                data += conn.recv(65536)
+            got.append(data)
+            conn.sendall(netstring(b"0 1 2"))
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv
+
+
+@pytest.mark.parametrize("sign", [False, True])
+def test_service_submitter_sends_the_option_only_when_asked(
+    home: Home, tmp_path: Path, sign: bool
+) -> None:
+    """Unsigned requests are the old protocol byte for byte (older services take them)."""
+    got: list[bytes] = []
+    with _capture(tmp_path / "fake", got):
+        p = ServiceSubmitter(home, path=tmp_path / "fake").begin(sign=sign)
+        p.write(b"x\n")
+        assert p.commit_blocking(b"a@e.test", [b"b@e.test"]).code == 0
+    body = b"2:x\n,0:," + netstring(b"Fa@e.test\0Tb@e.test\0\0")
+    assert got == [(b"+4:sign," if sign else b"") + body]
+
+
+@pytest.mark.parametrize(("role", "asks"), [("daemon", True), (None, False), ("send", True)])
+def test_queue_submitter_asks_the_service_only_for_an_account_it_would_not_sign(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, role: str | None, asks: bool
+) -> None:
+    """A local user's qmail-inject sends no option: it keeps working with a service older
+    than the option, which signs local users' mail by their uid anyway."""
+    from pyqmail.queue import submit
+
+    multi = Home(home.root, single_user=False)
+    monkeypatch.setattr(Home, "ids", lambda self: _ids_as(role))
+    monkeypatch.setattr(submit, "can_write_queue", lambda h: False)
+    monkeypatch.setenv("PYQMAIL_QUEUE_SOCKET", str(tmp_path / "fake"))
+    if os.geteuid() == 0:
+        monkeypatch.setattr(submit.QueueSubmitter, "_as_root", lambda self: False)
+    got: list[bytes] = []
+    with _capture(tmp_path / "fake", got):
+        p = submit.QueueSubmitter(multi).begin(sign=True)
+        p.write(b"x\n")
+        assert p.commit_blocking(b"a@e.test", [b"b@e.test"]).code == 0
+    assert got[0].startswith(b"+4:sign,") is asks

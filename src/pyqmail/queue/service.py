@@ -15,19 +15,42 @@ is 0750), and who they are is known from the kernel, not from what they send.
 
 Wire format (qmail-queue's bytes, framed with netstrings ``LEN:BYTES,``):
 
-    client: message chunks as netstrings (each at most 1 MiB), then the empty
-            netstring ``0:,``, then ONE netstring holding the envelope exactly as
-            qmail-queue reads it on fd 1 (``F..\\0T..\\0...\\0``), except that each
-            address is written as an RFC 5321 mailbox (``"john doe"@x``, see
-            pyqmail.mailbox); the service refuses any other (exit 11) and queues the
-            unquoted form qmail-smtpd would have queued. At most
-            envelope.MAX_ENVELOPE bytes (about 10 MB) with at most MAX_RECIPIENTS
-            (10,000) recipients; beyond either the answer is 31 at once, nothing is
-            queued, and the service closes without reading the rest.
+    client: optionally, first, the byte ``+`` and ONE netstring of options (words
+            separated by spaces, at most 256 bytes: "Options" below); then message
+            chunks as netstrings (each at most 1 MiB), then the empty netstring ``0:,``,
+            then ONE netstring holding the envelope exactly as qmail-queue reads it on
+            fd 1 (``F..\\0T..\\0...\\0``), except that each address is written as an
+            RFC 5321 mailbox (``"john doe"@x``, see pyqmail.mailbox); the service
+            refuses any other (exit 11) and queues the unquoted form qmail-smtpd would
+            have queued. At most envelope.MAX_ENVELOPE bytes (about 10 MB) with at most
+            MAX_RECIPIENTS (10,000) recipients; beyond either the answer is 31 at once,
+            nothing is queued, and the service closes without reading the rest.
     service: ONE netstring ``CODE QP MSGNUM[ TEXT]`` in ASCII, CODE being qmail-queue's
             exit code (0 = queued), MSGNUM the message's inode number (0 on failure).
 
 A connection closed before the envelope is complete queues nothing (54).
+
+Options: ``sign`` asks for the message to be DKIM-signed (pyqmail.dkim), and is honoured
+from qmaild alone: an authenticated SMTP session's message, when qmail-smtpd runs as
+qmaild (under tcpserver, or ``pyqmail run``'s listener once its committer child is gone).
+Who may have mail signed is still decided by the kernel's uid, never by the request:
+
+- a local user (and root): signed whether asked or not, as before (local injection);
+- qmaild: signed only when asked. qmaild is the SMTP server, the one that decides whether
+  a session authenticated; the same process already asks ``pyqmail run``'s committer to
+  sign (its ``S`` frame, queue/committer.py), so the service trusts it no further than
+  that. What a remote client sends never sets the option: qmail-smtpd sets it from its
+  own AUTH state. The key stays unreadable to qmaild: the service (qmailq) signs;
+- qmails (bounces) and alias: never signed; the option is ignored.
+
+An unknown option is refused (91, temporary): a client asking for something this service
+does not do is told so rather than served without it.
+
+Compatibility: a request without ``+`` is exactly the old protocol, so older clients
+(and every request that asks nothing) work unchanged. An older service reads ``+`` as a
+broken length and answers 54 (temporary, nothing queued): so that a new local user's
+qmail-inject keeps working with a daemon not yet restarted after an upgrade, clients send
+``sign`` only when their uid is not signed anyway (queue/submit.py's QueueSubmitter).
 """
 
 from __future__ import annotations
@@ -61,6 +84,10 @@ MAX_CHUNK = 1 << 20
 _PIECE = 65536  # the envelope is read and parsed this much at a time
 SOCKET_NAME = "qmail-queue.sock"
 _TIMEOUT = 3600.0
+OPTIONS = b"+"  # the options netstring's mark, before the first chunk
+MAX_OPTIONS = 256
+SIGN = "sign"
+KNOWN_OPTIONS = frozenset({SIGN})
 
 
 def socket_path(home: Home) -> Path:
@@ -76,12 +103,13 @@ def netstring(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
-def read_length(f: IO[bytes], limit: int) -> int:
+def read_length(f: IO[bytes], limit: int, first: bytes = b"") -> int:
     """Read a netstring's ``digits:`` (at most 10 digits) from a buffered binary stream;
-    FrameError on anything else or a length over ``limit``."""
+    FrameError on anything else or a length over ``limit``. ``first``: its first byte,
+    already read by the caller."""
     digits = b""
     while True:
-        c = f.read(1)
+        c, first = first or f.read(1), b""
         if not c:
             raise FrameError("connection closed")
         if c == b":":
@@ -97,9 +125,9 @@ def read_length(f: IO[bytes], limit: int) -> int:
     return n
 
 
-def read_netstring(f: IO[bytes], limit: int) -> bytes:
+def read_netstring(f: IO[bytes], limit: int, first: bytes = b"") -> bytes:
     """Read one netstring from a buffered binary stream; FrameError on anything else."""
-    n = read_length(f, limit)
+    n = read_length(f, limit, first)
     data = f.read(n)
     if len(data) != n or f.read(1) != b",":
         raise FrameError("truncated netstring")
@@ -148,8 +176,16 @@ class ServiceClient:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def submit(self, chunks: Iterable[bytes], envelope: bytes | Callable[[], bytes]) -> Reply:
+    def submit(
+        self,
+        chunks: Iterable[bytes],
+        envelope: bytes | Callable[[], bytes],
+        *,
+        sign: bool = False,
+    ) -> Reply:
         """Send message chunks and the fd-1 envelope; the service's Reply.
+
+        ``sign``: send the ``sign`` option (the module docstring says who it serves).
 
         ``envelope`` may be a callable, called once the chunks are sent (qmail-queue
         reads fd 0 to its end before fd 1); what it raises propagates once the service,
@@ -167,6 +203,8 @@ class ServiceClient:
                 )
             caller_error: BaseException | None = None
             try:
+                if sign:
+                    s.sendall(OPTIONS + netstring(SIGN.encode("ascii")))
                 it = iter(chunks)
                 env = b""
                 while True:
@@ -226,6 +264,14 @@ def origin_of(uid: int, ids: Ids | None) -> str:
     if uid == ids.uid("send"):
         return "bounce"
     return "uid"
+
+
+def signs(origin: str, asked: bool) -> bool:
+    """Whether the service DKIM-signs a message from a caller of ``origin`` (origin_of,
+    the kernel's uid) that ``asked`` for it or not: a local user's mail is local injection,
+    always signed; qmaild's (network) only when asked, for an authenticated session; a
+    bounce's or alias's never (module docstring)."""
+    return origin == "uid" or (origin == "network" and asked)
 
 
 class QueueService:
@@ -391,18 +437,28 @@ class QueueService:
             self._release(uid)
 
     def _serve_one(self, f: IO[bytes], pid: int, uid: int) -> Reply:
+        options: frozenset[str] = frozenset()
         try:
-            chunk = read_netstring(f, MAX_CHUNK)  # nothing is created for a silent client
+            first = f.read(1)  # nothing is created for a silent client
+            if first == OPTIONS:
+                words = read_netstring(f, MAX_OPTIONS).decode("ascii", "replace")
+                options = frozenset(words.split())
+                first = b""
+            elif not first:
+                raise FrameError("connection closed")
+            chunk = read_netstring(f, MAX_CHUNK, first)
         except TimeoutError:
             return Reply(codes.TIMEOUT, pid, 0, "timeout")
         except (FrameError, OSError) as e:
             return Reply(codes.READ_ERROR, pid, 0, f"read error: {e}")
+        if unknown := options - KNOWN_OPTIONS:
+            return Reply(codes.FORMAT_ERROR, pid, 0, f"unknown option {sorted(unknown)[0]}")
         origin = origin_of(uid, self.ids)
         try:
             p: QueuePending = self.writer.begin(uid=uid, origin=origin, qp=pid)
         except QueueError as e:
             return Reply(e.code, pid, 0, str(e))
-        if origin == "uid":  # a local user's mail is local injection: DKIM-signed (dkim.py)
+        if signs(origin, SIGN in options):
             p = signing(self.home, p)
         try:
             while chunk:

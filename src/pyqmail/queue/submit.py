@@ -248,15 +248,18 @@ class ProgramSubmitter:
 
 
 class _ServicePending(_Spooled):
-    def __init__(self, client: ServiceClient, received: bytes) -> None:
+    def __init__(self, client: ServiceClient, received: bytes, sign: bool = False) -> None:
         super().__init__(received)
         self._client = client
+        self._sign = sign
 
     def _commit(self, sender: bytes, recipients: Sequence[bytes]) -> Reply:
         msg = self._take(sender, recipients)
         try:
             reply = self._client.submit(
-                iter(lambda: msg.read(65536), b""), format_service(sender, recipients)
+                iter(lambda: msg.read(65536), b""),
+                format_service(sender, recipients),
+                sign=self._sign,
             )
         finally:
             msg.close()
@@ -275,10 +278,12 @@ class ServiceSubmitter:
     def begin(
         self, *, origin: str = "uid", received: bytes = b"", sign: bool = False
     ) -> BlockingSubmission:
-        # origin (and signing: local users' mail) is decided by the service from our uid
-        # (SO_PEERCRED), as qmail-queue decides it from the real uid: a caller cannot
-        # claim to be the network.
-        return _ServicePending(self.client, received)
+        """``sign``: ask the service to DKIM-sign (its ``sign`` option). The origin, and
+        whether the request is honoured, are decided by the service from our uid
+        (SO_PEERCRED), as qmail-queue decides from the real uid: a caller cannot claim to
+        be the network, and only qmaild (an authenticated SMTP session's message) is signed
+        because it asked; a local user's mail is signed anyway (queue/service.py)."""
+        return _ServicePending(self.client, received, sign)
 
 
 def drop_to_queue_user(ids: Ids, role: str = "queue") -> None:
@@ -465,7 +470,8 @@ class QueueSubmitter:
     ) -> BlockingSubmission:
         """``sign``: DKIM-sign the message (pyqmail.dkim) in the process that writes the
         queue: this one, root's qmailq child, or the queue service (which signs what local
-        users inject whatever is asked here: it knows who they are)."""
+        users inject whatever is asked here: it knows who they are; qmaild's only when
+        asked, so qmail-smtpd as qmaild asks for an authenticated session's message)."""
         if self._direct is None and can_write_queue(self.home):
             self._direct = InProcessSubmitter(self.home, notify=self.notify)
         if self._direct is not None:
@@ -478,4 +484,16 @@ class QueueSubmitter:
             return RootSubmitter(self.home, ids).begin(origin=origin, received=received, sign=sign)
         if self._service is None:
             self._service = ServiceSubmitter(self.home)
-        return self._service.begin(origin=origin, received=received)
+        return self._service.begin(
+            origin=origin, received=received, sign=sign and self._service_needs_sign()
+        )
+
+    def _service_needs_sign(self) -> bool:
+        """Whether the service must be asked to sign: not for a local user, whose mail it
+        signs anyway. Not asking keeps a local user's qmail-inject working with a service
+        older than the option (an upgraded install whose daemon still runs the old code)."""
+        try:
+            ids = self.home.ids()
+        except HomeError:
+            return True  # let the service decide
+        return origin_of(os.geteuid(), ids) != "uid"  # SO_PEERCRED gives the euid
