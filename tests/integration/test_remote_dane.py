@@ -34,6 +34,7 @@ from pyqmail.outcome import Outcome, Status
 from pyqmail.remote import dane
 from pyqmail.remote.deliver import RemoteAgent
 from pyqmail.remote.mx import make_resolver
+from pyqmail.send.explain import explain_address
 from tests.conftest import free_port, require_tools, write_control
 from tests.integration.test_remote_peers import Peer, Script
 
@@ -365,3 +366,15 @@ def test_a_resolver_off_loopback_is_not_trusted() -> None:
     assert dane.trusted(res)
     res.nameservers = ["127.0.0.1", "192.0.2.1"]
     assert not dane.trusted(res)
+
+
+def test_explain_shows_the_tlsa_state(home: Home, resolver_spec: str) -> None:
+    def text(addr: str) -> str:
+        return explain_address(home, addr, resolver=make_resolver(resolver_spec, lifetime=3)).text()
+
+    assert "DANE: mx.good.test: TLSA records (DANE-EE): TLS required" in text("b@good.test")
+    assert "DANE: mx.ta.test: only unusable TLSA records" in text("b@ta.test")
+    assert "DANE: mx.bogus.test: the TLSA lookup failed" in text("b@bogus.test")
+    assert "DANE: mx.plain.test: validated, no TLSA records" in text("b@plain.test")
+    assert "DANE: mx.insecure.test: not used" in text("b@insecure.test")
+    assert "DANE" not in explain_address(home, "b@good.test", dns=False).text()
