@@ -12,9 +12,10 @@ DEMO   := $(CURDIR)/var/qmail
 # sasl2-bin's saslpasswd2 makes the SASL users of the Postfix smarthost with AUTH; srs is
 # Mail::SRS's command, the reference our SRS addresses are checked against; systemd's
 # systemd-analyze verifies the unit `pyqmail service install --systemd` writes, and
-# daemontools' svscan/supervise/multilog run the scripts of --daemontools).
+# daemontools' svscan/supervise/multilog run the scripts of --daemontools; NSD serves the
+# DNSSEC-signed zone that dnsmasq --dnssec validates for the DANE tests).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base openssl opendkim-tools libmail-dkim-perl \
-          chromium python3-prometheus-client python3-authres sasl2-bin srs systemd daemontools
+          chromium python3-prometheus-client python3-authres sasl2-bin srs systemd daemontools nsd
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 
@@ -38,6 +39,8 @@ deps:
 	fi
 	@# Postfix is only a peer for the tests and benches: never leave the packaged one running on :25.
 	@if command -v postfix >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then postfix stop >/dev/null 2>&1 || true; fi
+	@# Likewise NSD: the tests run their own on a free port; never the packaged one on :53.
+	@if [ -s /run/nsd/nsd.pid ] && [ "$$(id -u)" = 0 ]; then kill "$$(cat /run/nsd/nsd.pid)" 2>/dev/null || true; fi
 
 # The root-mode tests run deliveries, the queue and the listeners as qmail's accounts
 # (alias qmaild qmaill qmailp qmailq qmailr qmails; groups qmail nofiles). As root, create

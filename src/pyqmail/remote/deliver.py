@@ -33,7 +33,7 @@ import dns.asyncresolver
 from pyqmail.control import Control, ControlCache, ControlError
 from pyqmail.home import Home
 from pyqmail.outcome import Outcome, Status
-from pyqmail.remote import mtasts, mx, routes, smarthost, tls
+from pyqmail.remote import dane, mtasts, mx, routes, smarthost, tls
 from pyqmail.remote.mtastscache import HTTPS_PORT, MtaSts, cache_dir
 from pyqmail.remote.pool import ConnectionPool, Idle
 from pyqmail.remote.smarthost import IMPLICIT_TLS_PORT, Relay, SmarthostError, Smarthosts
@@ -151,6 +151,7 @@ class RemoteAgent:
         self.ctl = ctl
         self.port = port
         self._resolver = resolver
+        self._dane: bool | None = None  # the resolver is on loopback: its AD bit counts
         self._own_ips = frozenset(own_ips) if own_ips is not None else None
         self.ipv6 = ipv6
         self._rng = rng or random.Random()
@@ -174,7 +175,15 @@ class RemoteAgent:
     def resolver(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
             self._resolver = mx.make_resolver()
+        if self._dane is None:  # once: ask with DO/AD when the resolver is trusted
+            self._dane = dane.ask_dnssec(self._resolver)
         return self._resolver
+
+    @property
+    def dane_enabled(self) -> bool:
+        """DANE applies (RFC 7672): the resolver is on loopback, so its AD bit counts."""
+        _ = self.resolver
+        return bool(self._dane)
 
     @property
     def own_ips(self) -> frozenset[str]:
@@ -316,7 +325,36 @@ class RemoteAgent:
         pool_helo = helo + relay.pool_tag() if relay is not None and authed else helo
         keep_as = pool_helo if reusable else None
         last: SessionResult | None = None
+        use_dane = route is None and self.dane_enabled
+        tlsa: dict[str, dane.HostPolicy] = {}
         for addr in addrs:
+            # DANE (remote/dane.py) for a validated MX host: its TLSA records decide its
+            # TLS, before MTA-STS (RFC 8461 section 2); a failure tries the next MX.
+            hp = dane.NO_DANE
+            if use_dane and addr.secure:
+                if addr.name not in tlsa:
+                    tlsa[addr.name] = await dane.lookup(self.resolver, addr.name)
+                hp = tlsa[addr.name]
+                if hp.kind is dane.Kind.FAIL:
+                    last = _only("Z", hp.failure_text())
+                    continue
+                if hp.kind is dane.Kind.ENCRYPT and (listed or sts is mtasts.Mode.ENFORCE):
+                    hp = dane.NO_DANE  # verified TLS is required anyway: keep that
+            if hp.kind is not dane.Kind.NONE:
+                if self.tcpto.is_down(addr.ip):
+                    continue
+                conn = await self._connect(ctl, addr.ip, port)
+                if conn is None:
+                    continue
+                result = await self._dialogue(
+                    conn, ctl, addr, port, helo, sender, recipients, message,
+                    TlsMode.REQUIRED, hp.label, dane_host=hp,
+                )  # fmt: skip
+                assert result is not None
+                if mtasts.tls_failed(result.message[1], hp.label):
+                    last = result  # RFC 7672 2.2: this MX fails; the next one
+                    continue
+                return result
             if reusable:
                 while (idle := self.pool.get((addr.ip, port, pool_helo))) is not None:
                     kept = await self._dialogue(
@@ -414,11 +452,13 @@ class RemoteAgent:
         relay: Relay | None = None,
         implicit: bool = False,
         pool_helo: str | None = None,
+        dane_host: dane.HostPolicy | None = None,
     ) -> SessionResult | None:
         """Run one transaction on ``conn``. None: a kept connection (``reused``) was found
         dead before the server said anything about this message; use a new one.
         ``relay``: the smarthost's TLS trust and credentials; ``implicit``: TLS is already
-        on (port 465); ``pool_helo``: the pool key's last part, None: never keep it."""
+        on (port 465); ``pool_helo``: the pool key's last part, None: never keep it;
+        ``dane_host``: the MX host's TLSA records decide the TLS check (never kept either)."""
         reader, writer = conn
         timeout = max(ctl.timeoutremote, 1)
         creds = relay.creds if relay is not None else None
@@ -472,7 +512,9 @@ class RemoteAgent:
                     # plaintext injected into the TLS session, CVE-2011-0411 style).
                     replies.clear()
                     parser = ReplyParser()
-                    ok, err = await self._start_tls(writer, addr, act.verify, timeout, relay)
+                    ok, err = await self._start_tls(
+                        writer, addr, act.verify, timeout, relay, dane_host
+                    )
                     tls_on = ok
                     actions.extend(session.tls_done(ok, err))
                 elif isinstance(act, SendBody):
@@ -510,10 +552,17 @@ class RemoteAgent:
         verify: bool,
         timeout: int,
         relay: Relay | None = None,
+        dane_host: dane.HostPolicy | None = None,
     ) -> tuple[bool, str]:
         pins: frozenset[bytes] = frozenset()
         name: str | None
-        if relay is not None and relay.trust is not None:  # control/smtproutestls
+        if dane_host is not None:
+            # DANE-EE: the TLSA records are the trust; no chain, name or date check. The
+            # MX name goes out as SNI (RFC 7672 8.1), unchecked (check_hostname is off).
+            if self._plain_ctx is None:
+                self._plain_ctx = tls.opportunistic_context()
+            ctx, name = self._plain_ctx, addr.name
+        elif relay is not None and relay.trust is not None:  # control/smtproutestls
             try:
                 ctx = self.smarthosts.context(relay.trust)
             except (OSError, ssl.SSLError) as e:
@@ -539,6 +588,12 @@ class RemoteAgent:
             if not smarthost.pin_matches(der, pins):
                 writer.transport.abort()  # a TLS session we will not use: no close_notify
                 return False, "the certificate does not match the pin in control/smtproutestls"
+        if dane_host is not None and dane_host.kind is dane.Kind.AUTH:
+            sslobj = writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            if not dane.matches(der, dane_host.records):
+                writer.transport.abort()
+                return False, "the certificate matches none of the DANE TLSA records"
         return True, ""
 
     @staticmethod

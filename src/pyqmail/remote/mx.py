@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.resolver
 
 from pyqmail.outcome import Outcome
@@ -49,6 +50,9 @@ class Address:
     pref: int
     ip: str
     name: str  # the MX/relay host name (for TLS verification); the IP for literals
+    # The MX RRset (or its secure denial) and this host's address records came with the
+    # AD bit of a trusted resolver (remote/dane.py): only then may DANE apply to it.
+    secure: bool = False
 
 
 class DnsFailure(Exception):
@@ -109,30 +113,40 @@ class _Lookup:
         self.ips: list[str] = []
         self.hard = False
         self.soft = False
+        self.secure = True  # every answer had the AD bit (DNSSEC-validated)
 
 
 async def _query(res: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[str] | str:
     """Answer texts, or "hard" (NXDOMAIN), or "soft" (anything temporary)."""
+    return (await _query_ad(res, name, rdtype))[0]
+
+
+async def _query_ad(
+    res: dns.asyncresolver.Resolver, name: str, rdtype: str
+) -> tuple[list[str] | str, bool]:
+    """:func:`_query`'s result and whether the answer (or the NODATA) had the AD bit."""
     try:
         ans = await res.resolve(name, rdtype, search=False, raise_on_no_answer=False)
     except dns.resolver.NXDOMAIN:
-        return "hard"
+        return "hard", False
     except (dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
-        return []
+        return [], False
     except (dns.exception.DNSException, OSError, ValueError):
-        return "soft"
+        return "soft", False
+    ad = bool(ans.response.flags & dns.flags.AD)
     if ans.rrset is None:
-        return []
-    return [r.to_text() for r in ans.rrset]
+        return [], ad
+    return [r.to_text() for r in ans.rrset], ad
 
 
 async def host_addresses(
     res: dns.asyncresolver.Resolver, name: str, *, ipv6: bool = True
 ) -> _Lookup:
     kinds = ["A", "AAAA"] if ipv6 else ["A"]
-    results = await asyncio.gather(*(_query(res, name, k) for k in kinds))
+    results = await asyncio.gather(*(_query_ad(res, name, k) for k in kinds))
     out = _Lookup()
-    for r in results:
+    for r, ad in results:
+        out.secure = out.secure and ad
         if r == "hard":
             out.hard = True
         elif r == "soft":
@@ -170,13 +184,14 @@ async def mx_addresses(
     lit = ip_literal(host)
     if lit is not None:
         return [Address(0, lit, lit)]
-    mx = await _query(res, host, "MX")
+    mx, mx_secure = await _query_ad(res, host, "MX")
     if mx == "soft":
         raise temp_dns()
     if mx == "hard" or not mx:
         found = await host_addresses(res, host, ipv6=ipv6)
         if found.ips:
-            return [Address(0, ip, host) for ip in found.ips]
+            secure = mx_secure and found.secure  # RFC 7672 2.2.1: a secure "no MX"
+            return [Address(0, ip, host, secure) for ip in found.ips]
         if found.hard:
             raise perm_dns(host)
         if found.soft:
@@ -198,7 +213,8 @@ async def mx_addresses(
             continue
         found = by_name[target]
         soft = soft or (found.soft and not found.ips)
-        out.extend(Address(pref, ip, target) for ip in found.ips)
+        secure = mx_secure and found.secure  # RFC 7672 2.2.2
+        out.extend(Address(pref, ip, target, secure) for ip in found.ips)
     if not out:
         if soft:
             raise temp_dns()

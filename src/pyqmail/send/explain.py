@@ -44,7 +44,7 @@ from pyqmail.local import dotqmail, users
 from pyqmail.local.dotqmail import Instruction, Kind
 from pyqmail.local.qlocal import srs_refusal
 from pyqmail.local.spawner import split_recipient
-from pyqmail.remote import mtasts, mtastscache, mx, routes, smarthost, tls
+from pyqmail.remote import dane, mtasts, mtastscache, mx, routes, smarthost, tls
 from pyqmail.send.limits import BACKOFF_FIRST, BACKOFF_MAX
 from pyqmail.send.schedule import LOCAL
 from pyqmail.send.todo import Routing
@@ -339,7 +339,7 @@ def _remote(
         if not dns:
             ex.say("DNS: not asked (--no-dns)")
         else:
-            _dns(lookup, ex, resolver, timeout)
+            _dns(lookup, ex, resolver, timeout, with_dane=route is None)
     _limits(ctl, domain, ex)
     if via == "SMTP" and route is not None and home is not None and _smarthost(home, route, ex):
         return
@@ -429,14 +429,25 @@ def _dns(
     ex: Explanation,
     resolver: dns.asyncresolver.Resolver | None,
     timeout: float,
+    *,
+    with_dane: bool = False,
 ) -> None:
+    """The lookup's addresses; ``with_dane`` (MX delivery): the TLSA state of each MX host
+    as delivery would see it (remote/dane.py), in the same time limit."""
     res = resolver if resolver is not None else mx.make_resolver(lifetime=timeout)
+    trusted = with_dane and dane.ask_dnssec(res)
 
-    async def run() -> list[mx.Address]:
-        return await asyncio.wait_for(lookup(res), timeout)
+    async def run() -> tuple[list[mx.Address], dict[str, dane.HostPolicy]]:
+        async def both() -> tuple[list[mx.Address], dict[str, dane.HostPolicy]]:
+            found = await lookup(res)
+            names = list(dict.fromkeys(a.name for a in found if a.secure)) if trusted else []
+            got = await asyncio.gather(*(dane.lookup(res, n) for n in names))
+            return found, dict(zip(names, got, strict=True))
+
+        return await asyncio.wait_for(both(), timeout)
 
     try:
-        addrs = asyncio.run(run())
+        addrs, tlsa = asyncio.run(run())
     except mx.DnsFailure as e:
         ex.say(f"DNS: {e.outcome.text.strip()}")
         ex.refused = ex.refused or e.outcome.status.value == "D"
@@ -447,6 +458,25 @@ def _dns(
     for a in addrs:
         pref = f"MX {a.pref} " if a.pref else ""
         ex.say(f"DNS: {pref}{a.name} -> {a.ip}")
+    if not with_dane:
+        return
+    if not trusted:
+        ex.say("DANE: off (the resolver is not on loopback: its AD bit is not trusted)")
+        return
+    for name in dict.fromkeys(a.name for a in addrs if mx.ip_literal(a.name) is None):
+        hp = tlsa.get(name)
+        if hp is None:
+            ex.say(f"DANE: {name}: not used (its MX or address records are not DNSSEC-validated)")
+        else:
+            ex.say(f"DANE: {name}: {_DANE_STATE[hp.kind]}")
+
+
+_DANE_STATE = {
+    dane.Kind.NONE: "validated, no TLSA records: delivery as without DANE",
+    dane.Kind.AUTH: "TLSA records (DANE-EE): TLS required, the certificate must match one",
+    dane.Kind.ENCRYPT: "only unusable TLSA records: TLS required, not authenticated",
+    dane.Kind.FAIL: "the TLSA lookup failed: this MX would be skipped (#4.7.5)",
+}
 
 
 def explain_client(home: Home, ip: str, helo: str | None = None) -> Explanation:
