@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/peers.py
-from bench.fsinfo import add_dir_arg, describe, make_dir
+from bench.fsinfo import add_dir_arg, block_dev, block_stat, describe, jbd2_commits, make_dir
 from tests.peers import PrivatePostfix
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -88,6 +88,8 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
            f"127.0.0.1:{port}"]  # fmt: skip
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     me0 = resource.getrusage(resource.RUSAGE_SELF)
+    dev = block_dev(str(maildir))
+    io0, j0 = block_stat(dev), jbd2_commits(dev)[0]
     b0 = busy_jiffies()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -102,6 +104,7 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
             break
         time.sleep(0.01)
     b1 = busy_jiffies()
+    io1, j1 = block_stat(dev), jbd2_commits(dev)[0]
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     me1 = resource.getrusage(resource.RUSAGE_SELF)
     cli = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
@@ -112,6 +115,8 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
         "e2e": a.n / t_del if t_del else 0.0,
         "delivered": count(new),
         "cpu_ms": 1000 * busy / a.n,
+        "flushes": (io1[1] - io0[1]) / a.n,  # the device's cache flushes per message
+        "commits": (j1 - j0) / a.n,  # journal transactions per message (jbd2)
     }
 
 
@@ -215,6 +220,7 @@ def summary(label: str, rs: list[dict[str, float]], a: argparse.Namespace) -> fl
 
     print(f"{label:9s} n={a.n} s={a.sessions} size={a.size} | e2e {st('e2e', '.1f')} msg/s | "
           f"accept {st('accept', '.1f')} msg/s | CPU {st('cpu_ms', '.2f')} ms/msg | "
+          f"journal commits {st('commits', '.2f')}, flushes {st('flushes', '.2f')} /msg | "
           f"delivered {min(int(r['delivered']) for r in rs)}", flush=True)  # fmt: skip
     return statistics.median(r["e2e"] for r in rs)
 
