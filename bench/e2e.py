@@ -6,13 +6,15 @@ S sessions, a new connection per message) and time from its start until the N-th
 in Maildir/new. Also: the CPU of the whole machine during that time minus smtp-source's own
 (CPU-ms per message), as the acceptance driver measures it.
 
-* pyqmail: ``pyqmail run --single-user`` on a fresh home, the recipient's Maildir under it.
+* pyqmail: ``pyqmail run --single-user`` on a fresh home, the recipient's Maildir under it;
+  with ``--root``, ``pyqmail run`` as root on a multi-user home (listener, committer,
+  scheduler and spawner under qmail's users, the recipient ``nobody``), as sites run it.
 * postfix: a private Debian Postfix instance (``postfix -c DIR``, its own queue and port,
   the system one untouched) delivering x@vbench.local through its virtual agent into a
   Maildir (fsynced), as the acceptance check's Postfix does.
 
 Usage: bench/e2e.py [--dir DIR] [--n 2000] [--sessions 10] [--size 1024] [--runs 3]
-[--no-postfix]. DIR holds both MTAs' homes and queues (run on a journalled file system:
+[--no-postfix] [--root]. DIR holds both MTAs' homes and queues (run on a journalled file system:
 bench/journalled.sh); the file system is printed first.
 Prints one line per MTA (median [min-max]) and the ratio pyqmail/postfix. Needs root for
 Postfix. Both MTAs guarantee a message acknowledged with 250 is on disk (fsync).
@@ -129,33 +131,55 @@ def runs(port: int, maildir: Path, a: argparse.Namespace) -> list[dict[str, floa
 
 
 # -- pyqmail ------------------------------------------------------------------------------
+def make_home(d: Path, root: bool) -> tuple[Path, Path, dict[str, str]]:
+    """A fresh pyqmail home under ``d`` with x@vbench.local delivered to a Maildir:
+    single-user (the invoking user), or with ``root`` a multi-user home whose user x is
+    ``nobody`` (its Maildir and .qmail owned by it). (home, Maildir, environment)."""
+    env = dict(os.environ)
+    if not root:
+        env["PYQMAIL_SINGLE_USER"] = "1"
+    else:
+        env.pop("PYQMAIL_SINGLE_USER", None)
+    home = d / "q"
+    subprocess.run([str(VENV_BIN / "pyqmail"), "init", str(home), "--me", "mx.test.example"],
+                   check=True, capture_output=True, env=env)  # fmt: skip
+    for name in ("locals", "rcpthosts"):
+        with open(home / "control" / name, "a") as f:
+            f.write("vbench.local\n")
+    user = d / "x"
+    for sub in ("cur", "new", "tmp"):
+        (user / "Maildir" / sub).mkdir(parents=True)
+    uid, gid = os.getuid(), os.getgid()
+    if root:
+        nb = pwd.getpwnam("nobody")
+        uid, gid = nb.pw_uid, nb.pw_gid
+        for dirpath, _, _ in os.walk(user):
+            os.chown(dirpath, uid, gid)
+        os.chown(user, uid, gid)
+        (user / ".qmail").write_text("./Maildir/\n")
+        os.chown(user / ".qmail", uid, gid)
+    (home / "users" / "assign").write_text(f"=x:x:{uid}:{gid}:{user}:::\n.\n")
+    subprocess.run(
+        [str(VENV_BIN / "qmail-newu")], check=True, env=dict(env, PYQMAIL_HOME=str(home))
+    )
+    return home, user / "Maildir", env
+
+
 def run_pyqmail(a: argparse.Namespace) -> list[dict[str, float]]:
     d = make_dir(a.dir, "pyqmail-bench-e2e-")
-    env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
-    home = d / "q"
+    d.chmod(0o755)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        subprocess.run([str(VENV_BIN / "pyqmail"), "init", str(home), "--me", "mx.test.example"],
-                       check=True, capture_output=True, env=env)  # fmt: skip
-        for name in ("locals", "rcpthosts"):
-            with open(home / "control" / name, "a") as f:
-                f.write("vbench.local\n")
-        user = d / "x"
-        for sub in ("cur", "new", "tmp"):
-            (user / "Maildir" / sub).mkdir(parents=True)
-        (home / "users" / "assign").write_text(f"=x:x:{os.getuid()}:{os.getgid()}:{user}:::\n.\n")
-        subprocess.run(
-            [str(VENV_BIN / "qmail-newu")], check=True, env=dict(env, PYQMAIL_HOME=str(home))
-        )
+        home, maildir, env = make_home(d, a.root)
         port = free_port()
         log = open(d / "log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "pyqmail"), "run", "--home", str(home), "--single-user",
-             "--smtp", f"127.0.0.1:{port}"],
-            stdout=log, stderr=log, env=env,
-        )  # fmt: skip
+        argv = [str(VENV_BIN / "pyqmail"), "run", "--home", str(home),
+                "--smtp", f"127.0.0.1:{port}"]  # fmt: skip
+        if not a.root:
+            argv.append("--single-user")
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
         wait_port(port)
-        rs = runs(port, user / "Maildir", a)
+        rs = runs(port, maildir, a)
         if min(r["delivered"] for r in rs) < a.n:
             tail = (d / "log").read_bytes().decode(errors="replace").splitlines()
             usual = ("status:", "starting", "delivery", "new msg", "info msg", "end msg")
@@ -234,6 +258,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--no-postfix", action="store_true")
+    ap.add_argument("--root", action="store_true",
+                    help="pyqmail run as root, multi-user home (user nobody)")  # fmt: skip
     add_dir_arg(ap)
     a = ap.parse_args()
     print(describe(a.dir or tempfile.gettempdir()))

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.e2e import free_port, wait_port
+from bench.e2e import free_port, make_home, wait_port
 from bench.fsinfo import add_dir_arg, block_dev, block_stat, describe, jbd2_commits, make_dir
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -129,37 +129,6 @@ def jbd2_cpu(dev: str | None) -> float:
             v = s[s.rfind(")") + 2 :].split()
             return (int(v[11]) + int(v[12])) / HZ
     return 0.0
-
-
-def make_home(d: Path, root: bool) -> tuple[Path, Path, dict[str, str]]:
-    env = dict(os.environ)
-    if not root:
-        env["PYQMAIL_SINGLE_USER"] = "1"
-    else:
-        env.pop("PYQMAIL_SINGLE_USER", None)
-    home = d / "q"
-    subprocess.run([str(VENV_BIN / "pyqmail"), "init", str(home), "--me", "mx.test.example"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
-    for name in ("locals", "rcpthosts"):
-        with open(home / "control" / name, "a") as f:
-            f.write("vbench.local\n")
-    user = d / "x"
-    for sub in ("cur", "new", "tmp"):
-        (user / "Maildir" / sub).mkdir(parents=True)
-    uid, gid = os.getuid(), os.getgid()
-    if root:
-        nb = pwd.getpwnam("nobody")
-        uid, gid = nb.pw_uid, nb.pw_gid
-        for dirpath, _, _ in os.walk(user):
-            os.chown(dirpath, uid, gid)
-        os.chown(user, uid, gid)
-        (user / ".qmail").write_text("./Maildir/\n")
-        os.chown(user / ".qmail", uid, gid)
-    (home / "users" / "assign").write_text(f"=x:x:{uid}:{gid}:{user}:::\n.\n")
-    subprocess.run(
-        [str(VENV_BIN / "qmail-newu")], check=True, env=dict(env, PYQMAIL_HOME=str(home))
-    )
-    return home, user / "Maildir", env
 
 
 def main() -> None:
