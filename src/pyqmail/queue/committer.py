@@ -201,11 +201,16 @@ def _take_frames(
         results = pipe.round(batch)
     except Exception:  # a bug must not take the child down with every open message
         log.exception("commit failed")
+        results = pipe.drain()  # final before the bug: their replies still go out
+        withdrawn = pipe.abort()  # linked, not synced: todo links removed
         for _, p, _, _ in batch:
             p.abort()
         bug = QueueError(codes.INTERNAL_BUG)
-        results = [(key, bug) for key in pipe.abort()]
-        results += [(key, bug) for key, _, _, _ in batch]
+        answered = {key for key, _ in results}
+        for key in [*withdrawn, *(key for key, _, _, _ in batch)]:
+            if key not in answered:
+                answered.add(key)
+                results.append((key, bug))
     for key, res in results:
         ident, pqp = cast(tuple[int, int], key)
         if isinstance(res, QueueError):

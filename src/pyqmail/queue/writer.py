@@ -38,6 +38,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from pyqmail import qdate
 from pyqmail.durable import fsync_all, write_all
@@ -456,7 +457,8 @@ class Pending:
                 except OSError:
                     pass
         self._drop_pid()
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
         self._fd = -1
 
     def __del__(self) -> None:
@@ -582,6 +584,7 @@ class CommitPipeline:
     def __init__(self, writer: QueueWriter) -> None:
         self.w = writer
         self._linked: list[tuple[object, Pending]] = []
+        self._out: list[tuple[object, int | QueueError]] = []
 
     @property
     def pending(self) -> int:
@@ -595,18 +598,19 @@ class CommitPipeline:
         messages linked last time, finish those and link the new ones. Returns the
         results that are final now: (key, N) of the finished messages and (key,
         QueueError) of every message that failed. Exceptions other than QueueError (a
-        hook's) abort the message they hit and propagate."""
+        hook's) abort the message they hit and propagate; the results already final
+        are then in ``drain()`` and the linked messages in ``abort()``."""
         w = self.w
         items: list[Item] = []
         for _, p, sender, rcpts in new:
             if p._w is not w:
                 raise ValueError("CommitPipeline: messages of different writers")
             items.append((p, sender, rcpts))
-        results: list[tuple[object, int | QueueError]] = []
+        out = self._out
 
         def fail(i: int, err: QueueError) -> None:
             items[i][0].abort()
-            results.append((new[i][0], err))
+            out.append((new[i][0], err))
 
         live = _phase(
             list(range(len(items))),
@@ -619,7 +623,7 @@ class CommitPipeline:
         # message file is fsynced at once anyway, so a batch of one kicks its envelope only.)
         for k, i in enumerate(live):
             items[i][0]._start_writeback(k > 0)
-        linked, self._linked = self._linked, []
+        linked = list(self._linked)  # stay in _linked until finished: abort() sees them
         extra: list[Callable[[], None]] = []
         tdir: _GroupSync | None = None
         tdir_err: OSError | None = None
@@ -636,27 +640,43 @@ class CommitPipeline:
             extra_errs = []
         if linked:
             terr = tdir_err if tdir is None else extra_errs[0]
+            err = None
             if terr is not None:
                 err = QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {terr}")
-                for key, p in linked:
+            for key, p in linked:
+                if err is not None:
                     p._undo_link(f"{w._todo_dir}/{p.msgnum}")
-                    results.append((key, err))
-            else:
-                for key, p in linked:
-                    results.append((key, p._finish()))
-        if not live:
-            return results
-        if tdir is None:
+                    out.append((key, err))
+                else:
+                    out.append((key, p._finish()))
+                del self._linked[0]
+        if live and tdir is None:
             err = QueueError(codes.TODO_TROUBLE, f"unable to open {w._todo_dir}: {tdir_err}")
             for i in live:
                 fail(i, err)
-            return results
-        live = _phase(sorted(live), lambda i: items[i][0]._link_todo(tdir), items, fail)
+            live = []
+        now = []
+        for i in sorted(live):
+            p = items[i][0]
+            try:
+                p._link_todo(cast(_GroupSync, tdir))
+            except QueueError as e:
+                fail(i, e)
+                continue
+            except BaseException:
+                p.abort()
+                raise
+            self._linked.append((new[i][0], p))
+            now.append(i)
         # The commit point of each message: whole on disk and named in todo/.
-        for i in live:
+        for _ in now:
             w._step(CrashState.TODO_LINKED)
-            self._linked.append((new[i][0], items[i][0]))
-        return results
+        return self.drain()
+
+    def drain(self) -> list[tuple[object, int | QueueError]]:
+        """The results made final and not yet returned (after a round that raised)."""
+        out, self._out = self._out, []
+        return out
 
     def abort(self) -> list[object]:
         """Give up the linked messages (a bug or a hook raised): they are withdrawn as
