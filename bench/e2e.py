@@ -6,13 +6,15 @@ S sessions, a new connection per message) and time from its start until the N-th
 in Maildir/new. Also: the CPU of the whole machine during that time minus smtp-source's own
 (CPU-ms per message), as the acceptance driver measures it.
 
-* pyqmail: ``pyqmail run --single-user`` on a fresh home, the recipient's Maildir under it.
+* pyqmail: ``pyqmail run --single-user`` on a fresh home, the recipient's Maildir under it;
+  with ``--root``, ``pyqmail run`` as root on a multi-user home (listener, committer,
+  scheduler and spawner under qmail's users, the recipient ``nobody``), as sites run it.
 * postfix: a private Debian Postfix instance (``postfix -c DIR``, its own queue and port,
   the system one untouched) delivering x@vbench.local through its virtual agent into a
   Maildir (fsynced), as the acceptance check's Postfix does.
 
 Usage: bench/e2e.py [--dir DIR] [--n 2000] [--sessions 10] [--size 1024] [--runs 3]
-[--no-postfix]. DIR holds both MTAs' homes and queues (run on a journalled file system:
+[--no-postfix] [--root]. DIR holds both MTAs' homes and queues (run on a journalled file system:
 bench/journalled.sh); the file system is printed first.
 Prints one line per MTA (median [min-max]) and the ratio pyqmail/postfix. Needs root for
 Postfix. Both MTAs guarantee a message acknowledged with 250 is on disk (fsync).
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/peers.py
-from bench.fsinfo import add_dir_arg, describe, make_dir
+from bench.fsinfo import add_dir_arg, block_dev, block_stat, describe, jbd2_commits, make_dir
 from tests.peers import PrivatePostfix
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -88,6 +90,8 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
            f"127.0.0.1:{port}"]  # fmt: skip
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     me0 = resource.getrusage(resource.RUSAGE_SELF)
+    dev = block_dev(str(maildir))
+    io0, j0 = block_stat(dev), jbd2_commits(dev)[0]
     b0 = busy_jiffies()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -102,6 +106,7 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
             break
         time.sleep(0.01)
     b1 = busy_jiffies()
+    io1, j1 = block_stat(dev), jbd2_commits(dev)[0]
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     me1 = resource.getrusage(resource.RUSAGE_SELF)
     cli = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
@@ -112,6 +117,8 @@ def one_run(port: int, maildir: Path, a: argparse.Namespace) -> dict[str, float]
         "e2e": a.n / t_del if t_del else 0.0,
         "delivered": count(new),
         "cpu_ms": 1000 * busy / a.n,
+        "flushes": (io1[1] - io0[1]) / a.n,  # the device's cache flushes per message
+        "commits": (j1 - j0) / a.n,  # journal transactions per message (jbd2)
     }
 
 
@@ -124,33 +131,55 @@ def runs(port: int, maildir: Path, a: argparse.Namespace) -> list[dict[str, floa
 
 
 # -- pyqmail ------------------------------------------------------------------------------
+def make_home(d: Path, root: bool) -> tuple[Path, Path, dict[str, str]]:
+    """A fresh pyqmail home under ``d`` with x@vbench.local delivered to a Maildir:
+    single-user (the invoking user), or with ``root`` a multi-user home whose user x is
+    ``nobody`` (its Maildir and .qmail owned by it). (home, Maildir, environment)."""
+    env = dict(os.environ)
+    if not root:
+        env["PYQMAIL_SINGLE_USER"] = "1"
+    else:
+        env.pop("PYQMAIL_SINGLE_USER", None)
+    home = d / "q"
+    subprocess.run([str(VENV_BIN / "pyqmail"), "init", str(home), "--me", "mx.test.example"],
+                   check=True, capture_output=True, env=env)  # fmt: skip
+    for name in ("locals", "rcpthosts"):
+        with open(home / "control" / name, "a") as f:
+            f.write("vbench.local\n")
+    user = d / "x"
+    for sub in ("cur", "new", "tmp"):
+        (user / "Maildir" / sub).mkdir(parents=True)
+    uid, gid = os.getuid(), os.getgid()
+    if root:
+        nb = pwd.getpwnam("nobody")
+        uid, gid = nb.pw_uid, nb.pw_gid
+        for dirpath, _, _ in os.walk(user):
+            os.chown(dirpath, uid, gid)
+        os.chown(user, uid, gid)
+        (user / ".qmail").write_text("./Maildir/\n")
+        os.chown(user / ".qmail", uid, gid)
+    (home / "users" / "assign").write_text(f"=x:x:{uid}:{gid}:{user}:::\n.\n")
+    subprocess.run(
+        [str(VENV_BIN / "qmail-newu")], check=True, env=dict(env, PYQMAIL_HOME=str(home))
+    )
+    return home, user / "Maildir", env
+
+
 def run_pyqmail(a: argparse.Namespace) -> list[dict[str, float]]:
     d = make_dir(a.dir, "pyqmail-bench-e2e-")
-    env = dict(os.environ, PYQMAIL_SINGLE_USER="1")
-    home = d / "q"
+    d.chmod(0o755)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        subprocess.run([str(VENV_BIN / "pyqmail"), "init", str(home), "--me", "mx.test.example"],
-                       check=True, capture_output=True, env=env)  # fmt: skip
-        for name in ("locals", "rcpthosts"):
-            with open(home / "control" / name, "a") as f:
-                f.write("vbench.local\n")
-        user = d / "x"
-        for sub in ("cur", "new", "tmp"):
-            (user / "Maildir" / sub).mkdir(parents=True)
-        (home / "users" / "assign").write_text(f"=x:x:{os.getuid()}:{os.getgid()}:{user}:::\n.\n")
-        subprocess.run(
-            [str(VENV_BIN / "qmail-newu")], check=True, env=dict(env, PYQMAIL_HOME=str(home))
-        )
+        home, maildir, env = make_home(d, a.root)
         port = free_port()
         log = open(d / "log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "pyqmail"), "run", "--home", str(home), "--single-user",
-             "--smtp", f"127.0.0.1:{port}"],
-            stdout=log, stderr=log, env=env,
-        )  # fmt: skip
+        argv = [str(VENV_BIN / "pyqmail"), "run", "--home", str(home),
+                "--smtp", f"127.0.0.1:{port}"]  # fmt: skip
+        if not a.root:
+            argv.append("--single-user")
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
         wait_port(port)
-        rs = runs(port, user / "Maildir", a)
+        rs = runs(port, maildir, a)
         if min(r["delivered"] for r in rs) < a.n:
             tail = (d / "log").read_bytes().decode(errors="replace").splitlines()
             usual = ("status:", "starting", "delivery", "new msg", "info msg", "end msg")
@@ -215,6 +244,7 @@ def summary(label: str, rs: list[dict[str, float]], a: argparse.Namespace) -> fl
 
     print(f"{label:9s} n={a.n} s={a.sessions} size={a.size} | e2e {st('e2e', '.1f')} msg/s | "
           f"accept {st('accept', '.1f')} msg/s | CPU {st('cpu_ms', '.2f')} ms/msg | "
+          f"journal commits {st('commits', '.2f')}, flushes {st('flushes', '.2f')} /msg | "
           f"delivered {min(int(r['delivered']) for r in rs)}", flush=True)  # fmt: skip
     return statistics.median(r["e2e"] for r in rs)
 
@@ -228,6 +258,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--no-postfix", action="store_true")
+    ap.add_argument("--root", action="store_true",
+                    help="pyqmail run as root, multi-user home (user nobody)")  # fmt: skip
     add_dir_arg(ap)
     a = ap.parse_args()
     print(describe(a.dir or tempfile.gettempdir()))

@@ -79,3 +79,44 @@ def describe(path: Path | str) -> str:
     if typ in ("ext2", "ext3", "ext4"):
         kind = f"{typ} ({_journal(dev)})"
     return f"file system: {kind} on {dev} at {mnt}, {opts}"
+
+
+def block_dev(where: str) -> str | None:
+    """The /sys/block name of the device holding ``where`` (loop0, vda...), if found."""
+    try:
+        st = os.stat(where)
+    except OSError:
+        return None
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/dev") as f:
+                if f.read().strip() == f"{major}:{minor}":
+                    return name
+        except OSError:
+            continue
+    return None
+
+
+def block_stat(dev: str | None) -> tuple[int, int]:
+    """(write requests, flush requests) so far on ``dev``."""
+    if dev is None:
+        return (0, 0)
+    with open(f"/sys/block/{dev}/stat") as f:
+        v = [int(x) for x in f.read().split()]
+    return v[4], (v[15] if len(v) > 15 else 0)
+
+
+def jbd2_commits(dev: str | None) -> tuple[int, float]:
+    """(transactions committed so far, average commit time in ms) of ``dev``'s journal."""
+    try:
+        with open(f"/proc/fs/jbd2/{dev}-8/info") as f:
+            text = f.read()
+    except OSError:
+        return (0, 0.0)
+    n = int(text.split()[0])
+    avg = 0.0
+    for line in text.splitlines():
+        if "average transaction commit time" in line:
+            avg = int(line.split()[0].removesuffix("us")) / 1000
+    return n, avg

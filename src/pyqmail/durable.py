@@ -8,7 +8,9 @@ durability (queue, Maildir, cdb compilers) goes through these helpers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -58,3 +60,44 @@ def replace_file(
             pass
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+SYNC_THREADS = 8  # fsyncs of one batch in flight at once
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_pid = 0
+_sync_pool_lock = threading.Lock()
+
+
+def fsync_all(jobs: Sequence[Callable[[], None]]) -> list[OSError | None]:
+    """Run independent fsyncs at once; each job's error (or None), in order.
+
+    A disk flushes concurrent fsyncs together, and on a journalled file system fsyncs
+    issued while one journal transaction is open share its commit: 50 files of a batch
+    take about a quarter of the time they take one after the other
+    (docs/benchmarks/smtp.md). The calling thread takes one share; a small per-process
+    pool the others."""
+    global _sync_pool, _sync_pool_pid
+    n = len(jobs)
+    errs: list[OSError | None] = [None] * n
+
+    def run(start: int, step: int) -> None:
+        for k in range(start, n, step):
+            try:
+                jobs[k]()
+            except OSError as e:
+                errs[k] = e
+
+    width = min(n, SYNC_THREADS)
+    if width <= 1:
+        run(0, 1)
+        return errs
+    with _sync_pool_lock:
+        if _sync_pool is None or _sync_pool_pid != os.getpid():  # none yet, or forked
+            _sync_pool = ThreadPoolExecutor(SYNC_THREADS - 1, thread_name_prefix="qsync")
+            _sync_pool_pid = os.getpid()
+        pool = _sync_pool
+    futures = [pool.submit(run, j, width) for j in range(1, width)]
+    run(0, width)
+    for f in futures:
+        f.result()
+    return errs

@@ -18,7 +18,13 @@ from pyqmail.queue import codes
 from pyqmail.queue.envelope import MAX_ADDRESS, parse_todo
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import CrashState
-from pyqmail.queue.writer import QueueError, QueueWriter, commit_many, received_line
+from pyqmail.queue.writer import (
+    CommitPipeline,
+    QueueError,
+    QueueWriter,
+    commit_many,
+    received_line,
+)
 
 
 def _files(home: Home) -> list[str]:
@@ -467,3 +473,58 @@ def test_commit_links_into_the_directory_it_syncs(home: Home) -> None:
     p3 = w.begin()  # reopened after close
     n3 = p3.commit(b"", [b"c@d"])
     assert (home.queue / "todo" / str(n3)).exists()
+
+
+def test_pipeline_syncs_todo_with_the_next_batchs_files(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CommitPipeline: the todo/ fsync of the messages linked in one round runs in the
+    same set of fsyncs as the next batch's files; no result before its todo/ fsync."""
+    w = QueueWriter(home)
+    pipe = CommitPipeline(w)
+    a = w.begin()
+    a.write(b"Subject: a\n\n")
+    assert pipe.round([("a", a, b"x@y", [b"c@d"])]) == []  # synced and linked, no answer
+    assert pipe.pending == 1 and os.path.exists(QueuePaths(home.queue).todo(a.msgnum))
+    import pyqmail.queue.writer as writer_mod
+
+    rounds: list[int] = []
+    real = writer_mod.fsync_all
+
+    def spy(jobs):  # type: ignore[no-untyped-def]
+        rounds.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(writer_mod, "fsync_all", spy)
+    b = w.begin()
+    b.write(b"Subject: b\n\n")
+    got = pipe.round([("b", b, b"x@y", [b"c@d"])])
+    assert got == [("a", a.msgnum)] and pipe.pending == 1
+    assert rounds == [1 + 2 + 1]  # todo/, b's file and envelope, b's mess/S: one set
+    assert pipe.round([]) == [("b", b.msgnum)] and pipe.pending == 0
+    assert rounds == [4, 1]
+
+
+def test_pipeline_bug_withdraws_the_linked_and_keeps_final_results(home: Home) -> None:
+    """A hook (a bug) raising in a round: the messages already finished keep their
+    results (drain), the linked ones are withdrawn (abort: todo link and files gone)."""
+    armed = [False]
+
+    def hook(state: CrashState) -> None:
+        if armed[0] and state is CrashState.MESS_WRITTEN:
+            raise RuntimeError("bug")
+
+    w = QueueWriter(home, hook=hook)
+    pipe = CommitPipeline(w)
+    first = w.begin()
+    pipe.round([("1", first, b"x@y", [b"c@d"])])
+    second = w.begin()
+    assert pipe.round([("2", second, b"x@y", [b"c@d"])]) == [("1", first.msgnum)]
+    third = w.begin()
+    armed[0] = True
+    with pytest.raises(RuntimeError):
+        pipe.round([("3", third, b"x@y", [b"c@d"])])
+    assert pipe.drain() == []
+    assert pipe.abort() == ["2"]
+    n = first.msgnum
+    assert _files(home) == sorted([f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"])

@@ -89,3 +89,59 @@ def test_a_missing_todo_is_dropped_and_a_bad_one_warned(setup: tuple[QueuePaths,
     assert pre.num == 106 and "unknown record type" in pre.warning
     assert os.path.exists(paths.name("todo", 106))
     assert not os.path.exists(paths.name("info", 106))
+
+
+def test_a_batch_is_fsynced_together_before_any_todo_goes(
+    setup: tuple[QueuePaths, Routing], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: every info and channel file of the batch is written before the first
+    fsync (so one journal commit covers them), and all are synced before any todo/N goes."""
+    paths, routing = setup
+    nums = [201, 202, 203]
+    for n in nums:
+        todo(paths, n, b"u7\0p42\0Fjoe@test.example\0Talice@test.example\0Tbob@far.example\0")
+    real_fsync = os.fsync
+    seen: list[tuple[int, int]] = []  # (files written so far, todos left) at each fsync
+
+    def fsync(fd: int) -> None:
+        written = sum(os.path.exists(paths.name(k, n)) for n in nums for k in ("info", "local"))
+        seen.append((written, len(os.listdir(paths.dir("todo")))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    pres = batch(paths, routing, nums)
+    assert [p.channels for p in pres] == [0b11] * 3 and not any(p.warning for p in pres)
+    assert len(seen) >= 9  # 3 files per message, then the directories
+    assert all(written == 6 and left == 3 for written, left in seen[:9])
+    assert os.listdir(paths.dir("todo")) == []
+
+
+def test_a_file_that_cannot_be_synced_keeps_its_todo_alone(
+    setup: tuple[QueuePaths, Routing], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths, routing = setup
+    for n in (211, 212):
+        todo(paths, n, b"u7\0p42\0Fjoe@test.example\0Talice@test.example\0")
+    real_fsync = os.fsync
+    bad: list[int] = []
+    real_open = os.open
+
+    def open_(path: str, *a: object, **kw: object) -> int:
+        fd = real_open(path, *a, **kw)  # type: ignore[arg-type]
+        if str(path) == paths.name("local", 212):
+            bad.append(fd)
+        return fd
+
+    def fsync(fd: int) -> None:
+        if fd in bad:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    good, failed = batch(paths, routing, [211, 212])
+    assert not good.warning and "trouble fsyncing message 212" in failed.warning
+    assert sorted(os.listdir(paths.dir("todo"))) == ["212"]
+    assert os.path.exists(paths.name("local", 211))
+    assert not os.path.exists(paths.name("info", 212))
+    assert not os.path.exists(paths.name("local", 212))

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from pyqmail.dkim import QueuePending, SigningPending, preload, signing
 from pyqmail.home import Home, HomeError, resolve_home
@@ -56,7 +57,13 @@ from pyqmail.queue import codes
 from pyqmail.queue.contract import Reply, Submission, Submitter
 from pyqmail.queue.envelope import EnvelopeError, EnvelopeParser, format_input
 from pyqmail.queue.service import decode_reply, encode_reply_body
-from pyqmail.queue.writer import Pending, QueueError, QueueWriter, commit_many, poke_trigger
+from pyqmail.queue.writer import (
+    CommitPipeline,
+    Pending,
+    QueueError,
+    QueueWriter,
+    poke_trigger,
+)
 
 log = logging.getLogger("pyqmail.committer")
 
@@ -99,20 +106,28 @@ def serve(
     """The child's loop: until the listener closes its end (then finish and return).
 
     ``uid``: the listener's uid, for the envelope and the Received line (the child may
-    run as the queue's owner while the listener runs as qmaild)."""
+    run as the queue's owner while the listener runs as qmaild).
+
+    Commits go through a :class:`~pyqmail.queue.writer.CommitPipeline`: while messages
+    linked into todo/ await their todo/ fsync, the child does not wait for input but
+    takes whatever has arrived, so that fsync shares its journal commit with the file
+    fsyncs of the next messages."""
     open_: dict[int, QueuePending | QueueError] = {}
     buf = bytearray()
     done: list[int] = []
     writer.notify = done.append
+    pipe = CommitPipeline(writer)
     eof = False
     try:
-        while not eof:
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            buf += data
-            got = len(data)
-            while got < DRAIN_LIMIT:  # everything that is waiting now joins this batch
+        while not eof or pipe.pending:
+            got = 0
+            if not pipe.pending:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                buf += data
+                got = len(data)
+            while not eof and got < DRAIN_LIMIT:  # everything waiting now joins this batch
                 try:
                     data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
                 except BlockingIOError:
@@ -124,13 +139,14 @@ def serve(
                 got += len(data)
             frames, used = parse_frames(buf)
             del buf[:used]
-            out = _take_frames(frames, open_, writer, done, uid)
+            out = _take_frames(frames, open_, writer, done, uid, pipe)
             if done and trigger:
                 poke_trigger(writer.paths.trigger)
             done.clear()
             if out:
                 sock.sendall(b"".join(out))
     finally:
+        pipe.abort()
         for p in open_.values():
             if not isinstance(p, QueueError):
                 p.abort()
@@ -142,11 +158,14 @@ def _take_frames(
     writer: QueueWriter,
     done: list[int],
     uid: int | None = None,
+    pipe: CommitPipeline | None = None,
 ) -> list[bytes]:
-    """Carry out one read's frames; commit the messages that ended; their replies."""
+    """Carry out one read's frames and one round of commits; the replies now final."""
     out: list[bytes] = []
-    batch: list[tuple[int, Pending, bytes, Sequence[bytes]]] = []
+    batch: list[tuple[object, Pending, bytes, Sequence[bytes]]] = []
     qp = os.getpid()
+    if pipe is None:
+        pipe = CommitPipeline(writer)
     for kind, ident, payload in frames:
         if kind == DATA:
             p = open_.get(ident)
@@ -180,26 +199,35 @@ def _take_frames(
                     out.append(_result(ident, Reply(e.code, qp, 0, str(e))))
                     continue
                 assert isinstance(p, Pending)
-                batch.append((ident, p, parser.sender or b"", parser.recipients))
+                batch.append(((ident, p.qp), p, parser.sender or b"", parser.recipients))
         elif kind == ABORT:
             p = open_.pop(ident, None)
             if p is not None and not isinstance(p, QueueError):
                 p.abort()
         else:
             log.warning("unknown frame %r from the listener", kind)
-    if batch:
-        try:
-            results: list[int | QueueError] = commit_many([(p, s, r) for _, p, s, r in batch])
-        except Exception:  # a bug must not take the child down with every open message
-            log.exception("commit failed")
-            for _, p, _, _ in batch:
-                p.abort()
-            results = [QueueError(codes.INTERNAL_BUG)] * len(batch)
-        for (ident, p, _, _), res in zip(batch, results, strict=True):
-            if isinstance(res, QueueError):
-                out.append(_result(ident, Reply(res.code, qp, 0, str(res))))
-            else:
-                out.append(_result(ident, Reply(0, p.qp, res)))
+    if not batch and not pipe.pending:
+        return out
+    try:
+        results = pipe.round(batch)
+    except Exception:  # a bug must not take the child down with every open message
+        log.exception("commit failed")
+        results = pipe.drain()  # final before the bug: their replies still go out
+        withdrawn = pipe.abort()  # linked, not synced: todo links removed
+        for _, p, _, _ in batch:
+            p.abort()
+        bug = QueueError(codes.INTERNAL_BUG)
+        answered = {key for key, _ in results}
+        for key in [*withdrawn, *(key for key, _, _, _ in batch)]:
+            if key not in answered:
+                answered.add(key)
+                results.append((key, bug))
+    for key, res in results:
+        ident, pqp = cast(tuple[int, int], key)
+        if isinstance(res, QueueError):
+            out.append(_result(ident, Reply(res.code, qp, 0, str(res))))
+        else:
+            out.append(_result(ident, Reply(0, pqp, res)))
     return out
 
 

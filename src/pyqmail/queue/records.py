@@ -37,11 +37,14 @@ class Recipient:
     address: bytes
 
 
-def _create(path: StrPath, data: bytes, *, sync_dir: bool = True) -> None:
+def _create(path: StrPath, data: bytes, *, sync_dir: bool = True, sync: bool = True) -> int:
+    """Create ``path`` O_EXCL with ``data``; fsynced and closed (returns -1), or with
+    ``sync=False`` left open, not synced, for the caller to fsync and close (its fd)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         try:
@@ -49,9 +52,12 @@ def _create(path: StrPath, data: bytes, *, sync_dir: bool = True) -> None:
         except OSError:
             pass
         raise
+    if not sync:
+        return fd
     os.close(fd)
     if sync_dir:
         fsync_dir(os.path.dirname(path))
+    return -1
 
 
 def format_info(sender: bytes) -> bytes:
@@ -62,6 +68,14 @@ def format_info(sender: bytes) -> bytes:
 def write_info(path: StrPath, sender: bytes, *, sync_dir: bool = True) -> None:
     """Create info/S/N (O_EXCL) with ``F<sender>\\0``, fsynced."""
     _create(path, format_info(sender), sync_dir=sync_dir)
+
+
+def create_unsynced(path: StrPath, data: bytes) -> int:
+    """Create info/S/N or a channel file (O_EXCL) with ``data`` (``format_info``,
+    ``format_channel``) and return its open descriptor, not yet fsynced: the caller
+    fsyncs a batch of them together (send/preprocess.py), then closes them, and fsyncs
+    the directories. OSError if it cannot be created or written (nothing left)."""
+    return _create(path, data, sync=False)
 
 
 def parse_info(data: bytes, *, strict: bool = False) -> bytes:

@@ -46,10 +46,10 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from pyqmail import qdate
-from pyqmail.durable import write_all
+from pyqmail.durable import fsync_all, write_all
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue.contract import QueueError as QueueError  # its home before the contract
@@ -504,7 +504,8 @@ class Pending:
                 except OSError:
                     pass
         self._drop_pid()
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
         self._fd = -1
 
     def __del__(self) -> None:
@@ -542,54 +543,22 @@ class Pending:
 
 Item = tuple[Pending, bytes, Iterable[bytes]]
 
-SYNC_THREADS = 8  # fsyncs of one batch in flight at once
-_sync_pool: ThreadPoolExecutor | None = None
-_sync_pool_pid = 0
-_sync_pool_lock = threading.Lock()
-
-
-def _fsync_all(jobs: Sequence[Callable[[], None]]) -> list[OSError | None]:
-    """Run independent fsyncs at once; each job's error (or None), in order.
-
-    A disk flushes concurrent fsyncs together: 50 files of a batch take about a
-    quarter of the time they take one after the other (docs/benchmarks/smtp.md).
-    The calling thread takes one share; a small per-process pool the others."""
-    global _sync_pool, _sync_pool_pid
-    n = len(jobs)
-    errs: list[OSError | None] = [None] * n
-
-    def run(start: int, step: int) -> None:
-        for k in range(start, n, step):
-            try:
-                jobs[k]()
-            except OSError as e:
-                errs[k] = e
-
-    width = min(n, SYNC_THREADS)
-    if width <= 1:
-        run(0, 1)
-        return errs
-    with _sync_pool_lock:
-        if _sync_pool is None or _sync_pool_pid != os.getpid():  # none yet, or forked
-            _sync_pool = ThreadPoolExecutor(SYNC_THREADS - 1, thread_name_prefix="qsync")
-            _sync_pool_pid = os.getpid()
-        pool = _sync_pool
-    futures = [pool.submit(run, j, width) for j in range(1, width)]
-    run(0, width)
-    for f in futures:
-        f.result()
-    return errs
-
 
 def _sync_batch(
-    w: QueueWriter, items: Sequence[Item], live: list[int], fail: Callable[[int, QueueError], None]
-) -> list[int]:
-    """fsync every message file, envelope and ``mess/S`` directory of the batch at once.
+    w: QueueWriter,
+    items: Sequence[Item],
+    live: list[int],
+    fail: Callable[[int, QueueError], None],
+    extra: Sequence[Callable[[], None]] = (),
+) -> tuple[list[int], list[OSError | None]]:
+    """fsync every message file, envelope and ``mess/S`` directory of the batch at once,
+    and the ``extra`` fsyncs with them (CommitPipeline: the previous round's todo/).
 
     Each is independent of the others and all must be done before any todo link, so
     they need no order among themselves; the hook still sees MESS_SYNCED and then
-    INTD_SYNCED for each message, after the fsyncs. Returns the messages still live."""
-    jobs: list[Callable[[], None]] = []
+    INTD_SYNCED for each message, after the fsyncs. Returns the messages still live and
+    the errors of the ``extra`` jobs."""
+    jobs: list[Callable[[], None]] = list(extra)
     first: list[int] = []  # per live message: the index of its two jobs (file, envelope)
     dir_job: dict[int, int] = {}  # split -> index of its job
     dir_err: dict[int, OSError] = {}
@@ -608,7 +577,7 @@ def _sync_batch(
             dir_job[split] = len(jobs)
             jobs.append(functools.partial(w._dirsync, g))
     try:
-        errs = _fsync_all(jobs)
+        errs = fsync_all(jobs)
     finally:
         for i in live:
             items[i][0]._close_intd()
@@ -638,6 +607,151 @@ def _sync_batch(
             p.abort()
             raise
         ok.append(i)
+    return ok, errs[: len(extra)]
+
+
+class CommitPipeline:
+    """Group commit across batches: one batch's todo/ fsync shares its journal commit
+    with the next batch's file fsyncs.
+
+    A message needs two rounds of fsyncs one after the other: its file, envelope and
+    ``mess/S`` (then the todo link), and ``todo/`` (then the reply). On a journalled file
+    system each round is a journal commit, and the commits of a file system are made one
+    at a time, so a committer that waits for both rounds of one batch before it takes the
+    next one pays two commits per batch. Here each :meth:`round` does, in one set of
+    concurrent fsyncs, the second round of the messages linked by the previous call and
+    the first round of the new ones: one commit per batch when messages keep coming.
+
+    Every message still passes every step in the same order as a commit of its own (the
+    hook sees each state for each message), no todo link is made before its message's
+    files are synced, and no result is returned before its todo/ fsync returned: the
+    guarantees are those of ``commit_many``, which is two rounds of one pipeline.
+    """
+
+    def __init__(self, writer: QueueWriter) -> None:
+        self.w = writer
+        self._linked: list[tuple[object, Pending]] = []
+        self._out: list[tuple[object, int | QueueError]] = []
+
+    @property
+    def pending(self) -> int:
+        """Messages linked into todo/ whose todo/ fsync is still to come (next round)."""
+        return len(self._linked)
+
+    def round(
+        self, new: Sequence[tuple[object, Pending, bytes, Iterable[bytes]]]
+    ) -> list[tuple[object, int | QueueError]]:
+        """Prepare ``new`` (keys with their items), fsync it together with todo/ for the
+        messages linked last time, finish those and link the new ones. Returns the
+        results that are final now: (key, N) of the finished messages and (key,
+        QueueError) of every message that failed. Exceptions other than QueueError (a
+        hook's) abort the message they hit and propagate; the results already final
+        are then in ``drain()`` and the linked messages in ``abort()``."""
+        w = self.w
+        items: list[Item] = []
+        for _, p, sender, rcpts in new:
+            if p._w is not w:
+                raise ValueError("CommitPipeline: messages of different writers")
+            items.append((p, sender, rcpts))
+        out = self._out
+
+        def fail(i: int, err: QueueError) -> None:
+            items[i][0].abort()
+            out.append((new[i][0], err))
+
+        live = _phase(
+            list(range(len(items))),
+            lambda i: items[i][0]._prepare(items[i][1], items[i][2]),
+            items,
+            fail,
+        )
+        # Start every file's write-back before the first fsync: the disk then writes them
+        # all at once and each fsync finds its data written or on its way. (The first
+        # message file is fsynced at once anyway, so a batch of one kicks its envelope only.)
+        for k, i in enumerate(live):
+            items[i][0]._start_writeback(k > 0)
+        linked = list(self._linked)  # stay in _linked until finished: abort() sees them
+        extra: list[Callable[[], None]] = []
+        tdir: _GroupSync | None = None
+        tdir_err: OSError | None = None
+        if linked or live:
+            try:
+                tdir = w._dir(w._todo_dir)
+            except OSError as e:
+                tdir_err = e
+        if linked and tdir is not None:
+            extra.append(functools.partial(w._dirsync, tdir))
+        if live or extra:
+            live, extra_errs = _sync_batch(w, items, live, fail, extra)
+        else:
+            extra_errs = []
+        if linked:
+            terr = tdir_err if tdir is None else extra_errs[0]
+            err = None
+            if terr is not None:
+                err = QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {terr}")
+            for key, p in linked:
+                if err is not None:
+                    p._undo_link(f"{w._todo_dir}/{p.msgnum}")
+                    out.append((key, err))
+                else:
+                    out.append((key, p._finish()))
+                del self._linked[0]
+        if live and tdir is None:
+            err = QueueError(codes.TODO_TROUBLE, f"unable to open {w._todo_dir}: {tdir_err}")
+            for i in live:
+                fail(i, err)
+            live = []
+        now = []
+        for i in sorted(live):
+            p = items[i][0]
+            try:
+                p._link_todo(cast(_GroupSync, tdir))
+            except QueueError as e:
+                fail(i, e)
+                continue
+            except BaseException:
+                p.abort()
+                raise
+            self._linked.append((new[i][0], p))
+            now.append(i)
+        # The commit point of each message: whole on disk and named in todo/.
+        for _ in now:
+            w._step(CrashState.TODO_LINKED)
+        return self.drain()
+
+    def drain(self) -> list[tuple[object, int | QueueError]]:
+        """The results made final and not yet returned (after a round that raised)."""
+        out, self._out = self._out, []
+        return out
+
+    def abort(self) -> list[object]:
+        """Give up the linked messages (a bug or a hook raised): they are withdrawn as
+        after a failed todo/ fsync. Returns their keys (none of them was acknowledged)."""
+        linked, self._linked = self._linked, []
+        for _, p in linked:
+            p._undo_link(f"{self.w._todo_dir}/{p.msgnum}")
+        return [key for key, _ in linked]
+
+
+def _phase(
+    idx: list[int],
+    step: Callable[[int], None],
+    items: Sequence[Item],
+    fail: Callable[[int, QueueError], None],
+) -> list[int]:
+    """Run ``step`` for each message; the ones it fails with QueueError drop out."""
+    ok = []
+    for i in idx:
+        try:
+            step(i)
+        except QueueError as e:
+            fail(i, e)
+        except BaseException:
+            items[i][0].abort()
+            raise
+        else:
+            ok.append(i)
     return ok
 
 
@@ -648,71 +762,28 @@ def commit_many(items: Sequence[Item]) -> list[int | QueueError]:
     (the hook sees each state for each message), but step by step for the whole batch:
     every message and envelope is written before any is synced, then all of them and
     their ``mess/S`` directories (each once) are fsynced at once, and ``todo/`` once
-    after all the links. A message that fails before its link is aborted alone; the others go on.
+    after all the links: two rounds of a :class:`CommitPipeline`. A message that fails
+    before its link is aborted alone; the others go on.
     One thread doing a batch costs far fewer thread switches than a thread per message.
     Exceptions other than QueueError (a hook's) abort the message they hit and propagate.
     """
-    results: list[int | QueueError] = [0] * len(items)
-    live: list[int] = []  # indexes still on their way
     w: QueueWriter | None = None
-
-    def fail(i: int, err: QueueError) -> None:
-        items[i][0].abort()
-        results[i] = err
-
-    def phase(idx: list[int], step: Callable[[int], None]) -> list[int]:
-        ok = []
-        for i in idx:
-            try:
-                step(i)
-            except QueueError as e:
-                fail(i, e)
-            except BaseException:
-                items[i][0].abort()
-                raise
-            else:
-                ok.append(i)
-        return ok
-
-    for i, (p, _, _) in enumerate(items):
+    for p, _, _ in items:
         if w is None:
             w = p._w
         elif p._w is not w:
             raise ValueError("commit_many: messages of different writers")
-        live.append(i)
     if w is None:
-        return results
-    live = phase(live, lambda i: items[i][0]._prepare(items[i][1], items[i][2]))
-    # Start every file's write-back before the first fsync: the disk then writes them
-    # all at once and each fsync finds its data written or on its way. (The first
-    # message file is fsynced at once anyway, so a batch of one kicks its envelope only.)
-    for k, i in enumerate(live):
-        items[i][0]._start_writeback(k > 0)
-    live = _sync_batch(w, items, live, fail)
-    if not live:
-        return results
+        return []
+    pipe = CommitPipeline(w)
+    results: list[int | QueueError] = [0] * len(items)
     try:
-        tdir = w._dir(w._todo_dir)
-    except OSError as e:
-        err = QueueError(codes.TODO_TROUBLE, f"unable to open {w._todo_dir}: {e.strerror}")
-        for i in live:
-            fail(i, err)
-        return results
-    live = phase(sorted(live), lambda i: items[i][0]._link_todo(tdir))
-    # The commit point of each message: whole on disk and named in todo/.
-    for _ in live:
-        w._step(CrashState.TODO_LINKED)
-    if not live:
-        return results
-    try:
-        w._dirsync(tdir)
-    except OSError as e:
-        err = QueueError(codes.TODO_TROUBLE, f"unable to fsync todo: {e}")
-        for i in live:
-            p = items[i][0]
-            p._undo_link(f"{w._todo_dir}/{p.msgnum}")
-            results[i] = err
-        return results
-    for i in live:
-        results[i] = items[i][0]._finish()
+        got = pipe.round([(i, p, s, r) for i, (p, s, r) in enumerate(items)])
+        got += pipe.round([])
+    except BaseException:
+        pipe.abort()
+        raise
+    for key, res in got:
+        assert isinstance(key, int)
+        results[key] = res
     return results

@@ -8,10 +8,14 @@ todo entries so the fsyncs of many messages share a journal commit:
 2. route every recipient (todo.py's Routing) and unlink leftovers of an earlier attempt;
 3. either keep a message for direct delivery (direct.py decides which qualify, up to a
    budget: no files are written for it, todo/N stays), or create info and the channel
-   files O_EXCL, each fsynced (queue/records.py);
-4. fsync every split directory touched, once per batch, and only then have intd/N and
-   todo/N removed (queue/clean.py), unless a separate cleaner (root mode's qmail-clean)
-   does that: the caller asks it after the batch.
+   files O_EXCL (queue/records.py), not yet synced;
+4. group commit: fsync every info and channel file of the batch at once (several
+   threads, durable.fsync_all: on a journalled file system they share one journal
+   commit, where one file after the other cost a commit each), then every split
+   directory touched, once per batch, and only then have intd/N and todo/N removed
+   (queue/clean.py), unless a separate cleaner (root mode's qmail-clean) does that: the
+   caller asks it after the batch. A message whose file cannot be synced keeps its todo
+   and loses the files made for it (retried at the next scan).
 
 Invariant: todo/N is removed only after info and every channel file of N are on disk;
 any failure leaves todo/N for the next scan, and doing it again is harmless (step 2).
@@ -21,10 +25,13 @@ except a failed removal.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from pyqmail.durable import fsync_dir
+from pyqmail.durable import fsync_all, fsync_dir
 from pyqmail.queue import clean, records
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.send import direct
@@ -47,6 +54,7 @@ class Preprocessed:
     channels: int = 0  # bit mask of channels with a file
     warning: str = ""  # set: nothing was done; log it, todo/N stays for the next scan
     direct: list[str] | None = None  # local recipients to deliver straight from todo
+    fds: list[int] = field(default_factory=list)  # its new files, open until synced
 
 
 def preprocess_batch(
@@ -69,6 +77,7 @@ def preprocess_batch(
         if pre.direct is not None:
             direct_budget -= 1
         results.append(pre)
+    _sync_files(paths, results)
     ok = [p for p in results if not p.warning and p.direct is None]
     dirs: set[str] = set()
     for p in ok:
@@ -90,6 +99,30 @@ def preprocess_batch(
     return [p for p in results if p.warning != GONE]
 
 
+def _sync_files(paths: QueuePaths, results: list[Preprocessed]) -> None:
+    """fsync the new files of every message of the batch at once, then close them; a
+    message with a file that fails gets a warning and its files removed."""
+    jobs: list[Callable[[], None]] = []
+    owner: list[Preprocessed] = []
+    for p in results:
+        for fd in p.fds:
+            jobs.append(functools.partial(os.fsync, fd))
+            owner.append(p)
+    try:
+        errs = fsync_all(jobs)
+    finally:
+        for p in results:
+            for fd in p.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            p.fds = []
+    for p, err in zip(owner, errs, strict=True):
+        if err is not None and not p.warning:
+            p.warning = f"trouble fsyncing message {p.num}: {err.strerror}; will retry"
+            with contextlib.suppress(OSError):
+                clean.remove_leftovers(paths, p.num)
+
+
 def remove_todo(paths: QueuePaths, num: int, log: SendLog) -> None:
     """qmail-clean's "todo/N": intd first, then todo (the message is now in info/)."""
     try:
@@ -99,7 +132,8 @@ def remove_todo(paths: QueuePaths, num: int, log: SendLog) -> None:
 
 
 def preprocess(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool) -> Preprocessed:
-    """One todo entry: its info and channel files written and fsynced (directories not)."""
+    """One todo entry: its info and channel files written, left open in ``fds`` and not
+    yet synced (``preprocess_batch`` syncs and closes them)."""
     pre = Preprocessed(num)
     try:
         with open(paths.name("todo", num), "rb") as f:
@@ -134,12 +168,19 @@ def preprocess(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool
     for c, addr in routed:
         chans[c].append(encode(addr))
     try:
-        records.write_info(paths.name("info", num), encode(env.sender), sync_dir=False)
+        info = records.format_info(encode(env.sender))
+        pre.fds.append(records.create_unsynced(paths.name("info", num), info))
         for c in CHANNELS:
             if chans[c]:
                 path = paths.name(CHANNEL_NAMES[c], num)
-                records.write_channel(path, chans[c], sync_dir=False)
+                pre.fds.append(records.create_unsynced(path, records.format_channel(chans[c])))
                 pre.channels |= 1 << c
     except OSError as e:
         pre.warning = f"trouble writing info/local/remote for {num}: {e.strerror}"
+        for fd in pre.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        pre.fds = []
+        with contextlib.suppress(OSError):
+            clean.remove_leftovers(paths, num)
     return pre
