@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.home import Home
+from pyqmail.netstring import decode_one, encode
 from tests.conftest import free_port, is_root, write_control
 from tests.integration.test_remote_peers import Script
 from tests.integration.test_run_daemon import BIN, Mta, ThreadPeer, files, listening, mta, wait_for
@@ -313,3 +314,97 @@ def test_root_mode_alrm_reaches_the_scheduler(root_home: tuple[Home, Path]) -> N
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         peer.close()
+
+
+# -- SIGTERM: the QMQP and QMTP listeners (smtp/netdoor.py's NetstringListener.drain) ---------
+
+
+def _qmqp_request(message: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:
+    return encode(encode(message) + encode(sender) + b"".join(encode(r) for r in rcpts))
+
+
+def _qmtp_message(message: bytes, sender: bytes, rcpts: list[bytes]) -> bytes:
+    return encode(b"\n" + message) + encode(sender) + encode(b"".join(encode(r) for r in rcpts))
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not data:
+            return out
+        out += data
+
+
+def _netdoors(mta: Mta) -> tuple[int, int]:
+    qmqp, qmtp = free_port(), free_port()
+    mta.start("--qmqp", f"127.0.0.1:{qmqp}", "--qmtp", f"127.0.0.1:{qmtp}")
+    wait_for(lambda: listening(qmqp) and listening(qmtp), what="the QMQP and QMTP listeners")
+    return qmqp, qmtp
+
+
+def test_term_lets_qmqp_and_qmtp_requests_finish_and_closes_idle(mta: Mta) -> None:
+    qmqp, qmtp = _netdoors(mta)
+    req = _qmqp_request(b"Subject: qmqp drain\n\nover qmqp\n", b"joe@test.example",
+                        [b"alice@test.example"])  # fmt: skip
+    busy = socket.create_connection(("127.0.0.1", qmqp), 30)
+    busy.sendall(req[: len(req) // 2])  # mid-request when TERM arrives
+    msg = _qmtp_message(b"Subject: qmtp drain\n\nover qmtp\n", b"joe@test.example",
+                        [b"bob@test.example"])  # fmt: skip
+    busy_t = socket.create_connection(("127.0.0.1", qmtp), 30)
+    busy_t.sendall(msg[:10])
+    idle = socket.create_connection(("127.0.0.1", qmqp), 30)
+    idle_t = socket.create_connection(("127.0.0.1", qmtp), 30)
+    # the server has begun both messages (a request it has not read yet counts as idle)
+    wait_for(lambda: len(mta.queue_files()) == 2, what="both messages begun")
+    mta.signal(signal.SIGTERM)
+    assert _read_all(idle) == b""  # closed at once, without a word
+    assert _read_all(idle_t) == b""
+    for port in (qmqp, qmtp):  # the listening sockets are closed
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), 5).close()
+    busy.sendall(req[len(req) // 2 :])
+    reply = _read_all(busy)
+    text, _ = decode_one(reply) or (b"", 0)
+    assert text.startswith(b"Kok "), reply  # acknowledged: it is in the queue
+    # QMTP: the message being received gets its reply, then the connection closes
+    busy_t.sendall(msg[10:] + msg)  # a second message after it is not taken
+    reply = _read_all(busy_t)
+    text, end = decode_one(reply) or (b"", 0)
+    assert text.startswith(b"Kok ") and end == len(reply), reply
+    for s in (busy, busy_t, idle, idle_t):
+        s.close()
+    assert mta.proc is not None and mta.proc.wait(60) == 0
+    assert "cut off" not in mta.log()
+    if len(files(mta.maildir("alice"))) + len(files(mta.maildir("bob"))) < 2:
+        mta.start()  # not delivered before the exit: after the restart
+        wait_for(lambda: files(mta.maildir("alice")) and files(mta.maildir("bob")),
+                 what="delivery after restart")  # fmt: skip
+        assert mta.stop() == 0
+    (a,) = [f.read_bytes() for f in files(mta.maildir("alice"))]
+    assert a.endswith(b"Subject: qmqp drain\n\nover qmqp\n")
+    (b,) = [f.read_bytes() for f in files(mta.maildir("bob"))]  # once: the second was not
+    assert b.endswith(b"Subject: qmtp drain\n\nover qmtp\n")
+
+
+def test_term_cuts_off_a_stalled_qmqp_request_after_timeoutdrain(mta: Mta) -> None:
+    write_control(mta.home, "timeoutdrain", "1\n")
+    qmqp, _ = _netdoors(mta)
+    req = _qmqp_request(b"Subject: never ends\n\nx\n", b"joe@test.example",
+                        [b"alice@test.example"])  # fmt: skip
+    busy = socket.create_connection(("127.0.0.1", qmqp), 30)
+    busy.sendall(req[:-5])
+    wait_for(lambda: len(mta.queue_files()) == 1, what="the message begun")
+    began = time.monotonic()
+    mta.signal(signal.SIGTERM)
+    assert _read_all(busy) == b""  # dropped, not acknowledged
+    assert 0.5 < time.monotonic() - began < 20
+    busy.close()
+    assert mta.proc is not None and mta.proc.wait(60) == 0
+    assert "stopping: cut off the QMQP connection with 127.0.0.1 after 1 s" in mta.log()
+    assert mta.queue_files() == []  # the unacknowledged message was aborted, not queued
+    assert files(mta.maildir("alice")) == []

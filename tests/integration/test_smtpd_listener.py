@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -720,3 +721,44 @@ def test_an_open_relay_is_announced_at_start(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_term_lets_data_finish_then_421_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM drains as ``pyqmail run`` does (SmtpServer.drain): the listening socket
+    closes, an idle session gets 421 at once, one in DATA its 250 and then 421."""
+    home = Home(tmp_path / "qmail", single_user=True)
+    create_home(home, "mx.test.example", None)
+    (home.control / "rcpthosts").write_text("test.example\n")
+    (home.control / "authchecks").write_text("spf=off\ndkim=off\ndmarc=off\n")
+    proc = start_listener(home, "--listen", "127.0.0.1:0")
+    try:
+        port = wait_listening(proc)[0]
+        idle = Raw(port)
+        assert idle.reply()[0] == 220
+        busy = Raw(port)
+        assert busy.reply()[0] == 220
+        assert busy.cmd(b"HELO busy.example")[0] == 250
+        assert busy.cmd(b"MAIL FROM:<joe@a.example>")[0] == 250
+        assert busy.cmd(b"RCPT TO:<x@test.example>")[0] == 250
+        assert busy.cmd(b"DATA")[0] == 354
+        busy.send(b"Subject: mid-data\r\n\r\nfirst half\r\n")
+        proc.send_signal(signal.SIGTERM)
+        assert idle.reply() == (421, b"421 shutting down, try again later (#4.3.2)\r\n")
+        assert idle.closed()
+        with pytest.raises(ConnectionRefusedError):  # the listening socket is closed
+            socket.create_connection(("127.0.0.1", port), 5).close()
+        busy.send(b"second half\r\n.\r\n")
+        code, text = busy.reply()
+        assert code == 250 and text.startswith(b"250 ok "), text  # acknowledged
+        assert busy.reply() == (421, b"421 shutting down, try again later (#4.3.2)\r\n")
+        assert busy.closed()
+        idle.close()
+        busy.close()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    (todo,) = os.listdir(home.queue / "todo")
+    mess = next(f for f in (home.queue / "mess").rglob(todo)).read_bytes()
+    assert mess.endswith(b"Subject: mid-data\n\nfirst half\nsecond half\n")

@@ -14,7 +14,9 @@ With ``--listen`` it is the asyncio listener alone (smtp/listen.py), with
 the greeting gets 554), ``--control-ttl`` (how often control/ and the cdbs are re-checked)
 and ``--workers N`` (N processes sharing the port by SO_REUSEPORT, each with its share of
 the connection limit). It prints ``pyqmail smtpd: listening on ADDR:PORT`` on stderr once
-bound (per worker).
+bound (per worker). TERM/INT drains it as ``pyqmail run``'s listener: no new connections,
+a session in DATA gets its reply and then 421, the others 421 at once, all within
+control/timeoutdrain seconds; then it exits 0.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from pyqmail.send.manager import Scheduler, StartError
 from pyqmail.send.rcptverdict import rcpt_checks as make_rcpt_checks
 from pyqmail.send.stats import SendStats
 from pyqmail.smtp.authcheck import AuthChecker
+from pyqmail.smtp.netdoor import NetstringListener
 from pyqmail.smtp.passwords import PasswordCheck
 from pyqmail.smtp.protocol import Door
 from pyqmail.smtp.rcptcheck import RcptChecks
@@ -149,6 +150,7 @@ class Listeners:
 
     def __init__(self, smtp: DaemonSmtpServer) -> None:
         self.smtp = smtp
+        self.doors: list[NetstringListener] = []  # QMQP and QMTP, drained with SMTP
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: list[tuple[str, str, int]] = []  # (kind, host, port) actually bound
 
@@ -166,10 +168,12 @@ class Listeners:
 
     async def close(self) -> None:
         """Stop accepting; SMTP sessions in DATA finish (control/timeoutdrain), the others
-        get 421 (SmtpServer.drain); then the messages being committed get their replies."""
+        get 421 (SmtpServer.drain), and so do QMQP and QMTP requests in progress, idle
+        connections closing at once (NetstringListener.drain), all within the same bound;
+        then the messages being committed get their replies."""
         for server in self.servers:
             server.close()
-        await self.smtp.drain()
+        await asyncio.gather(self.smtp.drain(), *(d.drain() for d in self.doors))
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
@@ -226,6 +230,7 @@ async def start_listeners(
         from pyqmail.smtp.qmqpd import QmqpServer, loopback_only_note
 
         qmqp = QmqpServer(home, ctl, submitter)
+        out.doors.append(qmqp)
         for host, port in cfg.qmqp:
             out.add("qmqp", await qmqp.start(host, port, start_serving=serving))
         if (note := loopback_only_note(home, qmqp.rules)) is not None:
@@ -234,6 +239,7 @@ async def start_listeners(
         from pyqmail.smtp.qmtpd import QmtpServer
 
         qmtp = QmtpServer(home, ctl, submitter)
+        out.doors.append(qmtp)
         for host, port in cfg.qmtp:
             out.add("qmtp", await qmtp.start(host, port, start_serving=serving))
     return out

@@ -9,8 +9,8 @@ picks it or daemon/split.py's. Owns the order of start-up and shutdown in one pr
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
    schedule; the submitter wakes it in-process; the SMTP, QMQP and QMTP listeners bind;
 4. signals: TERM/INT stop (listeners close first and SMTP sessions in DATA finish within
-   control/timeoutdrain, then deliveries in flight finish, bounded), HUP re-reads the
-   controls, ALRM retries everything now, PIPE is ignored;
+   control/timeoutdrain, QMQP and QMTP requests too, then deliveries in flight finish,
+   bounded), HUP re-reads the controls, ALRM retries everything now, PIPE is ignored;
 5. under systemd (NOTIFY_SOCKET): READY=1 once 3 is done, then STATUS= and WATCHDOG=1 from
    the event loop, STOPPING=1 on TERM (daemon/notify.py).
 

@@ -421,7 +421,7 @@ def _smtpd_main(
         await stop.wait()
         if stats_sock is not None:
             sending.cancel()
-        await listeners.close()  # SMTP sessions in DATA finish first (control/timeoutdrain)
+        await listeners.close()  # SMTP/QMQP/QMTP messages in progress finish (timeoutdrain)
         if beating is not None:
             beating.cancel()
         return 0

@@ -6,6 +6,11 @@ service for an ordinary user). With ``workers`` above 1, that many acceptor proc
 share each port by SO_REUSEPORT, each with its share of the connection limit, and the
 parent only relays TERM/INT to them and waits; its exit code is the worst of theirs.
 
+TERM/INT drains as ``pyqmail run`` does (SmtpServer.drain): the listening sockets close,
+a session receiving or committing a message gets its reply and then ``421``, the others
+``421`` at once, and whatever is still open after control/timeoutdrain seconds is cut off
+(its unacknowledged message aborted); then the exit is 0.
+
 Each process raises its descriptor limit to the hard one (thousands of connections need
 thousands of descriptors) and prints ``pyqmail smtpd: listening on ADDR:PORT`` on stderr
 once bound, one write per line, as the acceptors share the stream.
@@ -14,6 +19,7 @@ once bound, one write per line, as the acceptors share the stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -132,8 +138,11 @@ def _serve(
                 sys.stderr.flush()
                 os.write(2, f"{PROG}: listening on {name[0]}:{name[1]}\n".encode())
         await stop
+        # stop accepting; sessions in DATA get their reply, then 421 (control/timeoutdrain)
+        await server.drain()
         for s in servers:
-            s.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 5)
         await server.aclose()  # the messages being committed get their replies
         return 0
 

@@ -10,6 +10,15 @@ its protocol word for the Received line its messages get (``_begin``).
 Also owns :func:`received_line`, the Received line of both doors (and of qmail-qmqpd and
 qmail-qmtpd on stdio), and the session's time limit and read size.
 
+Stopping (SIGTERM, :meth:`NetstringListener.drain`, with SMTP's drain and the same
+``control/timeoutdrain`` bound): the listening sockets close at once; a connection that is
+idle (no byte of a request read yet) is closed at once; one receiving or committing a
+request goes on until its reply, and then the connection closes (QMQP has one request per
+connection; QMTP's ``_serve`` stops after the current message's replies, seeing
+``stopping``). Connections still open after the bound are cut off (their transport
+aborted: the receiver sees the end of input and aborts the unacknowledged message; a
+commit already under way completes, without a reply).
+
 A peer never sees a traceback: an I/O error, a timeout or a client that goes away just
 ends the connection; anything else is logged here, on the server's side, and ends it too.
 """
@@ -34,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SESSION_TIMEOUT = 3600.0  # qmail-qmqpd's and qmail-qmtpd's alarm
 CHUNK = 65536
+DRAIN = 30.0  # control/timeoutdrain's default
+LINGER = 5.0  # after a cut: how long drain() waits for the connections' own ends
 
 
 def received_line(proto: str, env: Mapping[str, str], when: float | None = None) -> bytes:
@@ -79,17 +90,68 @@ class NetstringListener:
         self.timeout = timeout
         self._sem = asyncio.Semaphore(max_conns)
         self._per_ip = listener.PerIp(max_per_ip)
+        self._servers: list[asyncio.AbstractServer] = []
+        # open connections: True while a request is being received or committed
+        self._conns: dict[asyncio.StreamWriter, bool] = {}
+        self.stopping = False  # drain() began: finish the request in progress, then close
+        self._gone: asyncio.Event | None = None  # set when the last connection has ended
 
     async def start(
         self, host: str, port: int, *, start_serving: bool = True
     ) -> asyncio.AbstractServer:
         """Listen on ``host:port``; with ``start_serving=False`` the socket is bound but
         accepts nothing until ``await server.start_serving()`` (after a privilege drop)."""
-        return await asyncio.start_server(
+        server = await asyncio.start_server(
             self._client, host, port, reuse_address=True, start_serving=start_serving
         )
+        self._servers.append(server)
+        return server
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """SIGTERM (see the module docstring): stop accepting, close the idle connections,
+        let the requests in progress get their replies for at most ``timeout`` seconds
+        (None: control/timeoutdrain); the number of connections cut off."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        if timeout is None:
+            try:
+                timeout = float(self.ctl.get().timeoutdrain)
+            except Exception:  # unreadable control files: the default
+                timeout = DRAIN
+        for writer, busy in list(self._conns.items()):
+            if not busy:
+                writer.transport.abort()
+        cut = await self._wait_gone(timeout)
+        for writer in cut:
+            peer = writer.get_extra_info("peername")
+            log.warning(
+                "stopping: cut off the %s connection with %s after %g s",
+                self.PROTO, peer[0] if peer else "unknown", timeout,
+            )  # fmt: skip
+            writer.transport.abort()  # the reader sees EOF: the message in progress aborts
+        if cut:
+            await self._wait_gone(LINGER)
+        return len(cut)
+
+    async def _wait_gone(self, timeout: float) -> list[asyncio.StreamWriter]:
+        """Wait up to ``timeout`` seconds for every connection to end; those still open."""
+        if self._conns:
+            self._gone = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gone.wait(), max(timeout, 0.0))
+        return list(self._conns)
+
+    def busy(self, writer: asyncio.StreamWriter, busy: bool) -> None:
+        """``_serve`` says a request is (True) or is not (False) in progress."""
+        if writer in self._conns:
+            self._conns[writer] = busy
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stopping:  # accepted just before the listening socket closed
+            writer.transport.abort()
+            return
+        self._conns[writer] = False
         try:
             async with self._sem:
                 try:
@@ -118,6 +180,9 @@ class NetstringListener:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+            self._conns.pop(writer, None)
+            if not self._conns and self._gone is not None:
+                self._gone.set()
 
     async def _serve(
         self,

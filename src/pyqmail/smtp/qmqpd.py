@@ -333,6 +333,8 @@ class QmqpServer(NetstringListener):
         try:
             while not rx.finished:
                 data = await reader.read(CHUNK)
+                if data:
+                    self.busy(writer, True)  # a request has begun: a drain lets it finish
                 events = rx.feed(data) if data else rx.eof()
                 for ev in events:
                     if isinstance(ev, Refused):

@@ -418,6 +418,7 @@ class QmtpServer(NetstringListener):
                 data = await reader.read(CHUNK)
                 if not data:
                     return
+                self.busy(writer, True)  # a message has begun: a drain lets it finish
                 for ev in rx.feed(data):
                     if isinstance(ev, ProtocolError):
                         if ev.reply is not None:
@@ -425,6 +426,7 @@ class QmtpServer(NetstringListener):
                             await writer.drain()
                         return
                     if msg is None:
+                        self.busy(writer, True)  # the next message of this chunk
                         p = await loop.run_in_executor(None, self._begin, env)
                         msg = _Message(p, policy.databytes)
                     if isinstance(ev, MessageData):
@@ -434,6 +436,10 @@ class QmtpServer(NetstringListener):
                         replies = await loop.run_in_executor(None, _finish, m, ev, policy)
                         writer.write(b"".join(netstring.encode(r) for r in replies))
                         await writer.drain()
+                        if self.stopping:
+                            return  # drain(): no next message
+                        if rx.idle:
+                            self.busy(writer, False)
         finally:
             if msg is not None:
                 msg.pending.abort()
