@@ -137,3 +137,27 @@ def warn_if_root_single_user(home: Home, prog: str) -> None:
             f"{prog}: warning: single-user mode as root: deliveries run as root",
             file=sys.stderr,
         )
+
+
+def make_account_dir(home: Home, name: str, uid: int, gid: int) -> None:
+    """As root: make ``HOME/name`` (mode 0700, ``uid:gid``) for one account's private state
+    (greylist/ for qmaild, mtasts/ for qmailr) if it is missing. The home must be root's
+    and writable by nobody else; the directory is made and changed through descriptors, so
+    no symlink planted by anyone is followed. An existing one is left as it is."""
+    parent = os.open(home.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = os.fstat(parent)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise OSError(f"{home.root} is not root's alone: not making {name}/ in it")
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            return
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)

@@ -44,7 +44,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 
-from pyqmail.home import Home
+from pyqmail.home import Home, make_account_dir
 from pyqmail.remote import mx, tls
 from pyqmail.remote.mtasts import (
     MAX_POLICY_BYTES,
@@ -72,25 +72,9 @@ def cache_dir(home: Home) -> Path:
 
 
 def prepare_dir(home: Home, uid: int, gid: int) -> None:
-    """As root: make HOME/mtasts (0700, ``uid:gid``: the remote delivery account) if it is
-    missing, through descriptors (no symlink followed), in a home that is root's alone."""
-    parent = os.open(home.root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        st = os.fstat(parent)
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise OSError(f"{home.root} is not root's alone: not making mtasts/ in it")
-        try:
-            os.mkdir("mtasts", 0o700, dir_fd=parent)
-        except FileExistsError:
-            return
-        fd = os.open("mtasts", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-    finally:
-        os.close(parent)
-    try:
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
+    """As root: make HOME/mtasts (0700, the remote delivery account's) if it is missing
+    (home.make_account_dir)."""
+    make_account_dir(home, "mtasts", uid, gid)
 
 
 def domain_key(domain: str) -> str | None:

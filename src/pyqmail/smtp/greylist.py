@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pyqmail.home import Home
+from pyqmail.home import Home, make_account_dir
 
 log = logging.getLogger("pyqmail.smtpd")
 
@@ -58,27 +58,8 @@ def greylist_path(home: Home) -> Path:
 
 
 def prepare_dir(home: Home, uid: int, gid: int) -> None:
-    """As root: make HOME/greylist (0700, ``uid:gid``: the SMTP account) if it is missing.
-
-    The home must be root's and writable by nobody else; the directory is made and changed
-    through descriptors (no symlink followed), as queue/service.py makes HOME/run."""
-    parent = os.open(home.root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        st = os.fstat(parent)
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise OSError(f"{home.root} is not root's alone: not making greylist/ in it")
-        try:
-            os.mkdir("greylist", 0o700, dir_fd=parent)
-        except FileExistsError:
-            return
-        fd = os.open("greylist", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-    finally:
-        os.close(parent)
-    try:
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
+    """As root: make HOME/greylist (0700, qmaild's) if it is missing (home.make_account_dir)."""
+    make_account_dir(home, "greylist", uid, gid)
 
 
 def network(ip: str) -> str:
