@@ -32,6 +32,7 @@ import threading
 
 from pyqmail.home import Home, Ids
 from pyqmail.smtp.passwords import MAX_PASSWORD, MAX_USER, PasswordCheck, Verdict
+from pyqmail.sockio import recv_exact
 
 log = logging.getLogger("pyqmail.smtpd")
 
@@ -40,16 +41,6 @@ _REQ = struct.Struct("!IBHH")
 _ANS = struct.Struct("!Ic")
 _LETTER = {Verdict.OK: b"K", Verdict.BAD: b"D", Verdict.TEMP: b"Z"}
 _VERDICT = {v: k for k, v in _LETTER.items()}
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        got = sock.recv(n - len(buf))
-        if not got:
-            return None
-        buf += got
-    return buf
 
 
 class AuthProcess:
@@ -105,13 +96,13 @@ def serve(sock: socket.socket, check: PasswordCheck) -> int:
             slots.release()
 
     while True:
-        head = _read_exact(sock, _REQ.size)
+        head = recv_exact(sock, _REQ.size)
         if head is None:
             return 0
         ident, nip, nuser, npw = _REQ.unpack(head)
         if nuser > MAX_USER or npw > MAX_PASSWORD:
             return 111  # only the smtpd part writes here: it never sends this
-        body = _read_exact(sock, nip + nuser + npw)
+        body = recv_exact(sock, nip + nuser + npw)
         if body is None:
             return 0
         ip = body[:nip].decode("ascii", "replace")
@@ -165,7 +156,7 @@ class AuthClient:
     def _read(self) -> None:
         while True:
             try:
-                got = _read_exact(self.sock, _ANS.size)
+                got = recv_exact(self.sock, _ANS.size)
             except OSError:
                 got = None
             if got is None:

@@ -39,6 +39,7 @@ from pyqmail.local.verdict import (
     mailbox_status,
 )
 from pyqmail.outcome import Outcome, Status
+from pyqmail.sockio import recv_exact
 
 MAX_LOCAL = 1024
 _CODE = {Status.OK: 0, Status.PERM: 100, Status.TEMP: 111}
@@ -68,16 +69,6 @@ def _as_user(info: UserInfo) -> Outcome:
     return Outcome.temp("lookup failed")
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        got = sock.recv(n - len(buf))
-        if not got:
-            return None
-        buf += got
-    return buf
-
-
 class LookupProcess:
     """The root child; ``start()`` forks it and returns the smtpd part's client."""
 
@@ -102,13 +93,13 @@ class LookupProcess:
     def _serve(self, sock: socket.socket) -> int:
         verdicts = LocalVerdicts(self.home, mailbox=_as_user)
         while True:
-            head = _read_exact(sock, _LEN.size)
+            head = recv_exact(sock, _LEN.size)
             if head is None:
                 return 0  # the smtpd part is gone
             (n,) = _LEN.unpack(head)
             if n > MAX_LOCAL:
                 return 111
-            raw = _read_exact(sock, n)
+            raw = recv_exact(sock, n)
             if raw is None:
                 return 0
             try:
@@ -136,7 +127,7 @@ class LookupClient:
         with self._lock:
             try:
                 self.sock.sendall(_LEN.pack(len(raw)) + raw)
-                got = _read_exact(self.sock, 1)
+                got = recv_exact(self.sock, 1)
             except OSError:
                 got = None
         return Outcome(_BY_LETTER.get(got or b"", Status.TEMP), "")

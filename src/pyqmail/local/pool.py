@@ -25,6 +25,7 @@ from pyqmail.home import Home
 from pyqmail.local import program, qlocal, users
 from pyqmail.local.spawner import DefaultDelivery, admit
 from pyqmail.outcome import Outcome
+from pyqmail.sockio import recv_exact
 
 
 def _deliver(
@@ -62,16 +63,6 @@ def _deliver(
 
 
 _LEN = struct.Struct("!I")
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 class WorkerPoolLocal:
@@ -140,10 +131,10 @@ class WorkerPoolLocal:
             signal.signal(sig, signal.SIG_IGN)  # the daemon decides; EOF ends the worker
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         while True:
-            head = _recv_exact(sock, _LEN.size)
+            head = recv_exact(sock, _LEN.size)
             if head is None:
                 return
-            body = _recv_exact(sock, _LEN.unpack(head)[0])
+            body = recv_exact(sock, _LEN.unpack(head)[0])
             if body is None:
                 return
             parts = body.split(b"\0")
