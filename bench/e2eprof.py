@@ -138,7 +138,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--root", action="store_true")
     ap.add_argument("--strace", action="store_true")
+    ap.add_argument(
+        "--strace-daemon",
+        action="store_true",
+        help="with --strace: only the daemon's process (its threads), every call",
+    )
     ap.add_argument("--pyspy", metavar="FILE", help="py-spy record the tree (raw stacks) into FILE")
+    ap.add_argument(
+        "--pyspy-gil",
+        action="store_true",
+        help="with --pyspy: only samples holding the GIL (CPU in Python, not waits)",
+    )
     ap.add_argument("--warm", type=int, default=200, help="messages sent before measuring")
     add_dir_arg(ap)
     a = ap.parse_args()
@@ -184,7 +194,7 @@ def main() -> None:
         time.sleep(1)
         if a.strace:
             out = d / "strace.txt"
-            pids = tree(proc.pid)
+            pids = [proc.pid] if a.strace_daemon else tree(proc.pid)
             st = subprocess.Popen(["strace", "-f", "-c", "-o", str(out),
                                    *[x for p in pids for x in ("-p", str(p))]],
                                   stderr=subprocess.DEVNULL)  # fmt: skip
@@ -193,8 +203,10 @@ def main() -> None:
         bs0, j0, c0 = block_stat(dev), jbd2_cpu(dev), jbd2_commits(dev)
         spy = None
         if a.pyspy:
-            spy_cmd = [str(VENV_BIN / "py-spy"), "record", "--subprocesses", "--idle",
+            spy_cmd = [str(VENV_BIN / "py-spy"), "record", "--subprocesses",
                        "-r", "200", "-f", "raw", "-o", a.pyspy, "-p", str(proc.pid)]  # fmt: skip
+            if a.pyspy_gil:
+                spy_cmd.append("--gil")
             spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(2)
         before = snapshot(proc.pid)
@@ -246,13 +258,15 @@ def main() -> None:
             f"{c1[1]:.1f} ms (the kernel's running average)"
         )
         if st is not None:
-            print("system calls per message (strace -f -c, whole tree):")
+            which = "the daemon" if a.strace_daemon else "whole tree"
+            print(f"system calls per message (strace -f -c, {which}):")
             wanted = ("fsync", "fdatasync", "openat", "link", "linkat", "unlink", "unlinkat",
                       "rename", "renameat2", "futex", "write", "read", "sendto", "recvfrom",
                       "epoll_wait", "close", "newfstatat", "statx", "mkdir")  # fmt: skip
             for line in (d / "strace.txt").read_text().splitlines():
                 f = line.split()
-                if len(f) >= 5 and f[-1] in (*wanted, "total"):
+                shown = a.strace_daemon or f[-1] in (*wanted, "total")
+                if len(f) >= 5 and f[3].isdigit() and shown:
                     calls = int(f[3])
                     print(f"  {f[-1]:12s} {calls / a.n:7.2f}  ({f[1]} s)")
     finally:

@@ -55,8 +55,7 @@ class Reader:
     def __init__(self, data: bytes | mmap.mmap) -> None:
         if len(data) < _HEADER_SIZE:
             raise CdbError("cdb file shorter than its header")
-        self._data = data
-        self._header = [_PAIR.unpack_from(data, 8 * i) for i in range(256)]
+        self._data = data  # the header is read per lookup: most opens make one or two
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Reader:
@@ -85,7 +84,7 @@ class Reader:
     def find_all(self, key: bytes) -> Iterator[bytes]:
         """Every value stored under ``key``, in insertion order."""
         h = cdb_hash(key)
-        pos, slots = self._header[h & 255]
+        pos, slots = _PAIR.unpack_from(self._data, 8 * (h & 255))
         if slots == 0:
             return
         data = self._data
@@ -122,7 +121,7 @@ class Reader:
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every record in file order, duplicates included. CdbError if malformed."""
         data = self._data
-        end = min(p for p, _ in self._header)
+        end = min(_PAIR.unpack_from(data, 8 * i)[0] for i in range(256))
         if end > len(data):
             raise CdbError("hash tables start past the end of the file")
         pos = _HEADER_SIZE

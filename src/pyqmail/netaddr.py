@@ -13,9 +13,11 @@ Owns two questions every listener (SMTP, QMQP, QMTP) asks of a peer's address te
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
+@functools.lru_cache(maxsize=4096)  # a busy listener sees the same clients again
 def _parse(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])  # a zone id names no host
@@ -31,6 +33,7 @@ def is_loopback(ip: str) -> bool:
     return addr is not None and addr.is_loopback
 
 
+@functools.lru_cache(maxsize=4096)
 def limit_key(ip: str) -> str:
     addr = _parse(ip)
     if addr is None:

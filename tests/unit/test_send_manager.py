@@ -574,23 +574,31 @@ def test_reused_message_number_is_not_missed(home2: Home) -> None:
     assert queue_files(home2) == []
 
 
-def test_an_internal_error_in_preprocessing_does_not_stop_the_scheduler(home2: Home) -> None:
+@pytest.mark.parametrize(
+    ("step", "direct"),
+    [("_examine_batch", True), ("_examine_batch", False), ("_preprocess_batch", False)],
+)
+def test_an_internal_error_in_preprocessing_does_not_stop_the_scheduler(
+    home2: Home, step: str, direct: bool
+) -> None:
+    # _examine_batch runs on the loop, _preprocess_batch (files to write) in a thread
     async def body(h: Harness) -> None:
-        real = h.sched._preprocess_batch
+        real = getattr(h.sched, step)
         calls = [0]
 
         def flaky(*args: object) -> object:
             calls[0] += 1
             if calls[0] == 1:
                 raise RuntimeError("a bug")
-            return real(*args)  # type: ignore[arg-type]
+            return real(*args)
 
-        h.sched._preprocess_batch = flaky  # type: ignore[method-assign,assignment]
+        setattr(h.sched, step, flaky)
         await h.queue(b"joe@test.example", [b"alice@test.example"])
         await h.agents.until(lambda: bool(h.agents.calls))
         await h.settle()
+        assert calls[0] >= 2
 
-    h = run(home2, body)
+    h = run(home2, body, direct=direct)
     assert [c[2] for c in h.agents.calls] == ["alice@test.example"]
     assert any(b"internal error in todo, restarting it" in line for line in h.log)
 

@@ -172,7 +172,8 @@ class WorkerPoolLocal:
         try:
             writer.write(_LEN.pack(len(payload)) + payload)
             await writer.drain()
-            body = await asyncio.wait_for(_read_frame(reader), self.program_timeout)
+            async with asyncio.timeout(self.program_timeout):  # a timer, not a task per delivery
+                body = await _read_frame(reader)
         except TimeoutError:  # (an OSError: first)
             await self._replace(i)
             return Outcome.temp(

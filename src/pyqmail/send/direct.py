@@ -46,6 +46,10 @@ from pyqmail.send.todo import encode
 # only its Job in memory.
 DIRECT_PER_SLOT = 16
 DIRECT_MAX_RCPTS = 16  # more local recipients than this always go through info/local
+# Finished messages' files are removed in a worker thread: wait this long for more to
+# finish (unless this many already have), so one hand-off removes several.
+REMOVAL_GATHER = 0.01
+REMOVAL_BATCH = 32
 
 Spawn = Callable[[Coroutine[None, None, None]], None]
 
@@ -200,6 +204,9 @@ class DirectDeliveries:
         loop = asyncio.get_running_loop()
         try:
             while self._finished:
+                if len(self._finished) < REMOVAL_BATCH:
+                    # not urgent (the mail is delivered): gather more per thread hand-off
+                    await asyncio.sleep(REMOVAL_GATHER)
                 batch, self._finished = self._finished, []
                 try:
                     await loop.run_in_executor(None, self._remove_finished, batch)

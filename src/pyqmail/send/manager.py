@@ -67,7 +67,14 @@ from pyqmail.send.direct import After, DirectDeliveries
 from pyqmail.send.job import Job, Record
 from pyqmail.send.limits import DestinationLimiter, verdict
 from pyqmail.send.log import SendLog, safe
-from pyqmail.send.preprocess import Preprocessed, preprocess_batch
+from pyqmail.send.preprocess import (
+    GONE,
+    Preprocessed,
+    examine_batch,
+    finish_batch,
+    needs_files,
+    preprocess_batch,
+)
 from pyqmail.send.schedule import (
     CHANNEL_NAMES,
     CHANNELS,
@@ -497,9 +504,14 @@ class Scheduler:
             self._preprocessing = True
             self._in_batch.update(batch)
             try:
-                results = await loop.run_in_executor(
-                    None, self._preprocess_batch, batch, routing, budget
-                )
+                # read and decide on the loop; a thread only for files to write and sync
+                examined = self._examine_batch(batch, routing, budget)
+                if needs_files(examined):
+                    results = await loop.run_in_executor(
+                        None, self._preprocess_batch, batch, routing, budget, examined
+                    )
+                else:
+                    results = [p for p in examined if p.warning != GONE]
             except BaseException:
                 self._in_batch.difference_update(batch)
                 raise
@@ -533,16 +545,30 @@ class Scheduler:
                 else:
                     self._messdone(pre.num)
 
-    def _preprocess_batch(
+    def _examine_batch(
         self, nums: list[int], routing: Routing, direct_budget: int
     ) -> list[Preprocessed]:
-        """Worker thread: preprocess.py's batch; its todos removed here unless a cleaner does it."""
+        """On the loop: preprocess.py's reading and deciding (no file written, no fsync)."""
+        return examine_batch(self.paths, nums, routing, direct_budget=direct_budget)
+
+    def _preprocess_batch(
+        self,
+        nums: list[int],
+        routing: Routing,
+        direct_budget: int,
+        examined: list[Preprocessed] | None = None,
+    ) -> list[Preprocessed]:
+        """Worker thread: preprocess.py's batch (the rest of it, after ``examined``); its
+        todos removed here unless a cleaner does it."""
+        clean_todo = self._cleaner is None
+        if examined is not None:
+            return finish_batch(self.paths, examined, clean_todo=clean_todo, log=self.log)
         return preprocess_batch(
             self.paths,
             nums,
             routing,
             direct_budget=direct_budget,
-            clean_todo=self._cleaner is None,
+            clean_todo=clean_todo,
             log=self.log,
         )
 

@@ -1,7 +1,12 @@
 """qmail-send's todo processing: ``todo/N`` -> ``info/S/N``, ``local/S/N``, ``remote/S/N``.
 
-Owns the file work of preprocessing (queue.md 4), run in a worker thread on a batch of
-todo entries so the fsyncs of many messages share a journal commit:
+Owns the file work of preprocessing (queue.md 4) on a batch of todo entries. Steps 1-3's
+reading and deciding (:func:`examine_batch`: a small read from the page cache, a stat and
+unlinks of files that normally do not exist, none of which waits for the journal) run on
+the event loop; only a batch with files to write goes to a worker thread
+(:func:`preprocess_batch`), so that the fsyncs of many messages share a journal commit. A
+batch of direct deliveries costs no thread hand-off (each cost the loop futex calls and
+the GIL's ping-pong for every system call of the thread):
 
 1. read todo/N (gone: a scan raced a notify, silently dropped) and parse it (todo.py);
    stat mess/S/N for the size the log shows;
@@ -55,6 +60,7 @@ class Preprocessed:
     warning: str = ""  # set: nothing was done; log it, todo/N stays for the next scan
     direct: list[str] | None = None  # local recipients to deliver straight from todo
     fds: list[int] = field(default_factory=list)  # its new files, open until synced
+    routed: list[tuple[int, str]] | None = None  # examined, its files not yet written
 
 
 def preprocess_batch(
@@ -71,12 +77,38 @@ def preprocess_batch(
     Up to ``direct_budget`` messages that qualify get no files at all: they are kept for
     direct delivery (``Preprocessed.direct``). Entries found gone are left out.
     """
+    return finish_batch(
+        paths, examine_batch(paths, nums, routing, direct_budget=direct_budget),
+        clean_todo=clean_todo, log=log,
+    )  # fmt: skip
+
+
+def examine_batch(
+    paths: QueuePaths, nums: list[int], routing: Routing, *, direct_budget: int
+) -> list[Preprocessed]:
+    """Steps 1-3 without writing a file: read, route, remove leftovers, and keep up to
+    ``direct_budget`` qualifying messages for direct delivery (cheap enough for the loop)."""
     results = []
     for n in nums:
-        pre = preprocess(paths, n, routing, direct_ok=direct_budget > 0)
+        pre = examine(paths, n, routing, direct_ok=direct_budget > 0)
         if pre.direct is not None:
             direct_budget -= 1
         results.append(pre)
+    return results
+
+
+def needs_files(results: list[Preprocessed]) -> bool:
+    """Whether :func:`finish_batch` has files to write for ``results`` (else: no thread)."""
+    return any(p.routed is not None for p in results)
+
+
+def finish_batch(
+    paths: QueuePaths, results: list[Preprocessed], *, clean_todo: bool, log: SendLog
+) -> list[Preprocessed]:
+    """Write, sync and clean for :func:`examine_batch`'s ``results`` (a worker thread)."""
+    for p in results:
+        if p.routed is not None:
+            write_files(paths, p)
     _sync_files(paths, results)
     ok = [p for p in results if not p.warning and p.direct is None]
     dirs: set[str] = set()
@@ -134,6 +166,15 @@ def remove_todo(paths: QueuePaths, num: int, log: SendLog) -> None:
 def preprocess(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool) -> Preprocessed:
     """One todo entry: its info and channel files written, left open in ``fds`` and not
     yet synced (``preprocess_batch`` syncs and closes them)."""
+    pre = examine(paths, num, routing, direct_ok=direct_ok)
+    if pre.routed is not None:
+        write_files(paths, pre)
+    return pre
+
+
+def examine(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool) -> Preprocessed:
+    """One todo entry read and routed, its leftovers removed; ``routed`` set when its
+    files are still to be written (``write_files``), ``direct`` when it needs none."""
     pre = Preprocessed(num)
     try:
         with open(paths.name("todo", num), "rb") as f:
@@ -164,11 +205,20 @@ def preprocess(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool
     if direct_ok and direct.qualifies(routed):
         pre.direct = [a for _, a in routed]
         return pre
+    pre.routed = routed
+    return pre
+
+
+def write_files(paths: QueuePaths, pre: Preprocessed) -> None:
+    """Create ``pre``'s info and channel files O_EXCL, not yet synced (``fds``)."""
+    routed, num = pre.routed, pre.num
+    assert routed is not None
+    pre.routed = None
     chans: list[list[bytes]] = [[], []]
     for c, addr in routed:
         chans[c].append(encode(addr))
     try:
-        info = records.format_info(encode(env.sender))
+        info = records.format_info(encode(pre.sender))
         pre.fds.append(records.create_unsynced(paths.name("info", num), info))
         for c in CHANNELS:
             if chans[c]:
@@ -183,4 +233,3 @@ def preprocess(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool
         pre.fds = []
         with contextlib.suppress(OSError):
             clean.remove_leftovers(paths, num)
-    return pre
