@@ -226,5 +226,6 @@ def test_repeated_failures_from_one_address_end_in_421(mta: AuthMta) -> None:
         if codes[-1] == 421:
             break
     assert codes == [535] * 8 + [421]
+    # the session log is appended after the reply went out: wait for the last line
+    wait_for(lambda: "auth PLAIN - from 127.0.0.1 blocked" in mta.log(), what="the log line")
     assert "auth PLAIN mallory from 127.0.0.1 failed" in mta.log()
-    assert "auth PLAIN - from 127.0.0.1 blocked" in mta.log()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class AuthPolicy:
         return min(failures * self.step, self.max_delay)
 
 
-class AuthFailures:
+class AuthFailures(ABC):
     """The interface protocol.py uses."""
 
     policy: AuthPolicy
@@ -56,12 +57,13 @@ class AuthFailures:
         """Has this network used up its failures?"""
         return self.count(ip) >= self.policy.max_failures
 
+    @abstractmethod
     def count(self, ip: str) -> int:
-        raise NotImplementedError
+        """Failures recorded for this network within the window."""
 
+    @abstractmethod
     def failed(self, ip: str) -> float:
         """Record a failure; the delay before its 535."""
-        raise NotImplementedError
 
 
 class MemoryFailures(AuthFailures):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -64,7 +65,7 @@ def received_line(proto: str, env: Mapping[str, str], when: float | None = None)
     )  # fmt: skip
 
 
-class NetstringListener:
+class NetstringListener(ABC):
     """One asyncio task per connection; see the module docstring."""
 
     PROTO: ClassVar[str]  # the Received line's "with" word
@@ -184,6 +185,7 @@ class NetstringListener:
             if not self._conns and self._gone is not None:
                 self._gone.set()
 
+    @abstractmethod
     async def _serve(
         self,
         reader: asyncio.StreamReader,
@@ -191,7 +193,7 @@ class NetstringListener:
         env: dict[str, str],
         ctl: Control | None,
     ) -> None:
-        raise NotImplementedError
+        """Serve one accepted, allowed connection (the protocol's own part)."""
 
     def _begin(self, env: Mapping[str, str]) -> BlockingSubmission:
         """Open a message in the queue, below this door's Received line (blocking)."""
