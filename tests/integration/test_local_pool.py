@@ -61,3 +61,80 @@ def test_a_program_that_stops_its_worker_is_killed_and_replaced(
     for name in ("bg.pid", "fg.pid"):
         assert process_gone(int((home.alias / name).read_text()))
     assert len(list((home.alias / "Maildir" / "new").iterdir())) == 1
+
+
+def _home_maildir(home: Home) -> Path:
+    return home.alias / "Maildir" / "new"
+
+
+def test_dir_syncs_share_rounds_and_report_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many deliveries' new/ fsyncs wait for one round; a directory that cannot be synced
+    is an error for exactly the deliveries that named it."""
+    from pyqmail.local import maildir
+    from pyqmail.local.pool import DirSyncs
+
+    good = tmp_path / "new"
+    good.mkdir()
+    calls: list[list[bytes]] = []
+    real = maildir.fsync_dirs
+
+    def counting(paths: list[bytes]) -> OSError | None:
+        calls.append(list(paths))
+        time.sleep(0.05)  # a slow disk: the next requests gather meanwhile
+        return real(paths)
+
+    monkeypatch.setattr(maildir, "fsync_dirs", counting)
+    syncs = DirSyncs()
+
+    async def go() -> list[OSError | None]:
+        return list(
+            await asyncio.gather(
+                *(syncs.sync([os.fsencode(good)]) for _ in range(20)),
+                syncs.sync([os.fsencode(good), os.fsencode(tmp_path / "missing")]),
+            )
+        )
+
+    got = asyncio.run(go())
+    assert got[:20] == [None] * 20
+    assert isinstance(got[20], FileNotFoundError)
+    assert len(calls) <= 4  # 21 waiters, one or two rounds, a call per distinct directory
+
+
+def test_delivery_is_not_reported_before_new_is_synced(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker links the message into new/ and hands back the directory; if the daemon
+    cannot fsync it, the delivery is a temporary failure (delivered again), never a success."""
+    from pyqmail.local import maildir
+
+    mess = tmp_path / "mess"
+    mess.write_bytes(MSG)
+    pool = WorkerPoolLocal(home, ControlCache(home), workers=2)
+    pool.start()
+    fail = [False]
+    real = maildir.fsync_dirs
+
+    def maybe_fail(paths: list[bytes]) -> OSError | None:
+        if fail[0]:
+            return OSError(5, "Input/output error")
+        return real(paths)
+
+    monkeypatch.setattr(maildir, "fsync_dirs", maybe_fail)
+
+    async def go() -> list[Outcome]:
+        try:
+            ok = await pool.deliver(mess, "s@x", "root@h")
+            fail[0] = True
+            bad = await pool.deliver(mess, "s@x", "root@h")
+            return [ok, bad]
+        finally:
+            await pool.close()
+
+    got = asyncio.run(go())
+    assert got == [
+        Outcome.ok("did 1+0+0\n"),
+        Outcome.temp("Temporary error on maildir delivery. (#4.3.0)\n"),
+    ]
+    assert len(list(_home_maildir(home).iterdir())) == 2  # linked both times: at least once

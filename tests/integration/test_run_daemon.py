@@ -268,6 +268,26 @@ def test_only_one_daemon_per_queue(mta: Mta) -> None:
     assert mta.stop() == 0
 
 
+def _started(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def test_listeners_run_in_their_own_process_and_losing_it_stops_the_daemon(mta: Mta) -> None:
+    """The listeners live in a child forked first (daemon/listenproc.py); the scheduler
+    learns of its messages through it. If that child dies, the daemon stops with 111,
+    as qmail-send dies when it loses a part, instead of running on without listeners."""
+    proc = mta.start()
+    mta.send("joe@test.example", ["alice@test.example"], "through the child")
+    wait_for(lambda: len(files(mta.maildir("alice"))) == 1, what="delivery")
+    kids = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    listener = min(kids, key=_started)  # forked before the delivery workers
+    conns = Path(f"/proc/{listener}/net/tcp").read_text()  # the port is the child's
+    assert f":{mta.port:04X} " in conns
+    os.kill(listener, signal.SIGKILL)
+    assert proc.wait(60) == 111
+    assert "alert: lost the listener process" in mta.log()
+
+
 def test_cannot_start_without_queue(home: Home, tmp_path: Path) -> None:
     import shutil
 

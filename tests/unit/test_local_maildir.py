@@ -143,3 +143,43 @@ def test_full_disk_no_partial_file_in_new(tmp_path: Path) -> None:
         assert (md / "new" / name).read_bytes() == HEAD + b"small\n"
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_deferred_dir_sync_names_new_and_leaves_the_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside deferred_dir_syncs the message is fsynced and linked as always, but new/ is
+    not fsynced: its absolute path is handed back for the caller to sync."""
+    md = _md(tmp_path / "M")
+    synced: list[int] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    fd = _msg(b"body\n")
+    try:
+        with maildir.deferred_dir_syncs() as dirs:
+            maildir.deliver("M", fd, HEAD, dir_fd=os.open(tmp_path, os.O_RDONLY))
+    finally:
+        os.close(fd)
+    assert dirs == [os.fsencode(md / "new")]
+    (name,) = os.listdir(md / "new")
+    assert synced == [os.stat(md / "new" / name).st_ino]  # the file, not the directory
+    assert maildir.fsync_dirs(dirs) is None
+    # outside the context, new/ is fsynced by the delivery itself again
+    synced.clear()
+    fd = _msg(b"body\n")
+    try:
+        maildir.deliver(str(md), fd, HEAD)
+    finally:
+        os.close(fd)
+    assert os.stat(md / "new").st_ino in synced
+
+
+def test_fsync_dirs_reports_a_missing_directory(tmp_path: Path) -> None:
+    md = _md(tmp_path / "M")
+    err = maildir.fsync_dirs([os.fsencode(md / "new"), os.fsencode(tmp_path / "gone" / "new")])
+    assert isinstance(err, FileNotFoundError)

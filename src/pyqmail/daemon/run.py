@@ -5,18 +5,23 @@ picks it or daemon/split.py's. Owns the order of start-up and shutdown in one pr
 
 1. the checks (``alert: cannot start: unable to read controls`` and the like), then
    remove what a crash left in the queue (queue/recover.py);
-2. fork the local delivery workers (before any thread exists);
+2. fork the listener process (daemon/listenproc.py: the SMTP, QMQP and QMTP listeners
+   bind there, with their own event loop and committer; a listener that cannot bind
+   stops the start), then the local delivery workers, before any thread exists;
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
-   schedule; the submitter wakes it in-process; the SMTP, QMQP and QMTP listeners bind;
-4. signals: TERM/INT stop (listeners close first and SMTP sessions in DATA finish within
-   control/timeoutdrain, QMQP and QMTP requests too, then deliveries in flight finish,
-   bounded), HUP re-reads the controls, ALRM retries everything now, PIPE is ignored;
+   schedule; the listener process tells it each new message's number;
+4. signals: TERM/INT stop (the listener process first: listeners close and SMTP sessions
+   in DATA finish within control/timeoutdrain, QMQP and QMTP requests too; then
+   deliveries in flight finish, bounded), HUP re-reads the controls (in both processes),
+   ALRM retries everything now, PIPE is ignored; a listener process that dies stops the
+   daemon with exit 111;
 5. under systemd (NOTIFY_SOCKET): READY=1 once 3 is done, then STATUS= and WATCHDOG=1 from
    the event loop, STOPPING=1 on TERM (daemon/notify.py).
 
 Identities (design.md): in single-user mode, or when started by an ordinary user, every part
-runs in this process as the invoking user (a warning once if that is root), with local
-deliveries in pre-forked workers (local/pool.py). Started as root in multi-user mode, the
+runs as the invoking user (a warning once if that is root): the scheduler and the remote
+agent in this process, the listeners in the listener process, local deliveries in
+pre-forked workers (local/pool.py). Started as root in multi-user mode, the
 parts run as separate processes under qmail's users instead (daemon/split.py).
 """
 
@@ -30,13 +35,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from pyqmail.daemon import notify
 from pyqmail.daemon.http import HttpAuth, StatusServer, parse_http
+from pyqmail.daemon.listenproc import ListenerProcess
 from pyqmail.daemon.parts import (
     PROG,
     CleanSweep,
-    Listeners,
     RunConfig,
     RunError,
     SteadyControl,
@@ -44,7 +50,6 @@ from pyqmail.daemon.parts import (
     check_http,
     make_scheduler,
     start_http,
-    start_listeners,
     start_sending,
     stop_sending,
 )
@@ -65,7 +70,8 @@ __all__ = ["Daemon", "RunConfig", "RunError", "main_args", "run"]
 
 
 class Daemon:
-    """The running MTA: spawner, scheduler, remote agent and listeners in one event loop."""
+    """The running MTA: spawner, scheduler and remote agent in one event loop, the
+    listeners in a process of their own."""
 
     def __init__(
         self, cfg: RunConfig, sink: LogSink | None = None, notifier: Notifier | None = None
@@ -80,7 +86,8 @@ class Daemon:
         self.ctl = SteadyControl(self.home, log=self.log)
         self.spawner: WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
-        self.listeners: Listeners | None = None
+        self.listeners: ListenerProcess | None = None
+        self.lost = False  # the listener process died: exit 111
         self.http: StatusServer | None = None
         self._auth: HttpAuth | None = None
         self._stop = asyncio.Event()
@@ -92,6 +99,9 @@ class Daemon:
         self._auth = check_http(self.cfg)
         warn_if_root_single_user(home, PROG)
         clean_stale(QueuePaths(home.queue))
+        if self.cfg.listens():  # first: it must not inherit the delivery workers' sockets
+            self.listeners = ListenerProcess(self.cfg, self.sink)
+            self.listeners.start()
         # enough for concurrencylocal (a HUP that raises it beyond this queues deliveries)
         workers = min(64, max(10, ctl.concurrencylocal))
         self.spawner = WorkerPoolLocal(home, self.ctl, workers=workers)
@@ -113,18 +123,16 @@ class Daemon:
             control_socket=True,  # `pyqmail queue` (send/admin.py)
         )
         self.scheduler = sched
-        submitter = qsubmit.submitter(self.home, notify=sched.notify)
-        sched.submitter = submitter
-        listeners = await start_listeners(
-            self.cfg, self.ctl, submitter, warn=self.log.warning, sink=self.sink
-        )
-        self.listeners = listeners
+        sched.submitter = qsubmit.submitter(self.home, notify=sched.notify)  # bounces
+        listeners = self.listeners
+        if listeners is not None:
+            listeners.attach(sched.notify, self._lost)
+        snapshot = listeners.snapshot if listeners is not None else dict
         try:
-            self.http = await start_http(
-                self.cfg, self._auth, listeners.smtp.stats.snapshot, sched.metrics
-            )
+            self.http = await start_http(self.cfg, self._auth, snapshot, sched.metrics)
         except OSError:
-            await listeners.close()
+            if listeners is not None:
+                await listeners.stop()
             raise
         for sig, handler in (
             (signal.SIGTERM, self.stop),
@@ -137,8 +145,11 @@ class Daemon:
         try:
             await start_sending(sched, self.log)
         except RunError:
-            await listeners.close()
+            if listeners is not None:
+                await listeners.stop()
             raise
+        if listeners is not None:
+            listeners.go()
         sweep = CleanSweep(QueuePaths(self.home.queue))
         sweep.start()
         beating: asyncio.Task[None] | None = None
@@ -157,12 +168,15 @@ class Daemon:
             sweep.stop()
             if self.http is not None:
                 await self.http.close()
-            await listeners.close()
+            if listeners is not None:
+                await listeners.stop()
             await stop_sending(sched, spawner, agent)
 
     def hup(self) -> None:
         """HUP: every part sees the control files as they are now."""
         self.ctl.refresh()
+        if self.listeners is not None:
+            self.listeners.hup()
         if self.scheduler is not None:
             self.scheduler.reload()
 
@@ -172,8 +186,14 @@ class Daemon:
         if self.scheduler is not None:
             parts.append(self.scheduler.summary())
         if self.listeners is not None:
-            parts.append(f"smtp sessions {len(self.listeners.smtp.sessions)}")
+            parts.append(f"smtp sessions {self.listeners.sessions()}")
         return ", ".join(parts)
+
+    def _lost(self) -> None:
+        """The listener process died on its own: stop everything, exit 111."""
+        self.lost = True
+        self.log.alert("lost the listener process, dying")
+        self.stop()
 
     def stop(self) -> None:
         """TERM/INT: begin an orderly shutdown (safe to call more than once)."""
@@ -196,6 +216,15 @@ def run(cfg: RunConfig) -> int:
 
         return run_split(cfg, notifier)
     daemon = Daemon(cfg, sink, notifier)
+
+    def early(signum: int, frame: FrameType | None) -> None:
+        daemon.stop()  # a TERM while the parts start: stop as soon as they are up
+
+    # Until the loop's handlers are installed (the listener process may already serve)
+    signal.signal(signal.SIGTERM, early)
+    signal.signal(signal.SIGINT, early)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
     try:
         daemon.prepare()
     except RunError as e:
@@ -213,7 +242,7 @@ def run(cfg: RunConfig) -> int:
         with contextlib.suppress(Exception):
             loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
-    return 0
+    return 111 if daemon.lost else 0
 
 
 def main_args(

@@ -6,6 +6,13 @@ write Return-Path + Delivered-To + the message verbatim, fsync, close, ``link`` 
 relied on BSD semantics), unlink the tmp name. Any failure removes the tmp file and is a
 temporary failure. ``cur/`` is never touched.
 
+The ``new/`` fsync may be handed to the caller: inside :func:`deferred_dir_syncs` a
+delivery stops after the link and the tmp unlink and records ``new/``'s path instead;
+whoever collected it must fsync that directory before it reports the delivery done (the
+single-user worker pool does, for many deliveries at once: local/pool.py). Nothing else
+changes: the file itself is fsynced before the link, so ``new/`` never shows a message
+that is not on disk.
+
 Names follow the modern maildir spec: ``SECONDS.MusecPpidQseq.HOST`` (unique even for
 several deliveries by one process in one second).
 """
@@ -28,6 +35,34 @@ from pyqmail.local.failure import temp
 
 _seq = itertools.count(1)
 MAILDIR_TIMEOUT = 86400.0  # qmail-local's alarm around a maildir delivery
+_deferred: list[bytes] | None = None  # inside deferred_dir_syncs(): new/ dirs to fsync
+
+
+@contextlib.contextmanager
+def deferred_dir_syncs() -> Iterator[list[bytes]]:
+    """Within: each maildir delivery adds its ``new/`` (an absolute path) to the list
+    yielded instead of fsyncing it; the caller must fsync them before it reports success."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield _deferred
+    finally:
+        _deferred = outer
+
+
+def fsync_dirs(paths: list[bytes]) -> OSError | None:
+    """fsync each directory (deferred_dir_syncs' list); the first error, or None."""
+    err: OSError | None = None
+    for path in dict.fromkeys(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            err = err or e
+    return err
 
 
 @functools.cache
@@ -142,7 +177,12 @@ def _deliver_in(
     try:
         newfd = os.open("new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
         try:
-            os.fsync(newfd)
+            where = _where(newfd) if _deferred is not None else None
+            if where is None:
+                os.fsync(newfd)
+            else:
+                assert _deferred is not None
+                _deferred.append(where)
         finally:
             os.close(newfd)
     except OSError as e:
@@ -151,6 +191,15 @@ def _deliver_in(
         _unlink(tmpname, dfd)
         raise temp(fail) from e
     _unlink(tmpname, dfd)
+
+
+def _where(fd: int) -> bytes | None:
+    """The directory's absolute path as the kernel has it now (None without /proc)."""
+    try:
+        path = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+    return path if path.startswith(b"/") else None
 
 
 class _Timeout(Exception):
