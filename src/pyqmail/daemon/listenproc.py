@@ -80,13 +80,23 @@ class ListenerProcess:
         with the child's reason if it cannot bind."""
         from pyqmail.daemon.parts import RunError
 
-        life_r, life_w = os.pipe()
-        nums_p, nums_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        stats_p, stats_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            life_r, life_w = os.pipe()
+            nums_p, nums_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            stats_p, stats_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:
+            raise RunError(f"unable to start the listener process: {e}") from e
         parent_pid = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            for fd in (life_r, life_w):
+                os.close(fd)
+            for sock in (nums_p, nums_c, stats_p, stats_c):
+                sock.close()
+            raise RunError(f"unable to start the listener process: {e}") from e
         if pid == 0:  # the child
             code = 111
             try:
