@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.daemon import listenproc
 from pyqmail.daemon.listenproc import NUM, ListenerProcess, _NumberLink
 from pyqmail.daemon.parts import RunConfig, RunError
 from pyqmail.home import Home
@@ -28,7 +27,7 @@ def test_a_failed_fork_is_a_clear_start_error_and_leaks_nothing(
     def no_fork() -> int:
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(listenproc.os, "fork", no_fork)
+    monkeypatch.setattr(os, "fork", no_fork)
     before = _fds()
     proc = ListenerProcess(RunConfig(home, smtp=[("127.0.0.1", 0)]), LogSink(None))
     with pytest.raises(RunError, match="unable to start the listener process"):
