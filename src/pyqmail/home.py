@@ -8,6 +8,7 @@ qmail's eight accounts and two groups (layout.md section 3); in single-user mode
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -69,24 +70,24 @@ class Home:
     root: Path
     single_user: bool = False
 
-    @property
+    @functools.cached_property
     def control(self) -> Path:
         return self.root / "control"
 
-    @property
+    @functools.cached_property
     def queue(self) -> Path:
         return self.root / "queue"
 
-    @property
+    @functools.cached_property
     def users(self) -> Path:
         return self.root / "users"
 
-    @property
+    @functools.cached_property
     def alias(self) -> Path:
         return self.root / "alias"
 
     def control_file(self, name: str) -> Path:
-        return self.root / "control" / name
+        return self.control / name
 
     def ids(self) -> Ids:
         """Resolve qmail's accounts (run time, as notqmail does). Raises HomeError."""

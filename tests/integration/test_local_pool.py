@@ -138,3 +138,38 @@ def test_delivery_is_not_reported_before_new_is_synced(
         Outcome.temp("Temporary error on maildir delivery. (#4.3.0)\n"),
     ]
     assert len(list(_home_maildir(home).iterdir())) == 2  # linked both times: at least once
+
+
+def test_workers_see_a_new_users_cdb(home: Home, tmp_path: Path) -> None:
+    """The workers keep users/cdb open between deliveries; qmail-newu's replacement is
+    seen by the very next delivery (the file is re-stat'ed per lookup)."""
+    from pyqmail.local import users
+
+    mess = tmp_path / "mess"
+    mess.write_bytes(MSG)
+    uid, gid = os.getuid(), os.getgid()
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        for sub in ("cur", "new", "tmp"):
+            (d / "Maildir" / sub).mkdir(parents=True)
+
+    def assign(d: Path) -> None:
+        (home.users / "assign").write_text(f"=bob:bob:{uid}:{gid}:{d}:::\n.\n")
+        users.newu(home)
+
+    assign(first)
+    pool = WorkerPoolLocal(home, ControlCache(home), workers=1)
+    pool.start()
+
+    async def go() -> list[Outcome]:
+        try:
+            out = [await pool.deliver(mess, "s@x", "bob@h")]
+            assign(second)
+            out.append(await pool.deliver(mess, "s@x", "bob@h"))
+            return out
+        finally:
+            await pool.close()
+
+    assert asyncio.run(go()) == [Outcome.ok("did 1+0+0\n")] * 2
+    assert len(list((first / "Maildir" / "new").iterdir())) == 1
+    assert len(list((second / "Maildir" / "new").iterdir())) == 1

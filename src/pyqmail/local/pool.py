@@ -39,14 +39,22 @@ from pyqmail.sockio import recv_exact
 
 
 def _deliver(
-    home: Home, defaultdelivery: Callable[[], str], mess: Path, sender: str, recipient: str
+    home: Home,
+    defaultdelivery: Callable[[], str],
+    mess: Path,
+    sender: str,
+    recipient: str,
+    cdb_cache: users.CdbCache | None = None,
 ) -> Outcome:
-    """One delivery in this process, blocking: qmail-lspawn's checks, then qmail-local."""
+    """One delivery in this process, blocking: qmail-lspawn's checks, then qmail-local.
+    ``cdb_cache``: users/cdb kept open between deliveries (re-stat per lookup, reopened
+    after qmail-newu replaced it), as the root spawner keeps it."""
+    cache = cdb_cache if cdb_cache is not None else users.CdbCache(home.users / "cdb")
     got = admit(
         mess,
         recipient,
         defaultdelivery=defaultdelivery,
-        resolve=lambda local: users.resolve(home, local),
+        resolve=lambda local: users.resolve_with(home, local, cache.reader()),
         refuse_root=False,
     )
     if isinstance(got, Outcome):
@@ -182,6 +190,7 @@ class WorkerPoolLocal:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)  # its own group, with its programs: the daemon's limit kills both
         defaultdelivery = DefaultDelivery(self.ctl)
+        cdb_cache = users.CdbCache(self.home.users / "cdb")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, signal.SIG_IGN)  # the daemon decides; EOF ends the worker
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -204,6 +213,7 @@ class WorkerPoolLocal:
                         Path(os.fsdecode(parts[0])),
                         users.dec(parts[1]),
                         users.dec(parts[2]),
+                        cdb_cache,
                     )
             # letter, the text's length and the text, then the new/ dirs to fsync
             text = out.text.encode("utf-8", "surrogateescape")
