@@ -45,7 +45,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from pyqmail.daemon import http
-from pyqmail.daemon.parts import RunConfig, SteadyControl, start_listeners
+from pyqmail.daemon.parts import RunConfig, RunError, SteadyControl, start_listeners
 from pyqmail.eventloop import new_loop
 from pyqmail.logsink import LogSink
 from pyqmail.queue import submit as qsubmit
@@ -78,8 +78,6 @@ class ListenerProcess:
     def start(self) -> None:
         """Fork the child (before any thread exists) and wait until it serves; RunError
         with the child's reason if it cannot bind."""
-        from pyqmail.daemon.parts import RunError
-
         try:
             life_r, life_w = os.pipe()
             nums_p, nums_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

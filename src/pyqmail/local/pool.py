@@ -44,17 +44,16 @@ def _deliver(
     mess: Path,
     sender: str,
     recipient: str,
-    cdb_cache: users.CdbCache | None = None,
+    cdb_cache: users.CdbCache,
 ) -> Outcome:
     """One delivery in this process, blocking: qmail-lspawn's checks, then qmail-local.
     ``cdb_cache``: users/cdb kept open between deliveries (re-stat per lookup, reopened
     after qmail-newu replaced it), as the root spawner keeps it."""
-    cache = cdb_cache if cdb_cache is not None else users.CdbCache(home.users / "cdb")
     got = admit(
         mess,
         recipient,
         defaultdelivery=defaultdelivery,
-        resolve=lambda local: users.resolve_with(home, local, cache.reader()),
+        resolve=lambda local: users.resolve_with(home, local, cdb_cache.reader()),
         refuse_root=False,
     )
     if isinstance(got, Outcome):
