@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -150,6 +151,7 @@ def test_deferred_dir_sync_names_new_and_leaves_the_fsync(
 ) -> None:
     """Inside deferred_dir_syncs the message is fsynced and linked as always, but new/ is
     not fsynced: its absolute path is handed back for the caller to sync."""
+    monkeypatch.setenv("PYQMAIL_ORDERED_JOURNAL", "no")  # the file's fsync, anywhere
     md = _md(tmp_path / "M")
     synced: list[int] = []
     real = os.fsync
@@ -183,3 +185,48 @@ def test_fsync_dirs_reports_a_missing_directory(tmp_path: Path) -> None:
     md = _md(tmp_path / "M")
     err = maildir.fsync_dirs([os.fsencode(md / "new"), os.fsencode(tmp_path / "gone" / "new")])
     assert isinstance(err, FileNotFoundError)
+
+
+def test_ordered_journal_writes_the_file_out_and_fsyncs_new_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the journal keeps order the file is written out, not fsynced, before the
+    link, and new/'s fsync after the link is the delivery's one commit; deferred, the
+    delivery fsyncs nothing. A failed write-out is a temporary failure leaving nothing."""
+    md = _md(tmp_path / "M")
+    events: list[tuple[str, int, int]] = []  # (what, inode, entries in new/)
+    real_out, real_fsync = maildir.write_out, os.fsync
+
+    def write_out(fd: int) -> None:
+        events.append(("out", os.fstat(fd).st_ino, len(os.listdir(md / "new"))))
+        real_out(fd)
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino, len(os.listdir(md / "new"))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir, "ordered_journal", lambda fd: True)
+    monkeypatch.setattr(maildir, "write_out", write_out)
+    monkeypatch.setattr(os, "fsync", fsync)
+    fd = _msg(b"body\n")
+    try:
+        maildir.deliver(str(md), fd, HEAD)
+        (name,) = os.listdir(md / "new")
+        assert events == [
+            ("out", os.stat(md / "new" / name).st_ino, 0),
+            ("fsync", os.stat(md / "new").st_ino, 1),
+        ]
+        events.clear()
+        with maildir.deferred_dir_syncs() as dirs:
+            maildir.deliver(str(md), fd, HEAD)
+        assert [e[0] for e in events] == ["out"] and dirs == [os.fsencode(md / "new")]
+
+        def broken(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(maildir, "write_out", broken)
+        with pytest.raises(DeliveryFailure, match="Temporary error on maildir delivery"):
+            maildir.deliver(str(md), fd, HEAD)
+    finally:
+        os.close(fd)
+    assert len(os.listdir(md / "new")) == 2 and os.listdir(md / "tmp") == []

@@ -26,6 +26,18 @@ from pyqmail.queue.writer import (
     received_line,
 )
 
+# A commit's steps, in the order each message passes them.
+STEPS = [
+    CrashState.MESS_WRITTEN,
+    CrashState.INTD_CREATED,
+    CrashState.INTD_WRITTEN,
+    CrashState.MESS_SYNCED,
+    CrashState.INTD_SYNCED,
+    CrashState.TODO_LINKED,
+    CrashState.TODO_SYNCED,
+    CrashState.PID_UNLINKED,
+]
+
 
 def _files(home: Home) -> list[str]:
     """Every regular file in the queue except lock/ (relative paths)."""
@@ -381,17 +393,7 @@ def test_commit_many_keeps_each_messages_step_order(home: Home) -> None:
     ps = [w.begin() for _ in range(4)]
     del seen[:]
     assert all(isinstance(r, int) for r in commit_many([(p, b"a@b", [b"c@d"]) for p in ps]))
-    order = [
-        CrashState.MESS_WRITTEN,
-        CrashState.INTD_CREATED,
-        CrashState.INTD_WRITTEN,
-        CrashState.MESS_SYNCED,
-        CrashState.INTD_SYNCED,
-        CrashState.TODO_LINKED,
-        CrashState.TODO_SYNCED,
-        CrashState.PID_UNLINKED,
-    ]
-    assert sorted(seen, key=order.index) == [s for s in order for _ in ps]
+    assert sorted(seen, key=STEPS.index) == [s for s in STEPS for _ in ps]
     # no todo link before every message and its envelope are synced
     last_synced = max(i for i, s in enumerate(seen) if s is CrashState.INTD_SYNCED)
     first_linked = seen.index(CrashState.TODO_LINKED)
@@ -411,7 +413,7 @@ def test_commit_many_fsyncs_a_batch_at_once(home: Home, monkeypatch: pytest.Monk
         time.sleep(0.002)  # long enough for the other threads to take their share
         real_fsync(fd)
 
-    w = QueueWriter(home)
+    w = QueueWriter(home, one_commit=False)
     ps = [w.begin() for _ in range(10)]
     dirs = {p.msgnum % 23 for p in ps}
     monkeypatch.setattr(os, "fsync", fsync)
@@ -426,7 +428,7 @@ def test_commit_many_fsync_failure_fails_that_message_alone(
     home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_fsync = os.fsync
-    w = QueueWriter(home)
+    w = QueueWriter(home, one_commit=False)
     ps = [w.begin() for _ in range(4)]
     for p in ps:
         p.write(b"Subject: x\n\nbody\n")
@@ -480,7 +482,7 @@ def test_pipeline_syncs_todo_with_the_next_batchs_files(
 ) -> None:
     """CommitPipeline: the todo/ fsync of the messages linked in one round runs in the
     same set of fsyncs as the next batch's files; no result before its todo/ fsync."""
-    w = QueueWriter(home)
+    w = QueueWriter(home, one_commit=False)
     pipe = CommitPipeline(w)
     a = w.begin()
     a.write(b"Subject: a\n\n")
@@ -514,7 +516,7 @@ def test_pipeline_bug_withdraws_the_linked_and_keeps_final_results(home: Home) -
         if armed[0] and state is CrashState.MESS_WRITTEN:
             raise RuntimeError("bug")
 
-    w = QueueWriter(home, hook=hook)
+    w = QueueWriter(home, hook=hook, one_commit=False)
     pipe = CommitPipeline(w)
     first = w.begin()
     pipe.round([("1", first, b"x@y", [b"c@d"])])
@@ -528,3 +530,85 @@ def test_pipeline_bug_withdraws_the_linked_and_keeps_final_results(home: Home) -
     assert pipe.abort() == ["2"]
     n = first.msgnum
     assert _files(home) == sorted([f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}"])
+
+
+def test_one_commit_writes_out_and_fsyncs_todo_once(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the journal keeps order: every file is written out (no fsync), before the
+    first todo link; the only fsync is todo/'s, after the last link; every message
+    passes every step in order; a round returns all its results, nothing waits."""
+    import pyqmail.queue.writer as writer_mod
+
+    todo = home.queue / "todo"
+    events: list[tuple[str, int]] = []  # (what, todo/ entries at that moment)
+    real_out, real_fsync = writer_mod.write_out, os.fsync
+
+    def write_out(fd: int) -> None:
+        events.append(("out", len(os.listdir(todo))))
+        real_out(fd)
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", len(os.listdir(todo))))
+        real_fsync(fd)
+
+    seen: list[CrashState] = []
+    w = QueueWriter(home, hook=seen.append, one_commit=True)
+    ps = [w.begin() for _ in range(5)]
+    for p in ps:
+        p.write(b"Subject: x\n\nbody\n")
+    del seen[:]
+    monkeypatch.setattr(writer_mod, "write_out", write_out)
+    monkeypatch.setattr(os, "fsync", fsync)
+    pipe = CommitPipeline(w)
+    got = pipe.round([(i, p, b"a@b", [b"c@d"]) for i, p in enumerate(ps)])
+    assert sorted(got) == [(i, p.msgnum) for i, p in enumerate(ps)] and pipe.pending == 0
+    assert events == [("out", 0)] * 10 + [("fsync", 5)]
+    assert sorted(seen, key=STEPS.index) == [s for s in STEPS for _ in ps]
+    assert max(i for i, s in enumerate(seen) if s is CrashState.INTD_SYNCED) < seen.index(
+        CrashState.TODO_LINKED
+    )
+    for p in ps:
+        assert (QueuePaths(home.queue).mess(p.msgnum)).read_bytes().endswith(b"body\n")
+
+
+def test_one_commit_write_out_failure_fails_that_message_alone(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyqmail.queue.writer as writer_mod
+
+    real = writer_mod.write_out
+    w = QueueWriter(home, one_commit=True)
+    ps = [w.begin() for _ in range(3)]
+    bad = [ps[1]._fd]
+
+    def write_out(fd: int) -> None:
+        if fd in bad:
+            bad.clear()
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(writer_mod, "write_out", write_out)
+    results = commit_many([(p, b"a@b", [b"c@d"]) for p in ps])
+    err = results[1]
+    assert isinstance(err, QueueError) and err.code == codes.WRITE_ERROR
+    good = [ps[0].msgnum, ps[2].msgnum]
+    assert [results[0], results[2]] == good
+    assert _files(home) == sorted(
+        f for n in good for f in (f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}")
+    )
+
+
+def test_one_commit_is_off_where_the_journal_is_not_known(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decided from the queue's file system, once; PYQMAIL_ORDERED_JOURNAL=no turns it off."""
+    import pyqmail.queue.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "ordered_journal", lambda path: True)
+    assert QueueWriter(home).one_commit
+    monkeypatch.setattr(writer_mod, "ordered_journal", lambda path: False)
+    assert not QueueWriter(home).one_commit
+    monkeypatch.setattr(writer_mod, "ordered_journal", lambda path: True)
+    os.rename(home.queue / "todo", home.queue / "todo.gone")  # a directory it cannot stat
+    assert not QueueWriter(home).one_commit

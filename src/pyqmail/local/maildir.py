@@ -13,6 +13,12 @@ single-user worker pool does, for many deliveries at once: local/pool.py). Nothi
 changes: the file itself is fsynced before the link, so ``new/`` never shows a message
 that is not on disk.
 
+On a file system whose journal keeps order (``durable.ordered_journal``: ext4 with a
+journal, data=ordered) the file's fsync is a ``durable.write_out`` instead: its data on
+the device, its metadata in the running journal transaction, which the ``new/`` fsync
+after the link commits together with the link. One journal commit per delivery (or per
+round of deferred ones) where two were needed one after the other.
+
 Names follow the modern maildir spec: ``SECONDS.MusecPpidQseq.HOST`` (unique even for
 several deliveries by one process in one second).
 """
@@ -30,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from pyqmail.durable import write_all
+from pyqmail.durable import ordered_journal, write_all, write_out
 from pyqmail.local.failure import temp
 
 _seq = itertools.count(1)
@@ -164,7 +170,10 @@ def _deliver_in(
             try:
                 write_all(fd, header)
                 copy(msg_fd, fd)
-                os.fsync(fd)
+                if ordered_journal(fd):
+                    write_out(fd)  # the new/ fsync commits it all (durable.py)
+                else:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.link(tmpname, "new/" + fname, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -111,7 +111,8 @@ def serve(
     Commits go through a :class:`~pyqmail.queue.writer.CommitPipeline`: while messages
     linked into todo/ await their todo/ fsync, the child does not wait for input but
     takes whatever has arrived, so that fsync shares its journal commit with the file
-    fsyncs of the next messages."""
+    fsyncs of the next messages. (Where the writer needs one commit per batch, nothing is
+    ever pending between rounds: each round answers all of its messages.)"""
     open_: dict[int, QueuePending | QueueError] = {}
     buf = bytearray()
     done: list[int] = []

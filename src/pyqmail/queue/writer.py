@@ -19,6 +19,14 @@ Sequence (queue.md section 3, with the directory fsyncs Linux needs):
    three are done, link ``intd/N`` to ``todo/N`` (the commit point), fsync ``todo/``,
    unlink the pid name, poke the scheduler.
 
+One commit where the file system orders its journal (``durable.ordered_journal``: ext4
+with a journal, data=ordered, the default; durable.py has the argument): step 4's fsyncs of
+mess, intd and ``mess/S`` become ``durable.write_out`` of mess and intd (their data on
+the device, their metadata in the running journal transaction), and the fsync of
+``todo/`` after the link commits all of it at once: one journal commit per batch where
+two were needed one after the other. The order of the steps, the crash states and every
+invariant below are the same; ``PYQMAIL_ORDERED_JOURNAL=no`` keeps the fsyncs.
+
 Invariants: nothing appears in todo/ before its message and envelope are on disk; any
 failure before the commit point removes everything this message created (stricter than
 qmail, which leaves mess/intd for the 36-hour reaper); a crash leaves only files that
@@ -49,7 +57,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 from pyqmail import qdate
-from pyqmail.durable import fsync_all, write_all
+from pyqmail.durable import fsync_all, ordered_journal, write_all, write_out
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue.contract import QueueError as QueueError  # its home before the contract
@@ -137,6 +145,9 @@ class QueueWriter:
     ``notify(msgnum)`` replaces the lock/trigger poke (the daemon's in-process wake-up).
     ``hook`` is for fault-injection tests: called after every step of the sequence.
     ``share_dir_syncs=False`` gives each commit its own directory fsyncs (for the bench).
+    ``one_commit``: commit a batch with one journal commit (module docstring); None (the
+    default) when the queue is on a file system that orders its journal and
+    ``PYQMAIL_ORDERED_JOURNAL`` is not ``no``, decided at the first commit.
     """
 
     def __init__(
@@ -148,9 +159,11 @@ class QueueWriter:
         clock: Callable[[], float] = time.time,
         paths: QueuePaths | None = None,
         share_dir_syncs: bool = True,
+        one_commit: bool | None = None,
     ) -> None:
         self.home = home
         self.share_dir_syncs = share_dir_syncs
+        self._one_commit = one_commit
         self.paths = paths or QueuePaths(home.queue)
         self.notify = notify
         self.hook = hook
@@ -180,6 +193,22 @@ class QueueWriter:
                     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                     g = self._syncs[path] = _GroupSync(path, fd)
         return g
+
+    @property
+    def one_commit(self) -> bool:
+        """Whether a batch takes one journal commit (decided once, at the first use)."""
+        if self._one_commit is None:
+            self._one_commit = self._detect_one_commit()
+        return self._one_commit
+
+    def _detect_one_commit(self) -> bool:
+        # Every directory a commit writes must be on that one file system.
+        dirs = [self._pid_dir, self._intd_dir, self._todo_dir, *self._mess_dirs]
+        try:
+            devs = {os.stat(d).st_dev for d in dirs}
+        except OSError:
+            return False
+        return len(devs) == 1 and ordered_journal(self._todo_dir)
 
     def _dirsync(self, g: _GroupSync) -> None:
         if self.share_dir_syncs:
@@ -552,7 +581,8 @@ def _sync_batch(
     extra: Sequence[Callable[[], None]] = (),
 ) -> tuple[list[int], list[OSError | None]]:
     """fsync every message file, envelope and ``mess/S`` directory of the batch at once,
-    and the ``extra`` fsyncs with them (CommitPipeline: the previous round's todo/).
+    and the ``extra`` fsyncs with them (CommitPipeline: the previous round's todo/);
+    with ``one_commit``, write out the files and leave the directories to todo/'s fsync.
 
     Each is independent of the others and all must be done before any todo link, so
     they need no order among themselves; the hook still sees MESS_SYNCED and then
@@ -562,13 +592,17 @@ def _sync_batch(
     first: list[int] = []  # per live message: the index of its two jobs (file, envelope)
     dir_job: dict[int, int] = {}  # split -> index of its job
     dir_err: dict[int, OSError] = {}
+    # One commit: the data written out now, the metadata (mess/S's link with the rest)
+    # committed by the todo/ fsync after the links.
+    one = w.one_commit
+    sync = write_out if one else os.fsync
     for i in live:
         p = items[i][0]
         first.append(len(jobs))
-        jobs.append(functools.partial(os.fsync, p._fd))
-        jobs.append(functools.partial(os.fsync, p._ifd))
+        jobs.append(functools.partial(sync, p._fd))
+        jobs.append(functools.partial(sync, p._ifd))
         split = p.msgnum % w.paths.nsplit
-        if split not in dir_job and split not in dir_err:
+        if not one and split not in dir_job and split not in dir_err:
             try:
                 g = w._dir(w._mess_dirs[split])
             except OSError as exc:
@@ -621,6 +655,9 @@ class CommitPipeline:
     next one pays two commits per batch. Here each :meth:`round` does, in one set of
     concurrent fsyncs, the second round of the messages linked by the previous call and
     the first round of the new ones: one commit per batch when messages keep coming.
+
+    With the writer's ``one_commit`` a batch needs one commit only: a round then does
+    both rounds of its messages itself, and nothing waits for the next call.
 
     Every message still passes every step in the same order as a commit of its own (the
     hook sees each state for each message), no todo link is made before its message's
@@ -718,6 +755,10 @@ class CommitPipeline:
         # The commit point of each message: whole on disk and named in todo/.
         for _ in now:
             w._step(CrashState.TODO_LINKED)
+        if now and w.one_commit:
+            # Nothing to share the todo/ fsync with: the files' data is already out, and
+            # this one commit is the batch's only one (its results join ours in _out).
+            return self.round([])
         return self.drain()
 
     def drain(self) -> list[tuple[object, int | QueueError]]:

@@ -1,0 +1,227 @@
+"""Power loss on a real journalled ext4, for the one-commit writes (durable.py).
+
+Where ``durable.ordered_journal`` holds, the queue's commit and a Maildir delivery write
+their files out without an fsync and let the directory's fsync after the link commit
+everything at once. The claim is that a crash then never leaves a name without all of
+its file. These tests check it the way file-system crash tests do: a loop-mounted ext4
+image is shut down mid-stream with EXT4_IOC_SHUTDOWN and NOLOGFLUSH (the device keeps
+what was written to it, nothing more: the journal is not committed, dirty pages are
+dropped), mounted again (the journal replays), and then every message that was
+acknowledged must be there whole, and every name that survived must name a whole file.
+
+Needs root (mount, the ioctl) and e2fsprogs' mkfs.ext4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import os
+import random
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqmail import durable
+from pyqmail.home import Home
+from pyqmail.layout import create_home
+from pyqmail.local import maildir
+from pyqmail.queue.contract import QueueError
+from pyqmail.queue.envelope import parse_todo
+from pyqmail.queue.layout import QueuePaths
+from pyqmail.queue.writer import QueueWriter, commit_many
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount an ext4 image"),
+]
+
+EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+NOLOGFLUSH = 2  # EXT4_GOING_FLAGS_NOLOGFLUSH: as if the power went
+
+
+@contextlib.contextmanager
+def ext4(tmp_path: Path, *mkfs: str, options: str = "") -> Iterator[Path]:
+    """A fresh 64 MiB ext4 image mounted on tmp_path/mnt (``mkfs``: extra mkfs options)."""
+    img = tmp_path / "fs.img"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs, str(img)], check=True)
+    opts = "loop" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-o", opts, str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)  # never left behind
+        with contextlib.suppress(OSError):
+            img.unlink()
+
+
+def remount(tmp_path: Path) -> None:
+    """Unmount the shut-down file system and mount its image again (journal replay)."""
+    mnt = tmp_path / "mnt"
+    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(tmp_path / "fs.img"), str(mnt)], check=True)
+
+
+def power_off(mnt: Path) -> None:
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", NOLOGFLUSH))
+    finally:
+        os.close(fd)
+
+
+def power_off_during(
+    work: Callable[[], None], stop: threading.Event, mnt: Path, rng: random.Random
+) -> None:
+    """Run ``work`` in a thread, cut the power under it after 0.3-0.6 s, let it end."""
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(rng.uniform(0.3, 0.6))
+    power_off(mnt)
+    stop.set()
+    t.join(30)
+    assert not t.is_alive()
+
+
+def body(k: int, rng: random.Random) -> bytes:
+    """Message k: a marker line and a random number of lines (1-40 KiB)."""
+    lines = rng.randrange(30, 1200)
+    return b"Subject: m%d\n\n" % k + b"".join(
+        b"message %d line %05d\n" % (k, i) for i in range(lines)
+    )
+
+
+def test_ordered_journal_is_detected(tmp_path: Path) -> None:
+    """ext4 with its journal in data=ordered: yes; without a journal, or in another data
+    mode, or switched off by the environment: no."""
+    with ext4(tmp_path) as mnt:
+        assert durable.ordered_journal(mnt)
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            assert durable.ordered_journal(fd)
+        finally:
+            os.close(fd)
+        os.environ["PYQMAIL_ORDERED_JOURNAL"] = "no"
+        try:
+            assert not durable.ordered_journal(mnt)
+        finally:
+            del os.environ["PYQMAIL_ORDERED_JOURNAL"]
+    with ext4(tmp_path, "-O", "^has_journal") as mnt:
+        assert not durable.ordered_journal(mnt)
+    with ext4(tmp_path, options="data=writeback") as mnt:
+        assert not durable.ordered_journal(mnt)
+    assert not durable.ordered_journal("/proc")
+    assert not durable.ordered_journal(tmp_path / "no such directory")
+
+
+@pytest.mark.parametrize("one_commit", [True, False], ids=["one-commit", "fsyncs"])
+def test_power_loss_keeps_every_committed_message(tmp_path: Path, one_commit: bool) -> None:
+    """The queue writer commits batches (in one journal commit each, or with the fsyncs
+    of elsewhere) until the power goes; after the replay each acknowledged message is in
+    todo/ whole, and no todo/ entry names a message that is not whole (the ordering the
+    one commit relies on)."""
+    rng = random.Random(20)
+    with ext4(tmp_path) as mnt:
+        home = Home(mnt / "qmail", single_user=True)
+        create_home(home, "mx.test.example", None)
+        w = QueueWriter(home, notify=lambda n: None, one_commit=None if one_commit else False)
+        assert w.one_commit is one_commit
+        acked: dict[int, bytes] = {}
+        sent: dict[int, bytes] = {}  # every message begun, by its number
+        stop = threading.Event()
+
+        def write() -> None:
+            k = 0
+            while not stop.is_set():
+                batch = []
+                try:
+                    for _ in range(rng.randrange(1, 8)):
+                        k += 1
+                        p = w.begin(origin="network")
+                        b = body(k, rng)
+                        p.write(b)
+                        sent[p.msgnum] = b
+                        batch.append((p, b"s@example.com", [b"r%d@example.org" % k]))
+                except (QueueError, OSError):
+                    return
+                for (p, _, _), res in zip(batch, commit_many(batch), strict=True):
+                    if isinstance(res, QueueError):
+                        return  # the file system is gone
+                    acked[res] = sent[p.msgnum]
+
+        power_off_during(write, stop, mnt, rng)
+        assert len(acked) > 5, "the writer should have committed some messages first"
+        w.close()  # the directories it keeps open
+        gc.collect()  # and the messages it gave up on
+        remount(tmp_path)
+        paths = QueuePaths(home.queue)
+        todo = {int(n) for n in os.listdir(paths.dir("todo"))}
+        assert set(acked) <= todo, f"acknowledged but lost: {sorted(set(acked) - todo)}"
+        for n in todo:
+            data = paths.mess(n).read_bytes()
+            first, _, rest = data.partition(b"\n")
+            whole = first.startswith(b"Received: (qmail ") and rest == sent[n]
+            assert whole, f"todo/{n} names a partial message ({len(data)} bytes)"
+            env = parse_todo(paths.todo(n).read_bytes())
+            assert env.sender == b"s@example.com" and len(env.recipients) == 1
+
+
+@pytest.mark.parametrize("one_commit", [True, False], ids=["one-commit", "fsyncs"])
+def test_power_loss_keeps_every_maildir_delivery(
+    tmp_path: Path, one_commit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Maildir deliveries (file written out or fsynced, link, new/ fsync) until the
+    power goes: after the replay every delivered message is in new/ whole, and nothing
+    in new/ is partial."""
+    if not one_commit:
+        monkeypatch.setenv("PYQMAIL_ORDERED_JOURNAL", "no")
+    rng = random.Random(21)
+    with ext4(tmp_path) as mnt:
+        md = mnt / "Maildir"
+        for sub in ("", "tmp", "new", "cur"):
+            (md / sub).mkdir(exist_ok=True)
+        src = mnt / "source"
+        delivered: list[bytes] = []
+        texts: dict[bytes, bytes] = {}
+        stop = threading.Event()
+
+        def deliver() -> None:
+            k = 0
+            while not stop.is_set():
+                k += 1
+                b = body(k, rng)
+                src.write_bytes(b)
+                fd = os.open(src, os.O_RDONLY)
+                header = b"Delivered-To: x@example.org\n"
+                texts[b"Subject: m%d\n" % k] = header + b
+                try:
+                    maildir.deliver(str(md), fd, header, timeout=None)
+                except Exception:
+                    return  # the file system is gone
+                finally:
+                    os.close(fd)
+                delivered.append(b"Subject: m%d\n" % k)
+
+        power_off_during(deliver, stop, mnt, rng)
+        assert len(delivered) > 5
+        remount(tmp_path)
+        found = {}
+        for name in os.listdir(md / "new"):
+            data = (md / "new" / name).read_bytes()
+            marker = data.split(b"\n", 2)[1:2] or [b""]
+            key = marker[0] + b"\n"
+            assert data == texts.get(key), f"new/{name} is partial ({len(data)} bytes)"
+            found[key] = name
+        lost = [m for m in delivered if m not in found]
+        assert not lost, f"delivered but lost: {lost[:5]}"
