@@ -573,6 +573,19 @@ class Pending:
 Item = tuple[Pending, bytes, Iterable[bytes]]
 
 
+def _each(jobs: Sequence[Callable[[], None]]) -> list[OSError | None]:
+    """Run the jobs one after the other in this thread; each one's error, or None."""
+    errs: list[OSError | None] = []
+    for job in jobs:
+        try:
+            job()
+        except OSError as e:
+            errs.append(e)
+        else:
+            errs.append(None)
+    return errs
+
+
 def _sync_batch(
     w: QueueWriter,
     items: Sequence[Item],
@@ -611,7 +624,9 @@ def _sync_batch(
             dir_job[split] = len(jobs)
             jobs.append(functools.partial(w._dirsync, g))
     try:
-        errs = fsync_all(jobs)
+        # Write-outs only wait for the device (the writes were all started already): one
+        # thread waits for each in turn, with no hand-off to the sync threads.
+        errs = _each(jobs) if one else fsync_all(jobs)
     finally:
         for i in live:
             items[i][0]._close_intd()
@@ -704,9 +719,10 @@ class CommitPipeline:
         )
         # Start every file's write-back before the first fsync: the disk then writes them
         # all at once and each fsync finds its data written or on its way. (The first
-        # message file is fsynced at once anyway, so a batch of one kicks its envelope only.)
+        # message file is fsynced at once anyway, so a batch of one kicks its envelope only.
+        # With one commit the waits are one after the other: every file is kicked.)
         for k, i in enumerate(live):
-            items[i][0]._start_writeback(k > 0)
+            items[i][0]._start_writeback(k > 0 or w.one_commit)
         linked = list(self._linked)  # stay in _linked until finished: abort() sees them
         extra: list[Callable[[], None]] = []
         tdir: _GroupSync | None = None
