@@ -173,3 +173,30 @@ def test_workers_see_a_new_users_cdb(home: Home, tmp_path: Path) -> None:
     assert asyncio.run(go()) == [Outcome.ok("did 1+0+0\n")] * 2
     assert len(list((first / "Maildir" / "new").iterdir())) == 1
     assert len(list((second / "Maildir" / "new").iterdir())) == 1
+
+
+def test_pool_deliveries_leave_the_maildir_alarm_to_the_pool(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose pool limit is no longer than qmail-local's 24 hours sets no alarm
+    around the Maildir write (two signal() and two setitimer() calls per delivery saved);
+    with a longer pool limit the alarm is there as in qmail-local."""
+    from pyqmail.local import maildir, pool, users
+
+    mess = tmp_path / "mess"
+    mess.write_bytes(MSG)
+    timers: list[float] = []
+    real = signal.setitimer
+
+    def spy(which: int, seconds: float, interval: float = 0.0) -> tuple[float, float]:
+        timers.append(seconds)
+        return real(which, seconds, interval)
+
+    monkeypatch.setattr(signal, "setitimer", spy)
+    cache = users.CdbCache(home.users / "cdb")
+    dd = pool.DefaultDelivery(ControlCache(home))
+    out = pool._deliver(home, dd, mess, "s@x", "root@h", cache, None)
+    assert out == Outcome.ok("did 1+0+0\n") and timers == []
+    out = pool._deliver(home, dd, mess, "s@x", "root@h", cache, maildir.MAILDIR_TIMEOUT)
+    assert out == Outcome.ok("did 1+0+0\n") and timers == [maildir.MAILDIR_TIMEOUT, 0]
+    assert len(list(_home_maildir(home).iterdir())) == 2

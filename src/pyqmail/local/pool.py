@@ -45,10 +45,12 @@ def _deliver(
     sender: str,
     recipient: str,
     cdb_cache: users.CdbCache,
+    maildir_timeout: float | None = maildir.MAILDIR_TIMEOUT,
 ) -> Outcome:
     """One delivery in this process, blocking: qmail-lspawn's checks, then qmail-local.
     ``cdb_cache``: users/cdb kept open between deliveries (re-stat per lookup, reopened
-    after qmail-newu replaced it), as the root spawner keeps it."""
+    after qmail-newu replaced it), as the root spawner keeps it. ``maildir_timeout``:
+    None where the pool's own limit is as short (no SIGALRM set and reset per delivery)."""
     got = admit(
         mess,
         recipient,
@@ -70,6 +72,7 @@ def _deliver(
             sender,
             got.defaultdelivery,
             program_timeout=None,  # the pool keeps the limit
+            maildir_timeout=maildir_timeout,
         )
         try:
             return qlocal.deliver(req, got.mfd, home)
@@ -190,6 +193,11 @@ class WorkerPoolLocal:
             os.setpgid(0, 0)  # its own group, with its programs: the daemon's limit kills both
         defaultdelivery = DefaultDelivery(self.ctl)
         cdb_cache = users.CdbCache(self.home.users / "cdb")
+        # qmail-local's 24-hour alarm around a Maildir write: the daemon's limit on the
+        # whole delivery (the worker's group killed past it) is that bound when no longer.
+        maildir_timeout = (
+            None if self.program_timeout <= maildir.MAILDIR_TIMEOUT else maildir.MAILDIR_TIMEOUT
+        )
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, signal.SIG_IGN)  # the daemon decides; EOF ends the worker
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -213,6 +221,7 @@ class WorkerPoolLocal:
                         users.dec(parts[1]),
                         users.dec(parts[2]),
                         cdb_cache,
+                        maildir_timeout,
                     )
             # letter, the text's length and the text, then the new/ dirs to fsync
             text = out.text.encode("utf-8", "surrogateescape")
@@ -276,7 +285,8 @@ class WorkerPoolLocal:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", _WORKER_BOOT, str(theirs.fileno()),
-                 str(self.home.root), "1" if self.home.single_user else "0"],
+                 str(self.home.root), "1" if self.home.single_user else "0",
+                 repr(self.program_timeout)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
                 process_group=0,
             )  # fmt: skip
@@ -316,10 +326,11 @@ _WORKER_BOOT = "import sys; from pyqmail.local.pool import worker_main; worker_m
 
 
 def worker_main(argv: list[str]) -> None:
-    """A replacement worker in its own interpreter: ``FD HOME SINGLE`` (see _replace)."""
-    fd, root, single = argv
+    """A replacement worker in its own interpreter: ``FD HOME SINGLE TIMEOUT`` (see
+    _replace; the pool's limit decides whether the worker sets qmail-local's alarm)."""
+    fd, root, single, limit = argv
     home = Home(Path(root), single_user=single == "1")
-    pool = WorkerPoolLocal(home, ControlCache(home), workers=1)
+    pool = WorkerPoolLocal(home, ControlCache(home), workers=1, program_timeout=float(limit))
     pool._serve(socket.socket(fileno=int(fd)))
 
 

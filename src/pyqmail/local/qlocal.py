@@ -65,7 +65,7 @@ class Request:
     dry_run: bool = False
     program_timeout: float | None = program.DEFAULT_TIMEOUT  # None: the caller's business
     lock_timeout: float = 30.0
-    maildir_timeout: float = maildir.MAILDIR_TIMEOUT
+    maildir_timeout: float | None = maildir.MAILDIR_TIMEOUT  # None: the caller's business
 
 
 # --- header lines (local.md 3.5) ---------------------------------------------------------
