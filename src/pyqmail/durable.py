@@ -50,18 +50,29 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 _SFR_WAIT_WRITE_WAIT = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
 _sfr: Callable[[int, int, int, int], int] | None = None
+_sfr_missing = False
 
 
 def write_out(fd: int) -> None:
     """Write the whole file's dirty data to the device and wait for it (no metadata
-    commit, no cache flush: see the module's docstring for when that is enough)."""
-    global _sfr
+    commit, no cache flush: see the module's docstring for when that is enough). Where
+    the C library has no sync_file_range, an fsync (which does more) instead."""
+    global _sfr, _sfr_missing
+    if _sfr is None and not _sfr_missing:
+        # ctypes is imported at the top: a delivery process that has dropped to a user may
+        # no longer read the interpreter's library. The symbol comes from the running
+        # program (no file opened).
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        except (AttributeError, OSError):
+            _sfr_missing = True
+        else:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sfr = fn
     if _sfr is None:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        _sfr = fn
-    if _sfr(fd, 0, 0, _SFR_WAIT_WRITE_WAIT) != 0:
+        os.fsync(fd)
+    elif _sfr(fd, 0, 0, _SFR_WAIT_WRITE_WAIT) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

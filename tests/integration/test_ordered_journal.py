@@ -19,8 +19,10 @@ import fcntl
 import gc
 import os
 import random
+import shutil
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from pyqmail import durable
 from pyqmail.home import Home
 from pyqmail.layout import create_home
 from pyqmail.local import maildir
+from pyqmail.outcome import Status
 from pyqmail.queue.contract import QueueError
 from pyqmail.queue.envelope import parse_todo
 from pyqmail.queue.layout import QueuePaths
@@ -225,3 +228,37 @@ def test_power_loss_keeps_every_maildir_delivery(
             found[key] = name
         lost = [m for m in delivered if m not in found]
         assert not lost, f"delivered but lost: {lost[:5]}"
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_root_mode_delivery_as_the_user_writes_out_on_ext4(
+    home: Home, tmp_path: Path, reuse: bool
+) -> None:
+    """Root mode: the spawner's delivery process drops to the recipient's uid before it
+    writes; on ext4 with an ordered journal it then takes the write-out path, which must
+    not need anything the user cannot read (the interpreter's library may be root's)."""
+    from pyqmail.control import ControlCache
+    from pyqmail.local.spawn import LocalSpawner
+    from tests.integration.test_local_spawn import A_UID, _assign, _run, _user_home
+
+    pub = Path(tempfile.mkdtemp(prefix="pyqmail-ordered-"))  # a place every uid can reach
+    pub.chmod(0o755)
+    try:
+        with ext4(pub) as mnt:
+            mnt.chmod(0o755)
+            a = _user_home(mnt, "a", A_UID)
+            assert durable.ordered_journal(a / "Maildir")
+            multi = Home(home.root, single_user=False)
+            _assign(multi, [f"=a:a:{A_UID}:{A_UID}:{a}:::"])
+            mess = tmp_path / "mess"
+            mess.write_bytes(b"Subject: on ext4\n\nbody\n")
+            sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid(), reuse=reuse)
+            sp.start()
+            got = _run(sp, lambda: sp.deliver(mess, "s@x", "a@h"))
+            assert got.status is Status.OK, got.text
+            (name,) = os.listdir(a / "Maildir" / "new")
+            data = (a / "Maildir" / "new" / name).read_bytes()
+            assert data.endswith(b"Subject: on ext4\n\nbody\n")
+            assert os.stat(a / "Maildir" / "new" / name).st_uid == A_UID
+    finally:
+        shutil.rmtree(pub, ignore_errors=True)
