@@ -18,9 +18,10 @@ directory. That is safe there because:
    only after converting its unwritten extents;
 2. jbd2 commits transactions strictly in order, one at a time: the transaction holding
    the link, which the directory's fsync commits, is never durable before the ones
-   holding the file's creation, allocation and size (a fast commit, where the feature is
-   on, logs every eligible change since the last full commit, and falls back to a full
-   commit otherwise);
+   holding the file's creation, allocation and size (on a file system made with
+   fast_commit too: a fast commit logs the changes since the last full commit, and
+   Debian 12's kernel made full commits for these directory fsyncs anyway, fc_info
+   counting none);
 3. a commit flushes the device's write cache before its commit block (``barrier``, the
    default), so the data written before it is on stable storage too.
 
