@@ -98,14 +98,14 @@ def power_off_during(
 
 
 def body(k: int, rng: random.Random) -> bytes:
-    """Message k: a marker line and a random number of lines (1-40 KiB)."""
+    """Message k: a marker line and a random number of lines (1-30 KiB)."""
     lines = rng.randrange(30, 1200)
     return b"Subject: m%d\n\n" % k + b"".join(
         b"message %d line %05d\n" % (k, i) for i in range(lines)
     )
 
 
-def test_ordered_journal_is_detected(tmp_path: Path) -> None:
+def test_ordered_journal_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ext4 with its journal in data=ordered: yes; without a journal, or in another data
     mode, or switched off by the environment: no."""
     with ext4(tmp_path) as mnt:
@@ -115,11 +115,9 @@ def test_ordered_journal_is_detected(tmp_path: Path) -> None:
             assert durable.ordered_journal(fd)
         finally:
             os.close(fd)
-        os.environ["PYQMAIL_ORDERED_JOURNAL"] = "no"
-        try:
+        with monkeypatch.context() as m:
+            m.setenv("PYQMAIL_ORDERED_JOURNAL", "no")
             assert not durable.ordered_journal(mnt)
-        finally:
-            del os.environ["PYQMAIL_ORDERED_JOURNAL"]
     with ext4(tmp_path, "-O", "^has_journal") as mnt:
         assert not durable.ordered_journal(mnt)
     with ext4(tmp_path, options="data=writeback") as mnt:
