@@ -612,3 +612,34 @@ def test_one_commit_is_off_where_the_journal_is_not_known(
     monkeypatch.setattr(writer_mod, "ordered_journal", lambda path: True)
     os.rename(home.queue / "todo", home.queue / "todo.gone")  # a directory it cannot stat
     assert not QueueWriter(home).one_commit
+
+
+def test_begin_waits_out_the_cleaners_probe_of_its_pid_file(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clean_stale probes a pid file with a shared lock; a writer that meets that probe
+    between creating its pid file and locking it waits for it, it does not fail."""
+    import fcntl
+
+    real_open = os.open
+    probes: list[threading.Timer] = []
+
+    def open_and_probe(path, flags, *args, **kw):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, *args, **kw)
+        if isinstance(path, str) and "/pid/" in path and flags & os.O_EXCL:
+            probe = real_open(path, os.O_RDONLY)
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the cleaner's look
+            t = threading.Timer(0.05, os.close, args=(probe,))
+            t.start()
+            probes.append(t)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_and_probe)
+    w = QueueWriter(home)
+    p = w.begin()
+    monkeypatch.undo()
+    for t in probes:
+        t.join()
+    assert probes and p.msgnum > 0
+    p.write(b"Subject: x\n\nbody\n")
+    assert p.commit(b"a@b", [b"c@d"]) == p.msgnum

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 from pyqmail import qdate
-from pyqmail.durable import fsync_all, ordered_journal, write_all, write_out
+from pyqmail.durable import fsync_all, ordered_journal, start_write_out, write_all, write_out
 from pyqmail.home import Home
 from pyqmail.queue import codes
 from pyqmail.queue.contract import QueueError as QueueError  # its home before the contract
@@ -266,7 +266,10 @@ class QueueWriter:
         p = Pending(self, fd, uid, qp)
         try:
             p._pidpath = pidpath
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Blocking: the name is new (O_EXCL) and the only other lock it can meet is
+            # clean_stale's probe (a shared lock taken and dropped at once), which with
+            # LOCK_NB turned a message away with a temporary error now and then.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             # 0644 whatever the process umask (qmail-queue runs with umask 033): the
             # remote agent and qmail-send read queue files through group/other bits.
             os.fchmod(fd, 0o644)
@@ -445,12 +448,12 @@ class Pending:
     def _start_writeback(self, mess: bool) -> None:
         """Start writing the envelope's data now, and the message's if ``mess``.
 
-        No wait and no promise: POSIX_FADV_DONTNEED starts the write-back of dirty
-        pages (and drops clean ones); the fsyncs that follow still decide.
+        No wait and no promise (``durable.start_write_out``: the pages stay cached for
+        the delivery that reads them next); the fsyncs or write-outs that follow decide.
         """
         for fd in (self._fd, self._ifd) if mess else (self._ifd,):
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                start_write_out(fd)
             except OSError:
                 pass
 
