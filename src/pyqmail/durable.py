@@ -49,15 +49,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-_SFR_WAIT_WRITE_WAIT = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE
+_SFR_WAIT_WRITE_WAIT = 1 | _SFR_WRITE | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
 _sfr: Callable[[int, int, int, int], int] | None = None
 _sfr_missing = False
 
 
-def write_out(fd: int) -> None:
-    """Write the whole file's dirty data to the device and wait for it (no metadata
-    commit, no cache flush: see the module's docstring for when that is enough). Where
-    the C library has no sync_file_range, an fsync (which does more) instead."""
+def _sync_range(fd: int, flags: int) -> bool:
+    """sync_file_range(2) over the whole file; False where the C library has none."""
     global _sfr, _sfr_missing
     if _sfr is None and not _sfr_missing:
         # ctypes is imported at the top: a delivery process that has dropped to a user may
@@ -72,10 +71,26 @@ def write_out(fd: int) -> None:
             fn.restype = ctypes.c_int
             _sfr = fn
     if _sfr is None:
-        os.fsync(fd)
-    elif _sfr(fd, 0, 0, _SFR_WAIT_WRITE_WAIT) != 0:
+        return False
+    if _sfr(fd, 0, 0, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+    return True
+
+
+def write_out(fd: int) -> None:
+    """Write the whole file's dirty data to the device and wait for it (no metadata
+    commit, no cache flush: see the module's docstring for when that is enough). Where
+    the C library has no sync_file_range, an fsync (which does more) instead."""
+    if not _sync_range(fd, _SFR_WAIT_WRITE_WAIT):
+        os.fsync(fd)
+
+
+def start_write_out(fd: int) -> None:
+    """Start writing the file's dirty data to the device, without waiting and without
+    dropping its cached pages (sync_file_range with WRITE alone): a kick before the
+    fsyncs or write-outs that decide. Best effort: nothing where the call is missing."""
+    _sync_range(fd, _SFR_WRITE)
 
 
 def ordered_journal(where: str | os.PathLike[str] | int) -> bool:

@@ -52,3 +52,23 @@ def test_ordered_journal_says_no_where_it_cannot_tell(
     assert not durable.ordered_journal(tmp_path)
     monkeypatch.delenv("PYQMAIL_ORDERED_JOURNAL")
     assert durable.ordered_journal(tmp_path)
+
+
+def test_start_write_out_starts_and_never_waits_for_a_missing_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kick writes nothing itself and is silent where sync_file_range is missing."""
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"data\n")
+        durable.start_write_out(fd)
+        synced: list[int] = []
+        monkeypatch.setattr(durable, "_sfr", None)
+        monkeypatch.setattr(durable, "_sfr_missing", True)
+        monkeypatch.setattr(os, "fsync", synced.append)
+        durable.start_write_out(fd)
+        assert synced == []  # no fsync in its place: a kick only
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"data\n"
