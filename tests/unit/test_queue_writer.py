@@ -424,27 +424,33 @@ def test_commit_many_fsyncs_a_batch_at_once(home: Home, monkeypatch: pytest.Monk
     assert len({t for t, _ in calls[:-1]}) > 1
 
 
-def test_commit_many_fsync_failure_fails_that_message_alone(
-    home: Home, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("one_commit", [False, True], ids=["fsyncs", "one-commit"])
+def test_commit_many_sync_failure_fails_that_message_alone(
+    home: Home, monkeypatch: pytest.MonkeyPatch, one_commit: bool
 ) -> None:
-    real_fsync = os.fsync
-    w = QueueWriter(home, one_commit=False)
+    """A message whose file cannot be synced (fsync, or write-out with one commit) fails
+    alone with qmail's write error; the others of the batch are queued whole."""
+    import pyqmail.queue.writer as writer_mod
+
+    where, name = (writer_mod, "write_out") if one_commit else (os, "fsync")
+    real = getattr(where, name)
+    w = QueueWriter(home, one_commit=one_commit)
     ps = [w.begin() for _ in range(4)]
     for p in ps:
         p.write(b"Subject: x\n\nbody\n")
     bad = [ps[2]._fd]  # once: the number is free for reuse after the abort
 
-    def fsync(fd: int) -> None:
+    def failing(fd: int) -> None:
         if fd in bad:
             bad.clear()
             raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
+        real(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(where, name, failing)
     results = commit_many([(p, b"a@b", [b"c@d"]) for p in ps])
     err = results[2]
     assert isinstance(err, QueueError) and err.code == codes.WRITE_ERROR
-    assert "unable to fsync message" in str(err)
+    assert "unable to fsync message" in str(err) and not bad
     good = [p.msgnum for i, p in enumerate(ps) if i != 2]
     assert results[:2] + results[3:] == good
     assert _files(home) == sorted(
@@ -570,33 +576,6 @@ def test_one_commit_writes_out_and_fsyncs_todo_once(
     )
     for p in ps:
         assert (QueuePaths(home.queue).mess(p.msgnum)).read_bytes().endswith(b"body\n")
-
-
-def test_one_commit_write_out_failure_fails_that_message_alone(
-    home: Home, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import pyqmail.queue.writer as writer_mod
-
-    real = writer_mod.write_out
-    w = QueueWriter(home, one_commit=True)
-    ps = [w.begin() for _ in range(3)]
-    bad = [ps[1]._fd]
-
-    def write_out(fd: int) -> None:
-        if fd in bad:
-            bad.clear()
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(writer_mod, "write_out", write_out)
-    results = commit_many([(p, b"a@b", [b"c@d"]) for p in ps])
-    err = results[1]
-    assert isinstance(err, QueueError) and err.code == codes.WRITE_ERROR
-    good = [ps[0].msgnum, ps[2].msgnum]
-    assert [results[0], results[2]] == good
-    assert _files(home) == sorted(
-        f for n in good for f in (f"mess/{n % 23}/{n}", f"intd/{n}", f"todo/{n}")
-    )
 
 
 def test_one_commit_is_off_where_the_journal_is_not_known(
