@@ -152,3 +152,54 @@ def test_long_line_scan_agrees_with_splitting(lengths: list[int], limit: int) ->
 
     data = b"".join(b"x" * n + b"\n" for n in lengths)
     assert _has_long_line(data, 0, limit) == (max(lengths) > limit)
+
+
+def reference(wire: bytes) -> tuple[bytes, bytes | None, DataError | None]:
+    """The rules one byte at a time, the slow obvious way: (stored, rest after the final
+    dot or None if not seen, the fatal error or None)."""
+    out = bytearray()
+    i, n = 0, len(wire)
+    line_start = True
+    while i < n:
+        if line_start and wire[i : i + 3] == b".\r\n":
+            return bytes(out), wire[i + 3 :], None
+        if line_start and wire[i : i + 1] == b".":
+            if i + 1 == n or wire[i + 1 : i + 3] == b"\r":
+                break  # maybe the final dot: wait for more
+            i += 1  # a stuffed dot
+        line_start = False
+        c = wire[i]
+        if c == 0x0A:
+            return bytes(out), None, DataError.BARE_LF
+        if c == 0x0D:
+            if i + 1 == n:
+                break
+            if wire[i + 1] != 0x0A:
+                return bytes(out), None, DataError.BARE_CR
+            out += b"\n"
+            i += 2
+            line_start = True
+            continue
+        out.append(c)
+        i += 1
+    return bytes(out), None, None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\r\n.\r\n", b".."]),
+        max_size=40,
+    ).map(b"".join),
+    st.integers(min_value=0, max_value=12),
+)
+def test_agrees_with_a_byte_at_a_time_reference(wire: bytes, piece: int) -> None:
+    stored, rest, fatal = reference(wire)
+    out, dec, r, done = decode(wire, piece)
+    if fatal is not None:
+        assert dec.failure is fatal and not done
+    elif rest is not None:
+        assert (done, out, r, dec.failure) == (True, stored, rest, None)
+    else:
+        assert not done and dec.failure is None
+        assert stored.startswith(out)  # only whole lines are given out before the end

@@ -15,7 +15,7 @@ and the strict rules at its end):
 * Hop counting over the header (lines starting ``Received`` / ``Delivered``) and the
   databytes cap over the stored bytes; both let the data run on to its end, then fail it.
 
-The decoder works a chunk at a time with ``bytes`` methods (find, count, replace, split),
+The decoder works a chunk at a time with ``bytes`` methods (find, count, translate),
 never a Python loop per byte: this is the server's hot path. It holds at most one
 incomplete line (bounded by ``max_line``) between chunks.
 """
@@ -96,12 +96,21 @@ class DataDecoder:
         if not buf:
             return res
         end = -1  # index of the CRLF that precedes the final dot, or -2 for a dot at 0
-        if not self._mid_line and buf.startswith(b".\r\n"):
-            end = -2
-        else:
-            e = buf.find(b"\r\n.\r\n")
+        stuffed = False  # a line of the region may start with a dot (it loses it)
+        if not self._mid_line and buf[:1] == b".":
+            if buf.startswith(b".\r\n"):
+                end = -2
+            stuffed = True
+        if end == -1:
+            # One scan finds the end and tells whether any line starts with a dot; past
+            # a dot line, the end is looked for from there (one more scan at most).
+            e = buf.find(b"\r\n.")
             if e >= 0:
-                end = e
+                if buf[e + 3 : e + 5] == b"\r\n":
+                    end = e
+                else:
+                    stuffed = True
+                    end = buf.find(b"\r\n.\r\n", e + 3)
         if end == -2:
             region, tail = b"", b""
             res.rest = buf[3:]
@@ -111,11 +120,12 @@ class DataDecoder:
         else:
             last = buf.rfind(b"\r\n")
             region, tail = (buf[: last + 2], buf[last + 2 :]) if last >= 0 else (b"", buf)
-        # CRLF -> LF once; then every LF must have been a CRLF and every CR too.
-        out = region.replace(b"\r\n", b"\n") if region else b""
+        # CRLF -> LF by dropping every CR, valid only if each CR began a CRLF and each LF
+        # ended one: as many CRLFs as CRs and as LFs (else the first bare one is found).
+        out = region.translate(None, b"\r") if region else b""
         crlf = len(region) - len(out)
         fatal: DataError | None = None
-        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+        if out.count(b"\n") != crlf or region.count(b"\r\n") != crlf:
             fatal = _first_bare(region)
         elif b"\n" in tail:
             fatal = _first_bare(tail)
@@ -127,7 +137,7 @@ class DataDecoder:
             self._buf = b""
             return res
         if out:
-            self._take(out, res)
+            self._take(out, res, stuffed)
         if end != -1:
             res.done = True
             self._buf = b""
@@ -142,8 +152,9 @@ class DataDecoder:
     def _fail(self, why: DataError) -> None:
         self._failures.add(why)
 
-    def _take(self, out: bytes, res: DataResult) -> None:
-        """Complete lines in LF form, starting at a line start (or inside a failed line)."""
+    def _take(self, out: bytes, res: DataResult, stuffed: bool) -> None:
+        """Complete lines in LF form, starting at a line start (or inside a failed line);
+        ``stuffed``: some line of them may start with a dot."""
         start = 0
         if self._mid_line:  # the rest of a line already failed as too long
             self._mid_line = False
@@ -161,9 +172,9 @@ class DataDecoder:
             if self.databytes and self.size > self.databytes:
                 self._fail(DataError.TOO_BIG)
             return
-        if out[:1] == b".":
-            out = out[1:]
-        if b"\n." in out:
+        if stuffed:
+            if out[:1] == b".":
+                out = out[1:]
             out = out.replace(b"\n.", b"\n")
         self.size += len(out)
         if self.databytes and self.size > self.databytes:
