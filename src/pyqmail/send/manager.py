@@ -524,10 +524,15 @@ class Scheduler:
             for num in batch:
                 self._number_free(num)
             now_s = self._clock()
-            if self._cleaner is not None:
-                for pre in results:
-                    if not pre.warning and pre.direct is None:
-                        await self._cleaner("todo", pre.num)
+            if self._cleaner is not None:  # all at once: qmail-clean's link is pipelined
+                cleaner = self._cleaner
+                await asyncio.gather(
+                    *(
+                        cleaner("todo", pre.num)
+                        for pre in results
+                        if not pre.warning and pre.direct is None
+                    )
+                )
             for pre in results:
                 if pre.warning:
                     self.log.warning(pre.warning)
