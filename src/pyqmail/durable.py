@@ -183,14 +183,15 @@ _sync_pool_pid = 0
 _sync_pool_lock = threading.Lock()
 
 
-def fsync_all(jobs: Sequence[Callable[[], None]]) -> list[OSError | None]:
+def fsync_all(jobs: Sequence[Callable[[], None]], *, at_once: bool = True) -> list[OSError | None]:
     """Run independent fsyncs at once; each job's error (or None), in order.
 
     A disk flushes concurrent fsyncs together, and on a journalled file system fsyncs
     issued while one journal transaction is open share its commit: 50 files of a batch
     take about a quarter of the time they take one after the other
     (docs/benchmarks/smtp.md). The calling thread takes one share; a small per-process
-    pool the others."""
+    pool the others. ``at_once=False``: all in the calling thread, one after the other
+    (write-outs whose writes were all started already only wait for the device)."""
     global _sync_pool, _sync_pool_pid
     n = len(jobs)
     errs: list[OSError | None] = [None] * n
@@ -202,7 +203,7 @@ def fsync_all(jobs: Sequence[Callable[[], None]]) -> list[OSError | None]:
             except OSError as e:
                 errs[k] = e
 
-    width = min(n, SYNC_THREADS)
+    width = min(n, SYNC_THREADS) if at_once else 1
     if width <= 1:
         run(0, 1)
         return errs

@@ -499,9 +499,9 @@ def test_pipeline_syncs_todo_with_the_next_batchs_files(
     rounds: list[int] = []
     real = writer_mod.fsync_all
 
-    def spy(jobs):  # type: ignore[no-untyped-def]
+    def spy(jobs, **kw):  # type: ignore[no-untyped-def]
         rounds.append(len(jobs))
-        return real(jobs)
+        return real(jobs, **kw)
 
     monkeypatch.setattr(writer_mod, "fsync_all", spy)
     b = w.begin()

@@ -576,19 +576,6 @@ class Pending:
 Item = tuple[Pending, bytes, Iterable[bytes]]
 
 
-def _each(jobs: Sequence[Callable[[], None]]) -> list[OSError | None]:
-    """Run the jobs one after the other in this thread; each one's error, or None."""
-    errs: list[OSError | None] = []
-    for job in jobs:
-        try:
-            job()
-        except OSError as e:
-            errs.append(e)
-        else:
-            errs.append(None)
-    return errs
-
-
 def _sync_batch(
     w: QueueWriter,
     items: Sequence[Item],
@@ -629,7 +616,7 @@ def _sync_batch(
     try:
         # Write-outs only wait for the device (the writes were all started already): one
         # thread waits for each in turn, with no hand-off to the sync threads.
-        errs = _each(jobs) if one else fsync_all(jobs)
+        errs = fsync_all(jobs, at_once=not one)
     finally:
         for i in live:
             items[i][0]._close_intd()
