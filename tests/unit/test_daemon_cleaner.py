@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import threading
+import tracemalloc
 
 import pytest
 
@@ -114,5 +115,55 @@ def test_the_clean_loop_answers_one_read_in_one_write(home: Home) -> None:
     ours.sendall(b"%d\0" % nums[0])  # the rest of it: already cleaned, still '+'
     assert ours.recv(100) == b"+"
     ours.close()
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_requests_that_fill_the_socket_go_out_as_it_drains(home: Home) -> None:
+    """More requests than the socket holds: the rest waits for it to drain, and every
+    reply still reaches its own caller (good and bad numbers alternate)."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    mine = _Counting(fileno=ours.detach())
+    cleaner = SocketCleaner(mine)
+    _Counting.sends = 0
+    n = 20_000
+    t = threading.Thread(target=_serve_clean, args=(theirs, QueuePaths(home.queue)), daemon=True)
+
+    async def main() -> list[bool]:
+        asks = asyncio.gather(*(cleaner("todo", 10_000 + k if k % 2 else -1) for k in range(n)))
+        await asyncio.sleep(0.2)  # all asked, the socket full: only now is anyone reading
+        t.start()
+        return list(await asyncio.wait_for(asks, 20))
+
+    got = asyncio.run(main())
+    assert got == [bool(k % 2) for k in range(n)]
+    assert _Counting.sends > 1  # it did not all fit in the first write
+
+
+def test_an_unfinished_request_is_not_held_beyond_the_refused_length(home: Home) -> None:
+    """4 MiB without a NUL: qmail-clean keeps no more of it than it needs to refuse it,
+    answers 'x' when the NUL comes, and serves the next request."""
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(target=_serve_clean, args=(theirs, QueuePaths(home.queue)), daemon=True)
+    num = _commit(home)
+    chunk = b"t" * 65536
+    tracemalloc.start()
+    try:
+        t.start()
+        for _ in range(64):
+            ours.sendall(chunk)
+        ours.sendall(b"\0todo/%d\0" % num)
+        ours.settimeout(30)
+        got = b""
+        while len(got) < 2:
+            got += ours.recv(10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        ours.close()  # the loop sees EOF and ends
+    assert got == b"x+"
+    assert peak < 1 << 20, peak  # not the 4 MiB line
     t.join(10)
     assert not t.is_alive()

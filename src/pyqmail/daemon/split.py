@@ -71,7 +71,7 @@ from pyqmail.eventloop import new_loop
 from pyqmail.home import Home, HomeError, Ids
 from pyqmail.local.spawn import LocalSpawner
 from pyqmail.logsink import LogSink
-from pyqmail.queue.clean import handle_request
+from pyqmail.queue.clean import MAX_REQUEST, handle_request
 from pyqmail.queue.committer import CommitProcess
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
@@ -181,13 +181,16 @@ def _clean_at_start(home: Home, ids: Ids) -> None:
 
 def _serve_clean(sock: socket.socket, paths: QueuePaths) -> None:
     """qmail-clean on a socket: NUL-terminated requests, one-byte replies in their order,
-    until EOF. The requests of one read are answered with one write."""
+    until EOF. The requests of one read are answered with one write. An unfinished
+    request is kept only up to the length that is refused anyway: the scheduler's
+    account cannot make the queue's owner hold an unbounded line."""
     buf = b""
     while True:
         data = sock.recv(4096)
         if not data:
             return
         *reqs, buf = (buf + data).split(b"\0")
+        buf = buf[:MAX_REQUEST]  # still too long for handle_request once its NUL comes
         if reqs:
             sock.sendall(b"".join(handle_request(paths, req) for req in reqs))
 

@@ -97,9 +97,12 @@ def finish_direct(paths: QueuePaths, n: int) -> None:
     clean_mess(paths, n)
 
 
+MAX_REQUEST = 100  # bytes with the NUL: anything longer is refused ('x'), as qmail-clean does
+
+
 def handle_request(paths: QueuePaths, request: bytes) -> bytes:
     """One qmail-clean request (without its NUL) -> its one-byte reply."""
-    if len(request) + 1 < 7 or len(request) + 1 > 100:
+    if len(request) + 1 < 7 or len(request) + 1 > MAX_REQUEST:
         return b"x"
     kind, _, num = request.partition(b"/")
     n = msgnum(num.decode("ascii", "replace"))
