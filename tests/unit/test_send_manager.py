@@ -627,3 +627,48 @@ def test_notify_during_preprocessing_of_the_same_number_delivers_once(
     assert [c[2] for c in h.agents.calls] == ["alice@test.example"]
     assert sum(line.startswith(b"new msg ") for line in h.log) == 1
     assert queue_files(home2) == []
+
+
+def test_delivery_slots_go_to_one_waiter_at_a_time_in_order(home2: Home) -> None:
+    """A freed slot is handed to the first waiter only; a waiter cancelled after it was
+    handed one passes it on; a higher concurrency after HUP lets waiters through."""
+    write_control(home2, "concurrencylocal", "2\n")
+
+    async def main() -> None:
+        h = Harness(home2, Agents())
+        s = h.sched
+        got: list[int] = []
+
+        async def take(i: int) -> None:
+            await s._acquire(LOCAL)
+            got.append(i)
+
+        await take(0)
+        await take(1)
+        tasks = [asyncio.create_task(take(i)) for i in range(2, 8)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert got == [0, 1] and s._used[LOCAL] == 2
+        assert len(s._slot_waiters[LOCAL]) == 6
+        s._release(LOCAL)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert got == [0, 1, 2] and s._used[LOCAL] == 2  # one freed slot, one waiter through
+        # 3 is handed the next slot but cancelled before it runs: 4 gets the slot
+        s._release(LOCAL)
+        tasks[1].cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert got == [0, 1, 2, 4] and s._used[LOCAL] == 2
+        # a waiter cancelled while still in line leaves it without taking a slot
+        tasks[3].cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert s._used[LOCAL] == 2 and len(s._slot_waiters[LOCAL]) == 2
+        write_control(home2, "concurrencylocal", "10\n")
+        assert s.reload()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert got == [0, 1, 2, 4, 6, 7] and s._used[LOCAL] == 4
+        assert not s._slot_waiters[LOCAL]
+
+    asyncio.run(main())

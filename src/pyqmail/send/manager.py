@@ -197,6 +197,8 @@ class Scheduler:
         self._used = [0, 0]  # deliveries in flight per channel
         self._active = [0, 0]  # jobs open per channel
         self._wake = [asyncio.Event(), asyncio.Event()]
+        # deliveries waiting for a slot, first come first served (_acquire)
+        self._slot_waiters: list[deque[asyncio.Future[None]]] = [deque(), deque()]
         self._pending_chan: dict[int, int] = {}  # num -> bit mask of channels not finished
         self._todo: set[int] = set()
         self._todo_event = asyncio.Event()
@@ -298,6 +300,7 @@ class Scheduler:
             await self._control_server.close()
         self._log_status()
         for c in CHANNELS:
+            self._hand_slots(c)
             self._wake[c].set()
         self._todo_event.set()
         if self._jobs:
@@ -407,6 +410,7 @@ class Scheduler:
         for num in list(self._parked):
             self._unpark(num)
         for c in CHANNELS:
+            self._hand_slots(c)  # a higher concurrency lets waiters through now
             self._wake[c].set()
         return True
 
@@ -715,7 +719,8 @@ class Scheduler:
 
     async def _run_deliveries(self, job: Job) -> None:
         c = job.channel
-        for group in self._groups(job):
+        groups = self._groups(job)
+        for group in groups:
             lim: Limit | None = None
             started = 0.0
             if c == REMOTE:
@@ -734,11 +739,14 @@ class Scheduler:
                 if lim is not None:
                     self.limiter.cancel(lim.key, started)
                 continue
+            if len(groups) == 1:  # the usual case: no task and gather around the one delivery
+                await self._deliver(job, group, lim, started)
+                return
             job.tasks.append(asyncio.create_task(self._deliver(job, group, lim, started)))
         if job.tasks:
             await asyncio.gather(*job.tasks)
 
-    def _groups(self, job: Job) -> Iterable[list[Record]]:
+    def _groups(self, job: Job) -> list[list[Record]]:
         if job.channel == LOCAL or job.sender.endswith("-@[]"):
             return [[r] for r in job.records]
         by_host: dict[str, list[list[Record]]] = {}
@@ -750,15 +758,41 @@ class Scheduler:
         return [g for lists in by_host.values() for g in lists]
 
     async def _acquire(self, c: int) -> None:
-        while self._used[c] >= self.settings.concurrency[c] and not self._exiting:
-            self._wake[c].clear()
-            await self._wake[c].wait()
-        self._used[c] += 1
+        """Take one of channel ``c``'s delivery slots, waiting in line for it. A freed slot
+        is handed to the first waiter only (``_hand_slots``): with many direct jobs waiting,
+        waking them all for each freed slot cost a wake-up of every waiter per delivery.
+        While exiting every waiter gets through at once (the caller then gives it back)."""
+        waiters = self._slot_waiters[c]
+        if self._exiting or (not waiters and self._used[c] < self.settings.concurrency[c]):
+            self._used[c] += 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiters.append(fut)
+            try:
+                await fut  # resolved with the slot already counted in _used
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release(c)  # handed a slot just as it was cancelled: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(fut)
+                raise
         self._log_status()
 
     def _release(self, c: int) -> None:
         self._used[c] -= 1
+        self._hand_slots(c)
         self._wake[c].set()
+
+    def _hand_slots(self, c: int) -> None:
+        """Give channel ``c``'s free slots to its first waiters (all of them while exiting)."""
+        waiters = self._slot_waiters[c]
+        limit = self.settings.concurrency[c]
+        while waiters and (self._exiting or self._used[c] < limit):
+            fut = waiters.popleft()
+            if not fut.done():
+                self._used[c] += 1
+                fut.set_result(None)
 
     def _log_status(self) -> None:
         conc = self.settings.concurrency
