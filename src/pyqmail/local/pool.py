@@ -105,6 +105,8 @@ class DirSyncs:
         if not self._running:
             self._running = True
             self._task = loop.create_task(self._rounds())
+        if len(futs) == 1:  # one Maildir, as almost always: no gather around one future
+            return await futs[0]
         errs = await asyncio.gather(*futs)
         return next((e for e in errs if e is not None), None)
 
@@ -229,7 +231,7 @@ class WorkerPoolLocal:
             sock.sendall(_LEN.pack(len(reply)) + reply)
 
     async def _setup(self) -> None:
-        idle: asyncio.Queue[int] = asyncio.Queue()
+        idle: asyncio.Queue[int] = asyncio.LifoQueue()
         for i, sock in enumerate(self._socks):
             sock.setblocking(False)
             self._streams[i] = await asyncio.open_connection(sock=sock)

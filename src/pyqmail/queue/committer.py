@@ -404,7 +404,10 @@ class CommitProcess:
         if sock is None:
             return
         try:
-            data = sock.recv(1 << 20)
+            # replies are a few dozen bytes: a buffer under malloc's mmap threshold (1 MiB
+            # cost an mmap, mremap and munmap per read, and each munmap a TLB shootdown
+            # across the listener's threads)
+            data = sock.recv(1 << 16)
         except BlockingIOError:
             return
         except OSError:
