@@ -66,6 +66,7 @@ _DIGIT = b"0123456789"
 _ATEXT = frozenset(_ALPHA + _DIGIT + b"!#$%&'*+-/=?^_`{|}~")
 _LETDIG = frozenset(_ALPHA + _DIGIT)
 _LDH = frozenset(_ALPHA + _DIGIT + b"-")
+_LDH_OR_8BIT = bytes(sorted(_LDH)) + bytes(range(0x80, 0x100))  # translate()'s delete set
 _FUNCTION = re.compile(rb"\(\s*\)\s*\{")
 DOUBLE_BOUNCE = b"#@[]"  # qmail's sender for double bounces (qmail-send)
 
@@ -241,7 +242,7 @@ def _check_domain(domain: bytes) -> Refusal | None:
             return Refusal.SYNTAX if not label else Refusal.DOMAIN_TOO_LONG
         if not (_letdig(label[0]) and _letdig(label[-1])):
             return Refusal.SYNTAX
-        if not all(c in _LDH or c >= 0x80 for c in label):
+        if label.translate(None, _LDH_OR_8BIT):  # a byte other than LDH or 8-bit is left
             return Refusal.SYNTAX
     return None
 

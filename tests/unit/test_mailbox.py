@@ -250,3 +250,30 @@ def test_quote_round_trips_every_queue_form(local: bytes, domain: bytes, sender:
 )
 def test_quote(address: bytes, quoted: bytes) -> None:
     assert quote(address) == quoted
+
+
+def _domain_reference(domain: bytes) -> object:
+    """The domain rules byte by byte, as written before the translate() fast path."""
+    from pyqmail import mailbox as m
+
+    if not domain:
+        return m.Refusal.SYNTAX
+    if len(domain) > m.MAX_DOMAIN:
+        return m.Refusal.DOMAIN_TOO_LONG
+    for label in domain.split(b"."):
+        if not label or len(label) > m.MAX_LABEL:
+            return m.Refusal.SYNTAX if not label else m.Refusal.DOMAIN_TOO_LONG
+        ends = (label[0], label[-1])
+        if not all(c in m._LETDIG or c >= 0x80 for c in ends):
+            return m.Refusal.SYNTAX
+        if not all(c in m._LDH or c >= 0x80 for c in label):
+            return m.Refusal.SYNTAX
+    return None
+
+
+@given(st.lists(st.sampled_from(list(b"aZ09-._ \x00\x7f\x80\xff@[")), max_size=80))
+def test_check_domain_agrees_with_a_byte_by_byte_reference(chars: list[int]) -> None:
+    from pyqmail.mailbox import _check_domain
+
+    domain = bytes(chars)
+    assert _check_domain(domain) == _domain_reference(domain)

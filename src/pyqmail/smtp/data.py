@@ -79,6 +79,8 @@ class DataDecoder:
         """Why the message failed, in qmail-smtpd's order (hops before databytes)."""
         if self._fatal is not None:
             return self._fatal
+        if not self._failures:
+            return None
         for why in _ORDER:
             if why in self._failures:
                 return why

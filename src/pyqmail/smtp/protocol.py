@@ -137,6 +137,11 @@ class State(enum.Enum):
     WAIT_PAUSE = "wait-pause"  # Pause sent; waiting for pause_over()
     CLOSED = "closed"
 
+    # The machine tests its state against frozensets dozens of times per message; Enum's
+    # own __hash__ is Python code hashing the name. Members are singletons compared by
+    # identity, so the identity hash is the same relation at C speed.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Send:
