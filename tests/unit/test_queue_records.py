@@ -254,6 +254,9 @@ def test_remove_leftovers_and_channel(home: Home) -> None:
     assert not any(os.path.exists(paths.name(k, 301)) for k in ("info", "local", "remote"))
     assert paths.mess(301).exists() and paths.todo(301).exists()
     clean.remove_leftovers(paths, 301)  # nothing left: fine
+    os.symlink("nowhere", paths.name("local", 301))  # a dangling link is a leftover too
+    clean.remove_leftovers(paths, 301)
+    assert not os.path.lexists(paths.name("local", 301))
     Path(paths.name("remote", 301)).write_bytes(b"Dx\0")
     clean.remove_channel(paths.name("remote", 301))
     assert not paths.remote(301).exists()

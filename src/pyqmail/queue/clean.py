@@ -66,9 +66,16 @@ def remove_info(paths: QueuePaths, n: int) -> None:
 
 def remove_leftovers(paths: QueuePaths, n: int) -> None:
     """Before todo/N is preprocessed (again): unlink info, local and remote of N if they
-    exist, the leftovers of an interrupted earlier attempt (queue.md 4, step 2)."""
+    exist, the leftovers of an interrupted earlier attempt (queue.md 4, step 2).
+
+    Almost always none exists: each is looked for with access(2), which answers without
+    an exception, and unlinked only when there. Only the scheduler creates these files
+    and it is the one here, so nothing makes one in between; a directory it cannot
+    search (access says no) fails the preprocessing's own O_EXCL create instead."""
     for kind in ("info", "local", "remote"):
-        _unlink(paths.name(kind, n))
+        path = paths.name(kind, n)
+        if os.access(path, os.F_OK, follow_symlinks=False):
+            _unlink(path)
 
 
 def remove_channel(path: StrPath) -> None:
