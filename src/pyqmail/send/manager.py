@@ -8,7 +8,8 @@ hands each piece of file work to the module that owns it:
   batches in a worker thread (preprocess.py), then scheduled, delivered directly
   (direct.py) or finished.
 - delivery: one min-heap per channel (schedule.py), concurrencylocal/remote delivery slots
-  (0 holds the channel), one job per message and channel (job.py), each ``T`` record one
+  (0 holds the channel; a freed slot goes to the first job waiting for one, and only that
+  job is woken), one job per message and channel (job.py), each ``T`` record one
   delivery (remote recipients of one host with the same sender share one SMTP
   transaction, each still logged and numbered as its own delivery), results marked by
   overwriting ``T`` with ``D`` in place, deferrals retried at ``nextretry``; a dying job's
