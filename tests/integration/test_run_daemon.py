@@ -8,6 +8,7 @@ accepts, a file that appears), never a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import smtplib
@@ -437,3 +438,51 @@ def test_refused_rcpt_logged_and_json_log_format(mta: Mta) -> None:
     (refused,) = [t for t in texts if "victim@notours.example" in t and "refused" in t]
     assert "127.0.0.2" in refused and "rcpthosts" in refused and "553" in refused
     assert any("end msg " in t for t in texts)
+
+
+def _peer_sockets(pid: int, port: int) -> set[str]:
+    """``socket:[inode]`` names of ``pid``'s TCP connections to ``port`` on 127.0.0.1."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[2].endswith(f":{port:04X}"):
+            inodes.add(f"socket:[{f[9]}]")
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return inodes & held
+
+
+def test_remote_agent_runs_in_its_own_process_and_losing_it_stops_the_daemon(
+    mta: Mta,
+) -> None:
+    """Single-user mode's remote SMTP clients run in a child forked last (the agent of
+    remote/agentproc.py, as root mode's qmailr): the connection to the remote host is that
+    process's, not the scheduler's. If it dies, the daemon stops with 111."""
+    gate = threading.Event()
+
+    def rcpt(_addr: bytes) -> bytes:
+        gate.wait(30)  # hold the transaction open while the test looks at the processes
+        return b"250 ok\r\n"
+
+    peer = ThreadPeer(Script(rcpt=rcpt))
+    try:
+        write_control(mta.home, "smtproutes", f"remote.example:127.0.0.1:{peer.peer.port}\n")
+        proc = mta.start()
+        kids = [
+            int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        agent = max(kids, key=lambda k: (_started(k), k))  # forked after the workers
+        mta.send("joe@test.example", ["bob@remote.example"], "through the agent")
+        wait_for(lambda: bool(_peer_sockets(agent, peer.peer.port)), what="the agent's connection")
+        assert not _peer_sockets(proc.pid, peer.peer.port)
+        gate.set()
+        wait_for(lambda: "delivery 1: success" in mta.log(), what="the success logged")
+        os.kill(agent, signal.SIGKILL)
+        assert proc.wait(60) == 111
+    finally:
+        gate.set()
+        peer.close()
+    assert "alert: lost connection to the remote agent" in mta.log()
+    assert mta.queue_files() == []

@@ -256,7 +256,8 @@ class LocalAgent(Protocol):
 
 
 class RemoteAgentLike(Protocol):
-    """The remote channel's agent: RemoteAgent in-process or RemoteProcess as qmailr."""
+    """The remote channel's agent: RemoteProcess (its own process: as qmailr in root mode, as
+    the invoking user otherwise) or a RemoteAgent in the calling process."""
 
     async def deliver(self, mess: Path, sender: str, recipients: list[str]) -> list[Outcome]: ...
     async def close(self) -> None: ...

@@ -7,21 +7,25 @@ picks it or daemon/split.py's. Owns the order of start-up and shutdown in one pr
    remove what a crash left in the queue (queue/recover.py);
 2. fork the listener process (daemon/listenproc.py: the SMTP, QMQP and QMTP listeners
    bind there, with their own event loop and committer; a listener that cannot bind
-   stops the start), then the local delivery workers, before any thread exists;
+   stops the start), then the local delivery workers and the remote agent's process
+   (remote/agentproc.py, as root mode runs it but without a change of user), before any
+   thread exists;
 3. in the event loop: the scheduler (send/manager.py) takes lock/sendmutex and rebuilds its
    schedule; the listener process tells it each new message's number;
 4. signals: TERM/INT stop (the listener process first: listeners close and SMTP sessions
    in DATA finish within control/timeoutdrain, QMQP and QMTP requests too; then
    deliveries in flight finish, bounded), HUP re-reads the controls (in both processes),
-   ALRM retries everything now, PIPE is ignored; a listener process that dies stops the
-   daemon with exit 111;
+   ALRM retries everything now, PIPE is ignored; a listener process or remote agent
+   that dies stops the daemon with exit 111 (qmail-send's "lost connection");
 5. under systemd (NOTIFY_SOCKET): READY=1 once 3 is done, then STATUS= and WATCHDOG=1 from
    the event loop, STOPPING=1 on TERM (daemon/notify.py).
 
 Identities (design.md): in single-user mode, or when started by an ordinary user, every part
-runs as the invoking user (a warning once if that is root): the scheduler and the remote
-agent in this process, the listeners in the listener process, local deliveries in
-pre-forked workers (local/pool.py). Started as root in multi-user mode, the
+runs as the invoking user (a warning once if that is root): the scheduler in this
+process, the listeners in the listener process, local deliveries in pre-forked workers
+(local/pool.py), the remote agent's SMTP clients in a process of their own (their
+Python work would otherwise share the scheduler's core: a backlog to a remote host
+drained at one core's pace). Started as root in multi-user mode, the
 parts run as separate processes under qmail's users instead (daemon/split.py).
 """
 
@@ -61,7 +65,7 @@ from pyqmail.logsink import LineWriter, LogSink
 from pyqmail.queue import submit as qsubmit
 from pyqmail.queue.layout import QueuePaths
 from pyqmail.queue.recover import clean_stale
-from pyqmail.remote.deliver import RemoteAgent
+from pyqmail.remote.agentproc import RemoteProcess
 from pyqmail.sdnotify import Notifier
 from pyqmail.send.log import SendLog
 from pyqmail.send.manager import Scheduler
@@ -70,8 +74,8 @@ __all__ = ["Daemon", "RunConfig", "RunError", "main_args", "run"]
 
 
 class Daemon:
-    """The running MTA: spawner, scheduler and remote agent in one event loop, the
-    listeners in a process of their own."""
+    """The running MTA: delivery workers and scheduler in one event loop, the listeners
+    and the remote agent in processes of their own."""
 
     def __init__(
         self, cfg: RunConfig, sink: LogSink | None = None, notifier: Notifier | None = None
@@ -87,10 +91,12 @@ class Daemon:
         self.spawner: WorkerPoolLocal | None = None
         self.scheduler: Scheduler | None = None
         self.listeners: ListenerProcess | None = None
-        self.lost = False  # the listener process died: exit 111
+        self.agent: RemoteProcess | None = None
+        self.lost = False  # the listener process or the remote agent died: exit 111
         self.http: StatusServer | None = None
         self._auth: HttpAuth | None = None
         self._stop = asyncio.Event()
+        self._reloads: set[asyncio.Task[None]] = set()
 
     def prepare(self) -> None:
         """Everything that must happen before threads exist (controls, recovery, fork)."""
@@ -106,14 +112,16 @@ class Daemon:
         workers = min(64, max(10, ctl.concurrencylocal))
         self.spawner = WorkerPoolLocal(home, self.ctl, workers=workers)
         self.spawner.start()
+        self.agent = RemoteProcess(home)  # it zeroes lock/tcpto as it starts (qmail-rspawn)
+        self.agent.start()
 
     async def serve(self) -> None:
         """Start every part, run until ``stop()``, then shut down in order."""
         loop = asyncio.get_running_loop()
-        spawner = self.spawner
-        assert spawner is not None, "prepare() first"
-        agent = RemoteAgent(self.home, self.ctl)
-        agent.reset_tcpto()  # qmail-rspawn zeroes lock/tcpto when qmail starts
+        spawner, agent = self.spawner, self.agent
+        assert spawner is not None and agent is not None, "prepare() first"
+        agent.on_lost = self._lost_agent
+        agent.watch()
         sched = make_scheduler(
             self.home,
             spawner,
@@ -179,6 +187,10 @@ class Daemon:
             self.listeners.hup()
         if self.scheduler is not None:
             self.scheduler.reload()
+        if self.agent is not None:
+            task = asyncio.get_running_loop().create_task(self.agent.reload())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     def status(self) -> str:
         """The STATUS= line: the scheduler's counts and the SMTP sessions open."""
@@ -193,6 +205,12 @@ class Daemon:
         """The listener process died on its own: stop everything, exit 111."""
         self.lost = True
         self.log.alert("lost the listener process, dying")
+        self.stop()
+
+    def _lost_agent(self) -> None:
+        """The remote agent's process died on its own: stop everything, exit 111."""
+        self.lost = True
+        self.log.alert("lost connection to the remote agent")
         self.stop()
 
     def stop(self) -> None:
