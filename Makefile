@@ -81,6 +81,7 @@ install-man: man
 	install -m 0644 man/man1/*.1 $(DESTDIR)$(MANDIR)/man1/
 
 bench: venv deps
+	$(PIP) install -q -e '.[test,bench]'
 	$(PY) bench/queue.py
 
 clean:

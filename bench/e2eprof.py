@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=200, help="messages sent before measuring")
     add_dir_arg(ap)
     a = ap.parse_args()
+    if a.pyspy and not (VENV_BIN / "py-spy").exists():
+        sys.exit(f"e2eprof: --pyspy needs {VENV_BIN / 'py-spy'} (make bench installs it)")
     print(describe(a.dir or tempfile.gettempdir()))
     mode = "root mode" if a.root else "single-user"
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
