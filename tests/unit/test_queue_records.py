@@ -260,3 +260,15 @@ def test_remove_leftovers_and_channel(home: Home) -> None:
     Path(paths.name("remote", 301)).write_bytes(b"Dx\0")
     clean.remove_channel(paths.name("remote", 301))
     assert not paths.remote(301).exists()
+
+
+def test_read_path_reads_past_one_chunk_and_reports_a_missing_file(tmp_path: Path) -> None:
+    from pyqmail.queue import records
+
+    p = tmp_path / "todo"
+    data = bytes(range(256)) * 700  # 179,200 bytes: three reads of 64 KiB and an end
+    p.write_bytes(data)
+    assert records.read_path(p) == data
+    assert records.read_path(str(p)) == data
+    with pytest.raises(FileNotFoundError):
+        records.read_path(tmp_path / "gone")

@@ -163,6 +163,16 @@ def read_fd(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def read_path(path: StrPath) -> bytes:
+    """A whole queue file with plain read(2)s (a buffered open() adds an fstat, an ioctl
+    and lseeks: this is every message's todo/N)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return read_fd(fd)
+    finally:
+        os.close(fd)
+
+
 def open_channel(path: StrPath) -> tuple[int, bytes]:
     """Open a channel file read-write and read it: (fd for ``mark_done_fd``, its bytes).
 

@@ -177,7 +177,7 @@ def examine(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool) -
     files are still to be written (``write_files``), ``direct`` when it needs none."""
     pre = Preprocessed(num)
     try:
-        data = _read_small(paths.name("todo", num))
+        data = records.read_path(paths.name("todo", num))
     except FileNotFoundError:
         pre.warning = GONE  # already handled (a scan raced a notify)
         return pre
@@ -206,19 +206,6 @@ def examine(paths: QueuePaths, num: int, routing: Routing, *, direct_ok: bool) -
         return pre
     pre.routed = routed
     return pre
-
-
-def _read_small(path: str) -> bytes:
-    """A whole file with plain read(2)s: a buffered open() adds an fstat, an ioctl and
-    lseeks per file, and this is every message's todo/N."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
 
 
 def write_files(paths: QueuePaths, pre: Preprocessed) -> None:
