@@ -71,10 +71,12 @@ def remove_leftovers(paths: QueuePaths, n: int) -> None:
     Almost always none exists: each is looked for with access(2), which answers without
     an exception, and unlinked only when there. Only the scheduler creates these files
     and it is the one here, so nothing makes one in between; a directory it cannot
-    search (access says no) fails the preprocessing's own O_EXCL create instead."""
+    search (access says no) fails the preprocessing's own O_EXCL create instead. The
+    effective ids decide, as they do for the unlink (access(2) alone would use the real
+    ones)."""
     for kind in ("info", "local", "remote"):
         path = paths.name(kind, n)
-        if os.access(path, os.F_OK, follow_symlinks=False):
+        if os.access(path, os.F_OK, effective_ids=True, follow_symlinks=False):
             _unlink(path)
 
 
