@@ -486,3 +486,36 @@ def test_remote_agent_runs_in_its_own_process_and_losing_it_stops_the_daemon(
         peer.close()
     assert "alert: lost connection to the remote agent" in mta.log()
     assert mta.queue_files() == []
+
+
+def test_a_term_to_the_whole_group_stops_in_order_with_a_remote_delivery_in_flight(
+    mta: Mta,
+) -> None:
+    """kill -TERM -- -PGID (or systemd's KillMode=control-group) reaches the remote agent
+    too: it ignores TERM and ends at EOF, so the delivery in flight finishes, the daemon
+    stops in order with 0 and nothing is left in the queue."""
+    gate = threading.Event()
+    seen = threading.Event()
+
+    def rcpt(_addr: bytes) -> bytes:
+        seen.set()
+        gate.wait(30)
+        return b"250 ok\r\n"
+
+    peer = ThreadPeer(Script(rcpt=rcpt))
+    try:
+        write_control(mta.home, "smtproutes", f"remote.example:127.0.0.1:{peer.peer.port}\n")
+        proc = mta.start()
+        mta.send("joe@test.example", ["bob@remote.example"], "in flight at TERM")
+        assert seen.wait(30), mta.log()
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)  # the TERM has reached every process of the group
+        gate.set()
+        assert proc.wait(60) == 0, mta.log()
+    finally:
+        gate.set()
+        peer.close()
+    assert [m[1] for m in peer.peer.messages] == [[b"bob@remote.example"]]
+    assert "lost connection to the remote agent" not in mta.log()
+    assert "delivery 1: success" in mta.log()
+    assert mta.queue_files() == []

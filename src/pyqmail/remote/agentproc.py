@@ -301,9 +301,13 @@ async def _serve(home: Home, sock: socket.socket) -> int:
 
 
 def _child(home: Home, sock: socket.socket) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the send part decides when to stop
+    # The send part decides when to stop: EOF on the socket (its close(), or its death)
+    # ends the agent once its deliveries are done. A TERM sent to the whole process group
+    # (kill -- -PGID, systemd's KillMode=control-group) must not cut them short: the send
+    # part has the same TERM and stops in order, and the pool's workers ignore it too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (HUP arrives as a frame)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.umask(0o077)
