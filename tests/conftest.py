@@ -56,6 +56,31 @@ def process_gone(pid: int, timeout: float = 10.0) -> bool:
         os.close(fd)
 
 
+def group_gone(pgid: int, timeout: float = 10.0) -> bool:
+    """Wait until no live process is left in process group ``pgid`` (a zombie has closed
+    its descriptors and counts as gone), or the timeout; whether none is. After a SIGKILL
+    to a group, its leader's exit says nothing of the others': a child still exiting may
+    hold a listening socket for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                alive = True
+                break
+        if not alive:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 

@@ -24,7 +24,7 @@ import pytest
 
 from pyqmail.home import Home
 from pyqmail.listener import parse_listen
-from tests.conftest import free_port, require_ipv6_loopback, write_control
+from tests.conftest import free_port, group_gone, require_ipv6_loopback, write_control
 from tests.integration.test_remote_peers import Peer, Script
 
 BIN = Path(sys.executable).parent
@@ -116,6 +116,7 @@ class Mta:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        assert group_gone(self.proc.pid)  # its listener child too: no old socket to reach
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pyqmail.home import Home
 from pyqmail.layout import create_home
-from tests.conftest import free_port
+from tests.conftest import free_port, group_gone
 from tests.integration.test_run_daemon import files, listening, wait_for
 
 BIN = Path(sys.executable).parent
@@ -57,6 +57,7 @@ class Node:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        assert group_gone(self.proc.pid)  # its listener child too
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
