@@ -102,6 +102,63 @@ def test_dir_syncs_share_rounds_and_report_errors(
     assert len(calls) <= 4  # 21 waiters, one or two rounds, a call per distinct directory
 
 
+def test_a_round_waits_for_the_deliveries_under_way_then_serves_them_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round due while other deliveries are in their workers waits for them (they would
+    each need a journal commit of their own right after), so one fsync serves all; with
+    none under way it starts at once; and it never waits longer than ``gather``."""
+    from pyqmail.local import maildir
+    from pyqmail.local.pool import DirSyncs
+
+    new = tmp_path / "new"
+    new.mkdir()
+    d = os.fsencode(new)
+    calls: list[list[bytes]] = []
+    real = maildir.fsync_dirs
+
+    def counting(paths: list[bytes]) -> OSError | None:
+        calls.append(list(paths))
+        return real(paths)
+
+    monkeypatch.setattr(maildir, "fsync_dirs", counting)
+
+    async def under_way_first() -> list[OSError | None]:
+        syncs = DirSyncs(gather=30.0)
+        first, second = syncs.begin(), syncs.begin()
+        syncs.end(first)
+        a = asyncio.ensure_future(syncs.sync([d]))
+        await asyncio.sleep(0.2)
+        assert calls == [] and not a.done()  # the second delivery is still in its worker
+
+        async def second_done() -> OSError | None:  # as the pool does: end, then sync
+            syncs.end(second)
+            return await syncs.sync([d])
+
+        return list(await asyncio.wait_for(asyncio.gather(a, second_done()), 10))
+
+    assert asyncio.run(under_way_first()) == [None, None]
+    assert calls == [[d]]  # one round, one fsync, for both deliveries
+
+    async def alone() -> float:
+        syncs = DirSyncs(gather=30.0)
+        syncs.end(syncs.begin())
+        t = time.monotonic()
+        assert await syncs.sync([d]) is None
+        return time.monotonic() - t
+
+    assert asyncio.run(alone()) < 5  # nothing under way: no wait at all
+
+    async def bounded() -> float:
+        syncs = DirSyncs(gather=0.3)
+        syncs.begin()  # a delivery that does not end (a slow program, say)
+        t = time.monotonic()
+        assert await syncs.sync([d]) is None
+        return time.monotonic() - t
+
+    assert 0.3 <= asyncio.run(bounded()) < 10
+
+
 def test_delivery_is_not_reported_before_new_is_synced(
     home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

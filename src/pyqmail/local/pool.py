@@ -10,7 +10,8 @@ Maildir directories are made durable here, many deliveries at a time: a worker f
 each message file before its link into ``new/`` as always, but hands the fsync of
 ``new/`` itself back with its reply (local/maildir.py's ``deferred_dir_syncs``) and is
 free for the next delivery. :class:`DirSyncs` fsyncs every directory named by the
-deliveries that finished meanwhile in one round in a thread, and only then does each
+deliveries that finished meanwhile in one round in a thread (a round due while others
+are in their workers first waits a few milliseconds for them), and only then does each
 delivery's result reach the scheduler: nothing is reported delivered, and so nothing
 leaves the queue, before its ``new/`` entry is on disk. On a journalled file system the
 journal commits are what a delivery waits for; one round serves many deliveries
@@ -85,14 +86,43 @@ def _deliver(
 _LEN = struct.Struct("!I")
 
 
+GATHER = 0.005  # seconds a round waits at most for the deliveries already under way
+
+
 class DirSyncs:
     """fsync directories for many waiters at once: one round at a time in a thread; a
-    round takes every directory asked for before it started (module docstring)."""
+    round takes every directory asked for before it started (module docstring).
 
-    def __init__(self) -> None:
+    Before it starts, a round waits for the deliveries that are under way (in a worker)
+    at that moment, at most ``gather`` seconds: each of them would otherwise need a round,
+    that is a journal commit, of its own right after. A delivery is under way from
+    :meth:`begin` to :meth:`end`; with none under way a round starts at once, so a lone
+    delivery waits for nothing but its own fsync."""
+
+    def __init__(self, gather: float = GATHER) -> None:
+        self.gather = gather
         self._waiting: dict[bytes, list[asyncio.Future[OSError | None]]] = {}
         self._running = False
         self._task: asyncio.Task[None] | None = None
+        self._tickets = 0
+        self._under_way: set[int] = set()
+        self._awaited: set[int] | None = None  # what the gathering round still waits for
+        self._all_ended: asyncio.Event | None = None
+
+    def begin(self) -> int:
+        """A delivery goes to a worker: a ticket for :meth:`end`."""
+        self._tickets += 1
+        self._under_way.add(self._tickets)
+        return self._tickets
+
+    def end(self, ticket: int) -> None:
+        """The delivery's worker has answered (or it was given up)."""
+        self._under_way.discard(ticket)
+        awaited = self._awaited
+        if awaited is not None:
+            awaited.discard(ticket)
+            if not awaited and self._all_ended is not None:
+                self._all_ended.set()
 
     async def sync(self, dirs: list[bytes]) -> OSError | None:
         """Return once every directory in ``dirs`` was fsynced; the first error or None."""
@@ -110,10 +140,25 @@ class DirSyncs:
         errs = await asyncio.gather(*futs)
         return next((e for e in errs if e is not None), None)
 
+    async def _gather(self) -> None:
+        """Wait for the deliveries under way now to end, at most ``gather`` seconds."""
+        if not self._under_way or self.gather <= 0:
+            return
+        self._awaited = set(self._under_way)
+        self._all_ended = asyncio.Event()
+        try:
+            async with asyncio.timeout(self.gather):
+                await self._all_ended.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._awaited = self._all_ended = None
+
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
+                await self._gather()
                 batch, self._waiting = self._waiting, {}
                 try:
                     errs = await loop.run_in_executor(None, _sync_each, list(batch))
@@ -248,6 +293,7 @@ class WorkerPoolLocal:
         i = await self._idle.get()
         reader, writer = self._streams[i]
         payload = b"\0".join((os.fsencode(mess), users.enc(sender), users.enc(recipient)))
+        ticket = self._dirs.begin()
         try:
             writer.write(_LEN.pack(len(payload)) + payload)
             await writer.drain()
@@ -261,6 +307,8 @@ class WorkerPoolLocal:
         except (OSError, asyncio.IncompleteReadError):
             self._streams.pop(i, None)  # the worker is gone; the others carry on
             return Outcome.temp("qmail-local crashed.\n")
+        finally:
+            self._dirs.end(ticket)
         self._idle.put_nowait(i)
         letter = body[:1]
         n = _LEN.unpack_from(body, 1)[0] if len(body) >= 1 + _LEN.size else 0
