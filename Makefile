@@ -13,9 +13,11 @@ DEMO   := $(CURDIR)/var/qmail
 # Mail::SRS's command, the reference our SRS addresses are checked against; systemd's
 # systemd-analyze verifies the unit `pyqmail service install --systemd` writes, and
 # daemontools' svscan/supervise/multilog run the scripts of --daemontools; NSD serves the
-# DNSSEC-signed zone that dnsmasq --dnssec validates for the DANE tests).
+# DNSSEC-signed zone that dnsmasq --dnssec validates for the DANE tests; strace shows
+# which process of root mode's local delivery fsyncs and opens what).
 DEBS   := ucspi-tcp swaks postfix tinycdb dnsmasq-base openssl opendkim-tools libmail-dkim-perl \
-          chromium python3-prometheus-client python3-authres sasl2-bin srs systemd daemontools nsd
+          chromium python3-prometheus-client python3-authres sasl2-bin srs systemd daemontools nsd \
+          strace
 
 .PHONY: run test lint typecheck pytest deps accounts venv compat bench clean man install-man
 

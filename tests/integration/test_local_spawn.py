@@ -25,7 +25,7 @@ from pyqmail.layout import create_home
 from pyqmail.local import users
 from pyqmail.local.spawn import BOOT, CHECK_SOURCE, LocalSpawner
 from pyqmail.outcome import Outcome, Status
-from tests.conftest import is_root, process_gone
+from tests.conftest import is_root, process_gone, require_tools
 
 MSG = b"Subject: hi\n\nbody\n"
 
@@ -152,6 +152,31 @@ def test_many_in_flight(home: Home, mess: Path) -> None:
     got = _run(sp, go)
     assert got == [Outcome.ok("did 1+0+0\n")] * 60
     assert len(os.listdir(home.alias / "Maildir" / "new")) == 60
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_new_dir_that_cannot_be_synced_makes_the_delivery_temporary(
+    home: Home, mess: Path, reuse: bool
+) -> None:
+    """The new/ fsync comes after qmail-local's run (in a round of the identity's worker,
+    or in the one-shot child itself), and nothing is reported delivered before it: here the
+    user's own program moves the Maildir away in between, the fsync of the path the
+    delivery used fails, and the delivery is a temporary failure, delivered again later
+    (at least once), never a success whose entry may not be on disk."""
+    (home.alias / ".qmail-moved").write_text("./Maildir/\n|mv Maildir Maildir.moved\n")
+    sp = LocalSpawner(home, ControlCache(home), reuse=reuse)
+    sp.start()
+
+    async def go() -> list[Outcome]:
+        moved = await sp.deliver(mess, "s@x", "moved@h")
+        os.rename(home.alias / "Maildir.moved", home.alias / "Maildir")
+        return [moved, await sp.deliver(mess, "s@x", "root@h")]
+
+    assert _run(sp, go) == [
+        Outcome.temp("Temporary error on maildir delivery. (#4.3.0)\n"),
+        Outcome.ok("did 1+0+0\n"),
+    ]
+    assert len(os.listdir(home.alias / "Maildir" / "new")) == 2  # linked the first time too
 
 
 def test_hanging_program_is_killed(home: Home, mess: Path) -> None:
@@ -448,6 +473,53 @@ def test_spawner_socket_is_not_reachable_from_user_code(multi: Home, mess: Path,
     assert _run(sp, lambda: sp.deliver(mess, "s@x", "a-fds@h")).status is Status.OK
     fds = sorted(int(x) for x in (a / "fds.out").read_text().split())
     assert fds[:3] == [0, 1, 2] and len(fds) <= 4  # 0 1 2 and ls's own directory fd
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not is_root(), reason="needs root to change uids")
+def test_new_dirs_are_synced_in_rounds_by_the_users_own_workers(
+    multi: Home, mess: Path, pub: Path, tmp_path: Path
+) -> None:
+    """Concurrent deliveries to one user share new/ fsyncs: fewer fsyncs of new/ than
+    deliveries, every one of them by a worker (the user's), none by the root spawner,
+    which never opens a path of the user's. Traced with strace (Debian package strace)."""
+    require_tools("strace")
+    a = _user_home(pub, "a", A_UID)
+    _assign(multi, [f"=a:a:{A_UID}:{A_UID}:{a}:::"])
+    sp = LocalSpawner(multi, ControlCache(multi), message_owner=os.getuid())
+    sp.start()
+    assert sp.pid is not None
+    out = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-y", "-e", "trace=fsync,openat,open", "-o", str(out),
+         "-p", str(sp.pid)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not (out.exists() and _traced(sp.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def go() -> list[Outcome]:
+            return await asyncio.gather(*[sp.deliver(mess, "s@x", "a@h") for _ in range(40)])
+
+        got = _run(sp, go)
+    finally:
+        tracer.terminate()
+        tracer.wait(30)
+    assert got == [Outcome.ok("did 1+0+0\n")] * 40
+    assert len(os.listdir(a / "Maildir" / "new")) == 40
+    lines = out.read_text(errors="replace").splitlines()
+    new_syncs = [ln for ln in lines if "fsync(" in ln and f"{a}/Maildir/new>" in ln]
+    assert 1 <= len(new_syncs) < 30, new_syncs
+    assert all(not ln.startswith(f"{sp.pid} ") for ln in new_syncs)
+    spawner_opens = [ln for ln in lines if ln.startswith(f"{sp.pid} ") and "open" in ln]
+    assert not [ln for ln in spawner_opens if str(pub) in ln], spawner_opens
+
+
+def _traced(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return any(ln.split()[1:] != ["0"] for ln in status.splitlines() if ln.startswith("TracerPid:"))
 
 
 def test_single_user_worker_crash_is_temporary(home: Home, mess: Path) -> None:

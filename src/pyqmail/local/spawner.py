@@ -35,13 +35,29 @@ delivery process, which runs as the user and could be stopped by its own program
 spawner SIGKILLs the whole group and reports a temporary failure, as qmail does for a
 timeout.
 
+Maildir directories are made durable many deliveries at a time (with reuse): a worker
+fsyncs each message file before its link into ``new/`` as always, but hands back the
+``new/`` paths with its reply (local/maildir.py's ``deferred_dir_syncs``) and is free for
+the next delivery. The spawner keeps those deliveries' answers and, one round at a time
+per identity, asks one of that identity's workers to fsync every directory the round's
+deliveries named, then answers them all: nothing is reported delivered before its
+``new/`` entry is on disk, and on a journalled file system one commit serves the round
+instead of one per delivery. A round due while other workers of the identity are still
+delivering waits for them, at most ``SYNC_GATHER`` seconds. The paths are the worker's
+own (``/proc/self/fd`` of the directory it opened as the user); the spawner never opens
+them, and they go to a worker of the same identity only: a worker's answer about
+durability concerns its own user's mail alone. A directory that cannot be fsynced makes
+a success a temporary failure (the message is delivered again: at least once).
+
 Either way the spawner keeps at most 3000 bytes of the report (qmail-lspawn), does not
 wait for a program's background process that still holds the report pipe, maps the
 exit code as qmail-lspawn does (send.md 7) and answers.
 
 Frames on the control socket: ``!II`` (request id, payload length) + payload. Request:
 ``mess\\0sender\\0recipient\\0``; reply: ``K``/``Z``/``D`` + text. Replies come in
-any order.
+any order. To a worker: a delivery (its fields, the message and report descriptors), or
+a NUL + paths (fsync them); from it: exit code, length and qmail-local's own lines, the
+``new/`` paths to fsync; or a byte per path, 1 where its fsync failed.
 """
 
 from __future__ import annotations
@@ -64,11 +80,17 @@ from pathlib import Path
 from pyqmail import srs
 from pyqmail.control import ControlCache
 from pyqmail.home import Home
-from pyqmail.local import program, qlocal, users
+from pyqmail.local import maildir, program, qlocal, users
 from pyqmail.outcome import Outcome
 
 HEAD = struct.Struct("!II")
 _CODE = struct.Struct("!i")
+_LEN = struct.Struct("!I")
+SYNC_GATHER = 0.005  # seconds a sync round waits at most for the identity's busy workers
+_SYNC_MAX = 32768  # bytes of new/ paths one delivery hands back; more: it fsyncs them
+_ROUND_MAX = 65536  # bytes of paths in one round's request to a worker
+_REPLY_MAX = _CODE.size + _LEN.size + qlocal.TRUNCREPORT + 1 + _SYNC_MAX
+_SYNC_FAILED = b"Temporary error on maildir delivery. (#4.3.0)\n"
 WORKER_DELIVERIES = 1000  # a worker is replaced after this many deliveries
 MAX_IDLE = 32  # idle workers kept at most (all identities together)
 _CRASHED = -1
@@ -244,6 +266,9 @@ class _Job:
     tail: bytes = b""  # qmail-local's own lines, which follow every program's output
     deadline: float = float("inf")  # time.monotonic() after which its group is killed
     timed_out: bool = False
+    dirs: list[bytes] = field(default_factory=list)  # new/ paths its worker handed back
+    syncing: bool = False  # answered by its worker; its new/ fsync not yet done
+    sync_failed: bool = False  # a new/ of its could not be fsynced
 
 
 @dataclass
@@ -255,6 +280,19 @@ class _Worker:
     one_shot: bool
     deliveries: int = 0
     job: _Job | None = None
+    round: list[_Job] | None = None  # the deliveries whose new/ it is fsyncing now
+    round_deadline: float = float("inf")
+
+
+@dataclass
+class _Round:
+    """One identity's deliveries waiting for their new/ fsync, and the workers of that
+    identity still delivering when the round fell due (it waits for their answers)."""
+
+    jobs: list[_Job] = field(default_factory=list)
+    due: float = 0.0  # time.monotonic() when it stops waiting for the busy workers
+    awaited: set[int] = field(default_factory=set)  # their pids
+    worker: _Worker | None = None  # the worker running this identity's fsyncs now
 
 
 class Spawner:
@@ -273,6 +311,7 @@ class Spawner:
         self.jobs = 0
         self.idle: OrderedDict[int, _Worker] = OrderedDict()  # by pid, oldest first
         self.workers: dict[int, _Worker] = {}  # by pid
+        self.rounds: dict[Identity | None, _Round] = {}
         self.closing = False
         self._defaultdelivery = DefaultDelivery(self.ctl)
         self._srs = SrsFile(cfg.home)
@@ -293,14 +332,18 @@ class Spawner:
                 if handler is not None:
                     handler()
             self._kill_late()
+            self._start_rounds()
         for w in list(self.workers.values()):
             w.sock.close()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(w.pid, 0)
 
     def _next_timeout(self) -> int | None:
-        """Milliseconds until the next delivery's limit (None: no delivery running)."""
+        """Milliseconds until the next delivery's or round's limit, or until a gathering
+        round is due (None: nothing running)."""
         deadlines = [w.job.deadline for w in self.workers.values() if w.job and not w.job.timed_out]
+        deadlines += [w.round_deadline for w in self.workers.values() if w.round is not None]
+        deadlines += [r.due for r in self.rounds.values() if r.jobs and r.worker is None]
         if not deadlines:
             return None
         left = min(deadlines) - time.monotonic()
@@ -314,6 +357,9 @@ class Spawner:
             job = w.job
             if job is not None and not job.timed_out and now >= job.deadline:
                 job.timed_out = True
+                program.kill_group(w.pid)
+            if w.round is not None and now >= w.round_deadline:  # a hung fsync: its death
+                w.round_deadline = float("inf")  # fails the round's deliveries
                 program.kill_group(w.pid)
 
     def _watch(self, fd: int, handler: Callable[[], None]) -> None:
@@ -472,12 +518,23 @@ class Spawner:
             code = users.QLX_SYS
             own = bytearray()
             try:
+                if not fds and msg[:1] == b"\0":  # a round: fsync these, say how each went
+                    dirs = msg[1:].split(b"\0")
+                    sock.send(bytes(maildir.fsync_dirs([d]) is not None for d in dirs))
+                    continue
                 f = [users.dec(x) for x in msg.split(b"\0")]
+                dirs = []
                 if len(fds) == 2 and len(f) == 9:
-                    code = self._run(f, fds[0], fds[1], own)
+                    with maildir.deferred_dir_syncs() as dirs:
+                        code = self._run(f, fds[0], fds[1], own)
+                    if dirs and (one_shot or sum(map(len, dirs)) + len(dirs) > _SYNC_MAX):
+                        if maildir.fsync_dirs(dirs) is not None and code == 0:
+                            code, own[:] = 111, _SYNC_FAILED  # as a round's failure
+                        dirs = []
                 # Answer before closing the report pipe: the spawner then reads what the
                 # programs wrote and closes its end, and is not woken by the hang-up.
-                sock.send(_CODE.pack(code) + bytes(own[:_OWN_MAX]))
+                tail = bytes(own[:_OWN_MAX])
+                sock.send(_CODE.pack(code) + _LEN.pack(len(tail)) + tail + b"\0".join(dirs))
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -508,13 +565,14 @@ class Spawner:
 
     def _on_worker_reply(self, worker: _Worker) -> None:
         try:
-            data = worker.sock.recv(_CODE.size + _OWN_MAX)
+            data = worker.sock.recv(_REPLY_MAX)
         except OSError:
             data = b""
-        if len(data) < _CODE.size:
+        if not data or (worker.round is None and len(data) < _CODE.size):
             return  # the pidfd handler deals with a dead worker
+        synced = worker.round
         job = worker.job
-        worker.job = None
+        worker.job = worker.round = None
         late = job is not None and job.timed_out  # killed: never idle
         if late or worker.one_shot or worker.deliveries >= self.cfg.worker_deliveries:
             self._retire(worker)
@@ -523,9 +581,90 @@ class Spawner:
             while len(self.idle) > MAX_IDLE:
                 _pid, oldest = self.idle.popitem(last=False)
                 self._retire(oldest)
-        if job is not None:
+        r = self.rounds.get(worker.ident)
+        if r is not None:
+            r.awaited.discard(worker.pid)
+        if synced is not None:
+            self._end_round(worker.ident, synced, data)
+        elif job is not None:
             (job.code,) = _CODE.unpack_from(data)
-            job.tail = data[_CODE.size :]
+            n = _LEN.unpack_from(data, _CODE.size)[0] if len(data) >= 8 else 0
+            job.tail = data[8 : 8 + n]
+            dirs = data[8 + n :]
+            if dirs and job.code is not None:
+                job.dirs = dirs.split(b"\0")
+                self._defer(worker.ident, job)
+            else:
+                self._finish(job)
+
+    # --- new/ fsync rounds (module docstring) -------------------------------------------
+
+    def _defer(self, ident: Identity | None, job: _Job) -> None:
+        """Keep the answer until a round of the identity's worker has fsynced job.dirs."""
+        job.syncing = True
+        r = self.rounds.setdefault(ident, _Round())
+        if not r.jobs:  # a round falls due: wait for the workers of ident still delivering
+            r.due = time.monotonic() + SYNC_GATHER
+            r.awaited = {
+                w.pid for w in self.workers.values() if w.ident == ident and w.job is not None
+            }
+        r.jobs.append(job)
+
+    def _start_rounds(self) -> None:
+        now = time.monotonic()
+        for ident, r in list(self.rounds.items()):
+            if not r.jobs:
+                if r.worker is None:
+                    del self.rounds[ident]
+                continue
+            if r.worker is not None or (r.awaited and now < r.due):
+                continue
+            dirs: dict[bytes, None] = {}
+            size = 0
+            take = 0
+            for job in r.jobs:
+                new = [d for d in job.dirs if d not in dirs]
+                grow = sum(len(d) + 1 for d in new)
+                if take and size + grow > _ROUND_MAX:
+                    break  # the rest make the next round
+                dirs.update(dict.fromkeys(new))
+                size += grow
+                take += 1
+            jobs, r.jobs = r.jobs[:take], r.jobs[take:]
+            r.awaited = set()
+            try:
+                worker = self._worker_for(ident)
+            except OSError:
+                self._fail_round(jobs)
+                continue
+            worker.round = jobs
+            worker.round_deadline = now + self.cfg.program_timeout
+            r.worker = worker
+            try:
+                worker.sock.send(b"\0" + b"\0".join(dirs))
+            except OSError:
+                pass  # the worker died: its pidfd handler fails the round
+
+    def _end_round(self, ident: Identity | None, jobs: list[_Job], data: bytes) -> None:
+        """The worker's answer to a round: a byte per directory in the order sent, 1 for
+        one it could not fsync."""
+        r = self.rounds.get(ident)
+        if r is not None:
+            r.worker = None
+        dirs = list(dict.fromkeys(d for job in jobs for d in job.dirs))
+        if len(data) != len(dirs):
+            self._fail_round(jobs)
+            return
+        failed = {d for d, bad in zip(dirs, data, strict=True) if bad}
+        for job in jobs:
+            job.syncing = False
+            job.sync_failed = any(d in failed for d in job.dirs)
+            self._finish(job)
+
+    def _fail_round(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.syncing = False
+            job.sync_failed = True
             self._finish(job)
 
     def _retire(self, worker: _Worker) -> None:
@@ -543,6 +682,14 @@ class Spawner:
         os.close(worker.pidfd)
         self._retire(worker)
         self.workers.pop(worker.pid, None)
+        r = self.rounds.get(worker.ident)
+        if r is not None:
+            r.awaited.discard(worker.pid)
+            if r.worker is worker:
+                r.worker = None
+        if worker.round is not None:  # died (or was killed) fsyncing: not known durable
+            jobs, worker.round = worker.round, None
+            self._fail_round(jobs)
         job = worker.job
         worker.job = None
         if job is not None:
@@ -582,7 +729,7 @@ class Spawner:
     def _finish(self, job: _Job) -> None:
         """The exit code is known: take what the pipe holds (a program's background
         process may keep it open: do not wait for it) and answer."""
-        if job.code is None or job.rid < 0:
+        if job.code is None or job.rid < 0 or job.syncing:
             return
         self._drain(job)
         if not job.eof:
@@ -593,6 +740,8 @@ class Spawner:
             text = _timeout_text(self.cfg.program_timeout)
             code = 111
             report = report[: qlocal.TRUNCREPORT - len(text)] + text
+        elif job.sync_failed and code == 0:  # delivered, but not known to be on disk
+            code, report = 111, _SYNC_FAILED
         self._reply(job.rid, qlocal.outcome_of(code, report))
         job.rid = -1
         self.jobs -= 1
