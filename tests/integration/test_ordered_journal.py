@@ -14,6 +14,7 @@ Needs root (mount, the ioctl) and e2fsprogs' mkfs.ext4.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import gc
@@ -270,5 +271,83 @@ def test_root_mode_delivery_as_the_user_writes_out_on_ext4(
             data = (a / "Maildir" / "new" / name).read_bytes()
             assert data.endswith(b"Subject: on ext4\n\nbody\n")
             assert os.stat(a / "Maildir" / "new" / name).st_uid == A_UID
+    finally:
+        shutil.rmtree(pub, ignore_errors=True)
+
+
+def _numbered(k: int) -> bytes:
+    """Message k of the delivery test: a marker and 20-219 lines naming it."""
+    return b"Subject: m%d\n\n" % k + b"".join(
+        b"message %d line %05d\n" % (k, i) for i in range(20 + k % 200)
+    )
+
+
+@pytest.mark.parametrize("agent", ["root spawner", "single-user pool"])
+def test_power_loss_keeps_every_delivery_reported_done(
+    home: Home, tmp_path: Path, agent: str
+) -> None:
+    """Deliveries eight at a time with their new/ fsyncs shared in rounds (the root
+    spawner's, run by the recipient's own worker; the single-user pool's, in the daemon)
+    until the power goes: after the replay every delivery that was reported done is in
+    new/, whole, and nothing in new/ is partial."""
+    from pyqmail.control import ControlCache
+    from pyqmail.local.pool import WorkerPoolLocal
+    from pyqmail.local.spawn import LocalSpawner
+    from tests.integration.test_local_spawn import A_UID, _assign, _user_home
+
+    rng = random.Random(7)
+    root = agent == "root spawner"
+    pub = Path(tempfile.mkdtemp(prefix="pyqmail-ordered-"))  # a place every uid can reach
+    pub.chmod(0o755)
+    try:
+        with ext4(pub) as mnt:
+            mnt.chmod(0o755)
+            uid, gid = (A_UID, A_UID) if root else (os.getuid(), os.getgid())
+            a = _user_home(mnt, "a", uid if root else None)
+            os.sync()  # the Maildir itself is there before the power goes
+            h = Home(home.root, single_user=not root)
+            _assign(h, [f"=a:a:{uid}:{gid}:{a}:::"])
+            deliverer: LocalSpawner | WorkerPoolLocal
+            if root:
+                deliverer = LocalSpawner(h, ControlCache(h), message_owner=os.getuid())
+            else:
+                deliverer = WorkerPoolLocal(h, ControlCache(h), workers=4)
+            deliverer.start()
+            done: list[int] = []
+            stop = threading.Event()
+
+            async def one(k: int) -> None:
+                mess = tmp_path / f"m{k}"
+                mess.write_bytes(_numbered(k))
+                out = await deliverer.deliver(mess, "s@x", "a@h")
+                if out.status is Status.OK:
+                    done.append(k)
+
+            async def stream() -> None:
+                try:
+                    k = 0
+                    running: set[asyncio.Future[None]] = set()
+                    while not stop.is_set() and k < 5000:
+                        while len(running) < 8:
+                            running.add(asyncio.ensure_future(one(k)))
+                            k += 1
+                        _, running = await asyncio.wait(
+                            running, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    await asyncio.gather(*running)
+                finally:
+                    await deliverer.close()
+
+            power_off_during(lambda: asyncio.run(stream()), stop, mnt, rng)
+            assert len(done) > 5
+            remount(pub)
+            found = set()
+            for name in os.listdir(a / "Maildir" / "new"):
+                data = (a / "Maildir" / "new" / name).read_bytes()
+                k = int(data.split(b"Subject: m", 1)[1].split(b"\n", 1)[0])
+                assert data.endswith(_numbered(k)), f"new/{name} is partial"
+                found.add(k)
+            lost = sorted(set(done) - found)
+            assert not lost, f"reported delivered but lost: {lost[:5]} of {len(done)}"
     finally:
         shutil.rmtree(pub, ignore_errors=True)
