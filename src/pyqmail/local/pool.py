@@ -10,8 +10,9 @@ Maildir directories are made durable here, many deliveries at a time: a worker f
 each message file before its link into ``new/`` as always, but hands the fsync of
 ``new/`` itself back with its reply (local/maildir.py's ``deferred_dir_syncs``) and is
 free for the next delivery. :class:`DirSyncs` fsyncs every directory named by the
-deliveries that finished meanwhile in one round in a thread (a round due while others
-are in their workers first waits a few milliseconds for them), and only then does each
+deliveries that finished meanwhile in one round in a thread (a round first waits a few
+milliseconds, for the deliveries still in their workers and for other fsyncs that may
+commit its links), and only then does each
 delivery's result reach the scheduler: nothing is reported delivered, and so nothing
 leaves the queue, before its ``new/`` entry is on disk. On a journalled file system the
 journal commits are what a delivery waits for; one round serves many deliveries
@@ -87,20 +88,24 @@ _LEN = struct.Struct("!I")
 
 
 GATHER = 0.005  # seconds a round waits at most for the deliveries already under way
+GATHER_LEAST = 0.003  # seconds every round waits: another fsync may commit its links
 
 
 class DirSyncs:
     """fsync directories for many waiters at once: one round at a time in a thread; a
     round takes every directory asked for before it started (module docstring).
 
-    Before it starts, a round waits for the deliveries that are under way (in a worker)
-    at that moment, at most ``gather`` seconds: each of them would otherwise need a round,
-    that is a journal commit, of its own right after. A delivery is under way from
-    :meth:`begin` to :meth:`end`; with none under way a round starts at once, so a lone
-    delivery waits for nothing but its own fsync."""
+    Before it starts, a round waits ``least`` seconds (3 ms): on a journalled file system
+    a directory fsync forces a journal commit unless the links it must make durable were
+    committed already, and meanwhile the queue's own fsyncs and the other deliveries'
+    often have. It also waits for the deliveries that are under way (in a worker) when it
+    falls due, at most ``gather`` seconds: each of them would otherwise need a round, that
+    is a journal commit, of its own right after. A delivery is under way from
+    :meth:`begin` to :meth:`end`."""
 
-    def __init__(self, gather: float = GATHER) -> None:
+    def __init__(self, gather: float = GATHER, least: float = GATHER_LEAST) -> None:
         self.gather = gather
+        self.least = least
         self._waiting: dict[bytes, list[asyncio.Future[OSError | None]]] = {}
         self._running = False
         self._task: asyncio.Task[None] | None = None
@@ -141,7 +146,16 @@ class DirSyncs:
         return next((e for e in errs if e is not None), None)
 
     async def _gather(self) -> None:
-        """Wait for the deliveries under way now to end, at most ``gather`` seconds."""
+        """Wait ``least`` seconds, and for the deliveries under way now to end, at most
+        ``gather`` seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self._await_under_way()
+        rest = self.least - (loop.time() - start)
+        if rest > 0:
+            await asyncio.sleep(rest)
+
+    async def _await_under_way(self) -> None:
         if not self._under_way or self.gather <= 0:
             return
         self._awaited = set(self._under_way)

@@ -42,12 +42,12 @@ the next delivery. The spawner keeps those deliveries' answers and, one round at
 per identity, asks one of that identity's workers to fsync every directory the round's
 deliveries named, then answers them all: nothing is reported delivered before its
 ``new/`` entry is on disk, and on a journalled file system one commit serves the round
-instead of one per delivery. A round due while other workers of the identity are still
-delivering waits for them, at most ``SYNC_GATHER`` seconds. The paths are the worker's
-own (``/proc/self/fd`` of the directory it opened as the user); the spawner never opens
-them, and they go to a worker of the same identity only: a worker's answer about
-durability concerns its own user's mail alone. A directory that cannot be fsynced makes
-a success a temporary failure (the message is delivered again: at least once).
+instead of one per delivery. A round waits ``SYNC_LEAST`` seconds, and for the workers of
+the identity still delivering when it fell due, at most ``SYNC_GATHER`` seconds. The
+paths are the worker's own (``/proc/self/fd`` of the directory it opened as the user);
+the spawner never opens them, and they go to a worker of the same identity only: a
+worker's answer about durability concerns its own user's mail alone. A directory that
+cannot be fsynced makes a success a temporary failure (delivered again: at least once).
 
 Either way the spawner keeps at most 3000 bytes of the report (qmail-lspawn), does not
 wait for a program's background process that still holds the report pipe, maps the
@@ -87,6 +87,7 @@ HEAD = struct.Struct("!II")
 _CODE = struct.Struct("!i")
 _LEN = struct.Struct("!I")
 SYNC_GATHER = 0.005  # seconds a sync round waits at most for the identity's busy workers
+SYNC_LEAST = 0.003  # seconds every round waits (local/pool.py's DirSyncs says why)
 _SYNC_MAX = 32768  # bytes of new/ paths one delivery hands back; more: it fsyncs them
 _ROUND_MAX = 65536  # bytes of paths in one round's request to a worker
 _REPLY_MAX = _CODE.size + _LEN.size + qlocal.TRUNCREPORT + 1 + _SYNC_MAX
@@ -290,6 +291,7 @@ class _Round:
     identity still delivering when the round fell due (it waits for their answers)."""
 
     jobs: list[_Job] = field(default_factory=list)
+    ready: float = 0.0  # time.monotonic() before which it does not start
     due: float = 0.0  # time.monotonic() when it stops waiting for the busy workers
     awaited: set[int] = field(default_factory=set)  # their pids
     worker: _Worker | None = None  # the worker running this identity's fsyncs now
@@ -343,7 +345,11 @@ class Spawner:
         round is due (None: nothing running)."""
         deadlines = [w.job.deadline for w in self.workers.values() if w.job and not w.job.timed_out]
         deadlines += [w.round_deadline for w in self.workers.values() if w.round is not None]
-        deadlines += [r.due for r in self.rounds.values() if r.jobs and r.worker is None]
+        deadlines += [
+            max(r.ready, r.due) if r.awaited else r.ready
+            for r in self.rounds.values()
+            if r.jobs and r.worker is None
+        ]
         if not deadlines:
             return None
         left = min(deadlines) - time.monotonic()
@@ -604,7 +610,8 @@ class Spawner:
         job.syncing = True
         r = self.rounds.setdefault(ident, _Round())
         if not r.jobs:  # a round falls due: wait for the workers of ident still delivering
-            r.due = time.monotonic() + SYNC_GATHER
+            now = time.monotonic()
+            r.ready, r.due = now + SYNC_LEAST, now + SYNC_GATHER
             r.awaited = {
                 w.pid for w in self.workers.values() if w.ident == ident and w.job is not None
             }
@@ -617,7 +624,7 @@ class Spawner:
                 if r.worker is None:
                     del self.rounds[ident]
                 continue
-            if r.worker is not None or (r.awaited and now < r.due):
+            if r.worker is not None or now < r.ready or (r.awaited and now < r.due):
                 continue
             dirs: dict[bytes, None] = {}
             size = 0
