@@ -153,8 +153,18 @@ def _info_exists(path: Path) -> bool:
     return True
 
 
+def _exists(path: str) -> bool:
+    """``Path(path).exists()`` without making a Path: it runs once per queued message at
+    every start (a full queue of 100,000 spent a third of a second building them)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 def _queued(paths: QueuePaths, n: int, info_exists: InfoCheck) -> bool:
-    return paths.todo(n).exists() or info_exists(paths.info(n))
+    return _exists(paths.name("todo", n)) or info_exists(paths.info(n))
 
 
 def clean_stale(
