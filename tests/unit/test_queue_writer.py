@@ -622,3 +622,34 @@ def test_begin_waits_out_the_cleaners_probe_of_its_pid_file(
     assert probes and p.msgnum > 0
     p.write(b"Subject: x\n\nbody\n")
     assert p.commit(b"a@b", [b"c@d"]) == p.msgnum
+
+
+def test_recovery_asks_whether_todo_exists_as_path_exists_does(tmp_path: Path) -> None:
+    """recover._exists is Path.exists() on a str: a file or directory is there; missing,
+    under a file, or a symlink loop is not; any other error (a directory it may not
+    search) is raised, not taken for "not queued"."""
+    from pyqmail.queue.recover import _exists
+
+    f = tmp_path / "f"
+    f.write_bytes(b"")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for p in (f, tmp_path, tmp_path / "missing", f / "under", loop):
+        assert _exists(str(p)) == p.exists(), p
+    if os.geteuid() != 0:
+        return  # root may search anything: the EACCES case needs an ordinary user
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o000)
+    pid = os.fork()
+    if pid == 0:  # as nobody: stat under a directory it may not search
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                _exists(str(shut / "x"))
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

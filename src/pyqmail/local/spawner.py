@@ -90,7 +90,8 @@ SYNC_GATHER = 0.005  # seconds a sync round waits at most for the identity's bus
 SYNC_LEAST = 0.003  # seconds every round waits (local/pool.py's DirSyncs says why)
 _SYNC_MAX = 32768  # bytes of new/ paths one delivery hands back; more: it fsyncs them
 _ROUND_MAX = 65536  # bytes of paths in one round's request to a worker
-_REPLY_MAX = _CODE.size + _LEN.size + qlocal.TRUNCREPORT + 1 + _SYNC_MAX
+_ANSWER = _CODE.size + _LEN.size  # a worker's answer: exit code, length of its own lines
+_REPLY_MAX = _ANSWER + qlocal.TRUNCREPORT + 1 + _SYNC_MAX
 _SYNC_FAILED = b"Temporary error on maildir delivery. (#4.3.0)\n"
 WORKER_DELIVERIES = 1000  # a worker is replaced after this many deliveries
 MAX_IDLE = 32  # idle workers kept at most (all identities together)
@@ -594,10 +595,10 @@ class Spawner:
             self._end_round(worker.ident, synced, data)
         elif job is not None:
             (job.code,) = _CODE.unpack_from(data)
-            n = _LEN.unpack_from(data, _CODE.size)[0] if len(data) >= 8 else 0
-            job.tail = data[8 : 8 + n]
-            dirs = data[8 + n :]
-            if dirs and job.code is not None:
+            n = _LEN.unpack_from(data, _CODE.size)[0] if len(data) >= _ANSWER else 0
+            job.tail = data[_ANSWER : _ANSWER + n]
+            dirs = data[_ANSWER + n :]
+            if dirs:
                 job.dirs = dirs.split(b"\0")
                 self._defer(worker.ident, job)
             else:
@@ -618,6 +619,8 @@ class Spawner:
         r.jobs.append(job)
 
     def _start_rounds(self) -> None:
+        if not self.rounds:
+            return
         now = time.monotonic()
         for ident, r in list(self.rounds.items()):
             if not r.jobs:

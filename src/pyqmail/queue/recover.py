@@ -153,13 +153,18 @@ def _info_exists(path: Path) -> bool:
     return True
 
 
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)  # as Path.exists()
+
+
 def _exists(path: str) -> bool:
     """``Path(path).exists()`` without making a Path: it runs once per queued message at
     every start (a full queue of 100,000 spent a third of a second building them)."""
     try:
         os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    except OSError as e:
+        if e.errno in _NOT_THERE:
+            return False
+        raise
     return True
 
 
